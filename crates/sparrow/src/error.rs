@@ -1,0 +1,67 @@
+//! The library's error type: every failure a user can cause (bad config, corrupt
+//! checkpoint, missing corpus, ...) maps to a variant with a message that names the
+//! offending field, tensor or file.
+
+use std::path::PathBuf;
+
+/// Result alias used across the library.
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A config field failed to parse or validate; `field` is its JSON path.
+    #[error("config field `{field}`: {message}")]
+    Config { field: String, message: String },
+
+    /// A checkpoint or weight file is malformed, truncated or does not match the config.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+
+    /// A corpus directory or source could not be read or obtained.
+    #[error("corpus: {0}")]
+    Corpus(String),
+
+    /// Tokenizer training, loading or encoding failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// Invalid argument to a library call (sizes, options).
+    #[error("{0}")]
+    Invalid(String),
+
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("JSON error in {path}: {message}")]
+    Json { path: PathBuf, message: String },
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn checkpoint(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Checkpoint {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Config {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}

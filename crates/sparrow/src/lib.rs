@@ -1,0 +1,24 @@
+//! Sparrow: a Rust engine for sparse-attention mixture-of-experts language models of the
+//! DeepSeek V3.2 / V4 family. See `DESIGN.md` for the architecture.
+//!
+//! - [`config`]: `ModelConfig` from an HF-style `config.json`
+//! - [`model`]: the layers (attention, MoE, router, block, transformer) and model files
+//! - [`tokenizer`]: byte-level BPE via HF `tokenizers`
+//! - [`data`]: corpus fetch and reading, token shards, batches
+//! - [`train`]: AdamW, schedule, training loop, atomic checkpoints, metrics
+//! - [`infer`]: KV cache, sampler, streaming generation
+
+pub mod bench;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod fsio;
+pub mod infer;
+pub mod model;
+pub mod progress;
+pub mod tokenizer;
+pub mod train;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use error::{Error, Result};

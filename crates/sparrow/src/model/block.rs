@@ -1,0 +1,67 @@
+//! One transformer block: pre-norm attention and pre-norm FFN (dense SwiGLU or MoE),
+//! each added to the residual stream.
+
+use super::attention::Attention;
+use super::mlp::Mlp;
+use super::moe::{Moe, MoeStats};
+use super::norm::RmsNorm;
+use super::params::Vb;
+use super::rope::Rope;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::infer::cache::LayerKv;
+use candle_core::Tensor;
+
+/// The feed-forward half of a block (`mlp` in checkpoints).
+#[derive(Debug, Clone)]
+pub enum Ffn {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Ffn,
+}
+
+impl Block {
+    pub fn new(vb: &Vb, cfg: &ModelConfig, layer: usize) -> Result<Self> {
+        let c = cfg.hidden_size;
+        // Residual-branch output projections get std / sqrt(2 L) (GPT-2).
+        let out_std = cfg.initializer_range / (2.0 * cfg.num_hidden_layers as f64).sqrt();
+        let mlp = if cfg.is_moe_layer(layer) {
+            Ffn::Moe(Moe::new(&vb.pp("mlp"), cfg, out_std)?)
+        } else {
+            Ffn::Dense(Mlp::new(&vb.pp("mlp"), c, cfg.intermediate_size, cfg.initializer_range, out_std)?)
+        };
+        Ok(Self {
+            input_layernorm: RmsNorm::new(&vb.pp("input_layernorm"), c, cfg.rms_norm_eps)?,
+            self_attn: Attention::new(&vb.pp("self_attn"), cfg, out_std)?,
+            post_attention_layernorm: RmsNorm::new(&vb.pp("post_attention_layernorm"), c, cfg.rms_norm_eps)?,
+            mlp,
+        })
+    }
+
+    /// x (B, T, C) -> (B, T, C), plus MoE statistics when this is an MoE layer.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cache: Option<&mut LayerKv>,
+    ) -> Result<(Tensor, Option<MoeStats>)> {
+        let a = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, cache)?;
+        let x = (x + a)?;
+        let h = self.post_attention_layernorm.forward(&x)?;
+        let (f, stats) = match &self.mlp {
+            Ffn::Dense(mlp) => (mlp.forward(&h)?, None),
+            Ffn::Moe(moe) => {
+                let (y, s) = moe.forward(&h)?;
+                (y, Some(s))
+            }
+        };
+        Ok(((x + f)?, stats))
+    }
+}

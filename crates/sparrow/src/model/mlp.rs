@@ -1,0 +1,33 @@
+//! SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Used as the dense FFN, as each
+//! routed expert and as the shared experts.
+
+use super::linear::Linear;
+use super::params::Vb;
+use crate::error::Result;
+use candle_core::Tensor;
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// `out_std` initialises the down projection (scaled for depth).
+    pub fn new(vb: &Vb, hidden: usize, width: usize, std: f64, out_std: f64) -> Result<Self> {
+        Ok(Self {
+            gate_proj: Linear::new(&vb.pp("gate_proj"), hidden, width, std)?,
+            up_proj: Linear::new(&vb.pp("up_proj"), hidden, width, std)?,
+            down_proj: Linear::new(&vb.pp("down_proj"), width, hidden, out_std)?,
+        })
+    }
+
+    /// (..., C) -> (..., C)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate_proj.forward(x)?;
+        let u = self.up_proj.forward(x)?;
+        let h = (candle_nn::ops::silu(&g)? * u)?;
+        self.down_proj.forward(&h)
+    }
+}

@@ -1,0 +1,107 @@
+//! The model: layers built from a `ModelConfig`, their parameters in a `VarStore`, and
+//! the model directory format (DESIGN.md §5): `config.json`, `model.safetensors`
+//! (HF tensor names), `tokenizer.json`, `generation_config.json`.
+
+pub mod attention;
+pub mod block;
+pub mod linear;
+pub mod mlp;
+pub mod moe;
+pub mod norm;
+pub mod params;
+pub mod rope;
+pub mod router;
+pub mod transformer;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use params::VarStore;
+use std::collections::HashMap;
+use std::path::Path;
+pub use transformer::{ForwardOutput, Transformer};
+
+/// A model with its parameters.
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub store: VarStore,
+    pub net: Transformer,
+}
+
+/// Metadata key recording the training step a weight file belongs to.
+pub const STEP_KEY: &str = "sparrow_step";
+
+impl Model {
+    /// A freshly initialised model (deterministic for a given seed).
+    pub fn new_random(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let store = VarStore::random(seed, dtype, device);
+        let net = Transformer::new(&store.root(), cfg)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            store,
+            net,
+        })
+    }
+
+    /// A model from named tensors; missing, mis-shaped or unexpected tensors are errors
+    /// naming the tensor (and both shapes).
+    pub fn from_tensors(
+        cfg: &ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        source: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let store = VarStore::loaded(tensors, source.to_path_buf(), dtype, device);
+        let net = Transformer::new(&store.root(), cfg)?;
+        store.check_no_unused()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            store,
+            net,
+        })
+    }
+
+    /// Load `config.json` + `model.safetensors` from a model directory. Returns the model
+    /// and the step recorded in the weights' metadata (if any).
+    pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, Option<u64>)> {
+        if !dir.is_dir() {
+            return Err(Error::checkpoint(dir, "model directory does not exist"));
+        }
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let path = dir.join("model.safetensors");
+        let (tensors, meta) = crate::weights::load(&path, device)?;
+        let step = match meta.get(STEP_KEY) {
+            Some(s) => Some(s.parse::<u64>().map_err(|_| {
+                Error::checkpoint(&path, format!("metadata {STEP_KEY} = {s:?} is not an integer"))
+            })?),
+            None => None,
+        };
+        let model = Self::from_tensors(&cfg, tensors, &path, dtype, device)?;
+        Ok((model, step))
+    }
+
+    /// Write `config.json` and `model.safetensors` (f32) atomically into `dir`.
+    pub fn save_dir(&self, dir: &Path, step: Option<u64>) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        crate::fsio::write_atomic(&dir.join("config.json"), self.cfg.to_json().as_bytes())?;
+        let mut meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        if let Some(s) = step {
+            meta.insert(STEP_KEY.to_string(), s.to_string());
+        }
+        let tensors = self
+            .store
+            .vars()
+            .into_iter()
+            .map(|(n, v)| Ok((n, v.as_tensor().to_dtype(DType::F32)?)))
+            .collect::<Result<Vec<_>>>()?;
+        crate::weights::save(&dir.join("model.safetensors"), &tensors, meta)
+    }
+
+    /// Forward pass; see `Transformer::forward`.
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut crate::infer::cache::KvCache>) -> Result<ForwardOutput> {
+        self.net.forward(ids, cache)
+    }
+}

@@ -1,0 +1,27 @@
+//! RMSNorm from plain tensor ops. candle's fused `rms_norm` drops gradients (DESIGN.md
+//! §3), so training and inference both use this composed form.
+
+use super::params::{Init, Vb};
+use crate::error::Result;
+use candle_core::{Tensor, D};
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    /// (C)
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(vb: &Vb, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get(&[dim], "weight", Init::Ones)?;
+        Ok(Self { weight, eps })
+    }
+
+    /// x / sqrt(mean(x^2) + eps) * w over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?; // (..., 1)
+        let inv = (ms + self.eps)?.sqrt()?.recip()?;
+        Ok(x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)?)
+    }
+}

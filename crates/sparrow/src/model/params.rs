@@ -1,0 +1,204 @@
+//! Parameter storage: every trainable tensor is a candle `Var` registered under its
+//! checkpoint key (`model.layers.0.self_attn.q_proj.weight`), so module paths mirror
+//! the Hugging Face names and import/export is a name map.
+//!
+//! A store either initialises parameters deterministically (each from its own RNG
+//! stream seeded by the model seed and the parameter's name, so adding a module never
+//! changes another's init) or takes them from loaded tensors, checking shapes and
+//! reporting missing and unexpected names.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+/// How a new parameter is initialised when it is not loaded.
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    /// Normal(0, std).
+    Normal(f64),
+    Ones,
+    Zeros,
+}
+
+enum Source {
+    Random { seed: u64 },
+    Loaded { tensors: HashMap<String, Tensor>, path: PathBuf },
+}
+
+/// All parameters of a model, by checkpoint name.
+pub struct VarStore {
+    vars: RefCell<BTreeMap<String, Var>>,
+    source: Source,
+    dtype: DType,
+    device: Device,
+}
+
+fn name_hash(name: &str) -> u64 {
+    // FNV-1a: stable across runs and platforms (unlike std's SipHash keys).
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+impl VarStore {
+    /// A store that initialises parameters from `seed`.
+    pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
+        Self {
+            vars: RefCell::new(BTreeMap::new()),
+            source: Source::Random { seed },
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// A store that takes parameters from `tensors` (read from `path`, named in errors).
+    pub fn loaded(
+        tensors: HashMap<String, Tensor>,
+        path: PathBuf,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        Self {
+            vars: RefCell::new(BTreeMap::new()),
+            source: Source::Loaded { tensors, path },
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// Root builder.
+    pub fn root(&self) -> Vb<'_> {
+        Vb {
+            store: self,
+            prefix: String::new(),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// After the model is built from loaded tensors: error on any tensor nobody asked for.
+    pub fn check_no_unused(&self) -> Result<()> {
+        if let Source::Loaded { tensors, path } = &self.source {
+            let vars = self.vars.borrow();
+            let mut extra: Vec<&String> = tensors.keys().filter(|k| !vars.contains_key(*k)).collect();
+            extra.sort();
+            if let Some(name) = extra.first() {
+                return Err(Error::checkpoint(
+                    path,
+                    format!(
+                        "unexpected tensor `{name}` ({} unexpected in all) not used by this config",
+                        extra.len()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every parameter, sorted by name.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.vars
+            .borrow()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Number of scalar parameters.
+    pub fn num_parameters(&self) -> usize {
+        self.vars.borrow().values().map(|v| v.elem_count()).sum()
+    }
+
+    fn get(&self, name: String, shape: &[usize], init: Init) -> Result<Tensor> {
+        if let Some(v) = self.vars.borrow().get(&name) {
+            return Ok(v.as_tensor().clone());
+        }
+        let tensor = match &self.source {
+            Source::Random { seed } => {
+                let n: usize = shape.iter().product();
+                let data: Vec<f64> = match init {
+                    Init::Ones => vec![1.0; n],
+                    Init::Zeros => vec![0.0; n],
+                    Init::Normal(std) => {
+                        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ name_hash(&name));
+                        let normal = Normal::new(0.0, std)
+                            .map_err(|e| Error::Invalid(format!("init std {std}: {e}")))?;
+                        (0..n).map(|_| normal.sample(&mut rng)).collect()
+                    }
+                };
+                Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?
+            }
+            Source::Loaded { tensors, path } => {
+                let t = tensors.get(&name).ok_or_else(|| {
+                    Error::checkpoint(
+                        path,
+                        format!("missing tensor `{name}` (expected shape {shape:?})"),
+                    )
+                })?;
+                if t.dims() != shape {
+                    return Err(Error::checkpoint(
+                        path,
+                        format!(
+                            "tensor `{name}` has shape {:?}, the config expects {shape:?}",
+                            t.dims()
+                        ),
+                    ));
+                }
+                t.to_dtype(self.dtype)?.to_device(&self.device)?
+            }
+        };
+        let var = Var::from_tensor(&tensor)?;
+        let out = var.as_tensor().clone();
+        self.vars.borrow_mut().insert(name, var);
+        Ok(out)
+    }
+}
+
+/// A builder positioned at one module path inside a `VarStore`.
+#[derive(Clone)]
+pub struct Vb<'a> {
+    store: &'a VarStore,
+    prefix: String,
+}
+
+impl<'a> Vb<'a> {
+    /// Descend into a sub-module: `vb.pp("layers").pp(3)`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Vb<'a> {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
+        Vb {
+            store: self.store,
+            prefix,
+        }
+    }
+
+    /// The parameter `name` under this path, created or loaded with `shape`.
+    pub fn get(&self, shape: &[usize], name: &str, init: Init) -> Result<Tensor> {
+        self.store.get(self.pp(name).prefix, shape, init)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.store.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.store.device
+    }
+}

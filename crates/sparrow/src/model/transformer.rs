@@ -1,0 +1,107 @@
+//! The whole model: token embedding, blocks, final norm and LM head. The same
+//! `forward` serves training over (B, T) and incremental decoding with a `KvCache`.
+
+use super::block::Block;
+use super::moe::MoeStats;
+use super::norm::RmsNorm;
+use super::params::{Init, Vb};
+use super::rope::Rope;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::infer::cache::KvCache;
+use candle_core::Tensor;
+
+#[derive(Debug, Clone)]
+pub struct Transformer {
+    /// (V, C) `model.embed_tokens.weight`
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Block>,
+    pub norm: RmsNorm,
+    /// (V, C) `lm_head.weight`, or the embedding when tied.
+    pub lm_head: Tensor,
+    rope: Rope,
+    cfg: ModelConfig,
+}
+
+/// Logits plus what training needs besides them.
+#[derive(Debug, Clone)]
+pub struct ForwardOutput {
+    /// (B, T, V)
+    pub logits: Tensor,
+    /// Sum over MoE layers of the router auxiliary losses (unscaled), if any.
+    pub aux_loss: Option<Tensor>,
+    /// Per layer: routed slots per expert (None for dense layers).
+    pub expert_load: Vec<Option<Vec<usize>>>,
+}
+
+impl Transformer {
+    /// `vb` is the root; parameters live under `model.` and `lm_head.` as in HF.
+    pub fn new(vb: &Vb, cfg: &ModelConfig) -> Result<Self> {
+        let (v, c) = (cfg.vocab_size, cfg.hidden_size);
+        let m = vb.pp("model");
+        let embed_tokens = m.pp("embed_tokens").get(&[v, c], "weight", Init::Normal(cfg.initializer_range))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Block::new(&m.pp("layers").pp(i), cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(&m.pp("norm"), c, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            vb.pp("lm_head").get(&[v, c], "weight", Init::Normal(cfg.initializer_range))?
+        };
+        let rope = Rope::new(cfg.head_dim(), cfg.max_position_embeddings, cfg.rope_theta, vb.dtype(), vb.device())?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// ids (B, T) u32 at positions cache.len().. -> logits (B, T, V).
+    pub fn forward(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<ForwardOutput> {
+        let (b, t) = ids.dims2()?;
+        let c = self.cfg.hidden_size;
+        let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        if let Some(bad) = flat.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside vocab_size {}",
+                self.cfg.vocab_size
+            )));
+        }
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, c))?; // (B, T, C)
+        let mut aux: Option<Tensor> = None;
+        let mut expert_load = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|kv| &mut kv.layers[i]);
+            let (y, stats) = layer.forward(&x, &self.rope, layer_cache)?;
+            x = y;
+            match stats {
+                Some(MoeStats { aux_loss, load }) => {
+                    aux = Some(match aux {
+                        Some(a) => (a + aux_loss)?,
+                        None => aux_loss,
+                    });
+                    expert_load.push(Some(load));
+                }
+                None => expert_load.push(None),
+            }
+        }
+        let x = self.norm.forward(&x)?;
+        let logits = x.reshape((b * t, c))?.matmul(&self.lm_head.t()?)?.reshape((b, t, self.cfg.vocab_size))?;
+        Ok(ForwardOutput {
+            logits,
+            aux_loss: aux,
+            expert_load,
+        })
+    }
+}

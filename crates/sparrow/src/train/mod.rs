@@ -1,0 +1,12 @@
+//! Training: AdamW with decoupled weight decay, warmup + cosine schedule, the loss,
+//! the training loop with validation and metrics, and atomic, exactly resumable
+//! checkpoints.
+
+pub mod checkpoint;
+pub mod loss;
+pub mod metrics;
+pub mod optimizer;
+pub mod schedule;
+pub mod trainer;
+
+pub use trainer::{resume, train, TrainOptions, TrainRequest, TrainSummary};

@@ -1,0 +1,336 @@
+//! The training loop: random contiguous windows, forward, LM loss + router aux loss,
+//! backward, global-norm clipping, AdamW with warmup + cosine, periodic validation,
+//! metrics, a progress bar, and checkpoints every N steps and on interruption.
+
+use super::checkpoint::{self, DataPosition, RngState, TrainState};
+use super::loss::cross_entropy;
+use super::metrics::MetricsLog;
+use super::optimizer::{AdamW, AdamWConfig};
+use super::schedule::lr_at;
+use crate::config::ModelConfig;
+use crate::data::corpus;
+use crate::data::shards::{eval_windows, sample_batch, TokenData};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Hyper-parameters of a run (saved in `train_state.json`, reused on resume).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainOptions {
+    /// Total optimizer steps.
+    pub steps: u64,
+    /// Sequences per batch.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    pub warmup_steps: u64,
+    pub adamw: AdamWConfig,
+    /// Clip the global gradient norm to this (0 = off).
+    pub grad_clip: f64,
+    /// Seeds the initialisation and the batch stream.
+    pub seed: u64,
+    /// Validate every this many steps (0 = only at the end).
+    pub val_every: u64,
+    /// Validation batches (of `batch_size` windows each).
+    pub val_batches: usize,
+    /// Checkpoint every this many steps (0 = only at the end / on interrupt).
+    pub checkpoint_every: u64,
+    /// Share of each document held out for validation.
+    pub val_fraction: f64,
+    /// Stop after this many seconds of training (checkpointing first); 0 = no limit.
+    #[serde(default)]
+    pub time_limit_secs: u64,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            batch_size: 16,
+            seq_len: 256,
+            lr: 3e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 50,
+            adamw: AdamWConfig::default(),
+            grad_clip: 1.0,
+            seed: 1337,
+            val_every: 100,
+            val_batches: 8,
+            checkpoint_every: 200,
+            val_fraction: 0.02,
+            time_limit_secs: 0,
+        }
+    }
+}
+
+impl TrainOptions {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Invalid(m.to_string()));
+        if self.batch_size == 0 {
+            return bad("--batch-size must be > 0");
+        }
+        if self.seq_len < 2 {
+            return bad("--seq-len must be >= 2");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad("--lr must be > 0");
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad("min_lr_ratio must be in [0, 1]");
+        }
+        if self.val_batches == 0 {
+            return bad("--val-batches must be > 0");
+        }
+        Ok(())
+    }
+}
+
+/// A new run.
+pub struct TrainRequest {
+    pub config: ModelConfig,
+    pub corpus: PathBuf,
+    pub out: PathBuf,
+    /// Use this tokenizer instead of training one on the corpus.
+    pub tokenizer: Option<PathBuf>,
+    pub options: TrainOptions,
+    pub show_progress: bool,
+    /// Set (e.g. by Ctrl-C) to checkpoint and stop after the current step.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub step: u64,
+    pub interrupted: bool,
+    pub last_loss: f64,
+    pub last_val_loss: Option<f64>,
+    pub tokens_per_s: f64,
+    pub parameters: usize,
+}
+
+/// Start a new run in `req.out` (which must not already hold one).
+pub fn train(req: TrainRequest) -> Result<TrainSummary> {
+    req.options.validate()?;
+    req.config.validate()?;
+    if req.out.join(checkpoint::STATE_JSON).exists() {
+        return Err(Error::Invalid(format!(
+            "{} already holds a training run; use --resume to continue it",
+            req.out.display()
+        )));
+    }
+    std::fs::create_dir_all(&req.out).map_err(|e| Error::io(&req.out, e))?;
+    let tokenizer = match &req.tokenizer {
+        Some(p) => Tokenizer::from_file(p)?,
+        None => {
+            let files = corpus::list_text_files(&req.corpus)?;
+            if req.show_progress {
+                eprintln!("training a {}-entry BPE tokenizer on {} files", req.config.vocab_size, files.len());
+            }
+            Tokenizer::train(&files, req.config.vocab_size, req.show_progress)?
+        }
+    };
+    check_tokenizer(&tokenizer, &req.config)?;
+    tokenizer.save(&req.out.join("tokenizer.json"))?;
+    let device = Device::Cpu;
+    let model = Model::new_random(&req.config, req.options.seed, DType::F32, &device)?;
+    let opt = AdamW::new(model.store.vars(), req.options.adamw)?;
+    let state = TrainState {
+        step: 0,
+        rng: RngState {
+            algorithm: "chacha8".into(),
+            seed: req.options.seed,
+            stream: 0,
+        },
+        data: DataPosition {
+            step: 0,
+            tokens_seen: 0,
+            train_tokens: 0,
+            val_tokens: 0,
+        },
+        options: req.options.clone(),
+        corpus: req.corpus.clone(),
+        last_val_loss: None,
+    };
+    run_loop(model, opt, tokenizer, state, &req.out, req.show_progress, req.stop)
+}
+
+/// Continue the run in `dir`; `steps` raises the total, `corpus` overrides the stored path.
+pub fn resume(
+    dir: &Path,
+    steps: Option<u64>,
+    corpus: Option<PathBuf>,
+    show_progress: bool,
+    stop: Arc<AtomicBool>,
+) -> Result<TrainSummary> {
+    let loaded = checkpoint::load(dir, &Device::Cpu)?;
+    let mut state = loaded.state;
+    if let Some(s) = steps {
+        state.options.steps = s;
+    }
+    if let Some(c) = corpus {
+        state.corpus = c;
+    }
+    state.options.validate()?;
+    check_tokenizer(&loaded.tokenizer, &loaded.model.cfg)?;
+    let mut opt = AdamW::new(loaded.model.store.vars(), state.options.adamw)?;
+    opt.load_state(loaded.optimizer_tensors, loaded.adamw_t, &dir.join(checkpoint::STATE_WEIGHTS))?;
+    run_loop(loaded.model, opt, loaded.tokenizer, state, dir, show_progress, stop)
+}
+
+fn check_tokenizer(tok: &Tokenizer, cfg: &ModelConfig) -> Result<()> {
+    if tok.vocab_size() > cfg.vocab_size {
+        return Err(Error::config(
+            "vocab_size",
+            format!("{} is smaller than the tokenizer's vocabulary {}", cfg.vocab_size, tok.vocab_size()),
+        ));
+    }
+    if tok.bos_id != cfg.bos_token_id || tok.eos_id != cfg.eos_token_id {
+        return Err(Error::config(
+            "bos_token_id",
+            format!(
+                "config bos/eos ids {}/{} differ from the tokenizer's {}/{}",
+                cfg.bos_token_id, cfg.eos_token_id, tok.bos_id, tok.eos_id
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn run_loop(
+    model: Model,
+    mut opt: AdamW,
+    tokenizer: Tokenizer,
+    mut state: TrainState,
+    out: &Path,
+    show_progress: bool,
+    stop: Arc<AtomicBool>,
+) -> Result<TrainSummary> {
+    let o = state.options.clone();
+    let data = TokenData::load_or_build(&state.corpus, &tokenizer, o.val_fraction, &out.join("data"), show_progress)?;
+    if state.data.train_tokens != 0 && state.data.train_tokens != data.train.len() {
+        return Err(Error::Corpus(format!(
+            "the corpus now tokenizes to {} training tokens, the run was started on {}: resuming would not continue the same data stream",
+            data.train.len(),
+            state.data.train_tokens
+        )));
+    }
+    state.data.train_tokens = data.train.len();
+    state.data.val_tokens = data.val.len();
+    let val_set = eval_windows(&data.val, o.val_batches * o.batch_size, o.seq_len)?;
+    let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"), state.step)?;
+    let dev = model.store.device().clone();
+    let aux_coef = model.cfg.router_aux_loss_coef;
+    let parameters = model.store.num_parameters();
+
+    let bar = crate::progress::bar(o.steps, "training", show_progress);
+    bar.set_position(state.step);
+    let started = Instant::now();
+    let mut tokens_done = 0u64;
+    let mut last_loss = f64::NAN;
+    let mut interrupted = false;
+    while state.step < o.steps {
+        let step_start = Instant::now();
+        let lr = lr_at(state.step, o.steps, o.warmup_steps, o.lr, o.min_lr_ratio);
+        let (inp, tgt) = sample_batch(&data.train, o.batch_size, o.seq_len, o.seed, state.step)?;
+        let inp = Tensor::from_vec(inp, (o.batch_size, o.seq_len), &dev)?;
+        let tgt = Tensor::from_vec(tgt, o.batch_size * o.seq_len, &dev)?;
+        let fwd = model.forward(&inp, None)?;
+        let v = model.cfg.vocab_size;
+        let lm_loss = cross_entropy(&fwd.logits.reshape((o.batch_size * o.seq_len, v))?, &tgt)?;
+        let loss = match &fwd.aux_loss {
+            Some(aux) if aux_coef > 0.0 => (&lm_loss + (aux * aux_coef)?)?,
+            _ => lm_loss.clone(),
+        };
+        let grads = loss.backward()?;
+        let grad_norm = opt.grad_norm(&grads)?;
+        let scale = if o.grad_clip > 0.0 && grad_norm > o.grad_clip { o.grad_clip / grad_norm } else { 1.0 };
+        opt.step(&grads, lr, scale)?;
+        state.step += 1;
+        let step_tokens = (o.batch_size * o.seq_len) as u64;
+        state.data.step = state.step;
+        state.data.tokens_seen += step_tokens;
+        state.rng.stream = state.step;
+        tokens_done += step_tokens;
+
+        last_loss = lm_loss.to_scalar::<f32>()? as f64;
+        if !last_loss.is_finite() {
+            return Err(Error::Invalid(format!("loss became {last_loss} at step {}; lower --lr", state.step)));
+        }
+        let tokens_per_s = step_tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
+        let mut rec = json!({
+            "step": state.step,
+            "loss": last_loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s,
+        });
+        if let Some(aux) = &fwd.aux_loss {
+            rec["aux_loss"] = json!(aux.to_scalar::<f32>()? as f64);
+        }
+        let last = state.step == o.steps;
+        if (o.val_every > 0 && state.step % o.val_every == 0) || last {
+            let vl = validate(&model, &val_set, o.batch_size, o.seq_len)?;
+            rec["val_loss"] = json!(vl);
+            state.last_val_loss = Some(vl);
+        }
+        metrics.log(&rec)?;
+        bar.set_position(state.step);
+        bar.set_message(format!(
+            "loss {last_loss:.3}{} | {:.0} tok/s",
+            state.last_val_loss.map(|v| format!(" val {v:.3}")).unwrap_or_default(),
+            tokens_done as f64 / started.elapsed().as_secs_f64().max(1e-9)
+        ));
+        let stop_now = stop.load(Ordering::SeqCst)
+            || (o.time_limit_secs > 0 && started.elapsed().as_secs() >= o.time_limit_secs);
+        if last || stop_now || (o.checkpoint_every > 0 && state.step % o.checkpoint_every == 0) {
+            checkpoint::save(out, &model, &opt, &tokenizer, &state)?;
+        }
+        if stop_now && !last {
+            interrupted = true;
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    // A run asked to continue past its end still leaves a complete checkpoint.
+    if !out.join(checkpoint::STATE_JSON).exists() {
+        checkpoint::save(out, &model, &opt, &tokenizer, &state)?;
+    }
+    Ok(TrainSummary {
+        step: state.step,
+        interrupted,
+        last_loss,
+        last_val_loss: state.last_val_loss,
+        tokens_per_s: tokens_done as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        parameters,
+    })
+}
+
+/// Mean LM loss over the fixed validation windows.
+pub fn validate(model: &Model, windows: &[(Vec<u32>, Vec<u32>)], batch: usize, seq_len: usize) -> Result<f64> {
+    let dev = model.store.device().clone();
+    let mut total = 0.0;
+    let mut n = 0usize;
+    for chunk in windows.chunks(batch) {
+        let inp: Vec<u32> = chunk.iter().flat_map(|(i, _)| i.iter().copied()).collect();
+        let tgt: Vec<u32> = chunk.iter().flat_map(|(_, t)| t.iter().copied()).collect();
+        let b = chunk.len();
+        let inp = Tensor::from_vec(inp, (b, seq_len), &dev)?;
+        let tgt = Tensor::from_vec(tgt, b * seq_len, &dev)?;
+        let logits = model.forward(&inp, None)?.logits.reshape((b * seq_len, model.cfg.vocab_size))?;
+        total += cross_entropy(&logits.detach(), &tgt)?.to_scalar::<f32>()? as f64 * b as f64;
+        n += b;
+    }
+    Ok(total / n.max(1) as f64)
+}
