@@ -8,11 +8,25 @@ use sparrow::infer::generate::{generate, GenerateOptions};
 use sparrow::infer::sampler::SamplerConfig;
 use sparrow::model::Model;
 use sparrow::tokenizer::Tokenizer;
-use sparrow::train::{self, TrainOptions, TrainRequest};
+use sparrow::train::{self, ResumeRequest, TrainOptions, TrainRequest};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+// Training allocates and frees many large tensors per step (logits, attention scores).
+// glibc malloc hands each one back to the OS (mmap/munmap, then page faults on reuse);
+// mimalloc with purging disabled keeps them: ~1.5x training steps/s on this machine.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (not exported by name).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+fn keep_freed_memory() {
+    // SAFETY: mi_option_set only stores an integer option; -1 means "never purge".
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
 
 #[derive(Parser)]
 #[command(name = "sparrow", version, about = "Sparse-attention MoE language models: define, train, run")]
@@ -130,6 +144,9 @@ struct TrainArgs {
     checkpoint_every: Option<u64>,
     #[arg(long)]
     val_fraction: Option<f64>,
+    /// Checkpoint and stop after this step; `--resume` continues (the schedule spans --steps).
+    #[arg(long)]
+    pause_at: Option<u64>,
     /// Stop (with a checkpoint) after this many minutes.
     #[arg(long)]
     time_limit_min: Option<f64>,
@@ -160,6 +177,7 @@ struct GenerateArgs {
 }
 
 fn main() {
+    keep_freed_memory();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
@@ -221,7 +239,14 @@ fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
         .context("installing the Ctrl-C handler")?;
     }
     let summary = if let Some(dir) = a.resume {
-        train::resume(&dir, a.steps, a.corpus, progress, stop)?
+        train::resume(ResumeRequest {
+            dir,
+            steps: a.steps,
+            corpus: a.corpus,
+            show_progress: progress,
+            stop,
+            pause_at: a.pause_at,
+        })?
     } else {
         let config_path = a.config.context("--config is required")?;
         let config = ModelConfig::from_file(&config_path)?;
@@ -248,6 +273,7 @@ fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
             options: o,
             show_progress: progress,
             stop,
+            pause_at: a.pause_at,
         })?
     };
     println!(

@@ -38,6 +38,8 @@ const SOURCES: [Source; 5] = [
 /// Fetch every source into `out`, skipping those whose client is missing or fails.
 pub fn fetch_all(out: &Path, show_progress: bool) -> Result<FetchReport> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    // Absolute, because the clients run inside per-source work directories.
+    let out = &std::fs::canonicalize(out).map_err(|e| Error::io(out, e))?;
     let work = out.join(".fetch-work");
     let bar = crate::progress::bar(SOURCES.len() as u64, "fetching", show_progress);
     let mut report = FetchReport { lines: Vec::new(), fetched: 0 };

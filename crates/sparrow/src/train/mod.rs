@@ -9,4 +9,4 @@ pub mod optimizer;
 pub mod schedule;
 pub mod trainer;
 
-pub use trainer::{resume, train, TrainOptions, TrainRequest, TrainSummary};
+pub use trainer::{resume, train, ResumeRequest, TrainOptions, TrainRequest, TrainSummary};

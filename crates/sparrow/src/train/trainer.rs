@@ -107,6 +107,20 @@ pub struct TrainRequest {
     pub show_progress: bool,
     /// Set (e.g. by Ctrl-C) to checkpoint and stop after the current step.
     pub stop: Arc<AtomicBool>,
+    /// Checkpoint and stop once this step is done (the schedule still spans `steps`).
+    pub pause_at: Option<u64>,
+}
+
+/// Continue a run.
+pub struct ResumeRequest {
+    pub dir: PathBuf,
+    /// New total of steps (default: the run's own).
+    pub steps: Option<u64>,
+    /// Override the stored corpus path (same text expected).
+    pub corpus: Option<PathBuf>,
+    pub show_progress: bool,
+    pub stop: Arc<AtomicBool>,
+    pub pause_at: Option<u64>,
 }
 
 /// How a run ended.
@@ -163,30 +177,42 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         corpus: req.corpus.clone(),
         last_val_loss: None,
     };
-    run_loop(model, opt, tokenizer, state, &req.out, req.show_progress, req.stop)
+    let ctl = LoopControl {
+        show_progress: req.show_progress,
+        stop: req.stop,
+        pause_at: req.pause_at,
+    };
+    run_loop(model, opt, tokenizer, state, &req.out, ctl)
 }
 
-/// Continue the run in `dir`; `steps` raises the total, `corpus` overrides the stored path.
-pub fn resume(
-    dir: &Path,
-    steps: Option<u64>,
-    corpus: Option<PathBuf>,
-    show_progress: bool,
-    stop: Arc<AtomicBool>,
-) -> Result<TrainSummary> {
+/// Continue the run in `req.dir` exactly where its last checkpoint stopped.
+pub fn resume(req: ResumeRequest) -> Result<TrainSummary> {
+    let dir = req.dir.as_path();
     let loaded = checkpoint::load(dir, &Device::Cpu)?;
     let mut state = loaded.state;
-    if let Some(s) = steps {
+    if let Some(s) = req.steps {
         state.options.steps = s;
     }
-    if let Some(c) = corpus {
+    if let Some(c) = req.corpus {
         state.corpus = c;
     }
     state.options.validate()?;
     check_tokenizer(&loaded.tokenizer, &loaded.model.cfg)?;
     let mut opt = AdamW::new(loaded.model.store.vars(), state.options.adamw)?;
     opt.load_state(loaded.optimizer_tensors, loaded.adamw_t, &dir.join(checkpoint::STATE_WEIGHTS))?;
-    run_loop(loaded.model, opt, loaded.tokenizer, state, dir, show_progress, stop)
+    let ctl = LoopControl {
+        show_progress: req.show_progress,
+        stop: req.stop,
+        pause_at: req.pause_at,
+    };
+    run_loop(loaded.model, opt, loaded.tokenizer, state, dir, ctl)
+}
+
+/// How the loop is driven from outside.
+struct LoopControl {
+    show_progress: bool,
+    stop: Arc<AtomicBool>,
+    pause_at: Option<u64>,
 }
 
 fn check_tokenizer(tok: &Tokenizer, cfg: &ModelConfig) -> Result<()> {
@@ -214,9 +240,9 @@ fn run_loop(
     tokenizer: Tokenizer,
     mut state: TrainState,
     out: &Path,
-    show_progress: bool,
-    stop: Arc<AtomicBool>,
+    ctl: LoopControl,
 ) -> Result<TrainSummary> {
+    let show_progress = ctl.show_progress;
     let o = state.options.clone();
     let data = TokenData::load_or_build(&state.corpus, &tokenizer, o.val_fraction, &out.join("data"), show_progress)?;
     if state.data.train_tokens != 0 && state.data.train_tokens != data.train.len() {
@@ -292,7 +318,8 @@ fn run_loop(
             state.last_val_loss.map(|v| format!(" val {v:.3}")).unwrap_or_default(),
             tokens_done as f64 / started.elapsed().as_secs_f64().max(1e-9)
         ));
-        let stop_now = stop.load(Ordering::SeqCst)
+        let stop_now = ctl.stop.load(Ordering::SeqCst)
+            || ctl.pause_at == Some(state.step)
             || (o.time_limit_secs > 0 && started.elapsed().as_secs() >= o.time_limit_secs);
         if last || stop_now || (o.checkpoint_every > 0 && state.step % o.checkpoint_every == 0) {
             checkpoint::save(out, &model, &opt, &tokenizer, &state)?;

@@ -1,0 +1,65 @@
+//! Incremental decoding with the KV cache equals the full forward on the same tokens.
+
+mod common;
+use candle_core::{DType, Device, IndexOp, Tensor};
+use common::*;
+use sparrow::infer::cache::KvCache;
+use sparrow::model::Model;
+
+fn ids(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 97 + 13) % vocab as u32).collect()
+}
+
+fn check(kv_heads: usize, prefill: usize) {
+    let mut cfg = tiny_config();
+    cfg.num_key_value_heads = Some(kv_heads);
+    cfg.initializer_range = 0.1;
+    let model = Model::new_random(&cfg, 21, DType::F32, &Device::Cpu).unwrap();
+    let n = 37;
+    let toks = ids(n, cfg.vocab_size);
+    let full = model
+        .forward(&Tensor::from_slice(&toks, (1, n), &Device::Cpu).unwrap(), None)
+        .unwrap()
+        .logits; // (1, n, V)
+
+    let mut cache = KvCache::new(cfg.num_hidden_layers);
+    let mut pieces = Vec::new();
+    let first = Tensor::from_slice(&toks[..prefill], (1, prefill), &Device::Cpu).unwrap();
+    pieces.push(model.forward(&first, Some(&mut cache)).unwrap().logits);
+    for &t in &toks[prefill..] {
+        let x = Tensor::from_slice(&[t], (1, 1), &Device::Cpu).unwrap();
+        pieces.push(model.forward(&x, Some(&mut cache)).unwrap().logits);
+    }
+    assert_eq!(cache.len(), n);
+    let incremental = Tensor::cat(&pieces, 1).unwrap();
+    let err = rel_err(&incremental, &full);
+    assert!(err <= 1e-5, "kv_heads={kv_heads} prefill={prefill}: relative error {err:e}");
+    // And the logits are not trivially equal (e.g. all zero).
+    assert!(to_f64_vec(&full.i((0, n - 1)).unwrap()).iter().any(|v| v.abs() > 1e-3));
+}
+
+#[test]
+fn cached_decode_matches_full_forward_mha_gqa_mqa() {
+    for kv in [4, 2, 1] {
+        for prefill in [1, 16] {
+            check(kv, prefill);
+        }
+    }
+}
+
+#[test]
+fn mqa_cache_is_h_times_smaller_than_mha() {
+    let bytes = |kv: usize| {
+        let mut cfg = tiny_config();
+        cfg.num_key_value_heads = Some(kv);
+        let model = Model::new_random(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+        let mut cache = KvCache::new(cfg.num_hidden_layers);
+        let x = Tensor::from_vec(ids(10, cfg.vocab_size), (1, 10), &Device::Cpu).unwrap();
+        model.forward(&x, Some(&mut cache)).unwrap();
+        cache.bytes()
+    };
+    let cfg = tiny_config();
+    assert_eq!(bytes(4), cfg.num_attention_heads * bytes(1));
+    // 2 layers x (K + V) x 10 positions x 1 head x head_dim x 4 bytes
+    assert_eq!(bytes(1), cfg.num_hidden_layers * 2 * 10 * cfg.head_dim() * 4);
+}
