@@ -29,7 +29,11 @@ fn keep_freed_memory() {
 }
 
 #[derive(Parser)]
-#[command(name = "sparrow", version, about = "Sparse-attention MoE language models: define, train, run")]
+#[command(
+    name = "sparrow",
+    version,
+    about = "Sparse-attention MoE language models: define, train, run"
+)]
 struct Cli {
     /// Hide progress bars.
     #[arg(long, global = true)]
@@ -51,7 +55,7 @@ enum Command {
         cmd: TokenizerCmd,
     },
     /// Train a model from a config on a corpus (or resume a run).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Generate text from a model directory, streaming to stdout.
     Generate(GenerateArgs),
     /// Measure kernels against this machine's limits.
@@ -188,7 +192,9 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     let progress = !cli.quiet;
     match cli.cmd {
-        Command::Corpus { cmd: CorpusCmd::Fetch { out } } => {
+        Command::Corpus {
+            cmd: CorpusCmd::Fetch { out },
+        } => {
             let report = sparrow::data::fetch::fetch_all(&out, progress)?;
             for line in &report.lines {
                 println!("{line}");
@@ -198,28 +204,53 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("corpus in {} ({} sources)", out.display(), report.fetched);
         }
-        Command::Tokenizer { cmd: TokenizerCmd::Train { corpus, vocab_size, out } } => {
+        Command::Tokenizer {
+            cmd:
+                TokenizerCmd::Train {
+                    corpus,
+                    vocab_size,
+                    out,
+                },
+        } => {
             let files = sparrow::data::corpus::list_text_files(&corpus)?;
             let tok = Tokenizer::train(&files, vocab_size, progress)?;
             tok.save(&out)?;
-            println!("tokenizer with {} entries written to {}", tok.vocab_size(), out.display());
+            println!(
+                "tokenizer with {} entries written to {}",
+                tok.vocab_size(),
+                out.display()
+            );
         }
-        Command::Train(args) => run_train(args, progress)?,
+        Command::Train(args) => run_train(*args, progress)?,
         Command::Generate(args) => run_generate(args)?,
-        Command::Bench { cmd: BenchCmd::Gemm { sizes, json } } => {
+        Command::Bench {
+            cmd: BenchCmd::Gemm { sizes, json },
+        } => {
             for n in sizes {
                 let r = sparrow::bench::gemm_f32(n)?;
                 if json {
-                    println!("{}", serde_json::json!({"bench": "gemm_f32", "n": n, "gflops": r.gflops, "secs_per_call": r.secs}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"bench": "gemm_f32", "n": n, "gflops": r.gflops, "secs_per_call": r.secs})
+                    );
                 } else {
-                    println!("f32 GEMM {n}x{n}x{n}: {:.1} GFLOP/s ({:.3} ms/call)", r.gflops, r.secs * 1e3);
+                    println!(
+                        "f32 GEMM {n}x{n}x{n}: {:.1} GFLOP/s ({:.3} ms/call)",
+                        r.gflops,
+                        r.secs * 1e3
+                    );
                 }
             }
         }
         Command::Params { config } => {
             let cfg = ModelConfig::from_file(&config)?;
             let (total, active) = cfg.parameter_counts();
-            println!("{}: {:.2}M total parameters, {:.2}M active per token", config.display(), total as f64 / 1e6, active as f64 / 1e6);
+            println!(
+                "{}: {:.2}M total parameters, {:.2}M active per token",
+                config.display(),
+                total as f64 / 1e6,
+                active as f64 / 1e6
+            );
         }
     }
     Ok(())
@@ -254,7 +285,19 @@ fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = a.$f { o.$f = v; } )* };
         }
-        set!(steps, batch_size, seq_len, lr, warmup_steps, grad_clip, seed, val_every, val_batches, checkpoint_every, val_fraction);
+        set!(
+            steps,
+            batch_size,
+            seq_len,
+            lr,
+            warmup_steps,
+            grad_clip,
+            seed,
+            val_every,
+            val_batches,
+            checkpoint_every,
+            val_fraction
+        );
         if let Some(wd) = a.weight_decay {
             o.adamw.weight_decay = wd;
         }
@@ -278,10 +321,17 @@ fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
     };
     println!(
         "{} at step {}: loss {:.4}, val loss {}, {:.0} tokens/s, {:.2}M parameters",
-        if summary.interrupted { "stopped" } else { "finished" },
+        if summary.interrupted {
+            "stopped"
+        } else {
+            "finished"
+        },
         summary.step,
         summary.last_loss,
-        summary.last_val_loss.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
+        summary
+            .last_val_loss
+            .map(|v| format!("{v:.4}"))
+            .unwrap_or_else(|| "-".into()),
         summary.tokens_per_s,
         summary.parameters as f64 / 1e6
     );
@@ -290,7 +340,9 @@ fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     let prompt = match (a.prompt, a.prompt_pos) {
-        (Some(_), Some(_)) => bail!("give the prompt either positionally or with --prompt, not both"),
+        (Some(_), Some(_)) => {
+            bail!("give the prompt either positionally or with --prompt, not both")
+        }
         (Some(p), None) | (None, Some(p)) => p,
         (None, None) => String::new(),
     };

@@ -120,6 +120,10 @@ pub struct ModelConfig {
     pub eos_token_id: u32,
 }
 
+fn positive_finite(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
 impl ModelConfig {
     /// Parse and validate a config from JSON text; `source` names it in errors.
     pub fn from_json(text: &str) -> Result<Self> {
@@ -169,7 +173,7 @@ impl ModelConfig {
             }
         }
         let h = self.num_attention_heads;
-        if self.head_dim.is_none() && self.hidden_size % h != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(h) {
             return Err(Error::config(
                 "num_attention_heads",
                 format!(
@@ -181,33 +185,32 @@ impl ModelConfig {
         if self.head_dim == Some(0) {
             return Err(Error::config("head_dim", "must be > 0"));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(Error::config(
                 "head_dim",
                 format!("RoPE needs an even head dimension, got {}", self.head_dim()),
             ));
         }
         let kv = self.num_kv_heads();
-        if kv == 0 || h % kv != 0 {
+        if kv == 0 || !h.is_multiple_of(kv) {
             return Err(Error::config(
                 "num_key_value_heads",
                 format!("{kv} must be > 0 and divide num_attention_heads {h}"),
             ));
         }
-        if !(self.rope_theta > 0.0) {
+        if !positive_finite(self.rope_theta) {
             return Err(Error::config("rope_theta", "must be > 0"));
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if !positive_finite(self.rms_norm_eps) {
             return Err(Error::config("rms_norm_eps", "must be > 0"));
         }
-        if !(self.initializer_range > 0.0) {
+        if !positive_finite(self.initializer_range) {
             return Err(Error::config("initializer_range", "must be > 0"));
         }
-        if !(self.router_aux_loss_coef >= 0.0) {
+        if !(self.router_aux_loss_coef.is_finite() && self.router_aux_loss_coef >= 0.0) {
             return Err(Error::config("router_aux_loss_coef", "must be >= 0"));
         }
-        let has_dense_layer = self.n_routed_experts == 0
-            || self.first_k_dense_replace > 0;
+        let has_dense_layer = self.n_routed_experts == 0 || self.first_k_dense_replace > 0;
         if has_dense_layer && self.intermediate_size == 0 {
             return Err(Error::config(
                 "intermediate_size",

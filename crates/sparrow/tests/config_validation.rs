@@ -5,7 +5,8 @@ use common::*;
 use sparrow::{Error, ModelConfig};
 
 fn tiny_json() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(repo_root().join("configs/tiny.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(repo_root().join("configs/tiny.json")).unwrap())
+        .unwrap()
 }
 
 fn error_for(edit: impl FnOnce(&mut serde_json::Value)) -> String {
@@ -14,7 +15,10 @@ fn error_for(edit: impl FnOnce(&mut serde_json::Value)) -> String {
     match ModelConfig::from_json(&v.to_string()) {
         Ok(_) => panic!("config should have been rejected: {v}"),
         Err(e) => {
-            assert!(matches!(e, Error::Config { .. }), "expected a config error, got {e:?}");
+            assert!(
+                matches!(e, Error::Config { .. }),
+                "expected a config error, got {e:?}"
+            );
             e.to_string()
         }
     }
@@ -26,7 +30,10 @@ fn presets_load_and_small_is_in_range() {
     assert!(tiny.parameter_counts().0 < 1_000_000);
     let small = ModelConfig::from_file(&repo_root().join("configs/small.json")).unwrap();
     let (total, active) = small.parameter_counts();
-    assert!((10_000_000..=30_000_000).contains(&total), "small has {total} parameters");
+    assert!(
+        (10_000_000..=30_000_000).contains(&total),
+        "small has {total} parameters"
+    );
     assert!(active < total);
     assert_eq!(small.num_kv_heads(), 1, "small is MQA");
     assert!(!small.is_moe_layer(0));
@@ -53,7 +60,10 @@ fn unknown_router_kind_names_the_field() {
 #[test]
 fn heads_not_dividing_hidden_size() {
     let e = error_for(|v| v["num_attention_heads"] = 5.into());
-    assert!(e.contains("num_attention_heads") && e.contains("hidden_size"), "{e}");
+    assert!(
+        e.contains("num_attention_heads") && e.contains("hidden_size"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -65,12 +75,21 @@ fn kv_heads_not_dividing_heads() {
 #[test]
 fn experts_per_token_above_expert_count() {
     let e = error_for(|v| v["num_experts_per_tok"] = 9.into());
-    assert!(e.contains("num_experts_per_tok") && e.contains("n_routed_experts"), "{e}");
+    assert!(
+        e.contains("num_experts_per_tok") && e.contains("n_routed_experts"),
+        "{e}"
+    );
 }
 
 #[test]
 fn negative_sizes_name_the_field() {
-    for field in ["hidden_size", "vocab_size", "num_hidden_layers", "moe_intermediate_size", "n_routed_experts"] {
+    for field in [
+        "hidden_size",
+        "vocab_size",
+        "num_hidden_layers",
+        "moe_intermediate_size",
+        "n_routed_experts",
+    ] {
         let e = error_for(|v| v[field] = (-4).into());
         assert!(e.contains(field), "{field}: {e}");
     }
@@ -94,8 +113,12 @@ fn zero_and_wrong_types_and_missing_fields() {
 fn malformed_json_is_an_error_not_a_panic() {
     assert!(ModelConfig::from_json("{\"vocab_size\": 12,").is_err());
     assert!(ModelConfig::from_json("").is_err());
-    let missing = ModelConfig::from_file(std::path::Path::new("/nonexistent/config.json")).unwrap_err();
-    assert!(missing.to_string().contains("/nonexistent/config.json"), "{missing}");
+    let missing =
+        ModelConfig::from_file(std::path::Path::new("/nonexistent/config.json")).unwrap_err();
+    assert!(
+        missing.to_string().contains("/nonexistent/config.json"),
+        "{missing}"
+    );
 }
 
 #[test]

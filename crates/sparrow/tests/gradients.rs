@@ -50,7 +50,11 @@ fn rms_norm_gradients() {
     // Non-trivial weight so the weight gradient is not all-equal.
     s.vars()[0].1.set(&randn(&[7], 3, F64)).unwrap();
     let x = input_var(&[2, 3, 7], 1);
-    check_gradients(&with_input(&s, &x), || probe(&norm.forward(x.as_tensor()).unwrap(), 2), 7);
+    check_gradients(
+        &with_input(&s, &x),
+        || probe(&norm.forward(x.as_tensor()).unwrap(), 2),
+        7,
+    );
 }
 
 #[test]
@@ -58,7 +62,11 @@ fn mlp_gradients() {
     let s = store();
     let mlp = Mlp::new(&s.root().pp("mlp"), 6, 10, 0.4, 0.4).unwrap();
     let x = input_var(&[2, 5, 6], 1);
-    check_gradients(&with_input(&s, &x), || probe(&mlp.forward(x.as_tensor()).unwrap(), 2), 8);
+    check_gradients(
+        &with_input(&s, &x),
+        || probe(&mlp.forward(x.as_tensor()).unwrap(), 2),
+        8,
+    );
 }
 
 fn check_attention(kv_heads: usize) {
@@ -116,8 +124,18 @@ fn full_model_loss_gradients() {
     let mut cfg = wider_init(tiny_config());
     cfg.vocab_size = 40;
     let model = Model::new_random(&cfg, 11, F64, &Device::Cpu).unwrap();
-    let ids = Tensor::from_vec((0..16u32).map(|i| (i * 7) % 40).collect::<Vec<_>>(), (2, 8), &Device::Cpu).unwrap();
-    let targets = Tensor::from_vec((0..16u32).map(|i| (i * 5 + 3) % 40).collect::<Vec<_>>(), 16, &Device::Cpu).unwrap();
+    let ids = Tensor::from_vec(
+        (0..16u32).map(|i| (i * 7) % 40).collect::<Vec<_>>(),
+        (2, 8),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let targets = Tensor::from_vec(
+        (0..16u32).map(|i| (i * 5 + 3) % 40).collect::<Vec<_>>(),
+        16,
+        &Device::Cpu,
+    )
+    .unwrap();
     let loss = || {
         let out = model.forward(&ids, None).unwrap();
         let ce = cross_entropy(&out.logits.reshape((16, 40)).unwrap(), &targets).unwrap();
@@ -133,19 +151,35 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
         cfg.tie_word_embeddings = tie;
         let model = Model::new_random(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
         let (b, t) = (4, 24);
-        let ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 37 + 11) % cfg.vocab_size as u32).collect();
+        let ids: Vec<u32> = (0..(b * t) as u32)
+            .map(|i| (i * 37 + 11) % cfg.vocab_size as u32)
+            .collect();
         let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
-        let targets: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 13 + 5) % cfg.vocab_size as u32).collect();
+        let targets: Vec<u32> = (0..(b * t) as u32)
+            .map(|i| (i * 13 + 5) % cfg.vocab_size as u32)
+            .collect();
         let targets = Tensor::from_vec(targets, b * t, &Device::Cpu).unwrap();
         let out = model.forward(&ids, None).unwrap();
-        assert!(out.expert_load.iter().flatten().all(|load| load.iter().all(|&l| l > 0)), "every expert should be routed to in this batch");
-        let ce = cross_entropy(&out.logits.reshape((b * t, cfg.vocab_size)).unwrap(), &targets).unwrap();
+        assert!(
+            out.expert_load
+                .iter()
+                .flatten()
+                .all(|load| load.iter().all(|&l| l > 0)),
+            "every expert should be routed to in this batch"
+        );
+        let ce = cross_entropy(
+            &out.logits.reshape((b * t, cfg.vocab_size)).unwrap(),
+            &targets,
+        )
+        .unwrap();
         let loss = (ce + out.aux_loss.unwrap()).unwrap();
         let grads = loss.backward().unwrap();
         let vars = model.store.vars();
         assert_eq!(vars.len(), model.store.vars().len());
         for (name, var) in vars {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("`{name}` received no gradient"));
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("`{name}` received no gradient"));
             let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
             assert!(norm > 0.0, "`{name}` received an all-zero gradient");
         }

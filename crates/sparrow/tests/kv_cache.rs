@@ -7,7 +7,9 @@ use sparrow::infer::cache::KvCache;
 use sparrow::model::Model;
 
 fn ids(n: usize, vocab: usize) -> Vec<u32> {
-    (0..n as u32).map(|i| (i * 97 + 13) % vocab as u32).collect()
+    (0..n as u32)
+        .map(|i| (i * 97 + 13) % vocab as u32)
+        .collect()
 }
 
 fn check(kv_heads: usize, prefill: usize) {
@@ -18,7 +20,10 @@ fn check(kv_heads: usize, prefill: usize) {
     let n = 37;
     let toks = ids(n, cfg.vocab_size);
     let full = model
-        .forward(&Tensor::from_slice(&toks, (1, n), &Device::Cpu).unwrap(), None)
+        .forward(
+            &Tensor::from_slice(&toks, (1, n), &Device::Cpu).unwrap(),
+            None,
+        )
         .unwrap()
         .logits; // (1, n, V)
 
@@ -33,9 +38,14 @@ fn check(kv_heads: usize, prefill: usize) {
     assert_eq!(cache.len(), n);
     let incremental = Tensor::cat(&pieces, 1).unwrap();
     let err = rel_err(&incremental, &full);
-    assert!(err <= 1e-5, "kv_heads={kv_heads} prefill={prefill}: relative error {err:e}");
+    assert!(
+        err <= 1e-5,
+        "kv_heads={kv_heads} prefill={prefill}: relative error {err:e}"
+    );
     // And the logits are not trivially equal (e.g. all zero).
-    assert!(to_f64_vec(&full.i((0, n - 1)).unwrap()).iter().any(|v| v.abs() > 1e-3));
+    assert!(to_f64_vec(&full.i((0, n - 1)).unwrap())
+        .iter()
+        .any(|v| v.abs() > 1e-3));
 }
 
 #[test]
@@ -61,5 +71,8 @@ fn mqa_cache_is_h_times_smaller_than_mha() {
     let cfg = tiny_config();
     assert_eq!(bytes(4), cfg.num_attention_heads * bytes(1));
     // 2 layers x (K + V) x 10 positions x 1 head x head_dim x 4 bytes
-    assert_eq!(bytes(1), cfg.num_hidden_layers * 2 * 10 * cfg.head_dim() * 4);
+    assert_eq!(
+        bytes(1),
+        cfg.num_hidden_layers * 2 * 10 * cfg.head_dim() * 4
+    );
 }

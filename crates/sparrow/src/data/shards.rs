@@ -72,20 +72,29 @@ impl TokenData {
         show_progress: bool,
     ) -> Result<Self> {
         if !(0.0..0.5).contains(&val_fraction) {
-            return Err(Error::Invalid(format!("val_fraction must be in [0, 0.5), got {val_fraction}")));
+            return Err(Error::Invalid(format!(
+                "val_fraction must be in [0, 0.5), got {val_fraction}"
+            )));
         }
         let files = corpus::list_text_files(corpus_dir)?;
         let mut listing = Vec::new();
         for f in &files {
             let len = std::fs::metadata(f).map_err(|e| Error::io(f, e))?.len();
-            let rel = f.strip_prefix(corpus_dir).unwrap_or(f).to_string_lossy().into_owned();
+            let rel = f
+                .strip_prefix(corpus_dir)
+                .unwrap_or(f)
+                .to_string_lossy()
+                .into_owned();
             listing.push((rel, len));
         }
         let tokenizer_fnv = fnv(tokenizer.to_json()?.as_bytes());
         let meta_path = cache_dir.join("meta.json");
         if meta_path.exists() {
             if let Ok(meta) = crate::fsio::read_json::<ShardMeta>(&meta_path) {
-                if meta.files == listing && meta.tokenizer_fnv == tokenizer_fnv && meta.val_fraction == val_fraction {
+                if meta.files == listing
+                    && meta.tokenizer_fnv == tokenizer_fnv
+                    && meta.val_fraction == val_fraction
+                {
                     let train = read_u32s(&cache_dir.join("train.bin"), meta.train_tokens)?;
                     let val = read_u32s(&cache_dir.join("val.bin"), meta.val_tokens)?;
                     return Ok(Self { train, val });
@@ -108,12 +117,20 @@ impl TokenData {
     }
 
     /// Tokenize the files without caching.
-    pub fn build(files: &[PathBuf], tokenizer: &Tokenizer, val_fraction: f64, show_progress: bool) -> Result<Self> {
+    pub fn build(
+        files: &[PathBuf],
+        tokenizer: &Tokenizer,
+        val_fraction: f64,
+        show_progress: bool,
+    ) -> Result<Self> {
         let bar = crate::progress::bar(files.len() as u64, "tokenizing", show_progress);
         let mut train = Vec::new();
         let mut val = Vec::new();
         for f in files {
-            bar.set_message(format!("tokenizing {}", f.file_name().unwrap_or_default().to_string_lossy()));
+            bar.set_message(format!(
+                "tokenizing {}",
+                f.file_name().unwrap_or_default().to_string_lossy()
+            ));
             let text = corpus::read_document(f)?;
             let pieces = corpus::split_at_lines(&text, 1 << 16);
             let mut ids: Vec<u32> = Vec::new();
@@ -134,7 +151,13 @@ impl TokenData {
 
 /// Draw `batch` random windows of `seq_len + 1` tokens from `tokens` for `step`.
 /// Returns (inputs, targets), each batch * seq_len, row-major.
-pub fn sample_batch(tokens: &[u32], batch: usize, seq_len: usize, seed: u64, step: u64) -> Result<(Vec<u32>, Vec<u32>)> {
+pub fn sample_batch(
+    tokens: &[u32],
+    batch: usize,
+    seq_len: usize,
+    seed: u64,
+    step: u64,
+) -> Result<(Vec<u32>, Vec<u32>)> {
     if tokens.len() <= seq_len + 1 {
         return Err(Error::Corpus(format!(
             "split has {} tokens, too few for windows of {} (lower --seq-len or add text)",
@@ -155,7 +178,11 @@ pub fn sample_batch(tokens: &[u32], batch: usize, seq_len: usize, seed: u64, ste
 }
 
 /// `count` evenly spaced windows over `tokens` (the fixed validation set).
-pub fn eval_windows(tokens: &[u32], count: usize, seq_len: usize) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+pub fn eval_windows(
+    tokens: &[u32],
+    count: usize,
+    seq_len: usize,
+) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
     if tokens.len() <= seq_len + 1 {
         return Err(Error::Corpus(format!(
             "validation split has {} tokens, too few for windows of {} (lower --seq-len or raise --val-fraction)",
@@ -167,7 +194,10 @@ pub fn eval_windows(tokens: &[u32], count: usize, seq_len: usize) -> Result<Vec<
     Ok((0..count)
         .map(|i| {
             let s = if count > 1 { i * span / (count - 1) } else { 0 };
-            (tokens[s..s + seq_len].to_vec(), tokens[s + 1..s + seq_len + 1].to_vec())
+            (
+                tokens[s..s + seq_len].to_vec(),
+                tokens[s + 1..s + seq_len + 1].to_vec(),
+            )
         })
         .collect())
 }

@@ -18,10 +18,16 @@ pub struct SamplerConfig {
 impl SamplerConfig {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::Invalid(format!("temperature must be >= 0, got {}", self.temperature)));
+            return Err(Error::Invalid(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::Invalid(format!("top_p must be in (0, 1], got {}", self.top_p)));
+            return Err(Error::Invalid(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         Ok(())
     }

@@ -6,8 +6,8 @@
 //! and incremental decoding with a `LayerKv` cache.
 
 use super::linear::Linear;
-use super::rope::Rope;
 use super::params::Vb;
+use super::rope::Rope;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::infer::cache::LayerKv;
@@ -45,9 +45,22 @@ impl Attention {
         let (b, t, _c) = x.dims3()?;
         let (h, kv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let g = h / kv;
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?; // (B, H, T, D)
-        let k = self.k_proj.forward(x)?.reshape((b, t, kv, d))?.transpose(1, 2)?; // (B, KV, T, D)
-        let v = self.v_proj.forward(x)?.reshape((b, t, kv, d))?.transpose(1, 2)?.contiguous()?;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, h, d))?
+            .transpose(1, 2)?; // (B, H, T, D)
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, kv, d))?
+            .transpose(1, 2)?; // (B, KV, T, D)
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, kv, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let q = rope.apply(&q.contiguous()?, offset)?;
         let k = rope.apply(&k.contiguous()?, offset)?;
@@ -69,7 +82,10 @@ impl Attention {
         };
         let att = candle_nn::ops::softmax(&att, D::Minus1)?;
         let y = att.matmul(&v)?; // (B, KV, G*T, D)
-        let y = y.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
+        let y = y
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?;
         self.o_proj.forward(&y)
     }
 }
@@ -83,7 +99,15 @@ fn causal_mask(
     dev: &candle_core::Device,
 ) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(mask, (t, s), dev)?.to_dtype(dtype)?)
 }

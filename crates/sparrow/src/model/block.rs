@@ -35,12 +35,22 @@ impl Block {
         let mlp = if cfg.is_moe_layer(layer) {
             Ffn::Moe(Moe::new(&vb.pp("mlp"), cfg, out_std)?)
         } else {
-            Ffn::Dense(Mlp::new(&vb.pp("mlp"), c, cfg.intermediate_size, cfg.initializer_range, out_std)?)
+            Ffn::Dense(Mlp::new(
+                &vb.pp("mlp"),
+                c,
+                cfg.intermediate_size,
+                cfg.initializer_range,
+                out_std,
+            )?)
         };
         Ok(Self {
             input_layernorm: RmsNorm::new(&vb.pp("input_layernorm"), c, cfg.rms_norm_eps)?,
             self_attn: Attention::new(&vb.pp("self_attn"), cfg, out_std)?,
-            post_attention_layernorm: RmsNorm::new(&vb.pp("post_attention_layernorm"), c, cfg.rms_norm_eps)?,
+            post_attention_layernorm: RmsNorm::new(
+                &vb.pp("post_attention_layernorm"),
+                c,
+                cfg.rms_norm_eps,
+            )?,
             mlp,
         })
     }
@@ -52,7 +62,9 @@ impl Block {
         rope: &Rope,
         cache: Option<&mut LayerKv>,
     ) -> Result<(Tensor, Option<MoeStats>)> {
-        let a = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, cache)?;
+        let a = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, rope, cache)?;
         let x = (x + a)?;
         let h = self.post_attention_layernorm.forward(&x)?;
         let (f, stats) = match &self.mlp {

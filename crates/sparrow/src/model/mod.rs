@@ -75,7 +75,10 @@ impl Model {
         let (tensors, meta) = crate::weights::load(&path, device)?;
         let step = match meta.get(STEP_KEY) {
             Some(s) => Some(s.parse::<u64>().map_err(|_| {
-                Error::checkpoint(&path, format!("metadata {STEP_KEY} = {s:?} is not an integer"))
+                Error::checkpoint(
+                    &path,
+                    format!("metadata {STEP_KEY} = {s:?} is not an integer"),
+                )
             })?),
             None => None,
         };
@@ -101,7 +104,11 @@ impl Model {
     }
 
     /// Forward pass; see `Transformer::forward`.
-    pub fn forward(&self, ids: &Tensor, cache: Option<&mut crate::infer::cache::KvCache>) -> Result<ForwardOutput> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut crate::infer::cache::KvCache>,
+    ) -> Result<ForwardOutput> {
         self.net.forward(ids, cache)
     }
 }

@@ -26,8 +26,13 @@ pub enum Init {
 }
 
 enum Source {
-    Random { seed: u64 },
-    Loaded { tensors: HashMap<String, Tensor>, path: PathBuf },
+    Random {
+        seed: u64,
+    },
+    Loaded {
+        tensors: HashMap<String, Tensor>,
+        path: PathBuf,
+    },
 }
 
 /// All parameters of a model, by checkpoint name.
@@ -94,7 +99,8 @@ impl VarStore {
     pub fn check_no_unused(&self) -> Result<()> {
         if let Source::Loaded { tensors, path } = &self.source {
             let vars = self.vars.borrow();
-            let mut extra: Vec<&String> = tensors.keys().filter(|k| !vars.contains_key(*k)).collect();
+            let mut extra: Vec<&String> =
+                tensors.keys().filter(|k| !vars.contains_key(*k)).collect();
             extra.sort();
             if let Some(name) = extra.first() {
                 return Err(Error::checkpoint(

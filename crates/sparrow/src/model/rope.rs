@@ -15,7 +15,13 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, max_pos: usize, theta: f64, dtype: DType, dev: &Device) -> Result<Self> {
+    pub fn new(
+        head_dim: usize,
+        max_pos: usize,
+        theta: f64,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(max_pos * half);
         let mut sin = Vec::with_capacity(max_pos * half);

@@ -34,7 +34,12 @@ pub struct Router {
 impl Router {
     pub fn new(vb: &Vb, cfg: &ModelConfig) -> Result<Self> {
         Ok(Self {
-            gate: Linear::new(vb, cfg.hidden_size, cfg.n_routed_experts, cfg.initializer_range)?,
+            gate: Linear::new(
+                vb,
+                cfg.hidden_size,
+                cfg.n_routed_experts,
+                cfg.initializer_range,
+            )?,
             kind: cfg.router_kind,
             n_experts: cfg.n_routed_experts,
             top_k: cfg.num_experts_per_tok,

@@ -39,7 +39,9 @@ impl Transformer {
     pub fn new(vb: &Vb, cfg: &ModelConfig) -> Result<Self> {
         let (v, c) = (cfg.vocab_size, cfg.hidden_size);
         let m = vb.pp("model");
-        let embed_tokens = m.pp("embed_tokens").get(&[v, c], "weight", Init::Normal(cfg.initializer_range))?;
+        let embed_tokens =
+            m.pp("embed_tokens")
+                .get(&[v, c], "weight", Init::Normal(cfg.initializer_range))?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Block::new(&m.pp("layers").pp(i), cfg, i))
             .collect::<Result<Vec<_>>>()?;
@@ -47,9 +49,16 @@ impl Transformer {
         let lm_head = if cfg.tie_word_embeddings {
             embed_tokens.clone()
         } else {
-            vb.pp("lm_head").get(&[v, c], "weight", Init::Normal(cfg.initializer_range))?
+            vb.pp("lm_head")
+                .get(&[v, c], "weight", Init::Normal(cfg.initializer_range))?
         };
-        let rope = Rope::new(cfg.head_dim(), cfg.max_position_embeddings, cfg.rope_theta, vb.dtype(), vb.device())?;
+        let rope = Rope::new(
+            cfg.head_dim(),
+            cfg.max_position_embeddings,
+            cfg.rope_theta,
+            vb.dtype(),
+            vb.device(),
+        )?;
         Ok(Self {
             embed_tokens,
             layers,
@@ -97,7 +106,10 @@ impl Transformer {
             }
         }
         let x = self.norm.forward(&x)?;
-        let logits = x.reshape((b * t, c))?.matmul(&self.lm_head.t()?)?.reshape((b, t, self.cfg.vocab_size))?;
+        let logits = x
+            .reshape((b * t, c))?
+            .matmul(&self.lm_head.t()?)?
+            .reshape((b, t, self.cfg.vocab_size))?;
         Ok(ForwardOutput {
             logits,
             aux_loss: aux,

@@ -50,7 +50,13 @@ pub const STATE_JSON: &str = "train_state.json";
 pub const STATE_WEIGHTS: &str = "train_state.safetensors";
 
 /// Write a full checkpoint of `model` and `opt` at `state.step` into `dir`.
-pub fn save(dir: &Path, model: &Model, opt: &AdamW, tokenizer: &Tokenizer, state: &TrainState) -> Result<()> {
+pub fn save(
+    dir: &Path,
+    model: &Model,
+    opt: &AdamW,
+    tokenizer: &Tokenizer,
+    state: &TrainState,
+) -> Result<()> {
     model.save_dir(dir, Some(state.step))?;
     tokenizer.save(&dir.join("tokenizer.json"))?;
     let gen_cfg = serde_json::json!({
@@ -82,7 +88,10 @@ pub struct Loaded {
 pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
     let state_path = dir.join(STATE_JSON);
     if !state_path.exists() {
-        return Err(Error::checkpoint(dir, format!("no {STATE_JSON}: not a training run directory")));
+        return Err(Error::checkpoint(
+            dir,
+            format!("no {STATE_JSON}: not a training run directory"),
+        ));
     }
     let state: TrainState = crate::fsio::read_json(&state_path)?;
     let (model, model_step) = Model::load_dir(dir, DType::F32, device)?;
@@ -90,7 +99,10 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
     if model_step != Some(state.step) {
         return Err(Error::checkpoint(
             &weights_path,
-            format!("weights are from step {model_step:?} but {STATE_JSON} says step {}", state.step),
+            format!(
+                "weights are from step {model_step:?} but {STATE_JSON} says step {}",
+                state.step
+            ),
         ));
     }
     let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
@@ -100,13 +112,18 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
         meta.get(key)
             .ok_or_else(|| Error::checkpoint(&opt_path, format!("metadata `{key}` missing")))?
             .parse()
-            .map_err(|_| Error::checkpoint(&opt_path, format!("metadata `{key}` is not an integer")))
+            .map_err(|_| {
+                Error::checkpoint(&opt_path, format!("metadata `{key}` is not an integer"))
+            })
     };
     let opt_step = step_of(STEP_KEY)?;
     if opt_step != state.step {
         return Err(Error::checkpoint(
             &opt_path,
-            format!("optimizer state is from step {opt_step} but {STATE_JSON} says step {}", state.step),
+            format!(
+                "optimizer state is from step {opt_step} but {STATE_JSON} says step {}",
+                state.step
+            ),
         ));
     }
     let adamw_t = step_of("adamw_t")?;

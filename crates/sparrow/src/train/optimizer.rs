@@ -38,9 +38,18 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
-        let m = params.iter().map(|(_, p)| p.as_tensor().zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+        let m = params
+            .iter()
+            .map(|(_, p)| p.as_tensor().zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let v = m.clone();
-        Ok(Self { cfg, params, m, v, t: 0 })
+        Ok(Self {
+            cfg,
+            params,
+            m,
+            v,
+            t: 0,
+        })
     }
 
     /// Global L2 norm of the gradients of all parameters.
@@ -48,7 +57,11 @@ impl AdamW {
         let mut sq = 0.0f64;
         for (_, p) in &self.params {
             if let Some(g) = grads.get(p.as_tensor()) {
-                sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                sq += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?;
             }
         }
         Ok(sq.sqrt())
@@ -68,7 +81,11 @@ impl AdamW {
             let Some(g) = grads.get(p.as_tensor()) else {
                 continue;
             };
-            let g = if grad_scale != 1.0 { g.affine(grad_scale, 0.0)? } else { g.clone() };
+            let g = if grad_scale != 1.0 {
+                g.affine(grad_scale, 0.0)?
+            } else {
+                g.clone()
+            };
             let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let denom = ((&v / bc2)?.sqrt()? + c.eps)?;
@@ -109,7 +126,11 @@ impl AdamW {
                 if tensor.dims() != p.dims() {
                     return Err(Error::checkpoint(
                         source,
-                        format!("tensor `{key}` has shape {:?}, the model expects {:?}", tensor.dims(), p.dims()),
+                        format!(
+                            "tensor `{key}` has shape {:?}, the model expects {:?}",
+                            tensor.dims(),
+                            p.dims()
+                        ),
                     ));
                 }
                 let tensor = tensor.to_dtype(p.dtype())?;
@@ -121,7 +142,10 @@ impl AdamW {
             }
         }
         if let Some(extra) = tensors.keys().min() {
-            return Err(Error::checkpoint(source, format!("unexpected tensor `{extra}`")));
+            return Err(Error::checkpoint(
+                source,
+                format!("unexpected tensor `{extra}`"),
+            ));
         }
         self.t = t;
         Ok(())

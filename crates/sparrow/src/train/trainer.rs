@@ -150,7 +150,11 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         None => {
             let files = corpus::list_text_files(&req.corpus)?;
             if req.show_progress {
-                eprintln!("training a {}-entry BPE tokenizer on {} files", req.config.vocab_size, files.len());
+                eprintln!(
+                    "training a {}-entry BPE tokenizer on {} files",
+                    req.config.vocab_size,
+                    files.len()
+                );
             }
             Tokenizer::train(&files, req.config.vocab_size, req.show_progress)?
         }
@@ -199,7 +203,11 @@ pub fn resume(req: ResumeRequest) -> Result<TrainSummary> {
     state.options.validate()?;
     check_tokenizer(&loaded.tokenizer, &loaded.model.cfg)?;
     let mut opt = AdamW::new(loaded.model.store.vars(), state.options.adamw)?;
-    opt.load_state(loaded.optimizer_tensors, loaded.adamw_t, &dir.join(checkpoint::STATE_WEIGHTS))?;
+    opt.load_state(
+        loaded.optimizer_tensors,
+        loaded.adamw_t,
+        &dir.join(checkpoint::STATE_WEIGHTS),
+    )?;
     let ctl = LoopControl {
         show_progress: req.show_progress,
         stop: req.stop,
@@ -219,7 +227,11 @@ fn check_tokenizer(tok: &Tokenizer, cfg: &ModelConfig) -> Result<()> {
     if tok.vocab_size() > cfg.vocab_size {
         return Err(Error::config(
             "vocab_size",
-            format!("{} is smaller than the tokenizer's vocabulary {}", cfg.vocab_size, tok.vocab_size()),
+            format!(
+                "{} is smaller than the tokenizer's vocabulary {}",
+                cfg.vocab_size,
+                tok.vocab_size()
+            ),
         ));
     }
     if tok.bos_id != cfg.bos_token_id || tok.eos_id != cfg.eos_token_id {
@@ -244,7 +256,13 @@ fn run_loop(
 ) -> Result<TrainSummary> {
     let show_progress = ctl.show_progress;
     let o = state.options.clone();
-    let data = TokenData::load_or_build(&state.corpus, &tokenizer, o.val_fraction, &out.join("data"), show_progress)?;
+    let data = TokenData::load_or_build(
+        &state.corpus,
+        &tokenizer,
+        o.val_fraction,
+        &out.join("data"),
+        show_progress,
+    )?;
     if state.data.train_tokens != 0 && state.data.train_tokens != data.train.len() {
         return Err(Error::Corpus(format!(
             "the corpus now tokenizes to {} training tokens, the run was started on {}: resuming would not continue the same data stream",
@@ -281,7 +299,11 @@ fn run_loop(
         };
         let grads = loss.backward()?;
         let grad_norm = opt.grad_norm(&grads)?;
-        let scale = if o.grad_clip > 0.0 && grad_norm > o.grad_clip { o.grad_clip / grad_norm } else { 1.0 };
+        let scale = if o.grad_clip > 0.0 && grad_norm > o.grad_clip {
+            o.grad_clip / grad_norm
+        } else {
+            1.0
+        };
         opt.step(&grads, lr, scale)?;
         state.step += 1;
         let step_tokens = (o.batch_size * o.seq_len) as u64;
@@ -292,7 +314,10 @@ fn run_loop(
 
         last_loss = lm_loss.to_scalar::<f32>()? as f64;
         if !last_loss.is_finite() {
-            return Err(Error::Invalid(format!("loss became {last_loss} at step {}; lower --lr", state.step)));
+            return Err(Error::Invalid(format!(
+                "loss became {last_loss} at step {}; lower --lr",
+                state.step
+            )));
         }
         let tokens_per_s = step_tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
         let mut rec = json!({
@@ -306,7 +331,7 @@ fn run_loop(
             rec["aux_loss"] = json!(aux.to_scalar::<f32>()? as f64);
         }
         let last = state.step == o.steps;
-        if (o.val_every > 0 && state.step % o.val_every == 0) || last {
+        if (o.val_every > 0 && state.step.is_multiple_of(o.val_every)) || last {
             let vl = validate(&model, &val_set, o.batch_size, o.seq_len)?;
             rec["val_loss"] = json!(vl);
             state.last_val_loss = Some(vl);
@@ -315,13 +340,19 @@ fn run_loop(
         bar.set_position(state.step);
         bar.set_message(format!(
             "loss {last_loss:.3}{} | {:.0} tok/s",
-            state.last_val_loss.map(|v| format!(" val {v:.3}")).unwrap_or_default(),
+            state
+                .last_val_loss
+                .map(|v| format!(" val {v:.3}"))
+                .unwrap_or_default(),
             tokens_done as f64 / started.elapsed().as_secs_f64().max(1e-9)
         ));
         let stop_now = ctl.stop.load(Ordering::SeqCst)
             || ctl.pause_at == Some(state.step)
             || (o.time_limit_secs > 0 && started.elapsed().as_secs() >= o.time_limit_secs);
-        if last || stop_now || (o.checkpoint_every > 0 && state.step % o.checkpoint_every == 0) {
+        if last
+            || stop_now
+            || (o.checkpoint_every > 0 && state.step.is_multiple_of(o.checkpoint_every))
+        {
             checkpoint::save(out, &model, &opt, &tokenizer, &state)?;
         }
         if stop_now && !last {
@@ -345,7 +376,12 @@ fn run_loop(
 }
 
 /// Mean LM loss over the fixed validation windows.
-pub fn validate(model: &Model, windows: &[(Vec<u32>, Vec<u32>)], batch: usize, seq_len: usize) -> Result<f64> {
+pub fn validate(
+    model: &Model,
+    windows: &[(Vec<u32>, Vec<u32>)],
+    batch: usize,
+    seq_len: usize,
+) -> Result<f64> {
     let dev = model.store.device().clone();
     let mut total = 0.0;
     let mut n = 0usize;
@@ -355,7 +391,10 @@ pub fn validate(model: &Model, windows: &[(Vec<u32>, Vec<u32>)], batch: usize, s
         let b = chunk.len();
         let inp = Tensor::from_vec(inp, (b, seq_len), &dev)?;
         let tgt = Tensor::from_vec(tgt, b * seq_len, &dev)?;
-        let logits = model.forward(&inp, None)?.logits.reshape((b * seq_len, model.cfg.vocab_size))?;
+        let logits = model
+            .forward(&inp, None)?
+            .logits
+            .reshape((b * seq_len, model.cfg.vocab_size))?;
         total += cross_entropy(&logits.detach(), &tgt)?.to_scalar::<f32>()? as f64 * b as f64;
         n += b;
     }

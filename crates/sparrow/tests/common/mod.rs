@@ -19,9 +19,32 @@ pub fn tiny_config() -> ModelConfig {
 /// A small English-like corpus written into `dir` (two documents), so tests never need
 /// a download or ../shared.
 pub fn write_synthetic_corpus(dir: &Path) {
-    let subjects = ["The whale", "A sailor", "The captain", "Our ship", "The sea", "An old man", "The harbour"];
-    let verbs = ["watched", "followed", "crossed", "remembered", "feared", "sought", "found"];
-    let objects = ["the grey horizon", "a distant light", "the cold water", "the long voyage", "a quiet town", "the morning tide"];
+    let subjects = [
+        "The whale",
+        "A sailor",
+        "The captain",
+        "Our ship",
+        "The sea",
+        "An old man",
+        "The harbour",
+    ];
+    let verbs = [
+        "watched",
+        "followed",
+        "crossed",
+        "remembered",
+        "feared",
+        "sought",
+        "found",
+    ];
+    let objects = [
+        "the grey horizon",
+        "a distant light",
+        "the cold water",
+        "the long voyage",
+        "a quiet town",
+        "the morning tide",
+    ];
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     std::fs::create_dir_all(dir).unwrap();
     for doc in 0..2 {
@@ -41,11 +64,19 @@ pub fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let n: usize = shape.iter().product();
     let data: Vec<f64> = (0..n).map(|_| rng.random::<f64>() * 2.0 - 1.0).collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    Tensor::from_vec(data, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
 }
 
 pub fn to_f64_vec(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 /// Compare analytic gradients of `loss()` with central finite differences for up to
@@ -66,18 +97,24 @@ pub fn check_gradients(vars: &[(String, Var)], loss: impl Fn() -> Tensor, per_va
             let i = rng.random_range(0..base.len());
             let mut plus = base.clone();
             plus[i] += eps;
-            var.set(&Tensor::from_vec(plus, shape.as_slice(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(plus, shape.as_slice(), &Device::Cpu).unwrap())
+                .unwrap();
             let lp: f64 = loss().to_scalar().unwrap();
             let mut minus = base.clone();
             minus[i] -= eps;
-            var.set(&Tensor::from_vec(minus, shape.as_slice(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(minus, shape.as_slice(), &Device::Cpu).unwrap())
+                .unwrap();
             let lm: f64 = loss().to_scalar().unwrap();
-            var.set(&Tensor::from_vec(base.clone(), shape.as_slice(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(base.clone(), shape.as_slice(), &Device::Cpu).unwrap())
+                .unwrap();
             let numeric = (lp - lm) / (2.0 * eps);
             let a = analytic[i];
             let err = (numeric - a).abs();
             let tol = 1e-5 * numeric.abs().max(a.abs()) + 1e-8;
-            assert!(err <= tol, "`{name}`[{i}]: analytic {a:e} vs finite difference {numeric:e} (err {err:e})");
+            assert!(
+                err <= tol,
+                "`{name}`[{i}]: analytic {a:e} vs finite difference {numeric:e} (err {err:e})"
+            );
         }
     }
 }
@@ -87,7 +124,11 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let a = to_f64_vec(a);
     let b = to_f64_vec(b);
     assert_eq!(a.len(), b.len());
-    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
     let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
     diff / scale.max(1e-30)
 }

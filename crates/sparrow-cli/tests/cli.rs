@@ -1,0 +1,306 @@
+//! The `sparrow` binary end to end: real processes, real files, real signals.
+
+#[path = "../../sparrow/tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn sparrow(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sparrow"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sparrow")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn tiny_config_path() -> String {
+    common::repo_root()
+        .join("configs/tiny.json")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn train_tiny(corpus: &Path, out: &Path, steps: &str) -> Output {
+    sparrow(&[
+        "--quiet",
+        "train",
+        "--config",
+        &tiny_config_path(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        steps,
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--val-every",
+        "2",
+        "--val-batches",
+        "1",
+    ])
+}
+
+#[test]
+fn bad_config_exits_nonzero_naming_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("bad.json");
+    let text_cfg = std::fs::read_to_string(tiny_config_path())
+        .unwrap()
+        .replace("\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 7");
+    std::fs::write(&cfg, text_cfg).unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::write_synthetic_corpus(&corpus);
+    let out = sparrow(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--out",
+        tmp.path().join("r").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with("error: ") && err.contains("num_experts_per_tok"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "one-line cause: {err}");
+
+    let out = sparrow(&["params", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let out = sparrow(&[
+        "generate",
+        "--model",
+        tmp.path().join("nope").to_str().unwrap(),
+        "hello",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("does not exist"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn train_then_generate_is_reproducible_with_a_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::write_synthetic_corpus(&corpus);
+    let run = tmp.path().join("run");
+    let out = train_tiny(&corpus, &run, "4");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("finished at step 4"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let gen = |seed: &str| {
+        sparrow(&[
+            "generate",
+            "--model",
+            run.to_str().unwrap(),
+            "--prompt",
+            "The whale",
+            "--max-tokens",
+            "12",
+            "--seed",
+            seed,
+        ])
+    };
+    let a = gen("5");
+    let b = gen("5");
+    assert!(a.status.success(), "{}", text(&a.stderr));
+    assert!(text(&a.stdout).starts_with("The whale"));
+    assert_eq!(a.stdout, b.stdout, "same seed, same text");
+    let stats = text(&a.stderr);
+    assert!(
+        stats.contains("prompt:") && stats.contains("generation:") && stats.contains("tokens/s"),
+        "{stats}"
+    );
+
+    // Positional prompt and greedy decoding work too.
+    let g = sparrow(&[
+        "generate",
+        "--model",
+        run.to_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "5",
+        "The sea",
+    ]);
+    assert!(g.status.success(), "{}", text(&g.stderr));
+
+    // Bad sampling options are rejected.
+    let g = sparrow(&[
+        "generate",
+        "--model",
+        run.to_str().unwrap(),
+        "--top-p",
+        "1.5",
+        "x",
+    ]);
+    assert!(!g.status.success());
+    assert!(text(&g.stderr).contains("top_p"));
+}
+
+#[test]
+fn ctrl_c_checkpoints_and_resume_continues() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::write_synthetic_corpus(&corpus);
+    let run = tmp.path().join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sparrow"))
+        .args([
+            "--quiet",
+            "train",
+            "--config",
+            &tiny_config_path(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--steps",
+            "1000000",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--val-every",
+            "0",
+            "--val-batches",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait (bounded) until training has logged a few steps, then interrupt.
+    let metrics = run.join("metrics.jsonl");
+    let start = Instant::now();
+    while std::fs::read_to_string(&metrics)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "training never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "training ignored Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("stopped at step"), "{stdout}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("train_state.json")).unwrap())
+            .unwrap();
+    let step = state["step"].as_u64().unwrap();
+    assert!(step >= 3);
+    let logged = std::fs::read_to_string(&metrics).unwrap().lines().count() as u64;
+    assert_eq!(logged, step);
+
+    let target = (step + 2).to_string();
+    let out = sparrow(&[
+        "--quiet",
+        "train",
+        "--resume",
+        run.to_str().unwrap(),
+        "--steps",
+        &target,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!("finished at step {target}")),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn corpus_fetch_names_missing_clients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sparrow"))
+        .args([
+            "--quiet",
+            "corpus",
+            "fetch",
+            "--out",
+            tmp.path().join("c").to_str().unwrap(),
+        ])
+        .env("PATH", tmp.path()) // no npm, pip, apt-get here
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stdout = text(&out.stdout);
+    for client in [
+        "`npm` is not installed",
+        "`pip` is not installed",
+        "`apt-get` is not installed",
+    ] {
+        assert!(stdout.contains(client), "{stdout}");
+    }
+    assert!(text(&out.stderr).contains("no corpus source could be obtained"));
+}
+
+#[test]
+fn tokenizer_train_and_params_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::write_synthetic_corpus(&corpus);
+    let tok = tmp.path().join("tok.json");
+    let out = sparrow(&[
+        "--quiet",
+        "tokenizer",
+        "train",
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--vocab-size",
+        "300",
+        "--out",
+        tok.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(tok.exists());
+    let out = sparrow(&[
+        "params",
+        &common::repo_root()
+            .join("configs/small.json")
+            .to_string_lossy(),
+    ]);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).contains("23.38M total"),
+        "{}",
+        text(&out.stdout)
+    );
+}
