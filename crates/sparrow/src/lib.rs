@@ -7,6 +7,7 @@
 //! - [`data`]: corpus fetch and reading, token shards, batches
 //! - [`train`]: AdamW, schedule, training loop, atomic checkpoints, metrics
 //! - [`infer`]: KV cache, sampler, streaming generation
+//! - [`kernels`]: fused CPU kernels (custom ops with backward) and their references
 
 pub mod bench;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod data;
 pub mod error;
 pub mod fsio;
 pub mod infer;
+pub mod kernels;
 pub mod model;
 pub mod progress;
 pub mod tokenizer;

@@ -13,16 +13,87 @@ pub fn save(
     tensors: &[(String, Tensor)],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let mut contiguous = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        contiguous.push((name.clone(), t.contiguous()?));
-    }
-    let bytes = safetensors::serialize(
-        contiguous.iter().map(|(n, t)| (n.as_str(), t)),
-        Some(metadata),
-    )
-    .map_err(|e| Error::checkpoint(path, format!("serialize: {e}")))?;
+    let bytes = serialize(tensors, &metadata)
+        .map_err(|e| Error::checkpoint(path, format!("serialize: {e}")))?;
     crate::fsio::write_atomic(path, &bytes)
+}
+
+/// The safetensors encoding of `tensors`, deterministic byte for byte: tensors sorted by
+/// name, header keys sorted (the `safetensors` crate's own writer orders metadata by
+/// hash, so the same checkpoint saved twice would differ).
+pub fn serialize(
+    tensors: &[(String, Tensor)],
+    metadata: &HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = serde_json::Map::new(); // BTreeMap-backed: sorted keys
+    if !metadata.is_empty() {
+        let meta: serde_json::Map<String, serde_json::Value> = metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect();
+        header.insert("__metadata__".into(), meta.into());
+    }
+    let mut data = Vec::new();
+    for (name, t) in sorted {
+        let start = data.len();
+        let dtype = append_le_bytes(&mut data, t)?;
+        header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": dtype, "shape": t.dims(), "data_offsets": [start, data.len()] }),
+        );
+    }
+    let mut head = serde_json::to_vec(&serde_json::Value::Object(header))
+        .map_err(|e| Error::Invalid(format!("safetensors header: {e}")))?;
+    while head.len() % 8 != 0 {
+        head.push(b' '); // the format pads the header to 8-byte alignment with spaces
+    }
+    let mut out = Vec::with_capacity(8 + head.len() + data.len());
+    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&data);
+    Ok(out)
+}
+
+/// Append a tensor's elements little-endian; returns its safetensors dtype name.
+fn append_le_bytes(out: &mut Vec<u8>, t: &Tensor) -> Result<&'static str> {
+    let flat = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => {
+            out.extend(flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()));
+            "F32"
+        }
+        DType::F64 => {
+            out.extend(flat.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()));
+            "F64"
+        }
+        DType::F16 => {
+            out.extend(
+                flat.to_vec1::<half::f16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes()),
+            );
+            "F16"
+        }
+        DType::BF16 => {
+            out.extend(
+                flat.to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes()),
+            );
+            "BF16"
+        }
+        DType::U32 => {
+            out.extend(flat.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()));
+            "U32"
+        }
+        other => {
+            return Err(Error::Invalid(format!(
+                "cannot store dtype {other:?} in safetensors"
+            )))
+        }
+    })
 }
 
 /// Read every tensor of a safetensors file plus its metadata.

@@ -11,7 +11,8 @@ use super::rope::Rope;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::infer::cache::LayerKv;
-use candle_core::{Tensor, D};
+use crate::kernels::softmax::CausalSoftmax;
+use candle_core::Tensor;
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -68,19 +69,15 @@ impl Attention {
             Some(c) => c.append(&k, &v)?,
             None => (k, v),
         };
-        let s = k.dim(2)?; // cached + new positions
         let q = q.reshape((b, kv, g * t, d))?; // (B, KV, G*T, D): heads grouped by KV head
-        let scale = 1.0 / (d as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?; // (B, KV, G*T, S)
-        let att = if t > 1 {
-            let mask = causal_mask(t, s, offset, att.dtype(), att.device())?; // (T, S)
-            att.reshape((b, kv, g, t, s))?
-                .broadcast_add(&mask)?
-                .reshape((b, kv, g * t, s))?
-        } else {
-            att // a single new token sees every cached position
-        };
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let scores = q.matmul(&k.t()?)?; // (B, KV, G*T, S)
+                                         // softmax(scores / sqrt(D)) with the causal mask, fused (kernels::softmax).
+        let att = CausalSoftmax {
+            scale: 1.0 / (d as f64).sqrt(),
+            queries: t,
+            offset,
+        }
+        .apply(&scores)?;
         let y = att.matmul(&v)?; // (B, KV, G*T, D)
         let y = y
             .reshape((b, h, t, d))?
@@ -88,26 +85,4 @@ impl Attention {
             .reshape((b, t, h * d))?;
         self.o_proj.forward(&y)
     }
-}
-
-/// Additive mask (T, S): 0 where key s <= offset + t, -inf after.
-fn causal_mask(
-    t: usize,
-    s: usize,
-    offset: usize,
-    dtype: candle_core::DType,
-    dev: &candle_core::Device,
-) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..s).map(move |j| {
-                if j <= offset + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(mask, (t, s), dev)?.to_dtype(dtype)?)
 }

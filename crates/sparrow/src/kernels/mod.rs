@@ -1,0 +1,37 @@
+//! Our own CPU kernels, each a candle custom op with a backward pass, and each with a
+//! plain reference (`reference.rs`, built from candle's composable ops) that the tests
+//! compare it with on random inputs of awkward sizes.
+//!
+//! - [`softmax::CausalSoftmax`]: `softmax(scale * scores + causal mask)` in one parallel
+//!   pass per row (attention), and its backward.
+//! - [`cross_entropy::CrossEntropy`]: mean NLL of targets under logits in one pass, and its
+//!   backward `(softmax - onehot) / N`.
+
+pub mod cross_entropy;
+pub mod reference;
+pub mod softmax;
+
+use candle_core::{CpuStorage, Layout};
+
+/// The contiguous f32/f64 slice behind a CPU tensor, or an error naming `op`.
+pub(crate) fn contiguous_slice<'a, T: candle_core::WithDType>(
+    op: &str,
+    data: &'a [T],
+    layout: &Layout,
+) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Dtype name of a storage, for errors.
+pub(crate) fn dtype_name(s: &CpuStorage) -> String {
+    use candle_core::backend::BackendStorage;
+    format!("{:?}", s.dtype())
+}
+
+/// Rows per rayon task: enough work per task to amortise scheduling.
+pub(crate) fn rows_per_task(row_len: usize) -> usize {
+    (16_384 / row_len.max(1)).max(1)
+}
