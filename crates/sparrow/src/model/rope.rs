@@ -1,17 +1,19 @@
 //! Rotary position embedding, non-interleaved (HF Llama "rotate_half") layout: the
 //! first half of each head's dimensions pairs with the second half. Built from plain
-//! ops so gradients flow (candle's fused `rope` drops them).
+//! ops so gradients flow (candle's fused `rope` drops them). The angles of the positions
+//! a call needs are computed on the spot, so no table grows with
+//! `max_position_embeddings`.
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 #[derive(Debug, Clone)]
 pub struct Rope {
-    /// (max_pos, D/2)
-    cos: Tensor,
-    /// (max_pos, D/2)
-    sin: Tensor,
+    /// theta^(-2i/D) for i in 0..D/2
+    inv_freq: Vec<f64>,
     max_pos: usize,
+    dtype: DType,
+    device: Device,
 }
 
 impl Rope {
@@ -22,22 +24,33 @@ impl Rope {
         dtype: DType,
         dev: &Device,
     ) -> Result<Self> {
-        let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(max_pos * half);
-        let mut sin = Vec::with_capacity(max_pos * half);
-        for p in 0..max_pos {
-            for i in 0..half {
-                let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
-                let angle = p as f64 * inv_freq;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+            .collect();
+        Ok(Self {
+            inv_freq,
+            max_pos,
+            dtype,
+            device: dev.clone(),
+        })
+    }
+
+    /// (cos, sin), each (T, D/2), for positions offset..offset+T.
+    fn angles(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in offset..offset + t {
+            for f in &self.inv_freq {
+                let (s, c) = (p as f64 * f).sin_cos();
+                cos.push(c);
+                sin.push(s);
             }
         }
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (max_pos, half), dev)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, (max_pos, half), dev)?.to_dtype(dtype)?,
-            max_pos,
-        })
+        let make = |v: Vec<f64>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, (t, half), &self.device)?.to_dtype(self.dtype)?)
+        };
+        Ok((make(cos)?, make(sin)?))
     }
 
     /// Rotate x (B, H, T, D) as positions offset..offset+T.
@@ -51,8 +64,7 @@ impl Rope {
             )));
         }
         let half = d / 2;
-        let cos = self.cos.narrow(0, offset, t)?; // (T, D/2)
-        let sin = self.sin.narrow(0, offset, t)?;
+        let (cos, sin) = self.angles(offset, t)?; // (T, D/2) each
         let x1 = x.narrow(D::Minus1, 0, half)?;
         let x2 = x.narrow(D::Minus1, half, half)?;
         let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;

@@ -331,10 +331,17 @@ fn run_loop(
             rec["aux_loss"] = json!(aux.to_scalar::<f32>()? as f64);
         }
         let last = state.step == o.steps;
+        let stop_now = ctl.stop.load(Ordering::SeqCst)
+            || ctl.pause_at == Some(state.step)
+            || (o.time_limit_secs > 0 && started.elapsed().as_secs() >= o.time_limit_secs);
         if (o.val_every > 0 && state.step.is_multiple_of(o.val_every)) || last {
             let vl = validate(&model, &val_set, o.batch_size, o.seq_len)?;
             rec["val_loss"] = json!(vl);
             state.last_val_loss = Some(vl);
+        } else if stop_now {
+            // Report the current validation loss when stopping early, but keep it out of
+            // metrics.jsonl, which must read the same as an uninterrupted run.
+            state.last_val_loss = Some(validate(&model, &val_set, o.batch_size, o.seq_len)?);
         }
         metrics.log(&rec)?;
         bar.set_position(state.step);
@@ -346,9 +353,6 @@ fn run_loop(
                 .unwrap_or_default(),
             tokens_done as f64 / started.elapsed().as_secs_f64().max(1e-9)
         ));
-        let stop_now = ctl.stop.load(Ordering::SeqCst)
-            || ctl.pause_at == Some(state.step)
-            || (o.time_limit_secs > 0 && started.elapsed().as_secs() >= o.time_limit_secs);
         if last
             || stop_now
             || (o.checkpoint_every > 0 && state.step.is_multiple_of(o.checkpoint_every))
