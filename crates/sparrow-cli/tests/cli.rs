@@ -26,8 +26,9 @@ fn tiny_config_path() -> String {
         .into_owned()
 }
 
-fn train_tiny(corpus: &Path, out: &Path, steps: &str) -> Output {
-    sparrow(&[
+/// `sparrow --quiet train` of the tiny config with small batches.
+fn train_args(corpus: &Path, out: &Path, steps: &str) -> Vec<String> {
+    let args = [
         "--quiet",
         "train",
         "--config",
@@ -46,7 +47,13 @@ fn train_tiny(corpus: &Path, out: &Path, steps: &str) -> Output {
         "2",
         "--val-batches",
         "1",
-    ])
+    ];
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+fn train_tiny(corpus: &Path, out: &Path, steps: &str) -> Output {
+    let args = train_args(corpus, out, steps);
+    sparrow(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 #[test]
@@ -163,26 +170,7 @@ fn ctrl_c_checkpoints_and_resume_continues() {
     common::write_synthetic_corpus(&corpus);
     let run = tmp.path().join("run");
     let mut child = Command::new(env!("CARGO_BIN_EXE_sparrow"))
-        .args([
-            "--quiet",
-            "train",
-            "--config",
-            &tiny_config_path(),
-            "--corpus",
-            corpus.to_str().unwrap(),
-            "--out",
-            run.to_str().unwrap(),
-            "--steps",
-            "1000000",
-            "--batch-size",
-            "2",
-            "--seq-len",
-            "16",
-            "--val-every",
-            "0",
-            "--val-batches",
-            "1",
-        ])
+        .args(train_args(&corpus, &run, "1000000"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

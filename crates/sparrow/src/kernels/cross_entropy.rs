@@ -70,13 +70,24 @@ fn backward<T: Float + Send + Sync>(x: &[T], t: &[u32], v: usize, scale: f64) ->
     dx
 }
 
-fn shapes(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize)> {
+/// Validate (logits, targets) and return the vocabulary size and the targets.
+fn targets_of<'a>(
+    op: &str,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+) -> candle_core::Result<(usize, &'a [u32])> {
     let (n, v) = l1.shape().dims2()?;
     let nt = l2.shape().dims1()?;
     if nt != n {
-        candle_core::bail!("cross-entropy: {n} rows of logits but {nt} targets");
+        candle_core::bail!("{op}: {n} rows of logits but {nt} targets");
     }
-    Ok((n, v))
+    let CpuStorage::U32(t) = s2 else {
+        candle_core::bail!("{op}: targets must be u32, got {}", dtype_name(s2));
+    };
+    let t = contiguous_slice(op, t, l2)?;
+    check_targets(t, v)?;
+    Ok((v, t))
 }
 
 impl CustomOp2 for CrossEntropy {
@@ -91,12 +102,7 @@ impl CustomOp2 for CrossEntropy {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (_n, v) = shapes(l1, l2)?;
-        let CpuStorage::U32(t) = s2 else {
-            candle_core::bail!("cross-entropy: targets must be u32, got {}", dtype_name(s2));
-        };
-        let t = contiguous_slice(self.name(), t, l2)?;
-        check_targets(t, v)?;
+        let (v, t) = targets_of(self.name(), l1, s2, l2)?;
         let out = match s1 {
             CpuStorage::F32(x) => {
                 CpuStorage::F32(vec![forward(contiguous_slice(self.name(), x, l1)?, t, v)])
@@ -150,12 +156,7 @@ impl CustomOp2 for CrossEntropyBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (_n, v) = shapes(l1, l2)?;
-        let CpuStorage::U32(t) = s2 else {
-            candle_core::bail!("cross-entropy-backward: targets must be u32");
-        };
-        let t = contiguous_slice(self.name(), t, l2)?;
-        check_targets(t, v)?;
+        let (v, t) = targets_of(self.name(), l1, s2, l2)?;
         let out = match s1 {
             CpuStorage::F32(x) => CpuStorage::F32(backward(
                 contiguous_slice(self.name(), x, l1)?,
