@@ -184,6 +184,10 @@ fn bad_corpora_are_precise_errors() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("not a directory"), "{e}");
+    let mut long = request(&empty, &tmp.path().join("r4"), None, None);
+    long.options.seq_len = 100_000;
+    let e = train(long).unwrap_err().to_string();
+    assert!(e.contains("max_position_embeddings"), "{e}");
     let bad = tmp.path().join("bad");
     std::fs::create_dir_all(&bad).unwrap();
     std::fs::write(bad.join("a.txt"), b"fine text \xff\xfe broken").unwrap();

@@ -138,6 +138,7 @@ pub struct TrainSummary {
 pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     req.options.validate()?;
     req.config.validate()?;
+    check_seq_len(&req.options, &req.config)?;
     if req.out.join(checkpoint::STATE_JSON).exists() {
         return Err(Error::Invalid(format!(
             "{} already holds a training run; use --resume to continue it",
@@ -223,6 +224,16 @@ struct LoopControl {
     pause_at: Option<u64>,
 }
 
+fn check_seq_len(o: &TrainOptions, cfg: &ModelConfig) -> Result<()> {
+    if o.seq_len > cfg.max_position_embeddings {
+        return Err(Error::Invalid(format!(
+            "--seq-len {} exceeds the model's max_position_embeddings {}",
+            o.seq_len, cfg.max_position_embeddings
+        )));
+    }
+    Ok(())
+}
+
 fn check_tokenizer(tok: &Tokenizer, cfg: &ModelConfig) -> Result<()> {
     if tok.vocab_size() > cfg.vocab_size {
         return Err(Error::config(
@@ -256,6 +267,13 @@ fn run_loop(
 ) -> Result<TrainSummary> {
     let show_progress = ctl.show_progress;
     let o = state.options.clone();
+    check_seq_len(&o, &model.cfg)?;
+    if !state.corpus.is_dir() {
+        return Err(Error::Corpus(format!(
+            "the run's corpus {} is not a directory (pass --corpus DIR to point at it)",
+            state.corpus.display()
+        )));
+    }
     let data = TokenData::load_or_build(
         &state.corpus,
         &tokenizer,
