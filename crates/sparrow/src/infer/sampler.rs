@@ -54,7 +54,8 @@ impl Sampler {
         }
         // Candidates sorted by logit, descending; ties to the lower id.
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        idx.sort_by(|&a, &b| {
+        // Unstable sort is deterministic here: the comparator breaks every tie by id.
+        idx.sort_unstable_by(|&a, &b| {
             logits[b as usize]
                 .partial_cmp(&logits[a as usize])
                 .unwrap_or(std::cmp::Ordering::Equal)
