@@ -185,7 +185,9 @@ struct GenerateArgs {
 /// Fix the answer once, before any thread starts.
 fn pin_thread_count() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
