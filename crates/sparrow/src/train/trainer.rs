@@ -77,6 +77,9 @@ impl Default for TrainOptions {
 impl TrainOptions {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::Invalid(m.to_string()));
+        if self.steps == 0 {
+            return bad("--steps must be > 0");
+        }
         if self.batch_size == 0 {
             return bad("--batch-size must be > 0");
         }
