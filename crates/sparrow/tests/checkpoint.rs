@@ -158,6 +158,31 @@ fn missing_and_unexpected_tensors_are_named() {
 }
 
 #[test]
+fn integer_weights_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = saved_tiny(dir.path());
+    let mut tensors: Vec<(String, candle_core::Tensor)> = model
+        .store
+        .vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let norm = tensors
+        .iter_mut()
+        .find(|(n, _)| n == "model.norm.weight")
+        .unwrap();
+    norm.1 = norm.1.to_dtype(DType::U32).unwrap();
+    sparrow::weights::save(
+        &dir.path().join("model.safetensors"),
+        &tensors,
+        Default::default(),
+    )
+    .unwrap();
+    let e = load_err(dir.path());
+    assert!(e.contains("model.norm.weight") && e.contains("U32"), "{e}");
+}
+
+#[test]
 fn missing_files_and_bad_config_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let e = load_err(&dir.path().join("absent"));

@@ -155,6 +155,15 @@ impl VarStore {
                         format!("missing tensor `{name}` (expected shape {shape:?})"),
                     )
                 })?;
+                if !t.dtype().is_float() {
+                    return Err(Error::checkpoint(
+                        path,
+                        format!(
+                            "tensor `{name}` has dtype {:?}; weights must be floating point",
+                            t.dtype()
+                        ),
+                    ));
+                }
                 if t.dims() != shape {
                     return Err(Error::checkpoint(
                         path,
