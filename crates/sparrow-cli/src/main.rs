@@ -63,6 +63,15 @@ enum Command {
         #[command(subcommand)]
         cmd: BenchCmd,
     },
+    /// Draw a run's training and validation loss curves (SVG).
+    Plot {
+        /// Run directory holding metrics.jsonl.
+        #[arg(long)]
+        run: PathBuf,
+        /// Output file (default RUN/loss.svg).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print a config's parameter counts (total and active per token).
     Params {
         /// Config file (config.json or a preset under configs/).
@@ -254,6 +263,16 @@ fn run(cli: Cli) -> Result<()> {
                     );
                 }
             }
+        }
+        Command::Plot { run, out } => {
+            let out = out.unwrap_or_else(|| run.join("loss.svg"));
+            let title = format!("{}: loss", run.display());
+            let (t, v) =
+                sparrow::train::plot::plot_losses(&run.join("metrics.jsonl"), &out, &title)?;
+            println!(
+                "{} ({t} training points, {v} validation points)",
+                out.display()
+            );
         }
         Command::Params { config } => {
             let cfg = ModelConfig::from_file(&config)?;

@@ -137,6 +137,16 @@ fn train_then_generate_is_reproducible_with_a_seed() {
         "{stats}"
     );
 
+    // The loss curves of the run as a picture.
+    let p = sparrow(&["plot", "--run", run.to_str().unwrap()]);
+    assert!(p.status.success(), "{}", text(&p.stderr));
+    let svg = std::fs::read_to_string(run.join("loss.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("validation loss") && svg.contains("<polyline")
+    );
+    let p = sparrow(&["plot", "--run", tmp.path().to_str().unwrap()]);
+    assert!(!p.status.success(), "no metrics.jsonl there");
+
     // Positional prompt and greedy decoding work too.
     let g = sparrow(&[
         "generate",

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod loss;
 pub mod metrics;
 pub mod optimizer;
+pub mod plot;
 pub mod schedule;
 pub mod trainer;
 
