@@ -77,7 +77,8 @@ impl Transformer {
     pub fn forward(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<ForwardOutput> {
         let (b, t) = ids.dims2()?;
         let c = self.cfg.hidden_size;
-        let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        let flat_ids = ids.flatten_all()?; // (B*T)
+        let flat: Vec<u32> = flat_ids.to_vec1()?;
         if let Some(bad) = flat.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
             return Err(Error::Invalid(format!(
                 "token id {bad} is outside vocab_size {}",
@@ -86,7 +87,7 @@ impl Transformer {
         }
         let mut x = self
             .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
+            .index_select(&flat_ids, 0)?
             .reshape((b, t, c))?; // (B, T, C)
         let mut aux: Option<Tensor> = None;
         let mut expert_load = Vec::with_capacity(self.layers.len());

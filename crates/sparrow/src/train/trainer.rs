@@ -205,6 +205,13 @@ pub fn resume(req: ResumeRequest) -> Result<TrainSummary> {
         state.corpus = c;
     }
     state.options.validate()?;
+    check_seq_len(&state.options, &loaded.model.cfg)?;
+    if !state.corpus.is_dir() {
+        return Err(Error::Corpus(format!(
+            "the run's corpus {} is not a directory (pass --corpus DIR to point at it)",
+            state.corpus.display()
+        )));
+    }
     check_tokenizer(&loaded.tokenizer, &loaded.model.cfg)?;
     let mut opt = AdamW::new(loaded.model.store.vars(), state.options.adamw)?;
     opt.load_state(
@@ -270,13 +277,6 @@ fn run_loop(
 ) -> Result<TrainSummary> {
     let show_progress = ctl.show_progress;
     let o = state.options.clone();
-    check_seq_len(&o, &model.cfg)?;
-    if !state.corpus.is_dir() {
-        return Err(Error::Corpus(format!(
-            "the run's corpus {} is not a directory (pass --corpus DIR to point at it)",
-            state.corpus.display()
-        )));
-    }
     let data = TokenData::load_or_build(
         &state.corpus,
         &tokenizer,
