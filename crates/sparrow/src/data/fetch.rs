@@ -498,9 +498,17 @@ mod rdata {
             let (RObj::Ints(pos), Some(name)) = (entry, name) else {
                 return Err(corrupt("bad variable entry"));
             };
-            let (off, len) = (pos[0] as usize, pos[1] as usize);
-            let blob = rdb
-                .get(off..off + len)
+            let (off, len) = match pos.as_slice() {
+                &[off, len] if off >= 0 && len >= 0 => (off as usize, len as usize),
+                _ => {
+                    return Err(corrupt(&format!(
+                        "variable `{name}` has a bad (offset, length)"
+                    )))
+                }
+            };
+            let blob = off
+                .checked_add(len)
+                .and_then(|end| rdb.get(off..end))
                 .ok_or_else(|| corrupt("offset past the end of rdb"))?;
             if blob.len() < 4 {
                 return Err(corrupt("short blob"));
