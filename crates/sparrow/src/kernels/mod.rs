@@ -6,10 +6,21 @@
 //!   pass per row (attention), and its backward.
 //! - [`cross_entropy::CrossEntropy`]: mean NLL of targets under logits in one pass, and its
 //!   backward `(softmax - onehot) / N`.
+//! - [`indexer`]: DSA indexer scoring fused with a streaming top-k ([`topk`]); the
+//!   [queries x keys] score matrix is never materialised.
+//! - [`sparse_attention::SparseAttention`]: attention over the selected positions, with
+//!   backward, and the straight-through gate [`sparse_attention::SteGate`].
+//! - [`decode_attention`]: dense flash-decoding of one query over a KV cache.
+//! - [`simd`]: a vectorisable `exp` and AVX-512 detection for the hot loops.
 
 pub mod cross_entropy;
+pub mod decode_attention;
+pub mod indexer;
 pub mod reference;
+pub mod simd;
 pub mod softmax;
+pub mod sparse_attention;
+pub mod topk;
 
 use candle_core::{CpuStorage, Layout};
 

@@ -36,3 +36,56 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let picked = shifted.gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?; // (N, 1)
     (lse - picked)?.mean_all()
 }
+
+/// Sparse attention as masked dense attention: q (B, T, H, D), k, v (B, KV, S, D),
+/// `idx` (B, T, K) selected positions (`topk::NONE` = unused), optional per-slot weight
+/// multipliers `mult` (B, T, K) (the straight-through gate; 1 = plain attention).
+/// Returns (B, T, H, D). Differentiable in q, k, v and `mult`.
+pub fn sparse_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    idx: &[u32],
+    mult: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, t, h, _d) = q.dims4()?;
+    let (_, kv, s, _) = k.dims4()?;
+    let kk = idx.len() / (b * t).max(1);
+    let dev = q.device();
+    // mask (B, 1, T, S): 0 on selected positions, -inf elsewhere.
+    let mut mask = vec![f32::NEG_INFINITY; b * t * s];
+    for (r, row) in idx.chunks(kk.max(1)).enumerate() {
+        for &i in row {
+            if i != super::topk::NONE {
+                mask[r * s + i as usize] = 0.0;
+            }
+        }
+    }
+    let mask = Tensor::from_vec(mask, (b, 1, t, s), dev)?.to_dtype(q.dtype())?;
+    let heads: Vec<u32> = (0..h).map(|x| (x / (h / kv)) as u32).collect();
+    let heads = Tensor::from_vec(heads, h, dev)?;
+    let k = k.index_select(&heads, 1)?; // (B, H, S, D)
+    let v = v.index_select(&heads, 1)?;
+    let q = q.transpose(1, 2)?.contiguous()?; // (B, H, T, D)
+    let logits = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
+    let mut p = candle_nn::ops::softmax(&logits, D::Minus1)?; // (B, H, T, S)
+    if let Some(m) = mult {
+        // Scatter the (B, T, K) multipliers onto (B, 1, T, S).
+        let mut onehot = vec![0f32; b * t * kk * s];
+        for (r, row) in idx.chunks(kk.max(1)).enumerate() {
+            for (slot, &i) in row.iter().enumerate() {
+                if i != super::topk::NONE {
+                    onehot[(r * kk + slot) * s + i as usize] = 1.0;
+                }
+            }
+        }
+        let onehot = Tensor::from_vec(onehot, (b * t, kk, s), dev)?.to_dtype(q.dtype())?;
+        let m_full = m
+            .reshape((b * t, 1, kk))?
+            .matmul(&onehot)?
+            .reshape((b, 1, t, s))?;
+        p = p.broadcast_mul(&m_full)?;
+    }
+    p.matmul(&v.contiguous()?)?.transpose(1, 2)?.contiguous()
+}

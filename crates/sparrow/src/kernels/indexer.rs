@@ -1,0 +1,446 @@
+//! Indexer scoring fused with a streaming per-query top-k (DESIGN.md §4, kernel rule):
+//! the [queries x keys] score matrix is never materialised.
+//!
+//! Score of query t against key s, for `heads` index heads of `dim` dimensions:
+//! `I(t, s) = sum_j w(t, j) * act(q(t, j) . k(s))`, with `act` = ReLU for the `lightning`
+//! indexer (DeepSeek-V3.2) and the identity for the `mlp_gate` indexer (one head).
+//! A query at position p sees keys 0..=p (causal).
+//!
+//! Keys live in [`BlockedKeys`]: blocks of [`BLOCK`] tokens stored dimension-major
+//! (dim, BLOCK), so scoring one block is `heads * dim` broadcast-multiply-adds over
+//! BLOCK lanes that stay in registers, with no transpose at scan time. The decode index
+//! cache keeps this layout and appends in place. Keys may be stored in f32 or bf16
+//! ([`KeyStore`]); the scan converts on the fly.
+//!
+//! [`topk_prefill`] parallelises over (batch, query block) and reuses each key block
+//! across the queries of a block; [`topk_decode`] splits the key range of one query over
+//! the threads and merges the per-thread selections (the tie-break makes that exact).
+//! [`scores_reference`] + [`super::topk::topk_by_sort`] are the plain reference.
+
+use super::simd::has_avx512;
+use super::topk::{StreamTopK, NONE};
+use half::bf16;
+use rayon::prelude::*;
+
+/// Tokens per key block.
+pub const BLOCK: usize = 64;
+/// Queries scored together against each key block in prefill.
+const QUERY_BLOCK: usize = 8;
+
+/// The activation between the per-head dot product and the weighted head sum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoreAct {
+    /// `lightning`: ReLU.
+    Relu,
+    /// `mlp_gate`: none (the score is a plain dot product).
+    Identity,
+}
+
+/// Shape of the index scoring: index heads and their dimension.
+#[derive(Debug, Clone, Copy)]
+pub struct IndexShape {
+    pub heads: usize,
+    pub dim: usize,
+    pub act: ScoreAct,
+}
+
+/// Element types the index keys may be stored in.
+pub trait KeyElem: Copy + Send + Sync + Default + 'static {
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+}
+impl KeyElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+impl KeyElem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+/// Index keys of one sequence in the blocked, dimension-major layout.
+#[derive(Debug, Clone)]
+pub struct BlockedKeys<E: KeyElem> {
+    dim: usize,
+    len: usize,
+    /// (n_blocks, dim, BLOCK); positions past `len` are zero.
+    data: Vec<E>,
+}
+
+impl<E: KeyElem> BlockedKeys<E> {
+    pub fn new(dim: usize) -> Self {
+        Self {
+            dim,
+            len: 0,
+            data: Vec::new(),
+        }
+    }
+
+    /// From row-major keys (S, dim).
+    pub fn from_rows(rows: &[f32], dim: usize) -> Self {
+        let mut k = Self::new(dim);
+        k.extend_rows(rows);
+        k
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Bytes held (including the unused tail of the last block).
+    pub fn bytes(&self) -> usize {
+        self.data.len() * std::mem::size_of::<E>()
+    }
+
+    /// Reserve room for `n` more tokens.
+    pub fn reserve(&mut self, n: usize) {
+        let blocks = (self.len + n).div_ceil(BLOCK);
+        self.data
+            .reserve((blocks * BLOCK * self.dim).saturating_sub(self.data.len()));
+    }
+
+    /// Append row-major keys (n, dim).
+    pub fn extend_rows(&mut self, rows: &[f32]) {
+        let d = self.dim;
+        for row in rows.chunks_exact(d) {
+            if self.len.is_multiple_of(BLOCK) {
+                self.data.resize(self.data.len() + d * BLOCK, E::default());
+            }
+            let (b, i) = (self.len / BLOCK, self.len % BLOCK);
+            let block = &mut self.data[b * d * BLOCK..(b + 1) * d * BLOCK];
+            for (j, &x) in row.iter().enumerate() {
+                block[j * BLOCK + i] = E::from_f32(x);
+            }
+            self.len += 1;
+        }
+    }
+
+    /// Key `s` as f32 (for references and tests).
+    pub fn row(&self, s: usize) -> Vec<f32> {
+        let d = self.dim;
+        let (b, i) = (s / BLOCK, s % BLOCK);
+        (0..d)
+            .map(|j| self.data[b * d * BLOCK + j * BLOCK + i].to_f32())
+            .collect()
+    }
+
+    fn block(&self, b: usize) -> &[E] {
+        &self.data[b * self.dim * BLOCK..(b + 1) * self.dim * BLOCK]
+    }
+}
+
+/// Index keys in the precision the index cache keeps.
+#[derive(Debug, Clone)]
+pub enum KeyStore {
+    F32(BlockedKeys<f32>),
+    Bf16(BlockedKeys<bf16>),
+}
+
+impl KeyStore {
+    pub fn new(dim: usize, bf16: bool) -> Self {
+        if bf16 {
+            KeyStore::Bf16(BlockedKeys::new(dim))
+        } else {
+            KeyStore::F32(BlockedKeys::new(dim))
+        }
+    }
+    pub fn len(&self) -> usize {
+        match self {
+            KeyStore::F32(k) => k.len(),
+            KeyStore::Bf16(k) => k.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn bytes(&self) -> usize {
+        match self {
+            KeyStore::F32(k) => k.bytes(),
+            KeyStore::Bf16(k) => k.bytes(),
+        }
+    }
+    pub fn reserve(&mut self, n: usize) {
+        match self {
+            KeyStore::F32(k) => k.reserve(n),
+            KeyStore::Bf16(k) => k.reserve(n),
+        }
+    }
+    pub fn extend_rows(&mut self, rows: &[f32]) {
+        match self {
+            KeyStore::F32(k) => k.extend_rows(rows),
+            KeyStore::Bf16(k) => k.extend_rows(rows),
+        }
+    }
+    pub fn row(&self, s: usize) -> Vec<f32> {
+        match self {
+            KeyStore::F32(k) => k.row(s),
+            KeyStore::Bf16(k) => k.row(s),
+        }
+    }
+}
+
+/// Scores of one query (heads x dim values in `q`, head weights `w`) against one key
+/// block: `out[i] = sum_j w[j] * act(q_j . k_i)` for the BLOCK keys of the block.
+#[inline(always)]
+fn score_block_generic<E: KeyElem>(
+    q: &[f32],
+    w: &[f32],
+    block: &[E],
+    shape: IndexShape,
+    out: &mut [f32; BLOCK],
+) {
+    let d = shape.dim;
+    *out = [0.0; BLOCK];
+    for (j, &wj) in w.iter().enumerate().take(shape.heads) {
+        let qj = &q[j * d..(j + 1) * d];
+        let mut acc = [0.0f32; BLOCK];
+        for (i, &qv) in qj.iter().enumerate() {
+            let kr = &block[i * BLOCK..(i + 1) * BLOCK];
+            for (a, &kv) in acc.iter_mut().zip(kr) {
+                *a += qv * kv.to_f32();
+            }
+        }
+        match shape.act {
+            ScoreAct::Relu => {
+                for (o, &a) in out.iter_mut().zip(&acc) {
+                    *o += wj * a.max(0.0);
+                }
+            }
+            ScoreAct::Identity => {
+                for (o, &a) in out.iter_mut().zip(&acc) {
+                    *o += wj * a;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn score_block_avx512<E: KeyElem>(
+    q: &[f32],
+    w: &[f32],
+    block: &[E],
+    shape: IndexShape,
+    out: &mut [f32; BLOCK],
+) {
+    score_block_generic(q, w, block, shape, out)
+}
+
+/// One query against one key block (AVX-512 when the CPU has it; same arithmetic order
+/// either way, so results are identical across the two builds of the loop).
+#[inline]
+fn score_block<E: KeyElem>(
+    avx512: bool,
+    q: &[f32],
+    w: &[f32],
+    block: &[E],
+    shape: IndexShape,
+    out: &mut [f32; BLOCK],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512 {
+        // SAFETY: `avx512` comes from `has_avx512()`, the runtime check that this CPU
+        // executes AVX-512F; the function only reads and writes the given slices.
+        unsafe { score_block_avx512(q, w, block, shape, out) };
+        return;
+    }
+    let _ = avx512;
+    score_block_generic(q, w, block, shape, out)
+}
+
+/// Offer the scores of block `b` (positions `b*BLOCK..`) to `top`, for a query that
+/// sees positions `< visible`.
+#[inline(always)]
+fn push_block(top: &mut StreamTopK, scores: &[f32; BLOCK], b: usize, visible: usize) {
+    let start = b * BLOCK;
+    let n = visible.saturating_sub(start).min(BLOCK);
+    let thr = top.threshold();
+    for (i, &s) in scores[..n].iter().enumerate() {
+        // Cheap pre-filter; `push` applies the exact rule.
+        if !(s < thr) {
+            top.push(s, (start + i) as u32);
+        }
+    }
+}
+
+/// Arguments of one batch row of a top-k selection.
+pub struct TopkQueries<'a> {
+    /// (T, heads, dim) index queries.
+    pub q: &'a [f32],
+    /// (T, heads) head weights.
+    pub w: &'a [f32],
+    /// Position of query 0 (keys before it are cached context).
+    pub offset: usize,
+}
+
+fn topk_rows<E: KeyElem>(
+    queries: &TopkQueries,
+    keys: &BlockedKeys<E>,
+    shape: IndexShape,
+    k: usize,
+    t0: usize,
+    out: &mut [u32],
+) {
+    let (h, d) = (shape.heads, shape.dim);
+    let tq = out.len() / k.max(1);
+    let avx512 = has_avx512();
+    let mut tops: Vec<StreamTopK> = (0..tq).map(|_| StreamTopK::new(k)).collect();
+    let last_visible = (queries.offset + t0 + tq).min(keys.len());
+    let n_blocks = last_visible.div_ceil(BLOCK);
+    let mut scores = [0.0f32; BLOCK];
+    for b in 0..n_blocks {
+        let block = keys.block(b);
+        for (i, top) in tops.iter_mut().enumerate() {
+            let t = t0 + i;
+            let visible = (queries.offset + t + 1).min(keys.len());
+            if b * BLOCK >= visible {
+                continue;
+            }
+            let q = &queries.q[t * h * d..(t + 1) * h * d];
+            let w = &queries.w[t * h..(t + 1) * h];
+            score_block(avx512, q, w, block, shape, &mut scores);
+            push_block(top, &scores, b, visible);
+        }
+    }
+    for (top, row) in tops.iter_mut().zip(out.chunks_mut(k.max(1))) {
+        top.finish_into(row);
+    }
+}
+
+fn check_sizes(q: &TopkQueries, keys_len: usize, shape: IndexShape, t: usize) {
+    assert_eq!(q.q.len(), t * shape.heads * shape.dim, "index queries");
+    assert_eq!(q.w.len(), t * shape.heads, "index weights");
+    assert!(q.offset + t <= keys_len, "queries beyond the keys");
+}
+
+/// Top-k positions for every query of every batch row: (B, T, k) with [`NONE`] padding,
+/// each row in increasing position order. `rows[b]` holds row b's T queries; `keys[b]`
+/// its keys (at least offset + T of them).
+pub fn topk_prefill(
+    rows: &[TopkQueries],
+    keys: &[&KeyStore],
+    shape: IndexShape,
+    t: usize,
+    k: usize,
+) -> Vec<u32> {
+    assert_eq!(rows.len(), keys.len());
+    for (q, ks) in rows.iter().zip(keys) {
+        check_sizes(q, ks.len(), shape, t);
+    }
+    let mut out = vec![NONE; rows.len() * t * k];
+    if k == 0 || t == 0 {
+        return out;
+    }
+    // Later query blocks see more keys; hand them out first for balance.
+    let mut tasks: Vec<(usize, usize, &mut [u32])> = Vec::new();
+    for (b, row_out) in out.chunks_mut(t * k).enumerate() {
+        for (qb, chunk) in row_out.chunks_mut(QUERY_BLOCK * k).enumerate() {
+            tasks.push((b, qb, chunk));
+        }
+    }
+    tasks.reverse();
+    tasks.into_par_iter().for_each(|(b, qb, chunk)| {
+        let t0 = qb * QUERY_BLOCK;
+        match keys[b] {
+            KeyStore::F32(ks) => topk_rows(&rows[b], ks, shape, k, t0, chunk),
+            KeyStore::Bf16(ks) => topk_rows(&rows[b], ks, shape, k, t0, chunk),
+        }
+    });
+    out
+}
+
+fn decode_range<E: KeyElem>(
+    q: &[f32],
+    w: &[f32],
+    keys: &BlockedKeys<E>,
+    shape: IndexShape,
+    blocks: std::ops::Range<usize>,
+    visible: usize,
+    k: usize,
+) -> StreamTopK {
+    let avx512 = has_avx512();
+    let mut top = StreamTopK::new(k);
+    let mut scores = [0.0f32; BLOCK];
+    for b in blocks {
+        score_block(avx512, q, w, keys.block(b), shape, &mut scores);
+        push_block(&mut top, &scores, b, visible);
+    }
+    top
+}
+
+/// Top-k for one decode query (the last cached position, `keys.len() - 1`, included),
+/// scanning the index cache once, split over the available threads: (k) positions in
+/// increasing order with [`NONE`] padding.
+pub fn topk_decode(q: &[f32], w: &[f32], keys: &KeyStore, shape: IndexShape, k: usize) -> Vec<u32> {
+    assert_eq!(q.len(), shape.heads * shape.dim, "index query");
+    assert_eq!(w.len(), shape.heads, "index weights");
+    let visible = keys.len();
+    let n_blocks = visible.div_ceil(BLOCK);
+    let threads = rayon::current_num_threads().max(1);
+    // Enough blocks per part to amortise the merge, and one part per thread.
+    let per = n_blocks.div_ceil(threads).max(16);
+    let parts: Vec<std::ops::Range<usize>> = (0..n_blocks)
+        .step_by(per.max(1))
+        .map(|s| s..(s + per).min(n_blocks))
+        .collect();
+    let tops: Vec<StreamTopK> = parts
+        .into_par_iter()
+        .map(|r| match keys {
+            KeyStore::F32(ks) => decode_range(q, w, ks, shape, r, visible, k),
+            KeyStore::Bf16(ks) => decode_range(q, w, ks, shape, r, visible, k),
+        })
+        .collect();
+    let mut all = StreamTopK::new(k);
+    for t in &tops {
+        all.merge(t);
+    }
+    let mut out = vec![NONE; k];
+    all.finish_into(&mut out);
+    out
+}
+
+/// Reference: the full (T, S) score matrix of one batch row with plain loops
+/// (f64 accumulation), -inf where a key is not visible.
+pub fn scores_reference(q: &TopkQueries, keys: &KeyStore, shape: IndexShape, t: usize) -> Vec<f32> {
+    let (h, d) = (shape.heads, shape.dim);
+    let s = keys.len();
+    let rows: Vec<Vec<f32>> = (0..s).map(|i| keys.row(i)).collect();
+    let mut out = vec![f32::NEG_INFINITY; t * s];
+    for ti in 0..t {
+        for (si, key) in rows.iter().enumerate().take(q.offset + ti + 1) {
+            let mut total = 0.0f32;
+            for j in 0..h {
+                let qj = &q.q[(ti * h + j) * d..(ti * h + j + 1) * d];
+                let dot: f32 = qj.iter().zip(key).fold(0.0, |a, (x, y)| a + x * y);
+                let a = match shape.act {
+                    ScoreAct::Relu => dot.max(0.0),
+                    ScoreAct::Identity => dot,
+                };
+                total += q.w[ti * h + j] * a;
+            }
+            out[ti * s + si] = total;
+        }
+    }
+    out
+}

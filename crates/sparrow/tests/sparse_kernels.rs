@@ -1,0 +1,496 @@
+//! DSA kernels against their plain references on random inputs of awkward sizes (not
+//! multiples of the key block, the query block or the SIMD width): indexer top-k vs a
+//! sort of the full score matrix, causality, prefill vs decode agreement, sparse
+//! attention forward and backward vs masked dense attention and finite differences,
+//! the straight-through gate, and the dense decode kernel.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::{check_gradients, randn, rel_err, to_f64_vec};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sparrow::kernels::indexer::{self, IndexShape, KeyStore, ScoreAct, TopkQueries};
+use sparrow::kernels::sparse_attention::{self, SparseAttention, SparseDims, SteGate};
+use sparrow::kernels::topk::{topk_by_sort, NONE};
+use sparrow::kernels::{decode_attention, reference};
+use std::sync::Arc;
+
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
+}
+
+/// Index keys + queries of one batch row.
+struct IndexCase {
+    q: Vec<f32>,
+    w: Vec<f32>,
+    keys: Vec<f32>,
+}
+
+fn index_case(t: usize, s: usize, shape: IndexShape, seed: u64) -> IndexCase {
+    IndexCase {
+        q: rand_vec(t * shape.heads * shape.dim, seed),
+        w: rand_vec(t * shape.heads, seed + 1),
+        keys: rand_vec(s * shape.dim, seed + 2),
+    }
+}
+
+#[test]
+fn indexer_topk_equals_sort_of_full_scores() {
+    let shapes = [
+        IndexShape {
+            heads: 3,
+            dim: 13,
+            act: ScoreAct::Relu,
+        },
+        IndexShape {
+            heads: 1,
+            dim: 7,
+            act: ScoreAct::Identity,
+        },
+        IndexShape {
+            heads: 4,
+            dim: 32,
+            act: ScoreAct::Relu,
+        },
+    ];
+    let mut case_seed = 10;
+    for shape in shapes {
+        for &(t, offset, k) in &[
+            (37usize, 0usize, 17usize),
+            (29, 150, 41),
+            (5, 3, 200),
+            (70, 61, 1),
+        ] {
+            for bf16 in [false, true] {
+                case_seed += 10;
+                let s = offset + t;
+                let rows: Vec<IndexCase> = (0..2)
+                    .map(|b| index_case(t, s, shape, case_seed + b))
+                    .collect();
+                let stores: Vec<KeyStore> = rows
+                    .iter()
+                    .map(|r| {
+                        let mut ks = KeyStore::new(shape.dim, bf16);
+                        ks.extend_rows(&r.keys);
+                        ks
+                    })
+                    .collect();
+                let queries: Vec<TopkQueries> = rows
+                    .iter()
+                    .map(|r| TopkQueries {
+                        q: &r.q,
+                        w: &r.w,
+                        offset,
+                    })
+                    .collect();
+                let store_refs: Vec<&KeyStore> = stores.iter().collect();
+                let got = indexer::topk_prefill(&queries, &store_refs, shape, t, k);
+                assert_eq!(got.len(), 2 * t * k);
+                for b in 0..2 {
+                    let scores = indexer::scores_reference(&queries[b], &stores[b], shape, t);
+                    for ti in 0..t {
+                        let visible = offset + ti + 1;
+                        let want = topk_by_sort(&scores[ti * s..ti * s + visible], k);
+                        let row = &got[(b * t + ti) * k..(b * t + ti + 1) * k];
+                        assert_eq!(
+                            row,
+                            &want[..],
+                            "shape {shape:?} t {ti} offset {offset} k {k} bf16 {bf16}"
+                        );
+                        // Causal: nothing beyond the query's own position.
+                        assert!(row.iter().all(|&i| i == NONE || (i as usize) < visible));
+                        // Fewer visible keys than k: every visible key is selected.
+                        if visible <= k {
+                            let all: Vec<u32> = (0..visible as u32).collect();
+                            assert_eq!(&row[..visible], &all[..]);
+                        }
+                    }
+                }
+                // The decode path (one query, the whole cache) selects the same set as the
+                // prefill row of the last query.
+                let last = t - 1;
+                let hd = shape.heads * shape.dim;
+                let dec = indexer::topk_decode(
+                    &rows[1].q[last * hd..(last + 1) * hd],
+                    &rows[1].w[last * shape.heads..(last + 1) * shape.heads],
+                    &stores[1],
+                    shape,
+                    k,
+                );
+                assert_eq!(dec, got[(t + last) * k..(t + last + 1) * k].to_vec());
+            }
+        }
+    }
+}
+
+#[test]
+fn indexer_ties_break_to_the_lower_position_in_every_path() {
+    // Two ReLU heads with negative weights on half the keys: many scores are exactly 0.
+    let shape = IndexShape {
+        heads: 2,
+        dim: 4,
+        act: ScoreAct::Relu,
+    };
+    let (t, s, k) = (3usize, 700usize, 100usize);
+    let mut keys = rand_vec(s * shape.dim, 5);
+    for (i, x) in keys.iter_mut().enumerate() {
+        if (i / shape.dim) % 3 != 0 {
+            *x = -x.abs(); // most keys score 0 against a positive query
+        }
+    }
+    let q: Vec<f32> = rand_vec(t * 8, 6).iter().map(|x| x.abs()).collect();
+    let w = vec![1.0f32; t * 2];
+    let mut store = KeyStore::new(shape.dim, false);
+    store.extend_rows(&keys);
+    let rows = [TopkQueries {
+        q: &q,
+        w: &w,
+        offset: s - t,
+    }];
+    let got = indexer::topk_prefill(&rows, &[&store], shape, t, k);
+    let scores = indexer::scores_reference(&rows[0], &store, shape, t);
+    let last = &got[(t - 1) * k..];
+    assert_eq!(last, &topk_by_sort(&scores[(t - 1) * s..], k)[..]);
+    let zeros = scores[(t - 1) * s..].iter().filter(|&&x| x == 0.0).count();
+    assert!(
+        zeros > k,
+        "the case must tie at the k-th score ({zeros} zeros)"
+    );
+    let dec = indexer::topk_decode(&q[(t - 1) * 8..], &w[(t - 1) * 2..], &store, shape, k);
+    assert_eq!(dec, last.to_vec());
+}
+
+/// Random selection rows (sorted, distinct, causal, NONE-padded) like the indexer's.
+fn random_selection(b: usize, t: usize, s: usize, k: usize, offset: usize, seed: u64) -> Vec<u32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(b * t * k);
+    for _ in 0..b {
+        for ti in 0..t {
+            let visible = (offset + ti + 1).min(s);
+            let mut pos: Vec<u32> = (0..visible as u32).collect();
+            // Partial shuffle: keep a random subset of size <= k, always the query itself.
+            for i in 0..pos.len() {
+                let j = rng.random_range(i..pos.len());
+                pos.swap(i, j);
+            }
+            let mut sel: Vec<u32> = pos.into_iter().take(k).collect();
+            if !sel.contains(&((visible - 1) as u32)) {
+                sel[0] = (visible - 1) as u32;
+            }
+            sel.sort_unstable();
+            sel.resize(k, NONE);
+            out.extend(sel);
+        }
+    }
+    out
+}
+
+#[test]
+fn sparse_attention_forward_matches_masked_dense() {
+    for &(b, t, h, kv, s, d, k, offset) in &[
+        (
+            2usize, 7usize, 6usize, 1usize, 19usize, 13usize, 5usize, 12usize,
+        ),
+        (1, 11, 4, 2, 11, 24, 11, 0),
+        (3, 5, 16, 1, 40, 64, 9, 35),
+    ] {
+        for dtype in [DType::F32, DType::F64] {
+            let q = randn(&[b, t, h, d], 1, dtype);
+            let kt = randn(&[b, kv, s, d], 2, dtype);
+            let vt = randn(&[b, kv, s, d], 3, dtype);
+            let idx = random_selection(b, t, s, k, offset, 4);
+            let scale = 1.0 / (d as f64).sqrt();
+            let op = SparseAttention {
+                dims: SparseDims {
+                    b,
+                    t,
+                    h,
+                    kv,
+                    s,
+                    d,
+                    k,
+                },
+                scale,
+                idx: Arc::new(idx.clone()),
+            };
+            let got = op.apply(&q, &kt, &vt).unwrap();
+            let want = reference::sparse_attention(&q, &kt, &vt, &idx, None, scale).unwrap();
+            let tol = if dtype == DType::F32 { 2e-6 } else { 1e-12 };
+            let err = rel_err(&got, &want);
+            assert!(
+                err < tol,
+                "{dtype:?} ({b},{t},{h},{kv},{s},{d},{k}): rel err {err:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn sparse_equals_dense_when_the_context_fits_in_k() {
+    let (b, t, h, kv, d) = (2usize, 9usize, 4usize, 1usize, 16usize);
+    for offset in [0usize, 6] {
+        let s = offset + t;
+        let k = s + 3; // more slots than visible keys
+        let q = randn(&[b, t, h, d], 11, DType::F32);
+        let kt = randn(&[b, kv, s, d], 12, DType::F32);
+        let vt = randn(&[b, kv, s, d], 13, DType::F32);
+        // What the indexer returns when at most k keys are visible: all of them.
+        let idx: Vec<u32> = (0..b * t)
+            .flat_map(|r| {
+                let visible = offset + r % t + 1;
+                (0..k as u32).map(move |i| if (i as usize) < visible { i } else { NONE })
+            })
+            .collect();
+        let scale = 0.25;
+        let sparse = SparseAttention {
+            dims: SparseDims {
+                b,
+                t,
+                h,
+                kv,
+                s,
+                d,
+                k,
+            },
+            scale,
+            idx: Arc::new(idx),
+        }
+        .apply(&q, &kt, &vt)
+        .unwrap();
+        // Dense causal attention, composed from candle ops.
+        let qh = q.transpose(1, 2).unwrap().contiguous().unwrap(); // (B, H, T, D)
+        let kh = kt.repeat((1, h, 1, 1)).unwrap();
+        let vh = vt.repeat((1, h, 1, 1)).unwrap();
+        let scores = qh.matmul(&kh.t().unwrap()).unwrap();
+        let p = reference::causal_softmax(&scores, scale, t, offset).unwrap();
+        let dense = p.matmul(&vh).unwrap().transpose(1, 2).unwrap();
+        let err = rel_err(&sparse, &dense);
+        assert!(err < 2e-6, "offset {offset}: rel err {err:e}");
+    }
+}
+
+#[test]
+fn sparse_attention_backward_matches_autograd_and_finite_differences() {
+    let (b, t, h, kv, s, d, k, offset) = (
+        2usize, 5usize, 4usize, 2usize, 13usize, 6usize, 4usize, 8usize,
+    );
+    let idx = random_selection(b, t, s, k, offset, 21);
+    let scale = 0.4;
+    let dims = SparseDims {
+        b,
+        t,
+        h,
+        kv,
+        s,
+        d,
+        k,
+    };
+    let q = Var::from_tensor(&randn(&[b, t, h, d], 22, DType::F64)).unwrap();
+    let kt = Var::from_tensor(&randn(&[b, kv, s, d], 23, DType::F64)).unwrap();
+    let vt = Var::from_tensor(&randn(&[b, kv, s, d], 24, DType::F64)).unwrap();
+    let w = randn(&[b, t, h, d], 25, DType::F64);
+    let op = SparseAttention {
+        dims,
+        scale,
+        idx: Arc::new(idx.clone()),
+    };
+    let loss = || {
+        (op.apply(q.as_tensor(), kt.as_tensor(), vt.as_tensor())
+            .unwrap()
+            * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    check_gradients(
+        &[
+            ("q".into(), q.clone()),
+            ("k".into(), kt.clone()),
+            ("v".into(), vt.clone()),
+        ],
+        loss,
+        12,
+    );
+    // And against autograd through the reference, on every element (f32).
+    let (q32, k32, v32) = (
+        Var::from_tensor(&q.to_dtype(DType::F32).unwrap()).unwrap(),
+        Var::from_tensor(&kt.to_dtype(DType::F32).unwrap()).unwrap(),
+        Var::from_tensor(&vt.to_dtype(DType::F32).unwrap()).unwrap(),
+    );
+    let w32 = w.to_dtype(DType::F32).unwrap();
+    let g_fast = (op
+        .apply(q32.as_tensor(), k32.as_tensor(), v32.as_tensor())
+        .unwrap()
+        * &w32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g_ref = (reference::sparse_attention(
+        q32.as_tensor(),
+        k32.as_tensor(),
+        v32.as_tensor(),
+        &idx,
+        None,
+        scale,
+    )
+    .unwrap()
+        * &w32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (name, var) in [("q", &q32), ("k", &k32), ("v", &v32)] {
+        let err = rel_err(g_fast.get(var).unwrap(), g_ref.get(var).unwrap());
+        assert!(err < 1e-5, "d{name}: rel err {err:e}");
+    }
+}
+
+#[test]
+fn straight_through_gate_gradient_matches_finite_differences() {
+    // The gated attention weights are p_i * m_i with m = 1 + sigma - stopgrad(sigma):
+    // its forward equals plain sparse attention, and its gradient in sigma equals the
+    // derivative of the surrogate L(m) at m = 1, which the reference computes by
+    // finite differences with explicit multipliers.
+    let (b, t, h, kv, s, d, k, offset) = (
+        1usize, 4usize, 3usize, 1usize, 10usize, 5usize, 3usize, 6usize,
+    );
+    let idx = random_selection(b, t, s, k, offset, 31);
+    let scale = 0.5;
+    let dims = SparseDims {
+        b,
+        t,
+        h,
+        kv,
+        s,
+        d,
+        k,
+    };
+    let q = randn(&[b, t, h, d], 32, DType::F64);
+    let kt = randn(&[b, kv, s, d], 33, DType::F64);
+    let vt = randn(&[b, kv, s, d], 34, DType::F64);
+    let w = randn(&[b, t, h, d], 35, DType::F64);
+    let sigma =
+        Var::from_tensor(&randn(&[b, t, k], 36, DType::F64).affine(0.3, 0.5).unwrap()).unwrap();
+    let attn = SparseAttention {
+        dims,
+        scale,
+        idx: Arc::new(idx.clone()),
+    };
+    let gate = SteGate {
+        attn: attn.clone(),
+        q: q.clone(),
+        k: kt.clone(),
+        v: vt.clone(),
+    };
+    let out = (attn.apply(&q, &kt, &vt).unwrap() + gate.apply(sigma.as_tensor()).unwrap()).unwrap();
+    // Forward: exactly the ungated attention.
+    assert_eq!(
+        to_f64_vec(&out),
+        to_f64_vec(&attn.apply(&q, &kt, &vt).unwrap())
+    );
+    let grads = (out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let analytic = to_f64_vec(grads.get(&sigma).unwrap());
+    let surrogate = |m: &Tensor| -> f64 {
+        (reference::sparse_attention(&q, &kt, &vt, &idx, Some(m), scale).unwrap() * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    let eps = 1e-6;
+    for i in 0..b * t * k {
+        let mut plus = vec![1.0f64; b * t * k];
+        let mut minus = plus.clone();
+        plus[i] += eps;
+        minus[i] -= eps;
+        let mk = |v: Vec<f64>| Tensor::from_vec(v, (b, t, k), &Device::Cpu).unwrap();
+        let numeric = (surrogate(&mk(plus)) - surrogate(&mk(minus))) / (2.0 * eps);
+        let a = analytic[i];
+        let valid = idx[i] != NONE;
+        if !valid {
+            assert_eq!(a, 0.0);
+        }
+        assert!(
+            (a - numeric).abs() <= 1e-6 * a.abs().max(numeric.abs()) + 1e-9,
+            "slot {i}: {a} vs {numeric}"
+        );
+    }
+}
+
+#[test]
+fn selected_probs_sum_to_one_and_match_the_reference() {
+    let (b, t, h, kv, s, d, k) = (2usize, 6usize, 4usize, 1usize, 15usize, 8usize, 5usize);
+    let idx = random_selection(b, t, s, k, 9, 41);
+    let q = rand_vec(b * t * h * d, 42);
+    let kt = rand_vec(b * kv * s * d, 43);
+    let dims = SparseDims {
+        b,
+        t,
+        h,
+        kv,
+        s,
+        d,
+        k,
+    };
+    let p = sparse_attention::selected_probs(dims, 0.3, &q, &kt, &idx).unwrap();
+    for (r, row) in p.chunks(k).enumerate() {
+        let sum: f32 = row.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-5, "row {r} sums to {sum}");
+    }
+    // The reference: head-averaged attention probabilities of the masked dense version,
+    // read at the selected positions.
+    let qt = Tensor::from_vec(q, (b, t, h, d), &Device::Cpu).unwrap();
+    let kt = Tensor::from_vec(kt, (b, kv, s, d), &Device::Cpu).unwrap();
+    // Probabilities = attention of one-hot values: v = identity rows over positions.
+    let eye = Tensor::eye(s, DType::F32, &Device::Cpu)
+        .unwrap()
+        .reshape((1, 1, s, s))
+        .unwrap();
+    let eye = eye.repeat((b, kv, 1, 1)).unwrap();
+    // Padding queries and keys with zeros to width S leaves the dot products unchanged.
+    let pad = |x: &Tensor| x.pad_with_zeros(3, 0, s - d).unwrap();
+    let full = reference::sparse_attention(&pad(&qt), &pad(&kt), &eye, &idx, None, 0.3);
+    let full = full.unwrap().mean(2).unwrap(); // (B, T, S)
+    let full = to_f64_vec(&full);
+    for (r, row) in idx.chunks(k).enumerate() {
+        for (slot, &i) in row.iter().enumerate() {
+            if i != NONE {
+                let want = full[r * s + i as usize];
+                assert!((p[r * k + slot] as f64 - want).abs() < 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_decode_kernel_matches_reference() {
+    for &(h, kv, s, cap, d) in &[
+        (16usize, 1usize, 3001usize, 3100usize, 64usize),
+        (6, 2, 77, 77, 24),
+        (3, 3, 1, 5, 7),
+    ] {
+        let q = rand_vec(h * d, 51);
+        let k = rand_vec(kv * cap * d, 52);
+        let v = rand_vec(kv * cap * d, 53);
+        let scale = 1.0 / (d as f32).sqrt();
+        let got = decode_attention::decode(&q, &k, &v, kv, s, d, scale);
+        let want = decode_attention::reference(&q, &k, &v, kv, s, d, scale).unwrap();
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        let norm = want.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+        assert!(
+            diff / norm < 1e-5,
+            "({h},{kv},{s},{d}): rel err {}",
+            diff / norm
+        );
+    }
+}
