@@ -17,6 +17,74 @@ pub enum RouterKind {
     TopkSoftmax,
 }
 
+/// Attention of one layer (`layer_types`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionKind {
+    /// Causal attention over every cached position (MHA / GQA / MQA).
+    #[serde(alias = "full_attention")]
+    Dense,
+    /// DeepSeek sparse attention: an indexer scores every cached position, each query
+    /// attends to its `index_topk` best (DESIGN.md §4).
+    Dsa,
+}
+
+/// The indexer of `dsa` layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IndexerKind {
+    /// DeepSeek-V3.2: `I(t,s) = sum_j w(t,j) ReLU(q(t,j) . k(s))` with `index_n_heads`
+    /// query heads of `index_head_dim`, one shared LayerNorm'd key per token,
+    /// `w = weights_proj(x) * index_n_heads^-0.5 * index_head_dim^-0.5`, and
+    /// non-interleaved RoPE on the first `index_rope_head_dim` dimensions of q and k.
+    Lightning,
+    /// A two-layer MLP (`fc1` to `index_gate_intermediate_size`, SiLU, then `wq` / `wk`
+    /// to `index_head_dim`) maps each token to a gate query and a gate key; score =
+    /// their dot product / sqrt(index_head_dim). Trained end-to-end through the
+    /// straight-through gate (`indexer_train_mode` = `ste`).
+    MlpGate,
+}
+
+/// How the indexer learns (after `indexer_dense_warmup_steps` of `dense_warmup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IndexerTrainMode {
+    /// Main attention stays dense; the indexer learns only from KL(p || softmax(I))
+    /// over all visible keys, where p is the main attention summed over heads and
+    /// L1-normalised (DeepSeek-V3.2's warm-up). Its input and p are detached, so the KL
+    /// moves nothing but the indexer; the rest of the model trains on the LM loss.
+    DenseWarmup,
+    /// Main attention over the selected top-k; the indexer learns from the KL over the
+    /// selected set with its input detached; the main model from the LM loss.
+    Sparse,
+    /// Main attention over the selected top-k with each weight multiplied by
+    /// `1 + sigma(I) - stopgrad(sigma(I))`: the LM loss reaches the indexer (and, through
+    /// its input, the model below). The KL over the selected set is added when
+    /// `indexer_kl_coef` > 0.
+    Ste,
+}
+
+/// Storage precision of the decode-time index key cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IndexCacheDtype {
+    Float32,
+    Bfloat16,
+}
+
+fn default_indexer_kind() -> IndexerKind {
+    IndexerKind::Lightning
+}
+fn default_indexer_mode() -> IndexerTrainMode {
+    IndexerTrainMode::Sparse
+}
+fn default_kl_coef() -> f64 {
+    1.0
+}
+fn default_index_cache_dtype() -> IndexCacheDtype {
+    IndexCacheDtype::Float32
+}
+
 fn default_model_type() -> String {
     "sparrow".into()
 }
@@ -111,6 +179,44 @@ pub struct ModelConfig {
     /// Weight of the load-balancing auxiliary loss added to the LM loss in training.
     #[serde(default = "default_aux_coef")]
     pub router_aux_loss_coef: f64,
+
+    /// Attention kind per layer (length `num_hidden_layers`); absent = all `dense`.
+    /// Kinds may be mixed, e.g. a dense first layer under DSA layers.
+    #[serde(default)]
+    pub layer_types: Option<Vec<AttentionKind>>,
+    /// `dsa`: positions each query attends to (k). With at most k cached positions the
+    /// layer computes exactly dense attention.
+    #[serde(default)]
+    pub index_topk: usize,
+    /// `dsa`: which indexer scores the cache.
+    #[serde(default = "default_indexer_kind")]
+    pub indexer_kind: IndexerKind,
+    /// `lightning`: index query heads per token.
+    #[serde(default)]
+    pub index_n_heads: usize,
+    /// Dimension of the index query / key (the gate query / key of `mlp_gate`).
+    #[serde(default)]
+    pub index_head_dim: usize,
+    /// `lightning`: leading dimensions of the index q and k that get (non-interleaved)
+    /// RoPE; even, at most `index_head_dim`. DeepSeek-V3.2 uses 64 of 128.
+    #[serde(default)]
+    pub index_rope_head_dim: usize,
+    /// `mlp_gate`: hidden width of the gate MLP.
+    #[serde(default)]
+    pub index_gate_intermediate_size: usize,
+    /// How the indexer trains after the warm-up (see `IndexerTrainMode`).
+    #[serde(default = "default_indexer_mode")]
+    pub indexer_train_mode: IndexerTrainMode,
+    /// Optimizer steps of `dense_warmup` before `indexer_train_mode` takes over.
+    #[serde(default)]
+    pub indexer_dense_warmup_steps: u64,
+    /// Weight of the indexer KL loss (mean over DSA layers) added to the LM loss.
+    #[serde(default = "default_kl_coef")]
+    pub indexer_kl_coef: f64,
+    /// Precision of the index key cache (and of the keys the selection scans in every
+    /// path, so training, prefill and decode select alike).
+    #[serde(default = "default_index_cache_dtype")]
+    pub index_cache_dtype: IndexCacheDtype,
 
     /// Token id of the beginning-of-sequence special token.
     #[serde(default = "default_bos")]
@@ -240,6 +346,7 @@ impl ModelConfig {
                 ));
             }
         }
+        self.validate_attention()?;
         for (field, id) in [
             ("bos_token_id", self.bos_token_id),
             ("eos_token_id", self.eos_token_id),
@@ -252,6 +359,106 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+
+    fn validate_attention(&self) -> Result<()> {
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.num_hidden_layers {
+                return Err(Error::config(
+                    "layer_types",
+                    format!(
+                        "has {} entries, num_hidden_layers is {}",
+                        types.len(),
+                        self.num_hidden_layers
+                    ),
+                ));
+            }
+        }
+        if !(self.indexer_kl_coef.is_finite() && self.indexer_kl_coef >= 0.0) {
+            return Err(Error::config("indexer_kl_coef", "must be >= 0"));
+        }
+        if !self.has_dsa() {
+            return Ok(());
+        }
+        if self.index_topk == 0 {
+            return Err(Error::config(
+                "index_topk",
+                "must be >= 1 when a layer is `dsa`",
+            ));
+        }
+        if self.index_head_dim == 0 {
+            return Err(Error::config(
+                "index_head_dim",
+                "must be >= 1 when a layer is `dsa`",
+            ));
+        }
+        match self.indexer_kind {
+            IndexerKind::Lightning => {
+                if self.index_n_heads == 0 {
+                    return Err(Error::config(
+                        "index_n_heads",
+                        "must be >= 1 for the lightning indexer",
+                    ));
+                }
+                if self.index_rope_head_dim > self.index_head_dim
+                    || !self.index_rope_head_dim.is_multiple_of(2)
+                {
+                    return Err(Error::config(
+                        "index_rope_head_dim",
+                        format!(
+                            "{} must be even and at most index_head_dim {}",
+                            self.index_rope_head_dim, self.index_head_dim
+                        ),
+                    ));
+                }
+            }
+            IndexerKind::MlpGate => {
+                if self.index_gate_intermediate_size == 0 {
+                    return Err(Error::config(
+                        "index_gate_intermediate_size",
+                        "must be >= 1 for the mlp_gate indexer",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Attention kind of layer `i`.
+    pub fn attention_kind(&self, i: usize) -> AttentionKind {
+        self.layer_types
+            .as_ref()
+            .and_then(|t| t.get(i).copied())
+            .unwrap_or(AttentionKind::Dense)
+    }
+
+    /// Whether any layer is `dsa`.
+    pub fn has_dsa(&self) -> bool {
+        (0..self.num_hidden_layers).any(|i| self.attention_kind(i) == AttentionKind::Dsa)
+    }
+
+    /// The indexer training mode at optimizer step `step`.
+    pub fn indexer_mode_at(&self, step: u64) -> IndexerTrainMode {
+        if step < self.indexer_dense_warmup_steps {
+            IndexerTrainMode::DenseWarmup
+        } else {
+            self.indexer_train_mode
+        }
+    }
+
+    /// Parameters of one layer's indexer.
+    fn indexer_parameters(&self) -> usize {
+        let (c, d) = (self.hidden_size, self.index_head_dim);
+        match self.indexer_kind {
+            IndexerKind::Lightning => {
+                let h = self.index_n_heads;
+                c * h * d + c * d + 2 * d + c * h
+            }
+            IndexerKind::MlpGate => {
+                let w = self.index_gate_intermediate_size;
+                c * w + 2 * w * d
+            }
+        }
     }
 
     /// Per-head dimension D.
@@ -283,6 +490,10 @@ impl ModelConfig {
         for i in 0..self.num_hidden_layers {
             total += attn + norms;
             active += attn + norms;
+            if self.attention_kind(i) == AttentionKind::Dsa {
+                total += self.indexer_parameters();
+                active += self.indexer_parameters();
+            }
             if self.is_moe_layer(i) {
                 let e = swiglu(self.moe_intermediate_size);
                 let shared = swiglu(self.moe_intermediate_size * self.n_shared_experts);

@@ -73,12 +73,20 @@ fn check_attention(kv_heads: usize) {
     let mut cfg = wider_init(tiny_config());
     cfg.num_key_value_heads = Some(kv_heads);
     let s = store();
-    let attn = Attention::new(&s.root().pp("self_attn"), &cfg, 0.3).unwrap();
+    let attn = Attention::new(&s.root().pp("self_attn"), &cfg, 0, 0.3).unwrap();
     let rope = Rope::new(cfg.head_dim(), 64, cfg.rope_theta, F64, &Device::Cpu).unwrap();
     let x = input_var(&[2, 7, cfg.hidden_size], 1);
     check_gradients(
         &with_input(&s, &x),
-        || probe(&attn.forward(x.as_tensor(), &rope, None).unwrap(), 2),
+        || {
+            probe(
+                &attn
+                    .forward(x.as_tensor(), &rope, None, &Default::default())
+                    .unwrap()
+                    .y,
+                2,
+            )
+        },
         6,
     );
 }
@@ -113,7 +121,15 @@ fn block_gradients_dense_and_moe() {
         let x = input_var(&[2, 12, cfg.hidden_size], 1);
         check_gradients(
             &with_input(&s, &x),
-            || probe(&block.forward(x.as_tensor(), &rope, None).unwrap().0, 2),
+            || {
+                probe(
+                    &block
+                        .forward(x.as_tensor(), &rope, None, &Default::default())
+                        .unwrap()
+                        .x,
+                    2,
+                )
+            },
             4,
         );
     }

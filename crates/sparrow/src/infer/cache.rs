@@ -1,8 +1,10 @@
 //! The KV cache for incremental decoding: per layer, the rotated keys and the values
 //! of every position seen so far, (B, KV, S, D) each. With MQA (KV = 1) it is
-//! `num_attention_heads` times smaller than MHA's.
+//! `num_attention_heads` times smaller than MHA's. A `dsa` layer also keeps its index
+//! keys, one `di`-vector per position, in the blocked layout the top-k scan reads.
 
 use crate::error::Result;
+use crate::kernels::indexer::KeyStore;
 use candle_core::Tensor;
 
 /// Keys and values of one attention layer.
@@ -12,6 +14,8 @@ pub struct LayerKv {
     pub k: Option<Tensor>,
     /// (B, KV, S, D)
     pub v: Option<Tensor>,
+    /// `dsa` layers: index keys per batch row (empty otherwise).
+    pub index: Vec<KeyStore>,
 }
 
 impl LayerKv {
@@ -42,7 +46,12 @@ impl LayerKv {
                 .map(|t| t.elem_count() * t.dtype().size_in_bytes())
                 .unwrap_or(0)
         };
-        b(&self.k) + b(&self.v)
+        b(&self.k) + b(&self.v) + self.index_bytes()
+    }
+
+    /// Bytes of the index key cache.
+    pub fn index_bytes(&self) -> usize {
+        self.index.iter().map(|k| k.bytes()).sum()
     }
 }
 

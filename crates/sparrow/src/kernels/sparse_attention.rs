@@ -584,3 +584,56 @@ impl CustomOp1 for SteGate {
         Ok(Some(dgate))
     }
 }
+
+/// Indexer recall: for each query (B, T), the share of the dense causal attention mass,
+/// averaged over heads, that falls on its selected positions. q (B, T, H, D); k
+/// (B, KV, S, D); query t sits at position `offset + t`. O(T * S * H * D), no grad.
+pub fn selected_mass(
+    dims: SparseDims,
+    scale: f64,
+    q: &[f32],
+    k: &[f32],
+    idx: &[u32],
+    offset: usize,
+) -> candle_core::Result<Vec<f32>> {
+    dims.check(q.len(), k.len(), k.len(), idx.len())?;
+    let SparseDims {
+        t,
+        h,
+        kv,
+        s,
+        d,
+        k: kk,
+        ..
+    } = dims;
+    let gs = h / kv;
+    let scale = scale as f32;
+    let mut out = vec![0.0f32; dims.b * t];
+    out.par_iter_mut().enumerate().for_each(|(bt, o)| {
+        let (bi, ti) = (bt / t.max(1), bt % t.max(1));
+        let visible = (offset + ti + 1).min(s);
+        let ids = &idx[bt * kk..(bt + 1) * kk];
+        let mut logits = vec![0.0f32; visible];
+        let mut mass = 0.0f64;
+        for grp in 0..kv {
+            let kg = &k[(bi * kv + grp) * s * d..(bi * kv + grp + 1) * s * d];
+            for hh in 0..gs {
+                let qo = (bt * h + grp * gs + hh) * d;
+                let qh = &q[qo..qo + d];
+                for (j, l) in logits.iter_mut().enumerate() {
+                    *l = scale * dot(qh, &kg[j * d..(j + 1) * d]);
+                }
+                let m = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                let total: f64 = logits.iter().map(|&x| ((x - m) as f64).exp()).sum();
+                let picked: f64 = ids
+                    .iter()
+                    .filter(|&&i| i != NONE && (i as usize) < visible)
+                    .map(|&i| ((logits[i as usize] - m) as f64).exp())
+                    .sum();
+                mass += picked / total;
+            }
+        }
+        *o = (mass / h as f64) as f32;
+    });
+    Ok(out)
+}

@@ -1,18 +1,49 @@
 //! Causal self-attention with MHA / GQA / MQA key-value sharing
-//! (`num_key_value_heads` = H, a divisor of H, or 1).
+//! (`num_key_value_heads` = H, a divisor of H, or 1), dense or DSA.
 //!
-//! Query heads are grouped by the KV head they share, so K and V are never repeated:
-//! q (B, KV, G*T, D) @ k^T (B, KV, D, S). One code path serves training over (B, T)
-//! and incremental decoding with a `LayerKv` cache.
+//! Dense: query heads are grouped by the KV head they share, so K and V are never
+//! repeated: q (B, KV, G*T, D) @ k^T (B, KV, D, S). DSA (`layer_types` = `dsa`): the
+//! indexer (`self.indexer`) scores every visible position, the fused top-k kernel keeps
+//! `index_topk` per query, and attention runs over those rows only
+//! (`kernels::sparse_attention`). With at most `index_topk` visible positions the DSA
+//! layer computes dense attention, which is then exactly what the top-k would select.
+//! One code path serves training over (B, T) and incremental decoding with a cache.
 
+use super::indexer::{Indexer, IndexerOut};
 use super::linear::Linear;
 use super::params::Vb;
 use super::rope::Rope;
-use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::config::{AttentionKind, IndexCacheDtype, IndexerTrainMode, ModelConfig};
+use crate::error::{Error, Result};
 use crate::infer::cache::LayerKv;
+use crate::kernels::indexer::{self as ix_kernel, KeyStore, TopkQueries};
 use crate::kernels::softmax::CausalSoftmax;
-use candle_core::Tensor;
+use crate::kernels::sparse_attention::{self, SparseAttention, SparseDims, SteGate};
+use crate::kernels::topk::NONE;
+use candle_core::{DType, Tensor, D};
+use std::sync::Arc;
+
+/// Per-call switches of the attention layers (training mode, diagnostics).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttnOptions {
+    /// Training: how the indexer learns this step. None = inference (sparse, no loss).
+    pub indexer_mode: Option<IndexerTrainMode>,
+    /// Compute the indexer KL loss (always in `dense_warmup` and `sparse`).
+    pub indexer_kl: bool,
+    /// Measure the indexer recall of every query (`eval recall`).
+    pub collect_recall: bool,
+}
+
+/// What one attention layer returns.
+#[derive(Debug, Clone)]
+pub struct AttnOut {
+    /// (B, T, C)
+    pub y: Tensor,
+    /// Indexer KL, mean over queries (DSA layers in training).
+    pub indexer_kl: Option<Tensor>,
+    /// Recall per query (B*T), when asked for (DSA layers).
+    pub recall: Option<Vec<f32>>,
+}
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -20,32 +51,52 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// DSA layers only.
+    pub indexer: Option<Indexer>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    index_topk: usize,
+    index_bf16: bool,
 }
 
+/// Log-domain mask value for positions outside the visible / selected set (finite, so
+/// no inf - inf appears in gradients).
+const MASKED: f64 = -1e9;
+
 impl Attention {
-    pub fn new(vb: &Vb, cfg: &ModelConfig, out_std: f64) -> Result<Self> {
+    pub fn new(vb: &Vb, cfg: &ModelConfig, layer: usize, out_std: f64) -> Result<Self> {
         let c = cfg.hidden_size;
         let (h, kv, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let std = cfg.initializer_range;
+        let indexer = match cfg.attention_kind(layer) {
+            AttentionKind::Dense => None,
+            AttentionKind::Dsa => Some(Indexer::new(&vb.pp("indexer"), cfg)?),
+        };
         Ok(Self {
             q_proj: Linear::new(&vb.pp("q_proj"), c, h * d, std)?,
             k_proj: Linear::new(&vb.pp("k_proj"), c, kv * d, std)?,
             v_proj: Linear::new(&vb.pp("v_proj"), c, kv * d, std)?,
             o_proj: Linear::new(&vb.pp("o_proj"), h * d, c, out_std)?,
+            indexer,
             n_heads: h,
             n_kv_heads: kv,
             head_dim: d,
+            index_topk: cfg.index_topk,
+            index_bf16: cfg.index_cache_dtype == IndexCacheDtype::Bfloat16,
         })
     }
 
     /// x (B, T, C) at positions cache.len().. -> (B, T, C). Appends to `cache` if given.
-    pub fn forward(&self, x: &Tensor, rope: &Rope, cache: Option<&mut LayerKv>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mut cache: Option<&mut LayerKv>,
+        opts: &AttnOptions,
+    ) -> Result<AttnOut> {
         let (b, t, _c) = x.dims3()?;
         let (h, kv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let g = h / kv;
         let q = self
             .q_proj
             .forward(x)?
@@ -65,10 +116,30 @@ impl Attention {
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let q = rope.apply(&q.contiguous()?, offset)?;
         let k = rope.apply(&k.contiguous()?, offset)?;
-        let (k, v) = match cache {
+        let (k, v) = match cache.as_deref_mut() {
             Some(c) => c.append(&k, &v)?,
             None => (k, v),
         };
+        let out = match &self.indexer {
+            None => AttnOut {
+                y: self.dense(&q, &k, &v, offset)?.0,
+                indexer_kl: None,
+                recall: None,
+            },
+            Some(ix) => self.forward_dsa(ix, x, &q, &k, &v, offset, cache, opts)?,
+        };
+        Ok(AttnOut {
+            y: self.o_proj.forward(&out.y)?,
+            ..out
+        })
+    }
+
+    /// Dense causal attention: q (B, H, T, D), k, v (B, KV, S, D) -> y (B, T, H*D) and
+    /// the attention probabilities (B, KV, G*T, S).
+    fn dense(&self, q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<(Tensor, Tensor)> {
+        let (b, h, t, d) = q.dims4()?;
+        let kv = self.n_kv_heads;
+        let g = h / kv;
         let q = q.reshape((b, kv, g * t, d))?; // (B, KV, G*T, D): heads grouped by KV head
         let scores = q.matmul(&k.t()?)?; // (B, KV, G*T, S)
                                          // softmax(scores / sqrt(D)) with the causal mask, fused (kernels::softmax).
@@ -78,11 +149,230 @@ impl Attention {
             offset,
         }
         .apply(&scores)?;
-        let y = att.matmul(&v)?; // (B, KV, G*T, D)
+        let y = att.matmul(v)?; // (B, KV, G*T, D)
         let y = y
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, h * d))?;
-        self.o_proj.forward(&y)
+        Ok((y, att))
     }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_dsa(
+        &self,
+        ix: &Indexer,
+        x: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        offset: usize,
+        cache: Option<&mut LayerKv>,
+        opts: &AttnOptions,
+    ) -> Result<AttnOut> {
+        let (b, h, t, d) = q.dims4()?;
+        let s = offset + t;
+        let mode = opts.indexer_mode;
+        if mode.is_some() && offset > 0 {
+            return Err(Error::Invalid(
+                "DSA training runs on whole windows, without a KV cache".into(),
+            ));
+        }
+        // The KL-trained indexer learns on detached input: its loss moves only itself.
+        let detach = matches!(
+            mode,
+            Some(IndexerTrainMode::DenseWarmup) | Some(IndexerTrainMode::Sparse)
+        );
+        let x_in = if detach { x.detach() } else { x.clone() };
+        let io = ix.forward(&x_in, offset)?;
+        let shape = ix.shape();
+        let (hi, di) = (shape.heads, shape.dim);
+        // Index keys of every visible position, per batch row, in the scan layout.
+        let new_keys: Vec<f32> =
+            io.k.detach()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+        let mut fresh: Vec<KeyStore> = Vec::new();
+        let stores: &[KeyStore] = match cache {
+            Some(c) => {
+                if c.index.len() != b {
+                    c.index = (0..b).map(|_| KeyStore::new(di, self.index_bf16)).collect();
+                }
+                for (row, store) in c.index.iter_mut().enumerate() {
+                    store.extend_rows(&new_keys[row * t * di..(row + 1) * t * di]);
+                }
+                &c.index
+            }
+            None => {
+                fresh = (0..b)
+                    .map(|row| {
+                        let mut ks = KeyStore::new(di, self.index_bf16);
+                        ks.extend_rows(&new_keys[row * t * di..(row + 1) * t * di]);
+                        ks
+                    })
+                    .collect();
+                &fresh
+            }
+        };
+        let want_kl = match mode {
+            Some(IndexerTrainMode::DenseWarmup) | Some(IndexerTrainMode::Sparse) => true,
+            Some(IndexerTrainMode::Ste) => opts.indexer_kl,
+            None => false,
+        };
+        let kk = self.index_topk;
+        if s <= kk || mode == Some(IndexerTrainMode::DenseWarmup) {
+            // Every visible position fits in k (sparse == dense), or the dense warm-up.
+            let (y, att) = self.dense(q, k, v, offset)?;
+            let indexer_kl = if want_kl {
+                Some(self.dense_kl(ix, &io, &att, b, t, s, offset)?)
+            } else {
+                None
+            };
+            let recall = opts.collect_recall.then(|| vec![1.0f32; b * t]);
+            return Ok(AttnOut {
+                y,
+                indexer_kl,
+                recall,
+            });
+        }
+
+        // Top-k selection, (B, T, K), never building the (T, S) score matrix.
+        let iq: Vec<f32> =
+            io.q.detach()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+        let iw: Vec<f32> =
+            io.w.detach()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+        let idx = if t == 1 && b == 1 {
+            ix_kernel::topk_decode(&iq, &iw, &stores[0], shape, kk)
+        } else {
+            let rows: Vec<TopkQueries> = (0..b)
+                .map(|row| TopkQueries {
+                    q: &iq[row * t * hi * di..(row + 1) * t * hi * di],
+                    w: &iw[row * t * hi..(row + 1) * t * hi],
+                    offset,
+                })
+                .collect();
+            let refs: Vec<&KeyStore> = stores.iter().collect();
+            ix_kernel::topk_prefill(&rows, &refs, shape, t, kk)
+        };
+        drop(fresh);
+        let idx = Arc::new(idx);
+        let dims = SparseDims {
+            b,
+            t,
+            h,
+            kv: self.n_kv_heads,
+            s,
+            d,
+            k: kk,
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        let qs = q.transpose(1, 2)?.contiguous()?; // (B, T, H, D)
+        let k = k.contiguous()?;
+        let v = v.contiguous()?;
+        let attn = SparseAttention {
+            dims,
+            scale,
+            idx: idx.clone(),
+        };
+        let mut y = attn.apply(&qs, &k, &v)?; // (B, T, H, D)
+        let selected = if mode == Some(IndexerTrainMode::Ste) || want_kl {
+            Some(ix.score_selected(&io, &io.k, &idx, kk)?) // (B, T, K)
+        } else {
+            None
+        };
+        if let (Some(IndexerTrainMode::Ste), Some(sel)) = (mode, &selected) {
+            let sigma = candle_nn::ops::sigmoid(sel)?;
+            let gate = SteGate {
+                attn: attn.clone(),
+                q: qs.detach(),
+                k: k.detach(),
+                v: v.detach(),
+            };
+            y = (y + gate.apply(&sigma)?)?;
+        }
+        let indexer_kl = match (&selected, want_kl) {
+            (Some(sel), true) => {
+                let q32: Vec<f32> = qs.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let k32: Vec<f32> = k.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let target = sparse_attention::selected_probs(dims, scale, &q32, &k32, &idx)?;
+                let valid: Vec<bool> = idx.iter().map(|&i| i != NONE).collect();
+                Some(kl_loss(sel, &target, &valid)?)
+            }
+            _ => None,
+        };
+        let recall = if opts.collect_recall {
+            let q32: Vec<f32> = qs.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let k32: Vec<f32> = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            Some(sparse_attention::selected_mass(
+                dims, scale, &q32, &k32, &idx, offset,
+            )?)
+        } else {
+            None
+        };
+        Ok(AttnOut {
+            y: y.reshape((b, t, h * d))?,
+            indexer_kl,
+            recall,
+        })
+    }
+
+    /// KL(p || softmax(I)) over all visible keys, p = the dense attention probabilities
+    /// `att` (B, KV, G*T, S) averaged over heads (detached).
+    #[allow(clippy::too_many_arguments)]
+    fn dense_kl(
+        &self,
+        ix: &Indexer,
+        io: &IndexerOut,
+        att: &Tensor,
+        b: usize,
+        t: usize,
+        s: usize,
+        offset: usize,
+    ) -> Result<Tensor> {
+        let (kv, h) = (self.n_kv_heads, self.n_heads);
+        let g = h / kv;
+        let p = att
+            .detach()
+            .reshape((b, kv, g, t, s))?
+            .sum(2)?
+            .sum(1)?
+            .affine(1.0 / h as f64, 0.0)?; // (B, T, S)
+        let target: Vec<f32> = p.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let valid: Vec<bool> = (0..b * t * s)
+            .map(|n| n % s <= offset + (n / s) % t)
+            .collect();
+        let scores = ix.score_all(io, &io.k)?; // (B, T, S)
+        kl_loss(&scores, &target, &valid)
+    }
+}
+
+/// Mean over queries of KL(target || softmax(logits)) over the `valid` entries of each
+/// row; logits (B, T, N), target and valid flattened (B*T*N), each valid row of target
+/// summing to 1.
+fn kl_loss(logits: &Tensor, target: &[f32], valid: &[bool]) -> Result<Tensor> {
+    let dims = logits.dims().to_vec();
+    let n = *dims.last().unwrap_or(&1);
+    let rows = (target.len() / n.max(1)).max(1);
+    let dev = logits.device();
+    let dtype = logits.dtype();
+    let mask: Vec<f32> = valid
+        .iter()
+        .map(|&ok| if ok { 0.0 } else { MASKED as f32 })
+        .collect();
+    let mask = Tensor::from_vec(mask, dims.as_slice(), dev)?.to_dtype(dtype)?;
+    let logq = candle_nn::ops::log_softmax(&(logits + mask)?, D::Minus1)?;
+    let p = Tensor::from_slice(target, dims.as_slice(), dev)?.to_dtype(dtype)?;
+    let cross = (p * logq)?.sum_all()?.neg()?;
+    let entropy: f64 = target
+        .iter()
+        .filter(|&&x| x > 0.0)
+        .map(|&x| (x as f64) * (x as f64).ln())
+        .sum();
+    Ok(((cross + entropy)? / rows as f64)?)
 }

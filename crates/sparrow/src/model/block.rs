@@ -1,7 +1,7 @@
 //! One transformer block: pre-norm attention and pre-norm FFN (dense SwiGLU or MoE),
 //! each added to the residual stream.
 
-use super::attention::Attention;
+use super::attention::{Attention, AttnOptions};
 use super::mlp::Mlp;
 use super::moe::{Moe, MoeStats};
 use super::norm::RmsNorm;
@@ -45,7 +45,7 @@ impl Block {
         };
         Ok(Self {
             input_layernorm: RmsNorm::new(&vb.pp("input_layernorm"), c, cfg.rms_norm_eps)?,
-            self_attn: Attention::new(&vb.pp("self_attn"), cfg, out_std)?,
+            self_attn: Attention::new(&vb.pp("self_attn"), cfg, layer, out_std)?,
             post_attention_layernorm: RmsNorm::new(
                 &vb.pp("post_attention_layernorm"),
                 c,
@@ -55,17 +55,19 @@ impl Block {
         })
     }
 
-    /// x (B, T, C) -> (B, T, C), plus MoE statistics when this is an MoE layer.
+    /// x (B, T, C) -> (B, T, C), plus MoE statistics when this is an MoE layer and the
+    /// indexer's loss / recall when this is a DSA layer asked for them.
     pub fn forward(
         &self,
         x: &Tensor,
         rope: &Rope,
         cache: Option<&mut LayerKv>,
-    ) -> Result<(Tensor, Option<MoeStats>)> {
+        opts: &AttnOptions,
+    ) -> Result<BlockOut> {
         let a = self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, rope, cache)?;
-        let x = (x + a)?;
+            .forward(&self.input_layernorm.forward(x)?, rope, cache, opts)?;
+        let x = (x + a.y)?;
         let h = self.post_attention_layernorm.forward(&x)?;
         let (f, stats) = match &self.mlp {
             Ffn::Dense(mlp) => (mlp.forward(&h)?, None),
@@ -74,6 +76,21 @@ impl Block {
                 (y, Some(s))
             }
         };
-        Ok(((x + f)?, stats))
+        Ok(BlockOut {
+            x: (x + f)?,
+            moe: stats,
+            indexer_kl: a.indexer_kl,
+            recall: a.recall,
+        })
     }
+}
+
+/// A block's output and its layer statistics.
+#[derive(Debug, Clone)]
+pub struct BlockOut {
+    /// (B, T, C)
+    pub x: Tensor,
+    pub moe: Option<MoeStats>,
+    pub indexer_kl: Option<Tensor>,
+    pub recall: Option<Vec<f32>>,
 }

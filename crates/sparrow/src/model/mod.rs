@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod block;
+pub mod indexer;
 pub mod linear;
 pub mod mlp;
 pub mod moe;

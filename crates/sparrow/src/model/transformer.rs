@@ -1,7 +1,8 @@
 //! The whole model: token embedding, blocks, final norm and LM head. The same
 //! `forward` serves training over (B, T) and incremental decoding with a `KvCache`.
 
-use super::block::Block;
+use super::attention::AttnOptions;
+use super::block::{Block, BlockOut};
 use super::moe::MoeStats;
 use super::norm::RmsNorm;
 use super::params::{Init, Vb};
@@ -32,6 +33,10 @@ pub struct ForwardOutput {
     pub aux_loss: Option<Tensor>,
     /// Per layer: routed slots per expert (None for dense layers).
     pub expert_load: Vec<Option<Vec<usize>>>,
+    /// Mean over DSA layers of the indexer KL loss (training), if computed.
+    pub indexer_kl: Option<Tensor>,
+    /// Per layer: indexer recall of every query (B*T), when asked for (DSA layers).
+    pub recall: Vec<Option<Vec<f32>>>,
 }
 
 impl Transformer {
@@ -73,8 +78,18 @@ impl Transformer {
         &self.cfg
     }
 
-    /// ids (B, T) u32 at positions cache.len().. -> logits (B, T, V).
-    pub fn forward(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<ForwardOutput> {
+    /// ids (B, T) u32 at positions cache.len().. -> logits (B, T, V) (inference).
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<ForwardOutput> {
+        self.forward_with(ids, cache, &AttnOptions::default())
+    }
+
+    /// `forward` with explicit attention options (indexer training mode, recall).
+    pub fn forward_with(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        opts: &AttnOptions,
+    ) -> Result<ForwardOutput> {
         let (b, t) = ids.dims2()?;
         let c = self.cfg.hidden_size;
         let flat_ids = ids.flatten_all()?; // (B*T)
@@ -91,10 +106,19 @@ impl Transformer {
             .reshape((b, t, c))?; // (B, T, C)
         let mut aux: Option<Tensor> = None;
         let mut expert_load = Vec::with_capacity(self.layers.len());
+        let mut kls: Vec<Tensor> = Vec::new();
+        let mut recall = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|kv| &mut kv.layers[i]);
-            let (y, stats) = layer.forward(&x, &self.rope, layer_cache)?;
+            let BlockOut {
+                x: y,
+                moe: stats,
+                indexer_kl,
+                recall: layer_recall,
+            } = layer.forward(&x, &self.rope, layer_cache, opts)?;
             x = y;
+            kls.extend(indexer_kl);
+            recall.push(layer_recall);
             match stats {
                 Some(MoeStats { aux_loss, load }) => {
                     aux = Some(match aux {
@@ -111,10 +135,18 @@ impl Transformer {
             .reshape((b * t, c))?
             .matmul(&self.lm_head.t()?)?
             .reshape((b, t, self.cfg.vocab_size))?;
+        let indexer_kl = if kls.is_empty() {
+            None
+        } else {
+            let n = kls.len() as f64;
+            Some((Tensor::stack(&kls, 0)?.sum_all()? / n)?)
+        };
         Ok(ForwardOutput {
             logits,
             aux_loss: aux,
             expert_load,
+            indexer_kl,
+            recall,
         })
     }
 }

@@ -1,4 +1,6 @@
-//! The training loop: random contiguous windows, forward, LM loss + router aux loss,
+//! The training loop: random contiguous windows, forward, LM loss + router aux loss
+//! + indexer KL (DSA layers, in the step's indexer mode: `dense_warmup` for the first
+//! `indexer_dense_warmup_steps`, then the config's `indexer_train_mode`),
 //! backward, global-norm clipping, AdamW with warmup + cosine, periodic validation,
 //! metrics, a progress bar, and checkpoints every N steps and on interruption.
 
@@ -11,6 +13,7 @@ use crate::config::ModelConfig;
 use crate::data::corpus;
 use crate::data::shards::{eval_windows, sample_batch, TokenData};
 use crate::error::{Error, Result};
+use crate::model::attention::AttnOptions;
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device, Tensor};
@@ -297,6 +300,7 @@ fn run_loop(
     let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"), state.step)?;
     let dev = model.store.device().clone();
     let aux_coef = model.cfg.router_aux_loss_coef;
+    let kl_coef = model.cfg.indexer_kl_coef;
     let parameters = model.store.num_parameters();
 
     let bar = crate::progress::bar(o.steps, "training", show_progress);
@@ -311,13 +315,27 @@ fn run_loop(
         let (inp, tgt) = sample_batch(&data.train, o.batch_size, o.seq_len, o.seed, state.step)?;
         let inp = Tensor::from_vec(inp, (o.batch_size, o.seq_len), &dev)?;
         let tgt = Tensor::from_vec(tgt, o.batch_size * o.seq_len, &dev)?;
-        let fwd = model.forward(&inp, None)?;
+        let indexer_mode = model
+            .cfg
+            .has_dsa()
+            .then(|| model.cfg.indexer_mode_at(state.step));
+        let opts = AttnOptions {
+            indexer_mode,
+            indexer_kl: kl_coef > 0.0,
+            collect_recall: false,
+        };
+        let fwd = model.net.forward_with(&inp, None, &opts)?;
         let v = model.cfg.vocab_size;
         let lm_loss = cross_entropy(&fwd.logits.reshape((o.batch_size * o.seq_len, v))?, &tgt)?;
-        let loss = match &fwd.aux_loss {
+        let mut loss = match &fwd.aux_loss {
             Some(aux) if aux_coef > 0.0 => (&lm_loss + (aux * aux_coef)?)?,
             _ => lm_loss.clone(),
         };
+        if let Some(kl) = &fwd.indexer_kl {
+            if kl_coef > 0.0 {
+                loss = (loss + (kl * kl_coef)?)?;
+            }
+        }
         let grads = loss.backward()?;
         let grad_norm = opt.grad_norm(&grads)?;
         let scale = if o.grad_clip > 0.0 && grad_norm > o.grad_clip {
@@ -350,6 +368,12 @@ fn run_loop(
         });
         if let Some(aux) = &fwd.aux_loss {
             rec["aux_loss"] = json!(aux.to_scalar::<f32>()? as f64);
+        }
+        if let Some(kl) = &fwd.indexer_kl {
+            rec["indexer_kl"] = json!(kl.to_scalar::<f32>()? as f64);
+        }
+        if let Some(mode) = indexer_mode {
+            rec["indexer_mode"] = json!(mode);
         }
         let last = state.step == o.steps;
         let stop_now = ctl.stop.load(Ordering::SeqCst)

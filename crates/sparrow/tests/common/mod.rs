@@ -132,3 +132,18 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
     diff / scale.max(1e-30)
 }
+
+/// `configs/tiny.json` with a dense first layer and a DSA second layer.
+pub fn tiny_dsa_config(kind: sparrow::config::IndexerKind, topk: usize) -> ModelConfig {
+    use sparrow::config::AttentionKind;
+    let mut cfg = tiny_config();
+    cfg.layer_types = Some(vec![AttentionKind::Dense, AttentionKind::Dsa]);
+    cfg.index_topk = topk;
+    cfg.indexer_kind = kind;
+    cfg.index_n_heads = 3;
+    cfg.index_head_dim = 8;
+    cfg.index_rope_head_dim = 4;
+    cfg.index_gate_intermediate_size = 12;
+    cfg.validate().expect("valid DSA config");
+    cfg
+}

@@ -1,0 +1,314 @@
+//! DSA layers inside the model: sparse == dense when the context fits in k, cached
+//! decode == full forward past k, gradients of each indexer training mode (finite
+//! differences where the loss is smooth, presence elsewhere), and config validation.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use sparrow::config::{AttentionKind, IndexerKind, IndexerTrainMode};
+use sparrow::infer::cache::KvCache;
+use sparrow::model::attention::AttnOptions;
+use sparrow::model::Model;
+use sparrow::train::loss::cross_entropy;
+use std::collections::HashMap;
+
+const KINDS: [IndexerKind; 2] = [IndexerKind::Lightning, IndexerKind::MlpGate];
+
+fn ids(n: usize, vocab: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 97 + 13 + seed * 31) % vocab as u32)
+        .collect()
+}
+
+fn batch(b: usize, t: usize, vocab: usize) -> Tensor {
+    let v: Vec<u32> = (0..b).flat_map(|r| ids(t, vocab, r as u32)).collect();
+    Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
+}
+
+/// The same weights without the indexer, as a dense model.
+fn dense_twin(model: &Model) -> Model {
+    let mut cfg = model.cfg.clone();
+    cfg.layer_types = None;
+    let tensors: HashMap<String, Tensor> = model
+        .store
+        .vars()
+        .into_iter()
+        .filter(|(n, _)| !n.contains(".indexer."))
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    Model::from_tensors(&cfg, tensors, "twin".as_ref(), DType::F32, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn dsa_equals_dense_when_the_context_fits_in_k() {
+    for kind in KINDS {
+        let mut cfg = tiny_dsa_config(kind, 16);
+        cfg.initializer_range = 0.1;
+        let model = Model::new_random(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+        let dense = dense_twin(&model);
+        let x = batch(2, 16, cfg.vocab_size);
+        let a = model.forward(&x, None).unwrap().logits;
+        let b = dense.forward(&x, None).unwrap().logits;
+        assert_eq!(to_f64_vec(&a), to_f64_vec(&b), "{kind:?}");
+        // Past k the layers differ: the selection is really used.
+        let x = batch(1, 40, cfg.vocab_size);
+        let a = model.forward(&x, None).unwrap().logits;
+        let b = dense.forward(&x, None).unwrap().logits;
+        assert!(
+            rel_err(&a, &b) > 1e-4,
+            "{kind:?}: sparse equals dense past k"
+        );
+    }
+}
+
+#[test]
+fn dsa_cached_decode_equals_full_forward() {
+    for kind in KINDS {
+        for bf16 in [false, true] {
+            let mut cfg = tiny_dsa_config(kind, 6);
+            cfg.initializer_range = 0.1;
+            if bf16 {
+                cfg.index_cache_dtype = sparrow::config::IndexCacheDtype::Bfloat16;
+            }
+            let model = Model::new_random(&cfg, 9, DType::F32, &Device::Cpu).unwrap();
+            let n = 41;
+            let toks = ids(n, cfg.vocab_size, 0);
+            let full = model
+                .forward(
+                    &Tensor::from_slice(&toks, (1, n), &Device::Cpu).unwrap(),
+                    None,
+                )
+                .unwrap()
+                .logits;
+            let mut cache = KvCache::new(cfg.num_hidden_layers);
+            let prefill = 9;
+            let mut pieces = vec![
+                model
+                    .forward(
+                        &Tensor::from_slice(&toks[..prefill], (1, prefill), &Device::Cpu).unwrap(),
+                        Some(&mut cache),
+                    )
+                    .unwrap()
+                    .logits,
+            ];
+            for &t in &toks[prefill..] {
+                let x = Tensor::from_slice(&[t], (1, 1), &Device::Cpu).unwrap();
+                pieces.push(model.forward(&x, Some(&mut cache)).unwrap().logits);
+            }
+            let inc = Tensor::cat(&pieces, 1).unwrap();
+            let err = rel_err(&inc, &full);
+            assert!(err < 1e-5, "{kind:?} bf16={bf16}: rel err {err:e}");
+            // The index cache holds one key per position, in the chosen precision.
+            let index_bytes = cache.layers[1].index_bytes();
+            let per = if bf16 { 2 } else { 4 };
+            assert_eq!(index_bytes, n.div_ceil(64) * 64 * cfg.index_head_dim * per);
+            assert_eq!(cache.layers[0].index_bytes(), 0);
+        }
+    }
+}
+
+fn opts(mode: IndexerTrainMode, kl: bool) -> AttnOptions {
+    AttnOptions {
+        indexer_mode: Some(mode),
+        indexer_kl: kl,
+        collect_recall: false,
+    }
+}
+
+fn f64_model(kind: IndexerKind, topk: usize) -> Model {
+    let mut cfg = tiny_dsa_config(kind, topk);
+    cfg.initializer_range = 0.3;
+    cfg.n_routed_experts = 0; // dense FFNs: the routing choice is not under test here
+    cfg.first_k_dense_replace = 0;
+    Model::new_random(&cfg, 17, DType::F64, &Device::Cpu).unwrap()
+}
+
+fn lm_loss(model: &Model, x: &Tensor, o: &AttnOptions) -> Tensor {
+    let (b, t) = x.dims2().unwrap();
+    let out = model.net.forward_with(x, None, o).unwrap();
+    let tgt = Tensor::from_vec(ids(b * t, model.cfg.vocab_size, 5), b * t, &Device::Cpu).unwrap();
+    cross_entropy(
+        &out.logits.reshape((b * t, model.cfg.vocab_size)).unwrap(),
+        &tgt,
+    )
+    .unwrap()
+}
+
+#[test]
+fn sparse_mode_gradients_match_finite_differences() {
+    // Sparse mode: the LM loss is smooth in the main weights for a fixed selection, and
+    // the KL is smooth in the indexer weights. (The selection itself does not move under
+    // a 1e-6 perturbation.)
+    for kind in KINDS {
+        let model = f64_model(kind, 5);
+        let x = batch(2, 12, model.cfg.vocab_size);
+        let o = opts(IndexerTrainMode::Sparse, true);
+        let (indexer, main): (Vec<_>, Vec<_>) = model
+            .store
+            .vars()
+            .into_iter()
+            .partition(|(n, _)| n.contains(".indexer."));
+        let main: Vec<_> = main
+            .into_iter()
+            .filter(|(n, _)| n.contains("layers.1.self_attn"))
+            .collect();
+        check_gradients(&main, || lm_loss(&model, &x, &o), 6);
+        let kl = || {
+            model
+                .net
+                .forward_with(&x, None, &o)
+                .unwrap()
+                .indexer_kl
+                .unwrap()
+        };
+        check_gradients(&indexer, kl, 6);
+    }
+}
+
+#[test]
+fn dense_warmup_kl_gradients_match_finite_differences() {
+    let model = f64_model(IndexerKind::Lightning, 5);
+    let x = batch(2, 10, model.cfg.vocab_size);
+    let o = opts(IndexerTrainMode::DenseWarmup, true);
+    let indexer: Vec<_> = model
+        .store
+        .vars()
+        .into_iter()
+        .filter(|(n, _)| n.contains(".indexer."))
+        .collect();
+    assert!(!indexer.is_empty());
+    let kl = || {
+        model
+            .net
+            .forward_with(&x, None, &o)
+            .unwrap()
+            .indexer_kl
+            .unwrap()
+    };
+    check_gradients(&indexer, kl, 8);
+}
+
+#[test]
+fn every_parameter_learns_in_every_mode() {
+    for kind in KINDS {
+        for (mode, kl) in [
+            (IndexerTrainMode::DenseWarmup, true),
+            (IndexerTrainMode::Sparse, true),
+            (IndexerTrainMode::Ste, false),
+            (IndexerTrainMode::Ste, true),
+        ] {
+            let model = f64_model(kind, 5);
+            let x = batch(2, 14, model.cfg.vocab_size);
+            let o = opts(mode, kl);
+            let out = model.net.forward_with(&x, None, &o).unwrap();
+            let b_t = 2 * 14;
+            let tgt =
+                Tensor::from_vec(ids(b_t, model.cfg.vocab_size, 5), b_t, &Device::Cpu).unwrap();
+            let mut loss = cross_entropy(
+                &out.logits.reshape((b_t, model.cfg.vocab_size)).unwrap(),
+                &tgt,
+            )
+            .unwrap();
+            assert_eq!(out.indexer_kl.is_some(), kl, "{kind:?} {mode:?}");
+            if let Some(k) = &out.indexer_kl {
+                let v: f64 = k.to_scalar().unwrap();
+                assert!(v.is_finite() && v >= -1e-9, "KL {v}");
+                loss = (loss + k).unwrap();
+            }
+            let grads = loss.backward().unwrap();
+            for (name, var) in model.store.vars() {
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{kind:?} {mode:?}: no gradient for {name}"));
+                let norm: f64 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+                assert!(norm > 0.0, "{kind:?} {mode:?}: zero gradient for {name}");
+            }
+            // In STE mode without KL the indexer learns from the LM loss alone.
+            if mode == IndexerTrainMode::Ste && !kl {
+                let lm = lm_loss(&model, &x, &o);
+                let g = lm.backward().unwrap();
+                for (name, var) in model
+                    .store
+                    .vars()
+                    .iter()
+                    .filter(|(n, _)| n.contains(".indexer."))
+                {
+                    assert!(
+                        g.get(var.as_tensor()).is_some(),
+                        "{kind:?}: STE gives {name} no LM gradient"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn recall_is_one_within_k_and_a_share_past_it() {
+    let mut cfg = tiny_dsa_config(IndexerKind::Lightning, 7);
+    cfg.initializer_range = 0.2;
+    let model = Model::new_random(&cfg, 4, DType::F32, &Device::Cpu).unwrap();
+    let o = AttnOptions {
+        collect_recall: true,
+        ..Default::default()
+    };
+    let out = model
+        .net
+        .forward_with(&batch(1, 30, cfg.vocab_size), None, &o)
+        .unwrap();
+    assert!(out.recall[0].is_none(), "dense layer has no recall");
+    let r = out.recall[1].as_ref().unwrap();
+    assert_eq!(r.len(), 30);
+    for (t, &x) in r.iter().enumerate() {
+        assert!((0.0..=1.0 + 1e-5).contains(&x), "recall {x}");
+        if t < 7 {
+            assert!(
+                (x - 1.0).abs() < 1e-5,
+                "query {t} sees <= k keys: recall {x}"
+            );
+        }
+    }
+    assert!(
+        r[29] < 1.0,
+        "past k some mass must be missed by an untrained indexer"
+    );
+}
+
+#[test]
+fn dsa_config_errors_name_the_field() {
+    let base = tiny_dsa_config(IndexerKind::Lightning, 4);
+    let cases: Vec<(&str, Box<dyn Fn(&mut sparrow::ModelConfig)>)> = vec![
+        ("index_topk", Box::new(|c| c.index_topk = 0)),
+        ("index_n_heads", Box::new(|c| c.index_n_heads = 0)),
+        (
+            "index_rope_head_dim",
+            Box::new(|c| c.index_rope_head_dim = 9),
+        ),
+        ("index_head_dim", Box::new(|c| c.index_head_dim = 0)),
+        (
+            "layer_types",
+            Box::new(|c| c.layer_types = Some(vec![AttentionKind::Dsa])),
+        ),
+        (
+            "index_gate_intermediate_size",
+            Box::new(|c| {
+                c.indexer_kind = IndexerKind::MlpGate;
+                c.index_gate_intermediate_size = 0;
+            }),
+        ),
+    ];
+    for (field, edit) in cases {
+        let mut c = base.clone();
+        edit(&mut c);
+        let err = sparrow::ModelConfig::from_json(&c.to_json())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field), "{field}: {err}");
+    }
+    let bad = base.to_json().replace("\"lightning\"", "\"lightening\"");
+    let err = sparrow::ModelConfig::from_json(&bad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("indexer_kind"), "{err}");
+}
