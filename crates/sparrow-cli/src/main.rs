@@ -63,6 +63,11 @@ enum Command {
         #[command(subcommand)]
         cmd: BenchCmd,
     },
+    /// Evaluate a trained model.
+    Eval {
+        #[command(subcommand)]
+        cmd: EvalCmd,
+    },
     /// Draw a run's training and validation loss curves (SVG).
     Plot {
         /// Run directory holding metrics.jsonl.
@@ -76,6 +81,33 @@ enum Command {
     Params {
         /// Config file (config.json or a preset under configs/).
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvalCmd {
+    /// Share of dense attention mass the DSA indexer's top-k keeps, per layer.
+    Recall {
+        /// Model directory.
+        #[arg(long, default_value = "runs/small")]
+        model: PathBuf,
+        /// Folder of .txt files; the held-out tail of each document is used.
+        #[arg(long, default_value = "data/corpus")]
+        corpus: PathBuf,
+        /// Tokens of context per window.
+        #[arg(long, default_value_t = 4096)]
+        context: usize,
+        /// Windows to average over.
+        #[arg(long, default_value_t = 4)]
+        windows: usize,
+        /// Select this many positions instead of the model's index_topk.
+        #[arg(long)]
+        topk: Option<usize>,
+        /// Share of each document held out (the training default).
+        #[arg(long, default_value_t = 0.02)]
+        val_fraction: f64,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -109,6 +141,36 @@ enum BenchCmd {
         /// Square matrix sizes.
         #[arg(long, value_delimiter = ',', default_value = "256,512,1024,2048")]
         sizes: Vec<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One attention layer, dense vs DSA, at each context length: decode latency,
+    /// prefill time, cache bytes, achieved bandwidth.
+    Attention {
+        /// Cached context lengths.
+        #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384,65536,131072")]
+        context: Vec<usize>,
+        /// Run dense prefill only up to this length (its cost grows quadratically).
+        #[arg(long, default_value_t = 32768)]
+        dense_prefill_max: usize,
+        /// Skip the prefill measurements.
+        #[arg(long)]
+        no_prefill: bool,
+        #[arg(long, default_value_t = 16)]
+        heads: usize,
+        #[arg(long, default_value_t = 64)]
+        head_dim: usize,
+        #[arg(long, default_value_t = 1)]
+        kv_heads: usize,
+        #[arg(long, default_value_t = 4)]
+        index_heads: usize,
+        #[arg(long, default_value_t = 32)]
+        index_dim: usize,
+        #[arg(long, default_value_t = 512)]
+        topk: usize,
+        /// Keep the index cache in bf16.
+        #[arg(long)]
+        index_bf16: bool,
         #[arg(long)]
         json: bool,
     },
@@ -244,7 +306,38 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Train(args) => run_train(*args, progress)?,
+        Command::Eval { cmd } => run_eval(cmd, progress)?,
         Command::Generate(args) => run_generate(args)?,
+        Command::Bench {
+            cmd:
+                BenchCmd::Attention {
+                    context,
+                    dense_prefill_max,
+                    no_prefill,
+                    heads,
+                    head_dim,
+                    kv_heads,
+                    index_heads,
+                    index_dim,
+                    topk,
+                    index_bf16,
+                    json,
+                },
+        } => run_bench_attention(
+            context,
+            dense_prefill_max,
+            no_prefill,
+            sparrow::bench::attention::LayerShape {
+                heads,
+                head_dim,
+                kv_heads,
+                index_heads,
+                index_dim,
+                topk,
+                index_bf16,
+            },
+            json,
+        )?,
         Command::Bench {
             cmd: BenchCmd::Gemm { sizes, json },
         } => {
@@ -368,6 +461,166 @@ fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
         summary.parameters as f64 / 1e6
     );
     Ok(())
+}
+
+fn run_eval(cmd: EvalCmd, progress: bool) -> Result<()> {
+    match cmd {
+        EvalCmd::Recall {
+            model,
+            corpus,
+            context,
+            windows,
+            topk,
+            val_fraction,
+            json,
+        } => {
+            let (m, _) = Model::load_dir_with(
+                &model,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+                |c| {
+                    if let Some(k) = topk {
+                        c.index_topk = k;
+                    }
+                },
+            )?;
+            let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
+            let tokens = sparrow::eval::recall::held_out_tokens(&corpus, &tok, val_fraction, progress)?;
+            let rows = sparrow::eval::recall::measure(&m, &tokens, context, windows, progress)?;
+            if json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else {
+                println!("indexer recall of {} at context {context} (queries in the last quarter of {windows} windows)", model.display());
+                println!("{:>5} {:>6} {:>8} {:>7} {:>7} {:>7}", "layer", "top-k", "queries", "mean", "p5", "min");
+                for r in &rows {
+                    println!(
+                        "{:>5} {:>6} {:>8} {:>7.4} {:>7.4} {:>7.4}",
+                        r.layer, r.topk, r.queries, r.mean, r.p5, r.min
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_bench_attention(
+    contexts: Vec<usize>,
+    dense_prefill_max: usize,
+    no_prefill: bool,
+    shape: sparrow::bench::attention::LayerShape,
+    json: bool,
+) -> Result<()> {
+    use sparrow::bench::attention::{decode_row, growth_exponent, prefill_row};
+    if shape.kv_heads == 0 || shape.heads % shape.kv_heads != 0 {
+        bail!("--kv-heads {} must divide --heads {}", shape.kv_heads, shape.heads);
+    }
+    if contexts.iter().any(|&c| c == 0) {
+        bail!("--context lengths must be > 0");
+    }
+    let bw = sparrow::bench::read_bandwidth(512);
+    let gemm = sparrow::bench::gemm_f32(1024)?.gflops;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"bench": "machine", "read_gbps": bw, "gemm_f32_gflops": gemm, "threads": rayon_threads(), "shape": shape})
+        );
+    } else {
+        println!(
+            "machine: read bandwidth {bw:.1} GB/s, f32 GEMM {gemm:.0} GFLOP/s, {} threads",
+            rayon_threads()
+        );
+        println!(
+            "layer: {} query heads x {} over {} KV head(s), indexer {} x {}, top-k {}, index cache {}",
+            shape.heads,
+            shape.head_dim,
+            shape.kv_heads,
+            shape.index_heads,
+            shape.index_dim,
+            shape.topk,
+            if shape.index_bf16 { "bf16" } else { "f32" }
+        );
+        println!(
+            "cache per token: KV {} B (MHA would be {} B), index {} B",
+            shape.kv_bytes_per_token(),
+            shape.mha_kv_bytes_per_token(),
+            shape.index_bytes_per_token()
+        );
+        println!("\ndecode (one new token), median ms:");
+        println!(
+            "{:>8} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>11} {:>8}",
+            "context", "dense", "dense(mm)", "sparse", "select", "attend", "ratio", "dense GF", "dense GB", "scan GB/s", "scan/BW"
+        );
+    }
+    for &c in &contexts {
+        let r = decode_row(shape, c, bw)?;
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "{:>8} {:>9.3} {:>10.3} {:>9.3} {:>9.3} {:>9.3} {:>7.1}x {:>9.1} {:>8.1} {:>11.1} {:>7.0}%",
+                c,
+                r.dense_ms,
+                r.dense_candle_ms,
+                r.sparse_ms,
+                r.select_ms,
+                r.attend_ms,
+                r.speedup,
+                r.dense_gflops,
+                r.dense_gbps,
+                r.index_scan_gbps,
+                r.index_scan_bw_share * 100.0
+            );
+        }
+    }
+    if no_prefill {
+        return Ok(());
+    }
+    if !json {
+        println!("\nprefill (all tokens through one layer), seconds:");
+        println!("{:>8} {:>10} {:>10} {:>10} {:>10} {:>8}", "context", "dense", "sparse", "select", "attend", "ratio");
+    }
+    let mut dense_pts = Vec::new();
+    let mut sparse_pts = Vec::new();
+    for &c in &contexts {
+        let r = prefill_row(shape, c, c <= dense_prefill_max)?;
+        if let Some(d) = r.dense_s {
+            dense_pts.push((c, d));
+        }
+        sparse_pts.push((c, r.sparse_s));
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            let fmt = |x: Option<f64>, p: usize| x.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into());
+            println!(
+                "{:>8} {:>10} {:>10.3} {:>10.3} {:>10.3} {:>7}x",
+                c,
+                fmt(r.dense_s, 3),
+                r.sparse_s,
+                r.sparse_select_s,
+                r.sparse_attend_s,
+                fmt(r.speedup, 1)
+            );
+        }
+    }
+    let (ed, es) = (growth_exponent(&dense_pts), growth_exponent(&sparse_pts));
+    if json {
+        println!("{}", serde_json::json!({"bench": "attention_prefill_growth", "dense_exponent": ed, "sparse_exponent": es}));
+    } else {
+        let f = |e: Option<f64>| e.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+        println!("growth exponent of prefill time (log-log fit): dense {}, sparse {}", f(ed), f(es));
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {

@@ -7,12 +7,15 @@
 //! - [`data`]: corpus fetch and reading, token shards, batches
 //! - [`train`]: AdamW, schedule, training loop, atomic checkpoints, metrics
 //! - [`infer`]: KV cache, sampler, streaming generation
+//! - [`eval`]: indexer recall (and, later, perplexity, routing, long-context tasks)
+//! - [`bench`]: machine baselines and kernel benchmarks (dense vs sparse attention)
 //! - [`kernels`]: fused CPU kernels (custom ops with backward) and their references
 
 pub mod bench;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod fsio;
 pub mod infer;
 pub mod kernels;

@@ -113,6 +113,7 @@ fn opts(mode: IndexerTrainMode, kl: bool) -> AttnOptions {
         indexer_mode: Some(mode),
         indexer_kl: kl,
         collect_recall: false,
+        recall_from: 0,
     }
 }
 

@@ -195,6 +195,8 @@ fn sparse_attention_forward_matches_masked_dense() {
         ),
         (1, 11, 4, 2, 11, 24, 11, 0),
         (3, 5, 16, 1, 40, 64, 9, 35),
+        (2, 9, 24, 2, 30, 20, 7, 21), // 12 heads per KV head: a partly filled lane group
+        (1, 3, 40, 1, 50, 8, 45, 47), // 40 heads: two full lane groups and a partial one
     ] {
         for dtype in [DType::F32, DType::F64] {
             let q = randn(&[b, t, h, d], 1, dtype);

@@ -249,6 +249,59 @@ pub fn forward<T: AttnFloat>(
     Ok(out)
 }
 
+/// [`forward`] for f32 with the fast path for groups of >= 8 query heads per KV head
+/// (MQA-like layouts): per token and KV head, the selected key and value rows are
+/// gathered into contiguous buffers and attended by the 16-head-lane kernel of
+/// `decode_attention` (each gathered row is read once for all heads of the group).
+pub fn forward_f32(
+    dims: SparseDims,
+    scale: f64,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    idx: &[u32],
+) -> candle_core::Result<Vec<f32>> {
+    dims.check(q.len(), k.len(), v.len(), idx.len())?;
+    let SparseDims {
+        t, h, kv, s, d, k: kk, ..
+    } = dims;
+    let g = h / kv;
+    if g < 8 {
+        return forward(dims, scale, q, k, v, idx);
+    }
+    let mut out = vec![0.0f32; q.len()];
+    out.par_chunks_mut(h * d)
+        .with_min_len((64 / kk.max(1)).max(1))
+        .enumerate()
+        .for_each_init(
+            || (Vec::with_capacity(kk * d), Vec::with_capacity(kk * d)),
+            |(kbuf, vbuf): &mut (Vec<f32>, Vec<f32>), (bt, o)| {
+                let bi = bt / t.max(1);
+                let ids = &idx[bt * kk..(bt + 1) * kk];
+                for grp in 0..kv {
+                    let base = (bi * kv + grp) * s * d;
+                    kbuf.clear();
+                    vbuf.clear();
+                    for &i in ids {
+                        if i != NONE && (i as usize) < s {
+                            let r = base + i as usize * d;
+                            kbuf.extend_from_slice(&k[r..r + d]);
+                            vbuf.extend_from_slice(&v[r..r + d]);
+                        }
+                    }
+                    let qo = (bt * h + grp * g) * d;
+                    let og = &mut o[grp * g * d..(grp + 1) * g * d];
+                    if kbuf.is_empty() {
+                        og.iter_mut().for_each(|x| *x = 0.0);
+                        continue;
+                    }
+                    super::decode_attention::attend_rows(&q[qo..qo + g * d], kbuf, vbuf, d, scale as f32, og);
+                }
+            },
+        );
+    Ok(out)
+}
+
 /// Gradients of one sparse attention call.
 pub struct SparseGrads<T> {
     /// (B, T, H, D)
@@ -513,9 +566,17 @@ impl CustomOp3 for SparseAttention {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = self.dims;
-        let out = slices3!(self.name(), s1, l1, s2, l2, s3, l3, |q, k, v| forward(
-            dims, self.scale, q, k, v, &self.idx
-        )?);
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                let q = super::contiguous_slice(self.name(), q, l1)?;
+                let k = super::contiguous_slice(self.name(), k, l2)?;
+                let v = super::contiguous_slice(self.name(), v, l3)?;
+                CpuStorage::F32(forward_f32(dims, self.scale, q, k, v, &self.idx)?)
+            }
+            _ => slices3!(self.name(), s1, l1, s2, l2, s3, l3, |q, k, v| forward(
+                dims, self.scale, q, k, v, &self.idx
+            )?),
+        };
         Ok((out, l1.shape().clone()))
     }
 
@@ -587,7 +648,8 @@ impl CustomOp1 for SteGate {
 
 /// Indexer recall: for each query (B, T), the share of the dense causal attention mass,
 /// averaged over heads, that falls on its selected positions. q (B, T, H, D); k
-/// (B, KV, S, D); query t sits at position `offset + t`. O(T * S * H * D), no grad.
+/// (B, KV, S, D); query t sits at position `offset + t`. Queries with t < `from` are
+/// skipped (reported as NaN). O(T * S * H * D), no grad.
 pub fn selected_mass(
     dims: SparseDims,
     scale: f64,
@@ -595,6 +657,7 @@ pub fn selected_mass(
     k: &[f32],
     idx: &[u32],
     offset: usize,
+    from: usize,
 ) -> candle_core::Result<Vec<f32>> {
     dims.check(q.len(), k.len(), k.len(), idx.len())?;
     let SparseDims {
@@ -611,6 +674,10 @@ pub fn selected_mass(
     let mut out = vec![0.0f32; dims.b * t];
     out.par_iter_mut().enumerate().for_each(|(bt, o)| {
         let (bi, ti) = (bt / t.max(1), bt % t.max(1));
+        if ti < from {
+            *o = f32::NAN;
+            return;
+        }
         let visible = (offset + ti + 1).min(s);
         let ids = &idx[bt * kk..(bt + 1) * kk];
         let mut logits = vec![0.0f32; visible];

@@ -30,8 +30,9 @@ pub struct AttnOptions {
     pub indexer_mode: Option<IndexerTrainMode>,
     /// Compute the indexer KL loss (always in `dense_warmup` and `sparse`).
     pub indexer_kl: bool,
-    /// Measure the indexer recall of every query (`eval recall`).
+    /// Measure the indexer recall of the queries at t >= `recall_from` (`eval recall`).
     pub collect_recall: bool,
+    pub recall_from: usize,
 }
 
 /// What one attention layer returns.
@@ -228,7 +229,11 @@ impl Attention {
             } else {
                 None
             };
-            let recall = opts.collect_recall.then(|| vec![1.0f32; b * t]);
+            let recall = opts.collect_recall.then(|| {
+                (0..b * t)
+                    .map(|n| if n % t < opts.recall_from { f32::NAN } else { 1.0 })
+                    .collect()
+            });
             return Ok(AttnOut {
                 y,
                 indexer_kl,
@@ -310,7 +315,13 @@ impl Attention {
             let q32: Vec<f32> = qs.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             let k32: Vec<f32> = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             Some(sparse_attention::selected_mass(
-                dims, scale, &q32, &k32, &idx, offset,
+                dims,
+                scale,
+                &q32,
+                &k32,
+                &idx,
+                offset,
+                opts.recall_from,
             )?)
         } else {
             None

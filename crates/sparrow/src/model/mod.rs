@@ -68,10 +68,23 @@ impl Model {
     /// Load `config.json` + `model.safetensors` from a model directory. Returns the model
     /// and the step recorded in the weights' metadata (if any).
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, Option<u64>)> {
+        Self::load_dir_with(dir, dtype, device, |_| {})
+    }
+
+    /// `load_dir` with the config adjusted before the layers are built (e.g. a different
+    /// `index_topk` for a recall sweep); the result is validated again.
+    pub fn load_dir_with(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        edit: impl FnOnce(&mut ModelConfig),
+    ) -> Result<(Self, Option<u64>)> {
         if !dir.is_dir() {
             return Err(Error::checkpoint(dir, "model directory does not exist"));
         }
-        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let mut cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        edit(&mut cfg);
+        cfg.validate()?;
         let path = dir.join("model.safetensors");
         let (tensors, meta) = crate::weights::load(&path, device)?;
         let step = match meta.get(STEP_KEY) {

@@ -323,6 +323,7 @@ fn run_loop(
             indexer_mode,
             indexer_kl: kl_coef > 0.0,
             collect_recall: false,
+            recall_from: 0,
         };
         let fwd = model.net.forward_with(&inp, None, &opts)?;
         let v = model.cfg.vocab_size;

@@ -1,0 +1,91 @@
+//! Machine reference measurements (the baselines our kernels are reported against) and
+//! the kernel benchmarks of `sparrow bench`.
+//!
+//! - [`gemm_f32`]: candle's f32 GEMM throughput.
+//! - [`read_bandwidth`]: DRAM read bandwidth of a parallel streaming sum.
+//! - [`attention`]: one attention layer, dense vs DSA, decode and prefill by context.
+
+pub mod attention;
+
+use crate::error::Result;
+use candle_core::{Device, Tensor};
+use std::time::Instant;
+
+/// One throughput measurement.
+#[derive(Debug, Clone, Copy)]
+pub struct GemmResult {
+    pub gflops: f64,
+    /// Median seconds per call.
+    pub secs: f64,
+}
+
+/// candle f32 matmul of two n x n matrices: median of repeated calls after warm-up.
+pub fn gemm_f32(n: usize) -> Result<GemmResult> {
+    let dev = Device::Cpu;
+    let a = Tensor::randn(0f32, 1.0, (n, n), &dev)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &dev)?;
+    let _ = a.matmul(&b)?; // warm-up
+    let flops = 2.0 * (n as f64).powi(3);
+    let reps = ((2e10 / flops) as usize).clamp(3, 200);
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        std::hint::black_box(&c);
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(|x, y| x.total_cmp(y));
+    let secs = times[times.len() / 2];
+    Ok(GemmResult {
+        gflops: flops / secs / 1e9,
+        secs,
+    })
+}
+
+#[inline(always)]
+fn sum_lanes(x: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0.0f32; L];
+    let mut c = x.chunks_exact(L);
+    for v in &mut c {
+        for l in 0..L {
+            acc[l] += v[l];
+        }
+    }
+    acc.iter().sum::<f32>() + c.remainder().iter().sum::<f32>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn sum_lanes_avx512(x: &[f32]) -> f32 {
+    sum_lanes(x)
+}
+
+fn sum_fast(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::simd::has_avx512() {
+        // SAFETY: AVX-512F presence checked at run time; reads only `x`.
+        return unsafe { sum_lanes_avx512(x) };
+    }
+    sum_lanes(x)
+}
+
+/// DRAM read bandwidth in GB/s: a streaming sum over `mib` MiB of f32 split over the
+/// rayon threads (median of repeated passes after a warm-up pass).
+pub fn read_bandwidth(mib: usize) -> f64 {
+    use rayon::prelude::*;
+    let n = mib * (1 << 20) / 4;
+    let data: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let chunk = n.div_ceil(rayon::current_num_threads().max(1) * 8).max(1 << 14);
+    let pass = || -> f32 { data.par_chunks(chunk).map(sum_fast).sum() };
+    std::hint::black_box(pass());
+    let mut times: Vec<f64> = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(pass());
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(|a, b| a.total_cmp(b));
+    (n * 4) as f64 / times[times.len() / 2] / 1e9
+}
