@@ -148,7 +148,11 @@ enum BenchCmd {
     /// prefill time, cache bytes, achieved bandwidth.
     Attention {
         /// Cached context lengths.
-        #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384,65536,131072")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "1024,4096,16384,65536,131072"
+        )]
         context: Vec<usize>,
         /// Run dense prefill only up to this length (its cost grows quadratically).
         #[arg(long, default_value_t = 32768)]
@@ -485,7 +489,8 @@ fn run_eval(cmd: EvalCmd, progress: bool) -> Result<()> {
                 },
             )?;
             let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
-            let tokens = sparrow::eval::recall::held_out_tokens(&corpus, &tok, val_fraction, progress)?;
+            let tokens =
+                sparrow::eval::recall::held_out_tokens(&corpus, &tok, val_fraction, progress)?;
             let rows = sparrow::eval::recall::measure(&m, &tokens, context, windows, progress)?;
             if json {
                 for r in &rows {
@@ -493,7 +498,10 @@ fn run_eval(cmd: EvalCmd, progress: bool) -> Result<()> {
                 }
             } else {
                 println!("indexer recall of {} at context {context} (queries in the last quarter of {windows} windows)", model.display());
-                println!("{:>5} {:>6} {:>8} {:>7} {:>7} {:>7}", "layer", "top-k", "queries", "mean", "p5", "min");
+                println!(
+                    "{:>5} {:>6} {:>8} {:>7} {:>7} {:>7}",
+                    "layer", "top-k", "queries", "mean", "p5", "min"
+                );
                 for r in &rows {
                     println!(
                         "{:>5} {:>6} {:>8} {:>7.4} {:>7.4} {:>7.4}",
@@ -516,7 +524,11 @@ fn run_bench_attention(
 ) -> Result<()> {
     use sparrow::bench::attention::{decode_row, growth_exponent, prefill_row};
     if shape.kv_heads == 0 || shape.heads % shape.kv_heads != 0 {
-        bail!("--kv-heads {} must divide --heads {}", shape.kv_heads, shape.heads);
+        bail!(
+            "--kv-heads {} must divide --heads {}",
+            shape.kv_heads,
+            shape.heads
+        );
     }
     if contexts.iter().any(|&c| c == 0) {
         bail!("--context lengths must be > 0");
@@ -552,7 +564,17 @@ fn run_bench_attention(
         println!("\ndecode (one new token), median ms:");
         println!(
             "{:>8} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>11} {:>8}",
-            "context", "dense", "dense(mm)", "sparse", "select", "attend", "ratio", "dense GF", "dense GB", "scan GB/s", "scan/BW"
+            "context",
+            "dense",
+            "dense(mm)",
+            "sparse",
+            "select",
+            "attend",
+            "ratio",
+            "dense GF",
+            "dense GB",
+            "scan GB/s",
+            "scan/BW"
         );
     }
     for &c in &contexts {
@@ -581,7 +603,10 @@ fn run_bench_attention(
     }
     if !json {
         println!("\nprefill (all tokens through one layer), seconds:");
-        println!("{:>8} {:>10} {:>10} {:>10} {:>10} {:>8}", "context", "dense", "sparse", "select", "attend", "ratio");
+        println!(
+            "{:>8} {:>10} {:>10} {:>10} {:>10} {:>8}",
+            "context", "dense", "sparse", "select", "attend", "ratio"
+        );
     }
     let mut dense_pts = Vec::new();
     let mut sparse_pts = Vec::new();
@@ -594,7 +619,9 @@ fn run_bench_attention(
         if json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
-            let fmt = |x: Option<f64>, p: usize| x.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into());
+            let fmt = |x: Option<f64>, p: usize| {
+                x.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into())
+            };
             println!(
                 "{:>8} {:>10} {:>10.3} {:>10.3} {:>10.3} {:>7}x",
                 c,
@@ -608,10 +635,17 @@ fn run_bench_attention(
     }
     let (ed, es) = (growth_exponent(&dense_pts), growth_exponent(&sparse_pts));
     if json {
-        println!("{}", serde_json::json!({"bench": "attention_prefill_growth", "dense_exponent": ed, "sparse_exponent": es}));
+        println!(
+            "{}",
+            serde_json::json!({"bench": "attention_prefill_growth", "dense_exponent": ed, "sparse_exponent": es})
+        );
     } else {
         let f = |e: Option<f64>| e.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
-        println!("growth exponent of prefill time (log-log fit): dense {}, sparse {}", f(ed), f(es));
+        println!(
+            "growth exponent of prefill time (log-log fit): dense {}, sparse {}",
+            f(ed),
+            f(es)
+        );
     }
     Ok(())
 }

@@ -133,7 +133,15 @@ impl DecodeState {
     /// Dense decode with our flash-decoding kernel: (H, D).
     pub fn dense(&self) -> Vec<f32> {
         let s = &self.shape;
-        decode_attention::decode(&self.q, &self.k, &self.v, s.kv_heads, self.len, s.head_dim, self.scale())
+        decode_attention::decode(
+            &self.q,
+            &self.k,
+            &self.v,
+            s.kv_heads,
+            self.len,
+            s.head_dim,
+            self.scale(),
+        )
     }
 
     /// Dense decode through candle ops (matmul, softmax, matmul).
@@ -152,7 +160,13 @@ impl DecodeState {
 
     /// The selection: scan the index cache once, top-k.
     pub fn select(&self) -> Vec<u32> {
-        indexer::topk_decode(&self.iq, &self.iw, &self.index, self.shape.index_shape(), self.shape.topk)
+        indexer::topk_decode(
+            &self.iq,
+            &self.iw,
+            &self.index,
+            self.shape.index_shape(),
+            self.shape.topk,
+        )
     }
 
     /// Attention over a selection: (H, D).

@@ -76,7 +76,9 @@ pub fn read_bandwidth(mib: usize) -> f64 {
     use rayon::prelude::*;
     let n = mib * (1 << 20) / 4;
     let data: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
-    let chunk = n.div_ceil(rayon::current_num_threads().max(1) * 8).max(1 << 14);
+    let chunk = n
+        .div_ceil(rayon::current_num_threads().max(1) * 8)
+        .max(1 << 14);
     let pass = || -> f32 { data.par_chunks(chunk).map(sum_fast).sum() };
     std::hint::black_box(pass());
     let mut times: Vec<f64> = (0..7)

@@ -29,15 +29,28 @@ pub struct LayerRecall {
 
 /// The held-out tail of every document of a corpus (the training runs' validation
 /// split for the same `val_fraction`).
-pub fn held_out_tokens(corpus_dir: &Path, tokenizer: &Tokenizer, val_fraction: f64, progress: bool) -> Result<Vec<u32>> {
+pub fn held_out_tokens(
+    corpus_dir: &Path,
+    tokenizer: &Tokenizer,
+    val_fraction: f64,
+    progress: bool,
+) -> Result<Vec<u32>> {
     let files = corpus::list_text_files(corpus_dir)?;
     Ok(TokenData::build(&files, tokenizer, val_fraction, progress)?.val)
 }
 
 /// Recall per DSA layer over `windows` evenly spaced windows of `context` tokens.
-pub fn measure(model: &Model, tokens: &[u32], context: usize, windows: usize, progress: bool) -> Result<Vec<LayerRecall>> {
+pub fn measure(
+    model: &Model,
+    tokens: &[u32],
+    context: usize,
+    windows: usize,
+    progress: bool,
+) -> Result<Vec<LayerRecall>> {
     if !model.cfg.has_dsa() {
-        return Err(Error::Invalid("the model has no `dsa` layer: nothing to measure".into()));
+        return Err(Error::Invalid(
+            "the model has no `dsa` layer: nothing to measure".into(),
+        ));
     }
     if context > model.cfg.max_position_embeddings {
         return Err(Error::Invalid(format!(

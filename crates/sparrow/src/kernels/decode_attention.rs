@@ -136,26 +136,6 @@ const LANES: usize = 16;
 /// Keys sharing each load of the transposed queries.
 const KEYS_PER_STEP: usize = 4;
 
-/// `a * b + c`, fused when the caller is compiled with FMA (the AVX-512 build), plain
-/// otherwise (an unfused fallback keeps the portable build free of libm `fmaf` calls).
-trait MulAdd {
-    fn mul_add(a: f32, b: f32, c: f32) -> f32;
-}
-struct Fused;
-struct Unfused;
-impl MulAdd for Fused {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a.mul_add(b, c)
-    }
-}
-impl MulAdd for Unfused {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a * b + c
-    }
-}
-
 /// Partial result over a key range for 16 heads at once: lanes are heads.
 struct LanePartial {
     max: [f32; LANES],
@@ -168,7 +148,12 @@ struct LanePartial {
 /// transposed, `q_t[i][h] = scale * q[h][i]`. Each key row is loaded once and
 /// broadcast against the 16 head lanes; four keys share each load of `q_t`.
 #[inline(always)]
-fn scan_lanes_generic<M: MulAdd>(q_t: &[[f32; LANES]], k: &[f32], v: &[f32], range: std::ops::Range<usize>) -> LanePartial {
+fn scan_lanes_generic(
+    q_t: &[[f32; LANES]],
+    k: &[f32],
+    v: &[f32],
+    range: std::ops::Range<usize>,
+) -> LanePartial {
     let d = q_t.len();
     let mut part = LanePartial {
         max: [f32::NEG_INFINITY; LANES],
@@ -179,21 +164,38 @@ fn scan_lanes_generic<M: MulAdd>(q_t: &[[f32; LANES]], k: &[f32], v: &[f32], ran
     let mut s0 = range.start;
     while s0 < range.end {
         let n = (range.end - s0).min(KEY_BLOCK);
-        // Scores of the block: logits[j][h].
+        // Scores of the block: logits[j][h]; four keys per pass over q_t.
         let mut j = 0;
-        while j < n {
-            let m = (n - j).min(KEYS_PER_STEP);
-            let mut acc = [[0.0f32; LANES]; KEYS_PER_STEP];
-            for (i, qr) in q_t.iter().enumerate() {
-                for (jj, a) in acc.iter_mut().enumerate().take(m) {
-                    let kv = k[(s0 + j + jj) * d + i];
-                    for l in 0..LANES {
-                        a[l] = M::mul_add(qr[l], kv, a[l]);
-                    }
+        while j + KEYS_PER_STEP <= n {
+            let b0 = (s0 + j) * d;
+            let (r0, r1, r2, r3) = (
+                &k[b0..b0 + d],
+                &k[b0 + d..b0 + 2 * d],
+                &k[b0 + 2 * d..b0 + 3 * d],
+                &k[b0 + 3 * d..b0 + 4 * d],
+            );
+            let mut a = [[0.0f32; LANES]; KEYS_PER_STEP];
+            for ((((qr, &x0), &x1), &x2), &x3) in q_t.iter().zip(r0).zip(r1).zip(r2).zip(r3) {
+                for l in 0..LANES {
+                    a[0][l] = a[0][l] + qr[l] * x0;
+                    a[1][l] = a[1][l] + qr[l] * x1;
+                    a[2][l] = a[2][l] + qr[l] * x2;
+                    a[3][l] = a[3][l] + qr[l] * x3;
                 }
             }
-            logits[j..j + m].copy_from_slice(&acc[..m]);
-            j += m;
+            logits[j..j + KEYS_PER_STEP].copy_from_slice(&a);
+            j += KEYS_PER_STEP;
+        }
+        while j < n {
+            let r = &k[(s0 + j) * d..(s0 + j + 1) * d];
+            let mut a = [0.0f32; LANES];
+            for (qr, &x) in q_t.iter().zip(r) {
+                for l in 0..LANES {
+                    a[l] = a[l] + qr[l] * x;
+                }
+            }
+            logits[j] = a;
+            j += 1;
         }
         // Online softmax update, lane-wise over heads.
         let mut bmax = [f32::NEG_INFINITY; LANES];
@@ -225,33 +227,188 @@ fn scan_lanes_generic<M: MulAdd>(q_t: &[[f32; LANES]], k: &[f32], v: &[f32], ran
         }
         // out_t[i][h] += p[j][h] * v[j][i], four keys per pass over out_t.
         let mut j = 0;
-        while j < n {
-            let m = (n - j).min(KEYS_PER_STEP);
-            for (i, o) in part.out_t.iter_mut().enumerate() {
-                let mut acc = *o;
-                for jj in 0..m {
-                    let vv = v[(s0 + j + jj) * d + i];
-                    let p = &logits[j + jj];
-                    for l in 0..LANES {
-                        acc[l] = M::mul_add(p[l], vv, acc[l]);
-                    }
+        while j + KEYS_PER_STEP <= n {
+            let b0 = (s0 + j) * d;
+            let (r0, r1, r2, r3) = (
+                &v[b0..b0 + d],
+                &v[b0 + d..b0 + 2 * d],
+                &v[b0 + 2 * d..b0 + 3 * d],
+                &v[b0 + 3 * d..b0 + 4 * d],
+            );
+            let (p0, p1, p2, p3) = (logits[j], logits[j + 1], logits[j + 2], logits[j + 3]);
+            for ((((o, &y0), &y1), &y2), &y3) in
+                part.out_t.iter_mut().zip(r0).zip(r1).zip(r2).zip(r3)
+            {
+                for l in 0..LANES {
+                    let acc = o[l] + p0[l] * y0;
+                    let acc = acc + p1[l] * y1;
+                    let acc = acc + p2[l] * y2;
+                    o[l] = acc + p3[l] * y3;
                 }
-                *o = acc;
             }
-            j += m;
+            j += KEYS_PER_STEP;
+        }
+        while j < n {
+            let r = &v[(s0 + j) * d..(s0 + j + 1) * d];
+            let p = logits[j];
+            for (o, &y) in part.out_t.iter_mut().zip(r) {
+                for l in 0..LANES {
+                    o[l] = o[l] + p[l] * y;
+                }
+            }
+            j += 1;
         }
         s0 += n;
     }
     part
 }
 
+/// The AVX-512 build of [`scan_lanes_generic`], written with intrinsics so the 16 head
+/// lanes map onto one register and nothing is left to the auto-vectoriser (which
+/// turned the transposed layout into gathers). Same algorithm, same block sizes; exp via
+/// the same range reduction with `vscalefps` for the 2^n.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-fn scan_lanes_avx512(q_t: &[[f32; LANES]], k: &[f32], v: &[f32], range: std::ops::Range<usize>) -> LanePartial {
-    scan_lanes_generic::<Fused>(q_t, k, v, range)
+fn scan_lanes_avx512(
+    q_t: &[[f32; LANES]],
+    k: &[f32],
+    v: &[f32],
+    range: std::ops::Range<usize>,
+) -> LanePartial {
+    use std::arch::x86_64::*;
+    let d = q_t.len();
+    assert!(
+        range.end * d <= k.len() && range.end * d <= v.len(),
+        "scan range beyond the cache"
+    );
+
+    #[inline(always)]
+    fn exp512(x: __m512) -> __m512 {
+        // SAFETY (all intrinsics below): register-only AVX-512F arithmetic; the caller
+        // runs with AVX-512F enabled.
+        unsafe {
+            let x = _mm512_max_ps(
+                _mm512_min_ps(x, _mm512_set1_ps(88.0)),
+                _mm512_set1_ps(-87.0),
+            );
+            let n = _mm512_roundscale_ps(
+                _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+            let mut p = _mm512_set1_ps(1.0 / 720.0);
+            for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+            }
+            _mm512_scalef_ps(p, n)
+        }
+    }
+
+    // SAFETY: every pointer read below is k/v[(s0 + j) * d + i] with s0 + j < range.end
+    // and i < d, in bounds by the assert above; `q_t` and `out_t` rows are 16 f32
+    // (one unaligned 512-bit load / store each). AVX-512F and FMA are enabled on this
+    // function and were detected at run time by the caller.
+    unsafe {
+        let kp = k.as_ptr();
+        let vp = v.as_ptr();
+        let qrows: Vec<__m512> = q_t.iter().map(|r| _mm512_loadu_ps(r.as_ptr())).collect();
+        let mut out_t: Vec<__m512> = vec![_mm512_setzero_ps(); d];
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut sum = _mm512_setzero_ps();
+        let mut logits = [_mm512_setzero_ps(); KEY_BLOCK];
+        let mut s0 = range.start;
+        while s0 < range.end {
+            let n = (range.end - s0).min(KEY_BLOCK);
+            let mut j = 0;
+            while j + 4 <= n {
+                let b0 = (s0 + j) * d;
+                let (mut a0, mut a1, mut a2, mut a3) = (
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                );
+                for (i, &qr) in qrows.iter().enumerate() {
+                    a0 = _mm512_fmadd_ps(qr, _mm512_set1_ps(*kp.add(b0 + i)), a0);
+                    a1 = _mm512_fmadd_ps(qr, _mm512_set1_ps(*kp.add(b0 + d + i)), a1);
+                    a2 = _mm512_fmadd_ps(qr, _mm512_set1_ps(*kp.add(b0 + 2 * d + i)), a2);
+                    a3 = _mm512_fmadd_ps(qr, _mm512_set1_ps(*kp.add(b0 + 3 * d + i)), a3);
+                }
+                logits[j] = a0;
+                logits[j + 1] = a1;
+                logits[j + 2] = a2;
+                logits[j + 3] = a3;
+                j += 4;
+            }
+            while j < n {
+                let b0 = (s0 + j) * d;
+                let mut a = _mm512_setzero_ps();
+                for (i, &qr) in qrows.iter().enumerate() {
+                    a = _mm512_fmadd_ps(qr, _mm512_set1_ps(*kp.add(b0 + i)), a);
+                }
+                logits[j] = a;
+                j += 1;
+            }
+            let mut bmax = _mm512_set1_ps(f32::NEG_INFINITY);
+            for l in &logits[..n] {
+                bmax = _mm512_max_ps(bmax, *l);
+            }
+            let new_m = _mm512_max_ps(m, bmax);
+            let corr = exp512(_mm512_sub_ps(m, new_m));
+            m = new_m;
+            let mut bsum = _mm512_setzero_ps();
+            for l in &mut logits[..n] {
+                *l = exp512(_mm512_sub_ps(*l, m));
+                bsum = _mm512_add_ps(bsum, *l);
+            }
+            sum = _mm512_fmadd_ps(sum, corr, bsum);
+            for o in out_t.iter_mut() {
+                *o = _mm512_mul_ps(*o, corr);
+            }
+            let mut j = 0;
+            while j + 4 <= n {
+                let b0 = (s0 + j) * d;
+                let (p0, p1, p2, p3) = (logits[j], logits[j + 1], logits[j + 2], logits[j + 3]);
+                for (i, o) in out_t.iter_mut().enumerate() {
+                    let mut acc = _mm512_fmadd_ps(p0, _mm512_set1_ps(*vp.add(b0 + i)), *o);
+                    acc = _mm512_fmadd_ps(p1, _mm512_set1_ps(*vp.add(b0 + d + i)), acc);
+                    acc = _mm512_fmadd_ps(p2, _mm512_set1_ps(*vp.add(b0 + 2 * d + i)), acc);
+                    *o = _mm512_fmadd_ps(p3, _mm512_set1_ps(*vp.add(b0 + 3 * d + i)), acc);
+                }
+                j += 4;
+            }
+            while j < n {
+                let b0 = (s0 + j) * d;
+                let p = logits[j];
+                for (i, o) in out_t.iter_mut().enumerate() {
+                    *o = _mm512_fmadd_ps(p, _mm512_set1_ps(*vp.add(b0 + i)), *o);
+                }
+                j += 1;
+            }
+            s0 += n;
+        }
+        let mut part = LanePartial {
+            max: [0.0; LANES],
+            sum: [0.0; LANES],
+            out_t: vec![[0.0; LANES]; d],
+        };
+        _mm512_storeu_ps(part.max.as_mut_ptr(), m);
+        _mm512_storeu_ps(part.sum.as_mut_ptr(), sum);
+        for (dst, src) in part.out_t.iter_mut().zip(&out_t) {
+            _mm512_storeu_ps(dst.as_mut_ptr(), *src);
+        }
+        part
+    }
 }
 
-fn scan_lanes(avx512: bool, q_t: &[[f32; LANES]], k: &[f32], v: &[f32], range: std::ops::Range<usize>) -> LanePartial {
+fn scan_lanes(
+    avx512: bool,
+    q_t: &[[f32; LANES]],
+    k: &[f32],
+    v: &[f32],
+    range: std::ops::Range<usize>,
+) -> LanePartial {
     #[cfg(target_arch = "x86_64")]
     if avx512 {
         // SAFETY: AVX-512F (and with it FMA) support was checked at run time
@@ -259,7 +416,7 @@ fn scan_lanes(avx512: bool, q_t: &[[f32; LANES]], k: &[f32], v: &[f32], range: s
         return unsafe { scan_lanes_avx512(q_t, k, v, range) };
     }
     let _ = avx512;
-    scan_lanes_generic::<Unfused>(q_t, k, v, range)
+    scan_lanes_generic(q_t, k, v, range)
 }
 
 /// Attention of one group's `g` heads (queries (g, D), unscaled) over `n` key and value
@@ -290,7 +447,16 @@ pub(crate) fn attend_rows(q: &[f32], k: &[f32], v: &[f32], d: usize, scale: f32,
 
 /// The MQA/GQA path for groups of >= 8 heads: heads in lanes of 16.
 #[allow(clippy::too_many_arguments)]
-fn decode_lanes(q: &[f32], k: &[f32], v: &[f32], kv: usize, s: usize, d: usize, scale: f32, out: &mut [f32]) {
+fn decode_lanes(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    kv: usize,
+    s: usize,
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     let h = q.len() / d;
     let g = h / kv;
     let cap = k.len() / (kv * d);
@@ -316,7 +482,9 @@ fn decode_lanes(q: &[f32], k: &[f32], v: &[f32], kv: usize, s: usize, d: usize, 
                 .map(|s0| scan_lanes(avx512, &q_t, kg, vg, s0..(s0 + per).min(s)))
                 .collect();
             for hh in 0..nh {
-                let m = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.max[hh]));
+                let m = parts
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, p| m.max(p.max[hh]));
                 let head = grp * g + h0 + hh;
                 let o = &mut out[head * d..(head + 1) * d];
                 let mut sum = 0.0;

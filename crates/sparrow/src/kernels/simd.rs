@@ -2,9 +2,23 @@
 //! detection of AVX-512 so hot loops written as plain lane-wise Rust get compiled once
 //! for the baseline target and once with AVX-512 enabled (the binary stays portable).
 
-/// Whether this CPU runs AVX-512F code (checked once, cached by std).
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static FORCE_PORTABLE: AtomicBool = AtomicBool::new(false);
+
+/// Run every kernel on its portable path from now on (tests of the fallback code on
+/// machines that have AVX-512).
+pub fn force_portable(on: bool) {
+    FORCE_PORTABLE.store(on, Ordering::SeqCst);
+}
+
+/// Whether this CPU runs AVX-512F code (checked once, cached by std), unless
+/// [`force_portable`] is on.
 #[inline]
 pub fn has_avx512() -> bool {
+    if FORCE_PORTABLE.load(Ordering::Relaxed) {
+        return false;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx512f")

@@ -263,7 +263,13 @@ pub fn forward_f32(
 ) -> candle_core::Result<Vec<f32>> {
     dims.check(q.len(), k.len(), v.len(), idx.len())?;
     let SparseDims {
-        t, h, kv, s, d, k: kk, ..
+        t,
+        h,
+        kv,
+        s,
+        d,
+        k: kk,
+        ..
     } = dims;
     let g = h / kv;
     if g < 8 {
@@ -295,7 +301,14 @@ pub fn forward_f32(
                         og.iter_mut().for_each(|x| *x = 0.0);
                         continue;
                     }
-                    super::decode_attention::attend_rows(&q[qo..qo + g * d], kbuf, vbuf, d, scale as f32, og);
+                    super::decode_attention::attend_rows(
+                        &q[qo..qo + g * d],
+                        kbuf,
+                        vbuf,
+                        d,
+                        scale as f32,
+                        og,
+                    );
                 }
             },
         );

@@ -231,7 +231,13 @@ impl Attention {
             };
             let recall = opts.collect_recall.then(|| {
                 (0..b * t)
-                    .map(|n| if n % t < opts.recall_from { f32::NAN } else { 1.0 })
+                    .map(|n| {
+                        if n % t < opts.recall_from {
+                            f32::NAN
+                        } else {
+                            1.0
+                        }
+                    })
                     .collect()
             });
             return Ok(AttnOut {
