@@ -103,6 +103,9 @@ enum EvalCmd {
         /// Select this many positions instead of the model's index_topk.
         #[arg(long)]
         topk: Option<usize>,
+        /// Keep the index keys in bf16 (instead of the model's index_cache_dtype).
+        #[arg(long)]
+        index_bf16: bool,
         /// Share of each document held out (the training default).
         #[arg(long, default_value_t = 0.02)]
         val_fraction: f64,
@@ -475,6 +478,7 @@ fn run_eval(cmd: EvalCmd, progress: bool) -> Result<()> {
             context,
             windows,
             topk,
+            index_bf16,
             val_fraction,
             json,
         } => {
@@ -485,6 +489,9 @@ fn run_eval(cmd: EvalCmd, progress: bool) -> Result<()> {
                 |c| {
                     if let Some(k) = topk {
                         c.index_topk = k;
+                    }
+                    if index_bf16 {
+                        c.index_cache_dtype = sparrow::config::IndexCacheDtype::Bfloat16;
                     }
                 },
             )?;
@@ -523,14 +530,14 @@ fn run_bench_attention(
     json: bool,
 ) -> Result<()> {
     use sparrow::bench::attention::{decode_row, growth_exponent, prefill_row};
-    if shape.kv_heads == 0 || shape.heads % shape.kv_heads != 0 {
+    if shape.kv_heads == 0 || !shape.heads.is_multiple_of(shape.kv_heads) {
         bail!(
             "--kv-heads {} must divide --heads {}",
             shape.kv_heads,
             shape.heads
         );
     }
-    if contexts.iter().any(|&c| c == 0) {
+    if contexts.contains(&0) {
         bail!("--context lengths must be > 0");
     }
     let bw = sparrow::bench::read_bandwidth(512);

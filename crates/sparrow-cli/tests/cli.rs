@@ -302,3 +302,163 @@ fn tokenizer_train_and_params_commands() {
         text(&out.stdout)
     );
 }
+
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+#[test]
+fn dsa_train_logs_kl_then_eval_recall() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    common::write_synthetic_corpus(&corpus);
+    let run = dir.path().join("run");
+    let cfg = common::repo_root().join("configs/tiny-dsa.json");
+    let out = sparrow(&[
+        "--quiet",
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--val-every",
+        "2",
+        "--val-batches",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // metrics.jsonl: the KL beside the LM loss, dense warm-up for 2 steps, then sparse.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let modes: Vec<String> = metrics
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert!(v["indexer_kl"].as_f64().unwrap().is_finite());
+            v["indexer_mode"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(modes, ["dense_warmup", "dense_warmup", "sparse", "sparse"]);
+
+    let recall = |context: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--quiet",
+            "eval",
+            "recall",
+            "--model",
+            run.to_str().unwrap(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--context",
+            context,
+            "--windows",
+            "2",
+            "--val-fraction",
+            "0.1",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        sparrow(&args)
+    };
+    let out = recall("48", &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 1, "one DSA layer");
+    assert_eq!(rows[0]["layer"], 1);
+    assert_eq!(rows[0]["topk"], 8);
+    assert_eq!(rows[0]["queries"], 2 * 12);
+    let mean = rows[0]["mean"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&mean) && mean < 1.0, "recall {mean}");
+    assert!(rows[0]["p5"].as_f64().unwrap() <= mean);
+    // Selecting at least the context keeps all of the mass.
+    let rows = json_lines(&recall("48", &["--topk", "48"]));
+    assert!((rows[0]["mean"].as_f64().unwrap() - 1.0).abs() < 1e-5);
+    // Bad input: a clear error, no panic.
+    let out = recall("100000", &[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("max_position_embeddings"),
+        "{}",
+        text(&out.stderr)
+    );
+    let dense_run = dir.path().join("dense");
+    assert!(train_tiny(&corpus, &dense_run, "1").status.success());
+    let out = sparrow(&[
+        "eval",
+        "recall",
+        "--model",
+        dense_run.to_str().unwrap(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--context",
+        "32",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no `dsa` layer"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn bench_attention_reports_dense_and_sparse_rows() {
+    let out = sparrow(&[
+        "bench",
+        "attention",
+        "--context",
+        "300,700",
+        "--dense-prefill-max",
+        "300",
+        "--heads",
+        "8",
+        "--head-dim",
+        "16",
+        "--topk",
+        "64",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows = json_lines(&out);
+    let kinds: Vec<&str> = rows.iter().map(|r| r["bench"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "machine",
+            "attention_decode",
+            "attention_decode",
+            "attention_prefill",
+            "attention_prefill",
+            "attention_prefill_growth"
+        ]
+    );
+    assert!(rows[0]["read_gbps"].as_f64().unwrap() > 0.0);
+    for r in &rows[1..3] {
+        assert!(r["dense_ms"].as_f64().unwrap() > 0.0 && r["sparse_ms"].as_f64().unwrap() > 0.0);
+        assert_eq!(r["kv_bytes_per_token"], 2 * 16 * 4);
+        assert_eq!(r["mha_kv_bytes_per_token"], 2 * 8 * 16 * 4);
+        assert_eq!(r["index_bytes_per_token"], 32 * 4);
+    }
+    assert!(rows[3]["dense_s"].as_f64().is_some());
+    assert!(
+        rows[4]["dense_s"].is_null(),
+        "700 is above --dense-prefill-max"
+    );
+    let out = sparrow(&["bench", "attention", "--heads", "6", "--kv-heads", "4"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--kv-heads"),
+        "{}",
+        text(&out.stderr)
+    );
+}

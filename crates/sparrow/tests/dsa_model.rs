@@ -279,7 +279,8 @@ fn recall_is_one_within_k_and_a_share_past_it() {
 #[test]
 fn dsa_config_errors_name_the_field() {
     let base = tiny_dsa_config(IndexerKind::Lightning, 4);
-    let cases: Vec<(&str, Box<dyn Fn(&mut sparrow::ModelConfig)>)> = vec![
+    type Edit = Box<dyn Fn(&mut sparrow::ModelConfig)>;
+    let cases: Vec<(&str, Edit)> = vec![
         ("index_topk", Box::new(|c| c.index_topk = 0)),
         ("index_n_heads", Box::new(|c| c.index_n_heads = 0)),
         (

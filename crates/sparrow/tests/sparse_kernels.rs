@@ -136,7 +136,7 @@ fn indexer_ties_break_to_the_lower_position_in_every_path() {
     let (t, s, k) = (3usize, 700usize, 100usize);
     let mut keys = rand_vec(s * shape.dim, 5);
     for (i, x) in keys.iter_mut().enumerate() {
-        if (i / shape.dim) % 3 != 0 {
+        if !(i / shape.dim).is_multiple_of(3) {
             *x = -x.abs(); // most keys score 0 against a positive query
         }
     }

@@ -177,10 +177,10 @@ fn scan_lanes_generic(
             let mut a = [[0.0f32; LANES]; KEYS_PER_STEP];
             for ((((qr, &x0), &x1), &x2), &x3) in q_t.iter().zip(r0).zip(r1).zip(r2).zip(r3) {
                 for l in 0..LANES {
-                    a[0][l] = a[0][l] + qr[l] * x0;
-                    a[1][l] = a[1][l] + qr[l] * x1;
-                    a[2][l] = a[2][l] + qr[l] * x2;
-                    a[3][l] = a[3][l] + qr[l] * x3;
+                    a[0][l] += qr[l] * x0;
+                    a[1][l] += qr[l] * x1;
+                    a[2][l] += qr[l] * x2;
+                    a[3][l] += qr[l] * x3;
                 }
             }
             logits[j..j + KEYS_PER_STEP].copy_from_slice(&a);
@@ -191,7 +191,7 @@ fn scan_lanes_generic(
             let mut a = [0.0f32; LANES];
             for (qr, &x) in q_t.iter().zip(r) {
                 for l in 0..LANES {
-                    a[l] = a[l] + qr[l] * x;
+                    a[l] += qr[l] * x;
                 }
             }
             logits[j] = a;
@@ -253,7 +253,7 @@ fn scan_lanes_generic(
             let p = logits[j];
             for (o, &y) in part.out_t.iter_mut().zip(r) {
                 for l in 0..LANES {
-                    o[l] = o[l] + p[l] * y;
+                    o[l] += p[l] * y;
                 }
             }
             j += 1;

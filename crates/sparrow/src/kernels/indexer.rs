@@ -277,8 +277,8 @@ fn push_block(top: &mut StreamTopK, scores: &[f32; BLOCK], b: usize, visible: us
     let n = visible.saturating_sub(start).min(BLOCK);
     let thr = top.threshold();
     for (i, &s) in scores[..n].iter().enumerate() {
-        // Cheap pre-filter; `push` applies the exact rule.
-        if !(s < thr) {
+        // Cheap pre-filter (NaN passes, as -inf); `push` applies the exact rule.
+        if s >= thr || s.is_nan() {
             top.push(s, (start + i) as u32);
         }
     }

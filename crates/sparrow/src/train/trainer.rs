@@ -1,6 +1,6 @@
-//! The training loop: random contiguous windows, forward, LM loss + router aux loss
-//! + indexer KL (DSA layers, in the step's indexer mode: `dense_warmup` for the first
-//! `indexer_dense_warmup_steps`, then the config's `indexer_train_mode`),
+//! The training loop: random contiguous windows, forward, LM loss plus router aux loss
+//! plus indexer KL (DSA layers, in the step's indexer mode: `dense_warmup` for the
+//! first `indexer_dense_warmup_steps`, then the config's `indexer_train_mode`),
 //! backward, global-norm clipping, AdamW with warmup + cosine, periodic validation,
 //! metrics, a progress bar, and checkpoints every N steps and on interruption.
 
