@@ -68,11 +68,15 @@ enum Command {
         #[command(subcommand)]
         cmd: EvalCmd,
     },
-    /// Draw a run's training and validation loss curves (SVG).
+    /// Draw a run's training and validation loss curves (SVG), or compare the
+    /// validation loss of several runs (`--compare RUN,RUN,...`).
     Plot {
         /// Run directory holding metrics.jsonl.
-        #[arg(long)]
-        run: PathBuf,
+        #[arg(long, required_unless_present = "compare")]
+        run: Option<PathBuf>,
+        /// Runs whose validation losses share one picture (needs --out).
+        #[arg(long, value_delimiter = ',', conflicts_with = "run", requires = "out")]
+        compare: Vec<PathBuf>,
         /// Output file (default RUN/loss.svg).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -178,6 +182,9 @@ enum BenchCmd {
         /// Keep the index cache in bf16.
         #[arg(long)]
         index_bf16: bool,
+        /// Also draw decode latency by context, dense vs sparse (SVG).
+        #[arg(long)]
+        plot: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -328,12 +335,14 @@ fn run(cli: Cli) -> Result<()> {
                     index_dim,
                     topk,
                     index_bf16,
+                    plot,
                     json,
                 },
         } => run_bench_attention(
             context,
             dense_prefill_max,
             no_prefill,
+            plot,
             sparrow::bench::attention::LayerShape {
                 heads,
                 head_dim,
@@ -364,7 +373,18 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Plot { run, out } => {
+        Command::Plot { run, compare, out } => {
+            if !compare.is_empty() {
+                let out = out.context("--compare needs --out FILE.svg")?;
+                let runs: Vec<(String, PathBuf)> = compare
+                    .iter()
+                    .map(|r| (r.display().to_string(), r.join("metrics.jsonl")))
+                    .collect();
+                sparrow::train::plot::plot_val_losses(&runs, &out, "validation loss")?;
+                println!("{}", out.display());
+                return Ok(());
+            }
+            let run = run.context("--run RUN is required")?;
             let out = out.unwrap_or_else(|| run.join("loss.svg"));
             let title = format!("{}: loss", run.display());
             let (t, v) =
@@ -526,6 +546,7 @@ fn run_bench_attention(
     contexts: Vec<usize>,
     dense_prefill_max: usize,
     no_prefill: bool,
+    plot: Option<PathBuf>,
     shape: sparrow::bench::attention::LayerShape,
     json: bool,
 ) -> Result<()> {
@@ -584,8 +605,10 @@ fn run_bench_attention(
             "scan/BW"
         );
     }
+    let mut decode_rows = Vec::new();
     for &c in &contexts {
         let r = decode_row(shape, c, bw)?;
+        decode_rows.push(r.clone());
         if json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
@@ -603,6 +626,34 @@ fn run_bench_attention(
                 r.index_scan_gbps,
                 r.index_scan_bw_share * 100.0
             );
+        }
+    }
+    if let Some(path) = &plot {
+        use sparrow::train::plot::{plot_series, Axes, Series};
+        let line = |label: &str, f: &dyn Fn(&sparrow::bench::attention::DecodeRow) -> f64| Series {
+            label: label.to_string(),
+            points: decode_rows
+                .iter()
+                .map(|r| (r.context as f64, f(r)))
+                .collect(),
+        };
+        plot_series(
+            &[
+                line("dense (flash-decoding kernel)", &|r| r.dense_ms),
+                line("dense (candle matmul)", &|r| r.dense_candle_ms),
+                line("sparse (scan + top-k + attend)", &|r| r.sparse_ms),
+            ],
+            path,
+            &Axes {
+                title: "decode latency per token, one attention layer",
+                x: "cached tokens",
+                y: "ms",
+                log_x: true,
+                log_y: true,
+            },
+        )?;
+        if !json {
+            println!("plot: {}", path.display());
         }
     }
     if no_prefill {
@@ -630,13 +681,14 @@ fn run_bench_attention(
                 x.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into())
             };
             println!(
-                "{:>8} {:>10} {:>10.3} {:>10.3} {:>10.3} {:>7}x",
+                "{:>8} {:>10} {:>10.3} {:>10.3} {:>10.3} {:>7}x {:>9}",
                 c,
                 fmt(r.dense_s, 3),
                 r.sparse_s,
                 r.sparse_select_s,
                 r.sparse_attend_s,
-                fmt(r.speedup, 1)
+                fmt(r.speedup, 1),
+                fmt(r.dense_gflops, 1)
             );
         }
     }

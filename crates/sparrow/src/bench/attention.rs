@@ -407,6 +407,8 @@ pub struct PrefillRow {
     pub sparse_select_s: f64,
     pub sparse_attend_s: f64,
     pub speedup: Option<f64>,
+    /// Useful (causal) attention FLOP/s of the dense prefill, 4 H D N(N+1)/2 / time.
+    pub dense_gflops: Option<f64>,
 }
 
 pub fn prefill_row(shape: LayerShape, context: usize, run_dense: bool) -> Result<PrefillRow> {
@@ -422,6 +424,10 @@ pub fn prefill_row(shape: LayerShape, context: usize, run_dense: bool) -> Result
         sparse_select_s: sel,
         sparse_attend_s: att,
         speedup: dense_s.map(|d| d / sparse_s),
+        dense_gflops: dense_s.map(|d| {
+            let n = context as f64;
+            4.0 * (shape.heads * shape.head_dim) as f64 * n * (n + 1.0) / 2.0 / d / 1e9
+        }),
     })
 }
 

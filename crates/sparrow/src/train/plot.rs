@@ -73,3 +73,127 @@ pub fn plot_losses(metrics_path: &Path, out: &Path, title: &str) -> Result<(usiz
     root.present().map_err(|e| draw_err(&e))?;
     Ok((train.len(), val.len()))
 }
+
+/// One named curve of [`plot_series`].
+pub struct Series {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Axis labels and scales of [`plot_series`].
+pub struct Axes<'a> {
+    pub title: &'a str,
+    pub x: &'a str,
+    pub y: &'a str,
+    pub log_x: bool,
+    pub log_y: bool,
+}
+
+/// Draw several curves (lines with points, one colour each) into an SVG file.
+pub fn plot_series(series: &[Series], out: &Path, axes: &Axes) -> Result<()> {
+    let pts: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .filter(|p| p.0.is_finite() && p.1.is_finite())
+        .collect();
+    if pts.is_empty() {
+        return Err(Error::Invalid(format!("plot {}: no points", out.display())));
+    }
+    let (x0, x1) = pts
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.0), b.max(p.0))
+        });
+    let (y0, y1) = pts
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.1), b.max(p.1))
+        });
+    let draw_err =
+        |e: &dyn std::fmt::Display| Error::Invalid(format!("plot {}: {e}", out.display()));
+    let root = SVGBackend::new(out, (900, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| draw_err(&e))?;
+    let colours = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    macro_rules! draw {
+        ($xr:expr, $yr:expr) => {{
+            let mut chart = ChartBuilder::on(&root)
+                .caption(axes.title, ("sans-serif", 22))
+                .margin(16)
+                .x_label_area_size(44)
+                .y_label_area_size(64)
+                .build_cartesian_2d($xr, $yr)
+                .map_err(|e| draw_err(&e))?;
+            chart
+                .configure_mesh()
+                .x_desc(axes.x)
+                .y_desc(axes.y)
+                .draw()
+                .map_err(|e| draw_err(&e))?;
+            for (i, s) in series.iter().enumerate() {
+                let c = colours[i % colours.len()];
+                chart
+                    .draw_series(LineSeries::new(s.points.iter().copied(), c.stroke_width(2)))
+                    .map_err(|e| draw_err(&e))?
+                    .label(s.label.as_str())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+                chart
+                    .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, c.filled())))
+                    .map_err(|e| draw_err(&e))?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| draw_err(&e))?;
+        }};
+    }
+    let ypad = ((y1 - y0) * 0.05).max(1e-3);
+    match (axes.log_x, axes.log_y) {
+        (true, true) => draw!(
+            (x0 * 0.8..x1 * 1.25).log_scale(),
+            (y0 * 0.8..y1 * 1.25).log_scale()
+        ),
+        (true, false) => draw!((x0 * 0.8..x1 * 1.25).log_scale(), (y0 - ypad)..(y1 + ypad)),
+        (false, true) => draw!(x0..x1, (y0 * 0.8..y1 * 1.25).log_scale()),
+        (false, false) => draw!(x0..x1, (y0 - ypad)..(y1 + ypad)),
+    }
+    root.present().map_err(|e| draw_err(&e))?;
+    Ok(())
+}
+
+/// The validation-loss curves of several runs, one per `(label, metrics.jsonl)`.
+pub fn plot_val_losses(
+    runs: &[(String, std::path::PathBuf)],
+    out: &Path,
+    title: &str,
+) -> Result<()> {
+    let mut series = Vec::new();
+    for (label, path) in runs {
+        let points: Vec<(f64, f64)> = read_metrics(path)?
+            .iter()
+            .filter_map(|r| Some((r.get("step")?.as_f64()?, r.get("val_loss")?.as_f64()?)))
+            .collect();
+        if points.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{} holds no val_loss records",
+                path.display()
+            )));
+        }
+        series.push(Series {
+            label: label.clone(),
+            points,
+        });
+    }
+    plot_series(
+        &series,
+        out,
+        &Axes {
+            title,
+            x: "step",
+            y: "validation loss (nats/token)",
+            log_x: false,
+            log_y: false,
+        },
+    )
+}
