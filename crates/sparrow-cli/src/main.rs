@@ -162,8 +162,11 @@ enum BenchCmd {
         )]
         context: Vec<usize>,
         /// Run dense prefill only up to this length (its cost grows quadratically).
-        #[arg(long, default_value_t = 32768)]
+        #[arg(long, default_value_t = 65536)]
         dense_prefill_max: usize,
+        /// Run the GEMM-based dense prefill baseline only up to this length.
+        #[arg(long, default_value_t = 16384)]
+        gemm_prefill_max: usize,
         /// Skip the prefill measurements.
         #[arg(long)]
         no_prefill: bool,
@@ -327,6 +330,7 @@ fn run(cli: Cli) -> Result<()> {
                 BenchCmd::Attention {
                     context,
                     dense_prefill_max,
+                    gemm_prefill_max,
                     no_prefill,
                     heads,
                     head_dim,
@@ -340,7 +344,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
         } => run_bench_attention(
             context,
-            dense_prefill_max,
+            (dense_prefill_max, gemm_prefill_max),
             no_prefill,
             plot,
             sparrow::bench::attention::LayerShape {
@@ -544,7 +548,7 @@ fn run_eval(cmd: EvalCmd, progress: bool) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 fn run_bench_attention(
     contexts: Vec<usize>,
-    dense_prefill_max: usize,
+    (dense_prefill_max, gemm_prefill_max): (usize, usize),
     no_prefill: bool,
     plot: Option<PathBuf>,
     shape: sparrow::bench::attention::LayerShape,
@@ -669,7 +673,7 @@ fn run_bench_attention(
     let mut dense_pts = Vec::new();
     let mut sparse_pts = Vec::new();
     for &c in &contexts {
-        let r = prefill_row(shape, c, c <= dense_prefill_max)?;
+        let r = prefill_row(shape, c, c <= dense_prefill_max, c <= gemm_prefill_max)?;
         if let Some(d) = r.dense_s {
             dense_pts.push((c, d));
         }
@@ -681,9 +685,10 @@ fn run_bench_attention(
                 x.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into())
             };
             println!(
-                "{:>8} {:>10} {:>10.3} {:>10.3} {:>10.3} {:>7}x {:>9}",
+                "{:>8} {:>10} {:>10} {:>10.3} {:>10.3} {:>10.3} {:>7}x {:>9}",
                 c,
                 fmt(r.dense_s, 3),
+                fmt(r.dense_gemm_s, 3),
                 r.sparse_s,
                 r.sparse_select_s,
                 r.sparse_attend_s,

@@ -420,6 +420,8 @@ fn bench_attention_reports_dense_and_sparse_rows() {
         "300,700",
         "--dense-prefill-max",
         "300",
+        "--gemm-prefill-max",
+        "300",
         "--heads",
         "8",
         "--head-dim",
@@ -450,6 +452,7 @@ fn bench_attention_reports_dense_and_sparse_rows() {
         assert_eq!(r["index_bytes_per_token"], 32 * 4);
     }
     assert!(rows[3]["dense_s"].as_f64().is_some());
+    assert!(rows[3]["dense_gemm_s"].as_f64().is_some());
     assert!(
         rows[4]["dense_s"].is_null(),
         "700 is above --dense-prefill-max"

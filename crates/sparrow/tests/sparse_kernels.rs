@@ -496,3 +496,42 @@ fn dense_decode_kernel_matches_reference() {
         );
     }
 }
+
+#[test]
+fn dense_prefill_kernel_matches_reference() {
+    for &(t, h, kv, d) in &[
+        (70usize, 16usize, 1usize, 64usize),
+        (33, 6, 2, 24),
+        (9, 24, 2, 8),
+    ] {
+        let q = rand_vec(t * h * d, 61);
+        let k = rand_vec(kv * t * d, 62);
+        let v = rand_vec(kv * t * d, 63);
+        let scale = 1.0 / (d as f32).sqrt();
+        let got = decode_attention::prefill(&q, &k, &v, kv, d, scale);
+        for ti in 0..t {
+            let want = decode_attention::reference(
+                &q[ti * h * d..(ti + 1) * h * d],
+                &k,
+                &v,
+                kv,
+                ti + 1,
+                d,
+                scale,
+            )
+            .unwrap();
+            let row = &got[ti * h * d..(ti + 1) * h * d];
+            let diff = row
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            let norm = want.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+            assert!(
+                diff / norm < 1e-5,
+                "({t},{h},{kv},{d}) query {ti}: rel err {}",
+                diff / norm
+            );
+        }
+    }
+}

@@ -8,11 +8,14 @@
 //!   (`kernels::decode_attention`), plus candle's matmul path as a second dense baseline;
 //!   sparse = index scan + streaming top-k (`kernels::indexer::topk_decode`) + attention
 //!   over the k gathered rows (`kernels::sparse_attention`).
-//! - prefill: all N queries. Dense = query-chunked GEMM with the fused causal softmax
-//!   (candle matmul; the score block of a chunk is the only large buffer); sparse = fused
-//!   scoring + top-k over all queries, then sparse attention.
+//! - prefill: all N queries. Dense = our flash-style kernel (each query scans its prefix
+//!   with the decode kernel, no score matrix), plus query-chunked candle GEMMs with the
+//!   fused causal softmax as a second baseline; sparse = fused scoring + top-k over all
+//!   queries, then sparse attention.
 //! - bytes per token of KV cache (MQA, and MHA for comparison) and of the index cache;
 //!   achieved GFLOP/s and GB/s next to this machine's read bandwidth, measured in the run.
+//! Decode calls start cold: a buffer larger than the last-level cache is read before
+//! each timed call, as the rest of a model would between two steps of one layer.
 
 use crate::error::Result;
 use crate::kernels::indexer::{self, IndexShape, KeyStore, ScoreAct, TopkQueries};
@@ -198,11 +201,30 @@ impl DecodeState {
     }
 }
 
-/// Median seconds of `f` over `reps` calls after one warm-up call.
+/// Bytes streamed between timed calls to push the caches under test out of the CPU's
+/// last-level cache (32 MiB on the development machine): in a real model the other
+/// layers' caches and weights do that between two decode steps of one layer.
+const EVICT_BYTES: usize = 96 << 20;
+
+/// Median seconds of `f` over `reps` calls after one warm-up call; before each call a
+/// buffer larger than the last-level cache is read (untimed), so every call starts cold.
 fn median_secs(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    thread_local! {
+        static EVICT: Vec<f32> = vec![1.0; EVICT_BYTES / 4];
+    }
+    // Read on the thread pool, so its workers are awake when the timed call starts (as
+    // they are mid-model), not parked after an idle spell.
+    let evict = || {
+        use rayon::prelude::*;
+        EVICT.with(|buf| {
+            let s: f32 = buf.par_chunks(1 << 16).map(super::sum_fast).sum();
+            std::hint::black_box(s)
+        })
+    };
     f()?;
     let mut t = Vec::with_capacity(reps);
     for _ in 0..reps {
+        evict();
         let s = Instant::now();
         f()?;
         t.push(s.elapsed().as_secs_f64());
@@ -247,16 +269,18 @@ pub fn decode_row(shape: LayerShape, context: usize, machine_gbps: f64) -> Resul
         std::hint::black_box(st.dense_candle()?);
         Ok(())
     })?;
-    let sparse_s = median_secs(reps, || {
+    // The sparse path is cheap: more repetitions for a stable median.
+    let sparse_reps = reps.max(101);
+    let sparse_s = median_secs(sparse_reps, || {
         std::hint::black_box(st.sparse()?);
         Ok(())
     })?;
-    let select_s = median_secs(reps, || {
+    let select_s = median_secs(sparse_reps, || {
         std::hint::black_box(st.select());
         Ok(())
     })?;
     let idx = st.select();
-    let attend_s = median_secs(reps, || {
+    let attend_s = median_secs(sparse_reps, || {
         std::hint::black_box(st.attend(&idx)?);
         Ok(())
     })?;
@@ -361,8 +385,24 @@ impl PrefillState {
         Ok((sel, t1.elapsed().as_secs_f64()))
     }
 
+    /// Dense prefill with our flash-style kernel (`decode_attention::prefill`): seconds.
+    fn dense(&self) -> f64 {
+        let s = &self.shape;
+        let t0 = Instant::now();
+        let out = decode_attention::prefill(
+            &self.q,
+            &self.k,
+            &self.v,
+            s.kv_heads,
+            s.head_dim,
+            1.0 / (s.head_dim as f32).sqrt(),
+        );
+        std::hint::black_box(out);
+        t0.elapsed().as_secs_f64()
+    }
+
     /// Dense prefill with candle GEMMs over query chunks: seconds.
-    fn dense(&self) -> Result<f64> {
+    fn dense_gemm(&self) -> Result<f64> {
         let s = &self.shape;
         let (h, kv, d, n) = (s.heads, s.kv_heads, s.head_dim, self.n);
         let g = h / kv;
@@ -401,8 +441,10 @@ impl PrefillState {
 pub struct PrefillRow {
     pub bench: &'static str,
     pub context: usize,
-    /// None when above the dense limit.
+    /// Our flash-style dense kernel; None when above the dense limit.
     pub dense_s: Option<f64>,
+    /// Query-chunked candle GEMM + fused causal softmax; None above its limit.
+    pub dense_gemm_s: Option<f64>,
     pub sparse_s: f64,
     pub sparse_select_s: f64,
     pub sparse_attend_s: f64,
@@ -411,15 +453,26 @@ pub struct PrefillRow {
     pub dense_gflops: Option<f64>,
 }
 
-pub fn prefill_row(shape: LayerShape, context: usize, run_dense: bool) -> Result<PrefillRow> {
+pub fn prefill_row(
+    shape: LayerShape,
+    context: usize,
+    run_dense: bool,
+    run_gemm: bool,
+) -> Result<PrefillRow> {
     let st = PrefillState::random(shape, context, 11);
-    let dense_s = if run_dense { Some(st.dense()?) } else { None };
+    let dense_s = run_dense.then(|| st.dense());
+    let dense_gemm_s = if run_gemm {
+        Some(st.dense_gemm()?)
+    } else {
+        None
+    };
     let (sel, att) = st.sparse()?;
     let sparse_s = sel + att;
     Ok(PrefillRow {
         bench: "attention_prefill",
         context,
         dense_s,
+        dense_gemm_s,
         sparse_s,
         sparse_select_s: sel,
         sparse_attend_s: att,

@@ -61,7 +61,7 @@ fn sum_lanes_avx512(x: &[f32]) -> f32 {
     sum_lanes(x)
 }
 
-fn sum_fast(x: &[f32]) -> f32 {
+pub(crate) fn sum_fast(x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if crate::kernels::simd::has_avx512() {
         // SAFETY: AVX-512F presence checked at run time; reads only `x`.

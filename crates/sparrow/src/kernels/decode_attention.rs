@@ -323,6 +323,14 @@ fn scan_lanes_avx512(
             let mut j = 0;
             while j + 4 <= n {
                 let b0 = (s0 + j) * d;
+                // Prefetch the rows one block ahead (a no-op past the end: prefetches
+                // never fault, and the address is formed without `add`'s bounds rule).
+                for line in (0..4 * d).step_by(16) {
+                    let ahead = kp.wrapping_add(b0 + KEY_BLOCK * d + line);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    let ahead = vp.wrapping_add(b0 + KEY_BLOCK * d + line);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                }
                 let (mut a0, mut a1, mut a2, mut a3) = (
                     _mm512_setzero_ps(),
                     _mm512_setzero_ps(),
@@ -555,6 +563,44 @@ pub fn decode(
             o.iter_mut().for_each(|a| *a *= inv);
         }
     }
+    out
+}
+
+/// Dense causal attention of T queries over their own prefix (flash-style: no score
+/// matrix): q (T, H, D), k, v (KV, T, D) -> out (T, H, D); query t sees positions
+/// 0..=t. Queries run in parallel, each scanning its visible rows with the same kernels
+/// as [`decode`] (16 heads per vector lane group when G >= 8, per-head dots otherwise).
+pub fn prefill(q: &[f32], k: &[f32], v: &[f32], kv: usize, d: usize, scale: f32) -> Vec<f32> {
+    let t = k.len() / (kv * d);
+    let h = q.len() / (t.max(1) * d);
+    let g = h / kv;
+    let mut out = vec![0.0f32; q.len()];
+    let avx512 = has_avx512();
+    out.par_chunks_mut(h * d)
+        .with_min_len(4)
+        .enumerate()
+        .for_each(|(ti, o)| {
+            for grp in 0..kv {
+                let kg = &k[grp * t * d..(grp * t + ti + 1) * d];
+                let vg = &v[grp * t * d..(grp * t + ti + 1) * d];
+                let qg = &q[(ti * h + grp * g) * d..(ti * h + (grp + 1) * g) * d];
+                let og = &mut o[grp * g * d..(grp + 1) * g * d];
+                if g >= 8 {
+                    attend_rows(qg, kg, vg, d, scale, og);
+                } else {
+                    let p = scan(avx512, qg, kg, vg, d, scale, 0..ti + 1);
+                    for hh in 0..g {
+                        let inv = 1.0 / p.sum[hh];
+                        for (a, &x) in og[hh * d..(hh + 1) * d]
+                            .iter_mut()
+                            .zip(&p.out[hh * d..(hh + 1) * d])
+                        {
+                            *a = x * inv;
+                        }
+                    }
+                }
+            }
+        });
     out
 }
 

@@ -217,7 +217,7 @@ fn score_block_generic<E: KeyElem>(
         for (i, &qv) in qj.iter().enumerate() {
             let kr = &block[i * BLOCK..(i + 1) * BLOCK];
             for (a, &kv) in acc.iter_mut().zip(kr) {
-                *a += qv * kv.to_f32();
+                *a = qv.mul_add(kv.to_f32(), *a);
             }
         }
         match shape.act {
@@ -235,8 +235,70 @@ fn score_block_generic<E: KeyElem>(
     }
 }
 
+/// [`score_block_generic`] with the head count fixed at compile time and the loops
+/// swapped: each key row (one dimension, BLOCK keys) is loaded (and converted from
+/// bf16) once and used by all H heads, whose H x BLOCK accumulators stay in registers.
+/// Per (head, key) the sum runs over dimensions in the same order, so the scores are
+/// bit-identical to the generic loop and the reference.
+#[inline(always)]
+fn score_block_fixed<const H: usize, E: KeyElem>(
+    q: &[f32],
+    w: &[f32],
+    block: &[E],
+    dim: usize,
+    act: ScoreAct,
+    out: &mut [f32; BLOCK],
+) {
+    let mut acc = [[0.0f32; BLOCK]; H];
+    for i in 0..dim {
+        let kr = &block[i * BLOCK..(i + 1) * BLOCK];
+        let mut row = [0.0f32; BLOCK];
+        for (r, &x) in row.iter_mut().zip(kr) {
+            *r = x.to_f32();
+        }
+        for (j, a) in acc.iter_mut().enumerate() {
+            let qv = q[j * dim + i];
+            for (x, &r) in a.iter_mut().zip(&row) {
+                *x = qv.mul_add(r, *x);
+            }
+        }
+    }
+    *out = [0.0; BLOCK];
+    for (a, &wj) in acc.iter().zip(w) {
+        match act {
+            ScoreAct::Relu => {
+                for (o, &x) in out.iter_mut().zip(a) {
+                    *o += wj * x.max(0.0);
+                }
+            }
+            ScoreAct::Identity => {
+                for (o, &x) in out.iter_mut().zip(a) {
+                    *o += wj * x;
+                }
+            }
+        }
+    }
+}
+
+/// Heads fixed at compile time where the count is common, the generic loop otherwise.
+#[inline(always)]
+fn score_block_dispatch<E: KeyElem>(
+    q: &[f32],
+    w: &[f32],
+    block: &[E],
+    shape: IndexShape,
+    out: &mut [f32; BLOCK],
+) {
+    match shape.heads {
+        1 => score_block_fixed::<1, E>(q, w, block, shape.dim, shape.act, out),
+        2 => score_block_fixed::<2, E>(q, w, block, shape.dim, shape.act, out),
+        4 => score_block_fixed::<4, E>(q, w, block, shape.dim, shape.act, out),
+        _ => score_block_generic(q, w, block, shape, out),
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,fma")]
 fn score_block_avx512<E: KeyElem>(
     q: &[f32],
     w: &[f32],
@@ -244,11 +306,25 @@ fn score_block_avx512<E: KeyElem>(
     shape: IndexShape,
     out: &mut [f32; BLOCK],
 ) {
-    score_block_generic(q, w, block, shape, out)
+    score_block_dispatch(q, w, block, shape, out)
 }
 
-/// One query against one key block (AVX-512 when the CPU has it; same arithmetic order
-/// either way, so results are identical across the two builds of the loop).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn score_block_avx2<E: KeyElem>(
+    q: &[f32],
+    w: &[f32],
+    block: &[E],
+    shape: IndexShape,
+    out: &mut [f32; BLOCK],
+) {
+    score_block_dispatch(q, w, block, shape, out)
+}
+
+/// One query against one key block. The dot products use fused multiply-add in every
+/// build (AVX-512, AVX2+FMA, or the portable one, where `mul_add` is exact in
+/// software), so scores, and with them the selection, are bit-identical across builds
+/// and equal to [`scores_reference`].
 #[inline]
 fn score_block<E: KeyElem>(
     avx512: bool,
@@ -259,14 +335,22 @@ fn score_block<E: KeyElem>(
     out: &mut [f32; BLOCK],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if avx512 {
-        // SAFETY: `avx512` comes from `has_avx512()`, the runtime check that this CPU
-        // executes AVX-512F; the function only reads and writes the given slices.
-        unsafe { score_block_avx512(q, w, block, shape, out) };
-        return;
+    {
+        if avx512 {
+            // SAFETY: `avx512` comes from `has_avx512()`, the run-time check that this
+            // CPU executes AVX-512F (every AVX-512 CPU has FMA); the function only reads
+            // and writes the given slices.
+            unsafe { score_block_avx512(q, w, block, shape, out) };
+            return;
+        }
+        if super::simd::has_avx2_fma() {
+            // SAFETY: AVX2 and FMA support checked at run time just above.
+            unsafe { score_block_avx2(q, w, block, shape, out) };
+            return;
+        }
     }
     let _ = avx512;
-    score_block_generic(q, w, block, shape, out)
+    score_block_dispatch(q, w, block, shape, out)
 }
 
 /// Offer the scores of block `b` (positions `b*BLOCK..`) to `top`, for a query that
@@ -382,11 +466,38 @@ fn decode_range<E: KeyElem>(
     let avx512 = has_avx512();
     let mut top = StreamTopK::new(k);
     let mut scores = [0.0f32; BLOCK];
+    let n_blocks = keys.data.len() / (keys.dim * BLOCK).max(1);
     for b in blocks {
+        if b + PREFETCH_BLOCKS < n_blocks {
+            prefetch(keys.block(b + PREFETCH_BLOCKS));
+        }
         score_block(avx512, q, w, keys.block(b), shape, &mut scores);
         push_block(&mut top, &scores, b, visible);
     }
     top
+}
+
+/// How far ahead of the decode scan key blocks are prefetched.
+const PREFETCH_BLOCKS: usize = 8;
+
+/// Hint the CPU to start loading a key block (ahead of the scan), so the
+/// decode scan streams at memory bandwidth instead of waiting on each block.
+#[inline(always)]
+fn prefetch<E>(block: &[E]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bytes = std::mem::size_of_val(block);
+        let base = block.as_ptr() as *const i8;
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: `off < bytes`, so the address lies inside `block`; a prefetch only
+            // hints the cache and has no architectural effect.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(base.add(off))
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = block;
 }
 
 /// Top-k for one decode query (the last cached position, `keys.len() - 1`, included),
@@ -398,7 +509,8 @@ pub fn topk_decode(q: &[f32], w: &[f32], keys: &KeyStore, shape: IndexShape, k: 
     let visible = keys.len();
     let n_blocks = visible.div_ceil(BLOCK);
     let threads = rayon::current_num_threads().max(1);
-    // Enough blocks per part to amortise the merge, and one part per thread.
+    // One part per thread: each part's top-k costs O(k log(n/k)) pushes and a few
+    // O(k) cuts, so fewer, longer parts amortise it best.
     let per = n_blocks.div_ceil(threads).max(16);
     let parts: Vec<std::ops::Range<usize>> = (0..n_blocks)
         .step_by(per.max(1))
@@ -432,7 +544,7 @@ pub fn scores_reference(q: &TopkQueries, keys: &KeyStore, shape: IndexShape, t: 
             let mut total = 0.0f32;
             for j in 0..h {
                 let qj = &q.q[(ti * h + j) * d..(ti * h + j + 1) * d];
-                let dot: f32 = qj.iter().zip(key).fold(0.0, |a, (x, y)| a + x * y);
+                let dot: f32 = qj.iter().zip(key).fold(0.0, |a, (x, y)| x.mul_add(*y, a));
                 let a = match shape.act {
                     ScoreAct::Relu => dot.max(0.0),
                     ScoreAct::Identity => dot,

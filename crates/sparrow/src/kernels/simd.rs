@@ -29,6 +29,22 @@ pub fn has_avx512() -> bool {
     }
 }
 
+/// Whether this CPU runs AVX2 with FMA (unless [`force_portable`] is on).
+#[inline]
+pub fn has_avx2_fma() -> bool {
+    if FORCE_PORTABLE.load(Ordering::Relaxed) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// `e^x` for f32 without a libm call, so loops over it vectorise: x = n ln2 + r with
 /// |r| <= ln2/2, e^r by a degree-6 polynomial, 2^n by building the exponent bits.
 /// Relative error below 3e-7 on [-87, 88]; returns 0 below -87 (softmax masking uses
