@@ -14,6 +14,7 @@
 //!   queries, then sparse attention.
 //! - bytes per token of KV cache (MQA, and MHA for comparison) and of the index cache;
 //!   achieved GFLOP/s and GB/s next to this machine's read bandwidth, measured in the run.
+//!
 //! Decode calls start cold: a buffer larger than the last-level cache is read before
 //! each timed call, as the rest of a model would between two steps of one layer.
 
