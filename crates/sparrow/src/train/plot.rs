@@ -142,6 +142,7 @@ pub fn plot_series(series: &[Series], out: &Path, axes: &Axes) -> Result<()> {
             }
             chart
                 .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
                 .background_style(WHITE.mix(0.8))
                 .border_style(BLACK)
                 .draw()
