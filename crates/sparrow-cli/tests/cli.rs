@@ -317,27 +317,43 @@ fn dsa_train_logs_kl_then_eval_recall() {
     common::write_synthetic_corpus(&corpus);
     let run = dir.path().join("run");
     let cfg = common::repo_root().join("configs/tiny-dsa.json");
-    let out = sparrow(&[
-        "--quiet",
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--corpus",
-        corpus.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--steps",
-        "4",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "32",
-        "--val-every",
-        "2",
-        "--val-batches",
-        "1",
-    ]);
+    let train = |out_dir: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "--quiet",
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--val-every",
+            "2",
+            "--val-batches",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        sparrow(&args)
+    };
+    let out = train(&run, &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // Paused inside the dense warm-up and resumed across the switch to sparse: the same
+    // weights, byte for byte, as the uninterrupted run.
+    let paused = dir.path().join("paused");
+    assert!(train(&paused, &["--pause-at", "1"]).status.success());
+    let out = sparrow(&["--quiet", "train", "--resume", paused.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        std::fs::read(run.join("model.safetensors")).unwrap()
+            == std::fs::read(paused.join("model.safetensors")).unwrap(),
+        "resumed DSA run differs from the uninterrupted one"
+    );
     // metrics.jsonl: the KL beside the LM loss, dense warm-up for 2 steps, then sparse.
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let modes: Vec<String> = metrics
