@@ -88,6 +88,25 @@ enum Command {
     },
 }
 
+/// Index key precision on the command line.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum IndexDtype {
+    F32,
+    Bf16,
+    /// int8 with one absmax scale per token
+    Int8,
+}
+
+impl From<IndexDtype> for sparrow::config::IndexCacheDtype {
+    fn from(d: IndexDtype) -> Self {
+        match d {
+            IndexDtype::F32 => Self::Float32,
+            IndexDtype::Bf16 => Self::Bfloat16,
+            IndexDtype::Int8 => Self::Int8,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum EvalCmd {
     /// Share of dense attention mass the DSA indexer's top-k keeps, per layer.
@@ -107,9 +126,9 @@ enum EvalCmd {
         /// Select this many positions instead of the model's index_topk.
         #[arg(long)]
         topk: Option<usize>,
-        /// Keep the index keys in bf16 (instead of the model's index_cache_dtype).
-        #[arg(long)]
-        index_bf16: bool,
+        /// Keep the index keys in this precision instead of the model's index_cache_dtype.
+        #[arg(long, value_enum)]
+        index_dtype: Option<IndexDtype>,
         /// Share of each document held out (the training default).
         #[arg(long, default_value_t = 0.02)]
         val_fraction: f64,
@@ -182,9 +201,9 @@ enum BenchCmd {
         index_dim: usize,
         #[arg(long, default_value_t = 512)]
         topk: usize,
-        /// Keep the index cache in bf16.
-        #[arg(long)]
-        index_bf16: bool,
+        /// Precision of the index key cache.
+        #[arg(long, value_enum, default_value = "f32")]
+        index_dtype: IndexDtype,
         /// Also draw decode latency by context, dense vs sparse (SVG).
         #[arg(long)]
         plot: Option<PathBuf>,
@@ -338,7 +357,7 @@ fn run(cli: Cli) -> Result<()> {
                     index_heads,
                     index_dim,
                     topk,
-                    index_bf16,
+                    index_dtype,
                     plot,
                     json,
                 },
@@ -354,7 +373,8 @@ fn run(cli: Cli) -> Result<()> {
                 index_heads,
                 index_dim,
                 topk,
-                index_bf16,
+                index_precision: sparrow::config::IndexCacheDtype::from(index_dtype)
+                    .key_precision(),
             },
             json,
         )?,
@@ -502,7 +522,7 @@ fn run_eval(cmd: EvalCmd, progress: bool) -> Result<()> {
             context,
             windows,
             topk,
-            index_bf16,
+            index_dtype,
             val_fraction,
             json,
         } => {
@@ -514,8 +534,8 @@ fn run_eval(cmd: EvalCmd, progress: bool) -> Result<()> {
                     if let Some(k) = topk {
                         c.index_topk = k;
                     }
-                    if index_bf16 {
-                        c.index_cache_dtype = sparrow::config::IndexCacheDtype::Bfloat16;
+                    if let Some(d) = index_dtype {
+                        c.index_cache_dtype = d.into();
                     }
                 },
             )?;
@@ -578,14 +598,14 @@ fn run_bench_attention(
             rayon_threads()
         );
         println!(
-            "layer: {} query heads x {} over {} KV head(s), indexer {} x {}, top-k {}, index cache {}",
+            "layer: {} query heads x {} over {} KV head(s), indexer {} x {}, top-k {}, index cache {:?}",
             shape.heads,
             shape.head_dim,
             shape.kv_heads,
             shape.index_heads,
             shape.index_dim,
             shape.topk,
-            if shape.index_bf16 { "bf16" } else { "f32" }
+            shape.index_precision
         );
         println!(
             "cache per token: KV {} B (MHA would be {} B), index {} B",

@@ -70,6 +70,20 @@ pub enum IndexerTrainMode {
 pub enum IndexCacheDtype {
     Float32,
     Bfloat16,
+    /// Symmetric int8 with one f32 absmax scale per token (36 B per token at 32 dims).
+    Int8,
+}
+
+impl IndexCacheDtype {
+    /// The kernel's storage precision.
+    pub fn key_precision(self) -> crate::kernels::indexer::KeyPrecision {
+        use crate::kernels::indexer::KeyPrecision;
+        match self {
+            IndexCacheDtype::Float32 => KeyPrecision::F32,
+            IndexCacheDtype::Bfloat16 => KeyPrecision::Bf16,
+            IndexCacheDtype::Int8 => KeyPrecision::Int8,
+        }
+    }
 }
 
 fn default_indexer_kind() -> IndexerKind {

@@ -5,6 +5,7 @@
 //! wrapper in this test binary; nothing here is timed.
 
 use sparrow::bench::attention::{DecodeState, LayerShape};
+use sparrow::kernels::indexer::KeyPrecision;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -41,9 +42,9 @@ static GLOBAL: Counting = Counting;
 #[test]
 fn decode_step_at_131072_tokens_uses_the_predicted_memory() {
     let s = 131_072usize;
-    for bf16 in [false, true] {
+    for precision in [KeyPrecision::F32, KeyPrecision::Bf16, KeyPrecision::Int8] {
         let shape = LayerShape {
-            index_bf16: bf16,
+            index_precision: precision,
             ..LayerShape::default()
         };
         let st = DecodeState::random(shape, s, 3);
@@ -78,7 +79,7 @@ fn decode_step_at_131072_tokens_uses_the_predicted_memory() {
         assert!(out.iter().all(|x| x.is_finite()));
         assert!(
             step_peak <= predicted_step,
-            "bf16={bf16}: the decode step allocated {step_peak} B at peak, predicted at most {predicted_step} B"
+            "{precision:?}: the decode step allocated {step_peak} B at peak, predicted at most {predicted_step} B"
         );
         // Nothing proportional to the context: under 1% of the cache.
         assert!(
@@ -94,6 +95,6 @@ fn decode_step_at_131072_tokens_uses_the_predicted_memory() {
             dense_peak * 100 < predicted_cache,
             "dense step {dense_peak} B"
         );
-        println!("bf16={bf16}: cache {predicted_cache} B, sparse step peak {step_peak} B (predicted <= {predicted_step}), dense step peak {dense_peak} B");
+        println!("{precision:?}: cache {predicted_cache} B, sparse step peak {step_peak} B (predicted <= {predicted_step}), dense step peak {dense_peak} B");
     }
 }

@@ -65,12 +65,15 @@ fn dsa_equals_dense_when_the_context_fits_in_k() {
 #[test]
 fn dsa_cached_decode_equals_full_forward() {
     for kind in KINDS {
-        for bf16 in [false, true] {
+        use sparrow::config::IndexCacheDtype;
+        for dtype in [
+            IndexCacheDtype::Float32,
+            IndexCacheDtype::Bfloat16,
+            IndexCacheDtype::Int8,
+        ] {
             let mut cfg = tiny_dsa_config(kind, 6);
             cfg.initializer_range = 0.1;
-            if bf16 {
-                cfg.index_cache_dtype = sparrow::config::IndexCacheDtype::Bfloat16;
-            }
+            cfg.index_cache_dtype = dtype;
             let model = Model::new_random(&cfg, 9, DType::F32, &Device::Cpu).unwrap();
             let n = 41;
             let toks = ids(n, cfg.vocab_size, 0);
@@ -98,11 +101,15 @@ fn dsa_cached_decode_equals_full_forward() {
             }
             let inc = Tensor::cat(&pieces, 1).unwrap();
             let err = rel_err(&inc, &full);
-            assert!(err < 1e-5, "{kind:?} bf16={bf16}: rel err {err:e}");
+            assert!(err < 1e-5, "{kind:?} {dtype:?}: rel err {err:e}");
             // The index cache holds one key per position, in the chosen precision.
             let index_bytes = cache.layers[1].index_bytes();
-            let per = if bf16 { 2 } else { 4 };
-            assert_eq!(index_bytes, n.div_ceil(64) * 64 * cfg.index_head_dim * per);
+            let per_token = match dtype {
+                IndexCacheDtype::Float32 => 4 * cfg.index_head_dim,
+                IndexCacheDtype::Bfloat16 => 2 * cfg.index_head_dim,
+                IndexCacheDtype::Int8 => cfg.index_head_dim + 4,
+            };
+            assert_eq!(index_bytes, n.div_ceil(64) * 64 * per_token);
             assert_eq!(cache.layers[0].index_bytes(), 0);
         }
     }

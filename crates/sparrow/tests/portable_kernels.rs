@@ -3,7 +3,7 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sparrow::kernels::indexer::{self, IndexShape, KeyStore, ScoreAct, TopkQueries};
+use sparrow::kernels::indexer::{self, IndexShape, KeyPrecision, KeyStore, ScoreAct, TopkQueries};
 use sparrow::kernels::sparse_attention::{self, SparseDims};
 use sparrow::kernels::topk::{topk_by_sort, NONE};
 use sparrow::kernels::{decode_attention, simd};
@@ -74,7 +74,7 @@ fn portable_paths_match_the_references() {
     };
     let (t, s, kk) = (9usize, 200usize, 31usize);
     let (iq, iw) = (rand_vec(t * 3 * 13, 7), rand_vec(t * 3, 8));
-    let mut store = KeyStore::new(13, false);
+    let mut store = KeyStore::new(13, KeyPrecision::Int8);
     store.extend_rows(&rand_vec(s * 13, 9));
     let rows = [TopkQueries {
         q: &iq,

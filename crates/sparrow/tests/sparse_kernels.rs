@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{check_gradients, randn, rel_err, to_f64_vec};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sparrow::kernels::indexer::{self, IndexShape, KeyStore, ScoreAct, TopkQueries};
+use sparrow::kernels::indexer::{self, IndexShape, KeyPrecision, KeyStore, ScoreAct, TopkQueries};
 use sparrow::kernels::sparse_attention::{self, SparseAttention, SparseDims, SteGate};
 use sparrow::kernels::topk::{topk_by_sort, NONE};
 use sparrow::kernels::{decode_attention, reference};
@@ -63,7 +63,7 @@ fn indexer_topk_equals_sort_of_full_scores() {
             (5, 3, 200),
             (70, 61, 1),
         ] {
-            for bf16 in [false, true] {
+            for precision in [KeyPrecision::F32, KeyPrecision::Bf16, KeyPrecision::Int8] {
                 case_seed += 10;
                 let s = offset + t;
                 let rows: Vec<IndexCase> = (0..2)
@@ -72,7 +72,7 @@ fn indexer_topk_equals_sort_of_full_scores() {
                 let stores: Vec<KeyStore> = rows
                     .iter()
                     .map(|r| {
-                        let mut ks = KeyStore::new(shape.dim, bf16);
+                        let mut ks = KeyStore::new(shape.dim, precision);
                         ks.extend_rows(&r.keys);
                         ks
                     })
@@ -97,7 +97,7 @@ fn indexer_topk_equals_sort_of_full_scores() {
                         assert_eq!(
                             row,
                             &want[..],
-                            "shape {shape:?} t {ti} offset {offset} k {k} bf16 {bf16}"
+                            "shape {shape:?} t {ti} offset {offset} k {k} {precision:?}"
                         );
                         // Causal: nothing beyond the query's own position.
                         assert!(row.iter().all(|&i| i == NONE || (i as usize) < visible));
@@ -142,7 +142,7 @@ fn indexer_ties_break_to_the_lower_position_in_every_path() {
     }
     let q: Vec<f32> = rand_vec(t * 8, 6).iter().map(|x| x.abs()).collect();
     let w = vec![1.0f32; t * 2];
-    let mut store = KeyStore::new(shape.dim, false);
+    let mut store = KeyStore::new(shape.dim, KeyPrecision::F32);
     store.extend_rows(&keys);
     let rows = [TopkQueries {
         q: &q,

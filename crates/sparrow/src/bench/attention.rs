@@ -19,7 +19,7 @@
 //! each timed call, as the rest of a model would between two steps of one layer.
 
 use crate::error::Result;
-use crate::kernels::indexer::{self, IndexShape, KeyStore, ScoreAct, TopkQueries};
+use crate::kernels::indexer::{self, IndexShape, KeyPrecision, KeyStore, ScoreAct, TopkQueries};
 use crate::kernels::softmax::CausalSoftmax;
 use crate::kernels::sparse_attention::{self, SparseDims};
 use crate::kernels::{decode_attention, topk::NONE};
@@ -38,7 +38,7 @@ pub struct LayerShape {
     pub index_heads: usize,
     pub index_dim: usize,
     pub topk: usize,
-    pub index_bf16: bool,
+    pub index_precision: KeyPrecision,
 }
 
 impl Default for LayerShape {
@@ -51,7 +51,7 @@ impl Default for LayerShape {
             index_heads: 4,
             index_dim: 32,
             topk: 512,
-            index_bf16: false,
+            index_precision: KeyPrecision::F32,
         }
     }
 }
@@ -74,7 +74,11 @@ impl LayerShape {
     }
     /// Index cache bytes per token.
     pub fn index_bytes_per_token(&self) -> usize {
-        self.index_dim * if self.index_bf16 { 2 } else { 4 }
+        match self.index_precision {
+            KeyPrecision::F32 => 4 * self.index_dim,
+            KeyPrecision::Bf16 => 2 * self.index_dim,
+            KeyPrecision::Int8 => self.index_dim + 4,
+        }
     }
 }
 
@@ -103,7 +107,7 @@ impl DecodeState {
         let (kv, d) = (shape.kv_heads, shape.head_dim);
         let k = random_vec(kv * len * d, &mut rng);
         let v = random_vec(kv * len * d, &mut rng);
-        let mut index = KeyStore::new(shape.index_dim, shape.index_bf16);
+        let mut index = KeyStore::new(shape.index_dim, shape.index_precision);
         index.reserve(len);
         // Fill in pieces so no second full-size buffer is needed.
         for _ in 0..len.div_ceil(4096) {
@@ -335,7 +339,7 @@ impl PrefillState {
     fn random(shape: LayerShape, n: usize, seed: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let (h, kv, d) = (shape.heads, shape.kv_heads, shape.head_dim);
-        let mut index = KeyStore::new(shape.index_dim, shape.index_bf16);
+        let mut index = KeyStore::new(shape.index_dim, shape.index_precision);
         index.extend_rows(&random_vec(n * shape.index_dim, &mut rng));
         Self {
             shape,

@@ -9,8 +9,9 @@
 //! Keys live in [`BlockedKeys`]: blocks of [`BLOCK`] tokens stored dimension-major
 //! (dim, BLOCK), so scoring one block is `heads * dim` broadcast-multiply-adds over
 //! BLOCK lanes that stay in registers, with no transpose at scan time. The decode index
-//! cache keeps this layout and appends in place. Keys may be stored in f32 or bf16
-//! ([`KeyStore`]); the scan converts on the fly.
+//! cache keeps this layout and appends in place. Keys may be stored in f32, bf16 or
+//! int8 with one absmax scale per token ([`KeyStore`]); the scan converts on the fly
+//! (int8: the dot products run on the stored integers and are scaled per key after).
 //!
 //! [`topk_prefill`] parallelises over (batch, query block) and reuses each key block
 //! across the queries of a block; [`topk_decode`] splits the key range of one query over
@@ -46,8 +47,21 @@ pub struct IndexShape {
 
 /// Element types the index keys may be stored in.
 pub trait KeyElem: Copy + Send + Sync + Default + 'static {
+    /// Stored values are `key / scale` with one scale per token (int8).
+    const PER_TOKEN_SCALE: bool = false;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
+}
+impl KeyElem for i8 {
+    const PER_TOKEN_SCALE: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x.round().clamp(-127.0, 127.0) as i8
+    }
 }
 impl KeyElem for f32 {
     #[inline(always)]
@@ -77,6 +91,8 @@ pub struct BlockedKeys<E: KeyElem> {
     len: usize,
     /// (n_blocks, dim, BLOCK); positions past `len` are zero.
     data: Vec<E>,
+    /// int8 only: (n_blocks, BLOCK) per-token scales (key = stored * scale).
+    scales: Vec<f32>,
 }
 
 impl<E: KeyElem> BlockedKeys<E> {
@@ -85,6 +101,7 @@ impl<E: KeyElem> BlockedKeys<E> {
             dim,
             len: 0,
             data: Vec::new(),
+            scales: Vec::new(),
         }
     }
 
@@ -109,7 +126,7 @@ impl<E: KeyElem> BlockedKeys<E> {
 
     /// Bytes held (including the unused tail of the last block).
     pub fn bytes(&self) -> usize {
-        self.data.len() * std::mem::size_of::<E>()
+        self.data.len() * std::mem::size_of::<E>() + self.scales.len() * 4
     }
 
     /// Reserve room for `n` more tokens.
@@ -125,23 +142,69 @@ impl<E: KeyElem> BlockedKeys<E> {
         for row in rows.chunks_exact(d) {
             if self.len.is_multiple_of(BLOCK) {
                 self.data.resize(self.data.len() + d * BLOCK, E::default());
+                if E::PER_TOKEN_SCALE {
+                    self.scales.resize(self.scales.len() + BLOCK, 0.0);
+                }
             }
             let (b, i) = (self.len / BLOCK, self.len % BLOCK);
+            // int8: symmetric absmax scale per token.
+            let scale = if E::PER_TOKEN_SCALE {
+                let m = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                let sc = if m > 0.0 && m.is_finite() {
+                    m / 127.0
+                } else {
+                    1.0
+                };
+                self.scales[b * BLOCK + i] = sc;
+                sc
+            } else {
+                1.0
+            };
             let block = &mut self.data[b * d * BLOCK..(b + 1) * d * BLOCK];
             for (j, &x) in row.iter().enumerate() {
-                block[j * BLOCK + i] = E::from_f32(x);
+                block[j * BLOCK + i] = E::from_f32(if E::PER_TOKEN_SCALE { x / scale } else { x });
             }
             self.len += 1;
         }
     }
 
-    /// Key `s` as f32 (for references and tests).
-    pub fn row(&self, s: usize) -> Vec<f32> {
+    /// Key `s` as stored (converted to f32) and the factor that scales its scores
+    /// (the int8 scale; 1 otherwise): key = values * factor.
+    pub fn row_raw(&self, s: usize) -> (Vec<f32>, f32) {
         let d = self.dim;
         let (b, i) = (s / BLOCK, s % BLOCK);
-        (0..d)
+        let v = (0..d)
             .map(|j| self.data[b * d * BLOCK + j * BLOCK + i].to_f32())
-            .collect()
+            .collect();
+        (v, self.scale(s))
+    }
+
+    fn scale(&self, s: usize) -> f32 {
+        if E::PER_TOKEN_SCALE {
+            self.scales[s]
+        } else {
+            1.0
+        }
+    }
+
+    /// Scores of block `b` for one query: the kernel's dot products, times the per-token
+    /// scales for int8 keys.
+    #[inline(always)]
+    fn score(
+        &self,
+        avx512: bool,
+        b: usize,
+        q: &[f32],
+        w: &[f32],
+        shape: IndexShape,
+        out: &mut [f32; BLOCK],
+    ) {
+        score_block(avx512, q, w, self.block(b), shape, out);
+        if E::PER_TOKEN_SCALE {
+            for (o, &sc) in out.iter_mut().zip(&self.scales[b * BLOCK..(b + 1) * BLOCK]) {
+                *o *= sc;
+            }
+        }
     }
 
     fn block(&self, b: usize) -> &[E] {
@@ -149,53 +212,61 @@ impl<E: KeyElem> BlockedKeys<E> {
     }
 }
 
+/// Storage precision of index keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyPrecision {
+    F32,
+    Bf16,
+    /// Symmetric int8 with one f32 absmax scale per token.
+    Int8,
+}
+
 /// Index keys in the precision the index cache keeps.
 #[derive(Debug, Clone)]
 pub enum KeyStore {
     F32(BlockedKeys<f32>),
     Bf16(BlockedKeys<bf16>),
+    Int8(BlockedKeys<i8>),
+}
+
+macro_rules! each_store {
+    ($self:expr, $k:ident => $e:expr) => {
+        match $self {
+            KeyStore::F32($k) => $e,
+            KeyStore::Bf16($k) => $e,
+            KeyStore::Int8($k) => $e,
+        }
+    };
 }
 
 impl KeyStore {
-    pub fn new(dim: usize, bf16: bool) -> Self {
-        if bf16 {
-            KeyStore::Bf16(BlockedKeys::new(dim))
-        } else {
-            KeyStore::F32(BlockedKeys::new(dim))
+    pub fn new(dim: usize, precision: KeyPrecision) -> Self {
+        match precision {
+            KeyPrecision::F32 => KeyStore::F32(BlockedKeys::new(dim)),
+            KeyPrecision::Bf16 => KeyStore::Bf16(BlockedKeys::new(dim)),
+            KeyPrecision::Int8 => KeyStore::Int8(BlockedKeys::new(dim)),
         }
     }
     pub fn len(&self) -> usize {
-        match self {
-            KeyStore::F32(k) => k.len(),
-            KeyStore::Bf16(k) => k.len(),
-        }
+        each_store!(self, k => k.len())
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Bytes held (keys and, for int8, scales).
     pub fn bytes(&self) -> usize {
-        match self {
-            KeyStore::F32(k) => k.bytes(),
-            KeyStore::Bf16(k) => k.bytes(),
-        }
+        each_store!(self, k => k.bytes())
     }
     pub fn reserve(&mut self, n: usize) {
-        match self {
-            KeyStore::F32(k) => k.reserve(n),
-            KeyStore::Bf16(k) => k.reserve(n),
-        }
+        each_store!(self, k => k.reserve(n))
     }
     pub fn extend_rows(&mut self, rows: &[f32]) {
-        match self {
-            KeyStore::F32(k) => k.extend_rows(rows),
-            KeyStore::Bf16(k) => k.extend_rows(rows),
-        }
+        each_store!(self, k => k.extend_rows(rows))
     }
-    pub fn row(&self, s: usize) -> Vec<f32> {
-        match self {
-            KeyStore::F32(k) => k.row(s),
-            KeyStore::Bf16(k) => k.row(s),
-        }
+    /// Key `s` as stored and its score factor (see [`BlockedKeys::row_raw`]).
+    pub fn row_raw(&self, s: usize) -> (Vec<f32>, f32) {
+        each_store!(self, k => k.row_raw(s))
     }
 }
 
@@ -394,7 +465,6 @@ fn topk_rows<E: KeyElem>(
     let n_blocks = last_visible.div_ceil(BLOCK);
     let mut scores = [0.0f32; BLOCK];
     for b in 0..n_blocks {
-        let block = keys.block(b);
         for (i, top) in tops.iter_mut().enumerate() {
             let t = t0 + i;
             let visible = (queries.offset + t + 1).min(keys.len());
@@ -403,7 +473,7 @@ fn topk_rows<E: KeyElem>(
             }
             let q = &queries.q[t * h * d..(t + 1) * h * d];
             let w = &queries.w[t * h..(t + 1) * h];
-            score_block(avx512, q, w, block, shape, &mut scores);
+            keys.score(avx512, b, q, w, shape, &mut scores);
             push_block(top, &scores, b, visible);
         }
     }
@@ -449,6 +519,7 @@ pub fn topk_prefill(
         match keys[b] {
             KeyStore::F32(ks) => topk_rows(&rows[b], ks, shape, k, t0, chunk),
             KeyStore::Bf16(ks) => topk_rows(&rows[b], ks, shape, k, t0, chunk),
+            KeyStore::Int8(ks) => topk_rows(&rows[b], ks, shape, k, t0, chunk),
         }
     });
     out
@@ -471,7 +542,7 @@ fn decode_range<E: KeyElem>(
         if b + PREFETCH_BLOCKS < n_blocks {
             prefetch(keys.block(b + PREFETCH_BLOCKS));
         }
-        score_block(avx512, q, w, keys.block(b), shape, &mut scores);
+        keys.score(avx512, b, q, w, shape, &mut scores);
         push_block(&mut top, &scores, b, visible);
     }
     top
@@ -521,6 +592,7 @@ pub fn topk_decode(q: &[f32], w: &[f32], keys: &KeyStore, shape: IndexShape, k: 
         .map(|r| match keys {
             KeyStore::F32(ks) => decode_range(q, w, ks, shape, r, visible, k),
             KeyStore::Bf16(ks) => decode_range(q, w, ks, shape, r, visible, k),
+            KeyStore::Int8(ks) => decode_range(q, w, ks, shape, r, visible, k),
         })
         .collect();
     let mut all = StreamTopK::new(k);
@@ -537,10 +609,10 @@ pub fn topk_decode(q: &[f32], w: &[f32], keys: &KeyStore, shape: IndexShape, k: 
 pub fn scores_reference(q: &TopkQueries, keys: &KeyStore, shape: IndexShape, t: usize) -> Vec<f32> {
     let (h, d) = (shape.heads, shape.dim);
     let s = keys.len();
-    let rows: Vec<Vec<f32>> = (0..s).map(|i| keys.row(i)).collect();
+    let rows: Vec<(Vec<f32>, f32)> = (0..s).map(|i| keys.row_raw(i)).collect();
     let mut out = vec![f32::NEG_INFINITY; t * s];
     for ti in 0..t {
-        for (si, key) in rows.iter().enumerate().take(q.offset + ti + 1) {
+        for (si, (key, factor)) in rows.iter().enumerate().take(q.offset + ti + 1) {
             let mut total = 0.0f32;
             for j in 0..h {
                 let qj = &q.q[(ti * h + j) * d..(ti * h + j + 1) * d];
@@ -551,7 +623,11 @@ pub fn scores_reference(q: &TopkQueries, keys: &KeyStore, shape: IndexShape, t: 
                 };
                 total += q.w[ti * h + j] * a;
             }
-            out[ti * s + si] = total;
+            out[ti * s + si] = if *factor == 1.0 {
+                total
+            } else {
+                total * factor
+            };
         }
     }
     out

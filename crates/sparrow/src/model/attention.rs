@@ -13,10 +13,10 @@ use super::indexer::{Indexer, IndexerOut};
 use super::linear::Linear;
 use super::params::Vb;
 use super::rope::Rope;
-use crate::config::{AttentionKind, IndexCacheDtype, IndexerTrainMode, ModelConfig};
+use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
 use crate::error::{Error, Result};
 use crate::infer::cache::LayerKv;
-use crate::kernels::indexer::{self as ix_kernel, KeyStore, TopkQueries};
+use crate::kernels::indexer::{self as ix_kernel, KeyPrecision, KeyStore, TopkQueries};
 use crate::kernels::softmax::CausalSoftmax;
 use crate::kernels::sparse_attention::{self, SparseAttention, SparseDims, SteGate};
 use crate::kernels::topk::NONE;
@@ -58,7 +58,7 @@ pub struct Attention {
     n_kv_heads: usize,
     head_dim: usize,
     index_topk: usize,
-    index_bf16: bool,
+    index_precision: KeyPrecision,
 }
 
 /// Log-domain mask value for positions outside the visible / selected set (finite, so
@@ -84,7 +84,7 @@ impl Attention {
             n_kv_heads: kv,
             head_dim: d,
             index_topk: cfg.index_topk,
-            index_bf16: cfg.index_cache_dtype == IndexCacheDtype::Bfloat16,
+            index_precision: cfg.index_cache_dtype.key_precision(),
         })
     }
 
@@ -197,7 +197,9 @@ impl Attention {
         let stores: &[KeyStore] = match cache {
             Some(c) => {
                 if c.index.len() != b {
-                    c.index = (0..b).map(|_| KeyStore::new(di, self.index_bf16)).collect();
+                    c.index = (0..b)
+                        .map(|_| KeyStore::new(di, self.index_precision))
+                        .collect();
                 }
                 for (row, store) in c.index.iter_mut().enumerate() {
                     store.extend_rows(&new_keys[row * t * di..(row + 1) * t * di]);
@@ -207,7 +209,7 @@ impl Attention {
             None => {
                 fresh = (0..b)
                     .map(|row| {
-                        let mut ks = KeyStore::new(di, self.index_bf16);
+                        let mut ks = KeyStore::new(di, self.index_precision);
                         ks.extend_rows(&new_keys[row * t * di..(row + 1) * t * di]);
                         ks
                     })
