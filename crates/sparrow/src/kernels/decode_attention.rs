@@ -136,6 +136,16 @@ const LANES: usize = 16;
 /// Keys sharing each load of the transposed queries.
 const KEYS_PER_STEP: usize = 4;
 
+/// The four consecutive rows of width `d` starting at element `b0`.
+#[inline(always)]
+fn rows4(x: &[f32], b0: usize, d: usize) -> (&[f32], &[f32], &[f32], &[f32]) {
+    let r = &x[b0..b0 + 4 * d];
+    let (a, rest) = r.split_at(d);
+    let (b, rest) = rest.split_at(d);
+    let (c, e) = rest.split_at(d);
+    (a, b, c, e)
+}
+
 /// Partial result over a key range for 16 heads at once: lanes are heads.
 struct LanePartial {
     max: [f32; LANES],
@@ -168,12 +178,7 @@ fn scan_lanes_generic(
         let mut j = 0;
         while j + KEYS_PER_STEP <= n {
             let b0 = (s0 + j) * d;
-            let (r0, r1, r2, r3) = (
-                &k[b0..b0 + d],
-                &k[b0 + d..b0 + 2 * d],
-                &k[b0 + 2 * d..b0 + 3 * d],
-                &k[b0 + 3 * d..b0 + 4 * d],
-            );
+            let (r0, r1, r2, r3) = rows4(k, b0, d);
             let mut a = [[0.0f32; LANES]; KEYS_PER_STEP];
             for ((((qr, &x0), &x1), &x2), &x3) in q_t.iter().zip(r0).zip(r1).zip(r2).zip(r3) {
                 for l in 0..LANES {
@@ -229,12 +234,7 @@ fn scan_lanes_generic(
         let mut j = 0;
         while j + KEYS_PER_STEP <= n {
             let b0 = (s0 + j) * d;
-            let (r0, r1, r2, r3) = (
-                &v[b0..b0 + d],
-                &v[b0 + d..b0 + 2 * d],
-                &v[b0 + 2 * d..b0 + 3 * d],
-                &v[b0 + 3 * d..b0 + 4 * d],
-            );
+            let (r0, r1, r2, r3) = rows4(v, b0, d);
             let (p0, p1, p2, p3) = (logits[j], logits[j + 1], logits[j + 2], logits[j + 3]);
             for ((((o, &y0), &y1), &y2), &y3) in
                 part.out_t.iter_mut().zip(r0).zip(r1).zip(r2).zip(r3)
