@@ -66,13 +66,40 @@ fn mqa_cache_is_h_times_smaller_than_mha() {
         let mut cache = KvCache::new(cfg.num_hidden_layers);
         let x = Tensor::from_vec(ids(10, cfg.vocab_size), (1, 10), &Device::Cpu).unwrap();
         model.forward(&x, Some(&mut cache)).unwrap();
-        cache.bytes()
+        (cache.bytes(), cache.layers[0].capacity())
     };
     let cfg = tiny_config();
-    assert_eq!(bytes(4), cfg.num_attention_heads * bytes(1));
-    // 2 layers x (K + V) x 10 positions x 1 head x head_dim x 4 bytes
-    assert_eq!(
-        bytes(1),
-        cfg.num_hidden_layers * 2 * 10 * cfg.head_dim() * 4
-    );
+    let (mqa, cap) = bytes(1);
+    assert_eq!(bytes(4).0, cfg.num_attention_heads * mqa);
+    // The buffers start at 64 positions and double when full.
+    assert_eq!(cap, 64);
+    // 2 layers x (K + V) x capacity x 1 head x head_dim x 4 bytes
+    assert_eq!(mqa, cfg.num_hidden_layers * 2 * cap * cfg.head_dim() * 4);
+}
+
+#[test]
+fn cache_buffers_grow_by_doubling_and_keep_their_contents() {
+    let cfg = tiny_config();
+    let model = Model::new_random(&cfg, 2, DType::F32, &Device::Cpu).unwrap();
+    let toks = ids(150, cfg.vocab_size);
+    let full = model
+        .forward(
+            &Tensor::from_slice(&toks, (1, 150), &Device::Cpu).unwrap(),
+            None,
+        )
+        .unwrap()
+        .logits;
+    let mut cache = KvCache::new(cfg.num_hidden_layers);
+    let mut caps = Vec::new();
+    let mut pieces = Vec::new();
+    for chunk in toks.chunks(7) {
+        let x = Tensor::from_slice(chunk, (1, chunk.len()), &Device::Cpu).unwrap();
+        pieces.push(model.forward(&x, Some(&mut cache)).unwrap().logits);
+        caps.push(cache.layers[0].capacity());
+    }
+    assert_eq!(cache.len(), 150);
+    caps.dedup();
+    assert_eq!(caps, vec![64, 128, 256]);
+    let inc = Tensor::cat(&pieces, 1).unwrap();
+    assert!(rel_err(&inc, &full) < 1e-5);
 }

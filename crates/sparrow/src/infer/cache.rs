@@ -7,39 +7,78 @@ use crate::error::Result;
 use crate::kernels::indexer::KeyStore;
 use candle_core::Tensor;
 
-/// Keys and values of one attention layer.
+/// Keys and values of one attention layer, in buffers that grow by doubling: appending
+/// a token writes it in place (amortised O(1) copies per token instead of re-copying
+/// the whole cache), and readers get the first `len` positions.
 #[derive(Debug, Clone, Default)]
 pub struct LayerKv {
-    /// (B, KV, S, D) keys after RoPE, or None before the first token.
+    /// (B, KV, capacity, D) keys after RoPE, or None before the first token.
     pub k: Option<Tensor>,
-    /// (B, KV, S, D)
+    /// (B, KV, capacity, D)
     pub v: Option<Tensor>,
+    /// Positions written.
+    len: usize,
     /// `dsa` layers: index keys per batch row (empty otherwise).
     pub index: Vec<KeyStore>,
 }
 
+/// Smallest capacity allocated (positions).
+const MIN_CAPACITY: usize = 64;
+
 impl LayerKv {
     /// Cached positions S.
     pub fn len(&self) -> usize {
-        self.k.as_ref().map(|k| k.dims()[2]).unwrap_or(0)
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
-    /// Append new (B, KV, T, D) keys/values; returns the full (B, KV, S+T, D) pair.
-    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match (&self.k, &self.v) {
-            (Some(pk), Some(pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
-            _ => (k.clone(), v.clone()),
+    /// Positions the buffers hold before they must grow.
+    pub fn capacity(&self) -> usize {
+        self.k.as_ref().map(|k| k.dims()[2]).unwrap_or(0)
+    }
+
+    /// Grow both buffers to hold at least `need` positions, keeping the first `len`.
+    fn reserve(&mut self, like: &Tensor, need: usize) -> Result<()> {
+        if need <= self.capacity() {
+            return Ok(());
+        }
+        let (b, kv, _t, d) = like.dims4()?;
+        let cap = need.max(2 * self.capacity()).max(MIN_CAPACITY);
+        let grow = |old: &Option<Tensor>| -> Result<Tensor> {
+            let buf = Tensor::zeros((b, kv, cap, d), like.dtype(), like.device())?;
+            if let Some(old) = old {
+                buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            Ok(buf)
         };
-        self.k = Some(k.clone());
-        self.v = Some(v.clone());
-        Ok((k, v))
+        let (k, v) = (grow(&self.k)?, grow(&self.v)?);
+        self.k = Some(k);
+        self.v = Some(v);
+        Ok(())
     }
 
-    /// Bytes held by this layer's cache.
+    /// Append new (B, KV, T, D) keys/values; returns the full (B, KV, S+T, D) pair
+    /// (contiguous; a view without a copy when B * KV = 1).
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        self.reserve(k, self.len + t)?;
+        let (kb, vb) = match (&self.k, &self.v) {
+            (Some(kb), Some(vb)) => (kb, vb),
+            _ => unreachable!("reserve allocates both buffers"),
+        };
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len += t;
+        Ok((
+            kb.narrow(2, 0, self.len)?.contiguous()?,
+            vb.narrow(2, 0, self.len)?.contiguous()?,
+        ))
+    }
+
+    /// Bytes held by this layer's cache (allocated capacity, index keys included).
     pub fn bytes(&self) -> usize {
         let b = |t: &Option<Tensor>| {
             t.as_ref()
