@@ -189,16 +189,22 @@ enum BenchCmd {
         /// Skip the prefill measurements.
         #[arg(long)]
         no_prefill: bool,
+        /// Query heads.
         #[arg(long, default_value_t = 16)]
         heads: usize,
+        /// Dimension per query / KV head.
         #[arg(long, default_value_t = 64)]
         head_dim: usize,
+        /// KV heads (1 = MQA, as DeepSeek; = --heads for MHA).
         #[arg(long, default_value_t = 1)]
         kv_heads: usize,
+        /// Lightning indexer heads.
         #[arg(long, default_value_t = 4)]
         index_heads: usize,
+        /// Lightning indexer dimension.
         #[arg(long, default_value_t = 32)]
         index_dim: usize,
+        /// Positions each query attends to.
         #[arg(long, default_value_t = 512)]
         topk: usize,
         /// Precision of the index key cache.
@@ -575,6 +581,17 @@ fn run_bench_attention(
     json: bool,
 ) -> Result<()> {
     use sparrow::bench::attention::{decode_row, growth_exponent, prefill_row};
+    for (flag, v) in [
+        ("--heads", shape.heads),
+        ("--head-dim", shape.head_dim),
+        ("--index-heads", shape.index_heads),
+        ("--index-dim", shape.index_dim),
+        ("--topk", shape.topk),
+    ] {
+        if v == 0 {
+            bail!("{flag} must be > 0");
+        }
+    }
     if shape.kv_heads == 0 || !shape.heads.is_multiple_of(shape.kv_heads) {
         bail!(
             "--kv-heads {} must divide --heads {}",

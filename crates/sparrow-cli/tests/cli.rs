@@ -407,6 +407,18 @@ fn dsa_train_logs_kl_then_eval_recall() {
         "{}",
         text(&out.stderr)
     );
+    for (context, extra, msg) in [
+        ("0", &[][..], "too short"),
+        ("48", &["--windows", "0"][..], "--windows"),
+        ("48", &["--topk", "0"][..], "index_topk"),
+    ] {
+        let out = recall(context, extra);
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(msg) && !err.contains("panicked"),
+            "{err}"
+        );
+    }
     let dense_run = dir.path().join("dense");
     assert!(train_tiny(&corpus, &dense_run, "1").status.success());
     let out = sparrow(&[
@@ -480,4 +492,27 @@ fn bench_attention_reports_dense_and_sparse_rows() {
         "{}",
         text(&out.stderr)
     );
+    for flag in [
+        "--heads",
+        "--head-dim",
+        "--index-heads",
+        "--index-dim",
+        "--topk",
+    ] {
+        let out = sparrow(&[
+            "bench",
+            "attention",
+            flag,
+            "0",
+            "--context",
+            "64",
+            "--no-prefill",
+        ]);
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(&format!("{flag} must be > 0")) && !err.contains("panicked"),
+            "{err}"
+        );
+    }
 }
