@@ -12,27 +12,10 @@
 //! [`reference`] is the composed candle version.
 
 use super::simd::{fast_exp, has_avx512};
+use super::{dot, thread_parts};
 use rayon::prelude::*;
 
 const KEY_BLOCK: usize = 64;
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 16;
-    let mut acc = [0.0f32; L];
-    let mut ca = a.chunks_exact(L);
-    let mut cb = b.chunks_exact(L);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for l in 0..L {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut tail = 0.0;
-    for (&x, &y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail += x * y;
-    }
-    acc.iter().sum::<f32>() + tail
-}
 
 /// Partial result of one key range: per head (max, sum, unnormalised output).
 struct Partial {
@@ -427,6 +410,18 @@ fn scan_lanes(
     scan_lanes_generic(q_t, k, v, range)
 }
 
+/// Queries of heads `h0..h0 + nh` of `q` (heads x d), scaled and transposed into 16-lane
+/// rows: `q_t[i][hh] = scale * q[h0 + hh][i]` (unused lanes 0).
+fn transpose_heads(q: &[f32], h0: usize, nh: usize, d: usize, scale: f32) -> Vec<[f32; LANES]> {
+    let mut q_t = vec![[0.0f32; LANES]; d];
+    for hh in 0..nh {
+        for (i, row) in q_t.iter_mut().enumerate() {
+            row[hh] = scale * q[(h0 + hh) * d + i];
+        }
+    }
+    q_t
+}
+
 /// Attention of one group's `g` heads (queries (g, D), unscaled) over `n` key and value
 /// rows (n, D), all visible, on the calling thread: out (g, D). The sparse kernel's
 /// fast path, after gathering the selected rows.
@@ -436,12 +431,7 @@ pub(crate) fn attend_rows(q: &[f32], k: &[f32], v: &[f32], d: usize, scale: f32,
     let avx512 = has_avx512();
     for h0 in (0..g).step_by(LANES) {
         let nh = (g - h0).min(LANES);
-        let mut q_t = vec![[0.0f32; LANES]; d];
-        for hh in 0..nh {
-            for (i, row) in q_t.iter_mut().enumerate() {
-                row[hh] = scale * q[(h0 + hh) * d + i];
-            }
-        }
+        let q_t = transpose_heads(q, h0, nh, d, scale);
         let p = scan_lanes(avx512, &q_t, k, v, 0..n);
         for hh in 0..nh {
             let inv = 1.0 / p.sum[hh];
@@ -468,26 +458,16 @@ fn decode_lanes(
     let h = q.len() / d;
     let g = h / kv;
     let cap = k.len() / (kv * d);
-    let threads = rayon::current_num_threads().max(1);
-    let per = s.div_ceil(threads).max(1024);
     let avx512 = has_avx512();
     for grp in 0..kv {
         let kg = &k[grp * cap * d..(grp + 1) * cap * d];
         let vg = &v[grp * cap * d..(grp + 1) * cap * d];
         for h0 in (0..g).step_by(LANES) {
             let nh = (g - h0).min(LANES);
-            let mut q_t = vec![[0.0f32; LANES]; d];
-            for hh in 0..nh {
-                let head = grp * g + h0 + hh;
-                for (i, row) in q_t.iter_mut().enumerate() {
-                    row[hh] = scale * q[head * d + i];
-                }
-            }
-            let parts: Vec<LanePartial> = (0..s)
-                .step_by(per)
-                .collect::<Vec<_>>()
+            let q_t = transpose_heads(q, grp * g + h0, nh, d, scale);
+            let parts: Vec<LanePartial> = thread_parts(s, 1024)
                 .into_par_iter()
-                .map(|s0| scan_lanes(avx512, &q_t, kg, vg, s0..(s0 + per).min(s)))
+                .map(|r| scan_lanes(avx512, &q_t, kg, vg, r))
                 .collect();
             for hh in 0..nh {
                 let m = parts
@@ -533,18 +513,14 @@ pub fn decode(
         decode_lanes(q, k, v, kv, s, d, scale, &mut out);
         return out;
     }
-    let threads = rayon::current_num_threads().max(1);
-    let per = s.div_ceil(threads).max(1024);
     let avx512 = has_avx512();
     for grp in 0..kv {
         let qg = &q[grp * g * d..(grp + 1) * g * d];
         let kg = &k[grp * cap * d..(grp + 1) * cap * d];
         let vg = &v[grp * cap * d..(grp + 1) * cap * d];
-        let parts: Vec<Partial> = (0..s)
-            .step_by(per)
-            .collect::<Vec<_>>()
+        let parts: Vec<Partial> = thread_parts(s, 1024)
             .into_par_iter()
-            .map(|s0| scan(avx512, qg, kg, vg, d, scale, s0..(s0 + per).min(s)))
+            .map(|r| scan(avx512, qg, kg, vg, d, scale, r))
             .collect();
         for hh in 0..g {
             let m = parts

@@ -18,10 +18,30 @@
 //! the threads and merges the per-thread selections (the tie-break makes that exact).
 //! [`scores_reference`] + [`super::topk::topk_by_sort`] are the plain reference.
 
-use super::simd::has_avx512;
+use super::simd::{has_avx2_fma, has_avx512};
 use super::topk::{StreamTopK, NONE};
 use half::bf16;
 use rayon::prelude::*;
+
+/// Which build of the scoring loop this CPU runs (detected once per scan).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Simd {
+    Avx512,
+    Avx2Fma,
+    Portable,
+}
+
+impl Simd {
+    fn detect() -> Self {
+        if has_avx512() {
+            Simd::Avx512
+        } else if has_avx2_fma() {
+            Simd::Avx2Fma
+        } else {
+            Simd::Portable
+        }
+    }
+}
 
 /// Tokens per key block.
 pub const BLOCK: usize = 64;
@@ -192,14 +212,14 @@ impl<E: KeyElem> BlockedKeys<E> {
     #[inline(always)]
     fn score(
         &self,
-        avx512: bool,
+        simd: Simd,
         b: usize,
         q: &[f32],
         w: &[f32],
         shape: IndexShape,
         out: &mut [f32; BLOCK],
     ) {
-        score_block(avx512, q, w, self.block(b), shape, out);
+        score_block(simd, q, w, self.block(b), shape, out);
         if E::PER_TOKEN_SCALE {
             for (o, &sc) in out.iter_mut().zip(&self.scales[b * BLOCK..(b + 1) * BLOCK]) {
                 *o *= sc;
@@ -291,16 +311,22 @@ fn score_block_generic<E: KeyElem>(
                 *a = qv.mul_add(kv.to_f32(), *a);
             }
         }
-        match shape.act {
-            ScoreAct::Relu => {
-                for (o, &a) in out.iter_mut().zip(&acc) {
-                    *o += wj * a.max(0.0);
-                }
+        add_head(out, &acc, wj, shape.act);
+    }
+}
+
+/// `out += wj * act(acc)`, one head's share of the block's scores.
+#[inline(always)]
+fn add_head(out: &mut [f32; BLOCK], acc: &[f32; BLOCK], wj: f32, act: ScoreAct) {
+    match act {
+        ScoreAct::Relu => {
+            for (o, &a) in out.iter_mut().zip(acc) {
+                *o += wj * a.max(0.0);
             }
-            ScoreAct::Identity => {
-                for (o, &a) in out.iter_mut().zip(&acc) {
-                    *o += wj * a;
-                }
+        }
+        ScoreAct::Identity => {
+            for (o, &a) in out.iter_mut().zip(acc) {
+                *o += wj * a;
             }
         }
     }
@@ -336,18 +362,7 @@ fn score_block_fixed<const H: usize, E: KeyElem>(
     }
     *out = [0.0; BLOCK];
     for (a, &wj) in acc.iter().zip(w) {
-        match act {
-            ScoreAct::Relu => {
-                for (o, &x) in out.iter_mut().zip(a) {
-                    *o += wj * x.max(0.0);
-                }
-            }
-            ScoreAct::Identity => {
-                for (o, &x) in out.iter_mut().zip(a) {
-                    *o += wj * x;
-                }
-            }
-        }
+        add_head(out, a, wj, act);
     }
 }
 
@@ -398,7 +413,7 @@ fn score_block_avx2<E: KeyElem>(
 /// and equal to [`scores_reference`].
 #[inline]
 fn score_block<E: KeyElem>(
-    avx512: bool,
+    simd: Simd,
     q: &[f32],
     w: &[f32],
     block: &[E],
@@ -406,21 +421,22 @@ fn score_block<E: KeyElem>(
     out: &mut [f32; BLOCK],
 ) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if avx512 {
-            // SAFETY: `avx512` comes from `has_avx512()`, the run-time check that this
-            // CPU executes AVX-512F (every AVX-512 CPU has FMA); the function only reads
-            // and writes the given slices.
+    match simd {
+        Simd::Avx512 => {
+            // SAFETY: `Simd::Avx512` comes from `has_avx512()`, the run-time check that
+            // this CPU executes AVX-512F (every AVX-512 CPU has FMA); the function only
+            // reads and writes the given slices.
             unsafe { score_block_avx512(q, w, block, shape, out) };
             return;
         }
-        if super::simd::has_avx2_fma() {
-            // SAFETY: AVX2 and FMA support checked at run time just above.
+        Simd::Avx2Fma => {
+            // SAFETY: `Simd::Avx2Fma` comes from the run-time AVX2 + FMA check.
             unsafe { score_block_avx2(q, w, block, shape, out) };
             return;
         }
+        Simd::Portable => {}
     }
-    let _ = avx512;
+    let _ = simd;
     score_block_dispatch(q, w, block, shape, out)
 }
 
@@ -459,7 +475,7 @@ fn topk_rows<E: KeyElem>(
 ) {
     let (h, d) = (shape.heads, shape.dim);
     let tq = out.len() / k.max(1);
-    let avx512 = has_avx512();
+    let simd = Simd::detect();
     let mut tops: Vec<StreamTopK> = (0..tq).map(|_| StreamTopK::new(k)).collect();
     let last_visible = (queries.offset + t0 + tq).min(keys.len());
     let n_blocks = last_visible.div_ceil(BLOCK);
@@ -473,7 +489,7 @@ fn topk_rows<E: KeyElem>(
             }
             let q = &queries.q[t * h * d..(t + 1) * h * d];
             let w = &queries.w[t * h..(t + 1) * h];
-            keys.score(avx512, b, q, w, shape, &mut scores);
+            keys.score(simd, b, q, w, shape, &mut scores);
             push_block(top, &scores, b, visible);
         }
     }
@@ -534,7 +550,7 @@ fn decode_range<E: KeyElem>(
     visible: usize,
     k: usize,
 ) -> StreamTopK {
-    let avx512 = has_avx512();
+    let simd = Simd::detect();
     let mut top = StreamTopK::new(k);
     let mut scores = [0.0f32; BLOCK];
     let n_blocks = keys.data.len() / (keys.dim * BLOCK).max(1);
@@ -542,7 +558,7 @@ fn decode_range<E: KeyElem>(
         if b + PREFETCH_BLOCKS < n_blocks {
             prefetch(keys.block(b + PREFETCH_BLOCKS));
         }
-        keys.score(avx512, b, q, w, shape, &mut scores);
+        keys.score(simd, b, q, w, shape, &mut scores);
         push_block(&mut top, &scores, b, visible);
     }
     top
@@ -579,14 +595,9 @@ pub fn topk_decode(q: &[f32], w: &[f32], keys: &KeyStore, shape: IndexShape, k: 
     assert_eq!(w.len(), shape.heads, "index weights");
     let visible = keys.len();
     let n_blocks = visible.div_ceil(BLOCK);
-    let threads = rayon::current_num_threads().max(1);
     // One part per thread: each part's top-k costs O(k log(n/k)) pushes and a few
     // O(k) cuts, so fewer, longer parts amortise it best.
-    let per = n_blocks.div_ceil(threads).max(16);
-    let parts: Vec<std::ops::Range<usize>> = (0..n_blocks)
-        .step_by(per.max(1))
-        .map(|s| s..(s + per).min(n_blocks))
-        .collect();
+    let parts = super::thread_parts(n_blocks, 16);
     let tops: Vec<StreamTopK> = parts
         .into_par_iter()
         .map(|r| match keys {

@@ -42,6 +42,34 @@ pub(crate) fn dtype_name(s: &CpuStorage) -> String {
     format!("{:?}", s.dtype())
 }
 
+/// Dot product with 16 lane-wise partial sums (vectorises without reassociating a
+/// single running sum), then the lanes in order, then the tail.
+#[inline(always)]
+pub(crate) fn dot<T: num_traits::Float>(a: &[T], b: &[T]) -> T {
+    const L: usize = 16;
+    let mut acc = [T::zero(); L];
+    let mut ca = a.chunks_exact(L);
+    let mut cb = b.chunks_exact(L);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..L {
+            acc[l] = acc[l] + x[l] * y[l];
+        }
+    }
+    let mut tail = T::zero();
+    for (&x, &y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail = tail + x * y;
+    }
+    acc.iter().fold(T::zero(), |s, &x| s + x) + tail
+}
+
+/// `0..n` cut into one contiguous part per rayon thread, each at least `min_len` long
+/// (a long scan split for parallel partial results that are merged afterwards).
+pub(crate) fn thread_parts(n: usize, min_len: usize) -> Vec<std::ops::Range<usize>> {
+    let threads = rayon::current_num_threads().max(1);
+    let per = n.div_ceil(threads).max(min_len).max(1);
+    (0..n).step_by(per).map(|s| s..(s + per).min(n)).collect()
+}
+
 /// Rows per rayon task: enough work per task to amortise scheduling.
 pub(crate) fn rows_per_task(row_len: usize) -> usize {
     (16_384 / row_len.max(1)).max(1)

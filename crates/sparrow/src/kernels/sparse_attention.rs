@@ -16,6 +16,7 @@
 //! Cost per token: O(K * H * D), independent of S. Each gathered key row is read once
 //! per KV head and reused by the G query heads of the group.
 
+use super::dot;
 use super::simd::{fast_exp, has_avx512};
 use super::topk::NONE;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
@@ -76,22 +77,10 @@ impl SparseDims {
     }
 }
 
+/// Whether slot value `i` names one of the `s` positions (not [`NONE`] padding).
 #[inline(always)]
-fn dot<T: AttnFloat>(a: &[T], b: &[T]) -> T {
-    const L: usize = 16;
-    let mut acc = [T::zero(); L];
-    let mut ca = a.chunks_exact(L);
-    let mut cb = b.chunks_exact(L);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for l in 0..L {
-            acc[l] = acc[l] + x[l] * y[l];
-        }
-    }
-    let mut tail = T::zero();
-    for (&x, &y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail = tail + x * y;
-    }
-    acc.iter().fold(T::zero(), |s, &x| s + x) + tail
+fn slot_valid(i: u32, s: usize) -> bool {
+    i != NONE && (i as usize) < s
 }
 
 #[inline(always)]
@@ -101,10 +90,9 @@ fn axpy<T: AttnFloat>(y: &mut [T], a: T, x: &[T]) {
     }
 }
 
-/// Softmax weights of one head over its valid slots, in place on `l` (logits in, p out);
-/// returns the log-sum-exp.
+/// Softmax weights of one head over its valid slots, in place on `l` (logits in, p out).
 #[inline(always)]
-fn softmax_in_place<T: AttnFloat>(l: &mut [T], valid: &[bool]) -> T {
+fn softmax_in_place<T: AttnFloat>(l: &mut [T], valid: &[bool]) {
     let mut m = T::neg_infinity();
     for (&x, &ok) in l.iter().zip(valid) {
         if ok && x > m {
@@ -113,7 +101,7 @@ fn softmax_in_place<T: AttnFloat>(l: &mut [T], valid: &[bool]) -> T {
     }
     if m == T::neg_infinity() {
         l.iter_mut().for_each(|x| *x = T::zero());
-        return T::neg_infinity();
+        return;
     }
     let mut sum = T::zero();
     for (x, &ok) in l.iter_mut().zip(valid) {
@@ -122,7 +110,6 @@ fn softmax_in_place<T: AttnFloat>(l: &mut [T], valid: &[bool]) -> T {
     }
     let inv = T::one() / sum;
     l.iter_mut().for_each(|x| *x = *x * inv);
-    m + sum.ln()
 }
 
 /// Per-token work buffers.
@@ -150,7 +137,7 @@ fn token_forward<T: AttnFloat>(
     } = dims;
     let g = h / kv;
     for (slot, &i) in idx.iter().enumerate() {
-        sc.valid[slot] = i != NONE && (i as usize) < s;
+        sc.valid[slot] = slot_valid(i, s);
     }
     out.iter_mut().for_each(|x| *x = T::zero());
     for grp in 0..kv {
@@ -289,7 +276,7 @@ pub fn forward_f32(
                     kbuf.clear();
                     vbuf.clear();
                     for &i in ids {
-                        if i != NONE && (i as usize) < s {
+                        if slot_valid(i, s) {
                             let r = base + i as usize * d;
                             kbuf.extend_from_slice(&k[r..r + d]);
                             vbuf.extend_from_slice(&v[r..r + d]);
@@ -379,7 +366,7 @@ pub fn backward<T: AttnFloat>(
             for ti in 0..t {
                 let ids = &idx[(bi * t + ti) * kk..(bi * t + ti + 1) * kk];
                 for (slot, &i) in ids.iter().enumerate() {
-                    valid[slot] = i != NONE && (i as usize) < s;
+                    valid[slot] = slot_valid(i, s);
                 }
                 for grp in 0..kv {
                     let kg = &kb[grp * s * d..(grp + 1) * s * d];
@@ -454,7 +441,7 @@ pub fn selected_probs<T: AttnFloat>(
         .for_each(|(bt, o)| {
             let bi = bt / t.max(1);
             let ids = &idx[bt * kk..(bt + 1) * kk];
-            let valid: Vec<bool> = ids.iter().map(|&i| i != NONE && (i as usize) < s).collect();
+            let valid: Vec<bool> = ids.iter().map(|&i| slot_valid(i, s)).collect();
             let mut p = vec![T::zero(); kk];
             for grp in 0..kv {
                 let kg = &k[(bi * kv + grp) * s * d..(bi * kv + grp + 1) * s * d];
@@ -484,32 +471,6 @@ pub struct SparseAttention {
     pub scale: f64,
     /// (B, T, K) selected positions, [`NONE`]-padded.
     pub idx: Arc<Vec<u32>>,
-}
-
-macro_rules! slices3 {
-    ($name:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, $s3:expr, $l3:expr, |$a:ident, $b:ident, $c:ident| $body:expr) => {
-        match ($s1, $s2, $s3) {
-            (CpuStorage::F32($a), CpuStorage::F32($b), CpuStorage::F32($c)) => {
-                let $a = super::contiguous_slice($name, $a, $l1)?;
-                let $b = super::contiguous_slice($name, $b, $l2)?;
-                let $c = super::contiguous_slice($name, $c, $l3)?;
-                CpuStorage::F32($body)
-            }
-            (CpuStorage::F64($a), CpuStorage::F64($b), CpuStorage::F64($c)) => {
-                let $a = super::contiguous_slice($name, $a, $l1)?;
-                let $b = super::contiguous_slice($name, $b, $l2)?;
-                let $c = super::contiguous_slice($name, $c, $l3)?;
-                CpuStorage::F64($body)
-            }
-            (a, b, c) => candle_core::bail!(
-                "{}: unsupported dtypes {} / {} / {}",
-                $name,
-                super::dtype_name(a),
-                super::dtype_name(b),
-                super::dtype_name(c)
-            ),
-        }
-    };
 }
 
 impl SparseAttention {
@@ -579,16 +540,26 @@ impl CustomOp3 for SparseAttention {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = self.dims;
+        let name = self.name();
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                let q = super::contiguous_slice(self.name(), q, l1)?;
-                let k = super::contiguous_slice(self.name(), k, l2)?;
-                let v = super::contiguous_slice(self.name(), v, l3)?;
+                let q = super::contiguous_slice(name, q, l1)?;
+                let k = super::contiguous_slice(name, k, l2)?;
+                let v = super::contiguous_slice(name, v, l3)?;
                 CpuStorage::F32(forward_f32(dims, self.scale, q, k, v, &self.idx)?)
             }
-            _ => slices3!(self.name(), s1, l1, s2, l2, s3, l3, |q, k, v| forward(
-                dims, self.scale, q, k, v, &self.idx
-            )?),
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
+                let q = super::contiguous_slice(name, q, l1)?;
+                let k = super::contiguous_slice(name, k, l2)?;
+                let v = super::contiguous_slice(name, v, l3)?;
+                CpuStorage::F64(forward(dims, self.scale, q, k, v, &self.idx)?)
+            }
+            (a, b, c) => candle_core::bail!(
+                "{name}: unsupported dtypes {} / {} / {}",
+                super::dtype_name(a),
+                super::dtype_name(b),
+                super::dtype_name(c)
+            ),
         };
         Ok((out, l1.shape().clone()))
     }
@@ -707,7 +678,7 @@ pub fn selected_mass(
                 let total: f64 = logits.iter().map(|&x| ((x - m) as f64).exp()).sum();
                 let picked: f64 = ids
                     .iter()
-                    .filter(|&&i| i != NONE && (i as usize) < visible)
+                    .filter(|&&i| slot_valid(i, visible))
                     .map(|&i| ((logits[i as usize] - m) as f64).exp())
                     .sum();
                 mass += picked / total;
