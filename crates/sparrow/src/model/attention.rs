@@ -167,7 +167,7 @@ impl Attention {
         k: &Tensor,
         v: &Tensor,
         offset: usize,
-        cache: Option<&mut LayerKv>,
+        mut cache: Option<&mut LayerKv>,
         opts: &AttnOptions,
     ) -> Result<AttnOut> {
         let (b, h, t, d) = q.dims4()?;
@@ -187,36 +187,18 @@ impl Attention {
         let io = ix.forward(&x_in, offset)?;
         let shape = ix.shape();
         let (hi, di) = (shape.heads, shape.dim);
-        // Index keys of every visible position, per batch row, in the scan layout.
-        let new_keys: Vec<f32> =
-            io.k.detach()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
-        let mut fresh: Vec<KeyStore> = Vec::new();
-        let stores: &[KeyStore] = match cache {
-            Some(c) => {
-                if c.index.len() != b {
-                    c.index = (0..b)
-                        .map(|_| KeyStore::new(di, self.index_precision))
-                        .collect();
-                }
-                for (row, store) in c.index.iter_mut().enumerate() {
-                    store.extend_rows(&new_keys[row * t * di..(row + 1) * t * di]);
-                }
-                &c.index
-            }
-            None => {
-                fresh = (0..b)
-                    .map(|row| {
-                        let mut ks = KeyStore::new(di, self.index_precision);
-                        ks.extend_rows(&new_keys[row * t * di..(row + 1) * t * di]);
-                        ks
-                    })
+        // The new index keys go into the cache (if any) whichever path runs below.
+        let new_keys = host_f32(&io.k)?;
+        if let Some(c) = cache.as_deref_mut() {
+            if c.index.len() != b {
+                c.index = (0..b)
+                    .map(|_| KeyStore::new(di, self.index_precision))
                     .collect();
-                &fresh
             }
-        };
+            for (row, store) in c.index.iter_mut().enumerate() {
+                store.extend_rows(&new_keys[row * t * di..(row + 1) * t * di]);
+            }
+        }
         let want_kl = match mode {
             Some(IndexerTrainMode::DenseWarmup) | Some(IndexerTrainMode::Sparse) => true,
             Some(IndexerTrainMode::Ste) => opts.indexer_kl,
@@ -249,17 +231,25 @@ impl Attention {
             });
         }
 
+        // Index keys of every visible position, per batch row, in the scan layout: the
+        // cache's, or built from this window's keys when there is no cache.
+        let fresh: Vec<KeyStore>;
+        let stores: &[KeyStore] = match cache {
+            Some(c) => &c.index,
+            None => {
+                fresh = (0..b)
+                    .map(|row| {
+                        let mut ks = KeyStore::new(di, self.index_precision);
+                        ks.extend_rows(&new_keys[row * t * di..(row + 1) * t * di]);
+                        ks
+                    })
+                    .collect();
+                &fresh
+            }
+        };
         // Top-k selection, (B, T, K), never building the (T, S) score matrix.
-        let iq: Vec<f32> =
-            io.q.detach()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
-        let iw: Vec<f32> =
-            io.w.detach()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
+        let iq = host_f32(&io.q)?;
+        let iw = host_f32(&io.w)?;
         let idx = if t == 1 && b == 1 {
             ix_kernel::topk_decode(&iq, &iw, &stores[0], shape, kk)
         } else {
@@ -273,7 +263,6 @@ impl Attention {
             let refs: Vec<&KeyStore> = stores.iter().collect();
             ix_kernel::topk_prefill(&rows, &refs, shape, t, kk)
         };
-        drop(fresh);
         let idx = Arc::new(idx);
         let dims = SparseDims {
             b,
@@ -311,22 +300,24 @@ impl Attention {
         }
         let indexer_kl = match (&selected, want_kl) {
             (Some(sel), true) => {
-                let q32: Vec<f32> = qs.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                let k32: Vec<f32> = k.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                let target = sparse_attention::selected_probs(dims, scale, &q32, &k32, &idx)?;
+                let target = sparse_attention::selected_probs(
+                    dims,
+                    scale,
+                    &host_f32(&qs)?,
+                    &host_f32(&k)?,
+                    &idx,
+                )?;
                 let valid: Vec<bool> = idx.iter().map(|&i| i != NONE).collect();
                 Some(kl_loss(sel, &target, &valid)?)
             }
             _ => None,
         };
         let recall = if opts.collect_recall {
-            let q32: Vec<f32> = qs.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            let k32: Vec<f32> = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             Some(sparse_attention::selected_mass(
                 dims,
                 scale,
-                &q32,
-                &k32,
+                &host_f32(&qs)?,
+                &host_f32(&k)?,
                 &idx,
                 offset,
                 opts.recall_from,
@@ -362,13 +353,18 @@ impl Attention {
             .sum(2)?
             .sum(1)?
             .affine(1.0 / h as f64, 0.0)?; // (B, T, S)
-        let target: Vec<f32> = p.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let target = host_f32(&p)?;
         let valid: Vec<bool> = (0..b * t * s)
             .map(|n| n % s <= offset + (n / s) % t)
             .collect();
         let scores = ix.score_all(io, &io.k)?; // (B, T, S)
         kl_loss(&scores, &target, &valid)
     }
+}
+
+/// A tensor's values as f32 on the host, detached (what the kernels read).
+fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
 }
 
 /// Mean over queries of KL(target || softmax(logits)) over the `valid` entries of each
