@@ -28,11 +28,22 @@ fn tiny_config_path() -> String {
 
 /// `sparrow --quiet train` of the tiny config with small batches.
 fn train_args(corpus: &Path, out: &Path, steps: &str) -> Vec<String> {
+    train_args_for(&tiny_config_path(), "16", corpus, out, steps)
+}
+
+/// `sparrow --quiet train` of `config` with batches of 2 x `seq_len`.
+fn train_args_for(
+    config: &str,
+    seq_len: &str,
+    corpus: &Path,
+    out: &Path,
+    steps: &str,
+) -> Vec<String> {
     let args = [
         "--quiet",
         "train",
         "--config",
-        &tiny_config_path(),
+        config,
         "--corpus",
         corpus.to_str().unwrap(),
         "--out",
@@ -42,7 +53,7 @@ fn train_args(corpus: &Path, out: &Path, steps: &str) -> Vec<String> {
         "--batch-size",
         "2",
         "--seq-len",
-        "16",
+        seq_len,
         "--val-every",
         "2",
         "--val-batches",
@@ -318,28 +329,9 @@ fn dsa_train_logs_kl_then_eval_recall() {
     let run = dir.path().join("run");
     let cfg = common::repo_root().join("configs/tiny-dsa.json");
     let train = |out_dir: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "--quiet",
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--corpus",
-            corpus.to_str().unwrap(),
-            "--out",
-            out_dir.to_str().unwrap(),
-            "--steps",
-            "4",
-            "--batch-size",
-            "2",
-            "--seq-len",
-            "32",
-            "--val-every",
-            "2",
-            "--val-batches",
-            "1",
-        ];
-        args.extend_from_slice(extra);
-        sparrow(&args)
+        let mut args = train_args_for(cfg.to_str().unwrap(), "32", &corpus, out_dir, "4");
+        args.extend(extra.iter().map(|a| a.to_string()));
+        sparrow(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let out = train(&run, &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
