@@ -68,6 +68,11 @@ enum Command {
         #[command(subcommand)]
         cmd: EvalCmd,
     },
+    /// Train several models under one protocol and compare them.
+    Experiment {
+        #[command(subcommand)]
+        cmd: ExperimentCmd,
+    },
     /// Draw a run's training and validation loss curves (SVG), or compare the
     /// validation loss of several runs (`--compare RUN,RUN,...`).
     Plot {
@@ -135,6 +140,77 @@ enum EvalCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Expert utilization per MoE layer on a corpus, router frozen: MaxVio, CV,
+    /// normalised entropy, drop rate (capacity limits applied), dead experts.
+    Routing {
+        /// Model directory.
+        #[arg(long, default_value = "runs/small")]
+        model: PathBuf,
+        /// Folder of .txt files.
+        #[arg(long, default_value = "data/corpus")]
+        corpus: PathBuf,
+        /// Share of each document used (its tail; 0.02 = the training runs' validation
+        /// split; 1 = whole documents, e.g. for out-of-distribution text).
+        #[arg(long, default_value_t = 0.02)]
+        val_fraction: f64,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Windows (evenly spaced over the text).
+        #[arg(long, default_value_t = 128)]
+        windows: usize,
+        /// Windows per forward (the capacity limits are per batch).
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExperimentCmd {
+    /// Train the config once per router kind (same seed, same data order) and compare
+    /// validation loss, expert utilization and throughput: routers.md, routers.json,
+    /// load-<router>.png, val-loss.svg in --out. Rerunning continues unfinished runs.
+    Routers {
+        /// Model config with MoE layers; its router_kind is replaced per run.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value = "data/corpus")]
+        corpus: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Optimizer steps per router.
+        #[arg(long, default_value_t = 600)]
+        steps: u64,
+        /// Routers to compare (default: all).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "topk_softmax,switch_capacity,capacity_aware,noaux_bias,hash"
+        )]
+        routers: Vec<String>,
+        /// Out-of-distribution text (folder of .txt files, used whole) to route with
+        /// the trained routers frozen.
+        #[arg(long)]
+        ood_corpus: Option<PathBuf>,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 3e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 30)]
+        warmup_steps: u64,
+        #[arg(long, default_value_t = 100)]
+        val_every: u64,
+        #[arg(long, default_value_t = 8)]
+        val_batches: usize,
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -162,6 +238,32 @@ enum TokenizerCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// One MoE layer (router + bucketed experts) vs a dense SwiGLU FFN of equal active
+    /// FLOPs, in the same run: a training-size batch (forward, forward+backward) and
+    /// decode (1 token). Defaults: the MoE layers of configs/small.json.
+    Moe {
+        /// Tokens per call (16 x 256 = a training batch of configs/small.json; 1 = decode).
+        #[arg(long, value_delimiter = ',', default_value = "4096,1")]
+        tokens: Vec<usize>,
+        #[arg(long, default_value_t = 256)]
+        hidden: usize,
+        #[arg(long, default_value_t = 8)]
+        experts: usize,
+        #[arg(long, default_value_t = 2)]
+        topk: usize,
+        #[arg(long, default_value_t = 512)]
+        expert_width: usize,
+        /// Shared experts (run on every token, in both layers' FLOPs).
+        #[arg(long, default_value_t = 0)]
+        shared: usize,
+        #[arg(long, default_value = "topk_softmax")]
+        router: String,
+        /// Seconds of repetitions per measurement.
+        #[arg(long, default_value_t = 1.0)]
+        budget: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// candle's f32 GEMM throughput (GFLOP/s), the reference for our kernels.
     Gemm {
         /// Square matrix sizes.
@@ -349,6 +451,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Train(args) => run_train(*args, progress)?,
         Command::Eval { cmd } => run_eval(cmd, progress)?,
+        Command::Experiment { cmd } => run_experiment(cmd, progress)?,
         Command::Generate(args) => run_generate(args)?,
         Command::Bench {
             cmd:
@@ -384,6 +487,70 @@ fn run(cli: Cli) -> Result<()> {
             },
             json,
         )?,
+        Command::Bench {
+            cmd:
+                BenchCmd::Moe {
+                    tokens,
+                    hidden,
+                    experts,
+                    topk,
+                    expert_width,
+                    shared,
+                    router,
+                    budget,
+                    json,
+                },
+        } => {
+            let shape = sparrow::bench::moe::MoeShape {
+                hidden,
+                experts,
+                top_k: topk,
+                expert_width,
+                shared_experts: shared,
+                router: router.parse()?,
+            };
+            if !(budget > 0.0 && budget.is_finite()) {
+                bail!("--budget must be > 0 seconds");
+            }
+            let rows = sparrow::bench::moe::run(shape, &tokens, budget)?;
+            if json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else {
+                println!(
+                    "MoE layer (C {hidden}, {experts} experts x {expert_width}, top-{topk}, {shared} shared, {router}) vs dense SwiGLU of width {}; GEMM {:.0} GFLOP/s",
+                    expert_width * (topk + shared),
+                    rows.first().map(|r| r.gemm_gflops).unwrap_or(0.0)
+                );
+                println!(
+                    "{:>17} {:>6} {:>10} {:>10} {:>12} {:>12} {:>7} {:>9} {:>9}",
+                    "pass",
+                    "tokens",
+                    "MoE ms",
+                    "dense ms",
+                    "MoE tok/s",
+                    "dense tok/s",
+                    "ratio",
+                    "MoE GF/s",
+                    "dense GF/s"
+                );
+                for r in &rows {
+                    println!(
+                        "{:>17} {:>6} {:>10.3} {:>10.3} {:>12.0} {:>12.0} {:>6.0}% {:>9.1} {:>9.1}",
+                        r.pass,
+                        r.tokens,
+                        r.moe_ms,
+                        r.dense_ms,
+                        r.moe_tokens_per_s,
+                        r.dense_tokens_per_s,
+                        r.ratio * 100.0,
+                        r.moe_gflops,
+                        r.dense_gflops
+                    );
+                }
+            }
+        }
         Command::Bench {
             cmd: BenchCmd::Gemm { sizes, json },
         } => {
@@ -520,8 +687,120 @@ fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
     Ok(())
 }
 
+fn run_experiment(cmd: ExperimentCmd, progress: bool) -> Result<()> {
+    let ExperimentCmd::Routers {
+        config,
+        corpus,
+        out,
+        steps,
+        routers,
+        ood_corpus,
+        batch_size,
+        seq_len,
+        lr,
+        warmup_steps,
+        val_every,
+        val_batches,
+        seed,
+        json,
+    } = cmd;
+    let config = ModelConfig::from_file(&config)?;
+    let routers = routers
+        .iter()
+        .map(|r| r.parse())
+        .collect::<Result<Vec<sparrow::config::RouterKind>, _>>()?;
+    if !corpus.is_dir() {
+        bail!(
+            "corpus {} does not exist: run `sparrow corpus fetch --out {}` or pass --corpus DIR",
+            corpus.display(),
+            corpus.display()
+        );
+    }
+    let options = TrainOptions {
+        steps,
+        batch_size,
+        seq_len,
+        lr,
+        warmup_steps,
+        val_every,
+        val_batches,
+        seed,
+        checkpoint_every: val_every,
+        ..TrainOptions::default()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: checkpointing after this step (rerun to continue)");
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+    let exp = sparrow::experiment::routers::RouterExperiment {
+        config,
+        corpus,
+        out: out.clone(),
+        options,
+        routers,
+        ood_corpus,
+        show_progress: progress,
+        stop,
+    };
+    let results = sparrow::experiment::routers::run(&exp)?;
+    if json {
+        for r in &results {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        print!("{}", sparrow::experiment::routers::markdown(&exp, &results));
+        println!(
+            "\nwritten: {}/routers.md, routers.json, load-*.png, val-loss.svg",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 fn run_eval(cmd: EvalCmd, progress: bool) -> Result<()> {
     match cmd {
+        EvalCmd::Routing {
+            model,
+            corpus,
+            val_fraction,
+            seq_len,
+            windows,
+            batch_size,
+            json,
+        } => {
+            if !(val_fraction > 0.0 && val_fraction <= 1.0) {
+                bail!("--val-fraction must be in (0, 1]");
+            }
+            let (m, _) =
+                Model::load_dir(&model, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+            let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
+            let tokens =
+                sparrow::eval::recall::held_out_tokens(&corpus, &tok, val_fraction, progress)?;
+            let rows = sparrow::eval::routing::measure(
+                &m, &tokens, seq_len, windows, batch_size, progress,
+            )?;
+            if json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else {
+                println!(
+                    "expert utilization of {} ({}) on {} ({} windows of {seq_len} tokens, batches of {batch_size})",
+                    model.display(),
+                    m.cfg.router_kind.name(),
+                    corpus.display(),
+                    windows
+                );
+                print!("{}", sparrow::eval::routing::format_table(&rows));
+            }
+        }
         EvalCmd::Recall {
             model,
             corpus,

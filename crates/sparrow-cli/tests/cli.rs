@@ -508,3 +508,197 @@ fn bench_attention_reports_dense_and_sparse_rows() {
         );
     }
 }
+
+#[test]
+fn router_experiment_writes_reports_and_eval_routing_reads_any_corpus() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::write_synthetic_corpus(&corpus);
+    // Out-of-distribution text: this crate's own source.
+    let ood = tmp.path().join("code");
+    std::fs::create_dir_all(&ood).unwrap();
+    std::fs::copy(common::repo_root().join(file!()), ood.join("cli.rs.txt")).unwrap();
+    let out = tmp.path().join("routers");
+    let args = [
+        "--quiet",
+        "experiment",
+        "routers",
+        "--config",
+        &tiny_config_path(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--routers",
+        "topk_softmax,capacity_aware,noaux_bias",
+        "--ood-corpus",
+        ood.to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--val-every",
+        "2",
+        "--val-batches",
+        "2",
+    ];
+    let run = sparrow(&args);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let md = std::fs::read_to_string(out.join("routers.md")).unwrap();
+    for r in [
+        "topk_softmax",
+        "capacity_aware",
+        "noaux_bias",
+        "Out of distribution",
+    ] {
+        assert!(md.contains(r), "routers.md lacks {r}:\n{md}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("routers.json")).unwrap()).unwrap();
+    let rows = json.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for r in rows {
+        assert!(r["val_loss"].as_f64().unwrap().is_finite());
+        assert!(r["validation"]["max_vio"].as_f64().unwrap() >= 0.0);
+        assert_eq!(r["validation"]["layers"].as_array().unwrap().len(), 1);
+        assert!(r["ood"]["cv"].as_f64().is_some());
+        let png = std::fs::read(r["load_plot"].as_str().unwrap()).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    }
+    assert!(out.join("val-loss.svg").exists());
+    // The training log carries the router telemetry.
+    let metrics =
+        std::fs::read_to_string(out.join("capacity_aware").join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert!(last["max_vio"].as_f64().is_some() && last["drop_rate"].as_f64().is_some());
+    assert_eq!(last["routing"][0]["layer"], 1);
+    assert_eq!(last["routing"][0]["load"].as_array().unwrap().len(), 4);
+
+    // Running it again reuses the finished runs and reports the same numbers.
+    let again = sparrow(&args);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    let json2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("routers.json")).unwrap()).unwrap();
+    assert_eq!(json, json2);
+
+    // eval routing on the OOD text with the trained router frozen.
+    let model = out.join("noaux_bias");
+    let ev = sparrow(&[
+        "--quiet",
+        "eval",
+        "routing",
+        "--model",
+        model.to_str().unwrap(),
+        "--corpus",
+        ood.to_str().unwrap(),
+        "--val-fraction",
+        "1",
+        "--seq-len",
+        "16",
+        "--windows",
+        "6",
+        "--batch-size",
+        "4",
+        "--json",
+    ]);
+    assert!(ev.status.success(), "{}", text(&ev.stderr));
+    let rows = json_lines(&ev);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["layer"], 1);
+    assert_eq!(rows[0]["tokens"], 6 * 16);
+    let load: u64 = rows[0]["load"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(load, 6 * 16 * 2, "noaux_bias never drops");
+    let table = sparrow(&[
+        "--quiet",
+        "eval",
+        "routing",
+        "--model",
+        model.to_str().unwrap(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--seq-len",
+        "16",
+        "--windows",
+        "4",
+    ]);
+    assert!(table.status.success(), "{}", text(&table.stderr));
+    assert!(text(&table.stdout).contains("MaxVio"));
+
+    // Clear errors.
+    let bad = sparrow(&[
+        "experiment",
+        "routers",
+        "--config",
+        &tiny_config_path(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--routers",
+        "mixtral",
+    ]);
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("unknown router `mixtral`"));
+    let bad = sparrow(&[
+        "eval",
+        "routing",
+        "--model",
+        model.to_str().unwrap(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--val-fraction",
+        "0",
+    ]);
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("--val-fraction"));
+}
+
+#[test]
+fn bench_moe_reports_training_batch_and_decode_rows() {
+    let out = sparrow(&[
+        "bench",
+        "moe",
+        "--tokens",
+        "37,1",
+        "--hidden",
+        "24",
+        "--experts",
+        "5",
+        "--topk",
+        "2",
+        "--expert-width",
+        "12",
+        "--shared",
+        "1",
+        "--budget",
+        "0.01",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows = json_lines(&out);
+    let passes: Vec<(&str, u64)> = rows
+        .iter()
+        .map(|r| (r["pass"].as_str().unwrap(), r["tokens"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        passes,
+        [("forward", 37), ("forward+backward", 37), ("forward", 1)]
+    );
+    for r in &rows {
+        assert!(r["moe_ms"].as_f64().unwrap() > 0.0 && r["dense_ms"].as_f64().unwrap() > 0.0);
+        assert!(r["ratio"].as_f64().unwrap() > 0.0);
+    }
+    for (flag, value) in [("--topk", "9"), ("--experts", "0"), ("--tokens", "0")] {
+        let out = sparrow(&["bench", "moe", flag, value, "--budget", "0.01"]);
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(err.contains(flag) && !err.contains("panicked"), "{err}");
+    }
+}

@@ -7,14 +7,73 @@ use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// How an MoE layer's router picks experts for each token. More kinds slot in here
-/// (DESIGN.md §4: `switch_capacity`, `capacity_aware`, `noaux_bias`, `hash`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// How an MoE layer's router picks experts for each token (DESIGN.md §4; the formulas
+/// are in `model::router`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RouterKind {
     /// Mixtral: softmax over experts, top-k, optionally renormalised
     /// (`norm_topk_prob`); Switch load-balancing auxiliary loss.
     TopkSoftmax,
+    /// Switch Transformer: `topk_softmax` plus a per-expert capacity
+    /// `ceil(capacity_factor * T * k / E)` per batch of T tokens; overflow slots are
+    /// dropped (the residual passes through), first choices placed before second ones.
+    SwitchCapacity,
+    /// Capacity-aware routing: the batch's slot budget `capacity_factor * T * k` is
+    /// shared among experts in proportion to their soft demand (never below
+    /// `capacity_floor` of the uniform share), plus the CV^2 utilization loss.
+    CapacityAware,
+    /// DeepSeek-V3 auxiliary-loss-free routing: sigmoid scores, selection on score plus
+    /// a per-expert bias (`e_score_correction_bias`, updated after each training step by
+    /// `router_bias_update_speed`), optional group-limited routing (`n_group`,
+    /// `topk_group`), weights from the unbiased scores times `routed_scaling_factor`.
+    NoauxBias,
+    /// Hash routing (DeepSeek-V4's first layers): the experts of a token come from a
+    /// fixed token-id table; the learned gate only weighs them.
+    Hash,
+}
+
+impl RouterKind {
+    /// Every kind, in the order experiments report them.
+    pub const ALL: [RouterKind; 5] = [
+        RouterKind::TopkSoftmax,
+        RouterKind::SwitchCapacity,
+        RouterKind::CapacityAware,
+        RouterKind::NoauxBias,
+        RouterKind::Hash,
+    ];
+
+    /// The config spelling (`topk_softmax`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            RouterKind::TopkSoftmax => "topk_softmax",
+            RouterKind::SwitchCapacity => "switch_capacity",
+            RouterKind::CapacityAware => "capacity_aware",
+            RouterKind::NoauxBias => "noaux_bias",
+            RouterKind::Hash => "hash",
+        }
+    }
+
+    /// Whether this router drops slots beyond a per-expert capacity in training.
+    pub fn has_capacity(self) -> bool {
+        matches!(self, RouterKind::SwitchCapacity | RouterKind::CapacityAware)
+    }
+}
+
+impl std::str::FromStr for RouterKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        RouterKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = RouterKind::ALL.iter().map(|k| k.name()).collect();
+                Error::Invalid(format!(
+                    "unknown router `{s}` (expected one of {})",
+                    names.join(", ")
+                ))
+            })
+    }
 }
 
 /// Attention of one layer (`layer_types`).
@@ -120,6 +179,21 @@ fn default_router_kind() -> RouterKind {
 fn default_aux_coef() -> f64 {
     0.01
 }
+fn default_capacity_factor() -> f64 {
+    1.25
+}
+fn default_capacity_floor() -> f64 {
+    0.25
+}
+fn default_one_usize() -> usize {
+    1
+}
+fn default_one_f64() -> f64 {
+    1.0
+}
+fn default_bias_update_speed() -> f64 {
+    1e-3
+}
 fn default_bos() -> u32 {
     crate::tokenizer::BOS_ID
 }
@@ -190,9 +264,37 @@ pub struct ModelConfig {
     /// Which router the MoE layers use.
     #[serde(default = "default_router_kind")]
     pub router_kind: RouterKind,
-    /// Weight of the load-balancing auxiliary loss added to the LM loss in training.
+    /// Weight of the load-balancing auxiliary loss added to the LM loss in training
+    /// (Switch loss for `topk_softmax` / `switch_capacity`, CV^2 for `capacity_aware`;
+    /// `noaux_bias` and `hash` have none).
     #[serde(default = "default_aux_coef")]
     pub router_aux_loss_coef: f64,
+    /// Weight of the router z-loss `mean_t logsumexp(logits_t)^2` (ST-MoE); 0 = off.
+    #[serde(default)]
+    pub router_z_loss_coef: f64,
+    /// `switch_capacity` / `capacity_aware`: slot budget per batch of T tokens is
+    /// `capacity_factor * T * k` (per expert `/ E` for `switch_capacity`). Capacity
+    /// applies in training and validation forwards, never in inference.
+    #[serde(default = "default_capacity_factor")]
+    pub capacity_factor: f64,
+    /// `capacity_aware`: no expert's capacity falls below this share of the uniform
+    /// capacity `capacity_factor * T * k / E`.
+    #[serde(default = "default_capacity_floor")]
+    pub capacity_floor: f64,
+    /// `noaux_bias`: experts form `n_group` equal groups (HF DeepSeek-V3 name); other
+    /// routers ignore it.
+    #[serde(default = "default_one_usize")]
+    pub n_group: usize,
+    /// `noaux_bias`: tokens choose their experts within the best `topk_group` groups.
+    #[serde(default = "default_one_usize")]
+    pub topk_group: usize,
+    /// `noaux_bias`: routed outputs are scaled by this (HF DeepSeek-V3 name).
+    #[serde(default = "default_one_f64")]
+    pub routed_scaling_factor: f64,
+    /// `noaux_bias`: gamma of the bias update `b_i += gamma * sign(mean_load - load_i)`
+    /// after each training step.
+    #[serde(default = "default_bias_update_speed")]
+    pub router_bias_update_speed: f64,
 
     /// Attention kind per layer (length `num_hidden_layers`); absent = all `dense`.
     /// Kinds may be mixed, e.g. a dense first layer under DSA layers.
@@ -330,6 +432,7 @@ impl ModelConfig {
         if !(self.router_aux_loss_coef.is_finite() && self.router_aux_loss_coef >= 0.0) {
             return Err(Error::config("router_aux_loss_coef", "must be >= 0"));
         }
+        self.validate_router()?;
         let has_dense_layer = self.n_routed_experts == 0 || self.first_k_dense_replace > 0;
         if has_dense_layer && self.intermediate_size == 0 {
             return Err(Error::config(
@@ -369,6 +472,56 @@ impl ModelConfig {
                 return Err(Error::config(
                     field,
                     format!("{id} is outside vocab_size {}", self.vocab_size),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_router(&self) -> Result<()> {
+        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
+        if !non_negative(self.router_z_loss_coef) {
+            return Err(Error::config("router_z_loss_coef", "must be >= 0"));
+        }
+        if !(self.capacity_factor.is_finite() && self.capacity_factor > 0.0) {
+            return Err(Error::config("capacity_factor", "must be > 0"));
+        }
+        if !(self.capacity_floor.is_finite() && (0.0..=1.0).contains(&self.capacity_floor)) {
+            return Err(Error::config("capacity_floor", "must be in [0, 1]"));
+        }
+        if !(self.routed_scaling_factor.is_finite() && self.routed_scaling_factor > 0.0) {
+            return Err(Error::config("routed_scaling_factor", "must be > 0"));
+        }
+        if !non_negative(self.router_bias_update_speed) {
+            return Err(Error::config("router_bias_update_speed", "must be >= 0"));
+        }
+        if self.n_group == 0 {
+            return Err(Error::config("n_group", "must be >= 1"));
+        }
+        if self.topk_group == 0 || self.topk_group > self.n_group {
+            return Err(Error::config(
+                "topk_group",
+                format!("must be in 1..={} (n_group)", self.n_group),
+            ));
+        }
+        let e = self.n_routed_experts;
+        if e > 0 && self.n_group > 1 {
+            if !e.is_multiple_of(self.n_group) {
+                return Err(Error::config(
+                    "n_group",
+                    format!("{} does not divide n_routed_experts {e}", self.n_group),
+                ));
+            }
+            let reachable = self.topk_group * (e / self.n_group);
+            if self.num_experts_per_tok > reachable {
+                return Err(Error::config(
+                    "topk_group",
+                    format!(
+                        "{} groups of {} experts hold fewer than num_experts_per_tok {}",
+                        self.topk_group,
+                        e / self.n_group,
+                        self.num_experts_per_tok
+                    ),
                 ));
             }
         }

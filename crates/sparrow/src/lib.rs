@@ -7,7 +7,8 @@
 //! - [`data`]: corpus fetch and reading, token shards, batches
 //! - [`train`]: AdamW, schedule, training loop, atomic checkpoints, metrics
 //! - [`infer`]: KV cache, sampler, streaming generation
-//! - [`eval`]: indexer recall (and, later, perplexity, routing, long-context tasks)
+//! - [`eval`]: indexer recall, expert routing (and, later, perplexity, long-context tasks)
+//! - [`experiment`]: several trainings under one protocol, compared (routers)
 //! - [`bench`]: machine baselines and kernel benchmarks (dense vs sparse attention)
 //! - [`kernels`]: fused CPU kernels (custom ops with backward) and their references
 
@@ -16,6 +17,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod experiment;
 pub mod fsio;
 pub mod infer;
 pub mod kernels;

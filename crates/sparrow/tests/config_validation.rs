@@ -126,3 +126,40 @@ fn config_round_trips_through_json() {
     let cfg = tiny_config();
     assert_eq!(ModelConfig::from_json(&cfg.to_json()).unwrap(), cfg);
 }
+
+#[test]
+fn router_fields_are_validated_by_name() {
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        ("capacity_factor", 0.0.into(), "capacity_factor"),
+        ("capacity_floor", 1.5.into(), "capacity_floor"),
+        ("router_z_loss_coef", (-1.0).into(), "router_z_loss_coef"),
+        ("routed_scaling_factor", 0.0.into(), "routed_scaling_factor"),
+        (
+            "router_bias_update_speed",
+            (-0.1).into(),
+            "router_bias_update_speed",
+        ),
+        ("n_group", 3.into(), "n_group"), // does not divide 4 experts
+        ("topk_group", 0.into(), "topk_group"),
+    ];
+    for (field, value, named) in cases {
+        let e = error_for(|v| v[field] = value.clone());
+        assert!(e.contains(named), "{field}: {e}");
+    }
+    // 2 groups of 2 experts, 1 group kept: only 2 experts reachable, fine for top-2;
+    // top-3 is not.
+    let e = error_for(|v| {
+        v["n_group"] = 2.into();
+        v["topk_group"] = 1.into();
+        v["num_experts_per_tok"] = 3.into();
+    });
+    assert!(e.contains("topk_group"), "{e}");
+    // Every router kind parses; the default config round-trips through JSON.
+    for kind in sparrow::config::RouterKind::ALL {
+        let mut v = tiny_json();
+        v["router_kind"] = kind.name().into();
+        let cfg = ModelConfig::from_json(&v.to_string()).unwrap();
+        assert_eq!(cfg.router_kind, kind);
+        assert_eq!(ModelConfig::from_json(&cfg.to_json()).unwrap(), cfg);
+    }
+}

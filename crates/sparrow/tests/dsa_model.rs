@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use sparrow::config::{AttentionKind, IndexerKind, IndexerTrainMode};
 use sparrow::infer::cache::KvCache;
-use sparrow::model::attention::AttnOptions;
+use sparrow::model::transformer::ForwardOptions;
 use sparrow::model::Model;
 use sparrow::train::loss::cross_entropy;
 use std::collections::HashMap;
@@ -115,12 +115,13 @@ fn dsa_cached_decode_equals_full_forward() {
     }
 }
 
-fn opts(mode: IndexerTrainMode, kl: bool) -> AttnOptions {
-    AttnOptions {
+fn opts(mode: IndexerTrainMode, kl: bool) -> ForwardOptions {
+    ForwardOptions {
         indexer_mode: Some(mode),
         indexer_kl: kl,
         collect_recall: false,
         recall_from: 0,
+        moe_capacity: true,
     }
 }
 
@@ -132,7 +133,7 @@ fn f64_model(kind: IndexerKind, topk: usize) -> Model {
     Model::new_random(&cfg, 17, DType::F64, &Device::Cpu).unwrap()
 }
 
-fn lm_loss(model: &Model, x: &Tensor, o: &AttnOptions) -> Tensor {
+fn lm_loss(model: &Model, x: &Tensor, o: &ForwardOptions) -> Tensor {
     let (b, t) = x.dims2().unwrap();
     let out = model.net.forward_with(x, None, o).unwrap();
     let tgt = Tensor::from_vec(ids(b * t, model.cfg.vocab_size, 5), b * t, &Device::Cpu).unwrap();
@@ -257,7 +258,7 @@ fn recall_is_one_within_k_and_a_share_past_it() {
     let mut cfg = tiny_dsa_config(IndexerKind::Lightning, 7);
     cfg.initializer_range = 0.2;
     let model = Model::new_random(&cfg, 4, DType::F32, &Device::Cpu).unwrap();
-    let o = AttnOptions {
+    let o = ForwardOptions {
         collect_recall: true,
         ..Default::default()
     };

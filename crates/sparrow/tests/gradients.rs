@@ -102,11 +102,12 @@ fn attention_gradients_mha_gqa_mqa() {
 fn moe_gradients_through_routing_weights_and_aux_loss() {
     let cfg = wider_init(tiny_config());
     let s = store();
-    let moe = Moe::new(&s.root().pp("mlp"), &cfg, 0.3).unwrap();
+    let moe = Moe::new(&s.root().pp("mlp"), &cfg, 1, 0.3).unwrap();
     let x = input_var(&[2, 9, cfg.hidden_size], 1);
+    let ids: Vec<u32> = (0..18).collect();
     let loss = || {
-        let (y, stats) = moe.forward(x.as_tensor()).unwrap();
-        (probe(&y, 2) + stats.aux_loss).unwrap()
+        let (y, stats) = moe.forward(x.as_tensor(), &ids, true).unwrap();
+        (probe(&y, 2) + stats.aux_loss.unwrap()).unwrap()
     };
     check_gradients(&with_input(&s, &x), loss, 6);
 }
@@ -119,12 +120,13 @@ fn block_gradients_dense_and_moe() {
         let s = store();
         let block = Block::new(&s.root().pp("layer"), &cfg, layer).unwrap();
         let x = input_var(&[2, 12, cfg.hidden_size], 1);
+        let ids: Vec<u32> = (0..24).collect();
         check_gradients(
             &with_input(&s, &x),
             || {
                 probe(
                     &block
-                        .forward(x.as_tensor(), &rope, None, &Default::default())
+                        .forward(x.as_tensor(), &ids, &rope, None, &Default::default())
                         .unwrap()
                         .x,
                     2,
@@ -177,10 +179,10 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
         let targets = Tensor::from_vec(targets, b * t, &Device::Cpu).unwrap();
         let out = model.forward(&ids, None).unwrap();
         assert!(
-            out.expert_load
+            out.routing
                 .iter()
                 .flatten()
-                .all(|load| load.iter().all(|&l| l > 0)),
+                .all(|r| r.load.iter().all(|&l| l > 0)),
             "every expert should be routed to in this batch"
         );
         let ce = cross_entropy(

@@ -32,8 +32,18 @@ fn request(
     tokenizer: Option<&Path>,
     pause_at: Option<u64>,
 ) -> TrainRequest {
+    request_for(tiny_config(), corpus, out, tokenizer, pause_at)
+}
+
+fn request_for(
+    config: sparrow::ModelConfig,
+    corpus: &Path,
+    out: &Path,
+    tokenizer: Option<&Path>,
+    pause_at: Option<u64>,
+) -> TrainRequest {
     TrainRequest {
-        config: tiny_config(),
+        config,
         corpus: corpus.to_path_buf(),
         out: out.to_path_buf(),
         tokenizer: tokenizer.map(Path::to_path_buf),
@@ -52,6 +62,69 @@ fn resume_request(dir: &Path) -> ResumeRequest {
         show_progress: false,
         stop: Arc::new(AtomicBool::new(false)),
         pause_at: None,
+    }
+}
+
+/// Routers with state beyond the parameters (the `noaux_bias` selection bias) or with
+/// capacity limits resume exactly too: every logged number, routing telemetry included,
+/// and the final weights and buffers.
+#[test]
+fn resumed_runs_are_exact_for_stateful_and_capacity_routers() {
+    use sparrow::config::RouterKind;
+    for kind in [RouterKind::NoauxBias, RouterKind::CapacityAware] {
+        let tmp = tempfile::tempdir().unwrap();
+        let corpus = tmp.path().join("corpus");
+        write_synthetic_corpus(&corpus);
+        let mut cfg = tiny_config();
+        cfg.router_kind = kind;
+        cfg.router_bias_update_speed = 0.05;
+        cfg.router_z_loss_coef = 1e-3;
+        let straight = tmp.path().join("straight");
+        train(request_for(cfg.clone(), &corpus, &straight, None, None)).unwrap();
+        let tok = straight.join("tokenizer.json");
+        let paused = tmp.path().join("paused");
+        train(request_for(cfg, &corpus, &paused, Some(&tok), Some(4))).unwrap();
+        resume(resume_request(&paused)).unwrap();
+        let a = read_metrics(&straight.join("metrics.jsonl")).unwrap();
+        let b = read_metrics(&paused.join("metrics.jsonl")).unwrap();
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            let strip = |v: &serde_json::Value| {
+                let mut v = v.clone();
+                v.as_object_mut().unwrap().remove("tokens_per_s");
+                v
+            };
+            assert_eq!(strip(x), strip(y), "{kind:?}: records differ");
+            assert!(x.get("max_vio").is_some() && x.get("z_loss").is_some());
+        }
+        let with_routing = a.iter().filter(|r| r.get("routing").is_some()).count();
+        assert!(
+            with_routing >= 2,
+            "{kind:?}: validation logs routing per layer"
+        );
+        assert!(
+            std::fs::read(straight.join("model.safetensors")).unwrap()
+                == std::fs::read(paused.join("model.safetensors")).unwrap(),
+            "{kind:?}: weights differ"
+        );
+        if kind == RouterKind::NoauxBias {
+            let (m, _) = sparrow::model::Model::load_dir(
+                &straight,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let bias: Vec<f32> = m
+                .store
+                .all_tensors()
+                .into_iter()
+                .find(|(n, _)| n.ends_with("e_score_correction_bias"))
+                .unwrap()
+                .1
+                .to_vec1()
+                .unwrap();
+            assert!(bias.iter().any(|&b| b != 0.0), "training moved the bias");
+        }
     }
 }
 

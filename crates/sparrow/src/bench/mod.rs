@@ -4,8 +4,10 @@
 //! - [`gemm_f32`]: candle's f32 GEMM throughput.
 //! - [`read_bandwidth`]: DRAM read bandwidth of a parallel streaming sum.
 //! - [`attention`]: one attention layer, dense vs DSA, decode and prefill by context.
+//! - [`moe`]: one MoE layer vs a dense FFN of equal active FLOPs.
 
 pub mod attention;
+pub mod moe;
 
 use crate::error::Result;
 use candle_core::{Device, Tensor};

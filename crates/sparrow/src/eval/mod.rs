@@ -2,5 +2,9 @@
 //! claims are measured in.
 //!
 //! - [`recall`]: the share of dense attention mass the DSA indexer's selection keeps.
+//! - [`routing`]: expert utilization (MaxVio, CV, entropy, drops, dead experts) on any text.
+//! - [`load_plot`]: per-expert load as a PNG picture.
 
+pub mod load_plot;
 pub mod recall;
+pub mod routing;

@@ -7,7 +7,7 @@
 use crate::data::corpus;
 use crate::data::shards::{eval_windows, TokenData};
 use crate::error::{Error, Result};
-use crate::model::attention::AttnOptions;
+use crate::model::transformer::ForwardOptions;
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use candle_core::Tensor;
@@ -68,7 +68,7 @@ pub fn measure(
     }
     let wins = eval_windows(tokens, windows, context)?;
     let from = context - context / 4;
-    let opts = AttnOptions {
+    let opts = ForwardOptions {
         collect_recall: true,
         recall_from: from,
         ..Default::default()

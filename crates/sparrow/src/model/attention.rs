@@ -13,6 +13,7 @@ use super::indexer::{Indexer, IndexerOut};
 use super::linear::Linear;
 use super::params::Vb;
 use super::rope::Rope;
+use super::transformer::ForwardOptions;
 use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
 use crate::error::{Error, Result};
 use crate::infer::cache::LayerKv;
@@ -22,18 +23,6 @@ use crate::kernels::sparse_attention::{self, SparseAttention, SparseDims, SteGat
 use crate::kernels::topk::NONE;
 use candle_core::{DType, Tensor, D};
 use std::sync::Arc;
-
-/// Per-call switches of the attention layers (training mode, diagnostics).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AttnOptions {
-    /// Training: how the indexer learns this step. None = inference (sparse, no loss).
-    pub indexer_mode: Option<IndexerTrainMode>,
-    /// Compute the indexer KL loss (always in `dense_warmup` and `sparse`).
-    pub indexer_kl: bool,
-    /// Measure the indexer recall of the queries at t >= `recall_from` (`eval recall`).
-    pub collect_recall: bool,
-    pub recall_from: usize,
-}
 
 /// What one attention layer returns.
 #[derive(Debug, Clone)]
@@ -94,7 +83,7 @@ impl Attention {
         x: &Tensor,
         rope: &Rope,
         mut cache: Option<&mut LayerKv>,
-        opts: &AttnOptions,
+        opts: &ForwardOptions,
     ) -> Result<AttnOut> {
         let (b, t, _c) = x.dims3()?;
         let (h, kv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
@@ -168,7 +157,7 @@ impl Attention {
         v: &Tensor,
         offset: usize,
         mut cache: Option<&mut LayerKv>,
-        opts: &AttnOptions,
+        opts: &ForwardOptions,
     ) -> Result<AttnOut> {
         let (b, h, t, d) = q.dims4()?;
         let s = offset + t;

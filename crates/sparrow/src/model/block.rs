@@ -1,12 +1,13 @@
 //! One transformer block: pre-norm attention and pre-norm FFN (dense SwiGLU or MoE),
 //! each added to the residual stream.
 
-use super::attention::{Attention, AttnOptions};
+use super::attention::Attention;
 use super::mlp::Mlp;
 use super::moe::{Moe, MoeStats};
 use super::norm::RmsNorm;
 use super::params::Vb;
 use super::rope::Rope;
+use super::transformer::ForwardOptions;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::infer::cache::LayerKv;
@@ -33,7 +34,7 @@ impl Block {
         // Residual-branch output projections get std / sqrt(2 L) (GPT-2).
         let out_std = cfg.initializer_range / (2.0 * cfg.num_hidden_layers as f64).sqrt();
         let mlp = if cfg.is_moe_layer(layer) {
-            Ffn::Moe(Moe::new(&vb.pp("mlp"), cfg, out_std)?)
+            Ffn::Moe(Moe::new(&vb.pp("mlp"), cfg, layer, out_std)?)
         } else {
             Ffn::Dense(Mlp::new(
                 &vb.pp("mlp"),
@@ -56,13 +57,15 @@ impl Block {
     }
 
     /// x (B, T, C) -> (B, T, C), plus MoE statistics when this is an MoE layer and the
-    /// indexer's loss / recall when this is a DSA layer asked for them.
+    /// indexer's loss / recall when this is a DSA layer asked for them. `token_ids`
+    /// (B*T) are the input ids (the `hash` router reads them).
     pub fn forward(
         &self,
         x: &Tensor,
+        token_ids: &[u32],
         rope: &Rope,
         cache: Option<&mut LayerKv>,
-        opts: &AttnOptions,
+        opts: &ForwardOptions,
     ) -> Result<BlockOut> {
         let a = self
             .self_attn
@@ -72,7 +75,7 @@ impl Block {
         let (f, stats) = match &self.mlp {
             Ffn::Dense(mlp) => (mlp.forward(&h)?, None),
             Ffn::Moe(moe) => {
-                let (y, s) = moe.forward(&h)?;
+                let (y, s) = moe.forward(&h, token_ids, opts.moe_capacity)?;
                 (y, Some(s))
             }
         };

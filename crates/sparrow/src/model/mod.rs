@@ -13,6 +13,7 @@ pub mod params;
 pub mod rope;
 pub mod router;
 pub mod transformer;
+pub mod utilization;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -110,9 +111,9 @@ impl Model {
         }
         let tensors = self
             .store
-            .vars()
+            .all_tensors()
             .into_iter()
-            .map(|(n, v)| Ok((n, v.as_tensor().to_dtype(DType::F32)?)))
+            .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?)))
             .collect::<Result<Vec<_>>>()?;
         crate::weights::save(&dir.join("model.safetensors"), &tensors, meta)
     }

@@ -3,11 +3,13 @@
 //!
 //! Execution (DESIGN.md §4): bucket (token, slot) pairs by expert, run one GEMM chain
 //! per expert over its gathered rows, scale by the routing weight and scatter-add back.
-//! Expert weights are never copied per token.
+//! Expert weights are never copied per token. `forward_reference` is the plain
+//! per-token loop the bucketed path is tested against.
 
 use super::mlp::Mlp;
 use super::params::Vb;
-use super::router::{Router, Routing};
+use super::router::{Router, Routing, DROPPED};
+use super::utilization::RoutingStats;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use candle_core::Tensor;
@@ -23,12 +25,15 @@ pub struct Moe {
 /// What an MoE layer reports besides its output.
 #[derive(Debug, Clone)]
 pub struct MoeStats {
-    pub aux_loss: Tensor,
-    pub load: Vec<usize>,
+    /// The router's load-balancing loss (unscaled), if it has one.
+    pub aux_loss: Option<Tensor>,
+    /// The router z-loss (unscaled), when configured.
+    pub z_loss: Option<Tensor>,
+    pub routing: RoutingStats,
 }
 
 impl Moe {
-    pub fn new(vb: &Vb, cfg: &ModelConfig, out_std: f64) -> Result<Self> {
+    pub fn new(vb: &Vb, cfg: &ModelConfig, layer: usize, out_std: f64) -> Result<Self> {
         let (c, w, std) = (
             cfg.hidden_size,
             cfg.moe_intermediate_size,
@@ -49,35 +54,90 @@ impl Moe {
             None
         };
         Ok(Self {
-            gate: Router::new(&vb.pp("gate"), cfg)?,
+            gate: Router::new(&vb.pp("gate"), cfg, layer)?,
             experts,
             shared_experts,
             top_k: cfg.num_experts_per_tok,
         })
     }
 
-    /// x (B, T, C) -> (B, T, C)
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, MoeStats)> {
+    /// x (B, T, C) -> (B, T, C). `token_ids` (B*T) feed the `hash` router; `capacity`
+    /// applies the router's capacity limit (training and validation).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        token_ids: &[u32],
+        capacity: bool,
+    ) -> Result<(Tensor, MoeStats)> {
+        self.forward_impl(x, token_ids, capacity, Self::routed)
+    }
+
+    /// The plain reference of `forward`: the same routing, then a loop over tokens and
+    /// their slots, each expert applied to one row at a time.
+    pub fn forward_reference(
+        &self,
+        x: &Tensor,
+        token_ids: &[u32],
+        capacity: bool,
+    ) -> Result<(Tensor, MoeStats)> {
+        self.forward_impl(x, token_ids, capacity, Self::routed_reference)
+    }
+
+    fn forward_impl(
+        &self,
+        x: &Tensor,
+        token_ids: &[u32],
+        capacity: bool,
+        routed: fn(&Self, &Tensor, &Routing) -> Result<Tensor>,
+    ) -> Result<(Tensor, MoeStats)> {
         let (b, t, c) = x.dims3()?;
         let xs = x.reshape((b * t, c))?; // (N, C)
-        let routing = self.gate.route(&xs)?;
-        let mut y = self.routed(&xs, &routing)?;
+        let routing = self.gate.route(&xs, token_ids, capacity)?;
+        let mut y = routed(self, &xs, &routing)?;
         if let Some(shared) = &self.shared_experts {
             y = (y + shared.forward(&xs)?)?;
         }
         let stats = MoeStats {
             aux_loss: routing.aux_loss,
-            load: routing.load,
+            z_loss: routing.z_loss,
+            routing: routing.stats,
         };
         Ok((y.reshape((b, t, c))?, stats))
     }
 
-    /// Weighted sum of the chosen experts' outputs, (N, C).
+    /// Reference: for each token, sum over its kept slots of weight * expert(row).
+    fn routed_reference(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let (n, _c) = xs.dims2()?;
+        let k = self.top_k;
+        let mut rows = Vec::with_capacity(n);
+        for t in 0..n {
+            let xt = xs.narrow(0, t, 1)?; // (1, C)
+            let mut yt = xt.zeros_like()?;
+            for j in 0..k {
+                let e = routing.expert_ids[t * k + j];
+                if e == DROPPED {
+                    continue;
+                }
+                let w = routing.weights.narrow(0, t, 1)?.narrow(1, j, 1)?; // (1, 1)
+                let out = self.experts[e as usize].forward(&xt)?.broadcast_mul(&w)?;
+                yt = (yt + out)?;
+            }
+            rows.push(yt);
+        }
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
+    /// Weighted sum of the chosen experts' outputs, (N, C): bucket the kept (token, slot)
+    /// pairs by expert, one SwiGLU chain per expert over its gathered rows, weighted
+    /// scatter-add back.
     fn routed(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
         let k = self.top_k;
         let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); self.experts.len()];
         let mut slots: Vec<Vec<u32>> = vec![Vec::new(); self.experts.len()];
         for (flat, &e) in routing.expert_ids.iter().enumerate() {
+            if e == DROPPED {
+                continue;
+            }
             tokens[e as usize].push((flat / k) as u32);
             slots[e as usize].push(flat as u32);
         }

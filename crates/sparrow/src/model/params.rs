@@ -6,6 +6,10 @@
 //! stream seeded by the model seed and the parameter's name, so adding a module never
 //! changes another's init) or takes them from loaded tensors, checking shapes and
 //! reporting missing and unexpected names.
+//!
+//! Buffers (e.g. the `noaux_bias` router's `e_score_correction_bias`) are stored and
+//! checkpointed like parameters but are not trainable: `vars()` leaves them out, so the
+//! optimizer never touches them; their owner updates them.
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -38,6 +42,8 @@ enum Source {
 /// All parameters of a model, by checkpoint name.
 pub struct VarStore {
     vars: RefCell<BTreeMap<String, Var>>,
+    /// Names in `vars` that are buffers, not trainable parameters.
+    buffers: RefCell<std::collections::BTreeSet<String>>,
     source: Source,
     dtype: DType,
     device: Device,
@@ -58,6 +64,7 @@ impl VarStore {
     pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
         Self {
             vars: RefCell::new(BTreeMap::new()),
+            buffers: RefCell::new(Default::default()),
             source: Source::Random { seed },
             dtype,
             device: device.clone(),
@@ -73,6 +80,7 @@ impl VarStore {
     ) -> Self {
         Self {
             vars: RefCell::new(BTreeMap::new()),
+            buffers: RefCell::new(Default::default()),
             source: Source::Loaded { tensors, path },
             dtype,
             device: device.clone(),
@@ -115,18 +123,35 @@ impl VarStore {
         Ok(())
     }
 
-    /// Every parameter, sorted by name.
+    /// Every trainable parameter, sorted by name (buffers left out).
     pub fn vars(&self) -> Vec<(String, Var)> {
+        let buffers = self.buffers.borrow();
         self.vars
             .borrow()
             .iter()
+            .filter(|(k, _)| !buffers.contains(*k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
 
-    /// Number of scalar parameters.
+    /// Every stored tensor, parameters and buffers, sorted by name (what a checkpoint
+    /// holds).
+    pub fn all_tensors(&self) -> Vec<(String, Tensor)> {
+        self.vars
+            .borrow()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+
+    /// Number of scalar trainable parameters.
     pub fn num_parameters(&self) -> usize {
-        self.vars.borrow().values().map(|v| v.elem_count()).sum()
+        self.vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    fn get_buffer(&self, name: String, shape: &[usize], init: Init) -> Result<Tensor> {
+        self.buffers.borrow_mut().insert(name.clone());
+        self.get(name, shape, init)
     }
 
     fn get(&self, name: String, shape: &[usize], init: Init) -> Result<Tensor> {
@@ -207,6 +232,12 @@ impl<'a> Vb<'a> {
     /// The parameter `name` under this path, created or loaded with `shape`.
     pub fn get(&self, shape: &[usize], name: &str, init: Init) -> Result<Tensor> {
         self.store.get(self.pp(name).prefix, shape, init)
+    }
+
+    /// A non-trainable buffer `name` under this path (stored and checkpointed, never
+    /// given to the optimizer), created or loaded with `shape`.
+    pub fn buffer(&self, shape: &[usize], name: &str, init: Init) -> Result<Tensor> {
+        self.store.get_buffer(self.pp(name).prefix, shape, init)
     }
 
     pub fn dtype(&self) -> DType {

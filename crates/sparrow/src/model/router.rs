@@ -1,93 +1,279 @@
 //! MoE routers: map each token's hidden state to k experts and their mixing weights.
 //! `RouterKind` (config) selects the variant; every variant returns the same `Routing`
 //! so the expert execution in `moe.rs` does not care which one chose.
+//!
+//! Notation: x (N, C) tokens, logits `l = x Wg^T` (N, E), k experts per token.
+//! - `topk_softmax` (Mixtral): `p = softmax(l)`, experts = top-k of p, weights =
+//!   `p[experts]` (renormalised to sum 1 when `norm_topk_prob`). Aux loss (Switch):
+//!   `E * sum_e f_e * P_e`, `f_e` = share of the N*k slots chosen for e, `P_e = mean_t p(t,e)`.
+//! - `switch_capacity`: as `topk_softmax`, then each expert keeps at most
+//!   `C = ceil(capacity_factor * N * k / E)` slots; slots are placed by choice rank
+//!   (every token's first choice, in token order, before any second choice); overflow is
+//!   dropped (the token keeps its other slots and the residual stream).
+//! - `capacity_aware`: as `topk_softmax`, with per-expert capacities from this batch's
+//!   soft demand `D_e = sum_t p(t,e)`: `C_e = max(ceil(capacity_factor * k * D_e),
+//!   ceil(capacity_floor * capacity_factor * N * k / E))`, so the batch budget
+//!   `capacity_factor * N * k` follows where the router sends tokens. Aux loss: CV^2 of
+//!   the utilization `u_e = f_e + P_e - stopgrad(P_e)` (the hard load's value, the soft
+//!   demand's gradient): `CV^2 = var(u) / mean(u)^2`.
+//! - `noaux_bias` (DeepSeek-V3): `s = sigmoid(l)`; selection on `s + b` (b: fp32
+//!   `e_score_correction_bias`, no gradient); with `n_group` > 1 each group scores the sum
+//!   of its top-2 biased scores, only the best `topk_group` groups stay eligible; weights
+//!   = `s[experts]` (normalised when `norm_topk_prob`) times `routed_scaling_factor`. No
+//!   aux loss: after each training step `b_e += gamma * sign(mean_load - load_e)`.
+//! - `hash` (DeepSeek-V4's first layers): the k experts of token id `v` in layer `l` are a
+//!   fixed pseudo-random table `table(v, l)` (k distinct experts, splitmix64 of v and l);
+//!   weights = `softmax(l)[experts]`, renormalised when `norm_topk_prob`. No aux loss.
+//!
+//! Every router may add the z-loss `mean_t logsumexp(l_t)^2` (`router_z_loss_coef`).
+//! Ties in a selection go to the lower expert index; NaN sorts last.
 
 use super::linear::Linear;
-use super::params::Vb;
+use super::params::{Init, Vb};
+use super::utilization::RoutingStats;
 use crate::config::{ModelConfig, RouterKind};
-use crate::error::Result;
-use candle_core::{DType, Tensor, D};
+use crate::error::{Error, Result};
+use candle_core::{DType, Tensor, Var, D};
+
+/// `Routing::expert_ids` entry of a slot dropped by the capacity limit.
+pub const DROPPED: u32 = u32::MAX;
 
 /// The router's decision for N tokens.
 #[derive(Debug, Clone)]
 pub struct Routing {
-    /// Chosen expert per (token, slot), row-major (N * k).
+    /// Chosen expert per (token, slot), row-major (N * k); `DROPPED` when the capacity
+    /// limit dropped the slot.
     pub expert_ids: Vec<u32>,
     /// (N, k) mixing weights, differentiable w.r.t. the router and the input.
     pub weights: Tensor,
-    /// Scalar load-balancing loss (unscaled by the config coefficient).
-    pub aux_loss: Tensor,
-    /// Routed slots per expert (E).
-    pub load: Vec<usize>,
+    /// Scalar load-balancing loss (unscaled), for the routers that have one.
+    pub aux_loss: Option<Tensor>,
+    /// Scalar router z-loss (unscaled), when `router_z_loss_coef` > 0.
+    pub z_loss: Option<Tensor>,
+    /// Counts of this call (demand before, load after the capacity limit).
+    pub stats: RoutingStats,
 }
 
-/// `mlp.gate` in checkpoints: a linear map from the hidden state to one logit per expert.
+/// `mlp.gate` in checkpoints: a linear map from the hidden state to one logit per expert,
+/// plus `e_score_correction_bias` (E, fp32 buffer) for `noaux_bias`.
 #[derive(Debug, Clone)]
 pub struct Router {
     pub gate: Linear,
+    pub e_score_correction_bias: Option<Tensor>,
     kind: RouterKind,
+    layer: usize,
     n_experts: usize,
     top_k: usize,
     norm_topk_prob: bool,
+    z_loss: bool,
+    capacity_factor: f64,
+    capacity_floor: f64,
+    n_group: usize,
+    topk_group: usize,
+    routed_scaling_factor: f64,
+    bias_update_speed: f64,
 }
 
 impl Router {
-    pub fn new(vb: &Vb, cfg: &ModelConfig) -> Result<Self> {
+    pub fn new(vb: &Vb, cfg: &ModelConfig, layer: usize) -> Result<Self> {
+        let e = cfg.n_routed_experts;
+        let e_score_correction_bias = match cfg.router_kind {
+            RouterKind::NoauxBias => {
+                Some(vb.buffer(&[e], "e_score_correction_bias", Init::Zeros)?)
+            }
+            _ => None,
+        };
         Ok(Self {
-            gate: Linear::new(
-                vb,
-                cfg.hidden_size,
-                cfg.n_routed_experts,
-                cfg.initializer_range,
-            )?,
+            gate: Linear::new(vb, cfg.hidden_size, e, cfg.initializer_range)?,
+            e_score_correction_bias,
             kind: cfg.router_kind,
-            n_experts: cfg.n_routed_experts,
+            layer,
+            n_experts: e,
             top_k: cfg.num_experts_per_tok,
             norm_topk_prob: cfg.norm_topk_prob,
+            z_loss: cfg.router_z_loss_coef > 0.0,
+            capacity_factor: cfg.capacity_factor,
+            capacity_floor: cfg.capacity_floor,
+            n_group: cfg.n_group,
+            topk_group: cfg.topk_group,
+            routed_scaling_factor: cfg.routed_scaling_factor,
+            bias_update_speed: cfg.router_bias_update_speed,
         })
     }
 
-    /// Route x (N, C).
-    pub fn route(&self, x: &Tensor) -> Result<Routing> {
-        match self.kind {
-            RouterKind::TopkSoftmax => self.route_topk_softmax(x),
-        }
+    pub fn kind(&self) -> RouterKind {
+        self.kind
     }
 
-    /// Mixtral: p = softmax(x Wg^T); experts = top-k of p (ties to the lower index);
-    /// weights = p[experts], renormalised to sum 1 when `norm_topk_prob`.
-    /// Switch aux loss: E * sum_e f_e * P_e, f_e = share of routed slots on e,
-    /// P_e = mean router probability of e.
-    fn route_topk_softmax(&self, x: &Tensor) -> Result<Routing> {
+    /// Route x (N, C). `token_ids` (N) feed the `hash` router; `capacity` applies the
+    /// capacity limit of `switch_capacity` / `capacity_aware` (training and validation).
+    pub fn route(&self, x: &Tensor, token_ids: &[u32], capacity: bool) -> Result<Routing> {
         let (n, _c) = x.dims2()?;
         let (e, k) = (self.n_experts, self.top_k);
         let logits = self.gate.forward(x)?; // (N, E)
-        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?; // (N, E)
-        let p_host: Vec<f32> = probs.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let mut expert_ids = Vec::with_capacity(n * k);
-        let mut load = vec![0usize; e];
-        for row in p_host.chunks_exact(e) {
-            for id in top_k_indices(row, k) {
-                load[id as usize] += 1;
-                expert_ids.push(id);
+        let z_loss = if self.z_loss {
+            Some(z_loss(&logits)?)
+        } else {
+            None
+        };
+        let scores = match self.kind {
+            RouterKind::NoauxBias => candle_nn::ops::sigmoid(&logits)?,
+            _ => candle_nn::ops::softmax(&logits, D::Minus1)?,
+        }; // (N, E)
+        let s_host: Vec<f32> = scores.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let chosen: Vec<u32> = match self.kind {
+            RouterKind::TopkSoftmax | RouterKind::SwitchCapacity | RouterKind::CapacityAware => {
+                s_host
+                    .chunks_exact(e)
+                    .flat_map(|row| top_k_indices(row, k))
+                    .collect()
             }
+            RouterKind::NoauxBias => {
+                let bias = self.bias_host()?;
+                s_host
+                    .chunks_exact(e)
+                    .flat_map(|row| {
+                        let biased: Vec<f32> = row.iter().zip(&bias).map(|(s, b)| s + b).collect();
+                        group_limited_top_k(&biased, self.n_group, self.topk_group, k)
+                    })
+                    .collect()
+            }
+            RouterKind::Hash => {
+                if token_ids.len() != n {
+                    return Err(Error::Invalid(format!(
+                        "hash router got {} token ids for {n} tokens",
+                        token_ids.len()
+                    )));
+                }
+                token_ids
+                    .iter()
+                    .flat_map(|&v| hash_experts(v, self.layer, e, k))
+                    .collect()
+            }
+        };
+        let mut stats = RoutingStats::new(e);
+        stats.tokens = n as u64;
+        for &id in &chosen {
+            stats.demand[id as usize] += 1;
         }
-        let idx = Tensor::from_slice(&expert_ids, (n, k), x.device())?;
-        let mut weights = probs.gather(&idx, 1)?; // (N, k)
+        let expert_ids = match self.kind {
+            RouterKind::SwitchCapacity if capacity => {
+                let c = (self.capacity_factor * (n * k) as f64 / e as f64).ceil() as usize;
+                apply_capacity(&chosen, k, &vec![c; e])
+            }
+            RouterKind::CapacityAware if capacity => {
+                let caps =
+                    demand_capacities(&s_host, e, k, self.capacity_factor, self.capacity_floor);
+                apply_capacity(&chosen, k, &caps)
+            }
+            _ => chosen.clone(),
+        };
+        for &id in expert_ids.iter().filter(|&&id| id != DROPPED) {
+            stats.load[id as usize] += 1;
+        }
+
+        let idx = Tensor::from_slice(&chosen, (n, k), x.device())?;
+        let mut weights = scores.gather(&idx, 1)?; // (N, k)
         if self.norm_topk_prob {
             weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
         }
-        let frac: Vec<f64> = load.iter().map(|&l| l as f64 / (n * k) as f64).collect();
-        let frac = Tensor::from_vec(frac, e, x.device())?.to_dtype(probs.dtype())?;
-        let mean_p = probs.mean(0)?; // (E)
-        let aux_loss = ((mean_p * frac)?.sum_all()? * e as f64)?;
+        if self.kind == RouterKind::NoauxBias && self.routed_scaling_factor != 1.0 {
+            weights = (weights * self.routed_scaling_factor)?;
+        }
+        let aux_loss = match self.kind {
+            RouterKind::TopkSoftmax | RouterKind::SwitchCapacity => {
+                Some(self.switch_loss(&scores, &stats.demand)?)
+            }
+            RouterKind::CapacityAware => Some(self.cv2_loss(&scores, &stats.demand)?),
+            RouterKind::NoauxBias | RouterKind::Hash => None,
+        };
         Ok(Routing {
             expert_ids,
             weights,
             aux_loss,
-            load,
+            z_loss,
+            stats,
         })
     }
+
+    /// Share of the N*k slots chosen for each expert, as a constant (E) tensor.
+    fn slot_shares(&self, probs: &Tensor, demand: &[u64]) -> Result<Tensor> {
+        let total = demand.iter().sum::<u64>().max(1) as f64;
+        let f: Vec<f64> = demand.iter().map(|&d| d as f64 / total).collect();
+        Ok(Tensor::from_vec(f, self.n_experts, probs.device())?.to_dtype(probs.dtype())?)
+    }
+
+    /// Switch: `E * sum_e f_e * P_e`.
+    fn switch_loss(&self, probs: &Tensor, demand: &[u64]) -> Result<Tensor> {
+        let f = self.slot_shares(probs, demand)?;
+        let mean_p = probs.mean(0)?; // (E)
+        Ok(((mean_p * f)?.sum_all()? * self.n_experts as f64)?)
+    }
+
+    /// CV^2 of `u = f + P - stopgrad(P)`.
+    fn cv2_loss(&self, probs: &Tensor, demand: &[u64]) -> Result<Tensor> {
+        let f = self.slot_shares(probs, demand)?;
+        let mean_p = probs.mean(0)?; // (E)
+        let u = (f + (&mean_p - mean_p.detach())?)?;
+        let mu = u.mean_all()?;
+        let var = u.broadcast_sub(&mu)?.sqr()?.mean_all()?;
+        Ok((var / mu.sqr()?)?)
+    }
+
+    fn bias_host(&self) -> Result<Vec<f32>> {
+        match &self.e_score_correction_bias {
+            Some(b) => Ok(b.to_dtype(DType::F32)?.to_vec1()?),
+            None => Ok(vec![0.0; self.n_experts]),
+        }
+    }
+
+    /// `noaux_bias`: after a training step whose routed slots per expert were `demand`,
+    /// move each bias by `gamma * sign(mean - demand_e)`. Other routers: nothing.
+    pub fn update_bias(&self, demand: &[u64]) -> Result<()> {
+        let Some(b) = &self.e_score_correction_bias else {
+            return Ok(());
+        };
+        if demand.len() != self.n_experts {
+            return Err(Error::Invalid(format!(
+                "bias update got {} loads for {} experts",
+                demand.len(),
+                self.n_experts
+            )));
+        }
+        let mean = demand.iter().sum::<u64>() as f64 / self.n_experts as f64;
+        let gamma = self.bias_update_speed as f32;
+        let new: Vec<f32> = self
+            .bias_host()?
+            .iter()
+            .zip(demand)
+            .map(|(&bi, &d)| {
+                let diff = mean - d as f64;
+                let sign = if diff > 0.0 {
+                    1.0
+                } else if diff < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                };
+                bi + gamma * sign
+            })
+            .collect();
+        let new = Tensor::from_vec(new, self.n_experts, b.device())?.to_dtype(b.dtype())?;
+        Var::from_tensor(b)?.set(&new)?;
+        Ok(())
+    }
+}
+
+/// `mean_t logsumexp(l_t)^2`, l (N, E).
+fn z_loss(logits: &Tensor) -> Result<Tensor> {
+    let m = logits.max_keepdim(D::Minus1)?.detach(); // (N, 1)
+    let lse = (logits
+        .broadcast_sub(&m)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + m)?;
+    Ok(lse.sqr()?.mean_all()?)
 }
 
 /// Indices of the k largest values, largest first; equal values go to the lower index,
@@ -103,4 +289,96 @@ pub fn top_k_indices(row: &[f32], k: usize) -> Vec<u32> {
     });
     idx.truncate(k);
     idx
+}
+
+/// DeepSeek-V3 group-limited top-k: experts form `n_group` equal groups; a group's score
+/// is the sum of its best two scores (its best one when groups have one expert); only
+/// the best `topk_group` groups stay eligible, then the top k of those experts.
+pub fn group_limited_top_k(row: &[f32], n_group: usize, topk_group: usize, k: usize) -> Vec<u32> {
+    if n_group <= 1 {
+        return top_k_indices(row, k);
+    }
+    let per = row.len() / n_group;
+    let group_scores: Vec<f32> = row
+        .chunks_exact(per)
+        .map(|g| {
+            top_k_indices(g, 2.min(per))
+                .iter()
+                .map(|&i| g[i as usize])
+                .sum()
+        })
+        .collect();
+    let keep = top_k_indices(&group_scores, topk_group);
+    let masked: Vec<f32> = row
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            if keep.contains(&((i / per) as u32)) {
+                s
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    top_k_indices(&masked, k)
+}
+
+/// The `hash` router's fixed table: k distinct experts for token id `v` in `layer`,
+/// drawn from a splitmix64 stream seeded by both (same table on every run and machine).
+pub fn hash_experts(v: u32, layer: usize, n_experts: usize, k: usize) -> Vec<u32> {
+    let mut state = ((layer as u64) << 32 | v as u64) ^ 0x5851_f42d_4c95_7f2d;
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut out: Vec<u32> = Vec::with_capacity(k);
+    while out.len() < k {
+        let e = (next() % n_experts as u64) as u32;
+        if !out.contains(&e) {
+            out.push(e);
+        }
+    }
+    out
+}
+
+/// Keep at most `caps[e]` slots per expert from `chosen` (N * k, row-major), placing
+/// slots by choice rank (every token's first choice in token order, then the second
+/// choices, ...). Returns the ids with overflow slots set to `DROPPED`.
+pub fn apply_capacity(chosen: &[u32], k: usize, caps: &[usize]) -> Vec<u32> {
+    let mut used = vec![0usize; caps.len()];
+    let mut out = chosen.to_vec();
+    let n = chosen.len() / k.max(1);
+    for rank in 0..k {
+        for t in 0..n {
+            let slot = t * k + rank;
+            let e = chosen[slot] as usize;
+            if used[e] < caps[e] {
+                used[e] += 1;
+            } else {
+                out[slot] = DROPPED;
+            }
+        }
+    }
+    out
+}
+
+/// `capacity_aware` capacities from the batch's router probabilities p (N * E,
+/// row-major): `max(ceil(factor * k * D_e), ceil(floor * factor * N * k / E))`,
+/// `D_e = sum_t p(t,e)`.
+pub fn demand_capacities(probs: &[f32], e: usize, k: usize, factor: f64, floor: f64) -> Vec<usize> {
+    let n = probs.len() / e;
+    let mut demand = vec![0f64; e];
+    for row in probs.chunks_exact(e) {
+        for (d, &p) in demand.iter_mut().zip(row) {
+            *d += p as f64;
+        }
+    }
+    let min_cap = (floor * factor * (n * k) as f64 / e as f64).ceil() as usize;
+    demand
+        .iter()
+        .map(|&d| ((factor * k as f64 * d).ceil() as usize).max(min_cap))
+        .collect()
 }

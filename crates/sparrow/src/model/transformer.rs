@@ -1,16 +1,32 @@
 //! The whole model: token embedding, blocks, final norm and LM head. The same
 //! `forward` serves training over (B, T) and incremental decoding with a `KvCache`.
 
-use super::attention::AttnOptions;
 use super::block::{Block, BlockOut};
 use super::moe::MoeStats;
 use super::norm::RmsNorm;
 use super::params::{Init, Vb};
 use super::rope::Rope;
+use super::utilization::RoutingStats;
+use crate::config::IndexerTrainMode;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::infer::cache::KvCache;
 use candle_core::Tensor;
+
+/// Per-call switches of a forward pass (training modes, diagnostics).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardOptions {
+    /// Training: how the indexer learns this step. None = inference (sparse, no loss).
+    pub indexer_mode: Option<IndexerTrainMode>,
+    /// Compute the indexer KL loss (always in `dense_warmup` and `sparse`).
+    pub indexer_kl: bool,
+    /// Measure the indexer recall of the queries at t >= `recall_from` (`eval recall`).
+    pub collect_recall: bool,
+    pub recall_from: usize,
+    /// Apply the routers' capacity limits (`switch_capacity`, `capacity_aware`): on in
+    /// training and validation forwards, off in inference (a decode step never drops).
+    pub moe_capacity: bool,
+}
 
 #[derive(Debug, Clone)]
 pub struct Transformer {
@@ -31,8 +47,10 @@ pub struct ForwardOutput {
     pub logits: Tensor,
     /// Sum over MoE layers of the router auxiliary losses (unscaled), if any.
     pub aux_loss: Option<Tensor>,
-    /// Per layer: routed slots per expert (None for dense layers).
-    pub expert_load: Vec<Option<Vec<usize>>>,
+    /// Sum over MoE layers of the router z-losses (unscaled), if configured.
+    pub z_loss: Option<Tensor>,
+    /// Per layer: what the router did (None for dense layers).
+    pub routing: Vec<Option<RoutingStats>>,
     /// Mean over DSA layers of the indexer KL loss (training), if computed.
     pub indexer_kl: Option<Tensor>,
     /// Per layer: indexer recall of every query (B*T), when asked for (DSA layers).
@@ -78,9 +96,21 @@ impl Transformer {
         &self.cfg
     }
 
+    /// After a training step: the `noaux_bias` routers move their selection biases
+    /// toward balance from the step's routing counts (one entry per layer, as in
+    /// `ForwardOutput::routing`). Other routers ignore it.
+    pub fn update_router_biases(&self, routing: &[Option<RoutingStats>]) -> Result<()> {
+        for (layer, stats) in self.layers.iter().zip(routing) {
+            if let (super::block::Ffn::Moe(moe), Some(stats)) = (&layer.mlp, stats) {
+                moe.gate.update_bias(&stats.demand)?;
+            }
+        }
+        Ok(())
+    }
+
     /// ids (B, T) u32 at positions cache.len().. -> logits (B, T, V) (inference).
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<ForwardOutput> {
-        self.forward_with(ids, cache, &AttnOptions::default())
+        self.forward_with(ids, cache, &ForwardOptions::default())
     }
 
     /// `forward` with explicit attention options (indexer training mode, recall).
@@ -88,7 +118,7 @@ impl Transformer {
         &self,
         ids: &Tensor,
         mut cache: Option<&mut KvCache>,
-        opts: &AttnOptions,
+        opts: &ForwardOptions,
     ) -> Result<ForwardOutput> {
         let (b, t) = ids.dims2()?;
         let c = self.cfg.hidden_size;
@@ -105,7 +135,8 @@ impl Transformer {
             .index_select(&flat_ids, 0)?
             .reshape((b, t, c))?; // (B, T, C)
         let mut aux: Option<Tensor> = None;
-        let mut expert_load = Vec::with_capacity(self.layers.len());
+        let mut z: Option<Tensor> = None;
+        let mut routing = Vec::with_capacity(self.layers.len());
         let mut kls: Vec<Tensor> = Vec::new();
         let mut recall = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
@@ -115,19 +146,21 @@ impl Transformer {
                 moe: stats,
                 indexer_kl,
                 recall: layer_recall,
-            } = layer.forward(&x, &self.rope, layer_cache, opts)?;
+            } = layer.forward(&x, &flat, &self.rope, layer_cache, opts)?;
             x = y;
             kls.extend(indexer_kl);
             recall.push(layer_recall);
             match stats {
-                Some(MoeStats { aux_loss, load }) => {
-                    aux = Some(match aux {
-                        Some(a) => (a + aux_loss)?,
-                        None => aux_loss,
-                    });
-                    expert_load.push(Some(load));
+                Some(MoeStats {
+                    aux_loss,
+                    z_loss,
+                    routing: r,
+                }) => {
+                    aux = add_opt(aux, aux_loss)?;
+                    z = add_opt(z, z_loss)?;
+                    routing.push(Some(r));
                 }
-                None => expert_load.push(None),
+                None => routing.push(None),
             }
         }
         let x = self.norm.forward(&x)?;
@@ -144,9 +177,18 @@ impl Transformer {
         Ok(ForwardOutput {
             logits,
             aux_loss: aux,
-            expert_load,
+            z_loss: z,
+            routing,
             indexer_kl,
             recall,
         })
     }
+}
+
+/// a + b where either may be absent.
+fn add_opt(a: Option<Tensor>, b: Option<Tensor>) -> Result<Option<Tensor>> {
+    Ok(match (a, b) {
+        (Some(a), Some(b)) => Some((a + b)?),
+        (a, b) => a.or(b),
+    })
 }

@@ -1,8 +1,11 @@
-//! The training loop: random contiguous windows, forward, LM loss plus router aux loss
-//! plus indexer KL (DSA layers, in the step's indexer mode: `dense_warmup` for the
+//! The training loop: random contiguous windows, forward, LM loss plus router aux and
+//! z losses plus indexer KL (DSA layers, in the step's indexer mode: `dense_warmup` for the
 //! first `indexer_dense_warmup_steps`, then the config's `indexer_train_mode`),
 //! backward, global-norm clipping, AdamW with warmup + cosine, periodic validation,
-//! metrics, a progress bar, and checkpoints every N steps and on interruption.
+//! metrics, a progress bar, and checkpoints every N steps and on interruption. After
+//! each step the `noaux_bias` routers update their selection biases. Router telemetry:
+//! every step logs the worst layer's MaxVio and the drop rate of that step's batch; every
+//! validation logs per-layer utilization over the validation tokens (`routing`).
 
 use super::checkpoint::{self, DataPosition, RngState, TrainState};
 use super::loss::cross_entropy;
@@ -13,7 +16,8 @@ use crate::config::ModelConfig;
 use crate::data::corpus;
 use crate::data::shards::{eval_windows, sample_batch, TokenData};
 use crate::error::{Error, Result};
-use crate::model::attention::AttnOptions;
+use crate::model::transformer::ForwardOptions;
+use crate::model::utilization::{RoutingStats, Utilization};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device, Tensor};
@@ -300,6 +304,7 @@ fn run_loop(
     let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"), state.step)?;
     let dev = model.store.device().clone();
     let aux_coef = model.cfg.router_aux_loss_coef;
+    let z_coef = model.cfg.router_z_loss_coef;
     let kl_coef = model.cfg.indexer_kl_coef;
     let parameters = model.store.num_parameters();
 
@@ -309,6 +314,7 @@ fn run_loop(
     let mut tokens_done = 0u64;
     let mut last_loss = f64::NAN;
     let mut interrupted = false;
+    let mut val_max_vio: Option<f64> = None;
     while state.step < o.steps {
         let step_start = Instant::now();
         let lr = lr_at(state.step, o.steps, o.warmup_steps, o.lr, o.min_lr_ratio);
@@ -319,11 +325,12 @@ fn run_loop(
             .cfg
             .has_dsa()
             .then(|| model.cfg.indexer_mode_at(state.step));
-        let opts = AttnOptions {
+        let opts = ForwardOptions {
             indexer_mode,
             indexer_kl: kl_coef > 0.0,
             collect_recall: false,
             recall_from: 0,
+            moe_capacity: true,
         };
         let fwd = model.net.forward_with(&inp, None, &opts)?;
         let v = model.cfg.vocab_size;
@@ -332,6 +339,9 @@ fn run_loop(
             Some(aux) if aux_coef > 0.0 => (&lm_loss + (aux * aux_coef)?)?,
             _ => lm_loss.clone(),
         };
+        if let Some(z) = &fwd.z_loss {
+            loss = (loss + (z * z_coef)?)?;
+        }
         if let Some(kl) = &fwd.indexer_kl {
             if kl_coef > 0.0 {
                 loss = (loss + (kl * kl_coef)?)?;
@@ -345,6 +355,7 @@ fn run_loop(
             1.0
         };
         opt.step(&grads, lr, scale)?;
+        model.net.update_router_biases(&fwd.routing)?;
         state.step += 1;
         let step_tokens = (o.batch_size * o.seq_len) as u64;
         state.data.step = state.step;
@@ -370,6 +381,14 @@ fn run_loop(
         if let Some(aux) = &fwd.aux_loss {
             rec["aux_loss"] = json!(aux.to_scalar::<f32>()? as f64);
         }
+        if let Some(z) = &fwd.z_loss {
+            rec["z_loss"] = json!(z.to_scalar::<f32>()? as f64);
+        }
+        let step_util = layer_utilization(&fwd.routing);
+        if let Some(worst) = worst_max_vio(&step_util) {
+            rec["max_vio"] = json!(worst);
+            rec["drop_rate"] = json!(mean_drop_rate(&step_util));
+        }
         if let Some(kl) = &fwd.indexer_kl {
             rec["indexer_kl"] = json!(kl.to_scalar::<f32>()? as f64);
         }
@@ -381,21 +400,35 @@ fn run_loop(
             || ctl.pause_at == Some(state.step)
             || (o.time_limit_secs > 0 && started.elapsed().as_secs() >= o.time_limit_secs);
         if (o.val_every > 0 && state.step.is_multiple_of(o.val_every)) || last {
-            let vl = validate(&model, &val_set, o.batch_size, o.seq_len)?;
+            let (vl, routing) = validate(&model, &val_set, o.batch_size, o.seq_len)?;
             rec["val_loss"] = json!(vl);
+            let util = layer_utilization(&routing);
+            if let Some(worst) = worst_max_vio(&util) {
+                rec["val_max_vio"] = json!(worst);
+                rec["routing"] = routing_json(&util);
+                val_max_vio = Some(worst);
+            }
             state.last_val_loss = Some(vl);
         } else if stop_now {
             // Report the current validation loss when stopping early, but keep it out of
             // metrics.jsonl, which must read the same as an uninterrupted run.
-            state.last_val_loss = Some(validate(&model, &val_set, o.batch_size, o.seq_len)?);
+            state.last_val_loss = Some(validate(&model, &val_set, o.batch_size, o.seq_len)?.0);
         }
         metrics.log(&rec)?;
         bar.set_position(state.step);
         bar.set_message(format!(
-            "loss {last_loss:.3}{} | {:.0} tok/s",
+            "loss {last_loss:.3}{}{} | {:.0} tok/s",
             state
                 .last_val_loss
                 .map(|v| format!(" val {v:.3}"))
+                .unwrap_or_default(),
+            worst_max_vio(&step_util)
+                .map(|v| format!(
+                    " | MaxVio {v:.2}{}",
+                    val_max_vio
+                        .map(|w| format!(" (val {w:.2})"))
+                        .unwrap_or_default()
+                ))
                 .unwrap_or_default(),
             tokens_done as f64 / started.elapsed().as_secs_f64().max(1e-9)
         ));
@@ -425,28 +458,69 @@ fn run_loop(
     })
 }
 
-/// Mean LM loss over the fixed validation windows.
+/// Per MoE layer (index, utilization) of one forward's routing counts.
+pub fn layer_utilization(routing: &[Option<RoutingStats>]) -> Vec<(usize, Utilization)> {
+    routing
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().map(|r| (i, r.utilization())))
+        .collect()
+}
+
+/// The worst (largest) MaxVio over layers, if any layer is MoE.
+pub fn worst_max_vio(util: &[(usize, Utilization)]) -> Option<f64> {
+    util.iter().map(|(_, u)| u.max_vio).reduce(f64::max)
+}
+
+fn mean_drop_rate(util: &[(usize, Utilization)]) -> f64 {
+    util.iter().map(|(_, u)| u.drop_rate).sum::<f64>() / util.len().max(1) as f64
+}
+
+/// `[{layer, max_vio, cv, entropy, drop_rate, dead, demand_max_vio, load}, ...]`.
+pub fn routing_json(util: &[(usize, Utilization)]) -> serde_json::Value {
+    serde_json::Value::Array(
+        util.iter()
+            .map(|(layer, u)| {
+                let mut v = json!(u);
+                v["layer"] = json!(layer);
+                v
+            })
+            .collect(),
+    )
+}
+
+/// Mean LM loss over the fixed validation windows (router capacity limits applied, as in
+/// training), and each layer's routing counts over those windows.
 pub fn validate(
     model: &Model,
     windows: &[(Vec<u32>, Vec<u32>)],
     batch: usize,
     seq_len: usize,
-) -> Result<f64> {
+) -> Result<(f64, Vec<Option<RoutingStats>>)> {
     let dev = model.store.device().clone();
     let mut total = 0.0;
     let mut n = 0usize;
+    let mut routing: Vec<Option<RoutingStats>> = vec![None; model.cfg.num_hidden_layers];
+    let opts = ForwardOptions {
+        moe_capacity: true,
+        ..Default::default()
+    };
     for chunk in windows.chunks(batch) {
         let inp: Vec<u32> = chunk.iter().flat_map(|(i, _)| i.iter().copied()).collect();
         let tgt: Vec<u32> = chunk.iter().flat_map(|(_, t)| t.iter().copied()).collect();
         let b = chunk.len();
         let inp = Tensor::from_vec(inp, (b, seq_len), &dev)?;
         let tgt = Tensor::from_vec(tgt, b * seq_len, &dev)?;
-        let logits = model
-            .forward(&inp, None)?
-            .logits
-            .reshape((b * seq_len, model.cfg.vocab_size))?;
+        let out = model.net.forward_with(&inp, None, &opts)?;
+        for (acc, r) in routing.iter_mut().zip(&out.routing) {
+            if let Some(r) = r {
+                acc.get_or_insert_with(|| RoutingStats::new(r.load.len()))
+                    .merge(r);
+            }
+        }
+        let logits = out.logits.reshape((b * seq_len, model.cfg.vocab_size))?;
         total += cross_entropy(&logits.detach(), &tgt)?.to_scalar::<f32>()? as f64 * b as f64;
         n += b;
     }
-    Ok(total / n.max(1) as f64)
+    Ok((total / n.max(1) as f64, routing))
 }
