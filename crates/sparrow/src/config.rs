@@ -179,6 +179,9 @@ fn default_router_kind() -> RouterKind {
 fn default_aux_coef() -> f64 {
     0.01
 }
+fn default_cv2_coef() -> f64 {
+    0.1
+}
 fn default_capacity_factor() -> f64 {
     1.25
 }
@@ -264,11 +267,14 @@ pub struct ModelConfig {
     /// Which router the MoE layers use.
     #[serde(default = "default_router_kind")]
     pub router_kind: RouterKind,
-    /// Weight of the load-balancing auxiliary loss added to the LM loss in training
-    /// (Switch loss for `topk_softmax` / `switch_capacity`, CV^2 for `capacity_aware`;
-    /// `noaux_bias` and `hash` have none).
+    /// Weight of the Switch load-balancing loss (`topk_softmax`, `switch_capacity`) added
+    /// to the LM loss in training.
     #[serde(default = "default_aux_coef")]
     pub router_aux_loss_coef: f64,
+    /// Weight of `capacity_aware`'s CV^2 utilization loss (Shazeer et al. 2017 weigh
+    /// their CV^2 balance losses 0.1).
+    #[serde(default = "default_cv2_coef")]
+    pub router_cv2_loss_coef: f64,
     /// Weight of the router z-loss `mean_t logsumexp(logits_t)^2` (ST-MoE); 0 = off.
     #[serde(default)]
     pub router_z_loss_coef: f64,
@@ -480,6 +486,9 @@ impl ModelConfig {
 
     fn validate_router(&self) -> Result<()> {
         let non_negative = |v: f64| v.is_finite() && v >= 0.0;
+        if !non_negative(self.router_cv2_loss_coef) {
+            return Err(Error::config("router_cv2_loss_coef", "must be >= 0"));
+        }
         if !non_negative(self.router_z_loss_coef) {
             return Err(Error::config("router_z_loss_coef", "must be >= 0"));
         }
@@ -637,6 +646,15 @@ impl ModelConfig {
     /// Key/value heads KV (defaults to H).
     pub fn num_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// The weight of this model's router balance loss: `router_cv2_loss_coef` for
+    /// `capacity_aware`, `router_aux_loss_coef` otherwise (routers without one ignore it).
+    pub fn balance_loss_coef(&self) -> f64 {
+        match self.router_kind {
+            RouterKind::CapacityAware => self.router_cv2_loss_coef,
+            _ => self.router_aux_loss_coef,
+        }
     }
 
     /// Whether layer `i` has an MoE FFN (otherwise dense SwiGLU).

@@ -18,6 +18,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod experiment;
+pub mod font;
 pub mod fsio;
 pub mod infer;
 pub mod kernels;

@@ -353,3 +353,124 @@ fn inference_never_drops_and_cached_decode_matches_the_full_forward() {
         assert!(err < 1e-5, "{kind:?}: cached decode differs by {err:e}");
     }
 }
+
+/// Random routing of n tokens with k slots over e experts, about a fifth dropped.
+fn random_ids(n: usize, k: usize, e: usize, seed: u64) -> Vec<u32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .flat_map(|_| {
+            let mut row: Vec<u32> = Vec::new();
+            while row.len() < k {
+                let x = rng.random_range(0..e as u32);
+                if !row.contains(&x) {
+                    row.push(x);
+                }
+            }
+            row.into_iter()
+                .map(|x| {
+                    if rng.random_range(0..5) == 0 {
+                        DROPPED
+                    } else {
+                        x
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn dispatch_kernels_match_the_index_reference_forward_and_backward() {
+    use sparrow::kernels::experts::{CombineSlots, Dispatch, GatherRows};
+    use sparrow::kernels::reference::{moe_combine_reference, moe_gather_reference};
+    use std::sync::Arc;
+    for (n, k, e, c, dtype) in [
+        (37, 2, 5, 13, F64),
+        (300, 3, 7, 33, DType::F32),
+        (1, 1, 1, 5, F64),
+    ] {
+        let ids = random_ids(n, k, e, n as u64);
+        let plan = Arc::new(Dispatch::new(&ids, k, e).unwrap());
+        let x = Var::from_tensor(&randn(&[n, c], 1, dtype)).unwrap();
+        let w = Var::from_tensor(&randn(&[n, k], 2, dtype)).unwrap();
+        let probe = randn(&[n, c], 3, dtype);
+        // The same expert computation between gather and combine (a nonlinearity, so the
+        // backward of each kernel is exercised with non-trivial upstream gradients).
+        let run = |fast: bool| {
+            let xg = if fast {
+                GatherRows(plan.clone()).apply(x.as_tensor()).unwrap()
+            } else {
+                moe_gather_reference(x.as_tensor(), &plan).unwrap()
+            };
+            let ys = xg.tanh().unwrap();
+            let y = if fast {
+                CombineSlots(plan.clone())
+                    .apply(&ys, w.as_tensor())
+                    .unwrap()
+            } else {
+                moe_combine_reference(&ys, w.as_tensor(), &plan).unwrap()
+            };
+            let loss = (&y * &probe).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            (
+                y,
+                g.get(x.as_tensor()).unwrap().clone(),
+                g.get(w.as_tensor()).unwrap().clone(),
+            )
+        };
+        let (y, dx, dw) = run(true);
+        let (y_r, dx_r, dw_r) = run(false);
+        let tol = if dtype == F64 { 1e-13 } else { 1e-5 };
+        for (name, a, b) in [("y", &y, &y_r), ("dx", &dx, &dx_r), ("dw", &dw, &dw_r)] {
+            let err = rel_err(a, b);
+            assert!(err < tol, "n={n} k={k} e={e} c={c}: {name} rel err {err:e}");
+        }
+        // Dropped slots get no weight gradient.
+        let dwv = common::to_f64_vec(&dw);
+        for (slot, &id) in ids.iter().enumerate() {
+            if id == DROPPED {
+                assert_eq!(dwv[slot], 0.0);
+            }
+        }
+    }
+}
+
+#[test]
+fn dispatch_kernel_gradients_match_finite_differences() {
+    use sparrow::kernels::experts::{CombineSlots, Dispatch, GatherRows};
+    use std::sync::Arc;
+    let (n, k, e, c) = (11, 2, 4, 6);
+    let plan = Arc::new(Dispatch::new(&random_ids(n, k, e, 9), k, e).unwrap());
+    let x = Var::from_tensor(&randn(&[n, c], 4, F64)).unwrap();
+    let w = Var::from_tensor(&randn(&[n, k], 5, F64)).unwrap();
+    let probe = randn(&[n, c], 6, F64);
+    let loss = || {
+        let xg = GatherRows(plan.clone()).apply(x.as_tensor()).unwrap();
+        let ys = xg.sqr().unwrap();
+        let y = CombineSlots(plan.clone())
+            .apply(&ys, w.as_tensor())
+            .unwrap();
+        (y * &probe).unwrap().sum_all().unwrap()
+    };
+    check_gradients(
+        &[("x".into(), x.clone()), ("w".into(), w.clone())],
+        loss,
+        12,
+    );
+}
+
+#[test]
+fn dispatch_rejects_bad_routing() {
+    use sparrow::kernels::experts::Dispatch;
+    assert!(
+        Dispatch::new(&[0, 1, 2], 2, 3).is_err(),
+        "3 slots with k = 2"
+    );
+    assert!(Dispatch::new(&[0, 5], 2, 3).is_err(), "expert 5 of 3");
+    let d = Dispatch::new(&[2, 0, DROPPED, 2], 2, 3).unwrap();
+    assert_eq!(d.offsets, vec![0, 1, 1, 3]);
+    assert_eq!(d.token_of, vec![0, 0, 1]);
+    assert_eq!(d.slot_of, vec![1, 0, 3]);
+    assert_eq!(d.pos, vec![1, 0, DROPPED, 2]);
+}

@@ -5,34 +5,12 @@
 use crate::error::{Error, Result};
 use plotters::prelude::*;
 use std::path::Path;
-use std::sync::Once;
 
-/// The font family name PNG text is drawn with.
-const FONT: &str = "sans-serif";
-
-fn register_font() -> Result<()> {
-    static ONCE: Once = Once::new();
-    let mut ok = true;
-    ONCE.call_once(|| {
-        ok = plotters::style::register_font(
-            FONT,
-            FontStyle::Normal,
-            epaint_default_fonts::UBUNTU_LIGHT,
-        )
-        .is_ok();
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Invalid(
-            "the bundled plot font could not be loaded".into(),
-        ))
-    }
-}
+const FONT: &str = crate::font::FAMILY;
 
 /// Draw `layers` ((layer index, slots per expert) each) into `out` (PNG).
 pub fn plot_expert_load(out: &Path, title: &str, layers: &[(usize, Vec<u64>)]) -> Result<()> {
-    register_font()?;
+    crate::font::register()?;
     let n_experts = layers.iter().map(|(_, l)| l.len()).max().unwrap_or(0);
     if layers.is_empty() || n_experts == 0 {
         return Err(Error::Invalid("no expert load to plot".into()));
@@ -46,7 +24,8 @@ pub fn plot_expert_load(out: &Path, title: &str, layers: &[(usize, Vec<u64>)]) -
                 .collect()
         })
         .collect();
-    let y_max = rel.iter().flatten().fold(2.0f64, |a, &b| a.max(b)) * 1.08;
+    // Headroom above the tallest bar for the legend.
+    let y_max = rel.iter().flatten().fold(2.0f64, |a, &b| a.max(b)) * 1.3;
     let draw_err =
         |e: &dyn std::fmt::Display| Error::Invalid(format!("plot {}: {e}", out.display()));
     let root = BitMapBackend::new(out, (1000, 520)).into_drawing_area();

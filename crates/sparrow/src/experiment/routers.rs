@@ -55,6 +55,8 @@ pub struct UtilizationSummary {
     pub drop_rate: f64,
     /// Dead experts summed over layers.
     pub dead: usize,
+    /// Mean over layers of the MaxVio of the router's choices before capacity limits.
+    pub demand_max_vio: f64,
     pub layers: Vec<LayerRouting>,
 }
 
@@ -72,6 +74,7 @@ impl UtilizationSummary {
             entropy: mean(&|l| l.utilization.entropy),
             drop_rate: mean(&|l| l.utilization.drop_rate),
             dead: layers.iter().map(|l| l.utilization.dead).sum(),
+            demand_max_vio: mean(&|l| l.utilization.demand_max_vio),
             layers,
         }
     }
@@ -283,7 +286,7 @@ pub fn markdown(exp: &RouterExperiment, results: &[RouterResult]) -> String {
     let _ = writeln!(s, "# Routers side by side\n");
     let _ = writeln!(
         s,
-        "{} layers ({} MoE), {} routed experts, top-{}, {} shared; capacity_factor {}, aux coef {}, z-loss coef {}; \
+        "{} layers ({} MoE), {} routed experts, top-{}, {} shared; capacity_factor {}, Switch loss coef {}, CV^2 loss coef {}, z-loss coef {}; \
          {} steps of {} x {} tokens, seed {}; utilization over {} held-out windows of {} tokens \
          (capacity limits applied, batches of {}).\n",
         c.num_hidden_layers,
@@ -293,6 +296,7 @@ pub fn markdown(exp: &RouterExperiment, results: &[RouterResult]) -> String {
         c.n_shared_experts,
         c.capacity_factor,
         c.router_aux_loss_coef,
+        c.router_cv2_loss_coef,
         c.router_z_loss_coef,
         o.steps,
         o.batch_size,
@@ -307,9 +311,9 @@ pub fn markdown(exp: &RouterExperiment, results: &[RouterResult]) -> String {
         .find(|r| r.router == RouterKind::TopkSoftmax.name());
     let _ = writeln!(
         s,
-        "| router | val loss | vs topk_softmax | MaxVio (mean) | MaxVio (worst) | vs topk_softmax | CV | entropy | drop rate | dead | tokens/s |"
+        "| router | val loss | vs topk_softmax | MaxVio (mean) | MaxVio (worst) | vs topk_softmax | CV | entropy | drop rate | dead | MaxVio before capacity | tokens/s |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
         let v = &r.validation;
         let (dl, dv) = match base {
@@ -321,7 +325,7 @@ pub fn markdown(exp: &RouterExperiment, results: &[RouterResult]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {:.4} | {} | {:.3} | {:.3} | {} | {:.3} | {:.4} | {:.2}% | {} | {:.0} |",
+            "| {} | {:.4} | {} | {:.3} | {:.3} | {} | {:.3} | {:.4} | {:.2}% | {} | {:.3} | {:.0} |",
             r.router,
             r.val_loss,
             dl,
@@ -332,6 +336,7 @@ pub fn markdown(exp: &RouterExperiment, results: &[RouterResult]) -> String {
             v.entropy,
             v.drop_rate * 100.0,
             v.dead,
+            v.demand_max_vio,
             r.tokens_per_s
         );
     }
@@ -363,6 +368,13 @@ pub fn markdown(exp: &RouterExperiment, results: &[RouterResult]) -> String {
             }
         }
     }
+    let _ = writeln!(
+        s,
+        "\nMaxVio = max load / mean load - 1 over the slots experts processed; CV = std / mean \
+         of that load; entropy = H(load) / ln E; drop rate = slots dropped by capacity limits; \
+         dead = experts (summed over layers) that processed no slot. Means are over MoE layers; \
+         tokens/s is the median training step rate (sensitive to other load on the machine)."
+    );
     let _ = writeln!(s, "\n## Per-layer MaxVio on validation text\n");
     let layer_ids: Vec<usize> = results
         .first()

@@ -11,10 +11,13 @@
 //! - [`sparse_attention::SparseAttention`]: attention over the selected positions, with
 //!   backward, and the straight-through gate [`sparse_attention::SteGate`].
 //! - [`decode_attention`]: dense flash-decoding of one query over a KV cache.
+//! - [`experts`]: MoE dispatch: rows grouped by expert, gathered once, and the weighted
+//!   combine back per token, with backward passes.
 //! - [`simd`]: a vectorisable `exp` and AVX-512 detection for the hot loops.
 
 pub mod cross_entropy;
 pub mod decode_attention;
+pub mod experts;
 pub mod indexer;
 pub mod reference;
 pub mod simd;

@@ -89,3 +89,28 @@ pub fn sparse_attention(
     }
     p.matmul(&v.contiguous()?)?.transpose(1, 2)?.contiguous()
 }
+
+/// Reference of `experts::GatherRows`: `x.index_select(token_of)`, (M, C).
+pub fn moe_gather_reference(x: &Tensor, plan: &super::experts::Dispatch) -> Result<Tensor> {
+    let idx = Tensor::from_slice(&plan.token_of, plan.rows(), x.device())?;
+    x.index_select(&idx, 0)
+}
+
+/// Reference of `experts::CombineSlots`: weight each grouped row by its slot's weight and
+/// `index_add` it onto its token, (N, C).
+pub fn moe_combine_reference(
+    ys: &Tensor,
+    w: &Tensor,
+    plan: &super::experts::Dispatch,
+) -> Result<Tensor> {
+    let dev = ys.device();
+    let c = ys.dim(1)?;
+    let zeros = Tensor::zeros((plan.n_tokens, c), ys.dtype(), dev)?;
+    if plan.rows() == 0 {
+        return Ok(zeros);
+    }
+    let slots = Tensor::from_slice(&plan.slot_of, plan.rows(), dev)?;
+    let tokens = Tensor::from_slice(&plan.token_of, plan.rows(), dev)?;
+    let wg = w.flatten_all()?.index_select(&slots, 0)?.unsqueeze(1)?; // (M, 1)
+    zeros.index_add(&tokens, &ys.broadcast_mul(&wg)?, 0)
+}

@@ -2,7 +2,8 @@
 //! shared experts run on every token (DeepSeek).
 //!
 //! Execution (DESIGN.md §4): bucket (token, slot) pairs by expert, run one GEMM chain
-//! per expert over its gathered rows, scale by the routing weight and scatter-add back.
+//! per expert over its gathered rows, scale by the routing weight and add back per token
+//! (`kernels::experts`: one gather into expert order, one weighted combine).
 //! Expert weights are never copied per token. `forward_reference` is the plain
 //! per-token loop the bucketed path is tested against.
 
@@ -12,7 +13,9 @@ use super::router::{Router, Routing, DROPPED};
 use super::utilization::RoutingStats;
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::kernels::experts::{CombineSlots, Dispatch, GatherRows};
 use candle_core::Tensor;
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct Moe {
@@ -131,37 +134,23 @@ impl Moe {
     /// pairs by expert, one SwiGLU chain per expert over its gathered rows, weighted
     /// scatter-add back.
     fn routed(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
-        let k = self.top_k;
-        let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); self.experts.len()];
-        let mut slots: Vec<Vec<u32>> = vec![Vec::new(); self.experts.len()];
-        for (flat, &e) in routing.expert_ids.iter().enumerate() {
-            if e == DROPPED {
-                continue;
-            }
-            tokens[e as usize].push((flat / k) as u32);
-            slots[e as usize].push(flat as u32);
+        let plan = Arc::new(Dispatch::new(
+            &routing.expert_ids,
+            self.top_k,
+            self.experts.len(),
+        )?);
+        if plan.rows() == 0 {
+            return Ok(xs.zeros_like()?);
         }
-        let flat_weights = routing.weights.flatten_all()?; // (N*k)
-        let mut outs = Vec::new();
-        let mut rows = Vec::new();
+        let xg = GatherRows(plan.clone()).apply(xs)?; // (M, C), grouped by expert
+        let mut outs = Vec::with_capacity(self.experts.len());
         for (e, expert) in self.experts.iter().enumerate() {
-            if tokens[e].is_empty() {
-                continue;
+            let (lo, hi) = (plan.offsets[e], plan.offsets[e + 1]);
+            if hi > lo {
+                outs.push(expert.forward(&xg.narrow(0, lo, hi - lo)?)?); // (n_e, C)
             }
-            let n_e = tokens[e].len();
-            let tok = Tensor::from_slice(&tokens[e], n_e, xs.device())?;
-            let slot = Tensor::from_slice(&slots[e], n_e, xs.device())?;
-            let xe = xs.index_select(&tok, 0)?; // (n_e, C)
-            let we = flat_weights.index_select(&slot, 0)?.unsqueeze(1)?; // (n_e, 1)
-            outs.push(expert.forward(&xe)?.broadcast_mul(&we)?);
-            rows.extend_from_slice(&tokens[e]);
         }
-        let zeros = xs.zeros_like()?;
-        if outs.is_empty() {
-            return Ok(zeros);
-        }
-        let ys = Tensor::cat(&outs, 0)?; // (N*k, C) in expert order
-        let rows = Tensor::from_vec(rows, ys.dim(0)?, xs.device())?;
-        Ok(zeros.index_add(&rows, &ys, 0)?)
+        let ys = Tensor::cat(&outs, 0)?; // (M, C)
+        Ok(CombineSlots(plan).apply(&ys, &routing.weights)?)
     }
 }

@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use candle_core::{DType, Tensor, Var, D};
 
 /// `Routing::expert_ids` entry of a slot dropped by the capacity limit.
-pub const DROPPED: u32 = u32::MAX;
+pub use crate::kernels::experts::DROPPED;
 
 /// The router's decision for N tokens.
 #[derive(Debug, Clone)]

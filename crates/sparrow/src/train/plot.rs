@@ -33,6 +33,7 @@ pub fn plot_losses(metrics_path: &Path, out: &Path, title: &str) -> Result<(usiz
     let draw_err =
         |e: &dyn std::fmt::Display| Error::Invalid(format!("plot {}: {e}", out.display()));
 
+    crate::font::register()?;
     let root = SVGBackend::new(out, (900, 540)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| draw_err(&e))?;
     let mut chart = ChartBuilder::on(&root)
@@ -111,6 +112,7 @@ pub fn plot_series(series: &[Series], out: &Path, axes: &Axes) -> Result<()> {
         });
     let draw_err =
         |e: &dyn std::fmt::Display| Error::Invalid(format!("plot {}: {e}", out.display()));
+    crate::font::register()?;
     let root = SVGBackend::new(out, (900, 540)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| draw_err(&e))?;
     let colours = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];

@@ -303,7 +303,7 @@ fn run_loop(
     let val_set = eval_windows(&data.val, o.val_batches * o.batch_size, o.seq_len)?;
     let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"), state.step)?;
     let dev = model.store.device().clone();
-    let aux_coef = model.cfg.router_aux_loss_coef;
+    let aux_coef = model.cfg.balance_loss_coef();
     let z_coef = model.cfg.router_z_loss_coef;
     let kl_coef = model.cfg.indexer_kl_coef;
     let parameters = model.store.num_parameters();

@@ -1,0 +1,367 @@
+//! MoE dispatch kernels (DESIGN.md §4, "expert execution on CPU"): the (token, slot)
+//! pairs a router kept are grouped by expert (`Dispatch`, a counting sort), the token
+//! rows are gathered once into that order (`GatherRows`), each expert runs one GEMM chain
+//! over its contiguous block (in `model::moe`), and `CombineSlots` adds each token's
+//! weighted expert outputs back: `y[t] = sum_j w[t,j] * ys[pos(t,j)]`.
+//!
+//! Both ops are candle custom ops with backward passes written as gathers (parallel over
+//! destination rows, no atomics, deterministic):
+//! - gather: `dx[t] = sum_j dxg[pos(t,j)]`;
+//! - combine: `dys[p] = w[t,j] * dy[t]` for `p = pos(t,j)`, `dw[t,j] = dy[t] . ys[p]`.
+//!
+//! Reference: `reference::moe_dispatch_reference` (candle's `index_select`,
+//! `broadcast_mul` and `index_add`), compared in `tests/routers.rs`.
+
+use super::contiguous_slice;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use num_traits::Float;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Marks a dropped slot in `Dispatch::pos` (and in the router's expert ids).
+pub const DROPPED: u32 = u32::MAX;
+
+/// Where each kept (token, slot) pair goes when rows are grouped by expert.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    pub n_tokens: usize,
+    pub k: usize,
+    /// Rows of expert e are `offsets[e]..offsets[e + 1]` of the grouped order (E + 1).
+    pub offsets: Vec<usize>,
+    /// Grouped position -> token (M = kept pairs).
+    pub token_of: Vec<u32>,
+    /// Grouped position -> flat slot `t * k + j` (M).
+    pub slot_of: Vec<u32>,
+    /// Flat slot -> grouped position, `DROPPED` when the slot was dropped (N * k).
+    pub pos: Vec<u32>,
+}
+
+impl Dispatch {
+    /// Group `expert_ids` (N * k, row-major; `DROPPED` = dropped) by expert, keeping
+    /// token order within an expert.
+    pub fn new(expert_ids: &[u32], k: usize, n_experts: usize) -> candle_core::Result<Self> {
+        if k == 0 || !expert_ids.len().is_multiple_of(k) {
+            candle_core::bail!(
+                "dispatch: {} slots is not a multiple of k {k}",
+                expert_ids.len()
+            );
+        }
+        let mut offsets = vec![0usize; n_experts + 1];
+        for &e in expert_ids.iter().filter(|&&e| e != DROPPED) {
+            if e as usize >= n_experts {
+                candle_core::bail!("dispatch: expert {e} out of range ({n_experts} experts)");
+            }
+            offsets[e as usize + 1] += 1;
+        }
+        for e in 0..n_experts {
+            offsets[e + 1] += offsets[e];
+        }
+        let m = offsets[n_experts];
+        let mut cursor = offsets.clone();
+        let mut token_of = vec![0u32; m];
+        let mut slot_of = vec![0u32; m];
+        let mut pos = vec![DROPPED; expert_ids.len()];
+        for (flat, &e) in expert_ids.iter().enumerate() {
+            if e == DROPPED {
+                continue;
+            }
+            let p = cursor[e as usize];
+            cursor[e as usize] += 1;
+            token_of[p] = (flat / k) as u32;
+            slot_of[p] = flat as u32;
+            pos[flat] = p as u32;
+        }
+        Ok(Self {
+            n_tokens: expert_ids.len() / k,
+            k,
+            offsets,
+            token_of,
+            slot_of,
+            pos,
+        })
+    }
+
+    /// Kept pairs (rows of the grouped order).
+    pub fn rows(&self) -> usize {
+        self.token_of.len()
+    }
+}
+
+/// x (N, C) -> xg (M, C): `xg[p] = x[token_of[p]]`.
+#[derive(Clone)]
+pub struct GatherRows(pub Arc<Dispatch>);
+
+/// (ys (M, C), w (N, k)) -> y (N, C): `y[t] = sum_j w[t,j] * ys[pos(t,j)]`.
+#[derive(Clone)]
+pub struct CombineSlots(pub Arc<Dispatch>);
+
+impl GatherRows {
+    pub fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1(self.clone())
+    }
+}
+
+impl CombineSlots {
+    pub fn apply(&self, ys: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        ys.contiguous()?.apply_op2(&w.contiguous()?, self.clone())
+    }
+}
+
+/// Rows per parallel task for rows of `c` values.
+fn chunk_rows(c: usize) -> usize {
+    super::rows_per_task(c)
+}
+
+fn gather_fwd<T: WithDType>(plan: &Dispatch, x: &[T], c: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); plan.rows() * c];
+    out.par_chunks_mut(c * chunk_rows(c))
+        .enumerate()
+        .for_each(|(ci, block)| {
+            let p0 = ci * chunk_rows(c);
+            for (i, row) in block.chunks_exact_mut(c).enumerate() {
+                let t = plan.token_of[p0 + i] as usize;
+                row.copy_from_slice(&x[t * c..(t + 1) * c]);
+            }
+        });
+    out
+}
+
+/// dx[t] = sum_j dxg[pos(t, j)], j in slot order.
+fn gather_bwd<T: WithDType + Float + std::ops::AddAssign>(
+    plan: &Dispatch,
+    dxg: &[T],
+    c: usize,
+) -> Vec<T> {
+    let k = plan.k;
+    let mut dx = vec![T::zero(); plan.n_tokens * c];
+    dx.par_chunks_mut(c * chunk_rows(c))
+        .enumerate()
+        .for_each(|(ci, block)| {
+            let t0 = ci * chunk_rows(c);
+            for (i, row) in block.chunks_exact_mut(c).enumerate() {
+                let t = t0 + i;
+                for &p in &plan.pos[t * k..(t + 1) * k] {
+                    if p != DROPPED {
+                        let src = &dxg[p as usize * c..(p as usize + 1) * c];
+                        for (o, &g) in row.iter_mut().zip(src) {
+                            *o += g;
+                        }
+                    }
+                }
+            }
+        });
+    dx
+}
+
+fn combine_fwd<T: WithDType + Float + std::ops::AddAssign>(
+    plan: &Dispatch,
+    ys: &[T],
+    w: &[T],
+    c: usize,
+) -> Vec<T> {
+    let k = plan.k;
+    let mut y = vec![T::zero(); plan.n_tokens * c];
+    y.par_chunks_mut(c * chunk_rows(c))
+        .enumerate()
+        .for_each(|(ci, block)| {
+            let t0 = ci * chunk_rows(c);
+            for (i, row) in block.chunks_exact_mut(c).enumerate() {
+                let t = t0 + i;
+                for j in 0..k {
+                    let p = plan.pos[t * k + j];
+                    if p != DROPPED {
+                        let wt = w[t * k + j];
+                        let src = &ys[p as usize * c..(p as usize + 1) * c];
+                        for (o, &v) in row.iter_mut().zip(src) {
+                            *o += wt * v;
+                        }
+                    }
+                }
+            }
+        });
+    y
+}
+
+/// (dys, dw) of `combine_fwd`.
+fn combine_bwd<T: WithDType + Float>(
+    plan: &Dispatch,
+    ys: &[T],
+    w: &[T],
+    dy: &[T],
+    c: usize,
+) -> (Vec<T>, Vec<T>) {
+    let k = plan.k;
+    let mut dys = vec![T::zero(); plan.rows() * c];
+    dys.par_chunks_mut(c * chunk_rows(c))
+        .enumerate()
+        .for_each(|(ci, block)| {
+            let p0 = ci * chunk_rows(c);
+            for (i, row) in block.chunks_exact_mut(c).enumerate() {
+                let slot = plan.slot_of[p0 + i] as usize;
+                let t = slot / k;
+                let wt = w[slot];
+                for (o, &g) in row.iter_mut().zip(&dy[t * c..(t + 1) * c]) {
+                    *o = wt * g;
+                }
+            }
+        });
+    let mut dw = vec![T::zero(); plan.n_tokens * k];
+    dw.par_chunks_mut(k).enumerate().for_each(|(t, row)| {
+        for (j, o) in row.iter_mut().enumerate() {
+            let p = plan.pos[t * k + j];
+            if p != DROPPED {
+                let src = &ys[p as usize * c..(p as usize + 1) * c];
+                *o = super::dot(&dy[t * c..(t + 1) * c], src);
+            }
+        }
+    });
+    (dys, dw)
+}
+
+/// The CPU slice of a contiguous tensor (the backward passes get tensors, not storage).
+fn host<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<T>()
+}
+
+impl CustomOp1 for GatherRows {
+    fn name(&self) -> &'static str {
+        "moe-gather-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c) = l.shape().dims2()?;
+        if n != self.0.n_tokens {
+            candle_core::bail!("moe-gather-rows: {n} rows for {} tokens", self.0.n_tokens);
+        }
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(gather_fwd(
+                &self.0,
+                contiguous_slice("moe-gather-rows", x, l)?,
+                c,
+            )),
+            CpuStorage::F64(x) => CpuStorage::F64(gather_fwd(
+                &self.0,
+                contiguous_slice("moe-gather-rows", x, l)?,
+                c,
+            )),
+            other => candle_core::bail!(
+                "moe-gather-rows: unsupported dtype {}",
+                super::dtype_name(other)
+            ),
+        };
+        Ok((out, Shape::from((self.0.rows(), c))))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let c = arg.dim(1)?;
+        let shape = (self.0.n_tokens, c);
+        let dx = match arg.dtype() {
+            candle_core::DType::F64 => Tensor::from_vec(
+                gather_bwd(&self.0, &host::<f64>(grad)?, c),
+                shape,
+                arg.device(),
+            )?,
+            _ => Tensor::from_vec(
+                gather_bwd(
+                    &self.0,
+                    &host::<f32>(&grad.to_dtype(candle_core::DType::F32)?)?,
+                    c,
+                ),
+                shape,
+                arg.device(),
+            )?
+            .to_dtype(arg.dtype())?,
+        };
+        Ok(Some(dx))
+    }
+}
+
+impl CustomOp2 for CombineSlots {
+    fn name(&self) -> &'static str {
+        "moe-combine-slots"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let plan = &self.0;
+        let (m, c) = l1.shape().dims2()?;
+        let (n, k) = l2.shape().dims2()?;
+        if m != plan.rows() || n != plan.n_tokens || k != plan.k {
+            candle_core::bail!(
+                "moe-combine-slots: ys {:?} / weights {:?} do not match the dispatch ({} rows, {} tokens x {})",
+                l1.shape(),
+                l2.shape(),
+                plan.rows(),
+                plan.n_tokens,
+                plan.k
+            );
+        }
+        let op = "moe-combine-slots";
+        let out = match (s1, s2) {
+            (CpuStorage::F32(ys), CpuStorage::F32(w)) => CpuStorage::F32(combine_fwd(
+                plan,
+                contiguous_slice(op, ys, l1)?,
+                contiguous_slice(op, w, l2)?,
+                c,
+            )),
+            (CpuStorage::F64(ys), CpuStorage::F64(w)) => CpuStorage::F64(combine_fwd(
+                plan,
+                contiguous_slice(op, ys, l1)?,
+                contiguous_slice(op, w, l2)?,
+                c,
+            )),
+            (a, b) => candle_core::bail!(
+                "{op}: unsupported dtypes {} / {}",
+                super::dtype_name(a),
+                super::dtype_name(b)
+            ),
+        };
+        Ok((out, Shape::from((n, c))))
+    }
+
+    fn bwd(
+        &self,
+        ys: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let c = ys.dim(1)?;
+        let dev = ys.device();
+        let (m, n, k) = (self.0.rows(), self.0.n_tokens, self.0.k);
+        let (dys, dw) = match ys.dtype() {
+            candle_core::DType::F64 => {
+                let (a, b) = combine_bwd(
+                    &self.0,
+                    &host::<f64>(ys)?,
+                    &host::<f64>(w)?,
+                    &host::<f64>(grad)?,
+                    c,
+                );
+                (
+                    Tensor::from_vec(a, (m, c), dev)?,
+                    Tensor::from_vec(b, (n, k), dev)?,
+                )
+            }
+            dt => {
+                let f = |t: &Tensor| host::<f32>(&t.to_dtype(candle_core::DType::F32)?);
+                let (a, b) = combine_bwd(&self.0, &f(ys)?, &f(w)?, &f(grad)?, c);
+                (
+                    Tensor::from_vec(a, (m, c), dev)?.to_dtype(dt)?,
+                    Tensor::from_vec(b, (n, k), dev)?.to_dtype(dt)?,
+                )
+            }
+        };
+        Ok((Some(dys), Some(dw)))
+    }
+}
