@@ -348,22 +348,24 @@ pub fn markdown(exp: &RouterExperiment, results: &[RouterResult]) -> String {
         );
         let _ = writeln!(
             s,
-            "| router | MaxVio (mean) | change | CV | change | drop rate | dead |"
+            "| router | MaxVio (mean) | change | CV | change | drop rate | dead | MaxVio before capacity | change |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
         for r in results {
             if let Some(o) = &r.ood {
                 let v = &r.validation;
                 let _ = writeln!(
                     s,
-                    "| {} | {:.3} | {:+.3} | {:.3} | {:+.3} | {:.2}% | {} |",
+                    "| {} | {:.3} | {:+.3} | {:.3} | {:+.3} | {:.2}% | {} | {:.3} | {:+.3} |",
                     r.router,
                     o.max_vio,
                     o.max_vio - v.max_vio,
                     o.cv,
                     o.cv - v.cv,
                     o.drop_rate * 100.0,
-                    o.dead
+                    o.dead,
+                    o.demand_max_vio,
+                    o.demand_max_vio - v.demand_max_vio
                 );
             }
         }
