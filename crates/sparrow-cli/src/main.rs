@@ -514,9 +514,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             let rows = sparrow::bench::moe::run(shape, &tokens, budget)?;
             if json {
-                for r in &rows {
-                    println!("{}", serde_json::to_string(r)?);
-                }
+                print_json_lines(&rows)?;
             } else {
                 println!(
                     "MoE layer (C {hidden}, {experts} experts x {expert_width}, top-{topk}, {shared} shared, {router}) vs dense SwiGLU of width {}; GEMM {:.0} GFLOP/s",
@@ -687,6 +685,14 @@ fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
     Ok(())
 }
 
+/// `--json` output: one JSON object per row.
+fn print_json_lines<T: serde::Serialize>(rows: &[T]) -> Result<()> {
+    for r in rows {
+        println!("{}", serde_json::to_string(r)?);
+    }
+    Ok(())
+}
+
 fn run_experiment(cmd: ExperimentCmd, progress: bool) -> Result<()> {
     let ExperimentCmd::Routers {
         config,
@@ -751,9 +757,7 @@ fn run_experiment(cmd: ExperimentCmd, progress: bool) -> Result<()> {
     };
     let results = sparrow::experiment::routers::run(&exp)?;
     if json {
-        for r in &results {
-            println!("{}", serde_json::to_string(r)?);
-        }
+        print_json_lines(&results)?;
     } else {
         print!("{}", sparrow::experiment::routers::markdown(&exp, &results));
         println!(
@@ -787,9 +791,7 @@ fn run_eval(cmd: EvalCmd, progress: bool) -> Result<()> {
                 &m, &tokens, seq_len, windows, batch_size, progress,
             )?;
             if json {
-                for r in &rows {
-                    println!("{}", serde_json::to_string(r)?);
-                }
+                print_json_lines(&rows)?;
             } else {
                 println!(
                     "expert utilization of {} ({}) on {} ({} windows of {seq_len} tokens, batches of {batch_size})",
@@ -829,9 +831,7 @@ fn run_eval(cmd: EvalCmd, progress: bool) -> Result<()> {
                 sparrow::eval::recall::held_out_tokens(&corpus, &tok, val_fraction, progress)?;
             let rows = sparrow::eval::recall::measure(&m, &tokens, context, windows, progress)?;
             if json {
-                for r in &rows {
-                    println!("{}", serde_json::to_string(r)?);
-                }
+                print_json_lines(&rows)?;
             } else {
                 println!("indexer recall of {} at context {context} (queries in the last quarter of {windows} windows)", model.display());
                 println!(

@@ -60,6 +60,19 @@ fn time_median(budget: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(times[times.len() / 2])
 }
 
+/// Median seconds of `forward` (and, with `backward`, the backward pass of its sum).
+fn time_pass(budget: f64, backward: bool, forward: impl Fn() -> Result<Tensor>) -> Result<f64> {
+    time_median(budget, || {
+        let y = forward()?;
+        if backward {
+            std::hint::black_box(y.sum_all()?.backward()?);
+        } else {
+            std::hint::black_box(y);
+        }
+        Ok(())
+    })
+}
+
 /// Measure at each batch in `tokens` (forward; and forward + backward when >= 2).
 pub fn run(shape: MoeShape, tokens: &[usize], budget_s: f64) -> Result<Vec<MoeBenchRow>> {
     if shape.hidden == 0 || shape.experts == 0 || shape.expert_width == 0 {
@@ -107,24 +120,8 @@ pub fn run(shape: MoeShape, tokens: &[usize], budget_s: f64) -> Result<Vec<MoeBe
             .collect();
         let passes: &[bool] = if n >= 2 { &[false, true] } else { &[false] };
         for &backward in passes {
-            let moe_s = time_median(budget_s, || {
-                let (y, _) = moe.forward(&x, &ids, true)?;
-                if backward {
-                    std::hint::black_box(y.sum_all()?.backward()?);
-                } else {
-                    std::hint::black_box(y);
-                }
-                Ok(())
-            })?;
-            let dense_s = time_median(budget_s, || {
-                let y = dense.forward(&x)?;
-                if backward {
-                    std::hint::black_box(y.sum_all()?.backward()?);
-                } else {
-                    std::hint::black_box(y);
-                }
-                Ok(())
-            })?;
+            let moe_s = time_pass(budget_s, backward, || Ok(moe.forward(&x, &ids, true)?.0))?;
+            let dense_s = time_pass(budget_s, backward, || dense.forward(&x))?;
             let flops = flops_per_token * n as f64 * if backward { 3.0 } else { 1.0 };
             rows.push(MoeBenchRow {
                 pass: if backward {
