@@ -2,6 +2,7 @@
 //! DeepSeek V3.2 / V4 family. See `DESIGN.md` for the architecture.
 //!
 //! - [`config`]: `ModelConfig` from an HF-style `config.json`
+//! - [`hf`]: Hugging Face model directories (llama, mixtral): config and name mapping, shards
 //! - [`model`]: the layers (attention, MoE, router, block, transformer) and model files
 //! - [`tokenizer`]: byte-level BPE via HF `tokenizers`
 //! - [`data`]: corpus fetch and reading, token shards, batches
@@ -20,6 +21,7 @@ pub mod eval;
 pub mod experiment;
 pub mod font;
 pub mod fsio;
+pub mod hf;
 pub mod infer;
 pub mod kernels;
 pub mod model;

@@ -66,8 +66,10 @@ impl Model {
         })
     }
 
-    /// Load `config.json` + `model.safetensors` from a model directory. Returns the model
-    /// and the step recorded in the weights' metadata (if any).
+    /// Load `config.json` + `model.safetensors` (or shards listed in
+    /// `model.safetensors.index.json`) from a model directory, Sparrow's own or a
+    /// Hugging Face `llama` / `mixtral` one (`crate::hf`). Returns the model and the step
+    /// recorded in the weights' metadata (if any).
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, Option<u64>)> {
         Self::load_dir_with(dir, dtype, device, |_| {})
     }
@@ -83,11 +85,14 @@ impl Model {
         if !dir.is_dir() {
             return Err(Error::checkpoint(dir, "model directory does not exist"));
         }
-        let mut cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let (mut cfg, family) = crate::hf::read_config(&dir.join("config.json"))?;
         edit(&mut cfg);
         cfg.validate()?;
-        let path = dir.join("model.safetensors");
-        let (tensors, meta) = crate::weights::load(&path, device)?;
+        let crate::hf::Weights {
+            tensors,
+            metadata: meta,
+            source: path,
+        } = crate::hf::read_weights(dir, family, device)?;
         let step = match meta.get(STEP_KEY) {
             Some(s) => Some(s.parse::<u64>().map_err(|_| {
                 Error::checkpoint(

@@ -1,0 +1,331 @@
+//! Hugging Face model directories (DESIGN.md §5): reading `config.json` of another
+//! `model_type` into a `ModelConfig`, mapping its tensor names onto Sparrow's module
+//! paths, and reading single-file or sharded (`model.safetensors.index.json`) weights.
+//!
+//! Families read so far:
+//! - `sparrow`: our own config, names unchanged.
+//! - `llama` (`LlamaForCausalLM`): the same module names as ours; RoPE non-interleaved
+//!   (`rotate_half`), SwiGLU, RMSNorm, MHA / GQA / MQA, tied or untied head.
+//! - `mixtral` (`MixtralForCausalLM`): every layer MoE with softmax top-k renormalised
+//!   (`topk_softmax`); `block_sparse_moe.gate` -> `mlp.gate`,
+//!   `block_sparse_moe.experts.{e}.w1 / w3 / w2` -> `mlp.experts.{e}.gate_proj / up_proj /
+//!   down_proj`.
+//!
+//! Anything these families allow that Sparrow does not compute (biases, RoPE scaling,
+//! sliding windows, other activations) is a precise error naming the field, never a
+//! silently different model.
+
+use crate::config::{ModelConfig, RouterKind};
+use crate::error::{Error, Result};
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Which checkpoint layout a model directory uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Sparrow,
+    Llama,
+    Mixtral,
+}
+
+impl Family {
+    /// The HF `model_type` string.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Sparrow => "sparrow",
+            Family::Llama => "llama",
+            Family::Mixtral => "mixtral",
+        }
+    }
+}
+
+/// The fields of a Llama / Mixtral `config.json` that Sparrow reads (others are ignored).
+#[derive(Debug, Deserialize)]
+struct LlamaLike {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    #[serde(default)]
+    num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    head_dim: Option<usize>,
+    max_position_embeddings: usize,
+    /// transformers < 5 spelling.
+    #[serde(default)]
+    rope_theta: Option<f64>,
+    /// transformers >= 5 spelling: {"rope_theta": .., "rope_type": "default"}.
+    #[serde(default)]
+    rope_parameters: Option<RopeParameters>,
+    #[serde(default)]
+    rope_scaling: Option<Value>,
+    rms_norm_eps: f64,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+    #[serde(default)]
+    hidden_act: Option<String>,
+    #[serde(default)]
+    initializer_range: Option<f64>,
+    #[serde(default)]
+    bos_token_id: Option<Value>,
+    #[serde(default)]
+    eos_token_id: Option<Value>,
+    // Mixtral
+    #[serde(default)]
+    num_local_experts: Option<usize>,
+    #[serde(default)]
+    num_experts_per_tok: Option<usize>,
+    #[serde(default)]
+    sliding_window: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RopeParameters {
+    #[serde(default)]
+    rope_theta: Option<f64>,
+    #[serde(default)]
+    rope_type: Option<String>,
+}
+
+/// A token id field that HF may write as a number, a list (first one used) or null.
+fn token_id(v: &Option<Value>, field: &str, default: u32) -> Result<u32> {
+    let bad = || Error::config(field, format!("{v:?} is not a token id"));
+    match v {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Number(n)) => n.as_u64().map(|x| x as u32).ok_or_else(bad),
+        Some(Value::Array(a)) => match a.first() {
+            Some(Value::Number(n)) => n.as_u64().map(|x| x as u32).ok_or_else(bad),
+            _ => Err(bad()),
+        },
+        _ => Err(bad()),
+    }
+}
+
+/// Read `config.json` of any supported family into a validated `ModelConfig`.
+pub fn read_config(path: &Path) -> Result<(ModelConfig, Family)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::config("config.json", format!("{}: {e}", path.display())))?;
+    let model_type = v
+        .get("model_type")
+        .and_then(Value::as_str)
+        .unwrap_or("sparrow");
+    let family = match model_type {
+        "sparrow" => return Ok((ModelConfig::from_file(path)?, Family::Sparrow)),
+        "llama" => Family::Llama,
+        "mixtral" => Family::Mixtral,
+        other => {
+            return Err(Error::config(
+                "model_type",
+                format!(
+                    "`{other}` is not supported (sparrow, llama, mixtral) in {}",
+                    path.display()
+                ),
+            ))
+        }
+    };
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    let hf: LlamaLike = serde_path_to_error::deserialize(de).map_err(|e| {
+        Error::config(
+            e.path().to_string(),
+            format!("{} ({})", e.inner(), path.display()),
+        )
+    })?;
+    let cfg = from_llama_like(&hf, family)?;
+    Ok((cfg, family))
+}
+
+fn from_llama_like(hf: &LlamaLike, family: Family) -> Result<ModelConfig> {
+    if hf.attention_bias {
+        return Err(Error::config(
+            "attention_bias",
+            "attention projections with biases are not supported",
+        ));
+    }
+    if hf.mlp_bias {
+        return Err(Error::config(
+            "mlp_bias",
+            "MLP projections with biases are not supported",
+        ));
+    }
+    if let Some(act) = &hf.hidden_act {
+        if act != "silu" {
+            return Err(Error::config(
+                "hidden_act",
+                format!("`{act}` is not supported (SwiGLU needs silu)"),
+            ));
+        }
+    }
+    if hf.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(Error::config(
+            "rope_scaling",
+            "RoPE scaling is not supported",
+        ));
+    }
+    if let Some(t) = hf
+        .rope_parameters
+        .as_ref()
+        .and_then(|p| p.rope_type.as_deref())
+    {
+        if t != "default" {
+            return Err(Error::config(
+                "rope_parameters.rope_type",
+                format!("`{t}` is not supported (only `default`)"),
+            ));
+        }
+    }
+    if hf.sliding_window.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(Error::config(
+            "sliding_window",
+            "sliding-window attention is not supported yet",
+        ));
+    }
+    let rope_theta = hf
+        .rope_parameters
+        .as_ref()
+        .and_then(|p| p.rope_theta)
+        .or(hf.rope_theta)
+        .unwrap_or(10_000.0);
+    let mut json = serde_json::json!({
+        "model_type": "sparrow",
+        "vocab_size": hf.vocab_size,
+        "hidden_size": hf.hidden_size,
+        "intermediate_size": hf.intermediate_size,
+        "num_hidden_layers": hf.num_hidden_layers,
+        "num_attention_heads": hf.num_attention_heads,
+        "num_key_value_heads": hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
+        "head_dim": hf.head_dim,
+        "max_position_embeddings": hf.max_position_embeddings,
+        "rope_theta": rope_theta,
+        "rms_norm_eps": hf.rms_norm_eps,
+        "tie_word_embeddings": hf.tie_word_embeddings,
+        "initializer_range": hf.initializer_range.unwrap_or(0.02),
+        "bos_token_id": token_id(&hf.bos_token_id, "bos_token_id", crate::tokenizer::BOS_ID)?,
+        "eos_token_id": token_id(&hf.eos_token_id, "eos_token_id", crate::tokenizer::EOS_ID)?,
+    });
+    if family == Family::Mixtral {
+        let e = hf
+            .num_local_experts
+            .ok_or_else(|| Error::config("num_local_experts", "required for mixtral"))?;
+        let k = hf
+            .num_experts_per_tok
+            .ok_or_else(|| Error::config("num_experts_per_tok", "required for mixtral"))?;
+        json["n_routed_experts"] = e.into();
+        json["num_experts_per_tok"] = k.into();
+        json["moe_intermediate_size"] = hf.intermediate_size.into();
+        json["first_k_dense_replace"] = 0.into();
+        json["norm_topk_prob"] = true.into();
+        json["router_kind"] = RouterKind::TopkSoftmax.name().into();
+    }
+    ModelConfig::from_json(&json.to_string())
+}
+
+/// The Sparrow name of a tensor saved by `family`.
+pub fn sparrow_name(family: Family, name: &str) -> String {
+    match family {
+        Family::Sparrow | Family::Llama => name.to_string(),
+        Family::Mixtral => {
+            let n = name.replace(".block_sparse_moe.", ".mlp.");
+            if !n.contains(".mlp.experts.") {
+                return n;
+            }
+            n.replace(".w1.weight", ".gate_proj.weight")
+                .replace(".w3.weight", ".up_proj.weight")
+                .replace(".w2.weight", ".down_proj.weight")
+        }
+    }
+}
+
+/// The weight files of a model directory: `model.safetensors`, or the shards listed in
+/// `model.safetensors.index.json`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.exists() {
+        return Err(Error::checkpoint(
+            dir,
+            "neither model.safetensors nor model.safetensors.index.json",
+        ));
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::checkpoint(&index, format!("not JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::checkpoint(&index, "no `weight_map` object"))?;
+    let mut files = BTreeSet::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| Error::checkpoint(&index, format!("`{tensor}` maps to a non-string")))?;
+        if file.contains('/') || file.contains("..") {
+            return Err(Error::checkpoint(
+                &index,
+                format!("shard `{file}` is not a file name in the model directory"),
+            ));
+        }
+        files.insert(file.to_string());
+    }
+    if files.is_empty() {
+        return Err(Error::checkpoint(&index, "`weight_map` is empty"));
+    }
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// The weights of a model directory.
+pub struct Weights {
+    /// Every tensor, under its Sparrow name.
+    pub tensors: HashMap<String, Tensor>,
+    /// The first (or only) file's metadata.
+    pub metadata: HashMap<String, String>,
+    /// The file (or index) errors should name.
+    pub source: PathBuf,
+}
+
+/// Every tensor of a model directory under Sparrow names. A name present in two shards
+/// is an error.
+pub fn read_weights(dir: &Path, family: Family, device: &Device) -> Result<Weights> {
+    let files = weight_files(dir)?;
+    let mut all = HashMap::new();
+    let mut meta = HashMap::new();
+    for (i, f) in files.iter().enumerate() {
+        if !f.exists() {
+            return Err(Error::checkpoint(f, "shard listed in the index is missing"));
+        }
+        let (tensors, m) = crate::weights::load(f, device)?;
+        if i == 0 {
+            meta = m;
+        }
+        for (name, t) in tensors {
+            let mapped = sparrow_name(family, &name);
+            if all.insert(mapped, t).is_some() {
+                return Err(Error::checkpoint(
+                    f,
+                    format!("tensor `{name}` appears in more than one shard"),
+                ));
+            }
+        }
+    }
+    let source = if files.len() == 1 {
+        files[0].clone()
+    } else {
+        dir.join("model.safetensors.index.json")
+    };
+    Ok(Weights {
+        tensors: all,
+        metadata: meta,
+        source,
+    })
+}
