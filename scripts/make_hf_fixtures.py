@@ -12,6 +12,11 @@ Needs the PyPI packages torch, transformers and safetensors (about 3 GB):
     python3 -m venv /tmp/hfenv && /tmp/hfenv/bin/pip install torch transformers safetensors
     /tmp/hfenv/bin/python scripts/make_hf_fixtures.py
 
+Then (the second half of the parity check, which CI cannot run) it converts every fixture
+with `sparrow convert --to hf` (cargo must be on PATH), loads Sparrow's export with
+transformers and checks that it reproduces the reference logits. `--check-export` runs
+only that half, against the committed fixtures.
+
 Models (all f32, eager attention):
   llama          GQA (4 query heads over 2 KV heads), untied head
   llama-sharded  the same architecture, MQA, tied head, saved in 3+ shards
@@ -20,6 +25,9 @@ Models (all f32, eager attention):
 """
 
 import pathlib
+import subprocess
+import sys
+import tempfile
 
 import torch
 from safetensors.torch import save_file
@@ -83,7 +91,34 @@ def build(name, model, seed, **save_kwargs):
     print(f"{name}: {sorted(p.name for p in out.iterdir())}")
 
 
+def check_exports():
+    """transformers loads `sparrow convert --to hf` output and reproduces the logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    repo = ROOT.parent.parent
+    for fixture in sorted(p for p in ROOT.iterdir() if p.is_dir()):
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(
+                ["cargo", "run", "-q", "--release", "--bin", "sparrow", "--", "convert",
+                 "--to", "hf", "--model", str(fixture), "--out", tmp],
+                cwd=repo, check=True,
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                tmp, attn_implementation="eager", dtype=torch.float32
+            ).eval()
+            ref = load_file(str(fixture / "reference.safetensors"))
+            with torch.no_grad():
+                logits = model(input_ids=ref["input_ids"], use_cache=False).logits
+            err = (logits - ref["logits_full"]).abs().max().item() / ref["logits_full"].abs().max().item()
+            assert err < 1e-5, f"{fixture.name}: transformers on Sparrow's export differs by {err}"
+            print(f"{fixture.name}: transformers reproduces the logits from Sparrow's export (rel err {err:.1e})")
+
+
 def main():
+    if "--check-export" in sys.argv:
+        check_exports()
+        return
     common = dict(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -120,6 +155,7 @@ def main():
         ),
         seed=3,
     )
+    check_exports()
 
 
 if __name__ == "__main__":

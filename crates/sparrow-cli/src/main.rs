@@ -86,11 +86,44 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Convert a model directory: `--to hf` writes the Hugging Face layout of its family
+    /// (llama, mixtral); `--to sparrow` writes Sparrow's own (from any readable one).
+    Convert {
+        #[arg(long, value_enum)]
+        to: ConvertTarget,
+        /// Model directory (Sparrow's, or HF llama / mixtral).
+        #[arg(long)]
+        model: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a model's logits for given token ids to a safetensors file (`logits`,
+    /// (1, T, V) f32; with --decode also `logits_decode` from T cached one-token steps),
+    /// for comparing Sparrow with another implementation.
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        /// Token ids, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u32>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        decode: bool,
+    },
     /// Print a config's parameter counts (total and active per token).
     Params {
         /// Config file (config.json or a preset under configs/).
         config: PathBuf,
     },
+}
+
+/// Output layout of `convert`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ConvertTarget {
+    Hf,
+    Sparrow,
 }
 
 /// Index key precision on the command line.
@@ -586,6 +619,67 @@ fn run(cli: Cli) -> Result<()> {
                 sparrow::train::plot::plot_losses(&run.join("metrics.jsonl"), &out, &title)?;
             println!(
                 "{} ({t} training points, {v} validation points)",
+                out.display()
+            );
+        }
+        Command::Convert { to, model, out } => {
+            let (m, step) =
+                Model::load_dir(&model, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+            let tok = model.join("tokenizer.json");
+            let tok = tok.exists().then_some(tok);
+            match to {
+                ConvertTarget::Hf => {
+                    let family = sparrow::hf::export(&m, &out, tok.as_deref())?;
+                    println!(
+                        "{} ({} layout) written to {}",
+                        model.display(),
+                        family.model_type(),
+                        out.display()
+                    );
+                }
+                ConvertTarget::Sparrow => {
+                    m.save_dir(&out, step)?;
+                    if let Some(t) = tok {
+                        std::fs::copy(&t, out.join("tokenizer.json"))
+                            .with_context(|| format!("copying {}", t.display()))?;
+                    }
+                    println!(
+                        "{} (sparrow layout) written to {}",
+                        model.display(),
+                        out.display()
+                    );
+                }
+            }
+        }
+        Command::Logits {
+            model,
+            ids,
+            out,
+            decode,
+        } => {
+            let (m, _) =
+                Model::load_dir(&model, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+            let dev = candle_core::Device::Cpu;
+            let t = ids.len();
+            let input = candle_core::Tensor::from_vec(ids.clone(), (1, t), &dev)?;
+            let mut tensors = vec![("logits".to_string(), m.forward(&input, None)?.logits)];
+            if decode {
+                let mut cache = sparrow::infer::cache::KvCache::new(m.cfg.num_hidden_layers);
+                let mut steps = Vec::with_capacity(t);
+                for i in 0..t {
+                    steps.push(m.forward(&input.narrow(1, i, 1)?, Some(&mut cache))?.logits);
+                }
+                tensors.push((
+                    "logits_decode".to_string(),
+                    candle_core::Tensor::cat(&steps, 1)?,
+                ));
+            }
+            let ids_t = candle_core::Tensor::from_vec(ids, (1, t), &dev)?;
+            tensors.push(("input_ids".to_string(), ids_t));
+            sparrow::weights::save(&out, &tensors, Default::default())?;
+            println!(
+                "logits (1, {t}, {}) written to {}",
+                m.cfg.vocab_size,
                 out.display()
             );
         }

@@ -702,3 +702,88 @@ fn bench_moe_reports_training_batch_and_decode_rows() {
         assert!(err.contains(flag) && !err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn convert_and_logits_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = common::repo_root().join("fixtures/hf/mixtral");
+    let hf = tmp.path().join("hf");
+    let out = sparrow(&[
+        "convert",
+        "--to",
+        "hf",
+        "--model",
+        fixture.to_str().unwrap(),
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("mixtral layout"));
+    let own = tmp.path().join("own");
+    let out = sparrow(&[
+        "convert",
+        "--to",
+        "sparrow",
+        "--model",
+        hf.to_str().unwrap(),
+        "--out",
+        own.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Logits of the HF fixture, of its export and of the Sparrow copy agree exactly, and
+    // the cached decode agrees with the full forward.
+    let logits = |dir: &Path, name: &str| {
+        let file = tmp.path().join(format!("{name}.safetensors"));
+        let out = sparrow(&[
+            "logits",
+            "--model",
+            dir.to_str().unwrap(),
+            "--ids",
+            "3,14,15,92,65,35",
+            "--out",
+            file.to_str().unwrap(),
+            "--decode",
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let (t, _) = sparrow::weights::load(&file, &candle_core::Device::Cpu).unwrap();
+        let flat = |k: &str| t[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(t["logits"].dims(), &[1, 6, 97]);
+        let (full, dec) = (flat("logits"), flat("logits_decode"));
+        let scale = full.iter().fold(0f32, |a, &b| a.max(b.abs()));
+        let diff = full
+            .iter()
+            .zip(&dec)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(diff <= 1e-5 * scale, "decode differs by {diff}");
+        full
+    };
+    let a = logits(&fixture, "fixture");
+    assert_eq!(a, logits(&hf, "hf"));
+    assert_eq!(a, logits(&own, "own"));
+    // Bad ids and unsupported models are one-line errors.
+    let out = sparrow(&[
+        "logits",
+        "--model",
+        hf.to_str().unwrap(),
+        "--ids",
+        "3,400",
+        "--out",
+        tmp.path().join("x.safetensors").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("outside vocab_size"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = sparrow(&[
+        "convert",
+        "--to",
+        "hf",
+        "--model",
+        tmp.path().to_str().unwrap(),
+        "--out",
+        tmp.path().join("y").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+}

@@ -85,6 +85,8 @@ struct LlamaLike {
     num_experts_per_tok: Option<usize>,
     #[serde(default)]
     sliding_window: Option<Value>,
+    #[serde(default)]
+    router_aux_loss_coef: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -224,6 +226,9 @@ fn from_llama_like(hf: &LlamaLike, family: Family) -> Result<ModelConfig> {
         json["first_k_dense_replace"] = 0.into();
         json["norm_topk_prob"] = true.into();
         json["router_kind"] = RouterKind::TopkSoftmax.name().into();
+        if let Some(c) = hf.router_aux_loss_coef {
+            json["router_aux_loss_coef"] = c.into();
+        }
     }
     ModelConfig::from_json(&json.to_string())
 }
@@ -328,4 +333,126 @@ pub fn read_weights(dir: &Path, family: Family, device: &Device) -> Result<Weigh
         metadata: meta,
         source,
     })
+}
+
+/// The HF family that represents `cfg` exactly, or an error saying why none does (yet).
+pub fn export_family(cfg: &ModelConfig) -> Result<Family> {
+    if cfg.has_dsa() {
+        return Err(Error::config(
+            "layer_types",
+            "DSA layers have no llama / mixtral form (deepseek_v32 export is not there yet)",
+        ));
+    }
+    if cfg.n_routed_experts == 0 {
+        return Ok(Family::Llama);
+    }
+    let mixtral_like = cfg.first_k_dense_replace == 0
+        && cfg.n_shared_experts == 0
+        && cfg.router_kind == RouterKind::TopkSoftmax
+        && cfg.norm_topk_prob;
+    if mixtral_like {
+        Ok(Family::Mixtral)
+    } else {
+        Err(Error::config(
+            "router_kind",
+            "only MoE models with topk_softmax, renormalised weights, no shared experts and no dense first layers map to mixtral (deepseek_v3 export is not there yet)",
+        ))
+    }
+}
+
+/// The HF name of a Sparrow tensor in `family`'s layout (inverse of `sparrow_name`).
+pub fn hf_name(family: Family, name: &str) -> String {
+    match family {
+        Family::Sparrow | Family::Llama => name.to_string(),
+        Family::Mixtral => {
+            if !name.contains(".mlp.") {
+                return name.to_string();
+            }
+            let n = name.replace(".mlp.", ".block_sparse_moe.");
+            if !n.contains(".block_sparse_moe.experts.") {
+                return n;
+            }
+            n.replace(".gate_proj.weight", ".w1.weight")
+                .replace(".up_proj.weight", ".w3.weight")
+                .replace(".down_proj.weight", ".w2.weight")
+        }
+    }
+}
+
+/// `config.json` of `cfg` in `family`'s HF layout (with `architectures`).
+pub fn hf_config(cfg: &ModelConfig, family: Family) -> Result<Value> {
+    let mut v = serde_json::json!({
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_kv_heads(),
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+        "initializer_range": cfg.initializer_range,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "torch_dtype": "float32",
+        "use_cache": true,
+    });
+    match family {
+        Family::Llama => {
+            v["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+            v["model_type"] = "llama".into();
+            v["attention_bias"] = false.into();
+            v["mlp_bias"] = false.into();
+        }
+        Family::Mixtral => {
+            v["architectures"] = serde_json::json!(["MixtralForCausalLM"]);
+            v["model_type"] = "mixtral".into();
+            v["intermediate_size"] = cfg.moe_intermediate_size.into();
+            v["num_local_experts"] = cfg.n_routed_experts.into();
+            v["num_experts_per_tok"] = cfg.num_experts_per_tok.into();
+            v["router_aux_loss_coef"] = cfg.router_aux_loss_coef.into();
+            v["sliding_window"] = Value::Null;
+        }
+        Family::Sparrow => {
+            return Err(Error::Invalid(
+                "hf_config: `sparrow` is not an HF family".into(),
+            ))
+        }
+    }
+    Ok(v)
+}
+
+/// Write `model` into `out` in the HF layout of its family (`export_family`):
+/// `config.json`, `model.safetensors` (f32, HF names), `generation_config.json`, and the
+/// tokenizer when `tokenizer` is given. Returns the family.
+pub fn export(model: &crate::model::Model, out: &Path, tokenizer: Option<&Path>) -> Result<Family> {
+    let family = export_family(&model.cfg)?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let config = serde_json::to_string_pretty(&hf_config(&model.cfg, family)?)
+        .map_err(|e| Error::Invalid(format!("config.json: {e}")))?;
+    crate::fsio::write_atomic(&out.join("config.json"), config.as_bytes())?;
+    let generation = serde_json::json!({
+        "bos_token_id": model.cfg.bos_token_id,
+        "eos_token_id": model.cfg.eos_token_id,
+    });
+    crate::fsio::write_atomic(
+        &out.join("generation_config.json"),
+        generation.to_string().as_bytes(),
+    )?;
+    let tensors = model
+        .store
+        .all_tensors()
+        .into_iter()
+        .map(|(n, t)| Ok((hf_name(family, &n), t.to_dtype(candle_core::DType::F32)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    crate::weights::save(&out.join("model.safetensors"), &tensors, meta)?;
+    if let Some(tok) = tokenizer {
+        std::fs::copy(tok, out.join("tokenizer.json")).map_err(|e| Error::io(tok, e))?;
+    }
+    Ok(family)
 }

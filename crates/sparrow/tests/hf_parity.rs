@@ -95,3 +95,83 @@ fn unsupported_hf_fields_are_named() {
         .to_string();
     assert!(err.contains("model-00003-of-00011.safetensors"), "{err}");
 }
+
+/// Every tensor of a model, by name.
+fn tensors(m: &Model) -> Vec<(String, Vec<f32>)> {
+    m.store
+        .all_tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+#[test]
+fn import_export_import_is_bit_exact_with_hf_names() {
+    for name in ["llama", "llama-sharded", "mixtral"] {
+        let (a, _) = Model::load_dir(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let family = sparrow::hf::export(&a, out.path(), None).unwrap();
+        assert_eq!(
+            family.model_type(),
+            if name == "mixtral" {
+                "mixtral"
+            } else {
+                "llama"
+            }
+        );
+        let (b, _) = Model::load_dir(out.path(), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(a.cfg, b.cfg, "{name}: config changed in the round trip");
+        assert!(
+            tensors(&a) == tensors(&b),
+            "{name}: weights changed in the round trip"
+        );
+        // The export uses the names transformers saved.
+        let original: std::collections::BTreeSet<String> =
+            sparrow::hf::weight_files(&fixture(name))
+                .unwrap()
+                .iter()
+                .flat_map(|f| {
+                    sparrow::weights::load(f, &Device::Cpu)
+                        .unwrap()
+                        .0
+                        .into_keys()
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+        let exported: std::collections::BTreeSet<String> =
+            sparrow::weights::load(&out.path().join("model.safetensors"), &Device::Cpu)
+                .unwrap()
+                .0
+                .into_keys()
+                .collect();
+        assert_eq!(original, exported, "{name}: tensor names");
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["model_type"], family.model_type());
+        assert!(cfg["architectures"][0]
+            .as_str()
+            .unwrap()
+            .ends_with("ForCausalLM"));
+    }
+}
+
+#[test]
+fn models_without_an_hf_form_are_refused_by_name() {
+    let dsa = tiny_dsa_config(sparrow::config::IndexerKind::Lightning, 4);
+    let err = sparrow::hf::export_family(&dsa).unwrap_err().to_string();
+    assert!(err.contains("layer_types"), "{err}");
+    let mut noaux = tiny_config();
+    noaux.router_kind = sparrow::config::RouterKind::NoauxBias;
+    noaux.first_k_dense_replace = 0;
+    noaux.n_shared_experts = 0;
+    let err = sparrow::hf::export_family(&noaux).unwrap_err().to_string();
+    assert!(err.contains("router_kind"), "{err}");
+    let mut dense = tiny_config();
+    dense.n_routed_experts = 0;
+    dense.num_experts_per_tok = 0;
+    assert_eq!(
+        sparrow::hf::export_family(&dense).unwrap(),
+        sparrow::hf::Family::Llama
+    );
+}
