@@ -22,6 +22,12 @@ Models (all f32, eager attention):
   llama-sharded  the same architecture, MQA, tied head, saved in 3+ shards
                  (model.safetensors.index.json)
   mixtral        4 experts top-2 in every layer, GQA
+  deepseek-v3    MLA with a query latent (q_lora_rank), interleaved RoPE, a dense first
+                 layer, then 8 routed experts top-2 in 2 groups (1 kept) + 1 shared
+                 expert, sigmoid router with a random e_score_correction_bias,
+                 routed_scaling_factor 2.5
+  deepseek-v3-noq  MLA without a query latent (q_proj), non-interleaved RoPE, every
+                 layer MoE (4 experts + 1 shared), no groups
 """
 
 import pathlib
@@ -31,7 +37,14 @@ import tempfile
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "fixtures" / "hf"
 T = 11
@@ -48,10 +61,13 @@ def init_weights(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        for name, b in sorted(model.named_buffers()):
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
 
 
 @torch.no_grad()
@@ -154,6 +170,51 @@ def main():
             )
         ),
         seed=3,
+    )
+    mla = dict(
+        kv_lora_rank=12,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        moe_intermediate_size=16,
+        num_experts_per_tok=2,
+        num_key_value_heads=4,
+    )
+    build(
+        "deepseek-v3",
+        DeepseekV3ForCausalLM(
+            DeepseekV3Config(
+                q_lora_rank=20,
+                n_routed_experts=8,
+                n_shared_experts=1,
+                n_group=2,
+                topk_group=1,
+                first_k_dense_replace=1,
+                routed_scaling_factor=2.5,
+                rope_interleave=True,
+                **mla,
+                **common,
+            )
+        ),
+        seed=4,
+    )
+    build(
+        "deepseek-v3-noq",
+        DeepseekV3ForCausalLM(
+            DeepseekV3Config(
+                q_lora_rank=None,
+                n_routed_experts=4,
+                n_shared_experts=1,  # transformers builds a 0-wide shared MLP for 0
+                n_group=1,
+                topk_group=1,
+                first_k_dense_replace=0,
+                routed_scaling_factor=1.0,
+                rope_interleave=False,
+                **mla,
+                **common,
+            )
+        ),
+        seed=5,
     )
     check_exports()
 

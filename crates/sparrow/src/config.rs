@@ -302,6 +302,30 @@ pub struct ModelConfig {
     #[serde(default = "default_bias_update_speed")]
     pub router_bias_update_speed: f64,
 
+    /// MLA (DeepSeek V2/V3 multi-head latent attention) when set: keys and values come
+    /// from a per-token latent of this rank (`kv_a_proj_with_mqa` -> RMSNorm ->
+    /// `kv_b_proj`), and the KV cache holds only the latent plus one shared RoPE key
+    /// (`kv_lora_rank + qk_rope_head_dim` values per token). Absent = q/k/v projections.
+    #[serde(default)]
+    pub kv_lora_rank: Option<usize>,
+    /// MLA: rank of the query latent (`q_a_proj` -> RMSNorm -> `q_b_proj`); absent = one
+    /// `q_proj`.
+    #[serde(default)]
+    pub q_lora_rank: Option<usize>,
+    /// MLA: per-head query/key dimensions without position (from the latent).
+    #[serde(default)]
+    pub qk_nope_head_dim: usize,
+    /// MLA: per-head query dimensions with RoPE, and the width of the shared RoPE key.
+    #[serde(default)]
+    pub qk_rope_head_dim: usize,
+    /// MLA: per-head value dimension.
+    #[serde(default)]
+    pub v_head_dim: usize,
+    /// MLA: RoPE on interleaved pairs (DeepSeek's layout, HF `rope_interleave`, default
+    /// true) instead of first-half / second-half.
+    #[serde(default = "default_true")]
+    pub rope_interleave: bool,
+
     /// Attention kind per layer (length `num_hidden_layers`); absent = all `dense`.
     /// Kinds may be mixed, e.g. a dense first layer under DSA layers.
     #[serde(default)]
@@ -439,6 +463,7 @@ impl ModelConfig {
             return Err(Error::config("router_aux_loss_coef", "must be >= 0"));
         }
         self.validate_router()?;
+        self.validate_mla()?;
         let has_dense_layer = self.n_routed_experts == 0 || self.first_k_dense_replace > 0;
         if has_dense_layer && self.intermediate_size == 0 {
             return Err(Error::config(
@@ -480,6 +505,37 @@ impl ModelConfig {
                     format!("{id} is outside vocab_size {}", self.vocab_size),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_mla(&self) -> Result<()> {
+        let Some(r) = self.kv_lora_rank else {
+            return Ok(());
+        };
+        if r == 0 {
+            return Err(Error::config("kv_lora_rank", "must be > 0"));
+        }
+        if self.q_lora_rank == Some(0) {
+            return Err(Error::config("q_lora_rank", "must be > 0 when set"));
+        }
+        if self.qk_nope_head_dim == 0 {
+            return Err(Error::config("qk_nope_head_dim", "must be > 0 with MLA"));
+        }
+        if self.qk_rope_head_dim == 0 || !self.qk_rope_head_dim.is_multiple_of(2) {
+            return Err(Error::config(
+                "qk_rope_head_dim",
+                "must be even and > 0 with MLA",
+            ));
+        }
+        if self.v_head_dim == 0 {
+            return Err(Error::config("v_head_dim", "must be > 0 with MLA"));
+        }
+        if self.has_dsa() {
+            return Err(Error::config(
+                "layer_types",
+                "DSA layers over MLA (DeepSeek-V3.2) are not supported yet",
+            ));
         }
         Ok(())
     }
@@ -667,7 +723,21 @@ impl ModelConfig {
     pub fn parameter_counts(&self) -> (usize, usize) {
         let c = self.hidden_size;
         let d = self.head_dim();
-        let attn = c * self.num_attention_heads * d * 2 + c * self.num_kv_heads() * d * 2;
+        let attn = match self.kv_lora_rank {
+            None => c * self.num_attention_heads * d * 2 + c * self.num_kv_heads() * d * 2,
+            Some(r) => {
+                let h = self.num_attention_heads;
+                let qk = self.qk_nope_head_dim + self.qk_rope_head_dim;
+                let q = match self.q_lora_rank {
+                    None => c * h * qk,
+                    Some(rq) => c * rq + rq + rq * h * qk,
+                };
+                q + c * (r + self.qk_rope_head_dim)
+                    + r
+                    + r * h * (self.qk_nope_head_dim + self.v_head_dim)
+                    + h * self.v_head_dim * c
+            }
+        };
         let norms = 2 * c;
         let swiglu = |width: usize| 3 * c * width;
         let mut total = 0;

@@ -11,6 +11,10 @@
 //!   `block_sparse_moe.experts.{e}.w1 / w3 / w2` -> `mlp.experts.{e}.gate_proj / up_proj /
 //!   down_proj`.
 //!
+//! - `deepseek_v3` (`DeepseekV3ForCausalLM`): MLA attention (`model::mla`), the
+//!   `noaux_tc` sigmoid router with `e_score_correction_bias` and groups (`noaux_bias`),
+//!   shared experts, dense first layers; names identical to ours.
+//!
 //! Anything these families allow that Sparrow does not compute (biases, RoPE scaling,
 //! sliding windows, other activations) is a precise error naming the field, never a
 //! silently different model.
@@ -29,6 +33,7 @@ pub enum Family {
     Sparrow,
     Llama,
     Mixtral,
+    DeepseekV3,
 }
 
 impl Family {
@@ -38,6 +43,7 @@ impl Family {
             Family::Sparrow => "sparrow",
             Family::Llama => "llama",
             Family::Mixtral => "mixtral",
+            Family::DeepseekV3 => "deepseek_v3",
         }
     }
 }
@@ -124,11 +130,21 @@ pub fn read_config(path: &Path) -> Result<(ModelConfig, Family)> {
         "sparrow" => return Ok((ModelConfig::from_file(path)?, Family::Sparrow)),
         "llama" => Family::Llama,
         "mixtral" => Family::Mixtral,
+        "deepseek_v3" => {
+            let de = &mut serde_json::Deserializer::from_str(&text);
+            let hf: DeepseekV3Like = serde_path_to_error::deserialize(de).map_err(|e| {
+                Error::config(
+                    e.path().to_string(),
+                    format!("{} ({})", e.inner(), path.display()),
+                )
+            })?;
+            return Ok((from_deepseek_v3(&hf)?, Family::DeepseekV3));
+        }
         other => {
             return Err(Error::config(
                 "model_type",
                 format!(
-                    "`{other}` is not supported (sparrow, llama, mixtral) in {}",
+                    "`{other}` is not supported (sparrow, llama, mixtral, deepseek_v3) in {}",
                     path.display()
                 ),
             ))
@@ -233,10 +249,95 @@ fn from_llama_like(hf: &LlamaLike, family: Family) -> Result<ModelConfig> {
     ModelConfig::from_json(&json.to_string())
 }
 
+/// The fields of a DeepSeek-V3 `config.json` that Sparrow reads (others are ignored).
+#[derive(Debug, Deserialize)]
+struct DeepseekV3Like {
+    #[serde(flatten)]
+    base: LlamaLike,
+    moe_intermediate_size: usize,
+    n_routed_experts: usize,
+    #[serde(default)]
+    n_shared_experts: usize,
+    #[serde(default)]
+    first_k_dense_replace: usize,
+    #[serde(default = "one")]
+    n_group: usize,
+    #[serde(default = "one")]
+    topk_group: usize,
+    #[serde(default = "yes")]
+    norm_topk_prob: bool,
+    #[serde(default = "one_f64")]
+    routed_scaling_factor: f64,
+    kv_lora_rank: usize,
+    #[serde(default)]
+    q_lora_rank: Option<usize>,
+    qk_nope_head_dim: usize,
+    qk_rope_head_dim: usize,
+    v_head_dim: usize,
+    #[serde(default = "yes")]
+    rope_interleave: bool,
+    #[serde(default)]
+    scoring_func: Option<String>,
+    #[serde(default)]
+    topk_method: Option<String>,
+}
+
+fn one() -> usize {
+    1
+}
+fn one_f64() -> f64 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+
+fn from_deepseek_v3(hf: &DeepseekV3Like) -> Result<ModelConfig> {
+    if let Some(f) = hf.scoring_func.as_deref() {
+        if f != "sigmoid" {
+            return Err(Error::config(
+                "scoring_func",
+                format!("`{f}` is not supported (DeepSeek-V3 routes with sigmoid)"),
+            ));
+        }
+    }
+    if let Some(m) = hf.topk_method.as_deref() {
+        if m != "noaux_tc" {
+            return Err(Error::config(
+                "topk_method",
+                format!("`{m}` is not supported (only noaux_tc)"),
+            ));
+        }
+    }
+    let mut cfg = from_llama_like(&hf.base, Family::Llama)?;
+    cfg.head_dim = None; // HF writes the RoPE width here; MLA has its own dims
+    cfg.n_routed_experts = hf.n_routed_experts;
+    cfg.num_experts_per_tok = hf
+        .base
+        .num_experts_per_tok
+        .ok_or_else(|| Error::config("num_experts_per_tok", "required for deepseek_v3"))?;
+    cfg.n_shared_experts = hf.n_shared_experts;
+    cfg.moe_intermediate_size = hf.moe_intermediate_size;
+    cfg.first_k_dense_replace = hf.first_k_dense_replace;
+    cfg.norm_topk_prob = hf.norm_topk_prob;
+    cfg.router_kind = RouterKind::NoauxBias;
+    cfg.n_group = hf.n_group;
+    cfg.topk_group = hf.topk_group;
+    cfg.routed_scaling_factor = hf.routed_scaling_factor;
+    cfg.kv_lora_rank = Some(hf.kv_lora_rank);
+    cfg.q_lora_rank = hf.q_lora_rank;
+    cfg.qk_nope_head_dim = hf.qk_nope_head_dim;
+    cfg.qk_rope_head_dim = hf.qk_rope_head_dim;
+    cfg.v_head_dim = hf.v_head_dim;
+    cfg.rope_interleave = hf.rope_interleave;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
 /// The Sparrow name of a tensor saved by `family`.
 pub fn sparrow_name(family: Family, name: &str) -> String {
     match family {
-        Family::Sparrow | Family::Llama => name.to_string(),
+        Family::Sparrow | Family::Llama | Family::DeepseekV3 => name.to_string(),
         Family::Mixtral => {
             let n = name.replace(".block_sparse_moe.", ".mlp.");
             if !n.contains(".mlp.experts.") {
@@ -343,6 +444,15 @@ pub fn export_family(cfg: &ModelConfig) -> Result<Family> {
             "DSA layers have no llama / mixtral form (deepseek_v32 export is not there yet)",
         ));
     }
+    if cfg.kv_lora_rank.is_some() {
+        if cfg.n_routed_experts > 0 && cfg.router_kind == RouterKind::NoauxBias {
+            return Ok(Family::DeepseekV3);
+        }
+        return Err(Error::config(
+            "kv_lora_rank",
+            "MLA models map to deepseek_v3, which needs MoE layers with router_kind noaux_bias",
+        ));
+    }
     if cfg.n_routed_experts == 0 {
         return Ok(Family::Llama);
     }
@@ -363,7 +473,7 @@ pub fn export_family(cfg: &ModelConfig) -> Result<Family> {
 /// The HF name of a Sparrow tensor in `family`'s layout (inverse of `sparrow_name`).
 pub fn hf_name(family: Family, name: &str) -> String {
     match family {
-        Family::Sparrow | Family::Llama => name.to_string(),
+        Family::Sparrow | Family::Llama | Family::DeepseekV3 => name.to_string(),
         Family::Mixtral => {
             if !name.contains(".mlp.") {
                 return name.to_string();
@@ -416,6 +526,32 @@ pub fn hf_config(cfg: &ModelConfig, family: Family) -> Result<Value> {
             v["num_experts_per_tok"] = cfg.num_experts_per_tok.into();
             v["router_aux_loss_coef"] = cfg.router_aux_loss_coef.into();
             v["sliding_window"] = Value::Null;
+        }
+        Family::DeepseekV3 => {
+            v["architectures"] = serde_json::json!(["DeepseekV3ForCausalLM"]);
+            v["model_type"] = "deepseek_v3".into();
+            v["attention_bias"] = false.into();
+            v["head_dim"] = cfg.qk_rope_head_dim.into();
+            v["kv_lora_rank"] = cfg.kv_lora_rank.into();
+            v["q_lora_rank"] = cfg.q_lora_rank.into();
+            v["qk_nope_head_dim"] = cfg.qk_nope_head_dim.into();
+            v["qk_rope_head_dim"] = cfg.qk_rope_head_dim.into();
+            v["qk_head_dim"] = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim).into();
+            v["v_head_dim"] = cfg.v_head_dim.into();
+            v["rope_interleave"] = cfg.rope_interleave.into();
+            v["moe_intermediate_size"] = cfg.moe_intermediate_size.into();
+            v["n_routed_experts"] = cfg.n_routed_experts.into();
+            v["num_experts_per_tok"] = cfg.num_experts_per_tok.into();
+            v["n_shared_experts"] = cfg.n_shared_experts.into();
+            v["first_k_dense_replace"] = cfg.first_k_dense_replace.into();
+            v["n_group"] = cfg.n_group.into();
+            v["topk_group"] = cfg.topk_group.into();
+            v["norm_topk_prob"] = cfg.norm_topk_prob.into();
+            v["routed_scaling_factor"] = cfg.routed_scaling_factor.into();
+            // Read by vLLM / SGLang, which assume other defaults when absent.
+            v["scoring_func"] = "sigmoid".into();
+            v["topk_method"] = "noaux_tc".into();
+            v["num_nextn_predict_layers"] = 0.into();
         }
         Family::Sparrow => {
             return Err(Error::Invalid(

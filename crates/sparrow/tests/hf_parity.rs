@@ -57,6 +57,19 @@ fn mixtral_logits_match_transformers() {
 }
 
 #[test]
+fn deepseek_v3_mla_logits_match_transformers() {
+    // Query latent, interleaved RoPE, dense first layer, grouped sigmoid router with a
+    // non-zero correction bias, shared expert, routed scaling; the cached decode runs
+    // MLA's absorbed path (MQA over the latent).
+    check("deepseek-v3");
+}
+
+#[test]
+fn deepseek_v3_without_query_latent_matches_transformers() {
+    check("deepseek-v3-noq");
+}
+
+#[test]
 fn unsupported_hf_fields_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let base: serde_json::Value = serde_json::from_str(
@@ -107,18 +120,22 @@ fn tensors(m: &Model) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn import_export_import_is_bit_exact_with_hf_names() {
-    for name in ["llama", "llama-sharded", "mixtral"] {
+    for name in [
+        "llama",
+        "llama-sharded",
+        "mixtral",
+        "deepseek-v3",
+        "deepseek-v3-noq",
+    ] {
         let (a, _) = Model::load_dir(&fixture(name), DType::F32, &Device::Cpu).unwrap();
         let out = tempfile::tempdir().unwrap();
         let family = sparrow::hf::export(&a, out.path(), None).unwrap();
-        assert_eq!(
-            family.model_type(),
-            if name == "mixtral" {
-                "mixtral"
-            } else {
-                "llama"
-            }
-        );
+        let expected = match name {
+            "mixtral" => "mixtral",
+            n if n.starts_with("deepseek") => "deepseek_v3",
+            _ => "llama",
+        };
+        assert_eq!(family.model_type(), expected);
         let (b, _) = Model::load_dir(out.path(), DType::F32, &Device::Cpu).unwrap();
         assert_eq!(a.cfg, b.cfg, "{name}: config changed in the round trip");
         assert!(

@@ -41,20 +41,21 @@ impl LayerKv {
     }
 
     /// Grow both buffers to hold at least `need` positions, keeping the first `len`.
-    fn reserve(&mut self, like: &Tensor, need: usize) -> Result<()> {
+    /// Keys and values may differ in width (MLA keeps its latent and RoPE key here).
+    fn reserve(&mut self, k_like: &Tensor, v_like: &Tensor, need: usize) -> Result<()> {
         if need <= self.capacity() {
             return Ok(());
         }
-        let (b, kv, _t, d) = like.dims4()?;
         let cap = need.max(2 * self.capacity()).max(MIN_CAPACITY);
-        let grow = |old: &Option<Tensor>| -> Result<Tensor> {
+        let grow = |old: &Option<Tensor>, like: &Tensor| -> Result<Tensor> {
+            let (b, kv, _t, d) = like.dims4()?;
             let buf = Tensor::zeros((b, kv, cap, d), like.dtype(), like.device())?;
             if let Some(old) = old {
                 buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
             }
             Ok(buf)
         };
-        let (k, v) = (grow(&self.k)?, grow(&self.v)?);
+        let (k, v) = (grow(&self.k, k_like)?, grow(&self.v, v_like)?);
         self.k = Some(k);
         self.v = Some(v);
         Ok(())
@@ -64,7 +65,7 @@ impl LayerKv {
     /// (contiguous; a view without a copy when B * KV = 1).
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;
-        self.reserve(k, self.len + t)?;
+        self.reserve(k, v, self.len + t)?;
         let (kb, vb) = match (&self.k, &self.v) {
             (Some(kb), Some(vb)) => (kb, vb),
             _ => unreachable!("reserve allocates both buffers"),

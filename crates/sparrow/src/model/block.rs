@@ -1,7 +1,8 @@
 //! One transformer block: pre-norm attention and pre-norm FFN (dense SwiGLU or MoE),
 //! each added to the residual stream.
 
-use super::attention::Attention;
+use super::attention::{Attention, AttnOut};
+use super::mla::Mla;
 use super::mlp::Mlp;
 use super::moe::{Moe, MoeStats};
 use super::norm::RmsNorm;
@@ -13,6 +14,15 @@ use crate::error::Result;
 use crate::infer::cache::LayerKv;
 use candle_core::Tensor;
 
+/// The attention half of a block (`self_attn` in checkpoints).
+#[derive(Debug, Clone)]
+pub enum SelfAttn {
+    /// q/k/v projections, dense or DSA.
+    Standard(Attention),
+    /// Multi-head latent attention (`kv_lora_rank` set).
+    Mla(Mla),
+}
+
 /// The feed-forward half of a block (`mlp` in checkpoints).
 #[derive(Debug, Clone)]
 pub enum Ffn {
@@ -23,7 +33,7 @@ pub enum Ffn {
 #[derive(Debug, Clone)]
 pub struct Block {
     pub input_layernorm: RmsNorm,
-    pub self_attn: Attention,
+    pub self_attn: SelfAttn,
     pub post_attention_layernorm: RmsNorm,
     pub mlp: Ffn,
 }
@@ -46,7 +56,11 @@ impl Block {
         };
         Ok(Self {
             input_layernorm: RmsNorm::new(&vb.pp("input_layernorm"), c, cfg.rms_norm_eps)?,
-            self_attn: Attention::new(&vb.pp("self_attn"), cfg, layer, out_std)?,
+            self_attn: if cfg.kv_lora_rank.is_some() {
+                SelfAttn::Mla(Mla::new(&vb.pp("self_attn"), cfg, out_std)?)
+            } else {
+                SelfAttn::Standard(Attention::new(&vb.pp("self_attn"), cfg, layer, out_std)?)
+            },
             post_attention_layernorm: RmsNorm::new(
                 &vb.pp("post_attention_layernorm"),
                 c,
@@ -67,9 +81,15 @@ impl Block {
         cache: Option<&mut LayerKv>,
         opts: &ForwardOptions,
     ) -> Result<BlockOut> {
-        let a = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, rope, cache, opts)?;
+        let h = self.input_layernorm.forward(x)?;
+        let a = match &self.self_attn {
+            SelfAttn::Standard(attn) => attn.forward(&h, rope, cache, opts)?,
+            SelfAttn::Mla(mla) => AttnOut {
+                y: mla.forward(&h, cache, opts)?,
+                indexer_kl: None,
+                recall: None,
+            },
+        };
         let x = (x + a.y)?;
         let h = self.post_attention_layernorm.forward(&x)?;
         let (f, stats) = match &self.mlp {

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod block;
 pub mod indexer;
 pub mod linear;
+pub mod mla;
 pub mod mlp;
 pub mod moe;
 pub mod norm;

@@ -55,7 +55,27 @@ impl Rope {
 
     /// Rotate x (B, H, T, D) as positions offset..offset+T.
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let (_b, _h, t, d) = x.dims4()?;
+        let half = x.dim(D::Minus1)? / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        self.rotate(&x1, &x2, offset)
+    }
+
+    /// DeepSeek's interleaved layout: pairs (x0, x1), (x2, x3), ... each rotated by one
+    /// frequency. The result is written de-interleaved (all first members, then all
+    /// second members), as transformers does; q . k is unchanged when q and k both go
+    /// through it.
+    pub fn apply_interleaved(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let (b, h, t, d) = x.dims4()?;
+        let pairs = x.reshape((b, h, t, d / 2, 2))?;
+        let x1 = pairs.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?;
+        let x2 = pairs.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?;
+        self.rotate(&x1, &x2, offset)
+    }
+
+    /// cat(x1 cos - x2 sin, x2 cos + x1 sin), x1 / x2 (B, H, T, D/2).
+    fn rotate(&self, x1: &Tensor, x2: &Tensor, offset: usize) -> Result<Tensor> {
+        let (_b, _h, t, half) = x1.dims4()?;
         if offset + t > self.max_pos {
             return Err(Error::Invalid(format!(
                 "position {} exceeds max_position_embeddings {}",
@@ -63,10 +83,14 @@ impl Rope {
                 self.max_pos
             )));
         }
-        let half = d / 2;
+        if half != self.inv_freq.len() {
+            return Err(Error::Invalid(format!(
+                "RoPE of {} dims applied to {} dims",
+                2 * self.inv_freq.len(),
+                2 * half
+            )));
+        }
         let (cos, sin) = self.angles(offset, t)?; // (T, D/2) each
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
         let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
         let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
         Ok(Tensor::cat(&[r1, r2], D::Minus1)?)

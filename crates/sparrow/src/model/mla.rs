@@ -1,0 +1,235 @@
+//! Multi-head latent attention (DeepSeek V2/V3; checkpoint keys as in HF
+//! `DeepseekV3Attention`). Per token:
+//!
+//! ```text
+//! q      = q_b_proj(RMSNorm(q_a_proj(x)))  (or q_proj(x))     (H, dn + dr)
+//! c, kr  = split(kv_a_proj_with_mqa(x), [r, dr]); c = RMSNorm(c)
+//! q_rot, kr = RoPE (interleaved pairs when `rope_interleave`)
+//! k_h    = [W_UK_h c ; kr]   v_h = W_UV_h c    (kv_b_proj = [W_UK; W_UV] per head)
+//! y      = o_proj(softmax(q_h . k_h / sqrt(dn + dr)) v_h)
+//! ```
+//!
+//! The KV cache holds only `c` (r values) and the shared RoPE key `kr` (dr values) per
+//! token. Prefill and training expand the latent into per-head keys and values; a
+//! one-token decode step takes the absorbed path instead: `q_lat_h = W_UK_h^T q_nope_h`,
+//! scores `q_lat_h . c + q_rot_h . kr` (MQA over the cached latent), then
+//! `y_h = W_UV_h (sum_s p_s c_s)`, so nothing per head is ever built for the cache.
+
+use super::linear::Linear;
+use super::norm::RmsNorm;
+use super::params::Vb;
+use super::rope::Rope;
+use super::transformer::ForwardOptions;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::infer::cache::LayerKv;
+use crate::kernels::softmax::CausalSoftmax;
+use candle_core::{Tensor, D};
+
+/// How the query is projected.
+#[derive(Debug, Clone)]
+pub enum QueryProj {
+    /// `q_proj` (C -> H * (dn + dr)).
+    Full(Linear),
+    /// `q_a_proj` (C -> rq), `q_a_layernorm`, `q_b_proj` (rq -> H * (dn + dr)).
+    LowRank {
+        q_a_proj: Linear,
+        q_a_layernorm: RmsNorm,
+        q_b_proj: Linear,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Mla {
+    pub q: QueryProj,
+    /// (r + dr, C)
+    pub kv_a_proj_with_mqa: Linear,
+    pub kv_a_layernorm: RmsNorm,
+    /// (H * (dn + dv), r)
+    pub kv_b_proj: Linear,
+    /// (C, H * dv)
+    pub o_proj: Linear,
+    rope: Rope,
+    interleave: bool,
+    n_heads: usize,
+    rank: usize,
+    nope: usize,
+    rot: usize,
+    v_dim: usize,
+}
+
+impl Mla {
+    pub fn new(vb: &Vb, cfg: &ModelConfig, out_std: f64) -> Result<Self> {
+        let rank = cfg
+            .kv_lora_rank
+            .ok_or_else(|| Error::config("kv_lora_rank", "MLA needs it"))?;
+        let (c, h, std) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.initializer_range,
+        );
+        let (nope, rot, v_dim) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim);
+        let eps = cfg.rms_norm_eps;
+        let q = match cfg.q_lora_rank {
+            None => QueryProj::Full(Linear::new(&vb.pp("q_proj"), c, h * (nope + rot), std)?),
+            Some(rq) => QueryProj::LowRank {
+                q_a_proj: Linear::new(&vb.pp("q_a_proj"), c, rq, std)?,
+                q_a_layernorm: RmsNorm::new(&vb.pp("q_a_layernorm"), rq, eps)?,
+                q_b_proj: Linear::new(&vb.pp("q_b_proj"), rq, h * (nope + rot), std)?,
+            },
+        };
+        Ok(Self {
+            q,
+            kv_a_proj_with_mqa: Linear::new(&vb.pp("kv_a_proj_with_mqa"), c, rank + rot, std)?,
+            kv_a_layernorm: RmsNorm::new(&vb.pp("kv_a_layernorm"), rank, eps)?,
+            kv_b_proj: Linear::new(&vb.pp("kv_b_proj"), rank, h * (nope + v_dim), std)?,
+            o_proj: Linear::new(&vb.pp("o_proj"), h * v_dim, c, out_std)?,
+            rope: Rope::new(
+                rot,
+                cfg.max_position_embeddings,
+                cfg.rope_theta,
+                vb.dtype(),
+                vb.device(),
+            )?,
+            interleave: cfg.rope_interleave,
+            n_heads: h,
+            rank,
+            nope,
+            rot,
+            v_dim,
+        })
+    }
+
+    fn rope(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        if self.interleave {
+            self.rope.apply_interleaved(x, offset)
+        } else {
+            self.rope.apply(x, offset)
+        }
+    }
+
+    /// x (B, T, C) at positions cache.len().. -> (B, T, C). Appends the latent and the
+    /// RoPE key to `cache` if given (its `k` holds c (B, 1, S, r), its `v` kr (B, 1, S, dr)).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cache: Option<&mut LayerKv>,
+        _opts: &ForwardOptions,
+    ) -> Result<Tensor> {
+        let (b, t, _c) = x.dims3()?;
+        let (h, dn, dr) = (self.n_heads, self.nope, self.rot);
+        let q = match &self.q {
+            QueryProj::Full(p) => p.forward(x)?,
+            QueryProj::LowRank {
+                q_a_proj,
+                q_a_layernorm,
+                q_b_proj,
+            } => q_b_proj.forward(&q_a_layernorm.forward(&q_a_proj.forward(x)?)?)?,
+        }
+        .reshape((b, t, h, dn + dr))?
+        .transpose(1, 2)?; // (B, H, T, dn + dr)
+        let q_nope = q.narrow(D::Minus1, 0, dn)?.contiguous()?; // (B, H, T, dn)
+        let q_rot = q.narrow(D::Minus1, dn, dr)?.contiguous()?; // (B, H, T, dr)
+        let ckv = self.kv_a_proj_with_mqa.forward(x)?; // (B, T, r + dr)
+        let latent = self
+            .kv_a_layernorm
+            .forward(&ckv.narrow(D::Minus1, 0, self.rank)?)?
+            .unsqueeze(1)?; // (B, 1, T, r)
+        let k_rot = ckv
+            .narrow(D::Minus1, self.rank, dr)?
+            .unsqueeze(1)?
+            .contiguous()?; // (B, 1, T, dr)
+        let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let q_rot = self.rope(&q_rot, offset)?;
+        let k_rot = self.rope(&k_rot, offset)?;
+        let (latent, k_rot) = match cache {
+            Some(c) => c.append(&latent, &k_rot)?,
+            None => (latent.contiguous()?, k_rot),
+        }; // (B, 1, S, r), (B, 1, S, dr)
+        let scale = 1.0 / ((dn + dr) as f64).sqrt();
+        let y = if t == 1 && offset > 0 {
+            self.absorbed(&q_nope, &q_rot, &latent, &k_rot, scale, offset)?
+        } else {
+            self.expanded(&q_nope, &q_rot, &latent, &k_rot, scale, offset)?
+        }; // (B, T, H * dv)
+        self.o_proj.forward(&y)
+    }
+
+    /// Per-head keys and values from the latent, then causal attention.
+    fn expanded(
+        &self,
+        q_nope: &Tensor,
+        q_rot: &Tensor,
+        latent: &Tensor,
+        k_rot: &Tensor,
+        scale: f64,
+        offset: usize,
+    ) -> Result<Tensor> {
+        let (b, h, t, dn) = q_nope.dims4()?;
+        let (dr, dv) = (self.rot, self.v_dim);
+        let s = latent.dim(2)?;
+        let kv = self
+            .kv_b_proj
+            .forward(&latent.squeeze(1)?)? // (B, S, H * (dn + dv))
+            .reshape((b, s, h, dn + dv))?
+            .transpose(1, 2)?; // (B, H, S, dn + dv)
+        let k_nope = kv.narrow(D::Minus1, 0, dn)?.contiguous()?;
+        let v = kv.narrow(D::Minus1, dn, dv)?.contiguous()?;
+        let k_rot = k_rot.broadcast_as((b, h, s, dr))?.contiguous()?;
+        let k = Tensor::cat(&[&k_nope, &k_rot], D::Minus1)?; // (B, H, S, dn + dr)
+        let q = Tensor::cat(&[q_nope, q_rot], D::Minus1)?; // (B, H, T, dn + dr)
+        let scores = q.matmul(&k.t()?)?; // (B, H, T, S)
+        let p = CausalSoftmax {
+            scale,
+            queries: t,
+            offset,
+        }
+        .apply(&scores)?;
+        let y = p.matmul(&v)?; // (B, H, T, dv)
+        Ok(y.transpose(1, 2)?.reshape((b, t, h * dv))?)
+    }
+
+    /// The absorbed path (MQA over the cached latent), for one query token per row.
+    fn absorbed(
+        &self,
+        q_nope: &Tensor,
+        q_rot: &Tensor,
+        latent: &Tensor,
+        k_rot: &Tensor,
+        scale: f64,
+        offset: usize,
+    ) -> Result<Tensor> {
+        let (b, h, t, dn) = q_nope.dims4()?;
+        let (r, dv) = (self.rank, self.v_dim);
+        // kv_b_proj weight (H * (dn + dv), r) -> per head W_UK (dn, r), W_UV (dv, r).
+        let w = self.kv_b_proj.weight.reshape((h, dn + dv, r))?;
+        let w_uk = w.narrow(1, 0, dn)?; // (H, dn, r)
+        let w_uv = w.narrow(1, dn, dv)?; // (H, dv, r)
+                                         // q_lat (B, H, T, r) = q_nope (B, H, T, dn) @ W_UK (H, dn, r)
+        let q_lat = q_nope
+            .transpose(0, 1)? // (H, B, T, dn)
+            .reshape((h, b * t, dn))?
+            .matmul(&w_uk.contiguous()?)? // (H, B*T, r)
+            .reshape((h, b, t, r))?
+            .transpose(0, 1)?; // (B, H, T, r)
+        let q_cat = Tensor::cat(&[&q_lat.contiguous()?, q_rot], D::Minus1)?; // (B, H, T, r + dr)
+        let k_cat = Tensor::cat(&[latent, k_rot], D::Minus1)?; // (B, 1, S, r + dr)
+        let q_cat = q_cat.reshape((b, 1, h * t, r + self.rot))?; // heads share the one key
+        let scores = q_cat.matmul(&k_cat.t()?)?; // (B, 1, H*T, S)
+        let p = CausalSoftmax {
+            scale,
+            queries: t,
+            offset,
+        }
+        .apply(&scores)?;
+        let o_lat = p.matmul(latent)?.reshape((b, h, t, r))?; // (B, H, T, r)
+                                                              // y (B, H, T, dv) = o_lat @ W_UV^T per head
+        let y = o_lat
+            .transpose(0, 1)?
+            .reshape((h, b * t, r))?
+            .matmul(&w_uv.transpose(1, 2)?.contiguous()?)? // (H, B*T, dv)
+            .reshape((h, b, t, dv))?
+            .transpose(0, 1)?; // (B, H, T, dv)
+        Ok(y.transpose(1, 2)?.reshape((b, t, h * dv))?)
+    }
+}
