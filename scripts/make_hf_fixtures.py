@@ -28,6 +28,13 @@ Models (all f32, eager attention):
                  routed_scaling_factor 2.5
   deepseek-v3-noq  MLA without a query latent (q_proj), non-interleaved RoPE, every
                  layer MoE (4 experts + 1 shared), no groups
+  deepseek-v32   deepseek-v3 plus the lightning indexer in every layer: 16 index heads
+                 x 8 dims, top-4 of 11 positions, so the sparse selection is exercised;
+                 reference.safetensors also holds `topk_layer{i}` (1, T, 4), the indices
+                 each layer's indexer selected in the full forward (sorted by score; for
+                 queries that see fewer than 4 positions only the first t+1 are real).
+                 The script asserts a margin between the 4th and 5th index scores, so
+                 the selection has no ties (DESIGN.md §6).
 """
 
 import pathlib
@@ -40,6 +47,8 @@ from safetensors.torch import save_file
 from transformers import (
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
+    DeepseekV32Config,
+    DeepseekV32ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MixtralConfig,
@@ -85,6 +94,42 @@ def reference(model, ids):
     return full, decode
 
 
+def capture_topk(model, ids):
+    """Each layer's indexer selection in a full forward, and the smallest relative gap
+    between the k-th and (k+1)-th visible index score over all queries."""
+    from transformers.models.deepseek_v32.modeling_deepseek_v32 import apply_rotary_pos_emb
+
+    picked, gaps, hooks = {}, [], []
+    for i, layer in enumerate(model.model.layers):
+        ix = layer.self_attn.indexer
+
+        def hook(mod, args, kwargs, out, i=i):
+            hs, q_resid, (cos, sin) = args[0], args[1], args[2]
+            b, s, _ = hs.shape
+            q = mod.wq_b(q_resid).view(b, s, mod.n_heads, mod.head_dim)
+            q_rot, q_pass = torch.split(q, [mod.qk_rope_head_dim, mod.head_dim - mod.qk_rope_head_dim], -1)
+            k = mod.k_norm(mod.wk(hs)).unsqueeze(2)
+            k_rot, k_pass = torch.split(k, [mod.qk_rope_head_dim, mod.head_dim - mod.qk_rope_head_dim], -1)
+            q_rot, k_rot = apply_rotary_pos_emb(q_rot, k_rot, cos, sin, unsqueeze_dim=2)
+            q = torch.cat([q_rot, q_pass], -1)
+            k = torch.cat([k_rot, k_pass], -1).squeeze(2)
+            sc = torch.relu(torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * mod.softmax_scale)
+            w = mod.weights_proj(hs).float() * mod.n_heads**-0.5
+            scores = torch.matmul(w.unsqueeze(-2), sc).squeeze(-2)[0]  # (S, T)
+            kk = mod.index_topk
+            for t in range(kk, s):
+                vis = scores[t, : t + 1].sort(descending=True).values
+                gaps.append(((vis[kk - 1] - vis[kk]) / vis[0].abs().clamp_min(1e-12)).item())
+            picked[f"topk_layer{i}"] = out.to(torch.int64).contiguous()
+
+        hooks.append(ix.register_forward_hook(hook, with_kwargs=True))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return picked, min(gaps)
+
+
 def build(name, model, seed, **save_kwargs):
     torch.manual_seed(seed)
     init_weights(model, seed)
@@ -96,14 +141,17 @@ def build(name, model, seed, **save_kwargs):
     model.save_pretrained(out, safe_serialization=True, **save_kwargs)
     ids = token_ids(seed)
     full, decode = reference(model, ids)
-    save_file(
-        {
-            "input_ids": ids.contiguous(),
-            "logits_full": full.float().contiguous(),
-            "logits_decode": decode.float().contiguous(),
-        },
-        str(out / "reference.safetensors"),
-    )
+    tensors = {
+        "input_ids": ids.contiguous(),
+        "logits_full": full.float().contiguous(),
+        "logits_decode": decode.float().contiguous(),
+    }
+    if hasattr(model.model.layers[0].self_attn, "indexer"):
+        picked, gap = capture_topk(model, ids)
+        assert gap > 1e-3, f"{name}: index scores tie at the top-k boundary (gap {gap})"
+        print(f"{name}: smallest relative top-k margin {gap:.3g}")
+        tensors.update(picked)
+    save_file(tensors, str(out / "reference.safetensors"))
     print(f"{name}: {sorted(p.name for p in out.iterdir())}")
 
 
@@ -215,6 +263,26 @@ def main():
             )
         ),
         seed=5,
+    )
+    build(
+        "deepseek-v32",
+        DeepseekV32ForCausalLM(
+            DeepseekV32Config(
+                q_lora_rank=20,
+                n_routed_experts=8,
+                n_shared_experts=1,
+                n_group=2,
+                topk_group=1,
+                first_k_dense_replace=1,
+                routed_scaling_factor=2.5,
+                index_topk=4,
+                index_n_heads=16,
+                index_head_dim=8,
+                **mla,
+                **common,
+            )
+        ),
+        seed=6,
     )
     check_exports()
 

@@ -532,10 +532,19 @@ impl ModelConfig {
             return Err(Error::config("v_head_dim", "must be > 0 with MLA"));
         }
         if self.has_dsa() {
-            return Err(Error::config(
-                "layer_types",
-                "DSA layers over MLA (DeepSeek-V3.2) are not supported yet",
-            ));
+            // DeepSeek-V3.2: the lightning indexer reads the query latent.
+            if self.q_lora_rank.is_none() {
+                return Err(Error::config(
+                    "q_lora_rank",
+                    "DSA layers over MLA need it (the indexer reads the query latent)",
+                ));
+            }
+            if self.indexer_kind != IndexerKind::Lightning {
+                return Err(Error::config(
+                    "indexer_kind",
+                    "DSA layers over MLA use the `lightning` indexer",
+                ));
+            }
         }
         Ok(())
     }

@@ -34,6 +34,7 @@ pub enum Family {
     Llama,
     Mixtral,
     DeepseekV3,
+    DeepseekV32,
 }
 
 impl Family {
@@ -44,6 +45,7 @@ impl Family {
             Family::Llama => "llama",
             Family::Mixtral => "mixtral",
             Family::DeepseekV3 => "deepseek_v3",
+            Family::DeepseekV32 => "deepseek_v32",
         }
     }
 }
@@ -130,7 +132,7 @@ pub fn read_config(path: &Path) -> Result<(ModelConfig, Family)> {
         "sparrow" => return Ok((ModelConfig::from_file(path)?, Family::Sparrow)),
         "llama" => Family::Llama,
         "mixtral" => Family::Mixtral,
-        "deepseek_v3" => {
+        "deepseek_v3" | "deepseek_v32" => {
             let de = &mut serde_json::Deserializer::from_str(&text);
             let hf: DeepseekV3Like = serde_path_to_error::deserialize(de).map_err(|e| {
                 Error::config(
@@ -138,13 +140,17 @@ pub fn read_config(path: &Path) -> Result<(ModelConfig, Family)> {
                     format!("{} ({})", e.inner(), path.display()),
                 )
             })?;
-            return Ok((from_deepseek_v3(&hf)?, Family::DeepseekV3));
+            return if model_type == "deepseek_v32" {
+                Ok((from_deepseek_v32(&hf)?, Family::DeepseekV32))
+            } else {
+                Ok((from_deepseek_v3(&hf)?, Family::DeepseekV3))
+            };
         }
         other => {
             return Err(Error::config(
                 "model_type",
                 format!(
-                    "`{other}` is not supported (sparrow, llama, mixtral, deepseek_v3) in {}",
+                    "`{other}` is not supported (sparrow, llama, mixtral, deepseek_v3, deepseek_v32) in {}",
                     path.display()
                 ),
             ))
@@ -280,6 +286,13 @@ struct DeepseekV3Like {
     scoring_func: Option<String>,
     #[serde(default)]
     topk_method: Option<String>,
+    // DeepSeek-V3.2
+    #[serde(default)]
+    index_topk: Option<usize>,
+    #[serde(default)]
+    index_n_heads: Option<usize>,
+    #[serde(default)]
+    index_head_dim: Option<usize>,
 }
 
 fn one() -> usize {
@@ -334,10 +347,31 @@ fn from_deepseek_v3(hf: &DeepseekV3Like) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
+/// DeepSeek-V3.2 = V3 with a lightning indexer (queries from the query latent, RoPE on
+/// the first `qk_rope_head_dim` dims, non-interleaved) in every layer.
+fn from_deepseek_v32(hf: &DeepseekV3Like) -> Result<ModelConfig> {
+    let mut cfg = from_deepseek_v3(hf)?;
+    let need =
+        |v: Option<usize>, f: &str| v.ok_or_else(|| Error::config(f, "required for deepseek_v32"));
+    cfg.index_topk = need(hf.index_topk, "index_topk")?;
+    cfg.index_n_heads = need(hf.index_n_heads, "index_n_heads")?;
+    cfg.index_head_dim = need(hf.index_head_dim, "index_head_dim")?;
+    cfg.index_rope_head_dim = cfg.qk_rope_head_dim;
+    cfg.indexer_kind = crate::config::IndexerKind::Lightning;
+    cfg.layer_types = Some(vec![
+        crate::config::AttentionKind::Dsa;
+        cfg.num_hidden_layers
+    ]);
+    cfg.validate()?;
+    Ok(cfg)
+}
+
 /// The Sparrow name of a tensor saved by `family`.
 pub fn sparrow_name(family: Family, name: &str) -> String {
     match family {
-        Family::Sparrow | Family::Llama | Family::DeepseekV3 => name.to_string(),
+        Family::Sparrow | Family::Llama | Family::DeepseekV3 | Family::DeepseekV32 => {
+            name.to_string()
+        }
         Family::Mixtral => {
             let n = name.replace(".block_sparse_moe.", ".mlp.");
             if !n.contains(".mlp.experts.") {
@@ -439,10 +473,21 @@ pub fn read_weights(dir: &Path, family: Family, device: &Device) -> Result<Weigh
 /// The HF family that represents `cfg` exactly, or an error saying why none does (yet).
 pub fn export_family(cfg: &ModelConfig) -> Result<Family> {
     if cfg.has_dsa() {
-        return Err(Error::config(
-            "layer_types",
-            "DSA layers have no llama / mixtral form (deepseek_v32 export is not there yet)",
-        ));
+        let all_dsa = (0..cfg.num_hidden_layers)
+            .all(|i| cfg.attention_kind(i) == crate::config::AttentionKind::Dsa);
+        let v32 = cfg.kv_lora_rank.is_some()
+            && cfg.router_kind == RouterKind::NoauxBias
+            && cfg.n_routed_experts > 0
+            && all_dsa
+            && cfg.index_rope_head_dim == cfg.qk_rope_head_dim;
+        return if v32 {
+            Ok(Family::DeepseekV32)
+        } else {
+            Err(Error::config(
+                "layer_types",
+                "DSA models map to deepseek_v32 only with MLA, noaux_bias MoE, DSA in every layer and index_rope_head_dim = qk_rope_head_dim",
+            ))
+        };
     }
     if cfg.kv_lora_rank.is_some() {
         if cfg.n_routed_experts > 0 && cfg.router_kind == RouterKind::NoauxBias {
@@ -473,7 +518,9 @@ pub fn export_family(cfg: &ModelConfig) -> Result<Family> {
 /// The HF name of a Sparrow tensor in `family`'s layout (inverse of `sparrow_name`).
 pub fn hf_name(family: Family, name: &str) -> String {
     match family {
-        Family::Sparrow | Family::Llama | Family::DeepseekV3 => name.to_string(),
+        Family::Sparrow | Family::Llama | Family::DeepseekV3 | Family::DeepseekV32 => {
+            name.to_string()
+        }
         Family::Mixtral => {
             if !name.contains(".mlp.") {
                 return name.to_string();
@@ -527,9 +574,17 @@ pub fn hf_config(cfg: &ModelConfig, family: Family) -> Result<Value> {
             v["router_aux_loss_coef"] = cfg.router_aux_loss_coef.into();
             v["sliding_window"] = Value::Null;
         }
-        Family::DeepseekV3 => {
-            v["architectures"] = serde_json::json!(["DeepseekV3ForCausalLM"]);
-            v["model_type"] = "deepseek_v3".into();
+        Family::DeepseekV3 | Family::DeepseekV32 => {
+            if family == Family::DeepseekV32 {
+                v["architectures"] = serde_json::json!(["DeepseekV32ForCausalLM"]);
+                v["model_type"] = "deepseek_v32".into();
+                v["index_topk"] = cfg.index_topk.into();
+                v["index_n_heads"] = cfg.index_n_heads.into();
+                v["index_head_dim"] = cfg.index_head_dim.into();
+            } else {
+                v["architectures"] = serde_json::json!(["DeepseekV3ForCausalLM"]);
+                v["model_type"] = "deepseek_v3".into();
+            }
             v["attention_bias"] = false.into();
             v["head_dim"] = cfg.qk_rope_head_dim.into();
             v["kv_lora_rank"] = cfg.kv_lora_rank.into();

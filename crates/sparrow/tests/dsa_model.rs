@@ -121,6 +121,7 @@ fn opts(mode: IndexerTrainMode, kl: bool) -> ForwardOptions {
         indexer_kl: kl,
         collect_recall: false,
         recall_from: 0,
+        collect_selection: false,
         moe_capacity: true,
     }
 }

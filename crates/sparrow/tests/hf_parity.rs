@@ -70,6 +70,51 @@ fn deepseek_v3_without_query_latent_matches_transformers() {
 }
 
 #[test]
+fn deepseek_v32_logits_and_selection_match_transformers() {
+    // 11 tokens, top-4: queries from position 4 on attend to 4 of their positions.
+    check("deepseek-v32");
+    let (model, _) = Model::load_dir(&fixture("deepseek-v32"), DType::F32, &Device::Cpu).unwrap();
+    let (ids, _, _) = reference("deepseek-v32");
+    let opts = sparrow::model::transformer::ForwardOptions {
+        collect_selection: true,
+        ..Default::default()
+    };
+    let out = model.net.forward_with(&ids, None, &opts).unwrap();
+    let (refs, _) = sparrow::weights::load(
+        &fixture("deepseek-v32").join("reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let k = model.cfg.index_topk;
+    let t = ids.dim(1).unwrap();
+    for (layer, sel) in out.selection.iter().enumerate() {
+        let ours = sel
+            .as_ref()
+            .expect("every layer runs sparse past index_topk");
+        let theirs: Vec<i64> = refs[&format!("topk_layer{layer}")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for q in 0..t {
+            let real = (q + 1).min(k); // HF fills the rest with masked positions
+            let mut a: Vec<u32> = ours[q * k..(q + 1) * k]
+                .iter()
+                .copied()
+                .filter(|&i| i != sparrow::kernels::topk::NONE)
+                .collect();
+            let mut b: Vec<u32> = theirs[q * k..q * k + real]
+                .iter()
+                .map(|&i| i as u32)
+                .collect();
+            a.sort();
+            b.sort();
+            assert_eq!(a, b, "layer {layer}, query {q}: selected positions");
+        }
+    }
+}
+
+#[test]
 fn unsupported_hf_fields_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let base: serde_json::Value = serde_json::from_str(
@@ -107,6 +152,44 @@ fn unsupported_hf_fields_are_named() {
         .unwrap()
         .to_string();
     assert!(err.contains("model-00003-of-00011.safetensors"), "{err}");
+    // A missing or mis-shaped tensor in an HF checkpoint is named with both shapes.
+    let (mut t, meta) =
+        sparrow::weights::load(&fixture("mixtral").join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let one = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("mixtral").join("config.json"),
+        one.path().join("config.json"),
+    )
+    .unwrap();
+    let name = "model.layers.1.block_sparse_moe.experts.2.w3.weight";
+    t.insert(
+        name.to_string(),
+        Tensor::zeros((5, 32), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let list: Vec<(String, Tensor)> = t.clone().into_iter().collect();
+    sparrow::weights::save(&one.path().join("model.safetensors"), &list, meta.clone()).unwrap();
+    let err = Model::load_dir(one.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("mlp.experts.2.up_proj.weight")
+            && err.contains("[5, 32]")
+            && err.contains("[48, 32]"),
+        "{err}"
+    );
+    t.remove(name);
+    let list: Vec<(String, Tensor)> = t.into_iter().collect();
+    sparrow::weights::save(&one.path().join("model.safetensors"), &list, meta).unwrap();
+    let err = Model::load_dir(one.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("missing tensor") && err.contains("up_proj"),
+        "{err}"
+    );
 }
 
 /// Every tensor of a model, by name.
@@ -126,12 +209,14 @@ fn import_export_import_is_bit_exact_with_hf_names() {
         "mixtral",
         "deepseek-v3",
         "deepseek-v3-noq",
+        "deepseek-v32",
     ] {
         let (a, _) = Model::load_dir(&fixture(name), DType::F32, &Device::Cpu).unwrap();
         let out = tempfile::tempdir().unwrap();
         let family = sparrow::hf::export(&a, out.path(), None).unwrap();
         let expected = match name {
             "mixtral" => "mixtral",
+            "deepseek-v32" => "deepseek_v32",
             n if n.starts_with("deepseek") => "deepseek_v3",
             _ => "llama",
         };

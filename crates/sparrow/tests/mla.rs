@@ -69,11 +69,11 @@ fn mla_gradients_match_finite_differences() {
     for (q_lora, interleave) in [(Some(6), true), (None, false)] {
         let cfg = mla_config(q_lora, interleave);
         let s = VarStore::random(3, DType::F64, &Device::Cpu);
-        let mla = Mla::new(&s.root().pp("self_attn"), &cfg, 0.3).unwrap();
+        let mla = Mla::new(&s.root().pp("self_attn"), &cfg, 0, 0.3).unwrap();
         let x = Var::from_tensor(&randn(&[2, 6, 24], 1, DType::F64)).unwrap();
         let probe = randn(&[2, 6, 24], 2, DType::F64);
         let loss = || {
-            let y = mla
+            let (y, _) = mla
                 .forward(x.as_tensor(), None, &Default::default())
                 .unwrap();
             (y * &probe).unwrap().sum_all().unwrap()

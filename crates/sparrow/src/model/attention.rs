@@ -174,20 +174,8 @@ impl Attention {
         );
         let x_in = if detach { x.detach() } else { x.clone() };
         let io = ix.forward(&x_in, offset)?;
-        let shape = ix.shape();
-        let (hi, di) = (shape.heads, shape.dim);
         // The new index keys go into the cache (if any) whichever path runs below.
-        let new_keys = host_f32(&io.k)?;
-        if let Some(c) = cache.as_deref_mut() {
-            if c.index.len() != b {
-                c.index = (0..b)
-                    .map(|_| KeyStore::new(di, self.index_precision))
-                    .collect();
-            }
-            for (row, store) in c.index.iter_mut().enumerate() {
-                store.extend_rows(&new_keys[row * t * di..(row + 1) * t * di]);
-            }
-        }
+        let new_keys = append_index_keys(&io, cache.as_deref_mut(), self.index_precision)?;
         let want_kl = match mode {
             Some(IndexerTrainMode::DenseWarmup) | Some(IndexerTrainMode::Sparse) => true,
             Some(IndexerTrainMode::Ste) => opts.indexer_kl,
@@ -220,38 +208,15 @@ impl Attention {
             });
         }
 
-        // Index keys of every visible position, per batch row, in the scan layout: the
-        // cache's, or built from this window's keys when there is no cache.
-        let fresh: Vec<KeyStore>;
-        let stores: &[KeyStore] = match cache {
-            Some(c) => &c.index,
-            None => {
-                fresh = (0..b)
-                    .map(|row| {
-                        let mut ks = KeyStore::new(di, self.index_precision);
-                        ks.extend_rows(&new_keys[row * t * di..(row + 1) * t * di]);
-                        ks
-                    })
-                    .collect();
-                &fresh
-            }
-        };
-        // Top-k selection, (B, T, K), never building the (T, S) score matrix.
-        let iq = host_f32(&io.q)?;
-        let iw = host_f32(&io.w)?;
-        let idx = if t == 1 && b == 1 {
-            ix_kernel::topk_decode(&iq, &iw, &stores[0], shape, kk)
-        } else {
-            let rows: Vec<TopkQueries> = (0..b)
-                .map(|row| TopkQueries {
-                    q: &iq[row * t * hi * di..(row + 1) * t * hi * di],
-                    w: &iw[row * t * hi..(row + 1) * t * hi],
-                    offset,
-                })
-                .collect();
-            let refs: Vec<&KeyStore> = stores.iter().collect();
-            ix_kernel::topk_prefill(&rows, &refs, shape, t, kk)
-        };
+        let idx = select_topk(
+            ix,
+            &io,
+            &new_keys,
+            cache.map(|c| &c.index[..]),
+            offset,
+            kk,
+            self.index_precision,
+        )?;
         let idx = Arc::new(idx);
         let dims = SparseDims {
             b,
@@ -379,4 +344,70 @@ fn kl_loss(logits: &Tensor, target: &[f32], valid: &[bool]) -> Result<Tensor> {
         .map(|&x| (x as f64) * (x as f64).ln())
         .sum();
     Ok(((cross + entropy)? / rows as f64)?)
+}
+
+/// Append this call's index keys (io.k, (B, T, di)) to the cache's per-row key stores
+/// (created on first use); returns them on the host.
+pub(crate) fn append_index_keys(
+    io: &IndexerOut,
+    cache: Option<&mut LayerKv>,
+    precision: KeyPrecision,
+) -> Result<Vec<f32>> {
+    let (b, t, di) = io.k.dims3()?;
+    let new_keys = host_f32(&io.k)?;
+    if let Some(c) = cache {
+        if c.index.len() != b {
+            c.index = (0..b).map(|_| KeyStore::new(di, precision)).collect();
+        }
+        for (row, store) in c.index.iter_mut().enumerate() {
+            store.extend_rows(&new_keys[row * t * di..(row + 1) * t * di]);
+        }
+    }
+    Ok(new_keys)
+}
+
+/// Top-k selection (B, T, K) of the queries in `io` at positions offset.. over every
+/// visible index key: the cache's stores, or (no cache) this window's `new_keys`. Never
+/// builds the (T, S) score matrix.
+pub(crate) fn select_topk(
+    ix: &Indexer,
+    io: &IndexerOut,
+    new_keys: &[f32],
+    cached: Option<&[KeyStore]>,
+    offset: usize,
+    kk: usize,
+    precision: KeyPrecision,
+) -> Result<Vec<u32>> {
+    let (b, t, _, _) = io.q.dims4()?;
+    let shape = ix.shape();
+    let (hi, di) = (shape.heads, shape.dim);
+    let fresh: Vec<KeyStore>;
+    let stores: &[KeyStore] = match cached {
+        Some(c) => c,
+        None => {
+            fresh = (0..b)
+                .map(|row| {
+                    let mut ks = KeyStore::new(di, precision);
+                    ks.extend_rows(&new_keys[row * t * di..(row + 1) * t * di]);
+                    ks
+                })
+                .collect();
+            &fresh
+        }
+    };
+    let iq = host_f32(&io.q)?;
+    let iw = host_f32(&io.w)?;
+    Ok(if t == 1 && b == 1 {
+        ix_kernel::topk_decode(&iq, &iw, &stores[0], shape, kk)
+    } else {
+        let rows: Vec<TopkQueries> = (0..b)
+            .map(|row| TopkQueries {
+                q: &iq[row * t * hi * di..(row + 1) * t * hi * di],
+                w: &iw[row * t * hi..(row + 1) * t * hi],
+                offset,
+            })
+            .collect();
+        let refs: Vec<&KeyStore> = stores.iter().collect();
+        ix_kernel::topk_prefill(&rows, &refs, shape, t, kk)
+    })
 }

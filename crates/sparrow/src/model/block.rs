@@ -57,7 +57,7 @@ impl Block {
         Ok(Self {
             input_layernorm: RmsNorm::new(&vb.pp("input_layernorm"), c, cfg.rms_norm_eps)?,
             self_attn: if cfg.kv_lora_rank.is_some() {
-                SelfAttn::Mla(Mla::new(&vb.pp("self_attn"), cfg, out_std)?)
+                SelfAttn::Mla(Mla::new(&vb.pp("self_attn"), cfg, layer, out_std)?)
             } else {
                 SelfAttn::Standard(Attention::new(&vb.pp("self_attn"), cfg, layer, out_std)?)
             },
@@ -82,13 +82,17 @@ impl Block {
         opts: &ForwardOptions,
     ) -> Result<BlockOut> {
         let h = self.input_layernorm.forward(x)?;
-        let a = match &self.self_attn {
-            SelfAttn::Standard(attn) => attn.forward(&h, rope, cache, opts)?,
-            SelfAttn::Mla(mla) => AttnOut {
-                y: mla.forward(&h, cache, opts)?,
-                indexer_kl: None,
-                recall: None,
-            },
+        let (a, selection) = match &self.self_attn {
+            SelfAttn::Standard(attn) => (attn.forward(&h, rope, cache, opts)?, None),
+            SelfAttn::Mla(mla) => {
+                let (y, sel) = mla.forward(&h, cache, opts)?;
+                let out = AttnOut {
+                    y,
+                    indexer_kl: None,
+                    recall: None,
+                };
+                (out, sel)
+            }
         };
         let x = (x + a.y)?;
         let h = self.post_attention_layernorm.forward(&x)?;
@@ -104,6 +108,7 @@ impl Block {
             moe: stats,
             indexer_kl: a.indexer_kl,
             recall: a.recall,
+            selection,
         })
     }
 }
@@ -116,4 +121,6 @@ pub struct BlockOut {
     pub moe: Option<MoeStats>,
     pub indexer_kl: Option<Tensor>,
     pub recall: Option<Vec<f32>>,
+    /// The DSA selection (B*T*K), when asked for (MLA DSA layers).
+    pub selection: Option<Vec<u32>>,
 }

@@ -48,7 +48,8 @@ impl LayerNorm {
 /// DeepSeek-V3.2's lightning indexer.
 #[derive(Debug, Clone)]
 pub struct Lightning {
-    /// (Hi * di, C)
+    /// (Hi * di, C), or on MLA layers `wq_b` (Hi * di, q_lora_rank): the index queries
+    /// come from the attention's query latent (DeepSeek-V3.2).
     pub wq: Linear,
     /// (di, C)
     pub wk: Linear,
@@ -115,8 +116,18 @@ impl Indexer {
         Ok(match cfg.indexer_kind {
             IndexerKind::Lightning => {
                 let h = cfg.index_n_heads;
+                let wq = match (cfg.kv_lora_rank, cfg.q_lora_rank) {
+                    (Some(_), Some(rq)) => Linear::new(&vb.pp("wq_b"), rq, h * di, std)?,
+                    (Some(_), None) => {
+                        return Err(crate::error::Error::config(
+                            "q_lora_rank",
+                            "a DSA indexer on MLA reads the query latent: set q_lora_rank",
+                        ))
+                    }
+                    _ => Linear::new(&vb.pp("wq"), c, h * di, std)?,
+                };
                 Indexer::Lightning(Lightning {
-                    wq: Linear::new(&vb.pp("wq"), c, h * di, std)?,
+                    wq,
                     wk: Linear::new(&vb.pp("wk"), c, di, std)?,
                     k_norm: LayerNorm::new(&vb.pp("k_norm"), di, 1e-6)?,
                     weights_proj: Linear::new(&vb.pp("weights_proj"), c, h, std)?,
@@ -162,11 +173,22 @@ impl Indexer {
 
     /// x (B, T, C) at positions offset.. -> index queries, weights and keys.
     pub fn forward(&self, x: &Tensor, offset: usize) -> Result<IndexerOut> {
+        self.forward_with_query_input(x, x, offset)
+    }
+
+    /// `forward` with the lightning queries projected from `q_in` (B, T, *) instead of
+    /// x: the query latent on MLA layers (DeepSeek-V3.2's `wq_b(q_resid)`).
+    pub fn forward_with_query_input(
+        &self,
+        x: &Tensor,
+        q_in: &Tensor,
+        offset: usize,
+    ) -> Result<IndexerOut> {
         let (b, t, _c) = x.dims3()?;
         match self {
             Indexer::Lightning(l) => {
                 let (h, di) = (l.heads, l.dim);
-                let q = l.wq.forward(x)?.reshape((b, t, h, di))?;
+                let q = l.wq.forward(q_in)?.reshape((b, t, h, di))?;
                 let q = rope_prefix(&l.rope, &q, l.rope_dim, offset)?;
                 let k = l
                     .k_norm

@@ -15,15 +15,19 @@
 //! scores `q_lat_h . c + q_rot_h . kr` (MQA over the cached latent), then
 //! `y_h = W_UV_h (sum_s p_s c_s)`, so nothing per head is ever built for the cache.
 
+use super::attention::{append_index_keys, select_topk};
+use super::indexer::Indexer;
 use super::linear::Linear;
 use super::norm::RmsNorm;
 use super::params::Vb;
 use super::rope::Rope;
 use super::transformer::ForwardOptions;
-use crate::config::ModelConfig;
+use crate::config::{AttentionKind, ModelConfig};
 use crate::error::{Error, Result};
 use crate::infer::cache::LayerKv;
+use crate::kernels::indexer::KeyPrecision;
 use crate::kernels::softmax::CausalSoftmax;
+use crate::kernels::topk::NONE;
 use candle_core::{Tensor, D};
 
 /// How the query is projected.
@@ -49,6 +53,10 @@ pub struct Mla {
     pub kv_b_proj: Linear,
     /// (C, H * dv)
     pub o_proj: Linear,
+    /// DSA layers (DeepSeek-V3.2): the lightning indexer, reading the query latent.
+    pub indexer: Option<Indexer>,
+    index_topk: usize,
+    index_precision: KeyPrecision,
     rope: Rope,
     interleave: bool,
     n_heads: usize,
@@ -59,7 +67,7 @@ pub struct Mla {
 }
 
 impl Mla {
-    pub fn new(vb: &Vb, cfg: &ModelConfig, out_std: f64) -> Result<Self> {
+    pub fn new(vb: &Vb, cfg: &ModelConfig, layer: usize, out_std: f64) -> Result<Self> {
         let rank = cfg
             .kv_lora_rank
             .ok_or_else(|| Error::config("kv_lora_rank", "MLA needs it"))?;
@@ -84,6 +92,13 @@ impl Mla {
             kv_a_layernorm: RmsNorm::new(&vb.pp("kv_a_layernorm"), rank, eps)?,
             kv_b_proj: Linear::new(&vb.pp("kv_b_proj"), rank, h * (nope + v_dim), std)?,
             o_proj: Linear::new(&vb.pp("o_proj"), h * v_dim, c, out_std)?,
+            indexer: if cfg.attention_kind(layer) == AttentionKind::Dsa {
+                Some(Indexer::new(&vb.pp("indexer"), cfg)?)
+            } else {
+                None
+            },
+            index_topk: cfg.index_topk,
+            index_precision: cfg.index_cache_dtype.key_precision(),
             rope: Rope::new(
                 rot,
                 cfg.max_position_embeddings,
@@ -108,26 +123,30 @@ impl Mla {
         }
     }
 
-    /// x (B, T, C) at positions cache.len().. -> (B, T, C). Appends the latent and the
-    /// RoPE key to `cache` if given (its `k` holds c (B, 1, S, r), its `v` kr (B, 1, S, dr)).
+    /// x (B, T, C) at positions cache.len().. -> (B, T, C) and, on DSA layers asked for
+    /// it, the selection (B, T, index_topk). Appends the latent and the RoPE key to
+    /// `cache` if given (its `k` holds c (B, 1, S, r), its `v` kr (B, 1, S, dr); its index
+    /// stores the indexer keys).
     pub fn forward(
         &self,
         x: &Tensor,
-        cache: Option<&mut LayerKv>,
-        _opts: &ForwardOptions,
-    ) -> Result<Tensor> {
+        mut cache: Option<&mut LayerKv>,
+        opts: &ForwardOptions,
+    ) -> Result<(Tensor, Option<Vec<u32>>)> {
         let (b, t, _c) = x.dims3()?;
         let (h, dn, dr) = (self.n_heads, self.nope, self.rot);
-        let q = match &self.q {
-            QueryProj::Full(p) => p.forward(x)?,
+        let (q, q_latent) = match &self.q {
+            QueryProj::Full(p) => (p.forward(x)?, None),
             QueryProj::LowRank {
                 q_a_proj,
                 q_a_layernorm,
                 q_b_proj,
-            } => q_b_proj.forward(&q_a_layernorm.forward(&q_a_proj.forward(x)?)?)?,
-        }
-        .reshape((b, t, h, dn + dr))?
-        .transpose(1, 2)?; // (B, H, T, dn + dr)
+            } => {
+                let lat = q_a_layernorm.forward(&q_a_proj.forward(x)?)?; // (B, T, rq)
+                (q_b_proj.forward(&lat)?, Some(lat))
+            }
+        };
+        let q = q.reshape((b, t, h, dn + dr))?.transpose(1, 2)?; // (B, H, T, dn + dr)
         let q_nope = q.narrow(D::Minus1, 0, dn)?.contiguous()?; // (B, H, T, dn)
         let q_rot = q.narrow(D::Minus1, dn, dr)?.contiguous()?; // (B, H, T, dr)
         let ckv = self.kv_a_proj_with_mqa.forward(x)?; // (B, T, r + dr)
@@ -142,26 +161,106 @@ impl Mla {
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let q_rot = self.rope(&q_rot, offset)?;
         let k_rot = self.rope(&k_rot, offset)?;
+        let selection = match (&self.indexer, &q_latent) {
+            (Some(_), _) if opts.indexer_mode.is_some() => {
+                return Err(Error::Invalid(
+                    "training DSA layers over MLA is not supported yet".into(),
+                ))
+            }
+            (Some(ix), Some(lat)) => {
+                let io = ix.forward_with_query_input(x, lat, offset)?;
+                let keys = append_index_keys(&io, cache.as_deref_mut(), self.index_precision)?;
+                if offset + t > self.index_topk {
+                    Some(select_topk(
+                        ix,
+                        &io,
+                        &keys,
+                        cache.as_deref().map(|c| &c.index[..]),
+                        offset,
+                        self.index_topk,
+                        self.index_precision,
+                    )?)
+                } else {
+                    None // every visible position fits in k: sparse == dense
+                }
+            }
+            (Some(_), None) => {
+                return Err(Error::config(
+                    "q_lora_rank",
+                    "a DSA indexer on MLA reads the query latent",
+                ))
+            }
+            (None, _) => None,
+        };
         let (latent, k_rot) = match cache {
             Some(c) => c.append(&latent, &k_rot)?,
             None => (latent.contiguous()?, k_rot),
         }; // (B, 1, S, r), (B, 1, S, dr)
+        let s = latent.dim(2)?;
+        // Unselected positions get -inf before the softmax, (B, 1, T, S).
+        let mask = match &selection {
+            Some(idx) => Some(self.selection_mask(idx, b, t, s, x)?),
+            None => None,
+        };
         let scale = 1.0 / ((dn + dr) as f64).sqrt();
         let y = if t == 1 && offset > 0 {
-            self.absorbed(&q_nope, &q_rot, &latent, &k_rot, scale, offset)?
+            self.absorbed(
+                &q_nope,
+                &q_rot,
+                &latent,
+                &k_rot,
+                mask.as_ref(),
+                scale,
+                offset,
+            )?
         } else {
-            self.expanded(&q_nope, &q_rot, &latent, &k_rot, scale, offset)?
+            self.expanded(
+                &q_nope,
+                &q_rot,
+                &latent,
+                &k_rot,
+                mask.as_ref(),
+                scale,
+                offset,
+            )?
         }; // (B, T, H * dv)
-        self.o_proj.forward(&y)
+        let selection = if opts.collect_selection {
+            selection
+        } else {
+            None
+        };
+        Ok((self.o_proj.forward(&y)?, selection))
     }
 
-    /// Per-head keys and values from the latent, then causal attention.
+    /// 0 at each query's selected positions, -inf elsewhere: (B, 1, T, S).
+    fn selection_mask(
+        &self,
+        idx: &[u32],
+        b: usize,
+        t: usize,
+        s: usize,
+        like: &Tensor,
+    ) -> Result<Tensor> {
+        let k = self.index_topk;
+        let mut m = vec![f32::NEG_INFINITY; b * t * s];
+        for (n, row) in idx.chunks_exact(k).enumerate() {
+            for &i in row.iter().filter(|&&i| i != NONE) {
+                m[n * s + i as usize] = 0.0;
+            }
+        }
+        Ok(Tensor::from_vec(m, (b, 1, t, s), like.device())?.to_dtype(like.dtype())?)
+    }
+
+    /// Per-head keys and values from the latent, then causal attention (restricted to the
+    /// selected positions by `mask`).
+    #[allow(clippy::too_many_arguments)]
     fn expanded(
         &self,
         q_nope: &Tensor,
         q_rot: &Tensor,
         latent: &Tensor,
         k_rot: &Tensor,
+        mask: Option<&Tensor>,
         scale: f64,
         offset: usize,
     ) -> Result<Tensor> {
@@ -178,7 +277,10 @@ impl Mla {
         let k_rot = k_rot.broadcast_as((b, h, s, dr))?.contiguous()?;
         let k = Tensor::cat(&[&k_nope, &k_rot], D::Minus1)?; // (B, H, S, dn + dr)
         let q = Tensor::cat(&[q_nope, q_rot], D::Minus1)?; // (B, H, T, dn + dr)
-        let scores = q.matmul(&k.t()?)?; // (B, H, T, S)
+        let mut scores = q.matmul(&k.t()?)?; // (B, H, T, S)
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
         let p = CausalSoftmax {
             scale,
             queries: t,
@@ -190,12 +292,14 @@ impl Mla {
     }
 
     /// The absorbed path (MQA over the cached latent), for one query token per row.
+    #[allow(clippy::too_many_arguments)]
     fn absorbed(
         &self,
         q_nope: &Tensor,
         q_rot: &Tensor,
         latent: &Tensor,
         k_rot: &Tensor,
+        mask: Option<&Tensor>,
         scale: f64,
         offset: usize,
     ) -> Result<Tensor> {
@@ -215,7 +319,10 @@ impl Mla {
         let q_cat = Tensor::cat(&[&q_lat.contiguous()?, q_rot], D::Minus1)?; // (B, H, T, r + dr)
         let k_cat = Tensor::cat(&[latent, k_rot], D::Minus1)?; // (B, 1, S, r + dr)
         let q_cat = q_cat.reshape((b, 1, h * t, r + self.rot))?; // heads share the one key
-        let scores = q_cat.matmul(&k_cat.t()?)?; // (B, 1, H*T, S)
+        let mut scores = q_cat.matmul(&k_cat.t()?)?; // (B, 1, H*T, S)
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?; // T = 1: one mask row for all heads
+        }
         let p = CausalSoftmax {
             scale,
             queries: t,

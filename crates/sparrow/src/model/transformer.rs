@@ -23,6 +23,8 @@ pub struct ForwardOptions {
     /// Measure the indexer recall of the queries at t >= `recall_from` (`eval recall`).
     pub collect_recall: bool,
     pub recall_from: usize,
+    /// Return each DSA layer's top-k selection (B*T*index_topk) in `ForwardOutput`.
+    pub collect_selection: bool,
     /// Apply the routers' capacity limits (`switch_capacity`, `capacity_aware`): on in
     /// training and validation forwards, off in inference (a decode step never drops).
     pub moe_capacity: bool,
@@ -55,6 +57,9 @@ pub struct ForwardOutput {
     pub indexer_kl: Option<Tensor>,
     /// Per layer: indexer recall of every query (B*T), when asked for (DSA layers).
     pub recall: Vec<Option<Vec<f32>>>,
+    /// Per layer: the top-k selection (B*T*index_topk, `kernels::topk::NONE` = empty
+    /// slot), when asked for and the layer ran sparse (DSA layers).
+    pub selection: Vec<Option<Vec<u32>>>,
 }
 
 impl Transformer {
@@ -139,6 +144,7 @@ impl Transformer {
         let mut routing = Vec::with_capacity(self.layers.len());
         let mut kls: Vec<Tensor> = Vec::new();
         let mut recall = Vec::with_capacity(self.layers.len());
+        let mut selection = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|kv| &mut kv.layers[i]);
             let BlockOut {
@@ -146,10 +152,12 @@ impl Transformer {
                 moe: stats,
                 indexer_kl,
                 recall: layer_recall,
+                selection: layer_selection,
             } = layer.forward(&x, &flat, &self.rope, layer_cache, opts)?;
             x = y;
             kls.extend(indexer_kl);
             recall.push(layer_recall);
+            selection.push(layer_selection);
             match stats {
                 Some(MoeStats {
                     aux_loss,
@@ -181,6 +189,7 @@ impl Transformer {
             routing,
             indexer_kl,
             recall,
+            selection,
         })
     }
 }

@@ -330,6 +330,7 @@ fn run_loop(
             indexer_kl: kl_coef > 0.0,
             collect_recall: false,
             recall_from: 0,
+            collect_selection: false,
             moe_capacity: true,
         };
         let fwd = model.net.forward_with(&inp, None, &opts)?;
