@@ -43,6 +43,23 @@ pub enum QueryProj {
     },
 }
 
+/// The inputs of one attention computation over the latent cache.
+#[derive(Clone, Copy)]
+struct LatentAttention<'a> {
+    /// (B, H, T, dn)
+    q_nope: &'a Tensor,
+    /// (B, H, T, dr), RoPE applied
+    q_rot: &'a Tensor,
+    /// (B, 1, S, r)
+    latent: &'a Tensor,
+    /// (B, 1, S, dr), RoPE applied
+    k_rot: &'a Tensor,
+    /// (B, 1, T, S): 0 at selected positions, -inf elsewhere (DSA layers).
+    mask: Option<&'a Tensor>,
+    scale: f64,
+    offset: usize,
+}
+
 #[derive(Debug, Clone)]
 pub struct Mla {
     pub q: QueryProj,
@@ -202,27 +219,19 @@ impl Mla {
             Some(idx) => Some(self.selection_mask(idx, b, t, s, x)?),
             None => None,
         };
-        let scale = 1.0 / ((dn + dr) as f64).sqrt();
+        let a = LatentAttention {
+            q_nope: &q_nope,
+            q_rot: &q_rot,
+            latent: &latent,
+            k_rot: &k_rot,
+            mask: mask.as_ref(),
+            scale: 1.0 / ((dn + dr) as f64).sqrt(),
+            offset,
+        };
         let y = if t == 1 && offset > 0 {
-            self.absorbed(
-                &q_nope,
-                &q_rot,
-                &latent,
-                &k_rot,
-                mask.as_ref(),
-                scale,
-                offset,
-            )?
+            self.absorbed(&a)?
         } else {
-            self.expanded(
-                &q_nope,
-                &q_rot,
-                &latent,
-                &k_rot,
-                mask.as_ref(),
-                scale,
-                offset,
-            )?
+            self.expanded(&a)?
         }; // (B, T, H * dv)
         let selection = if opts.collect_selection {
             selection
@@ -253,17 +262,16 @@ impl Mla {
 
     /// Per-head keys and values from the latent, then causal attention (restricted to the
     /// selected positions by `mask`).
-    #[allow(clippy::too_many_arguments)]
-    fn expanded(
-        &self,
-        q_nope: &Tensor,
-        q_rot: &Tensor,
-        latent: &Tensor,
-        k_rot: &Tensor,
-        mask: Option<&Tensor>,
-        scale: f64,
-        offset: usize,
-    ) -> Result<Tensor> {
+    fn expanded(&self, a: &LatentAttention) -> Result<Tensor> {
+        let LatentAttention {
+            q_nope,
+            q_rot,
+            latent,
+            k_rot,
+            mask,
+            scale,
+            offset,
+        } = *a;
         let (b, h, t, dn) = q_nope.dims4()?;
         let (dr, dv) = (self.rot, self.v_dim);
         let s = latent.dim(2)?;
@@ -292,24 +300,24 @@ impl Mla {
     }
 
     /// The absorbed path (MQA over the cached latent), for one query token per row.
-    #[allow(clippy::too_many_arguments)]
-    fn absorbed(
-        &self,
-        q_nope: &Tensor,
-        q_rot: &Tensor,
-        latent: &Tensor,
-        k_rot: &Tensor,
-        mask: Option<&Tensor>,
-        scale: f64,
-        offset: usize,
-    ) -> Result<Tensor> {
+    fn absorbed(&self, a: &LatentAttention) -> Result<Tensor> {
+        let LatentAttention {
+            q_nope,
+            q_rot,
+            latent,
+            k_rot,
+            mask,
+            scale,
+            offset,
+        } = *a;
         let (b, h, t, dn) = q_nope.dims4()?;
         let (r, dv) = (self.rank, self.v_dim);
         // kv_b_proj weight (H * (dn + dv), r) -> per head W_UK (dn, r), W_UV (dv, r).
         let w = self.kv_b_proj.weight.reshape((h, dn + dv, r))?;
         let w_uk = w.narrow(1, 0, dn)?; // (H, dn, r)
         let w_uv = w.narrow(1, dn, dv)?; // (H, dv, r)
-                                         // q_lat (B, H, T, r) = q_nope (B, H, T, dn) @ W_UK (H, dn, r)
+
+        // q_lat (B, H, T, r) = q_nope (B, H, T, dn) @ W_UK (H, dn, r)
         let q_lat = q_nope
             .transpose(0, 1)? // (H, B, T, dn)
             .reshape((h, b * t, dn))?
