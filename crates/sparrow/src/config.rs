@@ -301,6 +301,11 @@ pub struct ModelConfig {
     /// after each training step.
     #[serde(default = "default_bias_update_speed")]
     pub router_bias_update_speed: f64,
+    /// `noaux_bias`: update the biases every this many steps, from the routed slots
+    /// summed over them (1 = every step, DeepSeek-V3, whose batches hold millions of
+    /// tokens; small batches give noisy per-step loads).
+    #[serde(default = "default_one_usize")]
+    pub router_bias_update_every: usize,
 
     /// MLA (DeepSeek V2/V3 multi-head latent attention) when set: keys and values come
     /// from a per-token latent of this rank (`kv_a_proj_with_mqa` -> RMSNorm ->
@@ -568,6 +573,9 @@ impl ModelConfig {
         }
         if !non_negative(self.router_bias_update_speed) {
             return Err(Error::config("router_bias_update_speed", "must be >= 0"));
+        }
+        if self.router_bias_update_every == 0 {
+            return Err(Error::config("router_bias_update_every", "must be >= 1"));
         }
         if self.n_group == 0 {
             return Err(Error::config("n_group", "must be >= 1"));

@@ -78,6 +78,7 @@ fn resumed_runs_are_exact_for_stateful_and_capacity_routers() {
         let mut cfg = tiny_config();
         cfg.router_kind = kind;
         cfg.router_bias_update_speed = 0.05;
+        cfg.router_bias_update_every = 5; // one update (step 5), its window open across the pause at 4
         cfg.router_z_loss_coef = 1e-3;
         let straight = tmp.path().join("straight");
         train(request_for(cfg.clone(), &corpus, &straight, None, None)).unwrap();

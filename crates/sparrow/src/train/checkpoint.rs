@@ -44,6 +44,10 @@ pub struct TrainState {
     pub corpus: PathBuf,
     /// Last validation loss, if any.
     pub last_val_loss: Option<f64>,
+    /// `noaux_bias` with `router_bias_update_every` > 1: per layer, the routed slots per
+    /// expert summed since the last bias update (empty for other layers and routers).
+    #[serde(default)]
+    pub router_load_window: Vec<Vec<u64>>,
 }
 
 pub const STATE_JSON: &str = "train_state.json";

@@ -191,6 +191,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         options: req.options.clone(),
         corpus: req.corpus.clone(),
         last_val_loss: None,
+        router_load_window: Vec::new(),
     };
     let ctl = LoopControl {
         show_progress: req.show_progress,
@@ -356,7 +357,7 @@ fn run_loop(
             1.0
         };
         opt.step(&grads, lr, scale)?;
-        model.net.update_router_biases(&fwd.routing)?;
+        update_biases(&model, &fwd.routing, &mut state)?;
         state.step += 1;
         let step_tokens = (o.batch_size * o.seq_len) as u64;
         state.data.step = state.step;
@@ -457,6 +458,50 @@ fn run_loop(
         tokens_per_s: tokens_done as f64 / started.elapsed().as_secs_f64().max(1e-9),
         parameters,
     })
+}
+
+/// `noaux_bias`: add this step's routed slots to the window in `state`; every
+/// `router_bias_update_every` steps (counted from step 0) move the biases from the
+/// window's sums and clear it. The window lives in `state`, so a resumed run continues it.
+fn update_biases(
+    model: &Model,
+    routing: &[Option<RoutingStats>],
+    state: &mut TrainState,
+) -> Result<()> {
+    if model.cfg.router_kind != crate::config::RouterKind::NoauxBias {
+        return Ok(());
+    }
+    let every = model.cfg.router_bias_update_every.max(1) as u64;
+    let window = &mut state.router_load_window;
+    if window.len() != routing.len() {
+        *window = vec![Vec::new(); routing.len()];
+    }
+    for (acc, r) in window.iter_mut().zip(routing) {
+        if let Some(r) = r {
+            if acc.len() != r.demand.len() {
+                *acc = vec![0; r.demand.len()];
+            }
+            for (a, &d) in acc.iter_mut().zip(&r.demand) {
+                *a += d;
+            }
+        }
+    }
+    if !(state.step + 1).is_multiple_of(every) {
+        return Ok(());
+    }
+    let sums: Vec<Option<RoutingStats>> = window
+        .iter()
+        .map(|acc| {
+            (!acc.is_empty()).then(|| RoutingStats {
+                tokens: 0,
+                demand: acc.clone(),
+                load: acc.clone(),
+            })
+        })
+        .collect();
+    model.net.update_router_biases(&sums)?;
+    window.clear();
+    Ok(())
 }
 
 /// Per MoE layer (index, utilization) of one forward's routing counts.
