@@ -306,6 +306,11 @@ pub struct ModelConfig {
     /// tokens; small batches give noisy per-step loads).
     #[serde(default = "default_one_usize")]
     pub router_bias_update_every: usize,
+    /// `noaux_bias`: scale the bias speed by the step's learning rate over the peak (the
+    /// router logits move with the learning rate; DeepSeek-V3 drops gamma to 0 for its
+    /// last tokens).
+    #[serde(default)]
+    pub router_bias_update_follows_lr: bool,
 
     /// MLA (DeepSeek V2/V3 multi-head latent attention) when set: keys and values come
     /// from a per-token latent of this rank (`kv_a_proj_with_mqa` -> RMSNorm ->

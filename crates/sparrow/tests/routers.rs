@@ -222,9 +222,17 @@ fn noaux_bias_moves_toward_balance_steers_selection_and_is_checkpointed() {
     stats.demand = vec![9, 0, 3, 3, 1, 2]; // mean 3
     model
         .net
-        .update_router_biases(&[None, Some(stats)])
+        .update_router_biases(&[None, Some(stats)], 1.0)
         .unwrap();
     assert_eq!(bias(&model), vec![-0.25, 0.25, 0.0, 0.0, 0.25, 0.25]);
+    // A scaled step (router_bias_update_follows_lr passes lr / peak lr).
+    let mut stats = RoutingStats::new(6);
+    stats.demand = vec![0, 9, 3, 3, 3, 0];
+    model
+        .net
+        .update_router_biases(&[None, Some(stats)], 0.5)
+        .unwrap();
+    assert_eq!(bias(&model), vec![-0.125, 0.125, 0.0, 0.0, 0.25, 0.375]);
 
     // A large bias on expert 4 makes every token choose it (weights still come from the
     // unbiased scores).
@@ -233,7 +241,7 @@ fn noaux_bias_moves_toward_balance_steers_selection_and_is_checkpointed() {
     for _ in 0..40 {
         model
             .net
-            .update_router_biases(&[None, Some(stats.clone())])
+            .update_router_biases(&[None, Some(stats.clone())], 1.0)
             .unwrap();
     }
     let ids = Tensor::from_vec(token_ids(10), (1, 10), &Device::Cpu).unwrap();

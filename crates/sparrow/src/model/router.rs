@@ -228,8 +228,8 @@ impl Router {
     }
 
     /// `noaux_bias`: after a training step whose routed slots per expert were `demand`,
-    /// move each bias by `gamma * sign(mean - demand_e)`. Other routers: nothing.
-    pub fn update_bias(&self, demand: &[u64]) -> Result<()> {
+    /// move each bias by `scale * gamma * sign(mean - demand_e)`. Other routers: nothing.
+    pub fn update_bias(&self, demand: &[u64], scale: f64) -> Result<()> {
         let Some(b) = &self.e_score_correction_bias else {
             return Ok(());
         };
@@ -241,7 +241,7 @@ impl Router {
             )));
         }
         let mean = demand.iter().sum::<u64>() as f64 / self.n_experts as f64;
-        let gamma = self.bias_update_speed as f32;
+        let gamma = (self.bias_update_speed * scale) as f32;
         let new: Vec<f32> = self
             .bias_host()?
             .iter()

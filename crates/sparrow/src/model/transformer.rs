@@ -103,11 +103,12 @@ impl Transformer {
 
     /// After a training step: the `noaux_bias` routers move their selection biases
     /// toward balance from the step's routing counts (one entry per layer, as in
-    /// `ForwardOutput::routing`). Other routers ignore it.
-    pub fn update_router_biases(&self, routing: &[Option<RoutingStats>]) -> Result<()> {
+    /// `ForwardOutput::routing`), with the bias speed multiplied by `scale`. Other
+    /// routers ignore it.
+    pub fn update_router_biases(&self, routing: &[Option<RoutingStats>], scale: f64) -> Result<()> {
         for (layer, stats) in self.layers.iter().zip(routing) {
             if let (super::block::Ffn::Moe(moe), Some(stats)) = (&layer.mlp, stats) {
-                moe.gate.update_bias(&stats.demand)?;
+                moe.gate.update_bias(&stats.demand, scale)?;
             }
         }
         Ok(())

@@ -357,7 +357,7 @@ fn run_loop(
             1.0
         };
         opt.step(&grads, lr, scale)?;
-        update_biases(&model, &fwd.routing, &mut state)?;
+        update_biases(&model, &fwd.routing, lr / o.lr, &mut state)?;
         state.step += 1;
         let step_tokens = (o.batch_size * o.seq_len) as u64;
         state.data.step = state.step;
@@ -463,9 +463,12 @@ fn run_loop(
 /// `noaux_bias`: add this step's routed slots to the window in `state`; every
 /// `router_bias_update_every` steps (counted from step 0) move the biases from the
 /// window's sums and clear it. The window lives in `state`, so a resumed run continues it.
+/// With `router_bias_update_follows_lr` the bias speed is scaled by `lr_factor` (this
+/// step's learning rate over the peak).
 fn update_biases(
     model: &Model,
     routing: &[Option<RoutingStats>],
+    lr_factor: f64,
     state: &mut TrainState,
 ) -> Result<()> {
     if model.cfg.router_kind != crate::config::RouterKind::NoauxBias {
@@ -499,7 +502,12 @@ fn update_biases(
             })
         })
         .collect();
-    model.net.update_router_biases(&sums)?;
+    let scale = if model.cfg.router_bias_update_follows_lr {
+        lr_factor
+    } else {
+        1.0
+    };
+    model.net.update_router_biases(&sums, scale)?;
     window.clear();
     Ok(())
 }
