@@ -449,6 +449,11 @@ pub fn read_weights(dir: &Path, family: Family, device: &Device) -> Result<Weigh
             meta = m;
         }
         for (name, t) in tensors {
+            // transformers saves a 0-wide shared MLP when `n_shared_experts` is 0: empty
+            // tensors carry nothing and are not part of any Sparrow module.
+            if family != Family::Sparrow && t.elem_count() == 0 {
+                continue;
+            }
             let mapped = sparrow_name(family, &name);
             if all.insert(mapped, t).is_some() {
                 return Err(Error::checkpoint(
