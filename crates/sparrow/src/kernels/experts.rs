@@ -107,17 +107,12 @@ impl CombineSlots {
     }
 }
 
-/// Rows per parallel task for rows of `c` values.
-fn chunk_rows(c: usize) -> usize {
-    super::rows_per_task(c)
-}
-
 fn gather_fwd<T: WithDType>(plan: &Dispatch, x: &[T], c: usize) -> Vec<T> {
     let mut out = vec![T::zero(); plan.rows() * c];
-    out.par_chunks_mut(c * chunk_rows(c))
+    out.par_chunks_mut(c * super::rows_per_task(c))
         .enumerate()
         .for_each(|(ci, block)| {
-            let p0 = ci * chunk_rows(c);
+            let p0 = ci * super::rows_per_task(c);
             for (i, row) in block.chunks_exact_mut(c).enumerate() {
                 let t = plan.token_of[p0 + i] as usize;
                 row.copy_from_slice(&x[t * c..(t + 1) * c]);
@@ -126,63 +121,50 @@ fn gather_fwd<T: WithDType>(plan: &Dispatch, x: &[T], c: usize) -> Vec<T> {
     out
 }
 
-/// dx[t] = sum_j dxg[pos(t, j)], j in slot order.
-fn gather_bwd<T: WithDType + Float + std::ops::AddAssign>(
+/// out[t] = sum_j w[t,j] * rows[pos(t, j)] over the kept slots, j in slot order; with
+/// `w` = None the weights are 1. The combine's forward, and the gather's backward
+/// (`dx[t] = sum_j dxg[pos(t, j)]`).
+fn sum_slots<T: WithDType + Float + std::ops::AddAssign>(
     plan: &Dispatch,
-    dxg: &[T],
+    rows: &[T],
+    w: Option<&[T]>,
     c: usize,
 ) -> Vec<T> {
     let k = plan.k;
-    let mut dx = vec![T::zero(); plan.n_tokens * c];
-    dx.par_chunks_mut(c * chunk_rows(c))
+    let per_task = super::rows_per_task(c);
+    let mut out = vec![T::zero(); plan.n_tokens * c];
+    out.par_chunks_mut(c * per_task)
         .enumerate()
         .for_each(|(ci, block)| {
-            let t0 = ci * chunk_rows(c);
-            for (i, row) in block.chunks_exact_mut(c).enumerate() {
-                let t = t0 + i;
-                for &p in &plan.pos[t * k..(t + 1) * k] {
-                    if p != DROPPED {
-                        let src = &dxg[p as usize * c..(p as usize + 1) * c];
-                        for (o, &g) in row.iter_mut().zip(src) {
-                            *o += g;
-                        }
-                    }
-                }
-            }
-        });
-    dx
-}
-
-fn combine_fwd<T: WithDType + Float + std::ops::AddAssign>(
-    plan: &Dispatch,
-    ys: &[T],
-    w: &[T],
-    c: usize,
-) -> Vec<T> {
-    let k = plan.k;
-    let mut y = vec![T::zero(); plan.n_tokens * c];
-    y.par_chunks_mut(c * chunk_rows(c))
-        .enumerate()
-        .for_each(|(ci, block)| {
-            let t0 = ci * chunk_rows(c);
+            let t0 = ci * per_task;
             for (i, row) in block.chunks_exact_mut(c).enumerate() {
                 let t = t0 + i;
                 for j in 0..k {
                     let p = plan.pos[t * k + j];
-                    if p != DROPPED {
-                        let wt = w[t * k + j];
-                        let src = &ys[p as usize * c..(p as usize + 1) * c];
-                        for (o, &v) in row.iter_mut().zip(src) {
-                            *o += wt * v;
+                    if p == DROPPED {
+                        continue;
+                    }
+                    let src = &rows[p as usize * c..(p as usize + 1) * c];
+                    match w {
+                        Some(w) => {
+                            let wt = w[t * k + j];
+                            for (o, &v) in row.iter_mut().zip(src) {
+                                *o += wt * v;
+                            }
+                        }
+                        None => {
+                            for (o, &v) in row.iter_mut().zip(src) {
+                                *o += v;
+                            }
                         }
                     }
                 }
             }
         });
-    y
+    out
 }
 
-/// (dys, dw) of `combine_fwd`.
+/// (dys, dw) of the combine (`sum_slots` with weights).
 fn combine_bwd<T: WithDType + Float>(
     plan: &Dispatch,
     ys: &[T],
@@ -192,10 +174,10 @@ fn combine_bwd<T: WithDType + Float>(
 ) -> (Vec<T>, Vec<T>) {
     let k = plan.k;
     let mut dys = vec![T::zero(); plan.rows() * c];
-    dys.par_chunks_mut(c * chunk_rows(c))
+    dys.par_chunks_mut(c * super::rows_per_task(c))
         .enumerate()
         .for_each(|(ci, block)| {
-            let p0 = ci * chunk_rows(c);
+            let p0 = ci * super::rows_per_task(c);
             for (i, row) in block.chunks_exact_mut(c).enumerate() {
                 let slot = plan.slot_of[p0 + i] as usize;
                 let t = slot / k;
@@ -262,14 +244,15 @@ impl CustomOp1 for GatherRows {
         let shape = (self.0.n_tokens, c);
         let dx = match arg.dtype() {
             candle_core::DType::F64 => Tensor::from_vec(
-                gather_bwd(&self.0, &host::<f64>(grad)?, c),
+                sum_slots(&self.0, &host::<f64>(grad)?, None, c),
                 shape,
                 arg.device(),
             )?,
             _ => Tensor::from_vec(
-                gather_bwd(
+                sum_slots(
                     &self.0,
                     &host::<f32>(&grad.to_dtype(candle_core::DType::F32)?)?,
+                    None,
                     c,
                 ),
                 shape,
@@ -308,16 +291,16 @@ impl CustomOp2 for CombineSlots {
         }
         let op = "moe-combine-slots";
         let out = match (s1, s2) {
-            (CpuStorage::F32(ys), CpuStorage::F32(w)) => CpuStorage::F32(combine_fwd(
+            (CpuStorage::F32(ys), CpuStorage::F32(w)) => CpuStorage::F32(sum_slots(
                 plan,
                 contiguous_slice(op, ys, l1)?,
-                contiguous_slice(op, w, l2)?,
+                Some(contiguous_slice(op, w, l2)?),
                 c,
             )),
-            (CpuStorage::F64(ys), CpuStorage::F64(w)) => CpuStorage::F64(combine_fwd(
+            (CpuStorage::F64(ys), CpuStorage::F64(w)) => CpuStorage::F64(sum_slots(
                 plan,
                 contiguous_slice(op, ys, l1)?,
-                contiguous_slice(op, w, l2)?,
+                Some(contiguous_slice(op, w, l2)?),
                 c,
             )),
             (a, b) => candle_core::bail!(
