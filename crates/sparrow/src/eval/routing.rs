@@ -60,12 +60,7 @@ pub fn measure(
         let ids: Vec<u32> = chunk.iter().flat_map(|(i, _)| i.iter().copied()).collect();
         let ids = Tensor::from_vec(ids, (chunk.len(), seq_len), model.store.device())?;
         let out = model.net.forward_with(&ids, None, &opts)?;
-        for (acc, r) in per_layer.iter_mut().zip(&out.routing) {
-            if let Some(r) = r {
-                acc.get_or_insert_with(|| RoutingStats::new(r.load.len()))
-                    .merge(r);
-            }
-        }
+        RoutingStats::merge_layers(&mut per_layer, &out.routing);
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();

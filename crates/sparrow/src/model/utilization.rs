@@ -40,6 +40,19 @@ impl RoutingStats {
         }
     }
 
+    /// Add one forward's per-layer counts (`ForwardOutput::routing`) to per-layer totals
+    /// (None = a dense layer, or nothing seen yet).
+    pub fn merge_layers(totals: &mut [Option<RoutingStats>], new: &[Option<RoutingStats>]) {
+        for (acc, r) in totals.iter_mut().zip(new) {
+            if let Some(r) = r {
+                match acc {
+                    Some(a) => a.merge(r),
+                    None => *acc = Some(r.clone()),
+                }
+            }
+        }
+    }
+
     /// Slots dropped by the capacity limit.
     pub fn dropped(&self) -> u64 {
         self.demand.iter().sum::<u64>() - self.load.iter().sum::<u64>()

@@ -566,12 +566,7 @@ pub fn validate(
         let inp = Tensor::from_vec(inp, (b, seq_len), &dev)?;
         let tgt = Tensor::from_vec(tgt, b * seq_len, &dev)?;
         let out = model.net.forward_with(&inp, None, &opts)?;
-        for (acc, r) in routing.iter_mut().zip(&out.routing) {
-            if let Some(r) = r {
-                acc.get_or_insert_with(|| RoutingStats::new(r.load.len()))
-                    .merge(r);
-            }
-        }
+        RoutingStats::merge_layers(&mut routing, &out.routing);
         let logits = out.logits.reshape((b * seq_len, model.cfg.vocab_size))?;
         total += cross_entropy(&logits.detach(), &tgt)?.to_scalar::<f32>()? as f64 * b as f64;
         n += b;
