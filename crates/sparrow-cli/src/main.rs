@@ -697,19 +697,36 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
+/// A flag the first Ctrl-C sets (printing `what`: the training loop checkpoints and
+/// stops after its step); a second Ctrl-C exits at once.
+fn stop_on_ctrl_c(what: &'static str) -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                eprintln!("\nsecond interrupt: exiting without checkpoint");
-                std::process::exit(130);
-            }
-            eprintln!("\ninterrupt: checkpointing after this step (Ctrl-C again to abort)");
-        })
-        .context("installing the Ctrl-C handler")?;
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting without checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: {what}");
+    })
+    .context("installing the Ctrl-C handler")?;
+    Ok(stop)
+}
+
+/// A training corpus folder must exist; say how to get one.
+fn require_corpus(corpus: &std::path::Path) -> Result<()> {
+    if !corpus.is_dir() {
+        bail!(
+            "corpus {} does not exist: run `sparrow corpus fetch --out {}` or pass --corpus DIR",
+            corpus.display(),
+            corpus.display()
+        );
     }
+    Ok(())
+}
+
+fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
+    let stop = stop_on_ctrl_c("checkpointing after this step (Ctrl-C again to abort)")?;
     let summary = if let Some(dir) = a.resume {
         train::resume(ResumeRequest {
             dir,
@@ -746,9 +763,7 @@ fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
             o.time_limit_secs = (m * 60.0).round() as u64;
         }
         let corpus = a.corpus.unwrap_or_else(|| PathBuf::from("data/corpus"));
-        if !corpus.is_dir() {
-            bail!("corpus {} does not exist: run `sparrow corpus fetch --out {}` or pass --corpus DIR", corpus.display(), corpus.display());
-        }
+        require_corpus(&corpus)?;
         train::train(TrainRequest {
             config,
             corpus,
@@ -809,13 +824,7 @@ fn run_experiment(cmd: ExperimentCmd, progress: bool) -> Result<()> {
         .iter()
         .map(|r| r.parse())
         .collect::<Result<Vec<sparrow::config::RouterKind>, _>>()?;
-    if !corpus.is_dir() {
-        bail!(
-            "corpus {} does not exist: run `sparrow corpus fetch --out {}` or pass --corpus DIR",
-            corpus.display(),
-            corpus.display()
-        );
-    }
+    require_corpus(&corpus)?;
     let options = TrainOptions {
         steps,
         batch_size,
@@ -828,17 +837,7 @@ fn run_experiment(cmd: ExperimentCmd, progress: bool) -> Result<()> {
         checkpoint_every: val_every,
         ..TrainOptions::default()
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\ninterrupt: checkpointing after this step (rerun to continue)");
-        })
-        .context("installing the Ctrl-C handler")?;
-    }
+    let stop = stop_on_ctrl_c("checkpointing after this step (rerun to continue)")?;
     let exp = sparrow::experiment::routers::RouterExperiment {
         config,
         corpus,
