@@ -406,7 +406,12 @@ impl ModelConfig {
     /// Load and validate `config.json` (or any config file).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_json(&text).map_err(|e| match e {
+        Self::from_json_at(&text, path)
+    }
+
+    /// `from_json` of text read from `path`; config errors name the file.
+    pub fn from_json_at(text: &str, path: &Path) -> Result<Self> {
+        Self::from_json(text).map_err(|e| match e {
             Error::Config { field, message } => Error::Config {
                 field,
                 message: format!("{message} (in {})", path.display()),

@@ -119,6 +119,18 @@ fn token_id(v: &Option<Value>, field: &str, default: u32) -> Result<u32> {
     }
 }
 
+/// A string field Sparrow computes for one value only: absent or `want`, else an error
+/// naming the field and the value (`why` in parentheses).
+fn only(field: &str, got: Option<&str>, want: &str, why: &str) -> Result<()> {
+    match got {
+        Some(v) if v != want => Err(Error::config(
+            field,
+            format!("`{v}` is not supported ({why})"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Read `config.json` of any supported family into a validated `ModelConfig`.
 pub fn read_config(path: &Path) -> Result<(ModelConfig, Family)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -129,7 +141,7 @@ pub fn read_config(path: &Path) -> Result<(ModelConfig, Family)> {
         .and_then(Value::as_str)
         .unwrap_or("sparrow");
     let family = match model_type {
-        "sparrow" => return Ok((ModelConfig::from_file(path)?, Family::Sparrow)),
+        "sparrow" => return Ok((ModelConfig::from_json_at(&text, path)?, Family::Sparrow)),
         "llama" => Family::Llama,
         "mixtral" => Family::Mixtral,
         "deepseek_v3" | "deepseek_v32" => {
@@ -180,32 +192,26 @@ fn from_llama_like(hf: &LlamaLike, family: Family) -> Result<ModelConfig> {
             "MLP projections with biases are not supported",
         ));
     }
-    if let Some(act) = &hf.hidden_act {
-        if act != "silu" {
-            return Err(Error::config(
-                "hidden_act",
-                format!("`{act}` is not supported (SwiGLU needs silu)"),
-            ));
-        }
-    }
+    only(
+        "hidden_act",
+        hf.hidden_act.as_deref(),
+        "silu",
+        "SwiGLU needs silu",
+    )?;
     if hf.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
         return Err(Error::config(
             "rope_scaling",
             "RoPE scaling is not supported",
         ));
     }
-    if let Some(t) = hf
-        .rope_parameters
-        .as_ref()
-        .and_then(|p| p.rope_type.as_deref())
-    {
-        if t != "default" {
-            return Err(Error::config(
-                "rope_parameters.rope_type",
-                format!("`{t}` is not supported (only `default`)"),
-            ));
-        }
-    }
+    only(
+        "rope_parameters.rope_type",
+        hf.rope_parameters
+            .as_ref()
+            .and_then(|p| p.rope_type.as_deref()),
+        "default",
+        "only `default`",
+    )?;
     if hf.sliding_window.as_ref().is_some_and(|v| !v.is_null()) {
         return Err(Error::config(
             "sliding_window",
@@ -306,22 +312,18 @@ fn yes() -> bool {
 }
 
 fn from_deepseek_v3(hf: &DeepseekV3Like) -> Result<ModelConfig> {
-    if let Some(f) = hf.scoring_func.as_deref() {
-        if f != "sigmoid" {
-            return Err(Error::config(
-                "scoring_func",
-                format!("`{f}` is not supported (DeepSeek-V3 routes with sigmoid)"),
-            ));
-        }
-    }
-    if let Some(m) = hf.topk_method.as_deref() {
-        if m != "noaux_tc" {
-            return Err(Error::config(
-                "topk_method",
-                format!("`{m}` is not supported (only noaux_tc)"),
-            ));
-        }
-    }
+    only(
+        "scoring_func",
+        hf.scoring_func.as_deref(),
+        "sigmoid",
+        "DeepSeek-V3 routes with sigmoid",
+    )?;
+    only(
+        "topk_method",
+        hf.topk_method.as_deref(),
+        "noaux_tc",
+        "only noaux_tc",
+    )?;
     let mut cfg = from_llama_like(&hf.base, Family::Llama)?;
     cfg.head_dim = None; // HF writes the RoPE width here; MLA has its own dims
     cfg.n_routed_experts = hf.n_routed_experts;
