@@ -119,6 +119,18 @@ fn token_id(v: &Option<Value>, field: &str, default: u32) -> Result<u32> {
     }
 }
 
+/// The fields `T` reads from a config's text; a missing or mistyped one is an error
+/// naming its JSON path and the file.
+fn parse_fields<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        Error::config(
+            e.path().to_string(),
+            format!("{} ({})", e.inner(), path.display()),
+        )
+    })
+}
+
 /// A string field Sparrow computes for one value only: absent or `want`, else an error
 /// naming the field and the value (`why` in parentheses).
 fn only(field: &str, got: Option<&str>, want: &str, why: &str) -> Result<()> {
@@ -145,13 +157,7 @@ pub fn read_config(path: &Path) -> Result<(ModelConfig, Family)> {
         "llama" => Family::Llama,
         "mixtral" => Family::Mixtral,
         "deepseek_v3" | "deepseek_v32" => {
-            let de = &mut serde_json::Deserializer::from_str(&text);
-            let hf: DeepseekV3Like = serde_path_to_error::deserialize(de).map_err(|e| {
-                Error::config(
-                    e.path().to_string(),
-                    format!("{} ({})", e.inner(), path.display()),
-                )
-            })?;
+            let hf: DeepseekV3Like = parse_fields(&text, path)?;
             return if model_type == "deepseek_v32" {
                 Ok((from_deepseek_v32(&hf)?, Family::DeepseekV32))
             } else {
@@ -168,13 +174,7 @@ pub fn read_config(path: &Path) -> Result<(ModelConfig, Family)> {
             ))
         }
     };
-    let de = &mut serde_json::Deserializer::from_str(&text);
-    let hf: LlamaLike = serde_path_to_error::deserialize(de).map_err(|e| {
-        Error::config(
-            e.path().to_string(),
-            format!("{} ({})", e.inner(), path.display()),
-        )
-    })?;
+    let hf: LlamaLike = parse_fields(&text, path)?;
     let cfg = from_llama_like(&hf, family)?;
     Ok((cfg, family))
 }
