@@ -228,21 +228,20 @@ def main():
         num_experts_per_tok=2,
         num_key_value_heads=4,
     )
+    # The DeepSeek-V3 MoE shared by deepseek-v3 and deepseek-v32.
+    v3_moe = dict(
+        q_lora_rank=20,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+    )
     build(
         "deepseek-v3",
         DeepseekV3ForCausalLM(
-            DeepseekV3Config(
-                q_lora_rank=20,
-                n_routed_experts=8,
-                n_shared_experts=1,
-                n_group=2,
-                topk_group=1,
-                first_k_dense_replace=1,
-                routed_scaling_factor=2.5,
-                rope_interleave=True,
-                **mla,
-                **common,
-            )
+            DeepseekV3Config(rope_interleave=True, **v3_moe, **mla, **common)
         ),
         seed=4,
     )
@@ -268,16 +267,10 @@ def main():
         "deepseek-v32",
         DeepseekV32ForCausalLM(
             DeepseekV32Config(
-                q_lora_rank=20,
-                n_routed_experts=8,
-                n_shared_experts=1,
-                n_group=2,
-                topk_group=1,
-                first_k_dense_replace=1,
-                routed_scaling_factor=2.5,
                 index_topk=4,
                 index_n_heads=16,
                 index_head_dim=8,
+                **v3_moe,
                 **mla,
                 **common,
             )
