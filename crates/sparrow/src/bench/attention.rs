@@ -213,7 +213,7 @@ const EVICT_BYTES: usize = 96 << 20;
 
 /// Median seconds of `f` over `reps` calls after one warm-up call; before each call a
 /// buffer larger than the last-level cache is read (untimed), so every call starts cold.
-fn median_secs(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn median_secs_cold(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     thread_local! {
         static EVICT: Vec<f32> = vec![1.0; EVICT_BYTES / 4];
     }
@@ -266,26 +266,26 @@ pub struct DecodeRow {
 pub fn decode_row(shape: LayerShape, context: usize, machine_gbps: f64) -> Result<DecodeRow> {
     let st = DecodeState::random(shape, context, 7);
     let reps = (200_000 / context.max(1)).clamp(9, 201);
-    let dense_s = median_secs(reps, || {
+    let dense_s = median_secs_cold(reps, || {
         std::hint::black_box(st.dense());
         Ok(())
     })?;
-    let candle_s = median_secs(reps.min(31), || {
+    let candle_s = median_secs_cold(reps.min(31), || {
         std::hint::black_box(st.dense_candle()?);
         Ok(())
     })?;
     // The sparse path is cheap: more repetitions for a stable median.
     let sparse_reps = reps.max(101);
-    let sparse_s = median_secs(sparse_reps, || {
+    let sparse_s = median_secs_cold(sparse_reps, || {
         std::hint::black_box(st.sparse()?);
         Ok(())
     })?;
-    let select_s = median_secs(sparse_reps, || {
+    let select_s = median_secs_cold(sparse_reps, || {
         std::hint::black_box(st.select());
         Ok(())
     })?;
     let idx = st.select();
-    let attend_s = median_secs(sparse_reps, || {
+    let attend_s = median_secs_cold(sparse_reps, || {
         std::hint::black_box(st.attend(&idx)?);
         Ok(())
     })?;

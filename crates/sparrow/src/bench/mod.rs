@@ -21,6 +21,18 @@ pub struct GemmResult {
     pub secs: f64,
 }
 
+/// Median seconds of `reps` (>= 1) timed calls of `f` (callers warm up first).
+pub(crate) fn median_secs(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut times = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
 /// candle f32 matmul of two n x n matrices: median of repeated calls after warm-up.
 pub fn gemm_f32(n: usize) -> Result<GemmResult> {
     let dev = Device::Cpu;
@@ -29,15 +41,10 @@ pub fn gemm_f32(n: usize) -> Result<GemmResult> {
     let _ = a.matmul(&b)?; // warm-up
     let flops = 2.0 * (n as f64).powi(3);
     let reps = ((2e10 / flops) as usize).clamp(3, 200);
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        let c = a.matmul(&b)?;
-        std::hint::black_box(&c);
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(|x, y| x.total_cmp(y));
-    let secs = times[times.len() / 2];
+    let secs = median_secs(reps, || {
+        std::hint::black_box(a.matmul(&b)?);
+        Ok(())
+    })?;
     Ok(GemmResult {
         gflops: flops / secs / 1e9,
         secs,

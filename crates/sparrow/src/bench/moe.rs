@@ -50,14 +50,7 @@ fn time_median(budget: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
     let one = t0.elapsed().as_secs_f64().max(1e-7);
     let reps = ((budget / one) as usize).clamp(5, 2000);
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        f()?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    super::median_secs(reps, f)
 }
 
 /// Median seconds of `forward` (and, with `backward`, the backward pass of its sum).
