@@ -101,10 +101,6 @@ impl Router {
         })
     }
 
-    pub fn kind(&self) -> RouterKind {
-        self.kind
-    }
-
     /// Route x (N, C). `token_ids` (N) feed the `hash` router; `capacity` applies the
     /// capacity limit of `switch_capacity` / `capacity_aware` (training and validation).
     pub fn route(&self, x: &Tensor, token_ids: &[u32], capacity: bool) -> Result<Routing> {
