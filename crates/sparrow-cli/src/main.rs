@@ -10,7 +10,7 @@ use sparrow::model::Model;
 use sparrow::tokenizer::Tokenizer;
 use sparrow::train::{self, ResumeRequest, TrainOptions, TrainRequest};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -97,6 +97,9 @@ enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+        /// Storage dtype of the parameters (buffers stay f32).
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: StorageDtype,
     },
     /// Write a model's logits for given token ids to a safetensors file (`logits`,
     /// (1, T, V) f32; with --decode also `logits_decode` from T cached one-token steps),
@@ -145,12 +148,107 @@ impl From<IndexDtype> for sparrow::config::IndexCacheDtype {
     }
 }
 
+/// Where commands look for a model when `--model` is not given: the shipped default.
+const DEFAULT_MODEL: &str = "models/sparrow-small";
+
+/// The grid shared by the retrieval evaluations.
+#[derive(clap::Args)]
+struct RetrievalGrid {
+    /// Model directory.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Prompt lengths in tokens.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1024,2048,4096,8192,16384"
+    )]
+    lengths: Vec<usize>,
+    /// Depths of the key in the prompt (0 = start, 1 = just before the question).
+    #[arg(long, value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1")]
+    depths: Vec<f64>,
+    /// Prompts per (length, depth) cell.
+    #[arg(long, default_value_t = 2)]
+    trials: usize,
+    /// Tokens generated (greedy) after the question.
+    #[arg(long, default_value_t = 8)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Heatmap (length x depth) PNG; default MODEL/<task>.png is not written (models
+    /// may be read-only): pass a path to get one.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// One JSON object (trials, cells, accuracy by length) instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How `convert` stores parameters.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StorageDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<StorageDtype> for candle_core::DType {
+    fn from(d: StorageDtype) -> Self {
+        match d {
+            StorageDtype::F32 => Self::F32,
+            StorageDtype::F16 => Self::F16,
+            StorageDtype::Bf16 => Self::BF16,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum EvalCmd {
+    /// Passkey retrieval (DESIGN.md §8): accuracy by prompt length and key depth.
+    Passkey {
+        #[command(flatten)]
+        grid: RetrievalGrid,
+    },
+    /// A needle sentence at a given depth of held-out real text; substring-scored.
+    Needle {
+        #[command(flatten)]
+        grid: RetrievalGrid,
+        /// Folder of .txt files; the held-out tail of each document is the haystack.
+        #[arg(long, default_value = "data/corpus")]
+        corpus: PathBuf,
+        /// Share of each document held out (the training default).
+        #[arg(long, default_value_t = 0.02)]
+        val_fraction: f64,
+        /// The needle; {value} is replaced by a random 5-digit value per prompt.
+        #[arg(long, default_value = sparrow::data::retrieval::DEFAULT_NEEDLE)]
+        needle: String,
+        /// The question after the haystack; the value should follow it.
+        #[arg(long, default_value = sparrow::data::retrieval::DEFAULT_NEEDLE_QUESTION)]
+        question: String,
+    },
+    /// Held-out perplexity at each context length (all positions, and the second half
+    /// of each window).
+    Perplexity {
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: PathBuf,
+        /// Folder of .txt files; the held-out tail of each document is scored.
+        #[arg(long, default_value = "data/corpus")]
+        corpus: PathBuf,
+        /// Context lengths.
+        #[arg(long, value_delimiter = ',', default_value = "1024")]
+        context: Vec<usize>,
+        /// Windows per context length (evenly spaced over the held-out text).
+        #[arg(long, default_value_t = 8)]
+        windows: usize,
+        #[arg(long, default_value_t = 0.02)]
+        val_fraction: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Share of dense attention mass the DSA indexer's top-k keeps, per layer.
     Recall {
         /// Model directory.
-        #[arg(long, default_value = "runs/small")]
+        #[arg(long, default_value = DEFAULT_MODEL)]
         model: PathBuf,
         /// Folder of .txt files; the held-out tail of each document is used.
         #[arg(long, default_value = "data/corpus")]
@@ -177,7 +275,7 @@ enum EvalCmd {
     /// normalised entropy, drop rate (capacity limits applied), dead experts.
     Routing {
         /// Model directory.
-        #[arg(long, default_value = "runs/small")]
+        #[arg(long, default_value = DEFAULT_MODEL)]
         model: PathBuf,
         /// Folder of .txt files.
         #[arg(long, default_value = "data/corpus")]
@@ -355,9 +453,16 @@ enum BenchCmd {
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// Model config (HF-style config.json).
-    #[arg(long, required_unless_present = "resume")]
+    /// Model config (HF-style config.json); with --init-from, defaults to that model's.
+    #[arg(long, required_unless_present_any = ["resume", "init_from"])]
     config: Option<PathBuf>,
+    /// Start a new stage from this model directory's weights and tokenizer (fresh
+    /// optimizer and schedule; e.g. a longer --seq-len).
+    #[arg(long, conflicts_with_all = ["resume", "tokenizer"])]
+    init_from: Option<PathBuf>,
+    /// Share of batch rows replaced by generated passkey / needle retrieval documents.
+    #[arg(long)]
+    retrieval_mix: Option<f64>,
     /// Folder of .txt files.
     #[arg(long)]
     corpus: Option<PathBuf>,
@@ -407,7 +512,7 @@ struct TrainArgs {
 #[derive(clap::Args)]
 struct GenerateArgs {
     /// Model directory (config.json, model.safetensors, tokenizer.json).
-    #[arg(long, default_value = "runs/small")]
+    #[arg(long, default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// The prompt (also accepted positionally).
     #[arg(long)]
@@ -622,14 +727,20 @@ fn run(cli: Cli) -> Result<()> {
                 out.display()
             );
         }
-        Command::Convert { to, model, out } => {
+        Command::Convert {
+            to,
+            model,
+            out,
+            dtype,
+        } => {
+            let dtype = dtype.into();
             let (m, step) =
                 Model::load_dir(&model, candle_core::DType::F32, &candle_core::Device::Cpu)?;
             let tok = model.join("tokenizer.json");
             let tok = tok.exists().then_some(tok);
             match to {
                 ConvertTarget::Hf => {
-                    let family = sparrow::hf::export(&m, &out, tok.as_deref())?;
+                    let family = sparrow::hf::export_as(&m, &out, tok.as_deref(), dtype)?;
                     println!(
                         "{} ({} layout) written to {}",
                         model.display(),
@@ -638,7 +749,7 @@ fn run(cli: Cli) -> Result<()> {
                     );
                 }
                 ConvertTarget::Sparrow => {
-                    m.save_dir(&out, step)?;
+                    m.save_dir_as(&out, step, dtype)?;
                     if let Some(t) = tok {
                         std::fs::copy(&t, out.join("tokenizer.json"))
                             .with_context(|| format!("copying {}", t.display()))?;
@@ -737,8 +848,11 @@ fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
             pause_at: a.pause_at,
         })?
     } else {
-        let config_path = a.config.context("--config is required")?;
-        let config = ModelConfig::from_file(&config_path)?;
+        let config = match (&a.config, &a.init_from) {
+            (Some(p), _) => ModelConfig::from_file(p)?,
+            (None, Some(dir)) => sparrow::hf::read_config(&dir.join("config.json"))?.0,
+            (None, None) => bail!("--config is required"),
+        };
         let mut o = TrainOptions::default();
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = a.$f { o.$f = v; } )* };
@@ -754,7 +868,8 @@ fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
             val_every,
             val_batches,
             checkpoint_every,
-            val_fraction
+            val_fraction,
+            retrieval_mix
         );
         if let Some(wd) = a.weight_decay {
             o.adamw.weight_decay = wd;
@@ -773,6 +888,7 @@ fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
             show_progress: progress,
             stop,
             pause_at: a.pause_at,
+            init_from: a.init_from,
         })?
     };
     println!(
@@ -791,6 +907,62 @@ fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
         summary.tokens_per_s,
         summary.parameters as f64 / 1e6
     );
+    Ok(())
+}
+
+impl RetrievalGrid {
+    fn options(&self) -> sparrow::eval::retrieval::RetrievalOptions {
+        sparrow::eval::retrieval::RetrievalOptions {
+            lengths: self.lengths.clone(),
+            depths: self.depths.clone(),
+            trials: self.trials,
+            max_new_tokens: self.max_new_tokens,
+            seed: self.seed,
+        }
+    }
+}
+
+/// A model directory and its `tokenizer.json`, with a hint when the default is missing.
+fn load_model_and_tokenizer(dir: &Path) -> Result<(Model, Tokenizer)> {
+    if !dir.is_dir() {
+        bail!(
+            "model directory {} does not exist (train one with `sparrow train`, or pass --model DIR)",
+            dir.display()
+        );
+    }
+    let (m, _) = Model::load_dir(dir, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+    Ok((m, tok))
+}
+
+fn print_retrieval(
+    grid: &RetrievalGrid,
+    report: &sparrow::eval::retrieval::RetrievalReport,
+) -> Result<()> {
+    if let Some(p) = &grid.plot {
+        let title = format!(
+            "{} accuracy of {} ({} trials per cell)",
+            report.task.name(),
+            grid.model.display(),
+            grid.trials
+        );
+        sparrow::eval::heatmap::plot_heatmap(p, &title, report)?;
+    }
+    if grid.json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        println!(
+            "{} accuracy of {} ({} trials per cell, greedy, {} new tokens)",
+            report.task.name(),
+            grid.model.display(),
+            grid.trials,
+            grid.max_new_tokens
+        );
+        print!("{}", sparrow::eval::retrieval::format_table(report));
+        if let Some(p) = &grid.plot {
+            println!("heatmap written to {}", p.display());
+        }
+    }
     Ok(())
 }
 
@@ -863,6 +1035,73 @@ fn run_experiment(cmd: ExperimentCmd, progress: bool) -> Result<()> {
 
 fn run_eval(cmd: EvalCmd, progress: bool) -> Result<()> {
     match cmd {
+        EvalCmd::Passkey { grid } => {
+            let (m, tok) = load_model_and_tokenizer(&grid.model)?;
+            let report = sparrow::eval::retrieval::passkey(&m, &tok, &grid.options(), progress)?;
+            print_retrieval(&grid, &report)?;
+        }
+        EvalCmd::Needle {
+            grid,
+            corpus,
+            val_fraction,
+            needle,
+            question,
+        } => {
+            if !(val_fraction > 0.0 && val_fraction <= 1.0) {
+                bail!("--val-fraction must be in (0, 1]");
+            }
+            require_corpus(&corpus)?;
+            let (m, tok) = load_model_and_tokenizer(&grid.model)?;
+            let hay =
+                sparrow::eval::recall::held_out_tokens(&corpus, &tok, val_fraction, progress)?;
+            let report = sparrow::eval::retrieval::needle(
+                &m,
+                &tok,
+                &hay,
+                &needle,
+                &question,
+                &grid.options(),
+                progress,
+            )?;
+            print_retrieval(&grid, &report)?;
+        }
+        EvalCmd::Perplexity {
+            model,
+            corpus,
+            context,
+            windows,
+            val_fraction,
+            json,
+        } => {
+            if !(val_fraction > 0.0 && val_fraction <= 1.0) {
+                bail!("--val-fraction must be in (0, 1]");
+            }
+            require_corpus(&corpus)?;
+            let (m, tok) = load_model_and_tokenizer(&model)?;
+            let tokens =
+                sparrow::eval::recall::held_out_tokens(&corpus, &tok, val_fraction, progress)?;
+            let rows =
+                sparrow::eval::perplexity::measure(&m, &tokens, &context, windows, progress)?;
+            if json {
+                print_json_lines(&rows)?;
+            } else {
+                println!(
+                    "held-out perplexity of {} on {} ({windows} windows per context)",
+                    model.display(),
+                    corpus.display()
+                );
+                println!(
+                    "{:>8} {:>8} {:>8} {:>11} {:>10}",
+                    "context", "windows", "loss", "perplexity", "ppl 2nd ½"
+                );
+                for r in &rows {
+                    println!(
+                        "{:>8} {:>8} {:>8.4} {:>11.3} {:>10.3}",
+                        r.context, r.windows, r.loss, r.perplexity, r.perplexity_second_half
+                    );
+                }
+            }
+        }
         EvalCmd::Routing {
             model,
             corpus,
@@ -1138,8 +1377,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         (Some(p), None) | (None, Some(p)) => p,
         (None, None) => String::new(),
     };
-    let (model, _) = Model::load_dir(&a.model, candle_core::DType::F32, &candle_core::Device::Cpu)?;
-    let tokenizer = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
+    let (model, tokenizer) = load_model_and_tokenizer(&a.model)?;
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         sampler: SamplerConfig {

@@ -787,3 +787,215 @@ fn convert_and_logits_commands() {
     ]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn staged_training_with_retrieval_mix_then_long_context_evals() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    common::write_synthetic_corpus(&corpus);
+    let cfg = common::repo_root().join("configs/tiny-dsa.json");
+    let s1 = dir.path().join("s1");
+    let args = train_args_for(cfg.to_str().unwrap(), "32", &corpus, &s1, "2");
+    let out = sparrow(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Stage 2 from stage 1's weights, with retrieval rows: paused and resumed, the same
+    // weights byte for byte as the uninterrupted stage.
+    let stage2 = |out_dir: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "--quiet",
+            "train",
+            "--init-from",
+            s1.to_str().unwrap(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "128",
+            "--retrieval-mix",
+            "0.5",
+            "--val-every",
+            "0",
+            "--val-batches",
+            "1",
+            "--val-fraction",
+            "0.1",
+        ];
+        args.extend_from_slice(extra);
+        sparrow(&args)
+    };
+    let s2 = dir.path().join("s2");
+    let out = stage2(&s2, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let paused = dir.path().join("s2-paused");
+    assert!(stage2(&paused, &["--pause-at", "1"]).status.success());
+    let out = sparrow(&["--quiet", "train", "--resume", paused.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        std::fs::read(s2.join("model.safetensors")).unwrap()
+            == std::fs::read(paused.join("model.safetensors")).unwrap(),
+        "resumed retrieval-mix stage differs from the uninterrupted one"
+    );
+    let state = std::fs::read_to_string(s2.join("train_state.json")).unwrap();
+    assert!(state.contains("\"init_from\"") && state.contains("\"retrieval_mix\": 0.5"));
+    // Bad stage input: a clear error each.
+    for (extra, msg) in [
+        (&["--tokenizer", "x.json"][..], "--tokenizer"),
+        (&["--retrieval-mix", "1.5"][..], "--retrieval-mix"),
+        (&["--seq-len", "64"][..], "--seq-len"),
+    ] {
+        let out = stage2(&dir.path().join("bad"), extra);
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(msg) && !err.contains("panicked"),
+            "{extra:?}: {err}"
+        );
+    }
+    // A config whose tensors differ from the weights' (no indexer) is refused.
+    let out = sparrow(&[
+        "--quiet",
+        "train",
+        "--init-from",
+        s1.to_str().unwrap(),
+        "--config",
+        &tiny_config_path(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--out",
+        dir.path().join("bad2").to_str().unwrap(),
+    ]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("indexer"), "{err}");
+
+    // Passkey: JSON report with every trial, a PNG heatmap.
+    let png = dir.path().join("passkey.png");
+    let out = sparrow(&[
+        "--quiet",
+        "eval",
+        "passkey",
+        "--model",
+        s2.to_str().unwrap(),
+        "--lengths",
+        "160,240",
+        "--depths",
+        "0,1",
+        "--trials",
+        "2",
+        "--plot",
+        png.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["task"], "passkey");
+    assert_eq!(report["trials"].as_array().unwrap().len(), 8);
+    assert_eq!(report["cells"].as_array().unwrap().len(), 4);
+    assert_eq!(report["by_length"][1]["length"], 240);
+    let acc = report["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
+    // Needle in the held-out text, table output.
+    let out = sparrow(&[
+        "--quiet",
+        "eval",
+        "needle",
+        "--model",
+        s2.to_str().unwrap(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--val-fraction",
+        "0.2",
+        "--lengths",
+        "200",
+        "--depths",
+        "0.5",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("needle accuracy"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Perplexity by context.
+    let out = sparrow(&[
+        "--quiet",
+        "eval",
+        "perplexity",
+        "--model",
+        s2.to_str().unwrap(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--val-fraction",
+        "0.2",
+        "--context",
+        "32,128",
+        "--windows",
+        "2",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        let (l, p) = (
+            r["loss"].as_f64().unwrap(),
+            r["perplexity"].as_f64().unwrap(),
+        );
+        assert!(l > 0.0 && (p - l.exp()).abs() < 1e-6 * p);
+    }
+    // Bad evaluation input: clear errors.
+    for (args, msg) in [
+        (
+            vec![
+                "eval",
+                "passkey",
+                "--model",
+                s2.to_str().unwrap(),
+                "--depths",
+                "2",
+            ],
+            "outside [0, 1]",
+        ),
+        (
+            vec![
+                "eval",
+                "passkey",
+                "--model",
+                s2.to_str().unwrap(),
+                "--lengths",
+                "5000",
+            ],
+            "max_position_embeddings",
+        ),
+        (
+            vec!["eval", "passkey", "--model", "no/such/model"],
+            "does not exist",
+        ),
+        (
+            vec![
+                "eval",
+                "needle",
+                "--model",
+                s2.to_str().unwrap(),
+                "--corpus",
+                corpus.to_str().unwrap(),
+                "--needle",
+                "no placeholder",
+                "--lengths",
+                "100",
+            ],
+            "{value}",
+        ),
+    ] {
+        let out = sparrow(&args);
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(msg) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}

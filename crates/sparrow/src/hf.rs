@@ -628,6 +628,16 @@ pub fn hf_config(cfg: &ModelConfig, family: Family) -> Result<Value> {
 /// `config.json`, `model.safetensors` (f32, HF names), `generation_config.json`, and the
 /// tokenizer when `tokenizer` is given. Returns the family.
 pub fn export(model: &crate::model::Model, out: &Path, tokenizer: Option<&Path>) -> Result<Family> {
+    export_as(model, out, tokenizer, candle_core::DType::F32)
+}
+
+/// `export` with the parameters stored in `dtype` (f32, f16 or bf16; buffers f32).
+pub fn export_as(
+    model: &crate::model::Model,
+    out: &Path,
+    tokenizer: Option<&Path>,
+    dtype: candle_core::DType,
+) -> Result<Family> {
     let family = export_family(&model.cfg)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let config = serde_json::to_string_pretty(&hf_config(&model.cfg, family)?)
@@ -641,12 +651,11 @@ pub fn export(model: &crate::model::Model, out: &Path, tokenizer: Option<&Path>)
         &out.join("generation_config.json"),
         generation.to_string().as_bytes(),
     )?;
-    let tensors = model
-        .store
-        .all_tensors()
+    let tensors: Vec<_> = model
+        .storage_tensors(dtype)?
         .into_iter()
-        .map(|(n, t)| Ok((hf_name(family, &n), t.to_dtype(candle_core::DType::F32)?)))
-        .collect::<Result<Vec<_>>>()?;
+        .map(|(n, t)| (hf_name(family, &n), t))
+        .collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     crate::weights::save(&out.join("model.safetensors"), &tensors, meta)?;
     if let Some(tok) = tokenizer {

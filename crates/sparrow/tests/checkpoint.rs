@@ -207,3 +207,52 @@ fn atomic_write_leaves_no_temp_files() {
         .collect();
     assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
 }
+
+/// Half-precision storage (the shipped model): f16 / bf16 files are about half the size,
+/// load back into f32 with logits close to the f32 model's, and buffers (the
+/// `noaux_bias` selection bias) stay f32.
+#[test]
+fn half_precision_storage_round_trips() {
+    use candle_core::{DType, Device, Tensor};
+    let mut cfg = common::tiny_config();
+    cfg.router_kind = sparrow::config::RouterKind::NoauxBias;
+    cfg.initializer_range = 0.1;
+    let model = sparrow::model::Model::new_random(&cfg, 4, DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::from_slice(&[3u32, 17, 99, 5, 250, 8], (1, 6), &Device::Cpu).unwrap();
+    let want = model.forward(&ids, None).unwrap().logits;
+    let dir = tempfile::tempdir().unwrap();
+    let size = |d: &std::path::Path| {
+        std::fs::metadata(d.join("model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    let full = dir.path().join("f32");
+    model.save_dir(&full, Some(3)).unwrap();
+    for (dtype, tol) in [(DType::F16, 2e-3), (DType::BF16, 2e-2)] {
+        let out = dir.path().join(format!("{dtype:?}"));
+        model.save_dir_as(&out, Some(3), dtype).unwrap();
+        let ratio = size(&out) as f64 / size(&full) as f64;
+        assert!((0.45..0.56).contains(&ratio), "{dtype:?}: {ratio}");
+        let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (name, view) in st.tensors() {
+            let want_dtype = if name.ends_with("e_score_correction_bias") {
+                safetensors::Dtype::F32
+            } else if dtype == DType::F16 {
+                safetensors::Dtype::F16
+            } else {
+                safetensors::Dtype::BF16
+            };
+            assert_eq!(view.dtype(), want_dtype, "{name}");
+        }
+        let (loaded, step) =
+            sparrow::model::Model::load_dir(&out, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(step, Some(3));
+        let got = loaded.forward(&ids, None).unwrap().logits;
+        let err = common::rel_err(&got, &want);
+        assert!(err < tol, "{dtype:?}: {err}");
+    }
+    assert!(model
+        .save_dir_as(&dir.path().join("u8"), None, DType::U8)
+        .is_err());
+}

@@ -103,3 +103,46 @@ fn cache_buffers_grow_by_doubling_and_keep_their_contents() {
     let inc = Tensor::cat(&pieces, 1).unwrap();
     assert!(rel_err(&inc, &full) < 1e-5);
 }
+
+/// Windows longer than `DENSE_QUERY_BLOCK` run dense attention in query blocks; the
+/// blocked forward (from position 0, and after a cached prefix) equals one-token-at-a-time
+/// decoding, which never blocks.
+#[test]
+fn blocked_dense_attention_equals_token_by_token() {
+    use sparrow::model::attention::DENSE_QUERY_BLOCK;
+    let mut cfg = tiny_config();
+    cfg.max_position_embeddings = 4096;
+    cfg.initializer_range = 0.1;
+    let model = Model::new_random(&cfg, 5, DType::F32, &Device::Cpu).unwrap();
+    let n = 2 * DENSE_QUERY_BLOCK + 37;
+    let toks = ids(n, cfg.vocab_size);
+    let dev = Device::Cpu;
+    let mut cache = KvCache::new(cfg.num_hidden_layers);
+    let stepwise: Vec<Tensor> = toks
+        .iter()
+        .map(|&t| {
+            let x = Tensor::from_slice(&[t], (1, 1), &dev).unwrap();
+            model.forward(&x, Some(&mut cache)).unwrap().logits
+        })
+        .collect();
+    let stepwise = Tensor::cat(&stepwise, 1).unwrap();
+    let full = model
+        .forward(&Tensor::from_slice(&toks, (1, n), &dev).unwrap(), None)
+        .unwrap()
+        .logits;
+    let err = rel_err(&full, &stepwise);
+    assert!(err < 1e-4, "blocked full forward vs stepwise: {err}");
+    let prefix = 100;
+    let mut cache = KvCache::new(cfg.num_hidden_layers);
+    let a = Tensor::from_slice(&toks[..prefix], (1, prefix), &dev).unwrap();
+    let b = Tensor::from_slice(&toks[prefix..], (1, n - prefix), &dev).unwrap();
+    let pieces = [
+        model.forward(&a, Some(&mut cache)).unwrap().logits,
+        model.forward(&b, Some(&mut cache)).unwrap().logits,
+    ];
+    let err = rel_err(&Tensor::cat(&pieces, 1).unwrap(), &stepwise);
+    assert!(
+        err < 1e-4,
+        "blocked forward after a cached prefix vs stepwise: {err}"
+    );
+}

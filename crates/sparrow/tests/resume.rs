@@ -51,6 +51,7 @@ fn request_for(
         show_progress: false,
         stop: Arc::new(AtomicBool::new(false)),
         pause_at,
+        init_from: None,
     }
 }
 

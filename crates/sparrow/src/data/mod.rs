@@ -3,4 +3,5 @@
 
 pub mod corpus;
 pub mod fetch;
+pub mod retrieval;
 pub mod shards;

@@ -184,6 +184,7 @@ fn train_or_resume(
         show_progress: exp.show_progress,
         stop: exp.stop.clone(),
         pause_at: None,
+        init_from: None,
     })
 }
 

@@ -105,3 +105,38 @@ fn last_logits(logits: &Tensor) -> Result<Vec<f32>> {
     let t = logits.dim(1)?;
     Ok(logits.i((0, t - 1))?.to_dtype(DType::F32)?.to_vec1()?)
 }
+
+/// Greedy continuation of the token ids `prompt` as given (no BOS added): one prefill,
+/// then up to `max_new` cached decode steps, stopping after `eos` (not included).
+/// The evaluations' decoder (passkey, needle).
+pub fn greedy_continue(
+    model: &Model,
+    prompt: &[u32],
+    max_new: usize,
+    eos: u32,
+) -> Result<Vec<u32>> {
+    let max_pos = model.cfg.max_position_embeddings;
+    if prompt.is_empty() || prompt.len() + max_new > max_pos {
+        return Err(Error::Invalid(format!(
+            "a prompt of {} tokens plus {max_new} new ones does not fit the model's context of {max_pos}",
+            prompt.len()
+        )));
+    }
+    let dev = model.store.device().clone();
+    let mut cache = KvCache::new(model.cfg.num_hidden_layers);
+    let input = Tensor::from_slice(prompt, (1, prompt.len()), &dev)?;
+    let mut last = last_logits(&model.forward(&input, Some(&mut cache))?.logits)?;
+    let mut out = Vec::with_capacity(max_new);
+    for i in 0..max_new {
+        let next = super::sampler::argmax(&last);
+        if next == eos {
+            break;
+        }
+        out.push(next);
+        if i + 1 < max_new {
+            let input = Tensor::from_slice(&[next], (1, 1), &dev)?;
+            last = last_logits(&model.forward(&input, Some(&mut cache))?.logits)?;
+        }
+    }
+    Ok(out)
+}

@@ -54,6 +54,13 @@ pub struct Attention {
 /// no inf - inf appears in gradients).
 const MASKED: f64 = -1e9;
 
+/// Queries per block of the dense path when the probabilities are not needed: block j
+/// attends to keys `..offset + (j + 1) * DENSE_QUERY_BLOCK` only, so a long training
+/// window keeps about half of the (T, S) score and probability matrices for the backward
+/// pass instead of all of it, and the transients are one block's. Same result as one
+/// block (each query row is the same computation).
+pub const DENSE_QUERY_BLOCK: usize = 1024;
+
 impl Attention {
     pub fn new(vb: &Vb, cfg: &ModelConfig, layer: usize, out_std: f64) -> Result<Self> {
         let c = cfg.hidden_size;
@@ -112,7 +119,7 @@ impl Attention {
         };
         let out = match &self.indexer {
             None => AttnOut {
-                y: self.dense(&q, &k, &v, offset)?.0,
+                y: self.dense_blocked(&q, &k, &v, offset)?,
                 indexer_kl: None,
                 recall: None,
             },
@@ -122,6 +129,25 @@ impl Attention {
             y: self.o_proj.forward(&out.y)?,
             ..out
         })
+    }
+
+    /// Dense causal attention in query blocks of `DENSE_QUERY_BLOCK` (see there):
+    /// q (B, H, T, D), k, v (B, KV, S, D) -> y (B, T, H*D).
+    fn dense_blocked(&self, q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<Tensor> {
+        let t = q.dim(2)?;
+        if t <= DENSE_QUERY_BLOCK {
+            return Ok(self.dense(q, k, v, offset)?.0);
+        }
+        let mut ys = Vec::with_capacity(t.div_ceil(DENSE_QUERY_BLOCK));
+        for t0 in (0..t).step_by(DENSE_QUERY_BLOCK) {
+            let n = DENSE_QUERY_BLOCK.min(t - t0);
+            let keys = offset + t0 + n; // the block's last query sees these
+            let qb = q.narrow(2, t0, n)?.contiguous()?; // (B, H, n, D)
+            let kb = k.narrow(2, 0, keys)?.contiguous()?; // (B, KV, keys, D)
+            let vb = v.narrow(2, 0, keys)?.contiguous()?;
+            ys.push(self.dense(&qb, &kb, &vb, offset + t0)?.0); // (B, n, H*D)
+        }
+        Ok(Tensor::cat(&ys, 1)?)
     }
 
     /// Dense causal attention: q (B, H, T, D), k, v (B, KV, S, D) -> y (B, T, H*D) and
@@ -184,11 +210,11 @@ impl Attention {
         let kk = self.index_topk;
         if s <= kk || mode == Some(IndexerTrainMode::DenseWarmup) {
             // Every visible position fits in k (sparse == dense), or the dense warm-up.
-            let (y, att) = self.dense(q, k, v, offset)?;
-            let indexer_kl = if want_kl {
-                Some(self.dense_kl(ix, &io, &att, b, t, s, offset)?)
+            let (y, indexer_kl) = if want_kl {
+                let (y, att) = self.dense(q, k, v, offset)?;
+                (y, Some(self.dense_kl(ix, &io, &att, b, t, s, offset)?))
             } else {
-                None
+                (self.dense_blocked(q, k, v, offset)?, None)
             };
             let recall = opts.collect_recall.then(|| {
                 (0..b * t)

@@ -109,19 +109,46 @@ impl Model {
 
     /// Write `config.json` and `model.safetensors` (f32) atomically into `dir`.
     pub fn save_dir(&self, dir: &Path, step: Option<u64>) -> Result<()> {
+        self.save_dir_as(dir, step, DType::F32)
+    }
+
+    /// `save_dir` with the parameters stored in `dtype` (f32, f16 or bf16; buffers such
+    /// as router biases stay f32). Loading converts back to the compute dtype.
+    pub fn save_dir_as(&self, dir: &Path, step: Option<u64>, dtype: DType) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         crate::fsio::write_atomic(&dir.join("config.json"), self.cfg.to_json().as_bytes())?;
         let mut meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         if let Some(s) = step {
             meta.insert(STEP_KEY.to_string(), s.to_string());
         }
-        let tensors = self
-            .store
+        crate::weights::save(
+            &dir.join("model.safetensors"),
+            &self.storage_tensors(dtype)?,
+            meta,
+        )
+    }
+
+    /// Every tensor a checkpoint holds: parameters in `dtype`, buffers in f32.
+    pub fn storage_tensors(&self, dtype: DType) -> Result<Vec<(String, Tensor)>> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::Invalid(format!(
+                "weights are stored as f32, f16 or bf16, not {dtype:?}"
+            )));
+        }
+        let trainable: std::collections::HashSet<String> =
+            self.store.vars().into_iter().map(|(n, _)| n).collect();
+        self.store
             .all_tensors()
             .into_iter()
-            .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?)))
-            .collect::<Result<Vec<_>>>()?;
-        crate::weights::save(&dir.join("model.safetensors"), &tensors, meta)
+            .map(|(n, t)| {
+                let d = if trainable.contains(&n) {
+                    dtype
+                } else {
+                    DType::F32
+                };
+                Ok((n, t.to_dtype(d)?))
+            })
+            .collect()
     }
 
     /// Forward pass; see `Transformer::forward`.

@@ -48,6 +48,9 @@ pub struct TrainState {
     /// expert summed since the last bias update (empty for other layers and routers).
     #[serde(default)]
     pub router_load_window: Vec<Vec<u64>>,
+    /// The model directory this run's weights started from (a later training stage).
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
 }
 
 pub const STATE_JSON: &str = "train_state.json";

@@ -14,6 +14,7 @@ use super::optimizer::{AdamW, AdamWConfig};
 use super::schedule::lr_at;
 use crate::config::ModelConfig;
 use crate::data::corpus;
+use crate::data::retrieval::{self, RetrievalMix};
 use crate::data::shards::{eval_windows, sample_batch, TokenData};
 use crate::error::{Error, Result};
 use crate::model::transformer::ForwardOptions;
@@ -58,6 +59,10 @@ pub struct TrainOptions {
     /// Stop after this many seconds of training (checkpointing first); 0 = no limit.
     #[serde(default)]
     pub time_limit_secs: u64,
+    /// Share of the batch rows replaced by generated retrieval documents (passkey and
+    /// needle, `data::retrieval`), 0 = plain corpus windows.
+    #[serde(default)]
+    pub retrieval_mix: f64,
 }
 
 impl Default for TrainOptions {
@@ -77,6 +82,7 @@ impl Default for TrainOptions {
             checkpoint_every: 200,
             val_fraction: 0.02,
             time_limit_secs: 0,
+            retrieval_mix: 0.0,
         }
     }
 }
@@ -102,6 +108,15 @@ impl TrainOptions {
         if self.val_batches == 0 {
             return bad("--val-batches must be > 0");
         }
+        if !(0.0..=1.0).contains(&self.retrieval_mix) {
+            return bad("--retrieval-mix must be in [0, 1]");
+        }
+        if self.retrieval_mix > 0.0 && self.seq_len < retrieval::MIN_MIX_DOC {
+            return Err(Error::Invalid(format!(
+                "--retrieval-mix needs --seq-len >= {}",
+                retrieval::MIN_MIX_DOC
+            )));
+        }
         Ok(())
     }
 }
@@ -119,6 +134,10 @@ pub struct TrainRequest {
     pub stop: Arc<AtomicBool>,
     /// Checkpoint and stop once this step is done (the schedule still spans `steps`).
     pub pause_at: Option<u64>,
+    /// Start from the weights (and tokenizer) of this model directory instead of a
+    /// random initialisation: a new training stage (fresh optimizer and schedule, e.g.
+    /// a longer `seq_len`). `config` must describe the same tensors.
+    pub init_from: Option<PathBuf>,
 }
 
 /// Continue a run.
@@ -156,9 +175,15 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         )));
     }
     std::fs::create_dir_all(&req.out).map_err(|e| Error::io(&req.out, e))?;
-    let tokenizer = match &req.tokenizer {
-        Some(p) => Tokenizer::from_file(p)?,
-        None => {
+    let tokenizer = match (&req.init_from, &req.tokenizer) {
+        (Some(_), Some(_)) => {
+            return Err(Error::Invalid(
+                "--init-from brings its model's tokenizer; drop --tokenizer".into(),
+            ))
+        }
+        (Some(dir), None) => Tokenizer::from_file(&dir.join("tokenizer.json"))?,
+        (None, Some(p)) => Tokenizer::from_file(p)?,
+        (None, None) => {
             let files = corpus::list_text_files(&req.corpus)?;
             if req.show_progress {
                 eprintln!(
@@ -173,7 +198,13 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     check_tokenizer(&tokenizer, &req.config)?;
     tokenizer.save(&req.out.join("tokenizer.json"))?;
     let device = Device::Cpu;
-    let model = Model::new_random(&req.config, req.options.seed, DType::F32, &device)?;
+    let model = match &req.init_from {
+        Some(dir) => {
+            let cfg = req.config.clone();
+            Model::load_dir_with(dir, DType::F32, &device, |c| *c = cfg)?.0
+        }
+        None => Model::new_random(&req.config, req.options.seed, DType::F32, &device)?,
+    };
     let opt = AdamW::new(model.store.vars(), req.options.adamw)?;
     let state = TrainState {
         step: 0,
@@ -192,6 +223,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         corpus: req.corpus.clone(),
         last_val_loss: None,
         router_load_window: Vec::new(),
+        init_from: req.init_from.clone(),
     };
     let ctl = LoopControl {
         show_progress: req.show_progress,
@@ -302,6 +334,11 @@ fn run_loop(
     state.data.train_tokens = data.train.len();
     state.data.val_tokens = data.val.len();
     let val_set = eval_windows(&data.val, o.val_batches * o.batch_size, o.seq_len)?;
+    let mix = if o.retrieval_mix > 0.0 {
+        Some(RetrievalMix::new(&tokenizer)?)
+    } else {
+        None
+    };
     let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"), state.step)?;
     let dev = model.store.device().clone();
     let aux_coef = model.cfg.balance_loss_coef();
@@ -319,7 +356,18 @@ fn run_loop(
     while state.step < o.steps {
         let step_start = Instant::now();
         let lr = lr_at(state.step, o.steps, o.warmup_steps, o.lr, o.min_lr_ratio);
-        let (inp, tgt) = sample_batch(&data.train, o.batch_size, o.seq_len, o.seed, state.step)?;
+        let (mut inp, mut tgt) =
+            sample_batch(&data.train, o.batch_size, o.seq_len, o.seed, state.step)?;
+        if let Some(mix) = &mix {
+            mix.mix_into_batch(
+                &mut inp,
+                &mut tgt,
+                o.seq_len,
+                o.retrieval_mix,
+                o.seed,
+                state.step,
+            )?;
+        }
         let inp = Tensor::from_vec(inp, (o.batch_size, o.seq_len), &dev)?;
         let tgt = Tensor::from_vec(tgt, o.batch_size * o.seq_len, &dev)?;
         let indexer_mode = model

@@ -1,0 +1,87 @@
+//! Perplexity by context length on held-out text: at each context length N, evenly
+//! spaced windows of N + 1 held-out tokens are scored (next-token cross-entropy at every
+//! position), and the mean is reported for all positions and for the second half of each
+//! window (positions that have at least N/2 tokens of context, where long context can
+//! help). Inference forward: no capacity limits, DSA selection as in generation.
+
+use crate::data::shards::eval_windows;
+use crate::error::{Error, Result};
+use crate::model::transformer::ForwardOptions;
+use crate::model::Model;
+use candle_core::{DType, Tensor, D};
+use serde::Serialize;
+
+/// Perplexity at one context length.
+#[derive(Debug, Clone, Serialize)]
+pub struct ContextPerplexity {
+    pub context: usize,
+    pub windows: usize,
+    /// Mean next-token loss (nats) over all positions.
+    pub loss: f64,
+    pub perplexity: f64,
+    /// The same over positions N/2 .. N of each window.
+    pub loss_second_half: f64,
+    pub perplexity_second_half: f64,
+}
+
+/// Score `windows` windows per context length of `tokens`.
+pub fn measure(
+    model: &Model,
+    tokens: &[u32],
+    contexts: &[usize],
+    windows: usize,
+    progress: bool,
+) -> Result<Vec<ContextPerplexity>> {
+    if contexts.is_empty() || windows == 0 {
+        return Err(Error::Invalid(
+            "--context needs a value and --windows must be >= 1".into(),
+        ));
+    }
+    let max = model.cfg.max_position_embeddings;
+    if let Some(c) = contexts.iter().find(|&&c| c < 2 || c > max) {
+        return Err(Error::Invalid(format!(
+            "--context {c} must be in [2, max_position_embeddings = {max}]"
+        )));
+    }
+    let total = (contexts.len() * windows) as u64;
+    let bar = crate::progress::bar(total, "perplexity", progress);
+    let mut rows = Vec::new();
+    for &n in contexts {
+        let wins = eval_windows(tokens, windows, n)?;
+        let (mut sum, mut sum_half, mut count_half) = (0.0f64, 0.0f64, 0usize);
+        for (inp, tgt) in &wins {
+            bar.set_message(format!("context {n}"));
+            let nll = window_nll(model, inp, tgt)?;
+            sum += nll.iter().sum::<f64>();
+            sum_half += nll[n / 2..].iter().sum::<f64>();
+            count_half += n - n / 2;
+            bar.inc(1);
+        }
+        let loss = sum / (wins.len() * n) as f64;
+        let loss_second_half = sum_half / count_half as f64;
+        rows.push(ContextPerplexity {
+            context: n,
+            windows: wins.len(),
+            loss,
+            perplexity: loss.exp(),
+            loss_second_half,
+            perplexity_second_half: loss_second_half.exp(),
+        });
+    }
+    bar.finish_and_clear();
+    Ok(rows)
+}
+
+/// Next-token negative log-likelihood at each position of one window.
+fn window_nll(model: &Model, inp: &[u32], tgt: &[u32]) -> Result<Vec<f64>> {
+    let dev = model.store.device();
+    let ids = Tensor::from_slice(inp, (1, inp.len()), dev)?;
+    let out = model
+        .net
+        .forward_with(&ids, None, &ForwardOptions::default())?;
+    let logits = out.logits.squeeze(0)?.to_dtype(DType::F32)?; // (T, V)
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let tgt = Tensor::from_slice(tgt, (tgt.len(), 1), dev)?;
+    let picked = logp.gather(&tgt, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+    Ok(picked.into_iter().map(|x| -(x as f64)).collect())
+}

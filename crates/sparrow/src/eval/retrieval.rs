@@ -1,0 +1,325 @@
+//! Long-context retrieval evaluations (DESIGN.md §8), generated locally:
+//!
+//! - **passkey**: a 5-digit key in the repeated passkey filler at a given depth; the
+//!   answer is the first integer the model generates (greedy), correct when it equals
+//!   the key.
+//! - **needle**: a needle sentence with a 5-digit value at a given depth of held-out real
+//!   text; correct when the greedy continuation contains the value (substring match).
+//!
+//! Every (length, depth) cell runs `trials` prompts with keys drawn from a seeded stream,
+//! so a run is reproducible. Prompts are built by `data::retrieval`, the same builder the
+//! training mix uses, and start with the BOS token.
+
+use crate::data::retrieval::{random_value, Needle, Passkey, RetrievalDoc};
+use crate::error::{Error, Result};
+use crate::infer::generate::greedy_continue;
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+/// Which retrieval task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    Passkey,
+    Needle,
+}
+
+impl Task {
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Passkey => "passkey",
+            Task::Needle => "needle",
+        }
+    }
+}
+
+/// The grid to run.
+#[derive(Debug, Clone)]
+pub struct RetrievalOptions {
+    /// Prompt lengths in tokens (the prompt is at most this long).
+    pub lengths: Vec<usize>,
+    /// Key depths in [0, 1].
+    pub depths: Vec<f64>,
+    /// Prompts per (length, depth) cell.
+    pub trials: usize,
+    /// Tokens generated after the question.
+    pub max_new_tokens: usize,
+    pub seed: u64,
+}
+
+/// One prompt and what the model answered.
+#[derive(Debug, Clone, Serialize)]
+pub struct Trial {
+    pub length: usize,
+    pub depth: f64,
+    pub trial: usize,
+    /// Tokens in the prompt (BOS included).
+    pub prompt_tokens: usize,
+    pub expected: String,
+    pub output: String,
+    pub correct: bool,
+}
+
+/// Accuracy of one (length, depth) cell.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    pub length: usize,
+    pub depth: f64,
+    pub trials: usize,
+    pub accuracy: f64,
+}
+
+/// Accuracy at one length over all depths.
+#[derive(Debug, Clone, Serialize)]
+pub struct LengthAccuracy {
+    pub length: usize,
+    pub trials: usize,
+    pub accuracy: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RetrievalReport {
+    pub task: Task,
+    pub trials: Vec<Trial>,
+    pub cells: Vec<Cell>,
+    pub by_length: Vec<LengthAccuracy>,
+    /// All trials.
+    pub accuracy: f64,
+}
+
+impl RetrievalOptions {
+    fn validate(&self, model: &Model) -> Result<()> {
+        if self.lengths.is_empty() || self.depths.is_empty() {
+            return Err(Error::Invalid(
+                "--lengths and --depths need at least one value each".into(),
+            ));
+        }
+        if self.trials == 0 || self.max_new_tokens == 0 {
+            return Err(Error::Invalid(
+                "--trials and --max-new-tokens must be >= 1".into(),
+            ));
+        }
+        if let Some(d) = self.depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
+            return Err(Error::Invalid(format!("depth {d} is outside [0, 1]")));
+        }
+        let max = model.cfg.max_position_embeddings;
+        if let Some(l) = self
+            .lengths
+            .iter()
+            .find(|&&l| l + self.max_new_tokens > max)
+        {
+            return Err(Error::Invalid(format!(
+                "length {l} plus {} new tokens exceeds the model's max_position_embeddings {max}",
+                self.max_new_tokens
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The first run of ASCII digits in `text`.
+pub fn first_integer(text: &str) -> Option<&str> {
+    let start = text.find(|c: char| c.is_ascii_digit())?;
+    let rest = &text[start..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
+/// Whether `output` answers `expected` under the task's scoring rule.
+pub fn is_correct(task: Task, output: &str, expected: &str) -> bool {
+    match task {
+        Task::Passkey => first_integer(output) == Some(expected),
+        Task::Needle => output.contains(expected),
+    }
+}
+
+/// Run the passkey grid.
+pub fn passkey(
+    model: &Model,
+    tok: &Tokenizer,
+    opts: &RetrievalOptions,
+    progress: bool,
+) -> Result<RetrievalReport> {
+    opts.validate(model)?;
+    let pk = Passkey::new(tok)?;
+    run_grid(
+        model,
+        tok,
+        Task::Passkey,
+        opts,
+        progress,
+        |len, depth, rng| {
+            // The BOS token takes one position of the length.
+            pk.build(len - 1, depth, random_value(rng))
+        },
+    )
+}
+
+/// Run the needle grid over `haystack` (held-out corpus tokens): trial `i` of a length
+/// takes its text from an evenly spaced offset, the same for every depth.
+#[allow(clippy::too_many_arguments)]
+pub fn needle(
+    model: &Model,
+    tok: &Tokenizer,
+    haystack: &[u32],
+    needle: &str,
+    question: &str,
+    opts: &RetrievalOptions,
+    progress: bool,
+) -> Result<RetrievalReport> {
+    opts.validate(model)?;
+    let nd = Needle::new(tok, needle, question)?;
+    let longest = opts.lengths.iter().copied().max().unwrap_or(0);
+    if haystack.len() < longest {
+        return Err(Error::Corpus(format!(
+            "the held-out text has {} tokens, fewer than the longest length {longest} (raise --val-fraction or use a larger corpus)",
+            haystack.len()
+        )));
+    }
+    let mut counter = std::collections::HashMap::<usize, usize>::new();
+    run_grid(
+        model,
+        tok,
+        Task::Needle,
+        opts,
+        progress,
+        |len, depth, rng| {
+            let value = random_value(rng).to_string();
+            let hay_len = len.saturating_sub(1 + nd.overhead(&value)?);
+            if hay_len == 0 {
+                return Err(Error::Invalid(format!(
+                    "length {len} is too short for the needle"
+                )));
+            }
+            // Trials of a length walk through the text; depths of one trial share a start.
+            let n = counter.entry(len).or_default();
+            let trial = *n / opts.depths.len();
+            *n += 1;
+            let span = haystack.len() - hay_len;
+            let start = if opts.trials > 1 {
+                trial * span / (opts.trials - 1)
+            } else {
+                span / 2
+            };
+            nd.build(&haystack[start..start + hay_len], depth, &value)
+        },
+    )
+}
+
+fn run_grid(
+    model: &Model,
+    tok: &Tokenizer,
+    task: Task,
+    opts: &RetrievalOptions,
+    progress: bool,
+    mut build: impl FnMut(usize, f64, &mut ChaCha8Rng) -> Result<RetrievalDoc>,
+) -> Result<RetrievalReport> {
+    let total = (opts.lengths.len() * opts.depths.len() * opts.trials) as u64;
+    let bar = crate::progress::bar(total, task.name(), progress);
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let mut trials = Vec::new();
+    let mut cells = Vec::new();
+    let mut by_length = Vec::new();
+    for &length in &opts.lengths {
+        let mut right_at_length = 0;
+        for trial in 0..opts.trials {
+            for &depth in &opts.depths {
+                bar.set_message(format!("{length} tokens, depth {depth}"));
+                let doc = build(length, depth, &mut rng)?;
+                let mut ids = Vec::with_capacity(doc.prompt.len() + 1);
+                ids.push(tok.bos_id);
+                ids.extend_from_slice(&doc.prompt);
+                let out = greedy_continue(model, &ids, opts.max_new_tokens, tok.eos_id)?;
+                let output = tok.decode(&out, true)?;
+                let correct = is_correct(task, &output, &doc.value);
+                right_at_length += correct as usize;
+                trials.push(Trial {
+                    length,
+                    depth,
+                    trial,
+                    prompt_tokens: ids.len(),
+                    expected: doc.value,
+                    output,
+                    correct,
+                });
+                bar.inc(1);
+            }
+        }
+        for &depth in &opts.depths {
+            let right = trials
+                .iter()
+                .filter(|t| t.length == length && t.depth == depth && t.correct)
+                .count();
+            cells.push(Cell {
+                length,
+                depth,
+                trials: opts.trials,
+                accuracy: right as f64 / opts.trials as f64,
+            });
+        }
+        let n = opts.trials * opts.depths.len();
+        by_length.push(LengthAccuracy {
+            length,
+            trials: n,
+            accuracy: right_at_length as f64 / n as f64,
+        });
+    }
+    bar.finish_and_clear();
+    let accuracy = trials.iter().filter(|t| t.correct).count() as f64 / trials.len() as f64;
+    Ok(RetrievalReport {
+        task,
+        trials,
+        cells,
+        by_length,
+        accuracy,
+    })
+}
+
+/// A text table: one row per length, one column per depth, plus the row's accuracy.
+pub fn format_table(r: &RetrievalReport) -> String {
+    let depths: Vec<f64> = {
+        let mut d: Vec<f64> = r.cells.iter().map(|c| c.depth).collect();
+        d.dedup();
+        d.truncate(r.cells.len() / r.by_length.len().max(1));
+        d
+    };
+    let mut s = format!("{:>8}", "length");
+    for d in &depths {
+        s += &format!(" {:>7}", format!("d={d}"));
+    }
+    s += &format!(" {:>8}\n", "all");
+    for la in &r.by_length {
+        s += &format!("{:>8}", la.length);
+        for c in r.cells.iter().filter(|c| c.length == la.length) {
+            s += &format!(" {:>6.0}%", c.accuracy * 100.0);
+        }
+        s += &format!(" {:>7.1}%\n", la.accuracy * 100.0);
+    }
+    s += &format!(
+        "overall {:.1}% of {} prompts\n",
+        r.accuracy * 100.0,
+        r.trials.len()
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scoring_rules() {
+        assert_eq!(first_integer(" 48213. Remember"), Some("48213"));
+        assert_eq!(first_integer("no digits"), None);
+        assert!(is_correct(Task::Passkey, " 48213.", "48213"));
+        assert!(!is_correct(Task::Passkey, " 482135", "48213"));
+        assert!(!is_correct(Task::Passkey, " 1 48213", "48213"));
+        assert!(is_correct(Task::Needle, "is 1 48213", "48213"));
+        assert!(!is_correct(Task::Needle, "4821", "48213"));
+    }
+}

@@ -1,0 +1,154 @@
+//! The long-context evaluations' parts against independent computations: the greedy
+//! decoder equals `generate` at temperature 0, perplexity equals the training loss
+//! function on the same window, and retrieval prompts put the key where they say.
+
+mod common;
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use sparrow::data::retrieval::{Passkey, RetrievalMix};
+use sparrow::eval::retrieval::{self, RetrievalOptions, Task};
+use sparrow::infer::generate::{generate, greedy_continue, GenerateOptions};
+use sparrow::infer::sampler::SamplerConfig;
+use sparrow::model::Model;
+use sparrow::tokenizer::Tokenizer;
+use sparrow::train::loss::cross_entropy;
+
+fn setup() -> (Model, Tokenizer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    write_synthetic_corpus(dir.path());
+    let files = sparrow::data::corpus::list_text_files(dir.path()).unwrap();
+    let tok = Tokenizer::train(&files, 400, false).unwrap();
+    let mut cfg = tiny_config();
+    cfg.initializer_range = 0.3;
+    cfg.max_position_embeddings = 512;
+    let model = Model::new_random(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+    (model, tok, dir)
+}
+
+#[test]
+fn greedy_continue_equals_generate_at_temperature_zero() {
+    let (model, tok, _dir) = setup();
+    let prompt = "The whale watched the grey horizon. A sailor";
+    let opts = GenerateOptions {
+        max_tokens: 12,
+        sampler: SamplerConfig {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+        },
+        seed: 0,
+        stop_at_eos: true,
+    };
+    let (ids, _) = generate(&model, &tok, prompt, &opts, |_| {}).unwrap();
+    let mut input = vec![tok.bos_id];
+    input.extend(tok.encode(prompt).unwrap());
+    let greedy = greedy_continue(&model, &input, 12, tok.eos_id).unwrap();
+    assert_eq!(greedy, ids);
+    assert!(greedy_continue(&model, &input, 1000, tok.eos_id).is_err());
+}
+
+#[test]
+fn perplexity_equals_the_training_loss_on_the_same_window() {
+    let (model, tok, dir) = setup();
+    let files = sparrow::data::corpus::list_text_files(dir.path()).unwrap();
+    let tokens = tok
+        .encode(&std::fs::read_to_string(&files[0]).unwrap())
+        .unwrap();
+    let n = 77;
+    let rows = sparrow::eval::perplexity::measure(&model, &tokens, &[n], 1, false).unwrap();
+    let inp = Tensor::from_slice(&tokens[..n], (1, n), &Device::Cpu).unwrap();
+    let tgt = Tensor::from_slice(&tokens[1..n + 1], n, &Device::Cpu).unwrap();
+    let logits = model
+        .forward(&inp, None)
+        .unwrap()
+        .logits
+        .squeeze(0)
+        .unwrap();
+    let want = cross_entropy(&logits, &tgt)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let got = rows[0].loss;
+    assert!((got - want).abs() / want < 1e-5, "{got} vs {want}");
+    assert!((rows[0].perplexity - want.exp()).abs() / want.exp() < 1e-5);
+    assert!(rows[0].loss_second_half.is_finite());
+    assert!(sparrow::eval::perplexity::measure(&model, &tokens, &[100_000], 1, false).is_err());
+}
+
+#[test]
+fn passkey_report_counts_cells_and_lengths() {
+    let (model, tok, _dir) = setup();
+    let opts = RetrievalOptions {
+        lengths: vec![200, 300],
+        depths: vec![0.0, 0.5, 1.0],
+        trials: 2,
+        max_new_tokens: 4,
+        seed: 5,
+    };
+    let r = retrieval::passkey(&model, &tok, &opts, false).unwrap();
+    assert_eq!(r.task, Task::Passkey);
+    assert_eq!(r.trials.len(), 12);
+    assert_eq!(r.cells.len(), 6);
+    assert_eq!(r.by_length.len(), 2);
+    for t in &r.trials {
+        assert!(
+            t.prompt_tokens <= t.length,
+            "{} > {}",
+            t.prompt_tokens,
+            t.length
+        );
+        assert_eq!(t.expected.len(), 5);
+        assert_eq!(
+            t.correct,
+            retrieval::is_correct(Task::Passkey, &t.output, &t.expected)
+        );
+    }
+    // The same seed draws the same keys; another seed other keys.
+    let again = retrieval::passkey(&model, &tok, &opts, false).unwrap();
+    let keys = |r: &retrieval::RetrievalReport| -> Vec<String> {
+        r.trials.iter().map(|t| t.expected.clone()).collect()
+    };
+    assert_eq!(keys(&again), keys(&r));
+    let other = retrieval::passkey(
+        &model,
+        &tok,
+        &RetrievalOptions {
+            seed: 6,
+            ..opts.clone()
+        },
+        false,
+    )
+    .unwrap();
+    assert_ne!(keys(&other), keys(&r));
+    for bad in [
+        RetrievalOptions {
+            depths: vec![1.5],
+            ..opts.clone()
+        },
+        RetrievalOptions {
+            lengths: vec![510],
+            ..opts.clone()
+        },
+        RetrievalOptions {
+            trials: 0,
+            ..opts.clone()
+        },
+    ] {
+        assert!(retrieval::passkey(&model, &tok, &bad, false).is_err());
+    }
+}
+
+/// The key line starts at `key_at`, and no digit comes before it (the filler has none).
+#[test]
+fn passkey_prompt_carries_its_key_where_it_says() {
+    let (_, tok, _dir) = setup();
+    let pk = Passkey::new(&tok).unwrap();
+    for depth in [0.0, 0.3, 1.0] {
+        let d = pk.build(400, depth, 24680).unwrap();
+        let after = tok.decode(&d.prompt[d.key_at..], true).unwrap();
+        assert_eq!(retrieval::first_integer(&after), Some("24680"));
+        let before = tok.decode(&d.prompt[..d.key_at], true).unwrap();
+        assert_eq!(retrieval::first_integer(&before), None);
+    }
+    let _ = RetrievalMix::new(&tok).unwrap();
+}
