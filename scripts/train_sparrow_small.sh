@@ -4,7 +4,9 @@
 #   1. language modelling on the corpus, 1024-token windows (DSA: dense warm-up of the
 #      indexer for the first 150 steps, then sparse);
 #   2. the same length with 60% of the rows replaced by generated passkey / needle
-#      documents (the model learns to look things up);
+#      documents (the model learns to look things up; DSA: dense attention with the
+#      indexer learning by KL for the first half, so it learns where lookups attend,
+#      then sparse);
 #   3. the long-context stage: 8192-token windows, 50% retrieval rows.
 # Each stage starts from the previous one's weights (`train --init-from`); an existing
 # stage directory is resumed (a finished one is left as it is), so rerunning continues.
@@ -12,14 +14,17 @@
 set -euo pipefail
 kind=${1:?usage: $0 sparse|dense [OUT_PREFIX]}
 case $kind in
-  sparse) c1=configs/sparrow-small.json; c23=configs/sparrow-small-long.json; name=sparrow-small ;;
-  dense) c1=configs/sparrow-small-dense.json; c23=$c1; name=sparrow-small-dense ;;
+  sparse) c1=configs/sparrow-small.json; name=sparrow-small
+          s2_extra=(--indexer-dense-warmup-steps $((${S2_STEPS:-240} / 2)))
+          s3_extra=(--indexer-dense-warmup-steps 0) ;;
+  dense) c1=configs/sparrow-small-dense.json; name=sparrow-small-dense
+         s2_extra=(); s3_extra=() ;;
   *) echo "KIND must be sparse or dense" >&2; exit 2 ;;
 esac
 prefix=${2:-runs/ss}/$name
 bin=${SPARROW_BIN:-target/release/sparrow}
 corpus=${CORPUS:-data/corpus}
-S1_STEPS=${S1_STEPS:-260} S2_STEPS=${S2_STEPS:-200} S3_STEPS=${S3_STEPS:-100}
+S1_STEPS=${S1_STEPS:-260} S2_STEPS=${S2_STEPS:-240} S3_STEPS=${S3_STEPS:-100}
 mkdir -p "$(dirname "$prefix")"
 tok=$(dirname "$prefix")/tokenizer.json
 [ -f "$tok" ] || "$bin" tokenizer train --corpus "$corpus" --vocab-size 8192 --out "$tok"
@@ -35,9 +40,9 @@ stage "$prefix-s1" --config "$c1" --corpus "$corpus" --tokenizer "$tok" \
 # together they would not fit in 24 GB.
 exec 9>"$(dirname "$prefix")/.stage23.lock"
 flock 9
-stage "$prefix-s2" --config "$c23" --corpus "$corpus" --init-from "$prefix-s1" \
+stage "$prefix-s2" --corpus "$corpus" --init-from "$prefix-s1" "${s2_extra[@]}" \
   --steps "$S2_STEPS" --batch-size 8 --seq-len 1024 --lr 1e-3 --warmup-steps 20 \
   --retrieval-mix 0.6 --val-every 50 --val-batches 4 --checkpoint-every 50
-stage "$prefix-s3" --config "$c23" --corpus "$corpus" --init-from "$prefix-s2" \
+stage "$prefix-s3" --corpus "$corpus" --init-from "$prefix-s2" "${s3_extra[@]}" \
   --steps "$S3_STEPS" --batch-size 1 --seq-len 8192 --lr 5e-4 --warmup-steps 10 \
   --retrieval-mix 0.5 --val-every 25 --val-batches 4 --checkpoint-every 25

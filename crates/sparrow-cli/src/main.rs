@@ -463,6 +463,10 @@ struct TrainArgs {
     /// Share of batch rows replaced by generated passkey / needle retrieval documents.
     #[arg(long)]
     retrieval_mix: Option<f64>,
+    /// Set the config's `indexer_dense_warmup_steps` for this run (e.g. per training
+    /// stage); the run's config.json records the value used.
+    #[arg(long)]
+    indexer_dense_warmup_steps: Option<u64>,
     /// Folder of .txt files.
     #[arg(long)]
     corpus: Option<PathBuf>,
@@ -853,6 +857,13 @@ fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
             (None, Some(dir)) => sparrow::hf::read_config(&dir.join("config.json"))?.0,
             (None, None) => bail!("--config is required"),
         };
+        let mut config = config;
+        if let Some(n) = a.indexer_dense_warmup_steps {
+            if !config.has_dsa() {
+                bail!("--indexer-dense-warmup-steps: the model has no `dsa` layer");
+            }
+            config.indexer_dense_warmup_steps = n;
+        }
         let mut o = TrainOptions::default();
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = a.$f { o.$f = v; } )* };
