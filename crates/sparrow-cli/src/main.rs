@@ -738,8 +738,12 @@ fn run(cli: Cli) -> Result<()> {
             dtype,
         } => {
             let dtype = dtype.into();
-            let (m, step) =
-                Model::load_dir(&model, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+            let (m, step) = Model::load_for_inference(
+                &model,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+                |_| {},
+            )?;
             let tok = model.join("tokenizer.json");
             let tok = tok.exists().then_some(tok);
             match to {
@@ -772,8 +776,12 @@ fn run(cli: Cli) -> Result<()> {
             out,
             decode,
         } => {
-            let (m, _) =
-                Model::load_dir(&model, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+            let (m, _) = Model::load_for_inference(
+                &model,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+                |_| {},
+            )?;
             let dev = candle_core::Device::Cpu;
             let t = ids.len();
             let input = candle_core::Tensor::from_vec(ids.clone(), (1, t), &dev)?;
@@ -941,7 +949,12 @@ fn load_model_and_tokenizer(dir: &Path) -> Result<(Model, Tokenizer)> {
             dir.display()
         );
     }
-    let (m, _) = Model::load_dir(dir, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    let (m, _) = Model::load_for_inference(
+        dir,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        |_| {},
+    )?;
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
     Ok((m, tok))
 }
@@ -1125,8 +1138,12 @@ fn run_eval(cmd: EvalCmd, progress: bool) -> Result<()> {
             if !(val_fraction > 0.0 && val_fraction <= 1.0) {
                 bail!("--val-fraction must be in (0, 1]");
             }
-            let (m, _) =
-                Model::load_dir(&model, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+            let (m, _) = Model::load_for_inference(
+                &model,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+                |_| {},
+            )?;
             let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
             let tokens =
                 sparrow::eval::recall::held_out_tokens(&corpus, &tok, val_fraction, progress)?;
@@ -1156,7 +1173,7 @@ fn run_eval(cmd: EvalCmd, progress: bool) -> Result<()> {
             val_fraction,
             json,
         } => {
-            let (m, _) = Model::load_dir_with(
+            let (m, _) = Model::load_for_inference(
                 &model,
                 candle_core::DType::F32,
                 &candle_core::Device::Cpu,

@@ -256,3 +256,25 @@ fn half_precision_storage_round_trips() {
         .save_dir_as(&dir.path().join("u8"), None, DType::U8)
         .is_err());
 }
+
+/// A model loaded for inference computes the same logits as the trainable load and
+/// records no autograd graph (so long prompts keep only live activations).
+#[test]
+fn inference_load_keeps_no_graph_and_matches() {
+    use candle_core::{DType, Device, Tensor};
+    let cfg = common::tiny_config();
+    let model = sparrow::model::Model::new_random(&cfg, 8, DType::F32, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    model.save_dir(dir.path(), None).unwrap();
+    let ids = Tensor::from_slice(&[3u32, 9, 27, 81], (1, 4), &Device::Cpu).unwrap();
+    let (train, _) = sparrow::model::Model::load_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let (infer, _) =
+        sparrow::model::Model::load_for_inference(dir.path(), DType::F32, &Device::Cpu, |_| {})
+            .unwrap();
+    let a = train.forward(&ids, None).unwrap().logits;
+    let b = infer.forward(&ids, None).unwrap().logits;
+    assert!(a.track_op(), "the trainable load records the graph");
+    assert!(!b.track_op(), "the inference load must not record a graph");
+    assert_eq!(common::rel_err(&a, &b), 0.0);
+    assert_eq!(infer.store.num_parameters(), train.store.num_parameters());
+}

@@ -196,7 +196,7 @@ fn measure(
     ood_tokens: Option<&[u32]>,
 ) -> Result<RouterResult> {
     let o = &exp.options;
-    let (model, step) = Model::load_dir(dir, DType::F32, &Device::Cpu)?;
+    let (model, step) = Model::load_for_inference(dir, DType::F32, &Device::Cpu, |_| {})?;
     let data = TokenData::load_or_build(
         &exp.corpus,
         tokenizer,

@@ -56,8 +56,14 @@ impl Model {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::from_store(
+            cfg,
+            VarStore::loaded(tensors, source.to_path_buf(), dtype, device),
+        )
+    }
+
+    fn from_store(cfg: &ModelConfig, store: VarStore) -> Result<Self> {
         cfg.validate()?;
-        let store = VarStore::loaded(tensors, source.to_path_buf(), dtype, device);
         let net = Transformer::new(&store.root(), cfg)?;
         store.check_no_unused()?;
         Ok(Self {
@@ -83,6 +89,28 @@ impl Model {
         device: &Device,
         edit: impl FnOnce(&mut ModelConfig),
     ) -> Result<(Self, Option<u64>)> {
+        Self::load_dir_impl(dir, dtype, device, edit, false)
+    }
+
+    /// `load_dir_with` for inference (generation, evaluation, export): the layers get
+    /// detached parameters (`VarStore::frozen`), so a forward keeps no autograd graph
+    /// and a long prompt needs memory for its live activations only.
+    pub fn load_for_inference(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        edit: impl FnOnce(&mut ModelConfig),
+    ) -> Result<(Self, Option<u64>)> {
+        Self::load_dir_impl(dir, dtype, device, edit, true)
+    }
+
+    fn load_dir_impl(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        edit: impl FnOnce(&mut ModelConfig),
+        frozen: bool,
+    ) -> Result<(Self, Option<u64>)> {
         if !dir.is_dir() {
             return Err(Error::checkpoint(dir, "model directory does not exist"));
         }
@@ -103,7 +131,11 @@ impl Model {
             })?),
             None => None,
         };
-        let model = Self::from_tensors(&cfg, tensors, &path, dtype, device)?;
+        let mut store = VarStore::loaded(tensors, path.clone(), dtype, device);
+        if frozen {
+            store = store.frozen();
+        }
+        let model = Self::from_store(&cfg, store)?;
         Ok((model, step))
     }
 

@@ -47,6 +47,9 @@ pub struct VarStore {
     source: Source,
     dtype: DType,
     device: Device,
+    /// Hand the layers detached tensors: their forward passes record no autograd graph,
+    /// so activations are freed as soon as they are used (inference).
+    frozen: bool,
 }
 
 fn name_hash(name: &str) -> u64 {
@@ -68,6 +71,7 @@ impl VarStore {
             source: Source::Random { seed },
             dtype,
             device: device.clone(),
+            frozen: false,
         }
     }
 
@@ -84,7 +88,16 @@ impl VarStore {
             source: Source::Loaded { tensors, path },
             dtype,
             device: device.clone(),
+            frozen: false,
         }
+    }
+
+    /// This store for inference: the tensors it hands out are detached (they share
+    /// storage with the variables, so buffer updates still show), and forward passes
+    /// keep no graph. Must be called before the model is built.
+    pub fn frozen(mut self) -> Self {
+        self.frozen = true;
+        self
     }
 
     /// Root builder.
@@ -156,7 +169,7 @@ impl VarStore {
 
     fn get(&self, name: String, shape: &[usize], init: Init) -> Result<Tensor> {
         if let Some(v) = self.vars.borrow().get(&name) {
-            return Ok(v.as_tensor().clone());
+            return Ok(self.hand_out(&v));
         }
         let tensor = match &self.source {
             Source::Random { seed } => {
@@ -202,9 +215,17 @@ impl VarStore {
             }
         };
         let var = Var::from_tensor(&tensor)?;
-        let out = var.as_tensor().clone();
+        let out = self.hand_out(&var);
         self.vars.borrow_mut().insert(name, var);
         Ok(out)
+    }
+
+    fn hand_out(&self, var: &Var) -> Tensor {
+        if self.frozen {
+            var.as_tensor().detach()
+        } else {
+            var.as_tensor().clone()
+        }
     }
 }
 
