@@ -169,7 +169,7 @@ impl VarStore {
 
     fn get(&self, name: String, shape: &[usize], init: Init) -> Result<Tensor> {
         if let Some(v) = self.vars.borrow().get(&name) {
-            return Ok(self.hand_out(&v));
+            return Ok(self.hand_out(v));
         }
         let tensor = match &self.source {
             Source::Random { seed } => {
