@@ -7,7 +7,7 @@
 #      documents (the model learns to look things up; DSA: dense attention with the
 #      indexer learning by KL for the first half, so it learns where lookups attend,
 #      then sparse);
-#   3. the long-context stage: 8192-token windows, 50% retrieval rows.
+#   3. the long-context stage: 8192-token windows, 75% retrieval rows.
 # Each stage starts from the previous one's weights (`train --init-from`); an existing
 # stage directory is resumed (a finished one is left as it is), so rerunning continues.
 # Usage: scripts/train_sparrow_small.sh sparse|dense [OUT_PREFIX] (default runs/ss/...)
@@ -45,4 +45,4 @@ stage "$prefix-s2" --corpus "$corpus" --init-from "$prefix-s1" "${s2_extra[@]}" 
   --retrieval-mix 0.6 --val-every 50 --val-batches 4 --checkpoint-every 50
 stage "$prefix-s3" --corpus "$corpus" --init-from "$prefix-s2" "${s3_extra[@]}" \
   --steps "$S3_STEPS" --batch-size 1 --seq-len 8192 --lr 5e-4 --warmup-steps 10 \
-  --retrieval-mix 0.5 --val-every 25 --val-batches 4 --checkpoint-every 25
+  --retrieval-mix 0.75 --val-every 25 --val-batches 4 --checkpoint-every 25

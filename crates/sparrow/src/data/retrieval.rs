@@ -213,7 +213,7 @@ impl RetrievalMix {
     /// Replace each row of a (batch, seq_len) training batch with a retrieval document
     /// with probability `share`: half passkey, half needle in the row's own corpus text
     /// (needle only when the drawn length is too short for a passkey prompt).
-    /// A document of random length (MIN_MIX_DOC ..= seq_len + 1 tokens, log-uniform)
+    /// A document of random length (MIN_MIX_DOC ..= seq_len + 1 tokens, uniform)
     /// with its key at a random depth ends the row; the row's corpus text fills what is
     /// left before it. `inputs` / `targets` are row-major, as `sample_batch` returns
     /// them. Returns how many rows were replaced.
@@ -248,10 +248,7 @@ impl RetrievalMix {
                     MIN_MIX_DOC - 1
                 )));
             }
-            let lo = (MIN_MIX_DOC as f64).ln();
-            let hi = (max_len as f64).ln();
-            let len =
-                (rng.random_range(lo..=hi).exp().round() as usize).clamp(MIN_MIX_DOC, max_len);
+            let len = rng.random_range(MIN_MIX_DOC..=max_len);
             let depth = rng.random::<f64>();
             let value = random_value(&mut rng);
             // The answer (" 12345.") takes at most ANSWER_ROOM tokens after the prompt.
