@@ -61,6 +61,8 @@ pub struct Trial {
     pub expected: String,
     pub output: String,
     pub correct: bool,
+    /// Wall time of prefill + decoding (a measurement, not part of the result).
+    pub secs: f64,
 }
 
 /// Accuracy of one (length, depth) cell.
@@ -78,6 +80,8 @@ pub struct LengthAccuracy {
     pub length: usize,
     pub trials: usize,
     pub accuracy: f64,
+    /// Mean seconds per prompt (prefill + decoding).
+    pub mean_secs: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -234,7 +238,9 @@ fn run_grid(
                 let mut ids = Vec::with_capacity(doc.prompt.len() + 1);
                 ids.push(tok.bos_id);
                 ids.extend_from_slice(&doc.prompt);
+                let started = std::time::Instant::now();
                 let out = greedy_continue(model, &ids, opts.max_new_tokens, tok.eos_id)?;
+                let secs = started.elapsed().as_secs_f64();
                 let output = tok.decode(&out, true)?;
                 let correct = is_correct(task, &output, &doc.value);
                 right_at_length += correct as usize;
@@ -246,6 +252,7 @@ fn run_grid(
                     expected: doc.value,
                     output,
                     correct,
+                    secs,
                 });
                 bar.inc(1);
             }
@@ -263,10 +270,16 @@ fn run_grid(
             });
         }
         let n = opts.trials * opts.depths.len();
+        let secs: f64 = trials
+            .iter()
+            .filter(|t| t.length == length)
+            .map(|t| t.secs)
+            .sum();
         by_length.push(LengthAccuracy {
             length,
             trials: n,
             accuracy: right_at_length as f64 / n as f64,
+            mean_secs: secs / n as f64,
         });
     }
     bar.finish_and_clear();
@@ -292,13 +305,13 @@ pub fn format_table(r: &RetrievalReport) -> String {
     for d in &depths {
         s += &format!(" {:>7}", format!("d={d}"));
     }
-    s += &format!(" {:>8}\n", "all");
+    s += &format!(" {:>8} {:>9}\n", "all", "s/prompt");
     for la in &r.by_length {
         s += &format!("{:>8}", la.length);
         for c in r.cells.iter().filter(|c| c.length == la.length) {
             s += &format!(" {:>6.0}%", c.accuracy * 100.0);
         }
-        s += &format!(" {:>7.1}%\n", la.accuracy * 100.0);
+        s += &format!(" {:>7.1}% {:>9.2}\n", la.accuracy * 100.0, la.mean_secs);
     }
     s += &format!(
         "overall {:.1}% of {} prompts\n",
