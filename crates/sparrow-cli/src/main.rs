@@ -463,6 +463,10 @@ struct TrainArgs {
     /// Share of batch rows replaced by generated passkey / needle retrieval documents.
     #[arg(long)]
     retrieval_mix: Option<f64>,
+    /// Share of those documents that are passkey prompts (the rest: needles in corpus
+    /// text); default 0.5.
+    #[arg(long)]
+    retrieval_passkey_share: Option<f64>,
     /// Set the config's `indexer_dense_warmup_steps` for this run (e.g. per training
     /// stage); the run's config.json records the value used.
     #[arg(long)]
@@ -888,7 +892,8 @@ fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
             val_batches,
             checkpoint_every,
             val_fraction,
-            retrieval_mix
+            retrieval_mix,
+            retrieval_passkey_share
         );
         if let Some(wd) = a.weight_decay {
             o.adamw.weight_decay = wd;

@@ -150,5 +150,6 @@ fn passkey_prompt_carries_its_key_where_it_says() {
         let before = tok.decode(&d.prompt[..d.key_at], true).unwrap();
         assert_eq!(retrieval::first_integer(&before), None);
     }
-    let _ = RetrievalMix::new(&tok).unwrap();
+    assert!(RetrievalMix::new(&tok, 0.9).is_ok());
+    assert!(RetrievalMix::new(&tok, 1.5).is_err());
 }

@@ -192,6 +192,8 @@ pub struct RetrievalMix {
     passkey: Passkey,
     passkey_min_len: usize,
     needle: Needle,
+    /// Share of the mixed documents that are passkey prompts (the rest: needles).
+    passkey_share: f64,
 }
 
 /// The shortest retrieval document the mix generates, in tokens.
@@ -201,18 +203,26 @@ pub const MIN_MIX_DOC: usize = 128;
 const ANSWER_ROOM: usize = 8;
 
 impl RetrievalMix {
-    pub fn new(tok: &Tokenizer) -> Result<Self> {
+    /// `passkey_share` in [0, 1]: the share of passkey documents (the rest are needles).
+    pub fn new(tok: &Tokenizer, passkey_share: f64) -> Result<Self> {
+        if !(0.0..=1.0).contains(&passkey_share) {
+            return Err(Error::Invalid(format!(
+                "the passkey share must be in [0, 1], got {passkey_share}"
+            )));
+        }
         let passkey = Passkey::new(tok)?;
         Ok(Self {
             passkey_min_len: passkey.min_len()? + 2,
             passkey,
             needle: Needle::new(tok, DEFAULT_NEEDLE, DEFAULT_NEEDLE_QUESTION)?,
+            passkey_share,
         })
     }
 
     /// Replace each row of a (batch, seq_len) training batch with a retrieval document
-    /// with probability `share`: half passkey, half needle in the row's own corpus text
-    /// (needle only when the drawn length is too short for a passkey prompt).
+    /// with probability `share`: a passkey prompt with probability `passkey_share`, else
+    /// a needle in the row's own corpus text (needle also when the drawn length is too
+    /// short for a passkey prompt).
     /// A document of random length (MIN_MIX_DOC ..= seq_len + 1 tokens, uniform)
     /// with its key at a random depth ends the row; the row's corpus text fills what is
     /// left before it. `inputs` / `targets` are row-major, as `sample_batch` returns
@@ -252,7 +262,13 @@ impl RetrievalMix {
             let depth = rng.random::<f64>();
             let value = random_value(&mut rng);
             // The answer (" 12345.") takes at most ANSWER_ROOM tokens after the prompt.
-            let doc = if rng.random::<bool>() && len - ANSWER_ROOM >= self.passkey_min_len {
+            // A share of 0.5 draws a fair coin (the stream the first models trained on).
+            let passkey = if self.passkey_share == 0.5 {
+                rng.random::<bool>()
+            } else {
+                rng.random::<f64>() < self.passkey_share
+            };
+            let doc = if passkey && len - ANSWER_ROOM >= self.passkey_min_len {
                 self.passkey.build(len - ANSWER_ROOM, depth, value)?
             } else {
                 let over = self.needle.overhead(&value.to_string())? + ANSWER_ROOM;
@@ -338,7 +354,7 @@ mod tests {
     #[test]
     fn mix_replaces_rows_deterministically_and_keeps_shapes() {
         let t = tok();
-        let mix = RetrievalMix::new(&t).unwrap();
+        let mix = RetrievalMix::new(&t, 0.5).unwrap();
         let (b, s) = (6, 600);
         // Row r is the window stream[r * (s + 1)..][..s + 1], as sample_batch cuts it.
         let stream: Vec<u32> = (0..b * (s + 1)).map(|k| (k * 7 % 250) as u32 + 3).collect();

@@ -63,6 +63,14 @@ pub struct TrainOptions {
     /// needle, `data::retrieval`), 0 = plain corpus windows.
     #[serde(default)]
     pub retrieval_mix: f64,
+    /// Share of the retrieval documents that are passkey prompts (the rest: needles in
+    /// corpus text).
+    #[serde(default = "half")]
+    pub retrieval_passkey_share: f64,
+}
+
+fn half() -> f64 {
+    0.5
 }
 
 impl Default for TrainOptions {
@@ -83,6 +91,7 @@ impl Default for TrainOptions {
             val_fraction: 0.02,
             time_limit_secs: 0,
             retrieval_mix: 0.0,
+            retrieval_passkey_share: 0.5,
         }
     }
 }
@@ -110,6 +119,9 @@ impl TrainOptions {
         }
         if !(0.0..=1.0).contains(&self.retrieval_mix) {
             return bad("--retrieval-mix must be in [0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.retrieval_passkey_share) {
+            return bad("--retrieval-passkey-share must be in [0, 1]");
         }
         if self.retrieval_mix > 0.0 && self.seq_len < retrieval::MIN_MIX_DOC {
             return Err(Error::Invalid(format!(
@@ -335,7 +347,7 @@ fn run_loop(
     state.data.val_tokens = data.val.len();
     let val_set = eval_windows(&data.val, o.val_batches * o.batch_size, o.seq_len)?;
     let mix = if o.retrieval_mix > 0.0 {
-        Some(RetrievalMix::new(&tokenizer)?)
+        Some(RetrievalMix::new(&tokenizer, o.retrieval_passkey_share)?)
     } else {
         None
     };
