@@ -401,6 +401,19 @@ mod tests {
                 assert!(tail[1..6].chars().all(|c| c.is_ascii_digit()), "{tail:?}");
             }
         }
+        // The answer at the end of each replaced row is the value its key line or needle
+        // states earlier in the row.
+        for r in 0..b {
+            let mut row = i[r * s..(r + 1) * s].to_vec();
+            row.push(tg[(r + 1) * s - 1]);
+            let text = t.decode(&row, true).unwrap();
+            let stated = ["The pass key is ", "The special magic number is "]
+                .iter()
+                .find_map(|p| text.find(p).map(|at| &text[at + p.len()..at + p.len() + 5]));
+            if let Some(value) = stated {
+                assert!(text.trim_end().ends_with(&format!(" {value}.")), "{text}");
+            }
+        }
         let (n0, i0, _) = {
             let (mut i, mut tg) = (inputs.clone(), targets.clone());
             let n = mix.mix_into_batch(&mut i, &mut tg, s, 0.0, 1, 7).unwrap();
