@@ -64,13 +64,14 @@ def main():
             dh = f"{d['perplexity_second_half']:.2f}" if d else "-"
             print(f"| {r['context']} | {r['windows']} | {r['perplexity']:.2f} | {dp} | {ratio} | {r['perplexity_second_half']:.2f} | {dh} |")
         print()
-    p = ev / "recall.jsonl"
-    if p.exists():
+    files = sorted(ev.glob("recall*.jsonl"), key=lambda f: len(f.name))
+    if files:
         print("### indexer recall\n")
         print("| layer | context | top-k | queries | mean | p5 | min |")
         print("|---|---|---|---|---|---|---|")
-        for r in load_jsonl(p):
-            print(f"| {r['layer']} | {r['context']} | {r['topk']} | {r['queries']} | {r['mean']:.4f} | {r['p5']:.4f} | {r['min']:.4f} |")
+        for f in files:
+            for r in load_jsonl(f):
+                print(f"| {r['layer']} | {r['context']} | {r['topk']} | {r['queries']} | {r['mean']:.4f} | {r['p5']:.4f} | {r['min']:.4f} |")
         print()
     p = ev / "routing.jsonl"
     if p.exists():

@@ -999,3 +999,37 @@ fn staged_training_with_retrieval_mix_then_long_context_evals() {
         );
     }
 }
+
+/// The README's first command: `sparrow generate "..."` from the repository root runs
+/// the bundled default model (no --model, no download, no training); its weights fit the
+/// 25 MB budget in f16.
+#[test]
+fn default_model_generates_from_the_repository_root() {
+    let root = common::repo_root();
+    let weights = root.join("models/sparrow-small/model.safetensors");
+    let size = std::fs::metadata(&weights).expect("models/sparrow-small is shipped").len();
+    assert!(size <= 25 * 1024 * 1024, "{size} bytes");
+    let bytes = std::fs::read(&weights).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8_lossy(&bytes[8..8 + header_len]);
+    assert!(header.contains("\"F16\"") && !header.contains("\"F32\""), "f16 storage");
+    let out = Command::new(env!("CARGO_BIN_EXE_sparrow"))
+        .current_dir(&root)
+        .args([
+            "generate",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "It is a truth universally acknowledged",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.starts_with("It is a truth universally acknowledged") && said.len() > 40,
+        "{said}"
+    );
+}
