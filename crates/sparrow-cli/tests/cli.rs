@@ -1007,12 +1007,17 @@ fn staged_training_with_retrieval_mix_then_long_context_evals() {
 fn default_model_generates_from_the_repository_root() {
     let root = common::repo_root();
     let weights = root.join("models/sparrow-small/model.safetensors");
-    let size = std::fs::metadata(&weights).expect("models/sparrow-small is shipped").len();
+    let size = std::fs::metadata(&weights)
+        .expect("models/sparrow-small is shipped")
+        .len();
     assert!(size <= 25 * 1024 * 1024, "{size} bytes");
     let bytes = std::fs::read(&weights).unwrap();
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header = String::from_utf8_lossy(&bytes[8..8 + header_len]);
-    assert!(header.contains("\"F16\"") && !header.contains("\"F32\""), "f16 storage");
+    assert!(
+        header.contains("\"F16\"") && !header.contains("\"F32\""),
+        "f16 storage"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_sparrow"))
         .current_dir(&root)
         .args([
