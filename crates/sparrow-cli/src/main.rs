@@ -175,8 +175,7 @@ struct RetrievalGrid {
     max_new_tokens: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Heatmap (length x depth) PNG; default MODEL/<task>.png is not written (models
-    /// may be read-only): pass a path to get one.
+    /// Also draw the accuracy heatmap (length x depth) into this PNG file.
     #[arg(long)]
     plot: Option<PathBuf>,
     /// One JSON object (trials, cells, accuracy by length) instead of the table.
