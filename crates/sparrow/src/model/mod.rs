@@ -76,7 +76,8 @@ impl Model {
     /// Load `config.json` + `model.safetensors` (or shards listed in
     /// `model.safetensors.index.json`) from a model directory, Sparrow's own or a
     /// Hugging Face `llama` / `mixtral` one (`crate::hf`). Returns the model and the step
-    /// recorded in the weights' metadata (if any).
+    /// recorded in the weights' metadata (if any). The parameters are trainable, so every
+    /// forward records an autograd graph: for inference use `load_for_inference`.
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, Option<u64>)> {
         Self::load_dir_with(dir, dtype, device, |_| {})
     }
