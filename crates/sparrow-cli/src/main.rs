@@ -863,12 +863,11 @@ fn run_train(a: TrainArgs, progress: bool) -> Result<()> {
             pause_at: a.pause_at,
         })?
     } else {
-        let config = match (&a.config, &a.init_from) {
+        let mut config = match (&a.config, &a.init_from) {
             (Some(p), _) => ModelConfig::from_file(p)?,
             (None, Some(dir)) => sparrow::hf::read_config(&dir.join("config.json"))?.0,
             (None, None) => bail!("--config is required"),
         };
-        let mut config = config;
         if let Some(n) = a.indexer_dense_warmup_steps {
             if !config.has_dsa() {
                 bail!("--indexer-dense-warmup-steps: the model has no `dsa` layer");
@@ -961,6 +960,19 @@ fn load_model_and_tokenizer(dir: &Path) -> Result<(Model, Tokenizer)> {
     )?;
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
     Ok((m, tok))
+}
+
+/// The held-out tail (`val_fraction` of each document, in (0, 1]) of a corpus, tokenized.
+fn held_out(corpus: &Path, tok: &Tokenizer, val_fraction: f64, progress: bool) -> Result<Vec<u32>> {
+    if !(val_fraction > 0.0 && val_fraction <= 1.0) {
+        bail!("--val-fraction must be in (0, 1]");
+    }
+    Ok(sparrow::eval::recall::held_out_tokens(
+        corpus,
+        tok,
+        val_fraction,
+        progress,
+    )?)
 }
 
 fn print_retrieval(
@@ -1075,13 +1087,9 @@ fn run_eval(cmd: EvalCmd, progress: bool) -> Result<()> {
             needle,
             question,
         } => {
-            if !(val_fraction > 0.0 && val_fraction <= 1.0) {
-                bail!("--val-fraction must be in (0, 1]");
-            }
             require_corpus(&corpus)?;
             let (m, tok) = load_model_and_tokenizer(&grid.model)?;
-            let hay =
-                sparrow::eval::recall::held_out_tokens(&corpus, &tok, val_fraction, progress)?;
+            let hay = held_out(&corpus, &tok, val_fraction, progress)?;
             let report = sparrow::eval::retrieval::needle(
                 &m,
                 &tok,
@@ -1101,13 +1109,9 @@ fn run_eval(cmd: EvalCmd, progress: bool) -> Result<()> {
             val_fraction,
             json,
         } => {
-            if !(val_fraction > 0.0 && val_fraction <= 1.0) {
-                bail!("--val-fraction must be in (0, 1]");
-            }
             require_corpus(&corpus)?;
             let (m, tok) = load_model_and_tokenizer(&model)?;
-            let tokens =
-                sparrow::eval::recall::held_out_tokens(&corpus, &tok, val_fraction, progress)?;
+            let tokens = held_out(&corpus, &tok, val_fraction, progress)?;
             let rows =
                 sparrow::eval::perplexity::measure(&m, &tokens, &context, windows, progress)?;
             if json {
@@ -1139,18 +1143,8 @@ fn run_eval(cmd: EvalCmd, progress: bool) -> Result<()> {
             batch_size,
             json,
         } => {
-            if !(val_fraction > 0.0 && val_fraction <= 1.0) {
-                bail!("--val-fraction must be in (0, 1]");
-            }
-            let (m, _) = Model::load_for_inference(
-                &model,
-                candle_core::DType::F32,
-                &candle_core::Device::Cpu,
-                |_| {},
-            )?;
-            let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
-            let tokens =
-                sparrow::eval::recall::held_out_tokens(&corpus, &tok, val_fraction, progress)?;
+            let (m, tok) = load_model_and_tokenizer(&model)?;
+            let tokens = held_out(&corpus, &tok, val_fraction, progress)?;
             let rows = sparrow::eval::routing::measure(
                 &m, &tokens, seq_len, windows, batch_size, progress,
             )?;

@@ -23,12 +23,7 @@ fn accuracy_color(a: f64) -> RGBColor {
 pub fn plot_heatmap(out: &Path, title: &str, report: &RetrievalReport) -> Result<()> {
     crate::font::register()?;
     let lengths: Vec<usize> = report.by_length.iter().map(|l| l.length).collect();
-    let mut depths: Vec<f64> = Vec::new();
-    for c in &report.cells {
-        if !depths.contains(&c.depth) {
-            depths.push(c.depth);
-        }
-    }
+    let depths = report.depths();
     if lengths.is_empty() || depths.is_empty() {
         return Err(Error::Invalid("no evaluation cells to plot".into()));
     }

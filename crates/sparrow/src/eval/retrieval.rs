@@ -94,6 +94,18 @@ pub struct RetrievalReport {
     pub accuracy: f64,
 }
 
+impl RetrievalReport {
+    /// The depths of the grid, in order (the cells of each length list them all).
+    pub fn depths(&self) -> Vec<f64> {
+        let first = self.by_length.first().map(|l| l.length);
+        self.cells
+            .iter()
+            .filter(|c| Some(c.length) == first)
+            .map(|c| c.depth)
+            .collect()
+    }
+}
+
 impl RetrievalOptions {
     fn validate(&self, model: &Model) -> Result<()> {
         if self.lengths.is_empty() || self.depths.is_empty() {
@@ -157,7 +169,7 @@ pub fn passkey(
         Task::Passkey,
         opts,
         progress,
-        |len, depth, rng| {
+        |len, depth, _trial, rng| {
             // The BOS token takes one position of the length.
             pk.build(len - 1, depth, random_value(rng))
         },
@@ -185,14 +197,13 @@ pub fn needle(
             haystack.len()
         )));
     }
-    let mut counter = std::collections::HashMap::<usize, usize>::new();
     run_grid(
         model,
         tok,
         Task::Needle,
         opts,
         progress,
-        |len, depth, rng| {
+        |len, depth, trial, rng| {
             let value = random_value(rng).to_string();
             let hay_len = len.saturating_sub(1 + nd.overhead(&value)?);
             if hay_len == 0 {
@@ -201,9 +212,6 @@ pub fn needle(
                 )));
             }
             // Trials of a length walk through the text; depths of one trial share a start.
-            let n = counter.entry(len).or_default();
-            let trial = *n / opts.depths.len();
-            *n += 1;
             let span = haystack.len() - hay_len;
             let start = if opts.trials > 1 {
                 trial * span / (opts.trials - 1)
@@ -221,7 +229,8 @@ fn run_grid(
     task: Task,
     opts: &RetrievalOptions,
     progress: bool,
-    mut build: impl FnMut(usize, f64, &mut ChaCha8Rng) -> Result<RetrievalDoc>,
+    // (length, depth, trial, key stream) -> prompt
+    mut build: impl FnMut(usize, f64, usize, &mut ChaCha8Rng) -> Result<RetrievalDoc>,
 ) -> Result<RetrievalReport> {
     let total = (opts.lengths.len() * opts.depths.len() * opts.trials) as u64;
     let bar = crate::progress::bar(total, task.name(), progress);
@@ -234,7 +243,7 @@ fn run_grid(
         for trial in 0..opts.trials {
             for &depth in &opts.depths {
                 bar.set_message(format!("{length} tokens, depth {depth}"));
-                let doc = build(length, depth, &mut rng)?;
+                let doc = build(length, depth, trial, &mut rng)?;
                 let mut ids = Vec::with_capacity(doc.prompt.len() + 1);
                 ids.push(tok.bos_id);
                 ids.extend_from_slice(&doc.prompt);
@@ -295,12 +304,7 @@ fn run_grid(
 
 /// A text table: one row per length, one column per depth, plus the row's accuracy.
 pub fn format_table(r: &RetrievalReport) -> String {
-    let depths: Vec<f64> = {
-        let mut d: Vec<f64> = r.cells.iter().map(|c| c.depth).collect();
-        d.dedup();
-        d.truncate(r.cells.len() / r.by_length.len().max(1));
-        d
-    };
+    let depths = r.depths();
     let mut s = format!("{:>8}", "length");
     for d in &depths {
         s += &format!(" {:>7}", format!("d={d}"));
