@@ -4,8 +4,8 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use sparrow::config::ModelConfig;
-use sparrow::infer::generate::{generate, GenerateOptions};
-use sparrow::infer::sampler::SamplerConfig;
+use sparrow::engine::generate::{generate, GenerateOptions};
+use sparrow::engine::sampler::SamplerConfig;
 use sparrow::model::Model;
 use sparrow::tokenizer::Tokenizer;
 use sparrow::train::{self, ResumeRequest, TrainOptions, TrainRequest};
@@ -790,10 +790,17 @@ fn run(cli: Cli) -> Result<()> {
             let input = candle_core::Tensor::from_vec(ids.clone(), (1, t), &dev)?;
             let mut tensors = vec![("logits".to_string(), m.forward(&input, None)?.logits)];
             if decode {
-                let mut cache = sparrow::infer::cache::KvCache::new(m.cfg.num_hidden_layers);
+                // One token per engine step over the sequence's own cache: the decode
+                // path every generation takes.
+                let mut cache = sparrow::model::cache::SeqCache::new(m.cfg.num_hidden_layers);
                 let mut steps = Vec::with_capacity(t);
                 for i in 0..t {
-                    steps.push(m.forward(&input.narrow(1, i, 1)?, Some(&mut cache))?.logits);
+                    let mut input = [sparrow::model::StepInput {
+                        tokens: &ids[i..i + 1],
+                        cache: &mut cache,
+                    }];
+                    let opts = sparrow::model::step::StepOptions::default();
+                    steps.push(m.step(&mut input, &opts)?.logits.unsqueeze(0)?);
                 }
                 tensors.push((
                     "logits_decode".to_string(),

@@ -7,7 +7,7 @@
 //! - [`tokenizer`]: byte-level BPE via HF `tokenizers`
 //! - [`data`]: corpus fetch and reading, token shards, batches
 //! - [`train`]: AdamW, schedule, training loop, atomic checkpoints, metrics
-//! - [`infer`]: KV cache, sampler, streaming generation
+//! - [`engine`]: per-sequence state, the batched step, sampling, streaming generation
 //! - [`eval`]: indexer recall, expert routing (and, later, perplexity, long-context tasks)
 //! - [`experiment`]: several trainings under one protocol, compared (routers)
 //! - [`bench`]: machine baselines and kernel benchmarks (dense vs sparse attention)
@@ -16,13 +16,13 @@
 pub mod bench;
 pub mod config;
 pub mod data;
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod experiment;
 pub mod font;
 pub mod fsio;
 pub mod hf;
-pub mod infer;
 pub mod kernels;
 pub mod model;
 pub mod progress;

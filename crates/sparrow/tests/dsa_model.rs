@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use sparrow::config::{AttentionKind, IndexerKind, IndexerTrainMode};
-use sparrow::infer::cache::KvCache;
+use sparrow::model::cache::KvCache;
 use sparrow::model::transformer::ForwardOptions;
 use sparrow::model::Model;
 use sparrow::train::loss::cross_entropy;
@@ -123,6 +123,7 @@ fn opts(mode: IndexerTrainMode, kl: bool) -> ForwardOptions {
         recall_from: 0,
         collect_selection: false,
         moe_capacity: true,
+        dense: false,
     }
 }
 

@@ -4,8 +4,8 @@
 mod common;
 use candle_core::{DType, Device};
 use common::*;
-use sparrow::infer::generate::{generate, GenerateOptions};
-use sparrow::infer::sampler::SamplerConfig;
+use sparrow::engine::generate::{generate, GenerateOptions};
+use sparrow::engine::sampler::SamplerConfig;
 use sparrow::model::Model;
 use sparrow::tokenizer::Tokenizer;
 

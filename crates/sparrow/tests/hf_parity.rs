@@ -1,13 +1,17 @@
 //! Parity with Hugging Face `transformers`: the fixtures under `fixtures/hf/` were made by
 //! `scripts/make_hf_fixtures.py` (transformers 5.24, f32, eager attention) and hold the
 //! reference logits of a full forward and of a token-by-token cached decode. Sparrow
-//! loads each `save_pretrained` directory as it is and must reproduce both.
+//! loads each `save_pretrained` directory as it is and must reproduce both, through
+//! the training-style forward and through the engine's step (one token per step, then
+//! the prompt in uneven chunks).
 
 mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use sparrow::infer::cache::KvCache;
+use sparrow::model::cache::{KvCache, SeqCache};
+use sparrow::model::step::StepOptions;
 use sparrow::model::Model;
+use sparrow::model::StepInput;
 
 fn fixture(name: &str) -> std::path::PathBuf {
     repo_root().join("fixtures/hf").join(name)
@@ -39,6 +43,49 @@ fn check(name: &str) {
     let decode = Tensor::cat(&steps, 1).unwrap();
     let err = rel_err(&decode, &decode_ref);
     assert!(err < 1e-4, "{name}: cached-decode logits differ by {err:e}");
+
+    // The engine's step: one token per step, and chunks of 3, 1, 4, ... tokens.
+    let host: Vec<u32> = ids.flatten_all().unwrap().to_vec1().unwrap();
+    let all = StepOptions {
+        all_logits: true,
+        ..Default::default()
+    };
+    for chunks in [vec![1; t], uneven(t)] {
+        let mut cache = SeqCache::new(model.cfg.num_hidden_layers);
+        let mut rows = Vec::new();
+        let mut at = 0;
+        for n in chunks {
+            let mut input = [StepInput {
+                tokens: &host[at..at + n],
+                cache: &mut cache,
+            }];
+            rows.push(model.step(&mut input, &all).unwrap().logits);
+            at += n;
+        }
+        let stepped = Tensor::cat(&rows, 0).unwrap().unsqueeze(0).unwrap();
+        let err = rel_err(&stepped, &decode_ref);
+        assert!(err < 1e-4, "{name}: engine-step logits differ by {err:e}");
+        let err = rel_err(&stepped, &decode);
+        assert!(
+            err < 1e-5,
+            "{name}: engine step vs cached forward differ by {err:e}"
+        );
+    }
+}
+
+/// Chunk sizes 3, 1, 4, 1, 5, ... summing to t.
+fn uneven(t: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut left = t;
+    for n in [3usize, 1, 4, 1, 5, 9, 2, 6].iter().cycle() {
+        if left == 0 {
+            break;
+        }
+        let n = (*n).min(left);
+        out.push(n);
+        left -= n;
+    }
+    out
 }
 
 #[test]

@@ -3,7 +3,7 @@
 mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::*;
-use sparrow::infer::cache::KvCache;
+use sparrow::model::cache::KvCache;
 use sparrow::model::Model;
 
 fn ids(n: usize, vocab: usize) -> Vec<u32> {

@@ -6,7 +6,7 @@
 mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
-use sparrow::infer::cache::KvCache;
+use sparrow::model::cache::KvCache;
 use sparrow::model::mla::Mla;
 use sparrow::model::params::VarStore;
 use sparrow::model::Model;

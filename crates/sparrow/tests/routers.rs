@@ -348,7 +348,7 @@ fn inference_never_drops_and_cached_decode_matches_the_full_forward() {
         let ids = Tensor::from_vec(ids_v.clone(), (1, t), &Device::Cpu).unwrap();
         let full = model.forward(&ids, None).unwrap();
         assert!(full.routing.iter().flatten().all(|r| r.dropped() == 0));
-        let mut cache = sparrow::infer::cache::KvCache::new(cfg.num_hidden_layers);
+        let mut cache = sparrow::model::cache::KvCache::new(cfg.num_hidden_layers);
         let mut steps = Vec::new();
         for (i, &id) in ids_v.iter().enumerate() {
             let one = Tensor::from_vec(vec![id], (1, 1), &Device::Cpu).unwrap();

@@ -11,8 +11,8 @@
 //! training mix uses, and start with the BOS token.
 
 use crate::data::retrieval::{random_value, Needle, Passkey, RetrievalDoc};
+use crate::engine::generate::greedy_continue;
 use crate::error::{Error, Result};
-use crate::infer::generate::greedy_continue;
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use rand::SeedableRng;

@@ -544,27 +544,59 @@ pub fn decode(
 
 /// Dense causal attention of T queries over their own prefix (flash-style: no score
 /// matrix): q (T, H, D), k, v (KV, T, D) -> out (T, H, D); query t sees positions
-/// 0..=t. Queries run in parallel, each scanning its visible rows with the same kernels
-/// as [`decode`] (16 heads per vector lane group when G >= 8, per-head dots otherwise).
+/// 0..=t. [`prefill_at`] with no cached context.
 pub fn prefill(q: &[f32], k: &[f32], v: &[f32], kv: usize, d: usize, scale: f32) -> Vec<f32> {
-    let t = k.len() / (kv * d);
-    let h = q.len() / (t.max(1) * d);
-    let g = h / kv;
+    let t = k.len() / (kv * d).max(1);
+    prefill_at(q, k, v, kv, t, t, 0, d, scale)
+}
+
+/// Dense causal attention of `t` new queries at positions `offset..offset + t` over a
+/// cache holding them and their context: q (t, H, D); k, v (KV, cap, D) with at least
+/// `offset + t` rows written per head (rows past that are ignored) -> out (t, H, D);
+/// query i sees positions 0..=offset + i. Queries run in parallel, each scanning its
+/// visible rows with the same kernels as [`decode`] (16 heads per vector lane group
+/// when G >= 8, per-head dots otherwise); nothing of size (t, S) is built.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_at(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    kv: usize,
+    cap: usize,
+    t: usize,
+    offset: usize,
+    d: usize,
+    scale: f32,
+) -> Vec<f32> {
     let mut out = vec![0.0f32; q.len()];
+    if t == 0 {
+        return out;
+    }
+    let h = q.len() / (t * d);
+    let g = h / kv;
+    assert_eq!(q.len(), t * h * d, "prefill: queries are not (t, H, D)");
+    assert_eq!(k.len(), kv * cap * d, "prefill: keys are not (KV, cap, D)");
+    assert_eq!(
+        v.len(),
+        k.len(),
+        "prefill: values differ from the keys in size"
+    );
+    assert!(offset + t <= cap, "prefill: queries beyond the cache");
     let avx512 = has_avx512();
     out.par_chunks_mut(h * d)
         .with_min_len(4)
         .enumerate()
         .for_each(|(ti, o)| {
+            let visible = offset + ti + 1;
             for grp in 0..kv {
-                let kg = &k[grp * t * d..(grp * t + ti + 1) * d];
-                let vg = &v[grp * t * d..(grp * t + ti + 1) * d];
+                let kg = &k[grp * cap * d..(grp * cap + visible) * d];
+                let vg = &v[grp * cap * d..(grp * cap + visible) * d];
                 let qg = &q[(ti * h + grp * g) * d..(ti * h + (grp + 1) * g) * d];
                 let og = &mut o[grp * g * d..(grp + 1) * g * d];
                 if g >= 8 {
                     attend_rows(qg, kg, vg, d, scale, og);
                 } else {
-                    let p = scan(avx512, qg, kg, vg, d, scale, 0..ti + 1);
+                    let p = scan(avx512, qg, kg, vg, d, scale, 0..visible);
                     for hh in 0..g {
                         let inv = 1.0 / p.sum[hh];
                         for (a, &x) in og[hh * d..(hh + 1) * d]

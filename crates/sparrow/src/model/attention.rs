@@ -9,14 +9,16 @@
 //! layer computes dense attention, which is then exactly what the top-k would select.
 //! One code path serves training over (B, T) and incremental decoding with a cache.
 
+use super::cache::{LayerCache, LayerKv};
 use super::indexer::{Indexer, IndexerOut};
 use super::linear::Linear;
 use super::params::Vb;
 use super::rope::Rope;
+use super::step::{Segment, StepOptions};
 use super::transformer::ForwardOptions;
 use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
 use crate::error::{Error, Result};
-use crate::infer::cache::LayerKv;
+use crate::kernels::decode_attention;
 use crate::kernels::indexer::{self as ix_kernel, KeyPrecision, KeyStore, TopkQueries};
 use crate::kernels::softmax::CausalSoftmax;
 use crate::kernels::sparse_attention::{self, SparseAttention, SparseDims, SteGate};
@@ -340,6 +342,137 @@ impl Attention {
         let scores = ix.score_all(io, &io.k)?; // (B, T, S)
         kl_loss(&scores, &target, &valid)
     }
+}
+
+impl Attention {
+    /// The engine's step: x (N, C) holds the new tokens of every segment; each
+    /// segment's queries attend over its own cache (written in place here) with the
+    /// fast kernels: flash-decoding for one dense query, blocked causal prefill for a
+    /// chunk, and on DSA layers past `index_topk` visible positions the fused indexer
+    /// top-k and sparse attention over the selection. -> (N, C).
+    pub(crate) fn step(
+        &self,
+        x: &Tensor,
+        segs: &[Segment],
+        caches: &mut [&mut LayerCache],
+        rope: &Rope,
+        opts: &StepOptions,
+    ) -> Result<Tensor> {
+        let (n, _c) = x.dims2()?;
+        let (h, kv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let mut q = host_f32(&self.q_proj.forward(x)?)?; // (N, H*D)
+        let mut k = host_f32(&self.k_proj.forward(x)?)?; // (N, KV*D)
+        let v = host_f32(&self.v_proj.forward(x)?)?; // (N, KV*D)
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut y = vec![0.0f32; n * h * d]; // (N, H*D)
+        for (seg, cache) in segs.iter().zip(caches.iter_mut()) {
+            if cache.len() != seg.pos {
+                return Err(Error::Invalid(format!(
+                    "cache holds {} positions, the step writes at {}",
+                    cache.len(),
+                    seg.pos
+                )));
+            }
+            for (i, r) in seg.rows().enumerate() {
+                rope.rotate_host(&mut q[r * h * d..(r + 1) * h * d], seg.pos + i)?;
+                rope.rotate_host(&mut k[r * kv * d..(r + 1) * kv * d], seg.pos + i)?;
+            }
+            let rows = seg.start * kv * d..(seg.start + seg.len) * kv * d;
+            let selection = match &self.indexer {
+                Some(ix) => self.step_select(ix, x, seg, cache, opts)?,
+                None => None,
+            };
+            let (kc, vc) = cache.kv_mut(kv, d);
+            kc.append_token_major(&k[rows.clone()]);
+            vc.append_token_major(&v[rows]);
+            let (cap, s) = (kc.capacity(), seg.visible());
+            let qs = &q[seg.start * h * d..(seg.start + seg.len) * h * d]; // (T, H, D)
+            let out = match selection {
+                Some(idx) => {
+                    let dims = SparseDims {
+                        b: 1,
+                        t: seg.len,
+                        h,
+                        kv,
+                        s: cap,
+                        d,
+                        k: self.index_topk,
+                    };
+                    sparse_attention::forward_f32(
+                        dims,
+                        scale as f64,
+                        qs,
+                        kc.data(),
+                        vc.data(),
+                        &idx,
+                    )?
+                }
+                None if seg.len == 1 => {
+                    decode_attention::decode(qs, kc.data(), vc.data(), kv, s, d, scale)
+                }
+                None => decode_attention::prefill_at(
+                    qs,
+                    kc.data(),
+                    vc.data(),
+                    kv,
+                    cap,
+                    seg.len,
+                    seg.pos,
+                    d,
+                    scale,
+                ),
+            };
+            y[seg.start * h * d..(seg.start + seg.len) * h * d].copy_from_slice(&out);
+        }
+        let y = Tensor::from_vec(y, (n, h * d), x.device())?.to_dtype(x.dtype())?;
+        self.o_proj.forward(&y)
+    }
+
+    /// DSA in a step: cache the segment's index keys, then (past `index_topk` visible
+    /// positions, unless the step is dense) each query's top-k over the cached keys,
+    /// (T, K) with [`NONE`] padding. None = attend to every visible position.
+    fn step_select(
+        &self,
+        ix: &Indexer,
+        x: &Tensor,
+        seg: &Segment,
+        cache: &mut LayerCache,
+        opts: &StepOptions,
+    ) -> Result<Option<Vec<u32>>> {
+        let xs = x.narrow(0, seg.start, seg.len)?.unsqueeze(0)?; // (1, T, C)
+        let io = ix.forward(&xs, seg.pos)?;
+        let keys = host_f32(&io.k)?; // (T, di)
+        let shape = ix.shape();
+        let store = cache.index_mut(shape.dim, self.index_precision);
+        store.extend_rows(&keys);
+        if opts.dense || seg.visible() <= self.index_topk {
+            return Ok(None);
+        }
+        Ok(Some(step_topk(&io, store, shape, seg, self.index_topk)?))
+    }
+}
+
+/// The top-k of a segment's index queries `io` (1, T, ...) over `store` (which holds
+/// every position up to the segment's last): (T, K).
+pub(crate) fn step_topk(
+    io: &IndexerOut,
+    store: &KeyStore,
+    shape: ix_kernel::IndexShape,
+    seg: &Segment,
+    kk: usize,
+) -> Result<Vec<u32>> {
+    let iq = host_f32(&io.q)?;
+    let iw = host_f32(&io.w)?;
+    Ok(if seg.len == 1 {
+        ix_kernel::topk_decode(&iq, &iw, store, shape, kk)
+    } else {
+        let rows = [TopkQueries {
+            q: &iq,
+            w: &iw,
+            offset: seg.pos,
+        }];
+        ix_kernel::topk_prefill(&rows, &[store], shape, seg.len, kk)
+    })
 }
 
 /// A tensor's values as f32 on the host, detached (what the kernels read).

@@ -2,16 +2,17 @@
 //! each added to the residual stream.
 
 use super::attention::{Attention, AttnOut};
+use super::cache::{LayerCache, LayerKv};
 use super::mla::Mla;
 use super::mlp::Mlp;
 use super::moe::{Moe, MoeStats};
 use super::norm::RmsNorm;
 use super::params::Vb;
 use super::rope::Rope;
+use super::step::{Lap, Segment, StepOptions};
 use super::transformer::ForwardOptions;
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::infer::cache::LayerKv;
 use candle_core::Tensor;
 
 /// The attention half of a block (`self_attn` in checkpoints).
@@ -110,6 +111,40 @@ impl Block {
             recall: a.recall,
             selection,
         })
+    }
+}
+
+impl Block {
+    /// The engine's step over packed rows x (N, C) (see `model::step`): attention per
+    /// segment over its cache, the FFN over all rows at once, no training telemetry.
+    /// Adds the seconds of each half to `secs` when profiling. -> (N, C).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn step(
+        &self,
+        x: &Tensor,
+        token_ids: &[u32],
+        rope: &Rope,
+        segs: &[Segment],
+        caches: &mut [&mut LayerCache],
+        opts: &StepOptions,
+        secs: (&mut f64, &mut f64),
+    ) -> Result<Tensor> {
+        let mut lap = Lap::start(opts.profile);
+        let h = self.input_layernorm.forward(x)?;
+        let a = match &self.self_attn {
+            SelfAttn::Standard(attn) => attn.step(&h, segs, caches, rope, opts)?,
+            SelfAttn::Mla(mla) => mla.step(&h, segs, caches, opts)?,
+        };
+        let x = (x + a)?;
+        *secs.0 += lap.lap();
+        let h = self.post_attention_layernorm.forward(&x)?;
+        let f = match &self.mlp {
+            Ffn::Dense(mlp) => mlp.forward(&h)?,
+            Ffn::Moe(moe) => moe.infer(&h, token_ids)?,
+        };
+        let x = (x + f)?;
+        *secs.1 += lap.lap();
+        Ok(x)
     }
 }
 

@@ -16,15 +16,16 @@
 //! `y_h = W_UV_h (sum_s p_s c_s)`, so nothing per head is ever built for the cache.
 
 use super::attention::{append_index_keys, select_topk};
+use super::cache::{LayerCache, LayerKv};
 use super::indexer::Indexer;
 use super::linear::Linear;
 use super::norm::RmsNorm;
 use super::params::Vb;
 use super::rope::Rope;
+use super::step::{Segment, StepOptions};
 use super::transformer::ForwardOptions;
 use crate::config::{AttentionKind, ModelConfig};
 use crate::error::{Error, Result};
-use crate::infer::cache::LayerKv;
 use crate::kernels::indexer::KeyPrecision;
 use crate::kernels::softmax::CausalSoftmax;
 use crate::kernels::topk::NONE;
@@ -187,7 +188,7 @@ impl Mla {
             (Some(ix), Some(lat)) => {
                 let io = ix.forward_with_query_input(x, lat, offset)?;
                 let keys = append_index_keys(&io, cache.as_deref_mut(), self.index_precision)?;
-                if offset + t > self.index_topk {
+                if offset + t > self.index_topk && !opts.dense {
                     Some(select_topk(
                         ix,
                         &io,
@@ -239,6 +240,38 @@ impl Mla {
             None
         };
         Ok((self.o_proj.forward(&y)?, selection))
+    }
+
+    /// The engine's step over packed rows x (N, C): each segment runs this layer's
+    /// tensor forward over its own latent cache (cache.latent). The latent store does
+    /// not go through the sparse kernel yet (issue 12's next step), so MLA + DSA
+    /// applies its selection as a mask here. -> (N, C).
+    pub(crate) fn step(
+        &self,
+        x: &Tensor,
+        segs: &[Segment],
+        caches: &mut [&mut LayerCache],
+        opts: &StepOptions,
+    ) -> Result<Tensor> {
+        let fwd = ForwardOptions {
+            dense: opts.dense,
+            ..Default::default()
+        };
+        let mut ys = Vec::with_capacity(segs.len());
+        for (seg, cache) in segs.iter().zip(caches.iter_mut()) {
+            if cache.len() != seg.pos {
+                return Err(Error::Invalid(format!(
+                    "cache holds {} positions, the step writes at {}",
+                    cache.len(),
+                    seg.pos
+                )));
+            }
+            let xs = x.narrow(0, seg.start, seg.len)?.unsqueeze(0)?; // (1, T, C)
+            let latent = cache.latent.get_or_insert_with(LayerKv::default);
+            let (y, _) = self.forward(&xs, Some(latent), &fwd)?;
+            ys.push(y.squeeze(0)?); // (T, C)
+        }
+        Ok(Tensor::cat(&ys, 0)?)
     }
 
     /// 0 at each query's selected positions, -inf elsewhere: (B, 1, T, S).

@@ -4,7 +4,9 @@
 
 pub mod attention;
 pub mod block;
+pub mod cache;
 pub mod indexer;
+mod kv_cache;
 pub mod linear;
 pub mod mla;
 pub mod mlp;
@@ -13,6 +15,7 @@ pub mod norm;
 pub mod params;
 pub mod rope;
 pub mod router;
+pub mod step;
 pub mod transformer;
 pub mod utilization;
 
@@ -22,7 +25,7 @@ use candle_core::{DType, Device, Tensor};
 use params::VarStore;
 use std::collections::HashMap;
 use std::path::Path;
-pub use transformer::{ForwardOutput, Transformer};
+pub use transformer::{ForwardOutput, StepInput, StepOutput, Transformer};
 
 /// A model with its parameters.
 pub struct Model {
@@ -184,11 +187,20 @@ impl Model {
             .collect()
     }
 
+    /// The engine's batched step; see `Transformer::step`.
+    pub fn step(
+        &self,
+        inputs: &mut [StepInput<'_>],
+        opts: &step::StepOptions,
+    ) -> Result<StepOutput> {
+        self.net.step(inputs, opts)
+    }
+
     /// Forward pass; see `Transformer::forward`.
     pub fn forward(
         &self,
         ids: &Tensor,
-        cache: Option<&mut crate::infer::cache::KvCache>,
+        cache: Option<&mut crate::model::cache::KvCache>,
     ) -> Result<ForwardOutput> {
         self.net.forward(ids, cache)
     }

@@ -75,6 +75,17 @@ impl Moe {
         self.forward_impl(x, token_ids, capacity, Self::routed)
     }
 
+    /// Inference over packed rows x (N, C): routing without capacity, losses or
+    /// statistics, then the same bucketed experts. -> (N, C).
+    pub fn infer(&self, xs: &Tensor, token_ids: &[u32]) -> Result<Tensor> {
+        let routing = self.gate.route_with(xs, token_ids, false, false)?;
+        let mut y = self.routed(xs, &routing)?;
+        if let Some(shared) = &self.shared_experts {
+            y = (y + shared.forward(xs)?)?;
+        }
+        Ok(y)
+    }
+
     /// The plain reference of `forward`: the same routing, then a loop over tokens and
     /// their slots, each expert applied to one row at a time.
     pub fn forward_reference(

@@ -16,9 +16,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 
 /// How a new parameter is initialised when it is not loaded.
 #[derive(Debug, Clone, Copy)]
@@ -41,15 +41,21 @@ enum Source {
 
 /// All parameters of a model, by checkpoint name.
 pub struct VarStore {
-    vars: RefCell<BTreeMap<String, Var>>,
+    vars: Mutex<BTreeMap<String, Var>>,
     /// Names in `vars` that are buffers, not trainable parameters.
-    buffers: RefCell<std::collections::BTreeSet<String>>,
+    buffers: Mutex<std::collections::BTreeSet<String>>,
     source: Source,
     dtype: DType,
     device: Device,
     /// Hand the layers detached tensors: their forward passes record no autograd graph,
     /// so activations are freed as soon as they are used (inference).
     frozen: bool,
+}
+
+/// A mutex's guard; a panic elsewhere while it was held leaves the map intact (inserts
+/// are single calls), so a poisoned lock is taken as it is.
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn name_hash(name: &str) -> u64 {
@@ -66,8 +72,8 @@ impl VarStore {
     /// A store that initialises parameters from `seed`.
     pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
         Self {
-            vars: RefCell::new(BTreeMap::new()),
-            buffers: RefCell::new(Default::default()),
+            vars: Mutex::new(BTreeMap::new()),
+            buffers: Mutex::new(Default::default()),
             source: Source::Random { seed },
             dtype,
             device: device.clone(),
@@ -83,8 +89,8 @@ impl VarStore {
         device: &Device,
     ) -> Self {
         Self {
-            vars: RefCell::new(BTreeMap::new()),
-            buffers: RefCell::new(Default::default()),
+            vars: Mutex::new(BTreeMap::new()),
+            buffers: Mutex::new(Default::default()),
             source: Source::Loaded { tensors, path },
             dtype,
             device: device.clone(),
@@ -119,7 +125,7 @@ impl VarStore {
     /// After the model is built from loaded tensors: error on any tensor nobody asked for.
     pub fn check_no_unused(&self) -> Result<()> {
         if let Source::Loaded { tensors, path } = &self.source {
-            let vars = self.vars.borrow();
+            let vars = locked(&self.vars);
             let mut extra: Vec<&String> =
                 tensors.keys().filter(|k| !vars.contains_key(*k)).collect();
             extra.sort();
@@ -138,9 +144,8 @@ impl VarStore {
 
     /// Every trainable parameter, sorted by name (buffers left out).
     pub fn vars(&self) -> Vec<(String, Var)> {
-        let buffers = self.buffers.borrow();
-        self.vars
-            .borrow()
+        let buffers = locked(&self.buffers);
+        locked(&self.vars)
             .iter()
             .filter(|(k, _)| !buffers.contains(*k))
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -150,8 +155,7 @@ impl VarStore {
     /// Every stored tensor, parameters and buffers, sorted by name (what a checkpoint
     /// holds).
     pub fn all_tensors(&self) -> Vec<(String, Tensor)> {
-        self.vars
-            .borrow()
+        locked(&self.vars)
             .iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect()
@@ -163,12 +167,12 @@ impl VarStore {
     }
 
     fn get_buffer(&self, name: String, shape: &[usize], init: Init) -> Result<Tensor> {
-        self.buffers.borrow_mut().insert(name.clone());
+        locked(&self.buffers).insert(name.clone());
         self.get(name, shape, init)
     }
 
     fn get(&self, name: String, shape: &[usize], init: Init) -> Result<Tensor> {
-        if let Some(v) = self.vars.borrow().get(&name) {
+        if let Some(v) = locked(&self.vars).get(&name) {
             return Ok(self.hand_out(v));
         }
         let tensor = match &self.source {
@@ -216,7 +220,7 @@ impl VarStore {
         };
         let var = Var::from_tensor(&tensor)?;
         let out = self.hand_out(&var);
-        self.vars.borrow_mut().insert(name, var);
+        locked(&self.vars).insert(name, var);
         Ok(out)
     }
 

@@ -35,6 +35,45 @@ impl Rope {
         })
     }
 
+    /// Host twin of [`apply`](Self::apply) for one token: rotate `x`, the token's heads
+    /// side by side (each `2 * inv_freq.len()` wide), in place as position `pos`. Same
+    /// arithmetic as the tensor path (angles in f64, rounded to f32).
+    pub fn rotate_host(&self, x: &mut [f32], pos: usize) -> Result<()> {
+        if pos >= self.max_pos {
+            return Err(Error::Invalid(format!(
+                "position {} exceeds max_position_embeddings {}",
+                pos + 1,
+                self.max_pos
+            )));
+        }
+        let half = self.inv_freq.len();
+        if half == 0 {
+            return Ok(());
+        }
+        let mut cs = [(0f32, 0f32); 256];
+        let table: &mut [(f32, f32)] = if half <= cs.len() {
+            &mut cs[..half]
+        } else {
+            return Err(Error::Invalid(format!(
+                "RoPE of {} dims is too wide",
+                2 * half
+            )));
+        };
+        for (slot, f) in table.iter_mut().zip(&self.inv_freq) {
+            let (s, c) = (pos as f64 * f).sin_cos();
+            *slot = (c as f32, s as f32);
+        }
+        for head in x.chunks_exact_mut(2 * half) {
+            let (x1, x2) = head.split_at_mut(half);
+            for ((a, b), &(c, s)) in x1.iter_mut().zip(x2.iter_mut()).zip(table.iter()) {
+                let (u, w) = (*a, *b);
+                *a = u * c - w * s;
+                *b = w * c + u * s;
+            }
+        }
+        Ok(())
+    }
+
     /// (cos, sin), each (T, D/2), for positions offset..offset+T.
     fn angles(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();

@@ -104,10 +104,22 @@ impl Router {
     /// Route x (N, C). `token_ids` (N) feed the `hash` router; `capacity` applies the
     /// capacity limit of `switch_capacity` / `capacity_aware` (training and validation).
     pub fn route(&self, x: &Tensor, token_ids: &[u32], capacity: bool) -> Result<Routing> {
+        self.route_with(x, token_ids, capacity, true)
+    }
+
+    /// `route` for inference when `telemetry` is false: no auxiliary or z-loss and no
+    /// routing statistics (all zero), only the experts and their weights.
+    pub fn route_with(
+        &self,
+        x: &Tensor,
+        token_ids: &[u32],
+        capacity: bool,
+        telemetry: bool,
+    ) -> Result<Routing> {
         let (n, _c) = x.dims2()?;
         let (e, k) = (self.n_experts, self.top_k);
         let logits = self.gate.forward(x)?; // (N, E)
-        let z_loss = if self.z_loss {
+        let z_loss = if self.z_loss && telemetry {
             Some(z_loss(&logits)?)
         } else {
             None
@@ -148,9 +160,11 @@ impl Router {
             }
         };
         let mut stats = RoutingStats::new(e);
-        stats.tokens = n as u64;
-        for &id in &chosen {
-            stats.demand[id as usize] += 1;
+        if telemetry {
+            stats.tokens = n as u64;
+            for &id in &chosen {
+                stats.demand[id as usize] += 1;
+            }
         }
         let expert_ids = match self.kind {
             RouterKind::SwitchCapacity if capacity => {
@@ -164,8 +178,10 @@ impl Router {
             }
             _ => chosen.clone(),
         };
-        for &id in expert_ids.iter().filter(|&&id| id != DROPPED) {
-            stats.load[id as usize] += 1;
+        if telemetry {
+            for &id in expert_ids.iter().filter(|&&id| id != DROPPED) {
+                stats.load[id as usize] += 1;
+            }
         }
 
         let idx = Tensor::from_slice(&chosen, (n, k), x.device())?;
@@ -177,6 +193,7 @@ impl Router {
             weights = (weights * self.routed_scaling_factor)?;
         }
         let aux_loss = match self.kind {
+            _ if !telemetry => None,
             RouterKind::TopkSoftmax | RouterKind::SwitchCapacity => {
                 Some(self.switch_loss(&scores, &stats.demand)?)
             }

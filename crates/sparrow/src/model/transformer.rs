@@ -2,15 +2,16 @@
 //! `forward` serves training over (B, T) and incremental decoding with a `KvCache`.
 
 use super::block::{Block, BlockOut};
+use super::cache::{KvCache, LayerCache, SeqCache};
 use super::moe::MoeStats;
 use super::norm::RmsNorm;
 use super::params::{Init, Vb};
 use super::rope::Rope;
+use super::step::{Lap, Segment, StepOptions, StepProfile};
 use super::utilization::RoutingStats;
 use crate::config::IndexerTrainMode;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::infer::cache::KvCache;
 use candle_core::Tensor;
 
 /// Per-call switches of a forward pass (training modes, diagnostics).
@@ -28,6 +29,9 @@ pub struct ForwardOptions {
     /// Apply the routers' capacity limits (`switch_capacity`, `capacity_aware`): on in
     /// training and validation forwards, off in inference (a decode step never drops).
     pub moe_capacity: bool,
+    /// Inference: every selector set to all causal positions (DSA layers attend
+    /// densely; index keys are still cached).
+    pub dense: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -191,6 +195,121 @@ impl Transformer {
             indexer_kl,
             recall,
             selection,
+        })
+    }
+}
+
+/// One sequence's part of a step: its new tokens and its cache (positions
+/// `cache.len()..`).
+pub struct StepInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqCache,
+}
+
+/// What a step returns.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// (inputs, V): each input's last token; with `all_logits`, (N, V) for every new
+    /// token in input order.
+    pub logits: Tensor,
+    /// Per-layer seconds, when asked for.
+    pub profile: Option<StepProfile>,
+}
+
+impl Transformer {
+    /// The engine's batched step: the new tokens of every input, each sequence at its
+    /// own position, in one forward (see `model::step`); every input's cache is
+    /// written in place. Builds no autograd graph when the weights are frozen
+    /// (`Model::load_for_inference`) and computes no training telemetry.
+    pub fn step(&self, inputs: &mut [StepInput<'_>], opts: &StepOptions) -> Result<StepOutput> {
+        let c = self.cfg.hidden_size;
+        let n_layers = self.layers.len();
+        let max_pos = self.cfg.max_position_embeddings;
+        let mut segs = Vec::with_capacity(inputs.len());
+        let mut ids: Vec<u32> = Vec::new();
+        for (i, inp) in inputs.iter().enumerate() {
+            if inp.tokens.is_empty() {
+                return Err(Error::Invalid(format!("step input {i} has no tokens")));
+            }
+            if inp.cache.layers.len() != n_layers {
+                return Err(Error::Invalid(format!(
+                    "step input {i}: a cache of {} layers for a model of {n_layers}",
+                    inp.cache.layers.len()
+                )));
+            }
+            if let Some(bad) = inp
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
+                return Err(Error::Invalid(format!(
+                    "token id {bad} is outside vocab_size {}",
+                    self.cfg.vocab_size
+                )));
+            }
+            let seg = Segment {
+                start: ids.len(),
+                len: inp.tokens.len(),
+                pos: inp.cache.len(),
+            };
+            if seg.visible() > max_pos {
+                return Err(Error::Invalid(format!(
+                    "position {} exceeds max_position_embeddings {max_pos}",
+                    seg.visible()
+                )));
+            }
+            ids.extend_from_slice(inp.tokens);
+            segs.push(seg);
+        }
+        if segs.is_empty() {
+            return Err(Error::Invalid("a step needs at least one input".into()));
+        }
+        let mut prof = opts.profile.then(|| StepProfile::new(n_layers));
+        let mut lap = Lap::start(opts.profile);
+        let n = ids.len();
+        let dev = self.embed_tokens.device();
+        let mut x = self
+            .embed_tokens
+            .index_select(&Tensor::from_slice(&ids, n, dev)?, 0)?; // (N, C)
+        let mut head = lap.lap();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut caches: Vec<&mut LayerCache> = inputs
+                .iter_mut()
+                .map(|inp| &mut inp.cache.layers[l])
+                .collect();
+            let (mut ta, mut tf) = (0.0, 0.0);
+            x = layer.step(
+                &x,
+                &ids,
+                &self.rope,
+                &segs,
+                &mut caches,
+                opts,
+                (&mut ta, &mut tf),
+            )?;
+            if let Some(p) = &mut prof {
+                p.attention[l] += ta;
+                p.ffn[l] += tf;
+            }
+        }
+        let _ = lap.lap();
+        let x = if opts.all_logits {
+            x
+        } else {
+            let last: Vec<u32> = segs.iter().map(|s| (s.start + s.len - 1) as u32).collect();
+            x.index_select(&Tensor::from_vec(last, segs.len(), dev)?, 0)?
+        };
+        let x = self.norm.forward(&x)?;
+        let logits = x.matmul(&self.lm_head.t()?)?; // (rows, V)
+        debug_assert_eq!(logits.dim(1)?, self.cfg.vocab_size);
+        let _ = c;
+        head += lap.lap();
+        if let Some(p) = &mut prof {
+            p.head = head;
+        }
+        Ok(StepOutput {
+            logits,
+            profile: prof,
         })
     }
 }

@@ -1,8 +1,9 @@
 //! Training: AdamW with decoupled weight decay, warmup + cosine schedule, the loss,
 //! the training loop with validation and metrics, and atomic, exactly resumable
-//! checkpoints.
+//! checkpoints, and the run directory's lock.
 
 pub mod checkpoint;
+pub mod lock;
 pub mod loss;
 pub mod metrics;
 pub mod optimizer;

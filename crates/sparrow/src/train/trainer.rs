@@ -187,6 +187,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         )));
     }
     std::fs::create_dir_all(&req.out).map_err(|e| Error::io(&req.out, e))?;
+    let _lock = super::lock::RunLock::acquire(&req.out)?;
     let tokenizer = match (&req.init_from, &req.tokenizer) {
         (Some(_), Some(_)) => {
             return Err(Error::Invalid(
@@ -248,6 +249,13 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
 /// Continue the run in `req.dir` exactly where its last checkpoint stopped.
 pub fn resume(req: ResumeRequest) -> Result<TrainSummary> {
     let dir = req.dir.as_path();
+    // Lock only a real run directory (never create `.lock` elsewhere); `load` names
+    // what is missing.
+    let _lock = if dir.join(checkpoint::STATE_JSON).exists() {
+        Some(super::lock::RunLock::acquire(dir)?)
+    } else {
+        None
+    };
     let loaded = checkpoint::load(dir, &Device::Cpu)?;
     let mut state = loaded.state;
     if let Some(s) = req.steps {
@@ -393,6 +401,7 @@ fn run_loop(
             recall_from: 0,
             collect_selection: false,
             moe_capacity: true,
+            dense: false,
         };
         let fwd = model.net.forward_with(&inp, None, &opts)?;
         let v = model.cfg.vocab_size;

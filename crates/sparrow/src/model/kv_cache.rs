@@ -1,4 +1,5 @@
-//! The KV cache for incremental decoding: per layer, the rotated keys and the values
+//! The tensor KV cache of the training-style forward (`Transformer::forward` with a
+//! cache; the engine uses `model::cache::SeqCache`): per layer, the rotated keys and the values
 //! of every position seen so far, (B, KV, S, D) each. With MQA (KV = 1) it is
 //! `num_attention_heads` times smaller than MHA's. A `dsa` layer also keeps its index
 //! keys, one `di`-vector per position, in the blocked layout the top-k scan reads.

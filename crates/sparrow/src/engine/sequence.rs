@@ -1,0 +1,235 @@
+//! One request's state: its prompt, its cache for every layer, its position, its
+//! sampler (seeded per request, so its text does not depend on what else runs), an
+//! incremental detokenizer, its stop tokens and strings, and its token budget.
+
+use super::detok::Detokenizer;
+use super::sampler::{Sampler, SamplerConfig};
+use super::stop::StopMatcher;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::cache::SeqCache;
+use crate::tokenizer::Tokenizer;
+
+/// What a request asks of generation.
+#[derive(Debug, Clone)]
+pub struct SequenceParams {
+    /// Most tokens to generate (0: none; the prompt is not even run).
+    pub max_new_tokens: usize,
+    pub sampler: SamplerConfig,
+    /// Seed of this sequence's sampler.
+    pub seed: u64,
+    /// Token ids that end generation when sampled (never emitted), e.g. EOS.
+    pub stop_tokens: Vec<u32>,
+    /// Strings that end generation, matched across token boundaries (never emitted).
+    pub stop_strings: Vec<String>,
+}
+
+impl SequenceParams {
+    /// Greedy decoding of up to `max_new_tokens`, stopping at `stop_tokens`.
+    pub fn greedy(max_new_tokens: usize, stop_tokens: Vec<u32>) -> Self {
+        Self {
+            max_new_tokens,
+            sampler: SamplerConfig {
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+            },
+            seed: 0,
+            stop_tokens,
+            stop_strings: Vec::new(),
+        }
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishReason {
+    /// `max_new_tokens` generated.
+    Length,
+    /// Prompt plus generated tokens fill the model's context (`max_position_embeddings`).
+    ContextFull,
+    /// A stop token was sampled.
+    StopToken(u32),
+    /// A stop string completed.
+    StopString(String),
+    /// Cancelled by its owner.
+    Aborted,
+}
+
+impl FinishReason {
+    /// OpenAI-style name: `length` for the budget or the context, `stop` otherwise.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Length | FinishReason::ContextFull => "length",
+            FinishReason::StopToken(_) | FinishReason::StopString(_) => "stop",
+            FinishReason::Aborted => "abort",
+        }
+    }
+}
+
+/// One request being generated.
+pub struct Sequence {
+    pub id: u64,
+    pub(crate) prompt: Vec<u32>,
+    /// Prompt tokens already in the cache.
+    pub(crate) fed: usize,
+    /// The last sampled token, to be fed at the next step.
+    pub(crate) pending: Option<u32>,
+    pub(crate) cache: SeqCache,
+    pub(crate) params: SequenceParams,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stops: StopMatcher,
+    generated: Vec<u32>,
+    text: String,
+    finished: Option<FinishReason>,
+    max_positions: usize,
+}
+
+impl std::fmt::Debug for Sequence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sequence")
+            .field("id", &self.id)
+            .field("prompt_tokens", &self.prompt.len())
+            .field("position", &self.cache.len())
+            .field("generated", &self.generated.len())
+            .field("finished", &self.finished)
+            .finish()
+    }
+}
+
+impl Sequence {
+    /// A sequence for `prompt` (token ids as given: add BOS first if the model wants
+    /// it). Its cache is reserved for the prompt plus the budget (within the context).
+    pub fn new(
+        id: u64,
+        prompt: Vec<u32>,
+        params: SequenceParams,
+        cfg: &ModelConfig,
+    ) -> Result<Self> {
+        let max_pos = cfg.max_position_embeddings;
+        if prompt.is_empty() {
+            return Err(Error::Invalid("the prompt has no tokens".into()));
+        }
+        if prompt.len() >= max_pos {
+            return Err(Error::Invalid(format!(
+                "prompt is {} tokens; the model's context is {max_pos}",
+                prompt.len()
+            )));
+        }
+        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(Error::Invalid(format!(
+                "prompt token id {bad} is outside vocab_size {}",
+                cfg.vocab_size
+            )));
+        }
+        let sampler = Sampler::new(params.sampler, params.seed)?;
+        let mut cache = SeqCache::new(cfg.num_hidden_layers);
+        cache.reserve((prompt.len() + params.max_new_tokens).min(max_pos));
+        let finished = (params.max_new_tokens == 0).then_some(FinishReason::Length);
+        Ok(Self {
+            id,
+            stops: StopMatcher::new(&params.stop_strings),
+            prompt,
+            fed: 0,
+            pending: None,
+            cache,
+            params,
+            sampler,
+            detok: Detokenizer::new(),
+            generated: Vec::new(),
+            text: String::new(),
+            finished,
+            max_positions: max_pos,
+        })
+    }
+
+    pub fn prompt(&self) -> &[u32] {
+        &self.prompt
+    }
+
+    /// Tokens generated so far (stop tokens excluded).
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
+    /// Text emitted so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Positions in the cache.
+    pub fn position(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn cache(&self) -> &SeqCache {
+        &self.cache
+    }
+
+    /// Whether the prompt is still being prefilled.
+    pub fn is_prefilling(&self) -> bool {
+        self.finished.is_none() && self.fed < self.prompt.len()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished.is_some()
+    }
+
+    pub fn finish_reason(&self) -> Option<&FinishReason> {
+        self.finished.as_ref()
+    }
+
+    /// End the sequence now (a client went away); its cache can be dropped.
+    pub fn abort(&mut self) {
+        if self.finished.is_none() {
+            self.finished = Some(FinishReason::Aborted);
+        }
+    }
+
+    /// Pick the next token from this sequence's logits row and apply the stop rules;
+    /// returns the text released and whether the sequence just finished.
+    pub(crate) fn accept(
+        &mut self,
+        logits: &[f32],
+        tok: Option<&Tokenizer>,
+    ) -> Result<(u32, String, Option<FinishReason>)> {
+        let id = self.sampler.sample(logits);
+        let mut out = String::new();
+        let mut reason = None;
+        if self.params.stop_tokens.contains(&id) {
+            reason = Some(FinishReason::StopToken(id));
+        } else {
+            self.generated.push(id);
+            if let Some(tk) = tok {
+                let piece = self.detok.push(tk, id)?;
+                let r = self.stops.push(&piece);
+                out = r.text;
+                if let Some(s) = r.stopped {
+                    reason = Some(FinishReason::StopString(s));
+                }
+            }
+            if reason.is_none() {
+                if self.generated.len() >= self.params.max_new_tokens {
+                    reason = Some(FinishReason::Length);
+                } else if self.prompt.len() + self.generated.len() >= self.max_positions {
+                    // Prompt plus completion fill the context (the last token is
+                    // never fed, but counts, as in the OpenAI API's accounting).
+                    reason = Some(FinishReason::ContextFull);
+                } else {
+                    self.pending = Some(id);
+                }
+            }
+        }
+        if let (Some(r), Some(tk)) = (&reason, tok) {
+            if !matches!(r, FinishReason::StopString(_)) {
+                let rest = self.detok.flush(tk)?;
+                out.push_str(&self.stops.push(&rest).text);
+                out.push_str(&self.stops.flush());
+            }
+        }
+        self.text.push_str(&out);
+        self.finished = reason.clone();
+        Ok((id, out, reason))
+    }
+}

@@ -1,0 +1,177 @@
+//! The engine's batched step: every unfinished sequence contributes its next input, a
+//! prefill chunk (up to `prefill_chunk` prompt tokens) or its last sampled token, and
+//! one forward (`Model::step`) runs them all, each at its own position with its own
+//! cache. Then each sequence that has consumed its whole prompt samples its next
+//! token from its own logits row with its own sampler.
+
+use super::sequence::{FinishReason, Sequence};
+use crate::error::{Error, Result};
+use crate::model::step::{StepOptions, StepProfile};
+use crate::model::{Model, StepInput};
+use crate::tokenizer::Tokenizer;
+use candle_core::DType;
+
+/// How the engine runs its steps.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    /// Most prompt tokens one sequence feeds in one step (long prompts are chunked so
+    /// the decodes sharing the step keep flowing).
+    pub prefill_chunk: usize,
+    /// Every selector set to all positions (the dense baseline of the benchmarks).
+    pub dense: bool,
+    /// Accumulate per-layer seconds ([`Engine::profile`]).
+    pub profile: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            prefill_chunk: 512,
+            dense: false,
+            profile: false,
+        }
+    }
+}
+
+/// What one sequence did in a step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepEvent {
+    /// The sequence's id.
+    pub seq: u64,
+    /// The token sampled (None while the prompt is still being prefilled).
+    pub token: Option<u32>,
+    /// Text released by this step (empty when held back or without a tokenizer).
+    pub text: String,
+    /// Set when the sequence ended in this step.
+    pub finished: Option<FinishReason>,
+}
+
+/// Runs batched steps of one model. Shares the model read-only (`Model: Sync`), so
+/// several engines or threads may use one model.
+pub struct Engine<'m> {
+    model: &'m Model,
+    tokenizer: Option<&'m Tokenizer>,
+    opts: EngineOptions,
+    profile: std::cell::RefCell<StepProfile>,
+}
+
+impl<'m> Engine<'m> {
+    /// Without a tokenizer the engine produces tokens only (no text, no stop strings).
+    pub fn new(
+        model: &'m Model,
+        tokenizer: Option<&'m Tokenizer>,
+        opts: EngineOptions,
+    ) -> Result<Self> {
+        if opts.prefill_chunk == 0 {
+            return Err(Error::Invalid("prefill_chunk must be at least 1".into()));
+        }
+        Ok(Self {
+            model,
+            tokenizer,
+            opts,
+            profile: std::cell::RefCell::new(StepProfile::new(model.cfg.num_hidden_layers)),
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        self.model
+    }
+
+    /// Per-layer seconds accumulated over the steps run so far (with `profile`).
+    pub fn profile(&self) -> StepProfile {
+        self.profile.borrow().clone()
+    }
+
+    /// One step over the unfinished sequences of `seqs`; returns one event per sequence
+    /// that took part.
+    pub fn step(&self, seqs: &mut [&mut Sequence]) -> Result<Vec<StepEvent>> {
+        let chunk = self.opts.prefill_chunk;
+        let mut inputs: Vec<StepInput<'_>> = Vec::with_capacity(seqs.len());
+        let mut members: Vec<(usize, usize)> = Vec::with_capacity(seqs.len()); // (index, tokens)
+        for (i, s) in seqs.iter_mut().enumerate() {
+            if s.is_finished() {
+                continue;
+            }
+            if self.tokenizer.is_none() && !s.params.stop_strings.is_empty() {
+                return Err(Error::Invalid(
+                    "stop strings need the engine's tokenizer".into(),
+                ));
+            }
+            let seq: &mut Sequence = s;
+            let tokens: &[u32] = if seq.fed < seq.prompt.len() {
+                let end = (seq.fed + chunk).min(seq.prompt.len());
+                &seq.prompt[seq.fed..end]
+            } else {
+                match &seq.pending {
+                    Some(t) => std::slice::from_ref(t),
+                    None => {
+                        return Err(Error::Invalid(format!(
+                            "sequence {} has nothing to feed",
+                            seq.id
+                        )))
+                    }
+                }
+            };
+            members.push((i, tokens.len()));
+            inputs.push(StepInput {
+                tokens,
+                cache: &mut seq.cache,
+            });
+        }
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let opts = StepOptions {
+            all_logits: false,
+            dense: self.opts.dense,
+            profile: self.opts.profile,
+        };
+        let out = self.model.step(&mut inputs, &opts)?;
+        drop(inputs);
+        if let Some(p) = &out.profile {
+            self.profile.borrow_mut().add(p);
+        }
+        let logits: Vec<Vec<f32>> = out.logits.to_dtype(DType::F32)?.to_vec2()?;
+        let mut events = Vec::with_capacity(members.len());
+        for ((i, n), row) in members.into_iter().zip(logits) {
+            let seq = &mut *seqs[i];
+            if seq.fed < seq.prompt.len() {
+                seq.fed += n;
+                if seq.fed < seq.prompt.len() {
+                    events.push(StepEvent {
+                        seq: seq.id,
+                        token: None,
+                        text: String::new(),
+                        finished: None,
+                    });
+                    continue;
+                }
+            } else {
+                seq.pending = None;
+            }
+            let (token, text, finished) = seq.accept(&row, self.tokenizer)?;
+            events.push(StepEvent {
+                seq: seq.id,
+                token: Some(token),
+                text,
+                finished,
+            });
+        }
+        Ok(events)
+    }
+
+    /// Step all of `seqs` together until every one has finished, handing each event to
+    /// `on_event`.
+    pub fn run(&self, seqs: &mut [Sequence], mut on_event: impl FnMut(&StepEvent)) -> Result<()> {
+        loop {
+            let mut active: Vec<&mut Sequence> =
+                seqs.iter_mut().filter(|s| !s.is_finished()).collect();
+            if active.is_empty() {
+                return Ok(());
+            }
+            for e in self.step(&mut active)? {
+                on_event(&e);
+            }
+        }
+    }
+}

@@ -1,5 +1,0 @@
-//! Inference: the KV cache, sampling, and streaming generation.
-
-pub mod cache;
-pub mod generate;
-pub mod sampler;

@@ -1,0 +1,101 @@
+//! The packed batch of the engine's step: the new tokens of several sequences side by
+//! side in one (N, C) activation, each sequence's run of rows a [`Segment`] at its own
+//! position with its own cache. Projections, norms and FFNs run once over all N rows
+//! (GEMMs instead of one GEMV per sequence); attention runs per segment over that
+//! sequence's cache with the fast kernels (flash-decoding, blocked causal prefill,
+//! the fused indexer top-k and sparse attention).
+
+use std::time::Instant;
+
+/// One sequence's rows of the packed batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// First row in the packed batch.
+    pub start: usize,
+    /// Rows (new tokens): 1 for a decode step, more for a prefill chunk.
+    pub len: usize,
+    /// Position of the first of them (= the sequence's cached length).
+    pub pos: usize,
+}
+
+impl Segment {
+    pub fn rows(&self) -> std::ops::Range<usize> {
+        self.start..self.start + self.len
+    }
+
+    /// Positions visible to the segment's last token.
+    pub fn visible(&self) -> usize {
+        self.pos + self.len
+    }
+}
+
+/// Per-call switches of a step.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepOptions {
+    /// Logits of every new token (perplexity, parity) instead of each segment's last.
+    pub all_logits: bool,
+    /// Every selector set to all causal positions: DSA layers attend densely (their
+    /// index keys are still cached). The in-run dense baseline of the benchmarks.
+    pub dense: bool,
+    /// Time each layer's attention and FFN ([`StepProfile`]).
+    pub profile: bool,
+}
+
+/// Seconds spent per layer in one or more steps.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepProfile {
+    /// Per layer: attention (norm, projections, cache writes, kernels).
+    pub attention: Vec<f64>,
+    /// Per layer: the FFN half (norm, dense MLP or MoE).
+    pub ffn: Vec<f64>,
+    /// Embedding, final norm and LM head.
+    pub head: f64,
+}
+
+impl StepProfile {
+    pub fn new(layers: usize) -> Self {
+        Self {
+            attention: vec![0.0; layers],
+            ffn: vec![0.0; layers],
+            head: 0.0,
+        }
+    }
+
+    /// Add another profile's seconds to this one.
+    pub fn add(&mut self, other: &StepProfile) {
+        let grow = |a: &mut Vec<f64>, b: &Vec<f64>| {
+            if a.len() < b.len() {
+                a.resize(b.len(), 0.0);
+            }
+            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        };
+        grow(&mut self.attention, &other.attention);
+        grow(&mut self.ffn, &other.ffn);
+        self.head += other.head;
+    }
+
+    pub fn total(&self) -> f64 {
+        self.attention.iter().sum::<f64>() + self.ffn.iter().sum::<f64>() + self.head
+    }
+}
+
+/// A stopwatch that only runs when profiling.
+pub(crate) struct Lap(Option<Instant>);
+
+impl Lap {
+    pub(crate) fn start(on: bool) -> Self {
+        Lap(on.then(Instant::now))
+    }
+
+    /// Seconds since the start (or the last lap), and restart; 0 when not profiling.
+    pub(crate) fn lap(&mut self) -> f64 {
+        match &mut self.0 {
+            Some(t) => {
+                let s = t.elapsed().as_secs_f64();
+                *t = Instant::now();
+                s
+            }
+            None => 0.0,
+        }
+    }
+}
