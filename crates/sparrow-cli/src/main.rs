@@ -368,6 +368,50 @@ enum TokenizerCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// The whole model through the engine's batched step, the code `generate` and the
+    /// server run: prefill and decode speed by context and batch size, cache bytes,
+    /// peak RSS, memory traffic and a per-layer breakdown; `--dense` adds the same
+    /// weights with every selector set to all positions as the in-run baseline.
+    Generate {
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: PathBuf,
+        /// Benchmark a randomly initialised model of this config instead of --model
+        /// (speed does not depend on the weights).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Prompt lengths (tokens) before the timed decode.
+        #[arg(long, value_delimiter = ',', default_value = "1024,8192")]
+        context: Vec<usize>,
+        /// Sequences decoded together.
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        batch: Vec<usize>,
+        /// Timed decode steps per cell.
+        #[arg(long, default_value_t = 32)]
+        decode_tokens: usize,
+        /// Prompt tokens per sequence per step.
+        #[arg(long, default_value_t = 512)]
+        prefill_chunk: usize,
+        /// Also run each cell with dense selectors (the baseline), and report ratios.
+        #[arg(long)]
+        dense: bool,
+        /// Prefill the dense baseline only up to this context; past it the dense decode
+        /// runs on a copy of the model's prefilled caches (same decode cost).
+        #[arg(long, default_value_t = 16384)]
+        dense_prefill_max: usize,
+        /// Raise the model's max_position_embeddings to fit the longest context (speed
+        /// does not depend on what the model learned; its outputs past the trained
+        /// length are not meaningful).
+        #[arg(long)]
+        lift_context_limit: bool,
+        /// Precision of the DSA index key cache (default: the model's
+        /// `index_cache_dtype`).
+        #[arg(long, value_enum)]
+        index_dtype: Option<IndexDtype>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// One MoE layer (router + bucketed experts) vs a dense SwiGLU FFN of equal active
     /// FLOPs, in the same run: a training-size batch (forward, forward+backward) and
     /// decode (1 token). Defaults: the MoE layers of configs/small.json.
@@ -695,6 +739,42 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Bench {
+            cmd:
+                BenchCmd::Generate {
+                    model,
+                    config,
+                    context,
+                    batch,
+                    decode_tokens,
+                    prefill_chunk,
+                    dense,
+                    dense_prefill_max,
+                    lift_context_limit,
+                    index_dtype,
+                    seed,
+                    json,
+                },
+        } => {
+            let longest = context.iter().copied().max().unwrap_or(0) + decode_tokens;
+            let bench = sparrow::bench::generate::GenerateBench {
+                contexts: context,
+                batches: batch,
+                decode_tokens,
+                prefill_chunk,
+                dense_baseline: dense,
+                dense_prefill_max,
+                seed,
+            };
+            run_bench_generate(
+                &model,
+                config.as_deref(),
+                &bench,
+                lift_context_limit.then_some(longest),
+                index_dtype.map(Into::into),
+                json,
+            )?;
+        }
+        Command::Bench {
             cmd: BenchCmd::Gemm { sizes, json },
         } => {
             for n in sizes {
@@ -818,7 +898,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Params { config } => {
             let cfg = ModelConfig::from_file(&config)?;
-            let (total, active) = cfg.parameter_counts();
+            // Counted from the built layers' shapes (random weights, never trained).
+            let m = Model::new_random_for_inference(
+                &cfg,
+                0,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )?;
+            let (total, active) = m.parameter_counts();
             println!(
                 "{}: {:.2}M total parameters, {:.2}M active per token",
                 config.display(),
@@ -1391,6 +1478,176 @@ fn run_bench_attention(
             f(ed),
             f(es)
         );
+    }
+    Ok(())
+}
+
+fn run_bench_generate(
+    dir: &Path,
+    config: Option<&Path>,
+    bench: &sparrow::bench::generate::GenerateBench,
+    lift_to: Option<usize>,
+    index_dtype: Option<sparrow::config::IndexCacheDtype>,
+    json: bool,
+) -> Result<()> {
+    use sparrow::bench::generate::GenerateRow;
+    let edit = |c: &mut ModelConfig| {
+        if let Some(n) = lift_to {
+            c.max_position_embeddings = c.max_position_embeddings.max(n);
+        }
+        if let Some(d) = index_dtype {
+            c.index_cache_dtype = d;
+        }
+    };
+    let (m, dir) = match config {
+        Some(path) => {
+            let mut cfg = ModelConfig::from_file(path)?;
+            edit(&mut cfg);
+            let m = Model::new_random_for_inference(
+                &cfg,
+                bench.seed,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )?;
+            (m, path)
+        }
+        None => {
+            if !dir.is_dir() {
+                bail!(
+                    "model directory {} does not exist (pass --model DIR)",
+                    dir.display()
+                );
+            }
+            let load = Model::load_for_inference(
+                dir,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+                edit,
+            )?;
+            (load.0, dir)
+        }
+    };
+    let bw = sparrow::bench::read_bandwidth(512);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"bench": "machine", "read_gbps": bw, "threads": rayon_threads(), "model": dir, "index_cache_dtype": m.cfg.index_cache_dtype})
+        );
+    } else {
+        println!(
+            "{}: {} layers, index cache {:?}, read bandwidth {bw:.1} GB/s, {} threads",
+            dir.display(),
+            m.cfg.num_hidden_layers,
+            m.cfg.index_cache_dtype,
+            rayon_threads()
+        );
+        println!(
+            "{:>6} {:>7} {:>6} {:>10} {:>9} {:>11} {:>12} {:>10} {:>9} {:>8}",
+            "mode",
+            "context",
+            "batch",
+            "prefill/s",
+            "ttft s",
+            "decode/s",
+            "decode/s all",
+            "KV B/tok",
+            "RSS MB",
+            "GB/s"
+        );
+    }
+    let rows = sparrow::bench::generate::run(&m, bench, |r: &GenerateRow| {
+        if json {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            v["bench"] = "generate".into();
+            println!("{v}");
+        } else {
+            println!(
+                "{:>6} {:>7} {:>6} {:>10.0} {:>9.3} {:>11.1} {:>12.1} {:>10.0} {:>9.0} {:>8.2}",
+                r.mode,
+                r.context,
+                r.batch,
+                r.prefill_tokens_per_s,
+                r.ttft_secs,
+                r.decode_tokens_per_s,
+                r.decode_tokens_per_s_total,
+                r.kv_bytes_per_token,
+                r.peak_rss_bytes as f64 / 1e6,
+                r.decode_gbps
+            );
+        }
+    })?;
+    // Per-layer decode breakdown and, with the dense baseline, the ratios.
+    for r in rows.iter().filter(|r| r.mode == "model") {
+        let base = rows
+            .iter()
+            .find(|d| d.mode == "dense" && d.context == r.context && d.batch == r.batch);
+        let layers: Vec<String> = r
+            .layer_attention_ms
+            .iter()
+            .enumerate()
+            .map(|(l, a)| match base {
+                Some(d) => format!(
+                    "L{l} {a:.3}/{:.3} ms ({:.1}x)",
+                    d.layer_attention_ms[l],
+                    d.layer_attention_ms[l] / a.max(1e-12)
+                ),
+                None => format!("L{l} {a:.3} ms"),
+            })
+            .collect();
+        let ffn: f64 = r.layer_ffn_ms.iter().sum();
+        if json {
+            if let Some(d) = base {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "bench": "generate_ratio", "context": r.context, "batch": r.batch,
+                        "decode_speedup": r.decode_tokens_per_s / d.decode_tokens_per_s.max(1e-12),
+                        "prefill_speedup": r.prefill_tokens_per_s / d.prefill_tokens_per_s,
+                        "layer_attention_speedup": r.layer_attention_ms.iter().zip(&d.layer_attention_ms)
+                            .map(|(a, b)| b / a.max(1e-12)).collect::<Vec<_>>(),
+                    })
+                );
+            }
+        } else {
+            println!(
+                "context {} batch {}: attention per decode step (model/dense) {}; FFN {ffn:.3} ms, head {:.3} ms",
+                r.context,
+                r.batch,
+                layers.join(", "),
+                r.head_ms
+            );
+            if let Some(d) = base {
+                let prefill = if d.prefill_tokens_per_s.is_finite() {
+                    format!("{:.2}x", r.prefill_tokens_per_s / d.prefill_tokens_per_s)
+                } else {
+                    "not measured (the dense decode reused the model's prefill)".to_string()
+                };
+                println!(
+                    "  speedup over dense selectors: decode {:.2}x, prefill {prefill}",
+                    r.decode_tokens_per_s / d.decode_tokens_per_s.max(1e-12),
+                );
+            }
+        }
+    }
+    // Batch scaling at each context: aggregate decode tokens/s over batch 1's.
+    for r in rows.iter().filter(|r| r.batch > 1) {
+        if let Some(one) = rows
+            .iter()
+            .find(|o| o.batch == 1 && o.mode == r.mode && o.context == r.context)
+        {
+            let x = r.decode_tokens_per_s_total / one.decode_tokens_per_s.max(1e-12);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"bench": "generate_batch_scaling", "mode": r.mode, "context": r.context, "batch": r.batch, "aggregate_over_batch1": x})
+                );
+            } else {
+                println!(
+                    "{} context {} batch {}: aggregate decode {:.2}x batch 1",
+                    r.mode, r.context, r.batch, x
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -705,21 +705,6 @@ impl ModelConfig {
         }
     }
 
-    /// Parameters of one layer's indexer.
-    fn indexer_parameters(&self) -> usize {
-        let (c, d) = (self.hidden_size, self.index_head_dim);
-        match self.indexer_kind {
-            IndexerKind::Lightning => {
-                let h = self.index_n_heads;
-                c * h * d + c * d + 2 * d + c * h
-            }
-            IndexerKind::MlpGate => {
-                let w = self.index_gate_intermediate_size;
-                c * w + 2 * w * d
-            }
-        }
-    }
-
     /// Per-head dimension D.
     pub fn head_dim(&self) -> usize {
         self.head_dim
@@ -743,54 +728,5 @@ impl ModelConfig {
     /// Whether layer `i` has an MoE FFN (otherwise dense SwiGLU).
     pub fn is_moe_layer(&self, i: usize) -> bool {
         self.n_routed_experts > 0 && i >= self.first_k_dense_replace
-    }
-
-    /// Parameter counts: (total, active per token). Active counts the k routed experts
-    /// a token uses plus everything dense; embeddings count once when tied.
-    pub fn parameter_counts(&self) -> (usize, usize) {
-        let c = self.hidden_size;
-        let d = self.head_dim();
-        let attn = match self.kv_lora_rank {
-            None => c * self.num_attention_heads * d * 2 + c * self.num_kv_heads() * d * 2,
-            Some(r) => {
-                let h = self.num_attention_heads;
-                let qk = self.qk_nope_head_dim + self.qk_rope_head_dim;
-                let q = match self.q_lora_rank {
-                    None => c * h * qk,
-                    Some(rq) => c * rq + rq + rq * h * qk,
-                };
-                q + c * (r + self.qk_rope_head_dim)
-                    + r
-                    + r * h * (self.qk_nope_head_dim + self.v_head_dim)
-                    + h * self.v_head_dim * c
-            }
-        };
-        let norms = 2 * c;
-        let swiglu = |width: usize| 3 * c * width;
-        let mut total = 0;
-        let mut active = 0;
-        for i in 0..self.num_hidden_layers {
-            total += attn + norms;
-            active += attn + norms;
-            if self.attention_kind(i) == AttentionKind::Dsa {
-                total += self.indexer_parameters();
-                active += self.indexer_parameters();
-            }
-            if self.is_moe_layer(i) {
-                let e = swiglu(self.moe_intermediate_size);
-                let shared = swiglu(self.moe_intermediate_size * self.n_shared_experts);
-                let router = c * self.n_routed_experts;
-                total += e * self.n_routed_experts + shared + router;
-                active += e * self.num_experts_per_tok + shared + router;
-            } else {
-                total += swiglu(self.intermediate_size);
-                active += swiglu(self.intermediate_size);
-            }
-        }
-        let embed = self.vocab_size * c;
-        let head = if self.tie_word_embeddings { 0 } else { embed };
-        total += embed + head + c;
-        active += embed + head + c;
-        (total, active)
     }
 }

@@ -262,7 +262,7 @@ fn bad_corpora_are_precise_errors() {
     let mut none = request(&empty, &tmp.path().join("r5"), None, None);
     none.options.steps = 0;
     let e = train(none).unwrap_err().to_string();
-    assert!(e.contains("--steps"), "{e}");
+    assert!(e.contains("`steps`"), "{e}");
     let mut long = request(&empty, &tmp.path().join("r4"), None, None);
     long.options.seq_len = 100_000;
     let e = train(long).unwrap_err().to_string();

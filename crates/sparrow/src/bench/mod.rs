@@ -5,8 +5,11 @@
 //! - [`read_bandwidth`]: DRAM read bandwidth of a parallel streaming sum.
 //! - [`attention`]: one attention layer, dense vs DSA, decode and prefill by context.
 //! - [`moe`]: one MoE layer vs a dense FFN of equal active FLOPs.
+//! - [`generate`]: the whole model through the engine's batched step, the model's own
+//!   selectors vs dense selectors, by context and batch size.
 
 pub mod attention;
+pub mod generate;
 pub mod moe;
 
 use crate::error::Result;

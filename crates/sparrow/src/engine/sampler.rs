@@ -33,6 +33,7 @@ impl SamplerConfig {
     }
 }
 
+#[derive(Debug, Clone)]
 pub struct Sampler {
     cfg: SamplerConfig,
     rng: ChaCha8Rng,

@@ -67,7 +67,8 @@ impl FinishReason {
     }
 }
 
-/// One request being generated.
+/// One request being generated (cloning copies its whole state, cache included).
+#[derive(Clone)]
 pub struct Sequence {
     pub id: u64,
     pub(crate) prompt: Vec<u32>,

@@ -11,6 +11,8 @@
 //! - [`sparse_attention::SparseAttention`]: attention over the selected positions, with
 //!   backward, and the straight-through gate [`sparse_attention::SteGate`].
 //! - [`decode_attention`]: dense flash-decoding of one query over a KV cache.
+//! - [`matmul`]: `x W^T` for inference rows, batch-invariant (each output one fixed-order
+//!   dot product), each weight row read once per four rows.
 //! - [`experts`]: MoE dispatch: rows grouped by expert, gathered once, and the weighted
 //!   combine back per token, with backward passes.
 //! - [`simd`]: a vectorisable `exp` and AVX-512 detection for the hot loops.
@@ -19,6 +21,7 @@ pub mod cross_entropy;
 pub mod decode_attention;
 pub mod experts;
 pub mod indexer;
+pub mod matmul;
 pub mod reference;
 pub mod simd;
 pub mod softmax;

@@ -360,10 +360,15 @@ impl Attention {
     ) -> Result<Tensor> {
         let (n, _c) = x.dims2()?;
         let (h, kv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let mut q = host_f32(&self.q_proj.forward(x)?)?; // (N, H*D)
-        let mut k = host_f32(&self.k_proj.forward(x)?)?; // (N, KV*D)
-        let v = host_f32(&self.v_proj.forward(x)?)?; // (N, KV*D)
+        let mut q = host_f32(&self.q_proj.infer(x)?)?; // (N, H*D)
+        let mut k = host_f32(&self.k_proj.infer(x)?)?; // (N, KV*D)
+        let v = host_f32(&self.v_proj.infer(x)?)?; // (N, KV*D)
         let scale = 1.0 / (d as f32).sqrt();
+        // DSA: the indexer's projections once over every row, RoPE per token below.
+        let mut index = match &self.indexer {
+            Some(ix) => Some(ix.infer_packed(x)?),
+            None => None,
+        };
         let mut y = vec![0.0f32; n * h * d]; // (N, H*D)
         for (seg, cache) in segs.iter().zip(caches.iter_mut()) {
             if cache.len() != seg.pos {
@@ -378,9 +383,9 @@ impl Attention {
                 rope.rotate_host(&mut k[r * kv * d..(r + 1) * kv * d], seg.pos + i)?;
             }
             let rows = seg.start * kv * d..(seg.start + seg.len) * kv * d;
-            let selection = match &self.indexer {
-                Some(ix) => self.step_select(ix, x, seg, cache, opts)?,
-                None => None,
+            let selection = match (&self.indexer, &mut index) {
+                (Some(ix), Some(hi)) => self.step_select(ix, hi, seg, cache, opts)?,
+                _ => None,
             };
             let (kc, vc) = cache.kv_mut(kv, d);
             kc.append_token_major(&k[rows.clone()]);
@@ -425,54 +430,50 @@ impl Attention {
             y[seg.start * h * d..(seg.start + seg.len) * h * d].copy_from_slice(&out);
         }
         let y = Tensor::from_vec(y, (n, h * d), x.device())?.to_dtype(x.dtype())?;
-        self.o_proj.forward(&y)
+        self.o_proj.infer(&y)
     }
 
-    /// DSA in a step: cache the segment's index keys, then (past `index_topk` visible
-    /// positions, unless the step is dense) each query's top-k over the cached keys,
-    /// (T, K) with [`NONE`] padding. None = attend to every visible position.
+    /// DSA in a step: place the segment's index queries and keys at their positions,
+    /// cache the keys, then (past `index_topk` visible positions, unless the step is
+    /// dense) each query's top-k over the cached keys, (T, K) with [`NONE`] padding.
+    /// None = attend to every visible position.
     fn step_select(
         &self,
         ix: &Indexer,
-        x: &Tensor,
+        hi: &mut super::indexer::HostIndex,
         seg: &Segment,
         cache: &mut LayerCache,
         opts: &StepOptions,
     ) -> Result<Option<Vec<u32>>> {
-        let xs = x.narrow(0, seg.start, seg.len)?.unsqueeze(0)?; // (1, T, C)
-        let io = ix.forward(&xs, seg.pos)?;
-        let keys = host_f32(&io.k)?; // (T, di)
         let shape = ix.shape();
-        let store = cache.index_mut(shape.dim, self.index_precision);
-        store.extend_rows(&keys);
+        let (heads, di) = (shape.heads, shape.dim);
+        let qs = &mut hi.q[seg.start * heads * di..(seg.start + seg.len) * heads * di];
+        let ks = &mut hi.k[seg.start * di..(seg.start + seg.len) * di];
+        for i in 0..seg.len {
+            ix.rope_token_host(
+                &mut qs[i * heads * di..(i + 1) * heads * di],
+                &mut ks[i * di..(i + 1) * di],
+                seg.pos + i,
+            )?;
+        }
+        let store = cache.index_mut(di, self.index_precision);
+        store.extend_rows(ks);
         if opts.dense || seg.visible() <= self.index_topk {
             return Ok(None);
         }
-        Ok(Some(step_topk(&io, store, shape, seg, self.index_topk)?))
+        let ws = &hi.w[seg.start * heads..(seg.start + seg.len) * heads];
+        let kk = self.index_topk;
+        Ok(Some(if seg.len == 1 {
+            ix_kernel::topk_decode(qs, ws, store, shape, kk)
+        } else {
+            let rows = [TopkQueries {
+                q: qs,
+                w: ws,
+                offset: seg.pos,
+            }];
+            ix_kernel::topk_prefill(&rows, &[store], shape, seg.len, kk)
+        }))
     }
-}
-
-/// The top-k of a segment's index queries `io` (1, T, ...) over `store` (which holds
-/// every position up to the segment's last): (T, K).
-pub(crate) fn step_topk(
-    io: &IndexerOut,
-    store: &KeyStore,
-    shape: ix_kernel::IndexShape,
-    seg: &Segment,
-    kk: usize,
-) -> Result<Vec<u32>> {
-    let iq = host_f32(&io.q)?;
-    let iw = host_f32(&io.w)?;
-    Ok(if seg.len == 1 {
-        ix_kernel::topk_decode(&iq, &iw, store, shape, kk)
-    } else {
-        let rows = [TopkQueries {
-            q: &iq,
-            w: &iw,
-            offset: seg.pos,
-        }];
-        ix_kernel::topk_prefill(&rows, &[store], shape, seg.len, kk)
-    })
 }
 
 /// A tensor's values as f32 on the host, detached (what the kernels read).

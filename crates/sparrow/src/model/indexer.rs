@@ -91,6 +91,17 @@ pub struct IndexerOut {
     pub k: Tensor,
 }
 
+/// An indexer's outputs for packed rows, on the host (see `Indexer::infer_packed`).
+#[derive(Debug, Clone)]
+pub struct HostIndex {
+    /// (N, Hi * di)
+    pub q: Vec<f32>,
+    /// (N, Hi)
+    pub w: Vec<f32>,
+    /// (N, di)
+    pub k: Vec<f32>,
+}
+
 /// Apply RoPE to the first `rope_dim` dims of x (B, T, N, di) at positions offset...
 fn rope_prefix(rope: &Rope, x: &Tensor, rope_dim: usize, offset: usize) -> Result<Tensor> {
     if rope_dim == 0 {
@@ -169,6 +180,49 @@ impl Indexer {
                 act: ScoreAct::Identity,
             },
         }
+    }
+
+    /// Inference over packed rows x (N, C) (the engine's step): index queries
+    /// (N, Hi*di), head weights (N, Hi) and keys (N, di) on the host, before RoPE
+    /// ([`rope_token_host`](Self::rope_token_host) places each token at its position).
+    pub fn infer_packed(&self, x: &Tensor) -> Result<HostIndex> {
+        let host = |t: Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1()?)
+        };
+        Ok(match self {
+            Indexer::Lightning(l) => {
+                let scale = 1.0 / ((l.heads as f64).sqrt() * (l.dim as f64).sqrt());
+                HostIndex {
+                    q: host(l.wq.infer(x)?)?,
+                    w: host((l.weights_proj.infer(x)? * scale)?)?,
+                    k: host(l.k_norm.forward(&l.wk.infer(x)?)?)?,
+                }
+            }
+            Indexer::MlpGate(g) => {
+                let hid = candle_nn::ops::silu(&g.fc1.infer(x)?)?;
+                let n = x.dim(0)?;
+                let w =
+                    (Tensor::ones((n, 1), x.dtype(), x.device())? * (1.0 / (g.dim as f64).sqrt()))?;
+                HostIndex {
+                    q: host(g.wq.infer(&hid)?)?,
+                    w: host(w)?,
+                    k: host(g.wk.infer(&hid)?)?,
+                }
+            }
+        })
+    }
+
+    /// RoPE of one token's index query (Hi * di) and key (di) as position `pos`.
+    pub fn rope_token_host(&self, q: &mut [f32], k: &mut [f32], pos: usize) -> Result<()> {
+        if let Indexer::Lightning(l) = self {
+            if l.rope_dim > 0 {
+                l.rope.rotate_prefix_host(q, l.dim, pos)?;
+                l.rope.rotate_prefix_host(k, l.dim, pos)?;
+            }
+        }
+        Ok(())
     }
 
     /// x (B, T, C) at positions offset.. -> index queries, weights and keys.

@@ -215,24 +215,48 @@ impl Mla {
             None => (latent.contiguous()?, k_rot),
         }; // (B, 1, S, r), (B, 1, S, dr)
         let s = latent.dim(2)?;
-        // Unselected positions get -inf before the softmax, (B, 1, T, S).
-        let mask = match &selection {
-            Some(idx) => Some(self.selection_mask(idx, b, t, s, x)?),
-            None => None,
-        };
-        let a = LatentAttention {
-            q_nope: &q_nope,
-            q_rot: &q_rot,
-            latent: &latent,
-            k_rot: &k_rot,
-            mask: mask.as_ref(),
-            scale: 1.0 / ((dn + dr) as f64).sqrt(),
-            offset,
-        };
-        let y = if t == 1 && offset > 0 {
-            self.absorbed(&a)?
-        } else {
-            self.expanded(&a)?
+        let scale = 1.0 / ((dn + dr) as f64).sqrt();
+        let y = match &selection {
+            // One decode query with a selection: gather its selected latent rows and
+            // attend over those alone (absorbed), so the step costs O(index_topk), not
+            // O(S).
+            Some(idx) if t == 1 && b == 1 && offset > 0 => {
+                let keep: Vec<u32> = idx.iter().copied().filter(|&i| i != NONE).collect();
+                let n = keep.len();
+                let rows = Tensor::from_vec(keep, n, x.device())?;
+                let lat = latent.index_select(&rows, 2)?; // (1, 1, K, r)
+                let kr = k_rot.index_select(&rows, 2)?; // (1, 1, K, dr)
+                self.absorbed(&LatentAttention {
+                    q_nope: &q_nope,
+                    q_rot: &q_rot,
+                    latent: &lat,
+                    k_rot: &kr,
+                    mask: None,
+                    scale,
+                    offset: n - 1, // the query sees all K gathered rows
+                })?
+            }
+            _ => {
+                // Unselected positions get -inf before the softmax, (B, 1, T, S).
+                let mask = match &selection {
+                    Some(idx) => Some(self.selection_mask(idx, b, t, s, x)?),
+                    None => None,
+                };
+                let a = LatentAttention {
+                    q_nope: &q_nope,
+                    q_rot: &q_rot,
+                    latent: &latent,
+                    k_rot: &k_rot,
+                    mask: mask.as_ref(),
+                    scale,
+                    offset,
+                };
+                if t == 1 && offset > 0 {
+                    self.absorbed(&a)?
+                } else {
+                    self.expanded(&a)?
+                }
+            }
         }; // (B, T, H * dv)
         let selection = if opts.collect_selection {
             selection
@@ -243,9 +267,10 @@ impl Mla {
     }
 
     /// The engine's step over packed rows x (N, C): each segment runs this layer's
-    /// tensor forward over its own latent cache (cache.latent). The latent store does
-    /// not go through the sparse kernel yet (issue 12's next step), so MLA + DSA
-    /// applies its selection as a mask here. -> (N, C).
+    /// tensor forward over its own latent cache (cache.latent): a decode token of a DSA
+    /// layer attends over its gathered top-k latent rows, a prefill chunk applies its
+    /// selection as a mask (the latent store does not go through the sparse kernel
+    /// yet). -> (N, C).
     pub(crate) fn step(
         &self,
         x: &Tensor,

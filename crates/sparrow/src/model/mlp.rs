@@ -30,4 +30,20 @@ impl Mlp {
         let h = (candle_nn::ops::silu(&g)? * u)?;
         self.down_proj.forward(&h)
     }
+
+    /// Scalars in the three projections.
+    pub fn num_parameters(&self) -> usize {
+        [&self.gate_proj, &self.up_proj, &self.down_proj]
+            .iter()
+            .map(|l| l.weight.elem_count())
+            .sum()
+    }
+
+    /// Inference over rows x (N, C) with the batch-invariant kernel (`Linear::infer`).
+    pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate_proj.infer(x)?;
+        let u = self.up_proj.infer(x)?;
+        let h = (candle_nn::ops::silu(&g)? * u)?;
+        self.down_proj.infer(&h)
+    }
 }

@@ -50,6 +50,24 @@ impl Model {
         })
     }
 
+    /// A freshly initialised model for inference only (frozen parameters: forwards
+    /// record no autograd graph), e.g. to benchmark a shape without trained weights.
+    pub fn new_random_for_inference(
+        cfg: &ModelConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let store = VarStore::random(seed, dtype, device).frozen();
+        let net = Transformer::new(&store.root(), cfg)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            store,
+            net,
+        })
+    }
+
     /// A model from named tensors; missing, mis-shaped or unexpected tensors are errors
     /// naming the tensor (and both shapes).
     pub fn from_tensors(
@@ -185,6 +203,26 @@ impl Model {
                 Ok((n, t.to_dtype(d)?))
             })
             .collect()
+    }
+
+    /// (total, active per token) trainable parameters, counted from the built layers'
+    /// tensors; active leaves out the routed experts a token does not run ((E - k) of
+    /// E in each MoE layer). Tied embeddings count once.
+    pub fn parameter_counts(&self) -> (usize, usize) {
+        let total = self.store.num_parameters();
+        let inactive: usize = self
+            .net
+            .layers
+            .iter()
+            .filter_map(|layer| match &layer.mlp {
+                block::Ffn::Moe(moe) => {
+                    let per_expert = moe.experts.first().map_or(0, |e| e.num_parameters());
+                    Some(per_expert * moe.experts.len().saturating_sub(moe.top_k()))
+                }
+                block::Ffn::Dense(_) => None,
+            })
+            .sum();
+        (total, total - inactive)
     }
 
     /// The engine's batched step; see `Transformer::step`.

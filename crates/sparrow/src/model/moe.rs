@@ -64,6 +64,11 @@ impl Moe {
         })
     }
 
+    /// Experts each token runs.
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
     /// x (B, T, C) -> (B, T, C). `token_ids` (B*T) feed the `hash` router; `capacity`
     /// applies the router's capacity limit (training and validation).
     pub fn forward(
@@ -79,9 +84,9 @@ impl Moe {
     /// statistics, then the same bucketed experts. -> (N, C).
     pub fn infer(&self, xs: &Tensor, token_ids: &[u32]) -> Result<Tensor> {
         let routing = self.gate.route_with(xs, token_ids, false, false)?;
-        let mut y = self.routed(xs, &routing)?;
+        let mut y = self.routed_with(xs, &routing, Mlp::infer)?;
         if let Some(shared) = &self.shared_experts {
-            y = (y + shared.forward(xs)?)?;
+            y = (y + shared.infer(xs)?)?;
         }
         Ok(y)
     }
@@ -145,6 +150,16 @@ impl Moe {
     /// pairs by expert, one SwiGLU chain per expert over its gathered rows, weighted
     /// scatter-add back.
     fn routed(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
+        self.routed_with(xs, routing, Mlp::forward)
+    }
+
+    /// `routed` with each expert applied by `apply` (training or inference kernels).
+    fn routed_with(
+        &self,
+        xs: &Tensor,
+        routing: &Routing,
+        apply: fn(&Mlp, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let plan = Arc::new(Dispatch::new(
             &routing.expert_ids,
             self.top_k,
@@ -158,7 +173,7 @@ impl Moe {
         for (e, expert) in self.experts.iter().enumerate() {
             let (lo, hi) = (plan.offsets[e], plan.offsets[e + 1]);
             if hi > lo {
-                outs.push(expert.forward(&xg.narrow(0, lo, hi - lo)?)?); // (n_e, C)
+                outs.push(apply(expert, &xg.narrow(0, lo, hi - lo)?)?); // (n_e, C)
             }
         }
         let ys = Tensor::cat(&outs, 0)?; // (M, C)

@@ -74,6 +74,21 @@ impl Rope {
         Ok(())
     }
 
+    /// [`rotate_host`](Self::rotate_host) of the first `2 * inv_freq.len()` values of
+    /// each `width`-wide head of `x` (the indexer's RoPE slice), the rest untouched.
+    pub fn rotate_prefix_host(&self, x: &mut [f32], width: usize, pos: usize) -> Result<()> {
+        let r = 2 * self.inv_freq.len();
+        if width < r || width == 0 {
+            return Err(Error::Invalid(format!(
+                "RoPE of {r} dims applied to heads of {width}"
+            )));
+        }
+        for head in x.chunks_exact_mut(width) {
+            self.rotate_host(&mut head[..r], pos)?;
+        }
+        Ok(())
+    }
+
     /// (cos, sin), each (T, D/2), for positions offset..offset+T.
     fn angles(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();

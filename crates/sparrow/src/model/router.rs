@@ -118,7 +118,11 @@ impl Router {
     ) -> Result<Routing> {
         let (n, _c) = x.dims2()?;
         let (e, k) = (self.n_experts, self.top_k);
-        let logits = self.gate.forward(x)?; // (N, E)
+        let logits = if telemetry {
+            self.gate.forward(x)?
+        } else {
+            self.gate.infer(x)? // inference: batch-invariant rows
+        }; // (N, E)
         let z_loss = if self.z_loss && telemetry {
             Some(z_loss(&logits)?)
         } else {

@@ -300,7 +300,7 @@ impl Transformer {
             x.index_select(&Tensor::from_vec(last, segs.len(), dev)?, 0)?
         };
         let x = self.norm.forward(&x)?;
-        let logits = x.matmul(&self.lm_head.t()?)?; // (rows, V)
+        let logits = super::linear::matmul_xwt(&x, &self.lm_head)?; // (rows, V)
         debug_assert_eq!(logits.dim(1)?, self.cfg.vocab_size);
         let _ = c;
         head += lap.lap();

@@ -7,6 +7,7 @@ pub mod lock;
 pub mod loss;
 pub mod metrics;
 pub mod optimizer;
+pub mod options;
 pub mod plot;
 pub mod schedule;
 pub mod trainer;

@@ -10,11 +10,12 @@
 use super::checkpoint::{self, DataPosition, RngState, TrainState};
 use super::loss::cross_entropy;
 use super::metrics::MetricsLog;
-use super::optimizer::{AdamW, AdamWConfig};
+use super::optimizer::AdamW;
+pub use super::options::TrainOptions;
 use super::schedule::lr_at;
 use crate::config::ModelConfig;
 use crate::data::corpus;
-use crate::data::retrieval::{self, RetrievalMix};
+use crate::data::retrieval::RetrievalMix;
 use crate::data::shards::{eval_windows, sample_batch, TokenData};
 use crate::error::{Error, Result};
 use crate::model::transformer::ForwardOptions;
@@ -22,116 +23,11 @@ use crate::model::utilization::{RoutingStats, Utilization};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device, Tensor};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// Hyper-parameters of a run (saved in `train_state.json`, reused on resume).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TrainOptions {
-    /// Total optimizer steps.
-    pub steps: u64,
-    /// Sequences per batch.
-    pub batch_size: usize,
-    /// Tokens per sequence.
-    pub seq_len: usize,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Final learning rate as a fraction of `lr`.
-    pub min_lr_ratio: f64,
-    pub warmup_steps: u64,
-    pub adamw: AdamWConfig,
-    /// Clip the global gradient norm to this (0 = off).
-    pub grad_clip: f64,
-    /// Seeds the initialisation and the batch stream.
-    pub seed: u64,
-    /// Validate every this many steps (0 = only at the end).
-    pub val_every: u64,
-    /// Validation batches (of `batch_size` windows each).
-    pub val_batches: usize,
-    /// Checkpoint every this many steps (0 = only at the end / on interrupt).
-    pub checkpoint_every: u64,
-    /// Share of each document held out for validation.
-    pub val_fraction: f64,
-    /// Stop after this many seconds of training (checkpointing first); 0 = no limit.
-    #[serde(default)]
-    pub time_limit_secs: u64,
-    /// Share of the batch rows replaced by generated retrieval documents (passkey and
-    /// needle, `data::retrieval`), 0 = plain corpus windows.
-    #[serde(default)]
-    pub retrieval_mix: f64,
-    /// Share of the retrieval documents that are passkey prompts (the rest: needles in
-    /// corpus text).
-    #[serde(default = "half")]
-    pub retrieval_passkey_share: f64,
-}
-
-fn half() -> f64 {
-    0.5
-}
-
-impl Default for TrainOptions {
-    fn default() -> Self {
-        Self {
-            steps: 1000,
-            batch_size: 16,
-            seq_len: 256,
-            lr: 3e-3,
-            min_lr_ratio: 0.1,
-            warmup_steps: 50,
-            adamw: AdamWConfig::default(),
-            grad_clip: 1.0,
-            seed: 1337,
-            val_every: 100,
-            val_batches: 8,
-            checkpoint_every: 200,
-            val_fraction: 0.02,
-            time_limit_secs: 0,
-            retrieval_mix: 0.0,
-            retrieval_passkey_share: 0.5,
-        }
-    }
-}
-
-impl TrainOptions {
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: &str| Err(Error::Invalid(m.to_string()));
-        if self.steps == 0 {
-            return bad("--steps must be > 0");
-        }
-        if self.batch_size == 0 {
-            return bad("--batch-size must be > 0");
-        }
-        if self.seq_len < 2 {
-            return bad("--seq-len must be >= 2");
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return bad("--lr must be > 0");
-        }
-        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            return bad("min_lr_ratio must be in [0, 1]");
-        }
-        if self.val_batches == 0 {
-            return bad("--val-batches must be > 0");
-        }
-        if !(0.0..=1.0).contains(&self.retrieval_mix) {
-            return bad("--retrieval-mix must be in [0, 1]");
-        }
-        if !(0.0..=1.0).contains(&self.retrieval_passkey_share) {
-            return bad("--retrieval-passkey-share must be in [0, 1]");
-        }
-        if self.retrieval_mix > 0.0 && self.seq_len < retrieval::MIN_MIX_DOC {
-            return Err(Error::Invalid(format!(
-                "--retrieval-mix needs --seq-len >= {}",
-                retrieval::MIN_MIX_DOC
-            )));
-        }
-        Ok(())
-    }
-}
 
 /// A new run.
 pub struct TrainRequest {
@@ -297,7 +193,7 @@ struct LoopControl {
 fn check_seq_len(o: &TrainOptions, cfg: &ModelConfig) -> Result<()> {
     if o.seq_len > cfg.max_position_embeddings {
         return Err(Error::Invalid(format!(
-            "--seq-len {} exceeds the model's max_position_embeddings {}",
+            "train option `seq_len` {} exceeds the model's max_position_embeddings {}",
             o.seq_len, cfg.max_position_embeddings
         )));
     }

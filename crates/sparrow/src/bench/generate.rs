@@ -1,0 +1,245 @@
+//! `sparrow bench generate`: the whole model through the engine's batched step, the
+//! code every generation runs. Per (context, batch) cell: a batch of random prompts of
+//! `context` tokens is prefilled together (chunked, as the engine does), then decoded
+//! for `decode_tokens` steps. Reports prefill tokens/s, time to first token, decode
+//! tokens/s per sequence and over the batch, cache bytes per token, the process's peak
+//! RSS during the cell, the decode's estimated memory traffic in GB/s (active weights
+//! once per step plus what each sequence's attention reads) and a per-layer time
+//! breakdown of the decode steps. The dense baseline is the same weights and code with
+//! every selector set to all positions (`EngineOptions::dense`).
+
+use crate::config::AttentionKind;
+use crate::engine::sampler::SamplerConfig;
+use crate::engine::{Engine, EngineOptions, Sequence, SequenceParams};
+use crate::error::{Error, Result};
+use crate::model::step::StepProfile;
+use crate::model::Model;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::time::Instant;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct GenerateBench {
+    pub contexts: Vec<usize>,
+    pub batches: Vec<usize>,
+    /// Decode steps timed after the prefill.
+    pub decode_tokens: usize,
+    pub prefill_chunk: usize,
+    /// Also run every cell with dense selectors (the in-run baseline).
+    pub dense_baseline: bool,
+    /// Longest context whose dense baseline is prefilled densely too; past it the dense
+    /// decode runs on a copy of the model's prefilled caches (same shapes, so the same
+    /// decode cost) and no dense prefill figure is reported.
+    pub dense_prefill_max: usize,
+    pub seed: u64,
+}
+
+/// One cell's results.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GenerateRow {
+    /// "model" (as configured) or "dense" (every selector = all positions).
+    pub mode: &'static str,
+    pub context: usize,
+    pub batch: usize,
+    /// NaN when the cell reused another cell's prefill.
+    pub prefill_secs: f64,
+    /// Prompt tokens of the whole batch per second of prefill.
+    pub prefill_tokens_per_s: f64,
+    /// Seconds from the start until every sequence had its first token.
+    pub ttft_secs: f64,
+    /// Decode tokens per second of one sequence.
+    pub decode_tokens_per_s: f64,
+    /// Decode tokens per second over the batch.
+    pub decode_tokens_per_s_total: f64,
+    /// Cache bytes per cached position of one sequence (all layers, index keys included).
+    pub kv_bytes_per_token: f64,
+    /// Peak resident memory of the process during the cell's prefill (bytes; 0 if
+    /// unknown).
+    pub peak_rss_bytes: u64,
+    /// Estimated bytes a decode step reads / its seconds.
+    pub decode_gbps: f64,
+    /// Per layer: milliseconds of attention per decode step.
+    pub layer_attention_ms: Vec<f64>,
+    /// Per layer: milliseconds of the FFN per decode step.
+    pub layer_ffn_ms: Vec<f64>,
+    /// Embedding, final norm and LM head, milliseconds per decode step.
+    pub head_ms: f64,
+}
+
+/// Reset the kernel's peak-RSS counter of this process (Linux `clear_refs` 5); false
+/// where unsupported.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Peak resident set size of this process (VmHWM), bytes.
+pub fn peak_rss_bytes() -> u64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
+        return 0;
+    };
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Run every cell; `on_row` sees each row as it completes.
+pub fn run(
+    model: &Model,
+    b: &GenerateBench,
+    mut on_row: impl FnMut(&GenerateRow),
+) -> Result<Vec<GenerateRow>> {
+    if b.decode_tokens == 0 || b.contexts.is_empty() || b.batches.is_empty() {
+        return Err(Error::Invalid(
+            "bench generate needs contexts, batch sizes and at least one decode token".into(),
+        ));
+    }
+    let max_pos = model.cfg.max_position_embeddings;
+    let mut rows = Vec::new();
+    for &context in &b.contexts {
+        if context == 0 || context + b.decode_tokens > max_pos {
+            return Err(Error::Invalid(format!(
+                "context {context} plus {} decode tokens does not fit max_position_embeddings {max_pos}",
+                b.decode_tokens
+            )));
+        }
+        for &batch in &b.batches {
+            let reuse = b.dense_baseline && context > b.dense_prefill_max;
+            let (row, prefilled) = cell(model, b, context, batch, false, None, reuse)?;
+            on_row(&row);
+            rows.push(row);
+            if b.dense_baseline {
+                let (row, _) = cell(model, b, context, batch, true, prefilled, false)?;
+                on_row(&row);
+                rows.push(row);
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// One cell; returns its row and, with `keep`, the sequences as they were right after
+/// the prefill. With `prefilled`, the prefill is skipped and the decode starts there.
+fn cell(
+    model: &Model,
+    b: &GenerateBench,
+    context: usize,
+    batch: usize,
+    dense: bool,
+    prefilled: Option<Vec<Sequence>>,
+    keep: bool,
+) -> Result<(GenerateRow, Option<Vec<Sequence>>)> {
+    let cfg = &model.cfg;
+    let mut rng = ChaCha8Rng::seed_from_u64(b.seed ^ (context as u64) << 8 ^ batch as u64);
+    let low = 2.min(cfg.vocab_size as u32 - 1);
+    let params = SequenceParams {
+        max_new_tokens: b.decode_tokens + 1,
+        sampler: SamplerConfig {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+        },
+        seed: 0,
+        stop_tokens: Vec::new(),
+        stop_strings: Vec::new(),
+    };
+    let fresh = prefilled.is_none();
+    let mut seqs: Vec<Sequence> = match prefilled {
+        Some(s) => s,
+        None => (0..batch)
+            .map(|i| {
+                let prompt: Vec<u32> = (0..context)
+                    .map(|_| rng.random_range(low..cfg.vocab_size as u32))
+                    .collect();
+                Sequence::new(i as u64, prompt, params.clone(), cfg)
+            })
+            .collect::<Result<_>>()?,
+    };
+    let rss_reset = reset_peak_rss();
+    let opts = EngineOptions {
+        prefill_chunk: b.prefill_chunk,
+        dense,
+        profile: false,
+    };
+    let prefill = Engine::new(model, None, opts)?;
+    let start = Instant::now();
+    while seqs.iter().any(|s| s.generated().is_empty()) {
+        let mut active: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        prefill.step(&mut active)?;
+    }
+    let prefill_secs = if fresh {
+        start.elapsed().as_secs_f64()
+    } else {
+        f64::NAN
+    };
+    let peak_rss = if rss_reset && fresh {
+        peak_rss_bytes()
+    } else {
+        0
+    };
+    let after_prefill = keep.then(|| seqs.clone());
+    let decode = Engine::new(
+        model,
+        None,
+        EngineOptions {
+            profile: true,
+            ..opts
+        },
+    )?;
+    let start = Instant::now();
+    for _ in 0..b.decode_tokens {
+        let mut active: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        decode.step(&mut active)?;
+    }
+    let decode_secs = start.elapsed().as_secs_f64();
+    let steps = b.decode_tokens as f64;
+    let prof: StepProfile = decode.profile();
+    let per_step_ms = |x: f64| 1e3 * x / steps;
+    let positions = seqs[0].position();
+    let kv_bytes_per_token = seqs[0].cache().used_bytes() as f64 / positions.max(1) as f64;
+    let read = decode_step_bytes(model, &seqs, dense);
+    let row = GenerateRow {
+        mode: if dense { "dense" } else { "model" },
+        context,
+        batch,
+        prefill_secs,
+        prefill_tokens_per_s: (context * batch) as f64 / prefill_secs, // NaN if reused
+        ttft_secs: prefill_secs,
+        decode_tokens_per_s: steps / decode_secs.max(1e-12),
+        decode_tokens_per_s_total: steps * batch as f64 / decode_secs.max(1e-12),
+        kv_bytes_per_token,
+        peak_rss_bytes: peak_rss,
+        decode_gbps: read * steps / decode_secs.max(1e-12) / 1e9,
+        layer_attention_ms: prof.attention.iter().map(|&x| per_step_ms(x)).collect(),
+        layer_ffn_ms: prof.ffn.iter().map(|&x| per_step_ms(x)).collect(),
+        head_ms: per_step_ms(prof.head),
+    };
+    Ok((row, after_prefill))
+}
+
+/// Bytes one decode step must read: the active weights once (f32) plus, per sequence
+/// and layer, its cached keys and values (dense selector) or its index keys and the
+/// selected rows (DSA past `index_topk`).
+fn decode_step_bytes(model: &Model, seqs: &[Sequence], dense: bool) -> f64 {
+    let cfg = &model.cfg;
+    let (_total, active) = model.parameter_counts();
+    let mut bytes = 4.0 * active as f64;
+    for s in seqs {
+        let pos = s.position();
+        for (l, layer) in s.cache().layers.iter().enumerate() {
+            let kv_row = layer.k.as_ref().map_or(0, |k| k.heads() * k.width() * 4)
+                + layer.v.as_ref().map_or(0, |v| v.heads() * v.width() * 4);
+            let sparse =
+                !dense && cfg.attention_kind(l) == AttentionKind::Dsa && pos > cfg.index_topk;
+            bytes += if sparse {
+                (layer.index.as_ref().map_or(0, |ix| ix.bytes()) + cfg.index_topk * kv_row) as f64
+            } else if layer.latent.is_some() {
+                layer.used_bytes() as f64
+            } else {
+                (pos * kv_row) as f64
+            };
+        }
+    }
+    bytes
+}

@@ -1,0 +1,147 @@
+//! `y = x W^T` for inference, W (N, K) row-major as checkpoints store it: the
+//! projections, experts and LM head of the engine's step, where x holds a handful of
+//! decode rows (candle's GEMM packs the whole weight matrix on every call, which made
+//! 4 rows cost 7x one row on the LM head) or a prefill chunk.
+//!
+//! Output columns are split into blocks that stay cache-resident (parallel over
+//! blocks); within a block, rows go four at a time, each weight row loaded once for
+//! the four. Every output element is one [`dot`]-ordered sum of its row and column
+//! (16 lane-wise partial sums, then the lanes in order, then the tail), whatever M is
+//! and however rows are grouped: a sequence's logits are bit-identical alone or in any
+//! batch, so its sampled text does not depend on what else runs.
+//! [`reference`] is the plain f64 loop the tests compare with.
+
+use super::dot;
+use super::simd::has_avx512;
+use rayon::prelude::*;
+
+const L: usize = 16;
+
+/// Weight bytes per column block (kept in L2 while every row block passes over it).
+const BLOCK_BYTES: usize = 96 * 1024;
+
+/// Four dot products of `w` with `x0..x3`, each summed exactly as [`dot`] sums (the
+/// fixed-width chunks let the compiler drop bounds checks and keep 4 x 16 lanes in
+/// registers).
+#[inline(always)]
+fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+    let (mut a0, mut a1, mut a2, mut a3) = ([0.0f32; L], [0.0f32; L], [0.0f32; L], [0.0f32; L]);
+    let wc = w.chunks_exact(L);
+    let tail_start = w.len() - wc.remainder().len();
+    let chunks = wc
+        .zip(x[0].chunks_exact(L))
+        .zip(x[1].chunks_exact(L))
+        .zip(x[2].chunks_exact(L))
+        .zip(x[3].chunks_exact(L));
+    for ((((wv, x0), x1), x2), x3) in chunks {
+        for l in 0..L {
+            a0[l] += x0[l] * wv[l];
+            a1[l] += x1[l] * wv[l];
+            a2[l] += x2[l] * wv[l];
+            a3[l] += x3[l] * wv[l];
+        }
+    }
+    let mut out = [0.0f32; 4];
+    for (r, acc) in [a0, a1, a2, a3].iter().enumerate() {
+        let mut tail = 0.0f32;
+        for (&xv, &wv) in x[r][tail_start..].iter().zip(&w[tail_start..]) {
+            tail += xv * wv;
+        }
+        out[r] = acc.iter().fold(0.0f32, |s, &v| s + v) + tail;
+    }
+    out
+}
+
+/// Columns `cols` of y for all rows: `out` is (M, cols.len()) row-major.
+#[inline(always)]
+fn block(x: &[f32], w: &[f32], m: usize, k: usize, cols: std::ops::Range<usize>, out: &mut [f32]) {
+    let nb = cols.len();
+    let mut r = 0;
+    while r + 4 <= m {
+        let xs = [
+            &x[r * k..(r + 1) * k],
+            &x[(r + 1) * k..(r + 2) * k],
+            &x[(r + 2) * k..(r + 3) * k],
+            &x[(r + 3) * k..(r + 4) * k],
+        ];
+        for (j, c) in cols.clone().enumerate() {
+            let y = dot4(xs, &w[c * k..(c + 1) * k]);
+            for (q, v) in y.into_iter().enumerate() {
+                out[(r + q) * nb + j] = v;
+            }
+        }
+        r += 4;
+    }
+    while r < m {
+        let xr = &x[r * k..(r + 1) * k];
+        for (j, c) in cols.clone().enumerate() {
+            out[r * nb + j] = dot(xr, &w[c * k..(c + 1) * k]);
+        }
+        r += 1;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn block_avx512(
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    cols: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    block(x, w, m, k, cols, out)
+}
+
+/// y (M, N) = x (M, K) W^T, W (N, K).
+pub fn xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "xwt: x is not (M, K)");
+    assert_eq!(w.len(), n * k, "xwt: W is not (N, K)");
+    let mut y = vec![0.0f32; m * n];
+    if m == 0 || n == 0 {
+        return y;
+    }
+    let cols_per = (BLOCK_BYTES / (4 * k.max(1))).clamp(8, 1024).min(n);
+    let avx512 = has_avx512();
+    let parts: Vec<(usize, Vec<f32>)> = (0..n)
+        .step_by(cols_per)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|c0| {
+            let cols = c0..(c0 + cols_per).min(n);
+            let mut out = vec![0.0f32; m * cols.len()];
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                // SAFETY: AVX-512F presence was checked at run time (`has_avx512`); the
+                // call reads only `x` and `w` and writes only `out`.
+                unsafe { block_avx512(x, w, m, k, cols, &mut out) };
+                return (c0, out);
+            }
+            let _ = avx512;
+            block(x, w, m, k, cols, &mut out);
+            (c0, out)
+        })
+        .collect();
+    for (c0, out) in parts {
+        let nb = out.len() / m;
+        for r in 0..m {
+            y[r * n + c0..r * n + c0 + nb].copy_from_slice(&out[r * nb..(r + 1) * nb]);
+        }
+    }
+    y
+}
+
+/// Reference: plain loops with f64 accumulation.
+pub fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut y = vec![0.0f32; m * n];
+    for r in 0..m {
+        for c in 0..n {
+            let s: f64 = (0..k)
+                .map(|i| x[r * k + i] as f64 * w[c * k + i] as f64)
+                .sum();
+            y[r * n + c] = s as f32;
+        }
+    }
+    y
+}
