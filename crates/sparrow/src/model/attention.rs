@@ -371,13 +371,7 @@ impl Attention {
         };
         let mut y = vec![0.0f32; n * h * d]; // (N, H*D)
         for (seg, cache) in segs.iter().zip(caches.iter_mut()) {
-            if cache.len() != seg.pos {
-                return Err(Error::Invalid(format!(
-                    "cache holds {} positions, the step writes at {}",
-                    cache.len(),
-                    seg.pos
-                )));
-            }
+            cache.check_position(seg.pos)?;
             for (i, r) in seg.rows().enumerate() {
                 rope.rotate_host(&mut q[r * h * d..(r + 1) * h * d], seg.pos + i)?;
                 rope.rotate_host(&mut k[r * kv * d..(r + 1) * kv * d], seg.pos + i)?;

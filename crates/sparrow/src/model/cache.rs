@@ -14,6 +14,7 @@
 //! (`Transformer::forward` with a cache), which the parity tests drive.
 
 pub use super::kv_cache::{KvCache, LayerKv};
+use crate::error::{Error, Result};
 use crate::kernels::indexer::{KeyPrecision, KeyStore};
 
 /// Smallest capacity allocated (positions).
@@ -143,6 +144,17 @@ impl LayerCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Error unless the cache holds exactly `pos` positions (a step writes at `pos`).
+    pub fn check_position(&self, pos: usize) -> Result<()> {
+        if self.len() != pos {
+            return Err(Error::Invalid(format!(
+                "cache holds {} positions, the step writes at {pos}",
+                self.len()
+            )));
+        }
+        Ok(())
     }
 
     /// The key and value buffers, created for `kv` heads of `d` on first use.

@@ -284,13 +284,7 @@ impl Mla {
         };
         let mut ys = Vec::with_capacity(segs.len());
         for (seg, cache) in segs.iter().zip(caches.iter_mut()) {
-            if cache.len() != seg.pos {
-                return Err(Error::Invalid(format!(
-                    "cache holds {} positions, the step writes at {}",
-                    cache.len(),
-                    seg.pos
-                )));
-            }
+            cache.check_position(seg.pos)?;
             let xs = x.narrow(0, seg.start, seg.len)?.unsqueeze(0)?; // (1, T, C)
             let latent = cache.latent.get_or_insert_with(LayerKv::default);
             let (y, _) = self.forward(&xs, Some(latent), &fwd)?;
