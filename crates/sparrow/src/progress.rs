@@ -16,3 +16,20 @@ pub fn bar(len: u64, msg: &str, show: bool) -> ProgressBar {
     pb.set_message(msg.to_string());
     pb
 }
+
+/// A bar over `len` bytes (sizes and rate shown), or a hidden one.
+pub fn bytes_bar(len: u64, msg: &str, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}

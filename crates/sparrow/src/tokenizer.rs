@@ -15,6 +15,8 @@ pub const BOS_TOKEN: &str = "<|bos|>";
 /// End-of-sequence / document-separator special token (id 1).
 pub const EOS_TOKEN: &str = "<|eos|>";
 pub const BOS_ID: u32 = 0;
+/// The HF file beside `tokenizer.json` that names special tokens and the chat template.
+pub const CONFIG_FILE: &str = "tokenizer_config.json";
 pub const EOS_ID: u32 = 1;
 
 /// A loaded tokenizer plus the ids of its special tokens.
@@ -23,6 +25,13 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub bos_id: u32,
     pub eos_id: u32,
+    /// Whether a prompt starts with BOS (Sparrow's own tokenizers: yes; a GGUF file
+    /// says so in `tokenizer.ggml.add_bos_token`).
+    pub add_bos: bool,
+    /// Token ids that end generation (EOS, and end-of-turn tokens of chat models).
+    pub stop_ids: Vec<u32>,
+    /// The model's Jinja chat template, if it has one (see `crate::chat`).
+    pub chat_template: Option<String>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -50,7 +59,99 @@ impl Tokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let config = path.with_file_name(CONFIG_FILE);
+        if config.exists() {
+            return Self::from_inner_and_config(inner, &config);
+        }
         Self::from_inner(inner)
+    }
+
+    /// A tokenizer described by an HF `tokenizer_config.json` beside its
+    /// `tokenizer.json`: `bos_token` / `eos_token` (a string or `{"content": ..}`),
+    /// `add_bos_token` (default false), `chat_template` (a string, or a list of
+    /// `{name, template}` of which `default` is used).
+    fn from_inner_and_config(inner: tokenizers::Tokenizer, config: &Path) -> Result<Self> {
+        let v: serde_json::Value = crate::fsio::read_json(config)?;
+        let bad = |field: &str, what: &str| {
+            Error::Tokenizer(format!("{}: `{field}` {what}", config.display()))
+        };
+        let token_text = |field: &str| -> Result<Option<String>> {
+            match v.get(field) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                Some(o) => o
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .map(|s| Some(s.to_string()))
+                    .ok_or_else(|| bad(field, "is neither a string nor {\"content\": ..}")),
+            }
+        };
+        let id_of = |field: &str, text: &str| {
+            inner
+                .token_to_id(text)
+                .ok_or_else(|| bad(field, &format!("{text:?} is not in the vocabulary")))
+        };
+        let eos_text = token_text("eos_token")?.ok_or_else(|| bad("eos_token", "is missing"))?;
+        let eos_id = id_of("eos_token", &eos_text)?;
+        let bos_id = match token_text("bos_token")? {
+            Some(t) => id_of("bos_token", &t)?,
+            None => eos_id,
+        };
+        let add_bos = match v.get("add_bos_token") {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(_) => return Err(bad("add_bos_token", "is not a bool")),
+        };
+        let chat_template = match v.get("chat_template") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(str::to_string),
+            Some(_) => return Err(bad("chat_template", "is neither a string nor a list")),
+        };
+        let mut stop_ids: Vec<u32> = std::iter::once(eos_id)
+            .chain(
+                crate::formats::gguf_tokenizer::END_OF_GENERATION_NAMES
+                    .iter()
+                    .filter_map(|t| inner.token_to_id(t)),
+            )
+            .collect();
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        Ok(Self {
+            inner,
+            bos_id,
+            eos_id,
+            add_bos,
+            stop_ids,
+            chat_template,
+        })
+    }
+
+    /// Write `tokenizer.json` into `dir`, plus `tokenizer_config.json` (special tokens,
+    /// `add_bos_token`, chat template) when this is not one of Sparrow's own tokenizers.
+    pub fn save_dir(&self, dir: &Path) -> Result<()> {
+        self.save(&dir.join("tokenizer.json"))?;
+        let own = self.inner.token_to_id(BOS_TOKEN) == Some(self.bos_id)
+            && self.inner.token_to_id(EOS_TOKEN) == Some(self.eos_id)
+            && self.add_bos
+            && self.chat_template.is_none();
+        if !own {
+            let config = serde_json::json!({
+                "bos_token": self.id_to_token(self.bos_id),
+                "eos_token": self.id_to_token(self.eos_id),
+                "add_bos_token": self.add_bos,
+                "add_eos_token": false,
+                "chat_template": self.chat_template,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            });
+            crate::fsio::write_json_atomic(&dir.join(CONFIG_FILE), &config)?;
+        }
+        Ok(())
     }
 
     /// Parse a tokenizer from its JSON text.
@@ -70,7 +171,42 @@ impl Tokenizer {
             inner,
             bos_id,
             eos_id,
+            add_bos: true,
+            stop_ids: vec![eos_id],
+            chat_template: None,
         })
+    }
+
+    /// The tokenizer a GGUF file carries (`crate::formats::gguf_tokenizer`).
+    pub fn from_gguf(f: &crate::formats::gguf::GgufFile) -> Result<Self> {
+        let g = crate::formats::gguf_tokenizer::read(f)?;
+        let inner: tokenizers::Tokenizer = g
+            .json
+            .parse()
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", f.path.display())))?;
+        Ok(Self {
+            inner,
+            bos_id: g.bos_id,
+            eos_id: g.eos_id,
+            add_bos: g.add_bos,
+            stop_ids: g.stop_ids,
+            chat_template: g.chat_template,
+        })
+    }
+
+    /// The ids a prompt starts with: `[bos]` when the tokenizer adds BOS, else none.
+    pub fn prefix_ids(&self) -> Vec<u32> {
+        if self.add_bos {
+            vec![self.bos_id]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The text of one token id (special tokens included), e.g. for a chat template's
+    /// `bos_token`.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     /// Train a byte-level BPE tokenizer of `vocab_size` entries (special tokens

@@ -303,7 +303,7 @@ fn z_loss_and_cv2_loss_follow_their_formulas() {
         .enumerate()
         .fold((0, f64::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a });
     let g = r.aux_loss.unwrap().backward().unwrap();
-    let gw = g.get(&moe.gate.gate.weight).unwrap(); // (E, C)
+    let gw = g.get(&moe.gate.gate.weight().unwrap()).unwrap(); // (E, C)
     let xm = x.mean(0).unwrap(); // (C)
     let along: f64 = (gw.get(hot).unwrap() * xm)
         .unwrap()

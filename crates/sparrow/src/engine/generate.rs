@@ -40,8 +40,9 @@ impl GenerateStats {
     }
 }
 
-/// Generate a continuation of `prompt` (BOS is prepended), calling `on_text` with each
-/// new text piece. Returns the generated token ids and timing.
+/// Generate a continuation of `prompt` (BOS is prepended when the tokenizer adds one;
+/// special tokens written in the text, such as a chat template's, are parsed), calling
+/// `on_text` with each new text piece. Returns the generated token ids and timing.
 pub fn generate(
     model: &Model,
     tokenizer: &Tokenizer,
@@ -49,14 +50,19 @@ pub fn generate(
     opts: &GenerateOptions,
     mut on_text: impl FnMut(&str),
 ) -> Result<(Vec<u32>, GenerateStats)> {
-    let mut ids = vec![tokenizer.bos_id];
+    let mut ids = tokenizer.prefix_ids();
     ids.extend(tokenizer.encode(prompt)?);
+    if ids.is_empty() {
+        return Err(Error::Invalid(
+            "the prompt is empty and this tokenizer adds no BOS token: give a prompt".into(),
+        ));
+    }
     let params = SequenceParams {
         max_new_tokens: opts.max_tokens,
         sampler: opts.sampler,
         seed: opts.seed,
         stop_tokens: if opts.stop_at_eos {
-            vec![tokenizer.eos_id]
+            tokenizer.stop_ids.clone()
         } else {
             Vec::new()
         },

@@ -22,6 +22,7 @@ pub mod decode_attention;
 pub mod experts;
 pub mod indexer;
 pub mod matmul;
+pub mod qmatmul;
 pub mod reference;
 pub mod simd;
 pub mod softmax;

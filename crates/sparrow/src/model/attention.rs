@@ -360,9 +360,10 @@ impl Attention {
     ) -> Result<Tensor> {
         let (n, _c) = x.dims2()?;
         let (h, kv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let mut q = host_f32(&self.q_proj.infer(x)?)?; // (N, H*D)
-        let mut k = host_f32(&self.k_proj.infer(x)?)?; // (N, KV*D)
-        let v = host_f32(&self.v_proj.infer(x)?)?; // (N, KV*D)
+        let qkv = Linear::infer_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let mut q = host_f32(&qkv[0])?; // (N, H*D)
+        let mut k = host_f32(&qkv[1])?; // (N, KV*D)
+        let v = host_f32(&qkv[2])?; // (N, KV*D)
         let scale = 1.0 / (d as f32).sqrt();
         // DSA: the indexer's projections once over every row, RoPE per token below.
         let mut index = match &self.indexer {

@@ -1,29 +1,104 @@
-//! `Linear`: y = x W^T with W stored (out, in) as in PyTorch / HF checkpoints.
+//! `Linear`: y = x W^T with W stored (out, in) as in PyTorch / HF checkpoints, either
+//! as a tensor (trainable, f32) or kept in a ggml block type as a GGUF file ships it
+//! (`kernels::qmatmul`: inference only, activations quantized to int8 per block).
 
 use super::params::{Init, Vb};
-use crate::error::Result;
-use candle_core::Tensor;
+use crate::error::{Error, Result};
+use crate::kernels::qmatmul::{qxwt, QMatrix};
+use candle_core::{Device, Tensor};
+use std::sync::Arc;
+
+/// A weight matrix (out, in).
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    Dense(Tensor),
+    /// Quantized blocks (inference only; no gradient).
+    Quantized(Arc<QMatrix>),
+}
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// (out, in)
-    pub weight: Tensor,
+    weight: LinearWeight,
 }
 
 impl Linear {
     /// `vb` is the module path, e.g. `model.layers.0.self_attn.q_proj`.
     pub fn new(vb: &Vb, in_dim: usize, out_dim: usize, std: f64) -> Result<Self> {
-        let weight = vb.get(&[out_dim, in_dim], "weight", Init::Normal(std))?;
-        Ok(Self { weight })
+        Ok(Self {
+            weight: vb.get_linear(&[out_dim, in_dim], "weight", Init::Normal(std))?,
+        })
     }
 
-    /// Inference: x (N, in) -> (N, out). Up to [`XWT_MAX_ROWS`] rows (decode steps)
-    /// through `kernels::matmul::xwt` (f32 weights and input; no autograd), whose rows
-    /// are bit-identical whatever else is in the batch; larger inputs (steps carrying a
-    /// prefill chunk) through candle's GEMM, which is faster there. Other dtypes take
-    /// [`forward`](Self::forward).
+    pub fn from_weight(weight: LinearWeight) -> Self {
+        Self { weight }
+    }
+
+    /// The weight as a tensor (out, in): the parameter itself, or the quantized blocks
+    /// dequantized to f32.
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(t) => Ok(t.clone()),
+            LinearWeight::Quantized(q) => Ok(Tensor::from_vec(
+                q.dequantize(),
+                (q.rows, q.cols),
+                &Device::Cpu,
+            )?),
+        }
+    }
+
+    /// Whether the weight is kept quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, LinearWeight::Quantized(_))
+    }
+
+    /// Number of weights (out * in).
+    pub fn num_parameters(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Dense(t) => t.elem_count(),
+            LinearWeight::Quantized(q) => q.rows * q.cols,
+        }
+    }
+
+    /// Inference: x (N, in) -> (N, out). Dense: up to [`XWT_MAX_ROWS`] rows (decode
+    /// steps) through `kernels::matmul::xwt` (f32 weights and input; no autograd),
+    /// whose rows are bit-identical whatever else is in the batch; larger inputs (steps
+    /// carrying a prefill chunk) through candle's GEMM, which is faster there. Other
+    /// dtypes take [`forward`](Self::forward). Quantized: `kernels::qmatmul::qxwt`.
     pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
-        matmul_xwt(x, &self.weight)
+        match &self.weight {
+            LinearWeight::Dense(w) => matmul_xwt(x, w),
+            LinearWeight::Quantized(q) => quantized_xwt(x, q),
+        }
+    }
+
+    /// [`infer`](Self::infer) of several layers on the same input (Q, K and V; gate and
+    /// up): quantized weights go through one fused call (x quantized once, one parallel
+    /// pass); others one by one.
+    pub fn infer_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let quantized: Option<Vec<&QMatrix>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Quantized(q) => Some(q.as_ref()),
+                LinearWeight::Dense(_) => None,
+            })
+            .collect();
+        match quantized {
+            Some(qs) if !qs.is_empty() => {
+                let (n, k) = x.dims2()?;
+                if qs.iter().any(|q| q.cols != k) {
+                    return Err(Error::Invalid(format!(
+                        "input of {k} features for quantized weights of other widths"
+                    )));
+                }
+                let xs = host_f32(x)?;
+                crate::kernels::qmatmul::qxwt_many(&xs, n, &qs)
+                    .into_iter()
+                    .zip(&qs)
+                    .map(|(y, q)| Ok(Tensor::from_vec(y, (n, q.rows), x.device())?))
+                    .collect()
+            }
+            _ => layers.iter().map(|l| l.infer(x)).collect(),
+        }
     }
 
     /// (..., in) -> (..., out)
@@ -31,12 +106,51 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let n: usize = dims[..dims.len() - 1].iter().product();
-        let out_dim = self.weight.dim(0)?;
-        let y = x.reshape((n, in_dim))?.matmul(&self.weight.t()?)?; // (N, out)
+        let x2 = x.reshape((n, in_dim))?;
+        let (y, out_dim) = match &self.weight {
+            LinearWeight::Dense(w) => (x2.matmul(&w.t()?)?, w.dim(0)?), // (N, out)
+            LinearWeight::Quantized(q) => (quantized_xwt(&x2, q)?, q.rows),
+        };
         let mut out_dims = dims;
         *out_dims.last_mut().expect("non-empty dims") = out_dim;
         Ok(y.reshape(out_dims)?)
     }
+
+    /// Rows `ids` of the weight (an embedding lookup): (N, in). `flat` holds the same
+    /// ids as `ids` (a (N,) u32 tensor), already checked against the row count.
+    pub fn rows(&self, ids: &Tensor, flat: &[u32]) -> Result<Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Ok(w.index_select(ids, 0)?),
+            LinearWeight::Quantized(q) => {
+                let mut out = vec![0f32; flat.len() * q.cols];
+                for (row, &id) in out.chunks_exact_mut(q.cols).zip(flat) {
+                    q.dequantize_row(id as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (flat.len(), q.cols), &Device::Cpu)?)
+            }
+        }
+    }
+}
+
+/// x (N, K) f32 on the CPU times a quantized W^T.
+fn quantized_xwt(x: &Tensor, q: &QMatrix) -> Result<Tensor> {
+    let (n, k) = x.dims2()?;
+    if k != q.cols {
+        return Err(Error::Invalid(format!(
+            "input of {k} features for a {}x{} quantized weight",
+            q.rows, q.cols
+        )));
+    }
+    let y = qxwt(&host_f32(x)?, n, q);
+    Ok(Tensor::from_vec(y, (n, q.rows), x.device())?)
+}
+
+/// The values of x as f32 on the host.
+fn host_f32(x: &Tensor) -> Result<Vec<f32>> {
+    Ok(x.to_dtype(candle_core::DType::F32)?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1()?)
 }
 
 /// Most rows [`Linear::infer`] sends through the batch-invariant kernel.

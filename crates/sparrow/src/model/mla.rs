@@ -365,7 +365,7 @@ impl Mla {
         let (b, h, t, dn) = q_nope.dims4()?;
         let (r, dv) = (self.rank, self.v_dim);
         // kv_b_proj weight (H * (dn + dv), r) -> per head W_UK (dn, r), W_UV (dv, r).
-        let w = self.kv_b_proj.weight.reshape((h, dn + dv, r))?;
+        let w = self.kv_b_proj.weight()?.reshape((h, dn + dv, r))?;
         let w_uk = w.narrow(1, 0, dn)?; // (H, dn, r)
         let w_uv = w.narrow(1, dn, dv)?; // (H, dv, r)
 

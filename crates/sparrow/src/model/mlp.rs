@@ -35,15 +35,14 @@ impl Mlp {
     pub fn num_parameters(&self) -> usize {
         [&self.gate_proj, &self.up_proj, &self.down_proj]
             .iter()
-            .map(|l| l.weight.elem_count())
+            .map(|l| l.num_parameters())
             .sum()
     }
 
     /// Inference over rows x (N, C) with the batch-invariant kernel (`Linear::infer`).
     pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate_proj.infer(x)?;
-        let u = self.up_proj.infer(x)?;
-        let h = (candle_nn::ops::silu(&g)? * u)?;
+        let gu = Linear::infer_many(&[&self.gate_proj, &self.up_proj], x)?;
+        let h = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
         self.down_proj.infer(&h)
     }
 }

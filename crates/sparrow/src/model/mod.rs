@@ -161,6 +161,28 @@ impl Model {
         Ok((model, step))
     }
 
+    /// A model from a GGUF file (`crate::formats::gguf_model`: llama architecture) for
+    /// inference (frozen parameters): weight matrices held as `format` says, other
+    /// tensors dequantized to `dtype`. `edit` adjusts the config before the layers are
+    /// built.
+    pub fn load_gguf_for_inference(
+        file: &crate::formats::gguf::GgufFile,
+        format: crate::formats::gguf_model::WeightFormat,
+        dtype: DType,
+        device: &Device,
+        edit: impl FnOnce(&mut ModelConfig),
+    ) -> Result<Self> {
+        let mut cfg = crate::formats::gguf_model::read_config(file)?;
+        edit(&mut cfg);
+        cfg.validate()?;
+        let (tensors, quantized) =
+            crate::formats::gguf_model::read_tensors(file, &cfg, format, device)?;
+        let store =
+            VarStore::loaded_with_quantized(tensors, quantized, file.path.clone(), dtype, device)
+                .frozen();
+        Self::from_store(&cfg, store)
+    }
+
     /// Write `config.json` and `model.safetensors` (f32) atomically into `dir`.
     pub fn save_dir(&self, dir: &Path, step: Option<u64>) -> Result<()> {
         self.save_dir_as(dir, step, DType::F32)
@@ -188,6 +210,11 @@ impl Model {
             return Err(Error::Invalid(format!(
                 "weights are stored as f32, f16 or bf16, not {dtype:?}"
             )));
+        }
+        if self.store.has_quantized() {
+            return Err(Error::Invalid(
+                "this model holds quantized weights, which safetensors cannot store: load it with f32 weights (--weights f32) to save or convert it".into(),
+            ));
         }
         let trainable: std::collections::HashSet<String> =
             self.store.vars().into_iter().map(|(n, _)| n).collect();

@@ -18,7 +18,10 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::linear::LinearWeight;
+use crate::kernels::qmatmul::QMatrix;
 
 /// How a new parameter is initialised when it is not loaded.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +38,8 @@ enum Source {
     },
     Loaded {
         tensors: HashMap<String, Tensor>,
+        /// Weight matrices kept in a ggml block type (inference only).
+        quantized: HashMap<String, Arc<QMatrix>>,
         path: PathBuf,
     },
 }
@@ -44,6 +49,8 @@ pub struct VarStore {
     vars: Mutex<BTreeMap<String, Var>>,
     /// Names in `vars` that are buffers, not trainable parameters.
     buffers: Mutex<std::collections::BTreeSet<String>>,
+    /// Quantized weights handed out, by name.
+    quantized_used: Mutex<BTreeMap<String, Arc<QMatrix>>>,
     source: Source,
     dtype: DType,
     device: Device,
@@ -74,6 +81,7 @@ impl VarStore {
         Self {
             vars: Mutex::new(BTreeMap::new()),
             buffers: Mutex::new(Default::default()),
+            quantized_used: Mutex::new(BTreeMap::new()),
             source: Source::Random { seed },
             dtype,
             device: device.clone(),
@@ -88,14 +96,47 @@ impl VarStore {
         dtype: DType,
         device: &Device,
     ) -> Self {
+        Self::loaded_with_quantized(tensors, HashMap::new(), path, dtype, device)
+    }
+
+    /// [`loaded`](Self::loaded) plus weight matrices kept quantized: a `Linear` whose
+    /// weight is among `quantized` computes with it directly (inference only). The
+    /// store is frozen: quantized weights have no gradient.
+    pub fn loaded_with_quantized(
+        tensors: HashMap<String, Tensor>,
+        quantized: HashMap<String, Arc<QMatrix>>,
+        path: PathBuf,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        let frozen = !quantized.is_empty();
         Self {
             vars: Mutex::new(BTreeMap::new()),
             buffers: Mutex::new(Default::default()),
-            source: Source::Loaded { tensors, path },
+            quantized_used: Mutex::new(BTreeMap::new()),
+            source: Source::Loaded {
+                tensors,
+                quantized,
+                path,
+            },
             dtype,
             device: device.clone(),
-            frozen: false,
+            frozen,
         }
+    }
+
+    /// Whether any weight is held quantized (such a model cannot be saved as
+    /// safetensors; load it with f32 weights to convert it).
+    pub fn has_quantized(&self) -> bool {
+        !locked(&self.quantized_used).is_empty()
+    }
+
+    /// Bytes of the weights held quantized.
+    pub fn quantized_bytes(&self) -> usize {
+        locked(&self.quantized_used)
+            .values()
+            .map(|q| q.n_bytes())
+            .sum()
     }
 
     /// This store for inference: the tensors it hands out are detached (they share
@@ -124,10 +165,19 @@ impl VarStore {
 
     /// After the model is built from loaded tensors: error on any tensor nobody asked for.
     pub fn check_no_unused(&self) -> Result<()> {
-        if let Source::Loaded { tensors, path } = &self.source {
+        if let Source::Loaded {
+            tensors,
+            quantized,
+            path,
+        } = &self.source
+        {
             let vars = locked(&self.vars);
-            let mut extra: Vec<&String> =
-                tensors.keys().filter(|k| !vars.contains_key(*k)).collect();
+            let used = locked(&self.quantized_used);
+            let mut extra: Vec<&String> = tensors
+                .keys()
+                .filter(|k| !vars.contains_key(*k))
+                .chain(quantized.keys().filter(|k| !used.contains_key(*k)))
+                .collect();
             extra.sort();
             if let Some(name) = extra.first() {
                 return Err(Error::checkpoint(
@@ -161,9 +211,39 @@ impl VarStore {
             .collect()
     }
 
-    /// Number of scalar trainable parameters.
+    /// Number of scalar parameters: the trainable ones plus quantized weights.
     pub fn num_parameters(&self) -> usize {
-        self.vars().iter().map(|(_, v)| v.elem_count()).sum()
+        let quantized: usize = locked(&self.quantized_used)
+            .values()
+            .map(|q| q.rows * q.cols)
+            .sum();
+        self.vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>()
+            + quantized
+    }
+
+    fn get_linear(&self, name: String, shape: &[usize], init: Init) -> Result<LinearWeight> {
+        if let Source::Loaded {
+            quantized, path, ..
+        } = &self.source
+        {
+            if let Some(q) = quantized.get(&name) {
+                if [q.rows, q.cols] != shape {
+                    return Err(Error::checkpoint(
+                        path,
+                        format!(
+                            "tensor `{name}` has shape [{}, {}], the config expects {shape:?}",
+                            q.rows, q.cols
+                        ),
+                    ));
+                }
+                locked(&self.quantized_used).insert(name, q.clone());
+                return Ok(LinearWeight::Quantized(q.clone()));
+            }
+        }
+        Ok(LinearWeight::Dense(self.get(name, shape, init)?))
     }
 
     fn get_buffer(&self, name: String, shape: &[usize], init: Init) -> Result<Tensor> {
@@ -190,7 +270,7 @@ impl VarStore {
                 };
                 Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?
             }
-            Source::Loaded { tensors, path } => {
+            Source::Loaded { tensors, path, .. } => {
                 let t = tensors.get(&name).ok_or_else(|| {
                     Error::checkpoint(
                         path,
@@ -257,6 +337,12 @@ impl<'a> Vb<'a> {
     /// The parameter `name` under this path, created or loaded with `shape`.
     pub fn get(&self, shape: &[usize], name: &str, init: Init) -> Result<Tensor> {
         self.store.get(self.pp(name).prefix, shape, init)
+    }
+
+    /// A weight matrix `name` under this path: quantized when the store holds it so,
+    /// else a parameter like [`get`](Self::get).
+    pub fn get_linear(&self, shape: &[usize], name: &str, init: Init) -> Result<LinearWeight> {
+        self.store.get_linear(self.pp(name).prefix, shape, init)
     }
 
     /// A non-trainable buffer `name` under this path (stored and checkpointed, never

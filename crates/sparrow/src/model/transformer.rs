@@ -3,6 +3,7 @@
 
 use super::block::{Block, BlockOut};
 use super::cache::{KvCache, LayerCache, SeqCache};
+use super::linear::Linear;
 use super::moe::MoeStats;
 use super::norm::RmsNorm;
 use super::params::{Init, Vb};
@@ -12,7 +13,7 @@ use super::utilization::RoutingStats;
 use crate::config::IndexerTrainMode;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 /// Per-call switches of a forward pass (training modes, diagnostics).
 #[derive(Debug, Clone, Copy, Default)]
@@ -37,11 +38,11 @@ pub struct ForwardOptions {
 #[derive(Debug, Clone)]
 pub struct Transformer {
     /// (V, C) `model.embed_tokens.weight`
-    pub embed_tokens: Tensor,
+    pub embed_tokens: Linear,
     pub layers: Vec<Block>,
     pub norm: RmsNorm,
     /// (V, C) `lm_head.weight`, or the embedding when tied.
-    pub lm_head: Tensor,
+    pub lm_head: Linear,
     rope: Rope,
     cfg: ModelConfig,
 }
@@ -71,9 +72,11 @@ impl Transformer {
     pub fn new(vb: &Vb, cfg: &ModelConfig) -> Result<Self> {
         let (v, c) = (cfg.vocab_size, cfg.hidden_size);
         let m = vb.pp("model");
-        let embed_tokens =
-            m.pp("embed_tokens")
-                .get(&[v, c], "weight", Init::Normal(cfg.initializer_range))?;
+        let embed_tokens = Linear::from_weight(m.pp("embed_tokens").get_linear(
+            &[v, c],
+            "weight",
+            Init::Normal(cfg.initializer_range),
+        )?);
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Block::new(&m.pp("layers").pp(i), cfg, i))
             .collect::<Result<Vec<_>>>()?;
@@ -81,8 +84,11 @@ impl Transformer {
         let lm_head = if cfg.tie_word_embeddings {
             embed_tokens.clone()
         } else {
-            vb.pp("lm_head")
-                .get(&[v, c], "weight", Init::Normal(cfg.initializer_range))?
+            Linear::from_weight(vb.pp("lm_head").get_linear(
+                &[v, c],
+                "weight",
+                Init::Normal(cfg.initializer_range),
+            )?)
         };
         let rope = Rope::new(
             cfg.head_dim(),
@@ -142,7 +148,7 @@ impl Transformer {
         }
         let mut x = self
             .embed_tokens
-            .index_select(&flat_ids, 0)?
+            .rows(&flat_ids, &flat)?
             .reshape((b, t, c))?; // (B, T, C)
         let mut aux: Option<Tensor> = None;
         let mut z: Option<Tensor> = None;
@@ -177,10 +183,10 @@ impl Transformer {
             }
         }
         let x = self.norm.forward(&x)?;
-        let logits = x
-            .reshape((b * t, c))?
-            .matmul(&self.lm_head.t()?)?
-            .reshape((b, t, self.cfg.vocab_size))?;
+        let logits =
+            self.lm_head
+                .forward(&x.reshape((b * t, c))?)?
+                .reshape((b, t, self.cfg.vocab_size))?;
         let indexer_kl = if kls.is_empty() {
             None
         } else {
@@ -267,10 +273,10 @@ impl Transformer {
         let mut prof = opts.profile.then(|| StepProfile::new(n_layers));
         let mut lap = Lap::start(opts.profile);
         let n = ids.len();
-        let dev = self.embed_tokens.device();
+        let dev = &Device::Cpu;
         let mut x = self
             .embed_tokens
-            .index_select(&Tensor::from_slice(&ids, n, dev)?, 0)?; // (N, C)
+            .rows(&Tensor::from_slice(&ids, n, dev)?, &ids)?; // (N, C)
         let mut head = lap.lap();
         for (l, layer) in self.layers.iter().enumerate() {
             let mut caches: Vec<&mut LayerCache> = inputs
@@ -300,7 +306,7 @@ impl Transformer {
             x.index_select(&Tensor::from_vec(last, segs.len(), dev)?, 0)?
         };
         let x = self.norm.forward(&x)?;
-        let logits = super::linear::matmul_xwt(&x, &self.lm_head)?; // (rows, V)
+        let logits = self.lm_head.infer(&x)?; // (rows, V)
         debug_assert_eq!(logits.dim(1)?, self.cfg.vocab_size);
         let _ = c;
         head += lap.lap();

@@ -1,0 +1,9 @@
+//! File formats of other engines, read without the model: GGUF (llama.cpp's format:
+//! the container, ggml's quantized types, a llama model's config and tensors, its
+//! tokenizer). This floor imports the config and the error type, never the model.
+
+pub mod ggml;
+pub mod gguf;
+pub mod gguf_model;
+pub mod gguf_tokenizer;
+pub mod gguf_write;

@@ -1,0 +1,505 @@
+//! `y = x W^T` with W kept in a ggml block type (`Q4_0`, `Q4_1`, `Q8_0`: what GGUF
+//! files ship) and x quantized per 32-value block to int8 on the fly, as llama.cpp
+//! computes it: each output is a sum over blocks of `d_w * d_x * sum_i(q_w q_x)` (plus
+//! `m_w * s_x` for `Q4_1`, whose activations carry `s = d * sum(q_x)` as ggml's `Q8_1`
+//! does). Weights stay in their own bytes (4.5-8.5 bits a value), so a decode step
+//! streams a quarter to a half of what f32 weights would need.
+//!
+//! Activation blocks: `d = absmax / 127` (stored as f16, as ggml does), `q =
+//! round_half_even(x * 127 / absmax)`.
+//!
+//! [`qxwt`] picks an AVX-512 VNNI kernel (`vpdpbusd`: unsigned nibbles times signed
+//! activations, 8 x i32 lanes per block, scaled into f32 lanes without a horizontal sum
+//! per block) when the CPU has it, else the portable loop. [`reference`] is the plain
+//! f64 loop the tests compare both with; every output element is summed in the same
+//! order whatever the batch, so rows are bit-identical alone or batched.
+
+use crate::formats::ggml::{dequantize_block, GgmlType};
+use crate::formats::gguf::SharedBytes;
+use half::f16;
+use rayon::prelude::*;
+
+/// Values per block.
+pub const QK: usize = 32;
+
+/// A (rows, cols) weight matrix in a ggml block type, row-major (each row `cols / 32`
+/// blocks).
+#[derive(Clone)]
+pub struct QMatrix {
+    pub ty: GgmlType,
+    /// Output features.
+    pub rows: usize,
+    /// Input features (a multiple of 32).
+    pub cols: usize,
+    data: QData,
+}
+
+/// A matrix's bytes: its own, or a range of a memory-mapped GGUF file.
+#[derive(Clone)]
+enum QData {
+    Owned(Vec<u8>),
+    Mapped(SharedBytes),
+}
+
+impl std::ops::Deref for QData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            QData::Owned(v) => v,
+            QData::Mapped(m) => m,
+        }
+    }
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QMatrix({}, {}x{})",
+            self.ty.name(),
+            self.rows,
+            self.cols
+        )
+    }
+}
+
+/// Whether weights of type `t` can stay quantized (the types [`qxwt`] computes with).
+pub fn is_native(t: GgmlType) -> bool {
+    matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+}
+
+impl QMatrix {
+    /// A matrix from its encoded bytes; checks the type and the byte count.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
+        Self::with_data(ty, rows, cols, QData::Owned(data))
+    }
+
+    /// A matrix over bytes of a mapped GGUF file (no copy).
+    pub fn mapped(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        data: SharedBytes,
+    ) -> Result<Self, String> {
+        Self::with_data(ty, rows, cols, QData::Mapped(data))
+    }
+
+    fn with_data(ty: GgmlType, rows: usize, cols: usize, data: QData) -> Result<Self, String> {
+        if !is_native(ty) {
+            return Err(format!("{} weights are not computed quantized", ty.name()));
+        }
+        if !cols.is_multiple_of(QK) {
+            return Err(format!("{cols} columns are not whole {QK}-value blocks"));
+        }
+        let want = rows * (cols / QK) * ty.block_bytes();
+        if data.len() != want {
+            return Err(format!(
+                "a {rows}x{cols} {} matrix has {want} bytes, got {}",
+                ty.name(),
+                data.len()
+            ));
+        }
+        Ok(Self {
+            ty,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / QK * self.ty.block_bytes()
+    }
+
+    /// Bytes the weights occupy.
+    pub fn n_bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Row `r` dequantized into `out` (`cols` values): an embedding lookup.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let rb = self.row_bytes();
+        let bb = self.ty.block_bytes();
+        for (b, y) in self.data[r * rb..(r + 1) * rb]
+            .chunks_exact(bb)
+            .zip(out.chunks_exact_mut(QK))
+        {
+            dequantize_block(self.ty, b, y);
+        }
+    }
+
+    /// The whole matrix as f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
+            self.dequantize_row(r, row);
+        }
+        out
+    }
+}
+
+/// Activations quantized per block: values, scales, and per-block sums.
+pub struct QActs {
+    /// (M, K) int8.
+    pub q: Vec<i8>,
+    /// Per block: `d` (f16-rounded).
+    pub d: Vec<f32>,
+    /// Per block: `f16(d * sum(q))`, ggml's `Q8_1` `s`.
+    pub s: Vec<f32>,
+    /// Per block: `sum(q)`.
+    pub sum: Vec<i32>,
+}
+
+/// Quantize x (a multiple of 32 values) per block.
+pub fn quantize_acts(x: &[f32]) -> QActs {
+    let nb = x.len() / QK;
+    let mut a = QActs {
+        q: vec![0; x.len()],
+        d: Vec::with_capacity(nb),
+        s: Vec::with_capacity(nb),
+        sum: Vec::with_capacity(nb),
+    };
+    for (xb, qb) in x.chunks_exact(QK).zip(a.q.chunks_exact_mut(QK)) {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in qb.iter_mut().zip(xb) {
+            let r = round_half_even(v * id);
+            *q = r as i8;
+            sum += r;
+        }
+        a.d.push(f16::from_f32(d).to_f32());
+        a.s.push(f16::from_f32(d * sum as f32).to_f32());
+        a.sum.push(sum);
+    }
+    a
+}
+
+/// Round to the nearest integer, ties to even (|v| <= 127 here), without a libm call:
+/// adding and subtracting 1.5 * 2^23 leaves the integer the FPU's default rounding
+/// picks.
+#[inline(always)]
+fn round_half_even(v: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    ((v + MAGIC) - MAGIC) as i32
+}
+
+fn half_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// One output: row `w` (its blocks) against quantized activation row `(q, d, s, sum)`.
+#[inline(always)]
+fn dot_row_portable(ty: GgmlType, w: &[u8], q: &[i8], d: &[f32], s: &[f32], sum: &[i32]) -> f32 {
+    let bb = ty.block_bytes();
+    let mut acc = 0f32;
+    let mut extra = 0f32;
+    for (ib, b) in w.chunks_exact(bb).enumerate() {
+        let x = &q[ib * QK..(ib + 1) * QK];
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 => {
+                let off = if ty == GgmlType::Q4_0 { 2 } else { 4 };
+                let qs = &b[off..off + 16];
+                let mut sumi = 0i32;
+                for j in 0..16 {
+                    sumi += (qs[j] & 0x0F) as i32 * x[j] as i32;
+                    sumi += (qs[j] >> 4) as i32 * x[j + 16] as i32;
+                }
+                if ty == GgmlType::Q4_0 {
+                    sumi -= 8 * sum[ib];
+                    acc += half_at(b, 0) * d[ib] * sumi as f32;
+                } else {
+                    acc += half_at(b, 0) * d[ib] * sumi as f32;
+                    extra += half_at(b, 2) * s[ib];
+                }
+            }
+            GgmlType::Q8_0 => {
+                let mut sumi = 0i32;
+                for j in 0..QK {
+                    sumi += (b[2 + j] as i8) as i32 * x[j] as i32;
+                }
+                acc += half_at(b, 0) * d[ib] * sumi as f32;
+            }
+            _ => unreachable!("QMatrix holds native types only"),
+        }
+    }
+    acc + extra
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// An f16 (its bits) as f32, by F16C.
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    unsafe fn half_to_f32(bits: u16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// Horizontal sum of 8 f32 lanes.
+    #[target_feature(enable = "avx2")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The 32 weight bytes of one block as unsigned values (nibbles low then high, or
+    /// `Q8_0`'s int8 shifted by 128) and its integer correction against activation
+    /// block `ib` (`-8 * sum(x)` for `Q4_0`, `-128 * sum(x)` for `Q8_0`).
+    #[inline(always)]
+    unsafe fn block_u8<const T: u32>(b: *const u8) -> __m256i {
+        if T == 8 {
+            let wv = _mm256_loadu_si256(b.add(2) as *const __m256i);
+            _mm256_xor_si256(wv, _mm256_set1_epi8(-128))
+        } else {
+            let off = if T == 2 { 2 } else { 4 };
+            let mask = _mm_set1_epi8(0x0F);
+            let qs = _mm_loadu_si128(b.add(off) as *const __m128i);
+            let lo = _mm_and_si128(qs, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+            _mm256_set_m128i(hi, lo)
+        }
+    }
+
+    /// [`dot_row_portable`] with `vpdpbusd`, two blocks per 512-bit step. `T` is the
+    /// ggml type id (2 = `Q4_0`, 3 = `Q4_1`, 8 = `Q8_0`). Same per-block integer sums
+    /// (the type's correction enters each block's first lane, so they stay exact); the
+    /// f32 sum runs in 16 lanes, so results differ from the portable loop by rounding
+    /// only, and do not depend on the batch.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA, F16C, AVX-512 F/BW/DQ/VL and VNNI (checked by the
+    /// caller); `w` holds whole blocks of type `T` and `q`, `d`, `s`, `sum` at least as
+    /// many activation blocks.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw,avx512dq")]
+    pub unsafe fn dot_row<const T: u32>(
+        w: &[u8],
+        q: &[i8],
+        d: &[f32],
+        s: &[f32],
+        sum: &[i32],
+    ) -> f32 {
+        let bb = match T {
+            2 => 18,
+            3 => 20,
+            _ => 34,
+        };
+        let nb = w.len() / bb;
+        debug_assert!(q.len() >= nb * QK && d.len() >= nb && sum.len() >= nb);
+        let corr_scale = match T {
+            2 => -8,
+            8 => -128,
+            _ => 0,
+        };
+        let mut acc = _mm512_setzero_ps();
+        let mut extra = 0f32;
+        let wp = w.as_ptr();
+        let qp = q.as_ptr();
+        let mut ib = 0;
+        // SAFETY (reads): blocks ib and ib + 1 lie inside `w`, and activation blocks
+        // ib and ib + 1 inside `q`, `d`, `s`, `sum` (nb blocks each).
+        while ib + 2 <= nb {
+            let (b0, b1) = (wp.add(ib * bb), wp.add((ib + 1) * bb));
+            let wv = _mm512_inserti64x4(
+                _mm512_castsi256_si512(block_u8::<T>(b0)),
+                block_u8::<T>(b1),
+                1,
+            );
+            let xv = _mm512_loadu_si512(qp.add(ib * QK) as *const _);
+            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+            let (c0, c1) = if corr_scale != 0 {
+                (
+                    corr_scale * *sum.get_unchecked(ib),
+                    corr_scale * *sum.get_unchecked(ib + 1),
+                )
+            } else {
+                (0, 0)
+            };
+            let dot = _mm512_add_epi32(
+                dot,
+                _mm512_setr_epi32(c0, 0, 0, 0, 0, 0, 0, 0, c1, 0, 0, 0, 0, 0, 0, 0),
+            );
+            let s0 = half_to_f32(std::ptr::read_unaligned(b0 as *const u16)) * *d.get_unchecked(ib);
+            let s1 =
+                half_to_f32(std::ptr::read_unaligned(b1 as *const u16)) * *d.get_unchecked(ib + 1);
+            let scale = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
+            acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc);
+            if T == 3 {
+                extra += half_to_f32(std::ptr::read_unaligned(b0.add(2) as *const u16))
+                    * *s.get_unchecked(ib);
+                extra += half_to_f32(std::ptr::read_unaligned(b1.add(2) as *const u16))
+                    * *s.get_unchecked(ib + 1);
+            }
+            ib += 2;
+        }
+        let mut acc8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
+        if ib < nb {
+            let b0 = wp.add(ib * bb);
+            let xv = _mm256_loadu_si256(qp.add(ib * QK) as *const __m256i);
+            let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), block_u8::<T>(b0), xv);
+            let c0 = corr_scale * *sum.get_unchecked(ib);
+            let dot = _mm256_add_epi32(dot, _mm256_setr_epi32(c0, 0, 0, 0, 0, 0, 0, 0));
+            let s0 = half_to_f32(std::ptr::read_unaligned(b0 as *const u16)) * *d.get_unchecked(ib);
+            acc8 = _mm256_fmadd_ps(_mm256_set1_ps(s0), _mm256_cvtepi32_ps(dot), acc8);
+            if T == 3 {
+                extra += half_to_f32(std::ptr::read_unaligned(b0.add(2) as *const u16))
+                    * *s.get_unchecked(ib);
+            }
+        }
+        hsum(acc8) + extra
+    }
+}
+
+/// Whether the VNNI kernel runs here (unless the portable path is forced).
+pub fn has_vnni() -> bool {
+    if !super::simd::has_avx512() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512vnni")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512dq")
+            && std::is_x86_feature_detected!("f16c")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Output columns per parallel task.
+const COLS_PER_TASK: usize = 128;
+
+/// One output element: row `c` of `w` against activation row `r`.
+#[inline(always)]
+fn dot_one(w: &QMatrix, c: usize, a: &QActs, r: usize, vnni: bool) -> f32 {
+    let k = w.cols;
+    let nbk = k / QK;
+    let rb = w.row_bytes();
+    let wr = &w.data[c * rb..(c + 1) * rb];
+    let (q, d) = (&a.q[r * k..(r + 1) * k], &a.d[r * nbk..(r + 1) * nbk]);
+    let (s, sum) = (&a.s[r * nbk..(r + 1) * nbk], &a.sum[r * nbk..(r + 1) * nbk]);
+    #[cfg(target_arch = "x86_64")]
+    if vnni {
+        // SAFETY: has_vnni() checked every feature the kernel enables; wr is one whole
+        // row of blocks and q/d/s/sum one row of as many blocks.
+        return unsafe {
+            match w.ty {
+                GgmlType::Q4_0 => vnni::dot_row::<2>(wr, q, d, s, sum),
+                GgmlType::Q4_1 => vnni::dot_row::<3>(wr, q, d, s, sum),
+                _ => vnni::dot_row::<8>(wr, q, d, s, sum),
+            }
+        };
+    }
+    let _ = vnni;
+    dot_row_portable(w.ty, wr, q, d, s, sum)
+}
+
+/// y (M, rows) = x (M, cols) W^T.
+pub fn qxwt(x: &[f32], m: usize, w: &QMatrix) -> Vec<f32> {
+    qxwt_many(x, m, &[w]).pop().unwrap_or_default()
+}
+
+/// `x W_i^T` for several matrices of the same input width (e.g. Q, K and V, or gate
+/// and up), with x quantized once and one parallel pass over all their columns: a
+/// decode step's small products cost one thread hand-off instead of one each.
+pub fn qxwt_many(x: &[f32], m: usize, ws: &[&QMatrix]) -> Vec<Vec<f32>> {
+    let Some(first) = ws.first() else {
+        return Vec::new();
+    };
+    let k = first.cols;
+    assert!(
+        ws.iter().all(|w| w.cols == k),
+        "qxwt_many: input widths differ"
+    );
+    assert_eq!(x.len(), m * k, "qxwt: x is not (M, K)");
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows]).collect();
+    if m == 0 {
+        return ys;
+    }
+    let a = quantize_acts(x);
+    let vnni = has_vnni();
+    let tasks: Vec<(usize, usize)> = ws
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| (0..w.rows).step_by(COLS_PER_TASK).map(move |c0| (i, c0)))
+        .collect();
+    let parts: Vec<(usize, usize, Vec<f32>)> = tasks
+        .into_par_iter()
+        .map(|(i, c0)| {
+            let w = ws[i];
+            let c1 = (c0 + COLS_PER_TASK).min(w.rows);
+            let nc = c1 - c0;
+            let mut out = vec![0f32; m * nc];
+            for c in c0..c1 {
+                for r in 0..m {
+                    out[r * nc + (c - c0)] = dot_one(w, c, &a, r, vnni);
+                }
+            }
+            (i, c0, out)
+        })
+        .collect();
+    for (i, c0, out) in parts {
+        let n = ws[i].rows;
+        let nc = out.len() / m;
+        for r in 0..m {
+            ys[i][r * n + c0..r * n + c0 + nc].copy_from_slice(&out[r * nc..(r + 1) * nc]);
+        }
+    }
+    ys
+}
+
+/// Reference: the same quantized arithmetic in plain f64 loops over dequantized
+/// integers (what [`qxwt`] must equal up to f32 rounding).
+pub fn reference(x: &[f32], m: usize, w: &QMatrix) -> Vec<f32> {
+    let k = w.cols;
+    let a = quantize_acts(x);
+    let nbk = k / QK;
+    let bb = w.ty.block_bytes();
+    let mut y = vec![0f32; m * w.rows];
+    for r in 0..m {
+        for c in 0..w.rows {
+            let row = &w.data[c * w.row_bytes()..(c + 1) * w.row_bytes()];
+            let mut total = 0f64;
+            for ib in 0..nbk {
+                let b = &row[ib * bb..(ib + 1) * bb];
+                let xq = &a.q[r * k + ib * QK..r * k + (ib + 1) * QK];
+                let dw = half_at(b, 0) as f64;
+                let dx = a.d[r * nbk + ib] as f64;
+                let wq: Vec<i32> = match w.ty {
+                    GgmlType::Q4_0 => (0..QK)
+                        .map(|j| {
+                            let byte = b[2 + j % 16];
+                            (if j < 16 { byte & 15 } else { byte >> 4 }) as i32 - 8
+                        })
+                        .collect(),
+                    GgmlType::Q4_1 => (0..QK)
+                        .map(|j| {
+                            let byte = b[4 + j % 16];
+                            (if j < 16 { byte & 15 } else { byte >> 4 }) as i32
+                        })
+                        .collect(),
+                    _ => (0..QK).map(|j| (b[2 + j] as i8) as i32).collect(),
+                };
+                let sumi: i64 = wq.iter().zip(xq).map(|(&a, &b)| a as i64 * b as i64).sum();
+                total += dw * dx * sumi as f64;
+                if w.ty == GgmlType::Q4_1 {
+                    total += half_at(b, 2) as f64 * a.s[r * nbk + ib] as f64;
+                }
+            }
+            y[r * w.rows + c] = total as f32;
+        }
+    }
+    y
+}
