@@ -9,7 +9,7 @@
 For each context length: llama.cpp (llama-cpp-python, n_batch 512, default f16 KV
 cache) prefills a prompt of that many tokens, then decodes `--decode-tokens` tokens one
 at a time (argmax); prefill tokens/s and decode tokens/s are timed around its eval
-calls. Sparrow's figures come from `sparrow bench generate` on the same file (prefill in
+calls (greedy `sample(temp=0)` between them, as Sparrow samples inside its timed steps). Sparrow's figures come from `sparrow bench generate` on the same file (prefill in
 chunks of 512, batch 1, native quantized weights), run by this script in the same
 session. Prints the table and the ratios (Sparrow / llama.cpp) and writes them as JSON.
 """
@@ -45,11 +45,11 @@ def llama_cpp_row(llm, ctx, decode_tokens):
     t0 = time.perf_counter()
     llm.eval(prompt)
     prefill = time.perf_counter() - t0
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = int(llm.sample(temp=0.0))
     t0 = time.perf_counter()
     for _ in range(decode_tokens):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(llm.sample(temp=0.0))
     decode = time.perf_counter() - t0
     return {"prefill_tokens_per_s": ctx / prefill, "decode_tokens_per_s": decode_tokens / decode}
 

@@ -268,92 +268,125 @@ mod vnni {
         }
     }
 
-    /// [`dot_row_portable`] with `vpdpbusd`, two blocks per 512-bit step. `T` is the
-    /// ggml type id (2 = `Q4_0`, 3 = `Q4_1`, 8 = `Q8_0`). Same per-block integer sums
-    /// (the type's correction enters each block's first lane, so they stay exact); the
-    /// f32 sum runs in 16 lanes, so results differ from the portable loop by rounding
-    /// only, and do not depend on the batch.
+    /// Activation rows for [`dot_tile`]: per row its int8 values, block scales `d`,
+    /// `Q8_1` sums `s` and integer sums.
+    pub struct Rows<'a, const R: usize> {
+        pub q: [&'a [i8]; R],
+        pub d: [&'a [f32]; R],
+        pub s: [&'a [f32]; R],
+        pub sum: [&'a [i32]; R],
+    }
+
+    /// [`dot_row_portable`] with `vpdpbusd` for a tile of C weight rows x R activation
+    /// rows, two blocks per 512-bit step: each weight block is unpacked once for the R
+    /// rows, and the C x R independent sums keep the core busy (decode runs 4 x 1,
+    /// prefill chunks 2 x 4). `T` is the ggml type id (2 = `Q4_0`, 3 = `Q4_1`, 8 =
+    /// `Q8_0`). Same per-block integer sums as the portable loop (the type's correction
+    /// enters each block's first lane, so they stay exact); the f32 sum runs in 16
+    /// lanes, so results differ from it by rounding only. Every output goes through
+    /// the same operations in the same order whatever the tile, so a row's result
+    /// does not depend on the batch.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA, F16C, AVX-512 F/BW/DQ/VL and VNNI (checked by the
-    /// caller); `w` holds whole blocks of type `T` and `q`, `d`, `s`, `sum` at least as
-    /// many activation blocks.
+    /// caller); every `w[c]` holds the same whole number of blocks of type `T`, and
+    /// every row of `x` at least as many activation blocks.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw,avx512dq")]
-    pub unsafe fn dot_row<const T: u32>(
-        w: &[u8],
-        q: &[i8],
-        d: &[f32],
-        s: &[f32],
-        sum: &[i32],
-    ) -> f32 {
+    pub unsafe fn dot_tile<const T: u32, const C: usize, const R: usize>(
+        w: [&[u8]; C],
+        x: &Rows<'_, R>,
+    ) -> [[f32; R]; C] {
         let bb = match T {
             2 => 18,
             3 => 20,
             _ => 34,
         };
-        let nb = w.len() / bb;
-        debug_assert!(q.len() >= nb * QK && d.len() >= nb && sum.len() >= nb);
+        let nb = w[0].len() / bb;
+        for wc in w.iter() {
+            debug_assert_eq!(wc.len(), nb * bb);
+        }
+        for r in 0..R {
+            debug_assert!(x.q[r].len() >= nb * QK && x.d[r].len() >= nb && x.sum[r].len() >= nb);
+        }
         let corr_scale = match T {
             2 => -8,
             8 => -128,
             _ => 0,
         };
-        let mut acc = _mm512_setzero_ps();
-        let mut extra = 0f32;
-        let wp = w.as_ptr();
-        let qp = q.as_ptr();
+        let mut acc = [[_mm512_setzero_ps(); R]; C];
+        let mut extra = [[0f32; R]; C];
         let mut ib = 0;
-        // SAFETY (reads): blocks ib and ib + 1 lie inside `w`, and activation blocks
-        // ib and ib + 1 inside `q`, `d`, `s`, `sum` (nb blocks each).
+        // SAFETY (reads): blocks ib and ib + 1 lie inside every `w[c]`, and activation
+        // blocks ib and ib + 1 inside every row's q, d, s, sum (nb blocks each).
         while ib + 2 <= nb {
-            let (b0, b1) = (wp.add(ib * bb), wp.add((ib + 1) * bb));
-            let wv = _mm512_inserti64x4(
-                _mm512_castsi256_si512(block_u8::<T>(b0)),
-                block_u8::<T>(b1),
-                1,
-            );
-            let xv = _mm512_loadu_si512(qp.add(ib * QK) as *const _);
-            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
-            let (c0, c1) = if corr_scale != 0 {
-                (
-                    corr_scale * *sum.get_unchecked(ib),
-                    corr_scale * *sum.get_unchecked(ib + 1),
-                )
-            } else {
-                (0, 0)
-            };
-            let dot = _mm512_add_epi32(
-                dot,
-                _mm512_setr_epi32(c0, 0, 0, 0, 0, 0, 0, 0, c1, 0, 0, 0, 0, 0, 0, 0),
-            );
-            let s0 = half_to_f32(std::ptr::read_unaligned(b0 as *const u16)) * *d.get_unchecked(ib);
-            let s1 =
-                half_to_f32(std::ptr::read_unaligned(b1 as *const u16)) * *d.get_unchecked(ib + 1);
-            let scale = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
-            acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc);
-            if T == 3 {
-                extra += half_to_f32(std::ptr::read_unaligned(b0.add(2) as *const u16))
-                    * *s.get_unchecked(ib);
-                extra += half_to_f32(std::ptr::read_unaligned(b1.add(2) as *const u16))
-                    * *s.get_unchecked(ib + 1);
+            let mut xv = [_mm512_setzero_si512(); R];
+            let mut corr = [_mm512_setzero_si512(); R];
+            for r in 0..R {
+                xv[r] = _mm512_loadu_si512(x.q[r].as_ptr().add(ib * QK) as *const _);
+                if corr_scale != 0 {
+                    let c0 = corr_scale * *x.sum[r].get_unchecked(ib);
+                    let c1 = corr_scale * *x.sum[r].get_unchecked(ib + 1);
+                    corr[r] = _mm512_setr_epi32(c0, 0, 0, 0, 0, 0, 0, 0, c1, 0, 0, 0, 0, 0, 0, 0);
+                }
+            }
+            for c in 0..C {
+                let wp = w[c].as_ptr();
+                let (b0, b1) = (wp.add(ib * bb), wp.add((ib + 1) * bb));
+                let wv = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(block_u8::<T>(b0)),
+                    block_u8::<T>(b1),
+                    1,
+                );
+                let dw0 = half_to_f32(std::ptr::read_unaligned(b0 as *const u16));
+                let dw1 = half_to_f32(std::ptr::read_unaligned(b1 as *const u16));
+                let (m0, m1) = if T == 3 {
+                    (
+                        half_to_f32(std::ptr::read_unaligned(b0.add(2) as *const u16)),
+                        half_to_f32(std::ptr::read_unaligned(b1.add(2) as *const u16)),
+                    )
+                } else {
+                    (0.0, 0.0)
+                };
+                for r in 0..R {
+                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[r]);
+                    let dot = _mm512_add_epi32(dot, corr[r]);
+                    let s0 = dw0 * *x.d[r].get_unchecked(ib);
+                    let s1 = dw1 * *x.d[r].get_unchecked(ib + 1);
+                    let scale = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
+                    acc[c][r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[c][r]);
+                    if T == 3 {
+                        extra[c][r] += m0 * *x.s[r].get_unchecked(ib);
+                        extra[c][r] += m1 * *x.s[r].get_unchecked(ib + 1);
+                    }
+                }
             }
             ib += 2;
         }
-        let mut acc8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
-        if ib < nb {
-            let b0 = wp.add(ib * bb);
-            let xv = _mm256_loadu_si256(qp.add(ib * QK) as *const __m256i);
-            let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), block_u8::<T>(b0), xv);
-            let c0 = corr_scale * *sum.get_unchecked(ib);
-            let dot = _mm256_add_epi32(dot, _mm256_setr_epi32(c0, 0, 0, 0, 0, 0, 0, 0));
-            let s0 = half_to_f32(std::ptr::read_unaligned(b0 as *const u16)) * *d.get_unchecked(ib);
-            acc8 = _mm256_fmadd_ps(_mm256_set1_ps(s0), _mm256_cvtepi32_ps(dot), acc8);
-            if T == 3 {
-                extra += half_to_f32(std::ptr::read_unaligned(b0.add(2) as *const u16))
-                    * *s.get_unchecked(ib);
+        let mut out = [[0f32; R]; C];
+        for c in 0..C {
+            for r in 0..R {
+                let a = acc[c][r];
+                let mut acc8 =
+                    _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+                if ib < nb {
+                    let b0 = w[c].as_ptr().add(ib * bb);
+                    let xv = _mm256_loadu_si256(x.q[r].as_ptr().add(ib * QK) as *const __m256i);
+                    let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), block_u8::<T>(b0), xv);
+                    let c0 = corr_scale * *x.sum[r].get_unchecked(ib);
+                    let dot = _mm256_add_epi32(dot, _mm256_setr_epi32(c0, 0, 0, 0, 0, 0, 0, 0));
+                    let s0 = half_to_f32(std::ptr::read_unaligned(b0 as *const u16))
+                        * *x.d[r].get_unchecked(ib);
+                    acc8 = _mm256_fmadd_ps(_mm256_set1_ps(s0), _mm256_cvtepi32_ps(dot), acc8);
+                    if T == 3 {
+                        extra[c][r] +=
+                            half_to_f32(std::ptr::read_unaligned(b0.add(2) as *const u16))
+                                * *x.s[r].get_unchecked(ib);
+                    }
+                }
+                out[c][r] = hsum(acc8) + extra[c][r];
             }
         }
-        hsum(acc8) + extra
+        out
     }
 }
 
@@ -381,29 +414,84 @@ pub fn has_vnni() -> bool {
 /// Output columns per parallel task.
 const COLS_PER_TASK: usize = 128;
 
-/// One output element: row `c` of `w` against activation row `r`.
+/// Outputs of weight rows `c0..c0 + C` against activation rows `r0..r0 + R`:
+/// `out[c][r]`.
 #[inline(always)]
-fn dot_one(w: &QMatrix, c: usize, a: &QActs, r: usize, vnni: bool) -> f32 {
+fn dot_tile<const C: usize, const R: usize>(
+    w: &QMatrix,
+    c0: usize,
+    a: &QActs,
+    r0: usize,
+    vnni: bool,
+) -> [[f32; R]; C] {
     let k = w.cols;
     let nbk = k / QK;
     let rb = w.row_bytes();
-    let wr = &w.data[c * rb..(c + 1) * rb];
-    let (q, d) = (&a.q[r * k..(r + 1) * k], &a.d[r * nbk..(r + 1) * nbk]);
-    let (s, sum) = (&a.s[r * nbk..(r + 1) * nbk], &a.sum[r * nbk..(r + 1) * nbk]);
+    let wr: [&[u8]; C] = std::array::from_fn(|c| &w.data[(c0 + c) * rb..(c0 + c + 1) * rb]);
     #[cfg(target_arch = "x86_64")]
     if vnni {
-        // SAFETY: has_vnni() checked every feature the kernel enables; wr is one whole
-        // row of blocks and q/d/s/sum one row of as many blocks.
+        let rows = vnni::Rows::<R> {
+            q: std::array::from_fn(|i| &a.q[(r0 + i) * k..(r0 + i + 1) * k]),
+            d: std::array::from_fn(|i| &a.d[(r0 + i) * nbk..(r0 + i + 1) * nbk]),
+            s: std::array::from_fn(|i| &a.s[(r0 + i) * nbk..(r0 + i + 1) * nbk]),
+            sum: std::array::from_fn(|i| &a.sum[(r0 + i) * nbk..(r0 + i + 1) * nbk]),
+        };
+        // SAFETY: has_vnni() checked every feature the kernel enables; every wr[c] is
+        // one whole row of blocks and every activation row holds as many blocks.
         return unsafe {
             match w.ty {
-                GgmlType::Q4_0 => vnni::dot_row::<2>(wr, q, d, s, sum),
-                GgmlType::Q4_1 => vnni::dot_row::<3>(wr, q, d, s, sum),
-                _ => vnni::dot_row::<8>(wr, q, d, s, sum),
+                GgmlType::Q4_0 => vnni::dot_tile::<2, C, R>(wr, &rows),
+                GgmlType::Q4_1 => vnni::dot_tile::<3, C, R>(wr, &rows),
+                _ => vnni::dot_tile::<8, C, R>(wr, &rows),
             }
         };
     }
     let _ = vnni;
-    dot_row_portable(w.ty, wr, q, d, s, sum)
+    std::array::from_fn(|c| {
+        std::array::from_fn(|i| {
+            let r = r0 + i;
+            dot_row_portable(
+                w.ty,
+                wr[c],
+                &a.q[r * k..(r + 1) * k],
+                &a.d[r * nbk..(r + 1) * nbk],
+                &a.s[r * nbk..(r + 1) * nbk],
+                &a.sum[r * nbk..(r + 1) * nbk],
+            )
+        })
+    })
+}
+
+/// Columns `c0..c0 + C` of every row into `out` ((M, nc) row-major, column `c - base`):
+/// rows four at a time, the rest one at a time.
+#[inline(always)]
+fn columns<const C: usize>(
+    w: &QMatrix,
+    c0: usize,
+    base: usize,
+    a: &QActs,
+    m: usize,
+    vnni: bool,
+    out: &mut [f32],
+) {
+    let nc = out.len() / m;
+    let mut r = 0;
+    while r + 4 <= m {
+        let y = dot_tile::<C, 4>(w, c0, a, r, vnni);
+        for (c, col) in y.iter().enumerate() {
+            for (i, &v) in col.iter().enumerate() {
+                out[(r + i) * nc + (c0 + c - base)] = v;
+            }
+        }
+        r += 4;
+    }
+    while r < m {
+        let y = dot_tile::<C, 1>(w, c0, a, r, vnni);
+        for (c, col) in y.iter().enumerate() {
+            out[r * nc + (c0 + c - base)] = col[0];
+        }
+        r += 1;
+    }
 }
 
 /// y (M, rows) = x (M, cols) W^T.
@@ -442,10 +530,14 @@ pub fn qxwt_many(x: &[f32], m: usize, ws: &[&QMatrix]) -> Vec<Vec<f32>> {
             let c1 = (c0 + COLS_PER_TASK).min(w.rows);
             let nc = c1 - c0;
             let mut out = vec![0f32; m * nc];
-            for c in c0..c1 {
-                for r in 0..m {
-                    out[r * nc + (c - c0)] = dot_one(w, c, &a, r, vnni);
-                }
+            let mut c = c0;
+            while c + 2 <= c1 {
+                columns::<2>(w, c, c0, &a, m, vnni, &mut out);
+                c += 2;
+            }
+            while c < c1 {
+                columns::<1>(w, c, c0, &a, m, vnni, &mut out);
+                c += 1;
             }
             (i, c0, out)
         })
