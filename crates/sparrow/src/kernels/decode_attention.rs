@@ -12,7 +12,7 @@
 //! [`reference`] is the composed candle version.
 
 use super::simd::{fast_exp, has_avx512};
-use super::{dot, thread_parts};
+use super::{dot_tree, thread_parts};
 use rayon::prelude::*;
 
 const KEY_BLOCK: usize = 64;
@@ -23,6 +23,61 @@ struct Partial {
     sum: Vec<f32>,
     /// (G, D)
     out: Vec<f32>,
+}
+
+impl Partial {
+    fn empty() -> Self {
+        Self {
+            max: Vec::new(),
+            sum: Vec::new(),
+            out: Vec::new(),
+        }
+    }
+}
+
+/// Max of `x` by 16 lane-wise maxima, then a tree over the lanes (no serial chain).
+#[inline(always)]
+fn lanes_max(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 16];
+    let mut c = x.chunks_exact(16);
+    for ch in &mut c {
+        for l in 0..16 {
+            m[l] = m[l].max(ch[l]);
+        }
+    }
+    let tail = c
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            m[l] = m[l].max(m[l + w]);
+        }
+    }
+    m[0].max(tail)
+}
+
+/// Sum of `x` by 16 lane-wise sums, then a tree over the lanes (a fixed order).
+#[inline(always)]
+fn lanes_sum(x: &[f32]) -> f32 {
+    let mut s = [0f32; 16];
+    let mut c = x.chunks_exact(16);
+    for ch in &mut c {
+        for l in 0..16 {
+            s[l] += ch[l];
+        }
+    }
+    let tail: f32 = c.remainder().iter().sum();
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            s[l] += s[l + w];
+        }
+    }
+    s[0] + tail
 }
 
 #[inline(always)]
@@ -47,20 +102,19 @@ fn scan_generic(
         for j in 0..n {
             let krow = &k[(s0 + j) * d..(s0 + j + 1) * d];
             for h in 0..g {
-                logits[h * KEY_BLOCK + j] = scale * dot(&q[h * d..(h + 1) * d], krow);
+                logits[h * KEY_BLOCK + j] = scale * dot_tree(&q[h * d..(h + 1) * d], krow);
             }
         }
         for h in 0..g {
             let l = &mut logits[h * KEY_BLOCK..h * KEY_BLOCK + n];
-            let bmax = l.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let bmax = lanes_max(l);
             let new_max = part.max[h].max(bmax);
             let corr = fast_exp(part.max[h] - new_max);
             part.max[h] = new_max;
-            let mut bsum = 0.0;
             for x in l.iter_mut() {
                 *x = fast_exp(*x - new_max);
-                bsum += *x;
             }
+            let bsum = lanes_sum(l);
             part.sum[h] = part.sum[h] * corr + bsum;
             if corr != 1.0 {
                 part.out[h * d..(h + 1) * d]
@@ -514,13 +568,26 @@ pub fn decode(
         return out;
     }
     let avx512 = has_avx512();
+    // Every (group, key range) pair is one task of a single parallel loop, so the
+    // groups of a GQA layer share the threads instead of taking turns.
+    let ranges = thread_parts(s, 1024);
+    let tasks: Vec<(usize, std::ops::Range<usize>)> = (0..kv)
+        .flat_map(|grp| ranges.iter().map(move |r| (grp, r.clone())))
+        .collect();
+    let mut all: Vec<(usize, Partial)> = tasks
+        .into_par_iter()
+        .map(|(grp, r)| {
+            let qg = &q[grp * g * d..(grp + 1) * g * d];
+            let kg = &k[grp * cap * d..(grp + 1) * cap * d];
+            let vg = &v[grp * cap * d..(grp + 1) * cap * d];
+            (grp, scan(avx512, qg, kg, vg, d, scale, r))
+        })
+        .collect();
     for grp in 0..kv {
-        let qg = &q[grp * g * d..(grp + 1) * g * d];
-        let kg = &k[grp * cap * d..(grp + 1) * cap * d];
-        let vg = &v[grp * cap * d..(grp + 1) * cap * d];
-        let parts: Vec<Partial> = thread_parts(s, 1024)
-            .into_par_iter()
-            .map(|r| scan(avx512, qg, kg, vg, d, scale, r))
+        let parts: Vec<Partial> = all
+            .iter_mut()
+            .filter(|(gi, _)| *gi == grp)
+            .map(|(_, p)| std::mem::replace(p, Partial::empty()))
             .collect();
         for hh in 0..g {
             let m = parts
