@@ -6,8 +6,7 @@
 
 use anyhow::Result;
 use sparrow::chat::{ChatTemplate, Message};
-use sparrow::engine::generate::{generate, GenerateOptions};
-use sparrow::engine::sampler::SamplerConfig;
+use sparrow::engine::generate::generate;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -40,16 +39,7 @@ pub struct ChatArgs {
 pub fn run(a: ChatArgs, _progress: bool) -> Result<()> {
     let (model, tokenizer) = crate::load_model_as(&a.model, a.weights)?;
     let template = ChatTemplate::for_tokenizer(&tokenizer)?;
-    let opts = GenerateOptions {
-        max_tokens: a.max_tokens,
-        sampler: SamplerConfig {
-            temperature: a.temperature,
-            top_p: a.top_p,
-            top_k: a.top_k,
-        },
-        seed: a.seed,
-        stop_at_eos: true,
-    };
+    let opts = crate::generate_options(a.max_tokens, a.temperature, a.top_p, a.top_k, a.seed);
     let start: Vec<Message> = a
         .system
         .iter()
@@ -98,13 +88,7 @@ pub fn run(a: ChatArgs, _progress: bool) -> Result<()> {
             let _ = stdout.flush();
         })?;
         writeln!(stdout)?;
-        eprintln!(
-            "({} prompt tokens, {:.1} tokens/s; {} reply tokens, {:.1} tokens/s)",
-            stats.prompt_tokens,
-            stats.prompt_tokens_per_s(),
-            stats.generated_tokens,
-            stats.generation_tokens_per_s()
-        );
+        eprintln!("({})", crate::stats_line(&stats));
         messages.push(Message::new("assistant", reply));
     }
     if let Some(h) = &history {

@@ -1771,16 +1771,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     } else {
         (prompt, true)
     };
-    let opts = GenerateOptions {
-        max_tokens: a.max_tokens,
-        sampler: SamplerConfig {
-            temperature: a.temperature,
-            top_p: a.top_p,
-            top_k: a.top_k,
-        },
-        seed: a.seed,
-        stop_at_eos: true,
-    };
+    let opts = generate_options(a.max_tokens, a.temperature, a.top_p, a.top_k, a.seed);
     let mut stdout = std::io::stdout().lock();
     if echo {
         write!(stdout, "{prompt}")?;
@@ -1790,12 +1781,37 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         let _ = stdout.flush();
     })?;
     writeln!(stdout)?;
-    eprintln!(
+    eprintln!("{}", stats_line(&stats));
+    Ok(())
+}
+
+/// Generation options from the sampling flags (stopping at the tokenizer's stop ids).
+pub(crate) fn generate_options(
+    max_tokens: usize,
+    temperature: f64,
+    top_p: f64,
+    top_k: usize,
+    seed: u64,
+) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        sampler: SamplerConfig {
+            temperature,
+            top_p,
+            top_k,
+        },
+        seed,
+        stop_at_eos: true,
+    }
+}
+
+/// One line of prompt and generation speed, for stderr.
+pub(crate) fn stats_line(stats: &sparrow::engine::generate::GenerateStats) -> String {
+    format!(
         "prompt: {} tokens, {:.1} tokens/s | generation: {} tokens, {:.1} tokens/s",
         stats.prompt_tokens,
         stats.prompt_tokens_per_s(),
         stats.generated_tokens,
         stats.generation_tokens_per_s()
-    );
-    Ok(())
+    )
 }

