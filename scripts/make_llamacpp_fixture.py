@@ -21,6 +21,11 @@ fixtures/gguf/smollm2-llamacpp.json:
                   (activation quantization, f16 attention) flip greedy choices where the
                   model's top two logits nearly tie; Sparrow's agreement is judged
                   against this floor.
+  export          Sparrow's GGUF export (`sparrow convert --to gguf`, from
+                  target/release/sparrow) of the same model in f16, q8_0 and q4_1,
+                  loaded by llama.cpp: its token ids for the texts and its greedy
+                  continuation of the first prompt (q4_1 re-quantizes the file's own
+                  blocks, so it must reproduce the original's continuation)
 All with 2 threads, temperature 0 (argmax of the logits).
 """
 
@@ -114,6 +119,34 @@ def greedy(llm, ids, n):
     return out
 
 
+def check_export(path, fixture):
+    import subprocess
+    import tempfile
+
+    out = {}
+    first = fixture["continuations"][0]
+    with tempfile.TemporaryDirectory() as d:
+        for dtype in ("f16", "q8_0", "q4_1"):
+            gg = pathlib.Path(d) / f"export-{dtype}.gguf"
+            subprocess.run(
+                [str(ROOT / "target/release/sparrow"), "--quiet", "convert", "--to", "gguf",
+                 "--model", str(path), "--dtype", dtype, "--out", str(gg)],
+                check=True,
+            )
+            llm = llama_cpp.Llama(model_path=str(gg), n_ctx=512, n_threads=2, logits_all=True,
+                                  verbose=False, seed=0)
+            ids_equal = all(
+                llm.tokenize(t["text"].encode("utf-8"), add_bos=False, special=True) == t["ids"]
+                for t in fixture["tokenize"]
+            )
+            cont = greedy(llm, first["prompt_ids"], 32)
+            out[dtype] = {"loads": True, "token_ids_equal": ids_equal,
+                          "continuation_equal": cont == first["ids"]}
+            print("export", dtype, out[dtype])
+    assert out["q4_1"]["continuation_equal"] and all(v["token_ids_equal"] for v in out.values())
+    return out
+
+
 def main():
     path = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else default_path()
     llm = llama_cpp.Llama(
@@ -153,6 +186,7 @@ def main():
     agree = float(np.mean([int(np.argmax(f32kv.scores[i])) == t for i, t in enumerate(top1)]))
     fixture["noise_floor"] = {"kv_cache": "f32", "continuations_identical": int(same), "top1_agreement": agree}
     print("llama.cpp f32 KV vs f16 KV:", same, "/ 20 identical, top-1", agree)
+    fixture["export"] = check_export(path, fixture)
     OUT.write_text(json.dumps(fixture, ensure_ascii=False) + "\n")
     print("wrote", OUT)
 

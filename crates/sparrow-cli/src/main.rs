@@ -89,8 +89,9 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Convert a model directory: `--to hf` writes the Hugging Face layout of its family
-    /// (llama, mixtral); `--to sparrow` writes Sparrow's own (from any readable one).
+    /// Convert a model: `--to hf` writes the Hugging Face layout of its family (llama,
+    /// mixtral, deepseek); `--to sparrow` writes Sparrow's own (from any readable one);
+    /// `--to gguf` writes one GGUF file for llama.cpp (llama-shaped models).
     Convert {
         #[arg(long, value_enum)]
         to: ConvertTarget,
@@ -100,7 +101,8 @@ enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
-        /// Storage dtype of the parameters (buffers stay f32).
+        /// Storage dtype of the parameters (buffers stay f32): f32, f16, bf16; for GGUF
+        /// f32, f16, q8_0, q4_1.
         #[arg(long, value_enum, default_value = "f32")]
         dtype: StorageDtype,
     },
@@ -159,6 +161,8 @@ impl From<WeightsArg> for sparrow::model_source::WeightFormat {
 enum ConvertTarget {
     Hf,
     Sparrow,
+    /// A GGUF file llama.cpp loads (llama-shaped models; --out is the file).
+    Gguf,
 }
 
 /// Index key precision on the command line.
@@ -221,15 +225,37 @@ enum StorageDtype {
     F32,
     F16,
     Bf16,
+    /// GGUF only.
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// GGUF only (the embedding is kept Q8_0).
+    #[value(name = "q4_1")]
+    Q4_1,
 }
 
-impl From<StorageDtype> for candle_core::DType {
-    fn from(d: StorageDtype) -> Self {
-        match d {
-            StorageDtype::F32 => Self::F32,
-            StorageDtype::F16 => Self::F16,
-            StorageDtype::Bf16 => Self::BF16,
-        }
+impl StorageDtype {
+    /// The safetensors dtype (f32, f16, bf16).
+    fn safetensors(self) -> Result<candle_core::DType> {
+        Ok(match self {
+            StorageDtype::F32 => candle_core::DType::F32,
+            StorageDtype::F16 => candle_core::DType::F16,
+            StorageDtype::Bf16 => candle_core::DType::BF16,
+            StorageDtype::Q8_0 | StorageDtype::Q4_1 => {
+                bail!("--dtype q8_0 and q4_1 are GGUF types: use them with --to gguf")
+            }
+        })
+    }
+
+    /// The GGUF matrix type (f32, f16, q8_0, q4_1).
+    fn gguf(self) -> Result<sparrow::formats::gguf_export::GgufDtype> {
+        use sparrow::formats::gguf_export::GgufDtype;
+        Ok(match self {
+            StorageDtype::F32 => GgufDtype::F32,
+            StorageDtype::F16 => GgufDtype::F16,
+            StorageDtype::Q8_0 => GgufDtype::Q8_0,
+            StorageDtype::Q4_1 => GgufDtype::Q4_1,
+            StorageDtype::Bf16 => bail!("GGUF export writes f32, f16, q8_0 or q4_1, not bf16"),
+        })
     }
 }
 
@@ -880,56 +906,65 @@ fn run(cli: Cli) -> Result<()> {
             out,
             dtype,
         } => {
-            let dtype = dtype.into();
             let source = sparrow::model_source::resolve(&model, progress)?;
-            let (m, step, tok) = match &source {
-                sparrow::model_source::ModelSource::Dir(dir) => {
-                    let (m, step) = Model::load_for_inference(
-                        dir,
-                        candle_core::DType::F32,
-                        &candle_core::Device::Cpu,
-                        |_| {},
-                    )?;
-                    let tok = dir.join("tokenizer.json");
-                    (m, step, tok.exists().then_some(tok))
+            let (m, step) = sparrow::model_source::load_model_with_step(
+                &source,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )?;
+            match to {
+                ConvertTarget::Gguf => {
+                    let tok = sparrow::model_source::load_tokenizer(&source)?;
+                    let name = model
+                        .file_stem()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| "model".into());
+                    let bytes = m.to_gguf(&tok, dtype.gguf()?, &name)?;
+                    sparrow::fsio::write_atomic(&out, &bytes)?;
+                    println!(
+                        "{} (GGUF, {:?}, {:.1} MB) written to {}",
+                        model.display(),
+                        dtype.gguf()?,
+                        bytes.len() as f64 / 1e6,
+                        out.display()
+                    );
                 }
-                gguf @ sparrow::model_source::ModelSource::Gguf(_) => {
-                    let (m, t) = sparrow::model_source::load_for_inference(
-                        gguf,
-                        sparrow::model_source::WeightFormat::F32,
-                        candle_core::DType::F32,
-                        &candle_core::Device::Cpu,
-                        |_| {},
-                    )?;
-                    // The GGUF's tokenizer (with its tokenizer_config.json) goes out
-                    // beside the weights.
+                ConvertTarget::Hf | ConvertTarget::Sparrow => {
+                    let dtype = dtype.safetensors()?;
                     std::fs::create_dir_all(&out)
                         .with_context(|| format!("creating {}", out.display()))?;
-                    t.save_dir(&out)?;
-                    (m, None, None)
-                }
-            };
-            match to {
-                ConvertTarget::Hf => {
-                    let family = sparrow::hf::export_as(&m, &out, tok.as_deref(), dtype)?;
-                    println!(
-                        "{} ({} layout) written to {}",
-                        model.display(),
-                        family.model_type(),
-                        out.display()
-                    );
-                }
-                ConvertTarget::Sparrow => {
-                    m.save_dir_as(&out, step, dtype)?;
-                    if let Some(t) = tok {
-                        std::fs::copy(&t, out.join("tokenizer.json"))
-                            .with_context(|| format!("copying {}", t.display()))?;
+                    // The tokenizer goes with the weights: a directory's file is copied,
+                    // a GGUF file's is written (with its tokenizer_config.json).
+                    let tok = match &source {
+                        sparrow::model_source::ModelSource::Dir(dir) => {
+                            let t = dir.join("tokenizer.json");
+                            t.exists().then_some(t)
+                        }
+                        gguf @ sparrow::model_source::ModelSource::Gguf(_) => {
+                            sparrow::model_source::load_tokenizer(gguf)?.save_dir(&out)?;
+                            None
+                        }
+                    };
+                    if matches!(to, ConvertTarget::Hf) {
+                        let family = sparrow::hf::export_as(&m, &out, tok.as_deref(), dtype)?;
+                        println!(
+                            "{} ({} layout) written to {}",
+                            model.display(),
+                            family.model_type(),
+                            out.display()
+                        );
+                    } else {
+                        m.save_dir_as(&out, step, dtype)?;
+                        if let Some(t) = tok {
+                            std::fs::copy(&t, out.join("tokenizer.json"))
+                                .with_context(|| format!("copying {}", t.display()))?;
+                        }
+                        println!(
+                            "{} (sparrow layout) written to {}",
+                            model.display(),
+                            out.display()
+                        );
                     }
-                    println!(
-                        "{} (sparrow layout) written to {}",
-                        model.display(),
-                        out.display()
-                    );
                 }
             }
         }

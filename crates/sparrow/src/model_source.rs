@@ -98,6 +98,22 @@ pub fn load_model_for_inference(
     }
 }
 
+/// The model with the training step its weights record (directories; GGUF files have
+/// none), every weight dequantized to f32: for conversion.
+pub fn load_model_with_step(
+    source: &ModelSource,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Model, Option<u64>)> {
+    match source {
+        ModelSource::Dir(dir) => Model::load_for_inference(dir, dtype, device, |_| {}),
+        gguf => Ok((
+            load_model_for_inference(gguf, WeightFormat::F32, dtype, device, |_| {})?,
+            None,
+        )),
+    }
+}
+
 /// The tokenizer alone: `tokenizer.json` of a directory, or the GGUF file's own.
 pub fn load_tokenizer(source: &ModelSource) -> Result<Tokenizer> {
     match source {

@@ -132,6 +132,96 @@ impl Tokenizer {
         })
     }
 
+    /// This tokenizer as GGUF stores it (`tokenizer.ggml.*`): byte-level BPE with a
+    /// pre-tokenizer llama.cpp knows (GPT-2's regex: `gpt2`; digits split off first:
+    /// `smollm`). Anything else is an error naming it.
+    pub fn gguf_vocab(&self) -> Result<crate::formats::gguf_export::GgufVocab> {
+        let v: serde_json::Value = serde_json::from_str(&self.to_json()?).map_err(tk_err)?;
+        let bad = |m: String| Error::Tokenizer(format!("cannot write as GGUF: {m}"));
+        let model = &v["model"];
+        if model["type"] != "BPE" {
+            return Err(bad(format!("model type {} is not BPE", model["type"])));
+        }
+        let n = self.vocab_size();
+        let mut tokens: Vec<Option<String>> = vec![None; n];
+        let mut types = vec![1i32; n];
+        let vocab = model["vocab"]
+            .as_object()
+            .ok_or_else(|| bad("no vocabulary".into()))?;
+        for (tok, id) in vocab {
+            let id = id.as_u64().unwrap_or(u64::MAX) as usize;
+            *tokens
+                .get_mut(id)
+                .ok_or_else(|| bad(format!("token id {id} past the vocabulary")))? =
+                Some(tok.clone());
+        }
+        for t in v["added_tokens"].as_array().into_iter().flatten() {
+            let id = t["id"].as_u64().unwrap_or(u64::MAX) as usize;
+            let content = t["content"].as_str().unwrap_or_default().to_string();
+            *tokens
+                .get_mut(id)
+                .ok_or_else(|| bad(format!("added token id {id} past the vocabulary")))? =
+                Some(content);
+            types[id] = if t["special"].as_bool().unwrap_or(false) {
+                3
+            } else {
+                4
+            };
+        }
+        let tokens = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| t.ok_or_else(|| bad(format!("no token has id {i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let merges = model["merges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| match m {
+                serde_json::Value::String(s) => Ok(s.clone()),
+                serde_json::Value::Array(p) if p.len() == 2 => Ok(format!(
+                    "{} {}",
+                    p[0].as_str().unwrap_or_default(),
+                    p[1].as_str().unwrap_or_default()
+                )),
+                other => Err(bad(format!("merge {other} is not a pair"))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let byte_level = |p: &serde_json::Value| {
+            p["type"] == "ByteLevel" && p["use_regex"].as_bool().unwrap_or(true)
+        };
+        let digits = |p: &serde_json::Value| {
+            (p["type"] == "Split"
+                && p["pattern"]["Regex"] == "\\p{N}"
+                && p["behavior"] == "Isolated")
+                || (p["type"] == "Digits" && p["individual_digits"] == true)
+        };
+        let pre = &v["pre_tokenizer"];
+        let pre = if byte_level(pre) {
+            "gpt2"
+        } else if pre["type"] == "Sequence"
+            && pre["pretokenizers"]
+                .as_array()
+                .is_some_and(|a| a.len() == 2 && digits(&a[0]) && byte_level(&a[1]))
+        {
+            "smollm"
+        } else {
+            return Err(bad(format!(
+                "pre-tokenizer {pre} has no llama.cpp equivalent Sparrow knows"
+            )));
+        };
+        Ok(crate::formats::gguf_export::GgufVocab {
+            tokens,
+            token_types: types,
+            merges,
+            pre: pre.to_string(),
+            bos_id: self.bos_id,
+            eos_id: self.eos_id,
+            add_bos: self.add_bos,
+            chat_template: self.chat_template.clone(),
+        })
+    }
+
     /// Write `tokenizer.json` into `dir`, plus `tokenizer_config.json` (special tokens,
     /// `add_bos_token`, chat template) when this is not one of Sparrow's own tokenizers.
     pub fn save_dir(&self, dir: &Path) -> Result<()> {

@@ -586,3 +586,72 @@ fn smollm2_matches_llama_cpp() {
         }
     }
 }
+
+#[test]
+fn gguf_export_round_trips_and_refuses_other_shapes() {
+    use sparrow::formats::gguf_export::GgufDtype;
+    let f = GgufFile::open(&fixture("tiny-llama-gqa-untied.gguf")).unwrap();
+    let tok = Tokenizer::from_gguf(&f).unwrap();
+    let model =
+        Model::load_gguf_for_inference(&f, WeightFormat::F32, DType::F32, &Device::Cpu, |_| {})
+            .unwrap();
+    let ids = Tensor::from_vec(vec![1u32, 7, 100, 263, 5, 42], (1, 6), &Device::Cpu).unwrap();
+    let want = model.forward(&ids, None).unwrap().logits;
+    // f32: the same model, bit for bit, and the same tokenizer.
+    let bytes = model.to_gguf(&tok, GgufDtype::F32, "rt").unwrap();
+    let g = parse(bytes).unwrap();
+    let back =
+        Model::load_gguf_for_inference(&g, WeightFormat::F32, DType::F32, &Device::Cpu, |_| {})
+            .unwrap();
+    assert_eq!(
+        rel_err(&back.forward(&ids, None).unwrap().logits, &want),
+        0.0
+    );
+    let tok2 = Tokenizer::from_gguf(&g).unwrap();
+    let text = "<|im_start|>the 2024 then<|im_end|>";
+    assert_eq!(tok2.encode(text).unwrap(), tok.encode(text).unwrap());
+    assert_eq!(
+        (tok2.bos_id, tok2.eos_id, tok2.add_bos),
+        (tok.bos_id, tok.eos_id, tok.add_bos)
+    );
+    // q4_1: weights that came from Q4_1 blocks re-quantize to the same bytes.
+    let bytes = model.to_gguf(&tok, GgufDtype::Q4_1, "rt").unwrap();
+    let g = parse(bytes).unwrap();
+    for name in [
+        "blk.0.ffn_down.weight",
+        "blk.1.attn_q.weight",
+        "blk.1.attn_k.weight",
+    ] {
+        let (a, b) = (f.tensor(name).unwrap(), g.tensor(name).unwrap());
+        assert_eq!(b.ggml_type, GgmlType::Q4_1, "{name}");
+        assert_eq!(
+            f.tensor_data(a),
+            g.tensor_data(b),
+            "{name} re-quantized differently"
+        );
+    }
+    for d in [GgufDtype::F16, GgufDtype::Q8_0] {
+        let g = parse(model.to_gguf(&tok, d, "rt").unwrap()).unwrap();
+        let m = Model::load_gguf_for_inference(
+            &g,
+            WeightFormat::Native,
+            DType::F32,
+            &Device::Cpu,
+            |_| {},
+        )
+        .unwrap();
+        let err = rel_err(&m.forward(&ids, None).unwrap().logits, &want);
+        assert!(err < 0.05, "{d:?}: logits differ by {err}");
+    }
+    // A MoE / DSA model is refused with the reason.
+    let moe = Model::new_random_for_inference(&tiny_config(), 1, DType::F32, &Device::Cpu).unwrap();
+    assert!(
+        moe.cfg.n_routed_experts > 0,
+        "configs/tiny.json has MoE layers"
+    );
+    let e = moe
+        .to_gguf(&tok, GgufDtype::F32, "x")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("llama-shaped"), "{e}");
+}

@@ -290,3 +290,22 @@ pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
     }
     out
 }
+
+/// Quantize `x` (a multiple of 32 values) to `Q4_1` as ggml's reference does: per
+/// block `d = (max - min) / 15`, `m = min`, `q = min(15, trunc((x - min) / d + 0.5))`.
+pub fn quantize_q4_1(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / 32 * 20);
+    for block in x.chunks_exact(32) {
+        let min = block.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+        let max = block.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let d = (max - min) / 15.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+        let q = |v: f32| (((v - min) * id + 0.5) as u8).min(15);
+        for j in 0..16 {
+            out.push(q(block[j]) | (q(block[j + 16]) << 4));
+        }
+    }
+    out
+}

@@ -4,6 +4,7 @@
 
 pub mod ggml;
 pub mod gguf;
+pub mod gguf_export;
 pub mod gguf_model;
 pub mod gguf_tokenizer;
 pub mod gguf_write;

@@ -232,6 +232,28 @@ impl Model {
             .collect()
     }
 
+    /// The GGUF bytes of this model (llama-shaped only; `crate::formats::gguf_export`)
+    /// with `tokenizer`'s vocabulary, matrices stored as `dtype`.
+    pub fn to_gguf(
+        &self,
+        tokenizer: &crate::tokenizer::Tokenizer,
+        dtype: crate::formats::gguf_export::GgufDtype,
+        name: &str,
+    ) -> Result<Vec<u8>> {
+        let tensors = self
+            .storage_tensors(DType::F32)?
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?)))
+            .collect::<Result<Vec<_>>>()?;
+        crate::formats::gguf_export::llama_to_gguf(
+            &self.cfg,
+            &tensors,
+            &tokenizer.gguf_vocab()?,
+            dtype,
+            name,
+        )
+    }
+
     /// (total, active per token) trainable parameters, counted from the built layers'
     /// tensors; active leaves out the routed experts a token does not run ((E - k) of
     /// E in each MoE layer). Tied embeddings count once.
