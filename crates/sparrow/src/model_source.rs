@@ -77,9 +77,22 @@ pub fn load_for_inference(
     device: &Device,
     edit: impl FnOnce(&mut crate::config::ModelConfig),
 ) -> Result<(Model, Tokenizer)> {
-    let tok = load_tokenizer(source)?;
-    let model = load_model_for_inference(source, weights, dtype, device, edit)?;
-    Ok((model, tok))
+    match source {
+        ModelSource::Dir(_) => {
+            let tok = load_tokenizer(source)?;
+            Ok((
+                load_model_for_inference(source, weights, dtype, device, edit)?,
+                tok,
+            ))
+        }
+        // One map and one metadata parse serve both.
+        ModelSource::Gguf(path) => {
+            let file = GgufFile::open(path)?;
+            let tok = Tokenizer::from_gguf(&file)?;
+            let model = Model::load_gguf_for_inference(&file, weights, dtype, device, edit)?;
+            Ok((model, tok))
+        }
+    }
 }
 
 /// The model alone (see [`load_for_inference`]).

@@ -113,15 +113,9 @@ impl Tokenizer {
                 .map(str::to_string),
             Some(_) => return Err(bad("chat_template", "is neither a string nor a list")),
         };
-        let mut stop_ids: Vec<u32> = std::iter::once(eos_id)
-            .chain(
-                crate::formats::gguf_tokenizer::END_OF_GENERATION_NAMES
-                    .iter()
-                    .filter_map(|t| inner.token_to_id(t)),
-            )
-            .collect();
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
+        let stop_ids = crate::formats::gguf_tokenizer::end_of_generation_ids(vec![eos_id], |t| {
+            inner.token_to_id(t)
+        });
         Ok(Self {
             inner,
             bos_id,

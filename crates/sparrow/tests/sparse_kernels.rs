@@ -476,6 +476,8 @@ fn dense_decode_kernel_matches_reference() {
         (16usize, 1usize, 3001usize, 3100usize, 64usize),
         (6, 2, 77, 77, 24),
         (3, 3, 1, 5, 7),
+        // GQA 3 heads per KV head over several key ranges per group (SmolLM2's shape).
+        (9, 3, 2500, 2600, 64),
     ] {
         let q = rand_vec(h * d, 51);
         let k = rand_vec(kv * cap * d, 52);

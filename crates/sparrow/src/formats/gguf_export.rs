@@ -6,6 +6,7 @@
 
 use super::ggml::{quantize_q4_1, quantize_q8_0, GgmlType};
 use super::gguf::Value;
+use super::gguf_model::{gguf_name, reorder_qk_rows};
 use super::gguf_write::GgufWriter;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -46,50 +47,6 @@ pub struct GgufVocab {
     pub eos_id: u32,
     pub add_bos: bool,
     pub chat_template: Option<String>,
-}
-
-/// The llama.cpp name of a Sparrow (HF) tensor of a llama-shaped model.
-fn gguf_name(name: &str) -> Option<String> {
-    Some(match name {
-        "model.embed_tokens.weight" => "token_embd.weight".into(),
-        "model.norm.weight" => "output_norm.weight".into(),
-        "lm_head.weight" => "output.weight".into(),
-        _ => {
-            let rest = name.strip_prefix("model.layers.")?;
-            let (layer, part) = rest.split_once('.')?;
-            let part = match part {
-                "input_layernorm.weight" => "attn_norm.weight",
-                "self_attn.q_proj.weight" => "attn_q.weight",
-                "self_attn.k_proj.weight" => "attn_k.weight",
-                "self_attn.v_proj.weight" => "attn_v.weight",
-                "self_attn.o_proj.weight" => "attn_output.weight",
-                "post_attention_layernorm.weight" => "ffn_norm.weight",
-                "mlp.gate_proj.weight" => "ffn_gate.weight",
-                "mlp.up_proj.weight" => "ffn_up.weight",
-                "mlp.down_proj.weight" => "ffn_down.weight",
-                _ => return None,
-            };
-            format!("blk.{layer}.{part}")
-        }
-    })
-}
-
-/// llama.cpp's converter permutation of a (rows, cols) Q or K weight: HF row
-/// `h*d + j*(d/2) + i` goes to row `h*d + 2i + j`.
-fn permute_rows(values: &[f32], rows: usize, cols: usize, n_heads: usize) -> Vec<f32> {
-    let d = rows / n_heads;
-    let mut out = vec![0f32; values.len()];
-    for h in 0..n_heads {
-        for i in 0..d / 2 {
-            for j in 0..2 {
-                let src = h * d + j * (d / 2) + i;
-                let dst = h * d + 2 * i + j;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&values[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
 }
 
 /// The GGUF bytes of a llama-shaped model: `tensors` are (Sparrow name, shape, f32
@@ -187,7 +144,7 @@ pub fn llama_to_gguf(
                 None
             };
             if let Some(h) = heads {
-                values = permute_rows(&values, shape[0], shape[1], h).into();
+                values = reorder_qk_rows(&values, shape[0], shape[1], h, true).into();
             }
         }
         let matrix = shape.len() == 2;

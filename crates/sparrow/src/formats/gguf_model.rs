@@ -145,49 +145,74 @@ pub fn read_config(f: &GgufFile) -> Result<ModelConfig> {
     ModelConfig::from_json(&json.to_string())
 }
 
-/// The Sparrow (HF) name of a GGUF tensor, or None for one Sparrow does not use.
-pub fn sparrow_name(gguf: &str) -> Option<String> {
-    Some(match gguf {
-        "token_embd.weight" => "model.embed_tokens.weight".into(),
-        "output_norm.weight" => "model.norm.weight".into(),
-        "output.weight" => "lm_head.weight".into(),
-        _ => {
-            let rest = gguf.strip_prefix("blk.")?;
-            let (layer, part) = rest.split_once('.')?;
-            let layer: usize = layer.parse().ok()?;
-            let part = match part {
-                "attn_norm.weight" => "input_layernorm.weight",
-                "attn_q.weight" => "self_attn.q_proj.weight",
-                "attn_k.weight" => "self_attn.k_proj.weight",
-                "attn_v.weight" => "self_attn.v_proj.weight",
-                "attn_output.weight" => "self_attn.o_proj.weight",
-                "ffn_norm.weight" => "post_attention_layernorm.weight",
-                "ffn_gate.weight" => "mlp.gate_proj.weight",
-                "ffn_up.weight" => "mlp.up_proj.weight",
-                "ffn_down.weight" => "mlp.down_proj.weight",
-                _ => return None,
-            };
-            format!("model.layers.{layer}.{part}")
-        }
-    })
+/// Whole-model tensors: (GGUF name, Sparrow / HF name).
+const MODEL_NAMES: &[(&str, &str)] = &[
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// Per-layer tensors: (GGUF name after `blk.{i}.`, Sparrow name after
+/// `model.layers.{i}.`).
+const LAYER_NAMES: &[(&str, &str)] = &[
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+];
+
+/// `name` through the name tables: GGUF -> Sparrow when `to_sparrow`, else back.
+fn map_name(name: &str, to_sparrow: bool) -> Option<String> {
+    let pick = |&(g, s): &(&'static str, &'static str)| if to_sparrow { (g, s) } else { (s, g) };
+    if let Some((_, t)) = MODEL_NAMES.iter().map(pick).find(|(f, _)| *f == name) {
+        return Some(t.to_string());
+    }
+    let (prefix, out_prefix) = if to_sparrow {
+        ("blk.", "model.layers.")
+    } else {
+        ("model.layers.", "blk.")
+    };
+    let (layer, part) = name.strip_prefix(prefix)?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (_, t) = LAYER_NAMES.iter().map(pick).find(|(f, _)| *f == part)?;
+    Some(format!("{out_prefix}{layer}.{t}"))
 }
 
-/// Undo llama.cpp's per-head row permutation of a (rows, cols) Q or K weight (values,
-/// or the encoded bytes of whole rows): GGUF row `h*d + 2i + j` holds HF row
-/// `h*d + j*(d/2) + i` (d = head size).
-pub fn unpermute_rows<T: Copy + Default>(
+/// The Sparrow (HF) name of a GGUF tensor, or None for one Sparrow does not use.
+pub fn sparrow_name(gguf: &str) -> Option<String> {
+    map_name(gguf, true)
+}
+
+/// The llama.cpp name of a Sparrow (HF) tensor of a llama-shaped model.
+pub fn gguf_name(sparrow: &str) -> Option<String> {
+    map_name(sparrow, false)
+}
+
+/// llama.cpp's converter reorders the rows of a (rows, cols) Q or K weight within each
+/// head so that its interleaved RoPE computes HF's rotate-half RoPE: HF row
+/// `h*d + j*(d/2) + i` is GGUF row `h*d + 2i + j` (d = head size). `to_gguf` applies
+/// that order (export), else undoes it (reading). `values` may be numbers or the
+/// encoded bytes of whole rows.
+pub fn reorder_qk_rows<T: Copy + Default>(
     values: &[T],
     rows: usize,
     cols: usize,
     n_heads: usize,
+    to_gguf: bool,
 ) -> Vec<T> {
     let d = rows / n_heads;
     let mut out = vec![T::default(); values.len()];
     for h in 0..n_heads {
         for i in 0..d / 2 {
             for j in 0..2 {
-                let src = h * d + 2 * i + j;
-                let dst = h * d + j * (d / 2) + i;
+                let hf = h * d + j * (d / 2) + i;
+                let gguf = h * d + 2 * i + j;
+                let (src, dst) = if to_gguf { (hf, gguf) } else { (gguf, hf) };
                 out[dst * cols..(dst + 1) * cols]
                     .copy_from_slice(&values[src * cols..(src + 1) * cols]);
             }
@@ -260,7 +285,7 @@ pub fn read_tensors(
             let q = match heads {
                 Some(h) => {
                     let bytes = f.tensor_data(t);
-                    let bytes = unpermute_rows(bytes, rows, bytes.len() / rows, h);
+                    let bytes = reorder_qk_rows(bytes, rows, bytes.len() / rows, h, false);
                     QMatrix::new(t.ggml_type, rows, cols, bytes)
                 }
                 None => QMatrix::mapped(t.ggml_type, rows, cols, f.tensor_data_shared(t)),
@@ -270,7 +295,7 @@ pub fn read_tensors(
         } else {
             let mut values = f.dequantize(t)?;
             if let Some(h) = heads {
-                values = unpermute_rows(&values, rows, cols, h);
+                values = reorder_qk_rows(&values, rows, cols, h, false);
             }
             dense.insert(name, Tensor::from_vec(values, shape, device)?);
         }

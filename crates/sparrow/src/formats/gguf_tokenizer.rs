@@ -34,6 +34,19 @@ const PRE_DIGITS_GPT2: &[&str] = &[
 pub const END_OF_GENERATION_NAMES: &[&str] =
     &["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>"];
 
+/// The ids that end generation: `declared` (eos, end of turn, ...) plus every token of
+/// [`END_OF_GENERATION_NAMES`] that `special_id` finds, sorted, without repeats.
+pub fn end_of_generation_ids(
+    declared: Vec<u32>,
+    special_id: impl Fn(&str) -> Option<u32>,
+) -> Vec<u32> {
+    let mut ids = declared;
+    ids.extend(END_OF_GENERATION_NAMES.iter().filter_map(|n| special_id(n)));
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// ggml's token types.
 const TOKEN_CONTROL: i64 = 3;
 const TOKEN_USER_DEFINED: i64 = 4;
@@ -182,17 +195,17 @@ pub fn read(f: &GgufFile) -> Result<GgufTokenizer> {
         Error::config("tokenizer.ggml.eos_token_id", "missing from the GGUF file")
     })?;
     let bos_id = id("tokenizer.ggml.bos_token_id")?.unwrap_or(eos_id);
-    let mut stop_ids = vec![eos_id];
+    let mut declared = vec![eos_id];
     for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
-        stop_ids.extend(id(key)?);
+        declared.extend(id(key)?);
     }
-    for (i, (&tok, &ty)) in tokens.iter().zip(&types).enumerate() {
-        if ty == TOKEN_CONTROL && END_OF_GENERATION_NAMES.contains(&tok) {
-            stop_ids.push(i as u32);
-        }
-    }
-    stop_ids.sort_unstable();
-    stop_ids.dedup();
+    let stop_ids = end_of_generation_ids(declared, |name| {
+        tokens
+            .iter()
+            .zip(&types)
+            .position(|(&t, &ty)| t == name && ty == TOKEN_CONTROL)
+            .map(|i| i as u32)
+    });
     Ok(GgufTokenizer {
         json: tokenizer.to_string(),
         bos_id,

@@ -25,16 +25,6 @@ struct Partial {
     out: Vec<f32>,
 }
 
-impl Partial {
-    fn empty() -> Self {
-        Self {
-            max: Vec::new(),
-            sum: Vec::new(),
-            out: Vec::new(),
-        }
-    }
-}
-
 /// Max of `x` by 16 lane-wise maxima, then a tree over the lanes (no serial chain).
 #[inline(always)]
 fn lanes_max(x: &[f32]) -> f32 {
@@ -574,28 +564,24 @@ pub fn decode(
     let tasks: Vec<(usize, std::ops::Range<usize>)> = (0..kv)
         .flat_map(|grp| ranges.iter().map(move |r| (grp, r.clone())))
         .collect();
-    let mut all: Vec<(usize, Partial)> = tasks
+    // Tasks run group-major, so each group's partials are one consecutive chunk.
+    let all: Vec<Partial> = tasks
         .into_par_iter()
         .map(|(grp, r)| {
             let qg = &q[grp * g * d..(grp + 1) * g * d];
             let kg = &k[grp * cap * d..(grp + 1) * cap * d];
             let vg = &v[grp * cap * d..(grp + 1) * cap * d];
-            (grp, scan(avx512, qg, kg, vg, d, scale, r))
+            scan(avx512, qg, kg, vg, d, scale, r)
         })
         .collect();
-    for grp in 0..kv {
-        let parts: Vec<Partial> = all
-            .iter_mut()
-            .filter(|(gi, _)| *gi == grp)
-            .map(|(_, p)| std::mem::replace(p, Partial::empty()))
-            .collect();
+    for (grp, parts) in all.chunks(ranges.len()).enumerate() {
         for hh in 0..g {
             let m = parts
                 .iter()
                 .fold(f32::NEG_INFINITY, |m, p| m.max(p.max[hh]));
             let mut sum = 0.0;
             let o = &mut out[(grp * g + hh) * d..(grp * g + hh + 1) * d];
-            for p in &parts {
+            for p in parts {
                 let c = fast_exp(p.max[hh] - m);
                 sum += p.sum[hh] * c;
                 for (a, &x) in o.iter_mut().zip(&p.out[hh * d..(hh + 1) * d]) {

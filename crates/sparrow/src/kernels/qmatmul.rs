@@ -14,7 +14,7 @@
 //! f64 loop the tests compare both with; every output element is summed in the same
 //! order whatever the batch, so rows are bit-identical alone or batched.
 
-use crate::formats::ggml::{dequantize_block, GgmlType};
+use crate::formats::ggml::{dequantize_block, half_at, GgmlType};
 use crate::formats::gguf::SharedBytes;
 use half::f16;
 use rayon::prelude::*;
@@ -183,10 +183,6 @@ pub fn quantize_acts(x: &[f32]) -> QActs {
 fn round_half_even(v: f32) -> i32 {
     const MAGIC: f32 = 12_582_912.0;
     ((v + MAGIC) - MAGIC) as i32
-}
-
-fn half_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
 /// One output: row `w` (its blocks) against quantized activation row `(q, d, s, sum)`.

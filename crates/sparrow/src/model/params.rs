@@ -100,8 +100,8 @@ impl VarStore {
     }
 
     /// [`loaded`](Self::loaded) plus weight matrices kept quantized: a `Linear` whose
-    /// weight is among `quantized` computes with it directly (inference only). The
-    /// store is frozen: quantized weights have no gradient.
+    /// weight is among `quantized` computes with it directly (inference only: they
+    /// have no gradient; freeze the store with [`frozen`](Self::frozen)).
     pub fn loaded_with_quantized(
         tensors: HashMap<String, Tensor>,
         quantized: HashMap<String, Arc<QMatrix>>,
@@ -109,7 +109,6 @@ impl VarStore {
         dtype: DType,
         device: &Device,
     ) -> Self {
-        let frozen = !quantized.is_empty();
         Self {
             vars: Mutex::new(BTreeMap::new()),
             buffers: Mutex::new(Default::default()),
@@ -121,7 +120,7 @@ impl VarStore {
             },
             dtype,
             device: device.clone(),
-            frozen,
+            frozen: false,
         }
     }
 
