@@ -127,8 +127,25 @@ fn opts(mode: IndexerTrainMode, kl: bool) -> ForwardOptions {
     }
 }
 
-fn f64_model(kind: IndexerKind, topk: usize) -> Model {
-    let mut cfg = tiny_dsa_config(kind, topk);
+/// The DSA layouts that train: each indexer kind over per-head K/V, and the lightning
+/// indexer over MLA (DeepSeek-V3.2).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Layout {
+    Kv(IndexerKind),
+    Mla,
+}
+
+const LAYOUTS: [Layout; 3] = [
+    Layout::Kv(IndexerKind::Lightning),
+    Layout::Kv(IndexerKind::MlpGate),
+    Layout::Mla,
+];
+
+fn f64_model_of(layout: Layout, topk: usize) -> Model {
+    let mut cfg = match layout {
+        Layout::Kv(kind) => tiny_dsa_config(kind, topk),
+        Layout::Mla => tiny_mla_config(Some(6), Some(topk)),
+    };
     cfg.initializer_range = 0.3;
     cfg.n_routed_experts = 0; // dense FFNs: the routing choice is not under test here
     cfg.first_k_dense_replace = 0;
@@ -151,8 +168,8 @@ fn sparse_mode_gradients_match_finite_differences() {
     // Sparse mode: the LM loss is smooth in the main weights for a fixed selection, and
     // the KL is smooth in the indexer weights. (The selection itself does not move under
     // a 1e-6 perturbation.)
-    for kind in KINDS {
-        let model = f64_model(kind, 5);
+    for layout in LAYOUTS {
+        let model = f64_model_of(layout, 5);
         let x = batch(2, 12, model.cfg.vocab_size);
         let o = opts(IndexerTrainMode::Sparse, true);
         let (indexer, main): (Vec<_>, Vec<_>) = model
@@ -179,37 +196,62 @@ fn sparse_mode_gradients_match_finite_differences() {
 
 #[test]
 fn dense_warmup_kl_gradients_match_finite_differences() {
-    let model = f64_model(IndexerKind::Lightning, 5);
-    let x = batch(2, 10, model.cfg.vocab_size);
-    let o = opts(IndexerTrainMode::DenseWarmup, true);
-    let indexer: Vec<_> = model
-        .store
-        .vars()
-        .into_iter()
-        .filter(|(n, _)| n.contains(".indexer."))
-        .collect();
-    assert!(!indexer.is_empty());
-    let kl = || {
-        model
-            .net
-            .forward_with(&x, None, &o)
-            .unwrap()
-            .indexer_kl
-            .unwrap()
-    };
-    check_gradients(&indexer, kl, 8);
+    for layout in [Layout::Kv(IndexerKind::Lightning), Layout::Mla] {
+        let model = f64_model_of(layout, 5);
+        let x = batch(2, 10, model.cfg.vocab_size);
+        let o = opts(IndexerTrainMode::DenseWarmup, true);
+        let indexer: Vec<_> = model
+            .store
+            .vars()
+            .into_iter()
+            .filter(|(n, _)| n.contains(".indexer."))
+            .collect();
+        assert!(!indexer.is_empty());
+        let kl = || {
+            model
+                .net
+                .forward_with(&x, None, &o)
+                .unwrap()
+                .indexer_kl
+                .unwrap()
+        };
+        check_gradients(&indexer, kl, 8);
+        // The warm-up's attention is dense: the LM loss equals the dense twin's.
+        let lm = lm_loss(&model, &x, &o);
+        let plain = lm_loss(&model, &x, &ForwardOptions::default());
+        let dense = lm_loss(
+            &model,
+            &x,
+            &ForwardOptions {
+                dense: true,
+                ..Default::default()
+            },
+        );
+        assert!(
+            rel_err(&lm, &dense) < 1e-12,
+            "{layout:?}: warm-up is not dense"
+        );
+        assert!(
+            rel_err(&lm, &plain) > 1e-9,
+            "{layout:?}: selection unused past k"
+        );
+    }
 }
 
 #[test]
 fn every_parameter_learns_in_every_mode() {
-    for kind in KINDS {
+    for layout in LAYOUTS {
+        let kind = layout;
         for (mode, kl) in [
             (IndexerTrainMode::DenseWarmup, true),
             (IndexerTrainMode::Sparse, true),
             (IndexerTrainMode::Ste, false),
             (IndexerTrainMode::Ste, true),
         ] {
-            let model = f64_model(kind, 5);
+            if layout == Layout::Mla && mode == IndexerTrainMode::Ste {
+                continue; // the straight-through gate is the mlp_gate's (not on MLA)
+            }
+            let model = f64_model_of(layout, 5);
             let x = batch(2, 14, model.cfg.vocab_size);
             let o = opts(mode, kl);
             let out = model.net.forward_with(&x, None, &o).unwrap();
@@ -257,33 +299,37 @@ fn every_parameter_learns_in_every_mode() {
 
 #[test]
 fn recall_is_one_within_k_and_a_share_past_it() {
-    let mut cfg = tiny_dsa_config(IndexerKind::Lightning, 7);
-    cfg.initializer_range = 0.2;
-    let model = Model::new_random(&cfg, 4, DType::F32, &Device::Cpu).unwrap();
-    let o = ForwardOptions {
-        collect_recall: true,
-        ..Default::default()
-    };
-    let out = model
-        .net
-        .forward_with(&batch(1, 30, cfg.vocab_size), None, &o)
-        .unwrap();
-    assert!(out.recall[0].is_none(), "dense layer has no recall");
-    let r = out.recall[1].as_ref().unwrap();
-    assert_eq!(r.len(), 30);
-    for (t, &x) in r.iter().enumerate() {
-        assert!((0.0..=1.0 + 1e-5).contains(&x), "recall {x}");
-        if t < 7 {
-            assert!(
-                (x - 1.0).abs() < 1e-5,
-                "query {t} sees <= k keys: recall {x}"
-            );
+    for mut cfg in [
+        tiny_dsa_config(IndexerKind::Lightning, 7),
+        tiny_mla_config(Some(6), Some(7)),
+    ] {
+        cfg.initializer_range = 0.2;
+        let model = Model::new_random(&cfg, 4, DType::F32, &Device::Cpu).unwrap();
+        let o = ForwardOptions {
+            collect_recall: true,
+            ..Default::default()
+        };
+        let out = model
+            .net
+            .forward_with(&batch(1, 30, cfg.vocab_size), None, &o)
+            .unwrap();
+        assert!(out.recall[0].is_none(), "dense layer has no recall");
+        let r = out.recall[1].as_ref().unwrap();
+        assert_eq!(r.len(), 30);
+        for (t, &x) in r.iter().enumerate() {
+            assert!((0.0..=1.0 + 1e-5).contains(&x), "recall {x}");
+            if t < 7 {
+                assert!(
+                    (x - 1.0).abs() < 1e-5,
+                    "query {t} sees <= k keys: recall {x}"
+                );
+            }
         }
+        assert!(
+            r[29] < 1.0,
+            "past k some mass must be missed by an untrained indexer"
+        );
     }
-    assert!(
-        r[29] < 1.0,
-        "past k some mass must be missed by an untrained indexer"
-    );
 }
 
 #[test]

@@ -9,7 +9,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use sparrow::config::{AttentionKind, IndexerKind};
+use sparrow::config::IndexerKind;
 use sparrow::engine::detok::Detokenizer;
 use sparrow::engine::sampler::SamplerConfig;
 use sparrow::engine::{Engine, EngineOptions, FinishReason, Sequence, SequenceParams};
@@ -34,23 +34,14 @@ fn mqa_wide() -> ModelConfig {
     cfg
 }
 
-fn mla(q_lora: Option<usize>, dsa: bool) -> ModelConfig {
-    let mut cfg = tiny_config();
-    cfg.hidden_size = 24;
-    cfg.num_attention_heads = 3;
-    cfg.num_key_value_heads = Some(3);
-    cfg.kv_lora_rank = Some(7);
-    cfg.q_lora_rank = q_lora;
-    cfg.qk_nope_head_dim = 5;
-    cfg.qk_rope_head_dim = 4;
-    cfg.v_head_dim = 3;
-    cfg.rope_interleave = true;
-    if dsa {
-        cfg.layer_types = Some(vec![AttentionKind::Dense, AttentionKind::Dsa]);
-        cfg.index_topk = 9;
-        cfg.index_n_heads = 16;
-        cfg.index_head_dim = 8;
-    }
+/// MLA + DSA with 8 heads over the latent (the kernels' 16-lane path) and the
+/// non-interleaved RoPE layout.
+fn mla_wide() -> ModelConfig {
+    let mut cfg = tiny_mla_config(Some(9), Some(9));
+    cfg.hidden_size = 32;
+    cfg.num_attention_heads = 8;
+    cfg.num_key_value_heads = Some(8);
+    cfg.rope_interleave = false;
     cfg.validate().unwrap();
     cfg
 }
@@ -71,8 +62,9 @@ fn configs() -> Vec<(&'static str, ModelConfig)> {
         ("mqa 8 heads", mqa_wide()),
         ("dsa lightning", dsa_many_heads),
         ("dsa mlp_gate", tiny_dsa_config(IndexerKind::MlpGate, 9)),
-        ("mla", mla(None, false)),
-        ("mla + dsa", mla(Some(9), true)),
+        ("mla", tiny_mla_config(None, None)),
+        ("mla + dsa", tiny_mla_config(Some(9), Some(9))),
+        ("mla + dsa, 8 heads in lanes, rotate-half RoPE", mla_wide()),
         ("moe noaux_bias", moe_noaux),
         ("moe hash", moe_hash),
     ]

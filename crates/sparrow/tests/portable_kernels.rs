@@ -4,6 +4,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sparrow::kernels::indexer::{self, IndexShape, KeyPrecision, KeyStore, ScoreAct, TopkQueries};
+use sparrow::kernels::kv_rows::KvRows;
 use sparrow::kernels::sparse_attention::{self, SparseDims};
 use sparrow::kernels::topk::{topk_by_sort, NONE};
 use sparrow::kernels::{decode_attention, simd};
@@ -37,9 +38,42 @@ fn portable_paths_match_the_references() {
             rand_vec(kv * s * d, 3),
         );
         let scale = 1.0 / (d as f32).sqrt();
-        let got = decode_attention::decode(&q, &k, &v, kv, s, d, scale);
-        let want = decode_attention::reference(&q, &k, &v, kv, s, d, scale).unwrap();
+        let rows = KvRows::separate(&k, &v, kv, d);
+        let got = decode_attention::decode(&q, rows, s, scale);
+        let want = decode_attention::reference(&q, rows, s, scale).unwrap();
         assert!(max_rel(&got, &want) < 1e-5, "decode ({h},{kv},{s},{d})");
+    }
+    // Causal prefill (lanes of several queries with per-lane limits) against decoding
+    // each query over its own prefix.
+    for &(h, kv, t, d) in &[(9usize, 3usize, 21usize, 16usize), (16, 1, 7, 24)] {
+        let (q, k, v) = (
+            rand_vec(t * h * d, 21),
+            rand_vec(kv * t * d, 22),
+            rand_vec(kv * t * d, 23),
+        );
+        let rows = KvRows::separate(&k, &v, kv, d);
+        let got = decode_attention::prefill_at(&q, rows, t, 0, 0.25);
+        for ti in 0..t {
+            let want =
+                decode_attention::reference(&q[ti * h * d..(ti + 1) * h * d], rows, ti + 1, 0.25)
+                    .unwrap();
+            let row = &got[ti * h * d..(ti + 1) * h * d];
+            assert!(
+                max_rel(row, &want) < 1e-5,
+                "prefill ({h},{kv},{t},{d}) query {ti}"
+            );
+        }
+    }
+    // The MLA latent store (values = the first dv of each key row), lanes and per-head.
+    for &(h, s, dk, dv) in &[(16usize, 301usize, 45usize, 37usize), (5, 90, 20, 12)] {
+        let (q, k) = (rand_vec(h * dk, 11), rand_vec(s * dk, 12));
+        let rows = KvRows::key_prefix(&k, dk, dv);
+        let got = decode_attention::decode(&q, rows, s, 0.2);
+        let want = decode_attention::reference(&q, rows, s, 0.2).unwrap();
+        assert!(
+            max_rel(&got, &want) < 1e-5,
+            "latent decode ({h},{s},{dk},{dv})"
+        );
     }
     // Sparse attention, f32 fast path vs the generic kernel.
     let dims = SparseDims {

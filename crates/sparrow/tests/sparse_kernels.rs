@@ -8,9 +8,11 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{check_gradients, randn, rel_err, to_f64_vec};
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sparrow::kernels::indexer::{self, IndexShape, KeyPrecision, KeyStore, ScoreAct, TopkQueries};
+use sparrow::kernels::kv_rows::{KvRows, Values};
 use sparrow::kernels::sparse_attention::{self, SparseAttention, SparseDims, SteGate};
 use sparrow::kernels::topk::{topk_by_sort, NONE};
 use sparrow::kernels::{decode_attention, reference};
@@ -483,8 +485,9 @@ fn dense_decode_kernel_matches_reference() {
         let k = rand_vec(kv * cap * d, 52);
         let v = rand_vec(kv * cap * d, 53);
         let scale = 1.0 / (d as f32).sqrt();
-        let got = decode_attention::decode(&q, &k, &v, kv, s, d, scale);
-        let want = decode_attention::reference(&q, &k, &v, kv, s, d, scale).unwrap();
+        let rows = KvRows::separate(&k, &v, kv, d);
+        let got = decode_attention::decode(&q, rows, s, scale);
+        let want = decode_attention::reference(&q, rows, s, scale).unwrap();
         let diff = got
             .iter()
             .zip(&want)
@@ -514,11 +517,8 @@ fn dense_prefill_kernel_matches_reference() {
         for ti in 0..t {
             let want = decode_attention::reference(
                 &q[ti * h * d..(ti + 1) * h * d],
-                &k,
-                &v,
-                kv,
+                KvRows::separate(&k, &v, kv, d),
                 ti + 1,
-                d,
                 scale,
             )
             .unwrap();
@@ -535,5 +535,155 @@ fn dense_prefill_kernel_matches_reference() {
                 diff / norm
             );
         }
+    }
+}
+
+/// Plain f64 attention of one head over the listed rows: softmax(scale q . k_i) v_i.
+fn naive_head(q: &[f32], keys: &[&[f32]], values: &[&[f32]], scale: f64) -> Vec<f64> {
+    let logits: Vec<f64> = keys
+        .iter()
+        .map(|k| {
+            scale
+                * q.iter()
+                    .zip(*k)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+        })
+        .collect();
+    let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let w: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
+    let z: f64 = w.iter().sum();
+    let mut out = vec![0.0f64; values[0].len()];
+    for (wi, v) in w.iter().zip(values) {
+        for (o, &x) in out.iter_mut().zip(*v) {
+            *o += wi / z * x as f64;
+        }
+    }
+    out
+}
+
+fn rel_err_f64(got: &[f32], want: &[f64]) -> f64 {
+    let diff = got
+        .iter()
+        .zip(want)
+        .map(|(&a, &b)| (a as f64 - b).abs())
+        .fold(0.0, f64::max);
+    diff / want.iter().map(|x| x.abs()).fold(1e-30, f64::max)
+}
+
+/// Every entry store through every dense and sparse kernel, against plain f64
+/// attention: per-head K/V with keys wider than values (MLA's expanded shape) and the
+/// MLA latent store (each key row begins with its value), in the 16-lane and the
+/// per-head paths, decoding, prefilling at an offset into a cache with spare capacity,
+/// and attending over selections with padding.
+#[test]
+fn every_entry_store_matches_plain_attention() {
+    // (heads, KV groups, cap, dk, dv, latent)
+    for &(h, kv, cap, dk, dv, latent) in &[
+        (16usize, 1usize, 230usize, 45usize, 37usize, true),
+        (5, 1, 130, 20, 12, true),
+        (24, 2, 150, 28, 16, false),
+        (6, 3, 99, 13, 9, false),
+    ] {
+        let k = rand_vec(kv * cap * dk, 71);
+        let v = rand_vec(kv * cap * dv, 72);
+        let rows = KvRows {
+            k: &k,
+            values: if latent {
+                Values::KeyPrefix
+            } else {
+                Values::Separate(&v)
+            },
+            groups: kv,
+            cap,
+            dk,
+            dv,
+        };
+        let g = h / kv;
+        let scale = 0.17f32;
+        // What each head must see over positions `pos`.
+        let want = |q: &[f32], pos: &[usize]| -> Vec<f64> {
+            let mut out = Vec::new();
+            for head in 0..h {
+                let r = rows.group(head / g);
+                let keys: Vec<&[f32]> = pos.iter().map(|&p| r.key(p)).collect();
+                let vals: Vec<&[f32]> = pos.iter().map(|&p| r.value(p)).collect();
+                out.extend(naive_head(
+                    &q[head * dk..(head + 1) * dk],
+                    &keys,
+                    &vals,
+                    scale as f64,
+                ));
+            }
+            out
+        };
+        let tag = format!("({h},{kv},{cap},{dk},{dv},{latent})");
+        // Decode over the first s positions.
+        let s = cap - 17;
+        let q = rand_vec(h * dk, 73);
+        let got = decode_attention::decode(&q, rows, s, scale);
+        let all: Vec<usize> = (0..s).collect();
+        assert!(rel_err_f64(&got, &want(&q, &all)) < 1e-5, "decode {tag}");
+        // Prefill of t queries at offset.
+        let (t, offset) = (11usize, 60usize);
+        let qs = rand_vec(t * h * dk, 74);
+        let got = decode_attention::prefill_at(&qs, rows, t, offset, scale);
+        for ti in 0..t {
+            let vis: Vec<usize> = (0..=offset + ti).collect();
+            let w = want(&qs[ti * h * dk..(ti + 1) * h * dk], &vis);
+            let e = rel_err_f64(&got[ti * h * dv..(ti + 1) * h * dv], &w);
+            assert!(e < 1e-5, "prefill {tag} query {ti}: {e}");
+        }
+        // Sparse attention over selections (duplicates never occur; NONE pads).
+        let kk = 19usize;
+        let mut rng = ChaCha8Rng::seed_from_u64(75);
+        let mut idx = Vec::new();
+        for ti in 0..t {
+            let mut pos: Vec<u32> = (0..=(offset + ti) as u32).collect();
+            pos.shuffle(&mut rng);
+            pos.truncate(kk - 1 - ti % 3);
+            pos.resize(kk, NONE);
+            idx.extend(pos);
+        }
+        let got = sparse_attention::attend_selected(&qs, rows, t, &idx, scale);
+        for ti in 0..t {
+            let sel: Vec<usize> = idx[ti * kk..(ti + 1) * kk]
+                .iter()
+                .filter(|&&i| i != NONE)
+                .map(|&i| i as usize)
+                .collect();
+            let w = want(&qs[ti * h * dk..(ti + 1) * h * dk], &sel);
+            let e = rel_err_f64(&got[ti * h * dv..(ti + 1) * h * dv], &w);
+            assert!(e < 1e-5, "sparse {tag} query {ti}: {e}");
+        }
+    }
+}
+
+/// A query's prefill result does not depend on the chunk it arrives in nor on which
+/// queries share its vector lanes: one chunk of 37 queries equals, bit for bit, the same
+/// queries in chunks of 5, 13 and 19 at their offsets (the engine's chunked prefill),
+/// for group sizes that fill the lanes with 1, 3, 5 and 16 queries.
+#[test]
+fn prefill_is_the_same_in_any_chunking() {
+    for &(h, kv, d) in &[
+        (16usize, 1usize, 24usize),
+        (9, 3, 16),
+        (3, 1, 20),
+        (6, 3, 8),
+    ] {
+        let (t, offset, cap) = (37usize, 20usize, 64usize);
+        let k = rand_vec(kv * cap * d, 81);
+        let v = rand_vec(kv * cap * d, 82);
+        let q = rand_vec(t * h * d, 83);
+        let rows = KvRows::separate(&k, &v, kv, d);
+        let whole = decode_attention::prefill_at(&q, rows, t, offset, 0.3);
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        for n in [5usize, 13, 19] {
+            let qs = &q[at * h * d..(at + n) * h * d];
+            pieces.extend(decode_attention::prefill_at(qs, rows, n, offset + at, 0.3));
+            at += n;
+        }
+        assert_eq!(whole, pieces, "({h},{kv},{d})");
     }
 }

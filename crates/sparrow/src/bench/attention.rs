@@ -20,6 +20,7 @@
 
 use crate::error::Result;
 use crate::kernels::indexer::{self, IndexShape, KeyPrecision, KeyStore, ScoreAct, TopkQueries};
+use crate::kernels::kv_rows::KvRows;
 use crate::kernels::softmax::CausalSoftmax;
 use crate::kernels::sparse_attention::{self, SparseDims};
 use crate::kernels::{decode_attention, topk::NONE};
@@ -141,27 +142,18 @@ impl DecodeState {
     /// Dense decode with our flash-decoding kernel: (H, D).
     pub fn dense(&self) -> Vec<f32> {
         let s = &self.shape;
-        decode_attention::decode(
-            &self.q,
-            &self.k,
-            &self.v,
-            s.kv_heads,
-            self.len,
-            s.head_dim,
-            self.scale(),
-        )
+        let rows = KvRows::separate(&self.k, &self.v, s.kv_heads, s.head_dim);
+        decode_attention::decode(&self.q, rows, self.len, self.scale())
     }
 
     /// Dense decode through candle ops (matmul, softmax, matmul).
     pub fn dense_candle(&self) -> Result<Vec<f32>> {
         let s = &self.shape;
+        let rows = KvRows::separate(&self.k, &self.v, s.kv_heads, s.head_dim);
         Ok(decode_attention::reference(
             &self.q,
-            &self.k,
-            &self.v,
-            s.kv_heads,
+            rows,
             self.len,
-            s.head_dim,
             self.scale(),
         )?)
     }

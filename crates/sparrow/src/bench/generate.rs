@@ -234,8 +234,6 @@ fn decode_step_bytes(model: &Model, seqs: &[Sequence], dense: bool) -> f64 {
                 !dense && cfg.attention_kind(l) == AttentionKind::Dsa && pos > cfg.index_topk;
             bytes += if sparse {
                 (layer.index.as_ref().map_or(0, |ix| ix.bytes()) + cfg.index_topk * kv_row) as f64
-            } else if layer.latent.is_some() {
-                layer.used_bytes() as f64
             } else {
                 (pos * kv_row) as f64
             };

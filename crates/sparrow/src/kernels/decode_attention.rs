@@ -1,7 +1,8 @@
 //! Dense attention for one new query against a KV cache (the dense side of the decode
 //! benchmark, and the yardstick the sparse path is measured against).
 //!
-//! q (H, D); k, v (KV, S, D); all S positions visible. Flash-decoding: the key range is
+//! q (H, dk); keys and values as [`KvRows`] (KV groups; per-head K/V, or the MLA latent
+//! whose key row begins with its value); out (H, dv). Flash-decoding: the key range is
 //! split over the threads, each part runs an online softmax per head over key blocks
 //! (running max, running sum, running output), and the parts are merged with their
 //! log-sum-exp. Under MQA each key and value row is read from memory once and used by
@@ -11,6 +12,7 @@
 //! build), with no horizontal reductions; smaller groups use per-head dot products.
 //! [`reference`] is the composed candle version.
 
+use super::kv_rows::{KvRows, Values};
 use super::simd::{fast_exp, has_avx512};
 use super::{dot_tree, thread_parts};
 use rayon::prelude::*;
@@ -71,28 +73,22 @@ fn lanes_sum(x: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn scan_generic(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    d: usize,
-    scale: f32,
-    range: std::ops::Range<usize>,
-) -> Partial {
-    let g = q.len() / d;
+fn scan_generic(q: &[f32], rows: &KvRows, scale: f32, range: std::ops::Range<usize>) -> Partial {
+    let (dk, dv) = (rows.dk, rows.dv);
+    let g = q.len() / dk;
     let mut part = Partial {
         max: vec![f32::NEG_INFINITY; g],
         sum: vec![0.0; g],
-        out: vec![0.0; g * d],
+        out: vec![0.0; g * dv],
     };
     let mut logits = vec![0.0f32; g * KEY_BLOCK];
     let mut s0 = range.start;
     while s0 < range.end {
         let n = (range.end - s0).min(KEY_BLOCK);
         for j in 0..n {
-            let krow = &k[(s0 + j) * d..(s0 + j + 1) * d];
+            let krow = rows.key(s0 + j);
             for h in 0..g {
-                logits[h * KEY_BLOCK + j] = scale * dot_tree(&q[h * d..(h + 1) * d], krow);
+                logits[h * KEY_BLOCK + j] = scale * dot_tree(&q[h * dk..(h + 1) * dk], krow);
             }
         }
         for h in 0..g {
@@ -107,16 +103,16 @@ fn scan_generic(
             let bsum = lanes_sum(l);
             part.sum[h] = part.sum[h] * corr + bsum;
             if corr != 1.0 {
-                part.out[h * d..(h + 1) * d]
+                part.out[h * dv..(h + 1) * dv]
                     .iter_mut()
                     .for_each(|o| *o *= corr);
             }
         }
         for j in 0..n {
-            let vrow = &v[(s0 + j) * d..(s0 + j + 1) * d];
+            let vrow = rows.value(s0 + j);
             for h in 0..g {
                 let p = logits[h * KEY_BLOCK + j];
-                for (o, &x) in part.out[h * d..(h + 1) * d].iter_mut().zip(vrow) {
+                for (o, &x) in part.out[h * dv..(h + 1) * dv].iter_mut().zip(vrow) {
                     *o += p * x;
                 }
             }
@@ -128,23 +124,16 @@ fn scan_generic(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn scan_avx512(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    d: usize,
-    scale: f32,
-    range: std::ops::Range<usize>,
-) -> Partial {
-    scan_generic(q, k, v, d, scale, range)
+fn scan_avx512(q: &[f32], rows: &KvRows, scale: f32, range: std::ops::Range<usize>) -> Partial {
+    scan_generic(q, rows, scale, range)
 }
 
+/// Online-softmax scan of one group's queries q (g, dk) over key `range` of `rows`
+/// (one group).
 fn scan(
     avx512: bool,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    d: usize,
+    rows: &KvRows,
     scale: f32,
     range: std::ops::Range<usize>,
 ) -> Partial {
@@ -152,10 +141,10 @@ fn scan(
     if avx512 {
         // SAFETY: AVX-512F support was checked at run time (`has_avx512`); the function
         // reads only the given slices.
-        return unsafe { scan_avx512(q, k, v, d, scale, range) };
+        return unsafe { scan_avx512(q, rows, scale, range) };
     }
     let _ = avx512;
-    scan_generic(q, k, v, d, scale, range)
+    scan_generic(q, rows, scale, range)
 }
 
 /// Heads per lane group of the MQA path (one AVX-512 register of f32).
@@ -163,14 +152,10 @@ const LANES: usize = 16;
 /// Keys sharing each load of the transposed queries.
 const KEYS_PER_STEP: usize = 4;
 
-/// The four consecutive rows of width `d` starting at element `b0`.
+/// Four consecutive rows of `width` values, `stride` apart, the first at element `b0`.
 #[inline(always)]
-fn rows4(x: &[f32], b0: usize, d: usize) -> (&[f32], &[f32], &[f32], &[f32]) {
-    let r = &x[b0..b0 + 4 * d];
-    let (a, rest) = r.split_at(d);
-    let (b, rest) = rest.split_at(d);
-    let (c, e) = rest.split_at(d);
-    (a, b, c, e)
+fn rows4(x: &[f32], b0: usize, stride: usize, width: usize) -> [&[f32]; 4] {
+    [0, 1, 2, 3].map(|i| &x[b0 + i * stride..b0 + i * stride + width])
 }
 
 /// Partial result over a key range for 16 heads at once: lanes are heads.
@@ -187,15 +172,17 @@ struct LanePartial {
 #[inline(always)]
 fn scan_lanes_generic(
     q_t: &[[f32; LANES]],
-    k: &[f32],
-    v: &[f32],
+    rows: &KvRows,
     range: std::ops::Range<usize>,
+    limits: Option<&[u32; LANES]>,
 ) -> LanePartial {
-    let d = q_t.len();
+    let min_limit = limits.map_or(usize::MAX, |l| *l.iter().min().unwrap_or(&0) as usize);
+    let (dk, dv) = (rows.dk, rows.dv);
+    let (k, (v, vs)) = (rows.k, rows.value_buffer());
     let mut part = LanePartial {
         max: [f32::NEG_INFINITY; LANES],
         sum: [0.0; LANES],
-        out_t: vec![[0.0; LANES]; d],
+        out_t: vec![[0.0; LANES]; dv],
     };
     let mut logits = [[0.0f32; LANES]; KEY_BLOCK];
     let mut s0 = range.start;
@@ -204,8 +191,7 @@ fn scan_lanes_generic(
         // Scores of the block: logits[j][h]; four keys per pass over q_t.
         let mut j = 0;
         while j + KEYS_PER_STEP <= n {
-            let b0 = (s0 + j) * d;
-            let (r0, r1, r2, r3) = rows4(k, b0, d);
+            let [r0, r1, r2, r3] = rows4(k, (s0 + j) * dk, dk, dk);
             let mut a = [[0.0f32; LANES]; KEYS_PER_STEP];
             for ((((qr, &x0), &x1), &x2), &x3) in q_t.iter().zip(r0).zip(r1).zip(r2).zip(r3) {
                 for l in 0..LANES {
@@ -219,7 +205,7 @@ fn scan_lanes_generic(
             j += KEYS_PER_STEP;
         }
         while j < n {
-            let r = &k[(s0 + j) * d..(s0 + j + 1) * d];
+            let r = rows.key(s0 + j);
             let mut a = [0.0f32; LANES];
             for (qr, &x) in q_t.iter().zip(r) {
                 for l in 0..LANES {
@@ -228,6 +214,16 @@ fn scan_lanes_generic(
             }
             logits[j] = a;
             j += 1;
+        }
+        // Causal limits: lane l sees keys < limits[l] (prefill lanes of several queries).
+        if let Some(lim) = limits.filter(|_| s0 + n > min_limit) {
+            for (j, row) in logits[..n].iter_mut().enumerate() {
+                for l in 0..LANES {
+                    if (s0 + j) as u32 >= lim[l] {
+                        row[l] = f32::NEG_INFINITY; // fast_exp maps it to exactly 0
+                    }
+                }
+            }
         }
         // Online softmax update, lane-wise over heads.
         let mut bmax = [f32::NEG_INFINITY; LANES];
@@ -260,8 +256,7 @@ fn scan_lanes_generic(
         // out_t[i][h] += p[j][h] * v[j][i], four keys per pass over out_t.
         let mut j = 0;
         while j + KEYS_PER_STEP <= n {
-            let b0 = (s0 + j) * d;
-            let (r0, r1, r2, r3) = rows4(v, b0, d);
+            let [r0, r1, r2, r3] = rows4(v, (s0 + j) * vs, vs, dv);
             let (p0, p1, p2, p3) = (logits[j], logits[j + 1], logits[j + 2], logits[j + 3]);
             for ((((o, &y0), &y1), &y2), &y3) in
                 part.out_t.iter_mut().zip(r0).zip(r1).zip(r2).zip(r3)
@@ -276,7 +271,7 @@ fn scan_lanes_generic(
             j += KEYS_PER_STEP;
         }
         while j < n {
-            let r = &v[(s0 + j) * d..(s0 + j + 1) * d];
+            let r = rows.value(s0 + j);
             let p = logits[j];
             for (o, &y) in part.out_t.iter_mut().zip(r) {
                 for l in 0..LANES {
@@ -298,14 +293,16 @@ fn scan_lanes_generic(
 #[target_feature(enable = "avx512f,fma")]
 fn scan_lanes_avx512(
     q_t: &[[f32; LANES]],
-    k: &[f32],
-    v: &[f32],
+    rows: &KvRows,
     range: std::ops::Range<usize>,
+    limits: Option<&[u32; LANES]>,
 ) -> LanePartial {
     use std::arch::x86_64::*;
-    let d = q_t.len();
+    let (dk, dv) = (rows.dk, rows.dv);
+    let (k, (v, vs)) = (rows.k, rows.value_buffer());
+    assert_eq!(q_t.len(), dk, "queries and keys differ in width");
     assert!(
-        range.end * d <= k.len() && range.end * d <= v.len(),
+        range.end * dk <= k.len() && range.end.saturating_sub(1) * vs + dv <= v.len(),
         "scan range beyond the cache"
     );
 
@@ -332,15 +329,19 @@ fn scan_lanes_avx512(
         }
     }
 
-    // SAFETY: every pointer read below is k/v[(s0 + j) * d + i] with s0 + j < range.end
-    // and i < d, in bounds by the assert above; `q_t` and `out_t` rows are 16 f32
-    // (one unaligned 512-bit load / store each). AVX-512F and FMA are enabled on this
-    // function and were detected at run time by the caller.
+    // SAFETY: every pointer read below is k[(s0 + j) * dk + i] with i < dk or
+    // v[(s0 + j) * vs + i] with i < dv, s0 + j < range.end: in bounds by the assert
+    // above; `q_t` and `out_t` rows are 16 f32 (one unaligned 512-bit load / store
+    // each). AVX-512F and FMA are enabled on this function and were detected at run time
+    // by the caller.
     unsafe {
         let kp = k.as_ptr();
         let vp = v.as_ptr();
+        let min_limit = limits.map_or(usize::MAX, |l| *l.iter().min().unwrap_or(&0) as usize);
+        let lim = _mm512_loadu_si512(limits.unwrap_or(&[u32::MAX; LANES]).as_ptr() as *const _);
+        let mut visible = [0xffffu16; KEY_BLOCK];
         let qrows: Vec<__m512> = q_t.iter().map(|r| _mm512_loadu_ps(r.as_ptr())).collect();
-        let mut out_t: Vec<__m512> = vec![_mm512_setzero_ps(); d];
+        let mut out_t: Vec<__m512> = vec![_mm512_setzero_ps(); dv];
         let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut sum = _mm512_setzero_ps();
         let mut logits = [_mm512_setzero_ps(); KEY_BLOCK];
@@ -349,14 +350,19 @@ fn scan_lanes_avx512(
             let n = (range.end - s0).min(KEY_BLOCK);
             let mut j = 0;
             while j + 4 <= n {
-                let b0 = (s0 + j) * d;
+                let b0 = (s0 + j) * dk;
                 // Prefetch the rows one block ahead (a no-op past the end: prefetches
                 // never fault, and the address is formed without `add`'s bounds rule).
-                for line in (0..4 * d).step_by(16) {
-                    let ahead = kp.wrapping_add(b0 + KEY_BLOCK * d + line);
+                for line in (0..4 * dk).step_by(16) {
+                    let ahead = kp.wrapping_add(b0 + KEY_BLOCK * dk + line);
                     _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                    let ahead = vp.wrapping_add(b0 + KEY_BLOCK * d + line);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                }
+                if let Values::Separate(_) = rows.values {
+                    let c0 = (s0 + j + KEY_BLOCK) * vs;
+                    for line in (0..4 * vs).step_by(16) {
+                        let ahead = vp.wrapping_add(c0 + line);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    }
                 }
                 let (mut a0, mut a1, mut a2, mut a3) = (
                     _mm512_setzero_ps(),
@@ -366,9 +372,9 @@ fn scan_lanes_avx512(
                 );
                 for (i, &qr) in qrows.iter().enumerate() {
                     a0 = _mm512_fmadd_ps(qr, _mm512_set1_ps(*kp.add(b0 + i)), a0);
-                    a1 = _mm512_fmadd_ps(qr, _mm512_set1_ps(*kp.add(b0 + d + i)), a1);
-                    a2 = _mm512_fmadd_ps(qr, _mm512_set1_ps(*kp.add(b0 + 2 * d + i)), a2);
-                    a3 = _mm512_fmadd_ps(qr, _mm512_set1_ps(*kp.add(b0 + 3 * d + i)), a3);
+                    a1 = _mm512_fmadd_ps(qr, _mm512_set1_ps(*kp.add(b0 + dk + i)), a1);
+                    a2 = _mm512_fmadd_ps(qr, _mm512_set1_ps(*kp.add(b0 + 2 * dk + i)), a2);
+                    a3 = _mm512_fmadd_ps(qr, _mm512_set1_ps(*kp.add(b0 + 3 * dk + i)), a3);
                 }
                 logits[j] = a0;
                 logits[j + 1] = a1;
@@ -377,13 +383,23 @@ fn scan_lanes_avx512(
                 j += 4;
             }
             while j < n {
-                let b0 = (s0 + j) * d;
+                let b0 = (s0 + j) * dk;
                 let mut a = _mm512_setzero_ps();
                 for (i, &qr) in qrows.iter().enumerate() {
                     a = _mm512_fmadd_ps(qr, _mm512_set1_ps(*kp.add(b0 + i)), a);
                 }
                 logits[j] = a;
                 j += 1;
+            }
+            // Causal limits: lane l sees keys < limits[l]; the others get -inf before
+            // the max and exactly 0 after the exp.
+            let masked = s0 + n > min_limit;
+            if masked {
+                for (j, l) in logits[..n].iter_mut().enumerate() {
+                    let key = _mm512_set1_epi32((s0 + j) as i32);
+                    visible[j] = _mm512_cmplt_epu32_mask(key, lim);
+                    *l = _mm512_mask_blend_ps(visible[j], _mm512_set1_ps(f32::NEG_INFINITY), *l);
+                }
             }
             let mut bmax = _mm512_set1_ps(f32::NEG_INFINITY);
             for l in &logits[..n] {
@@ -393,8 +409,11 @@ fn scan_lanes_avx512(
             let corr = exp512(_mm512_sub_ps(m, new_m));
             m = new_m;
             let mut bsum = _mm512_setzero_ps();
-            for l in &mut logits[..n] {
+            for (j, l) in logits[..n].iter_mut().enumerate() {
                 *l = exp512(_mm512_sub_ps(*l, m));
+                if masked {
+                    *l = _mm512_maskz_mov_ps(visible[j], *l);
+                }
                 bsum = _mm512_add_ps(bsum, *l);
             }
             sum = _mm512_fmadd_ps(sum, corr, bsum);
@@ -403,18 +422,18 @@ fn scan_lanes_avx512(
             }
             let mut j = 0;
             while j + 4 <= n {
-                let b0 = (s0 + j) * d;
+                let b0 = (s0 + j) * vs;
                 let (p0, p1, p2, p3) = (logits[j], logits[j + 1], logits[j + 2], logits[j + 3]);
                 for (i, o) in out_t.iter_mut().enumerate() {
                     let mut acc = _mm512_fmadd_ps(p0, _mm512_set1_ps(*vp.add(b0 + i)), *o);
-                    acc = _mm512_fmadd_ps(p1, _mm512_set1_ps(*vp.add(b0 + d + i)), acc);
-                    acc = _mm512_fmadd_ps(p2, _mm512_set1_ps(*vp.add(b0 + 2 * d + i)), acc);
-                    *o = _mm512_fmadd_ps(p3, _mm512_set1_ps(*vp.add(b0 + 3 * d + i)), acc);
+                    acc = _mm512_fmadd_ps(p1, _mm512_set1_ps(*vp.add(b0 + vs + i)), acc);
+                    acc = _mm512_fmadd_ps(p2, _mm512_set1_ps(*vp.add(b0 + 2 * vs + i)), acc);
+                    *o = _mm512_fmadd_ps(p3, _mm512_set1_ps(*vp.add(b0 + 3 * vs + i)), acc);
                 }
                 j += 4;
             }
             while j < n {
-                let b0 = (s0 + j) * d;
+                let b0 = (s0 + j) * vs;
                 let p = logits[j];
                 for (i, o) in out_t.iter_mut().enumerate() {
                     *o = _mm512_fmadd_ps(p, _mm512_set1_ps(*vp.add(b0 + i)), *o);
@@ -426,7 +445,7 @@ fn scan_lanes_avx512(
         let mut part = LanePartial {
             max: [0.0; LANES],
             sum: [0.0; LANES],
-            out_t: vec![[0.0; LANES]; d],
+            out_t: vec![[0.0; LANES]; dv],
         };
         _mm512_storeu_ps(part.max.as_mut_ptr(), m);
         _mm512_storeu_ps(part.sum.as_mut_ptr(), sum);
@@ -437,21 +456,24 @@ fn scan_lanes_avx512(
     }
 }
 
+/// Scan keys `range` of `rows` for 16 lanes of transposed, scaled queries; with
+/// `limits`, lane l only sees keys below `limits[l]` (each lane must see the range's
+/// first key).
 fn scan_lanes(
     avx512: bool,
     q_t: &[[f32; LANES]],
-    k: &[f32],
-    v: &[f32],
+    rows: &KvRows,
     range: std::ops::Range<usize>,
+    limits: Option<&[u32; LANES]>,
 ) -> LanePartial {
     #[cfg(target_arch = "x86_64")]
     if avx512 {
         // SAFETY: AVX-512F (and with it FMA) support was checked at run time
         // (`has_avx512`); the function reads only the given slices.
-        return unsafe { scan_lanes_avx512(q_t, k, v, range) };
+        return unsafe { scan_lanes_avx512(q_t, rows, range, limits) };
     }
     let _ = avx512;
-    scan_lanes_generic(q_t, k, v, range)
+    scan_lanes_generic(q_t, rows, range, limits)
 }
 
 /// Queries of heads `h0..h0 + nh` of `q` (heads x d), scaled and transposed into 16-lane
@@ -466,20 +488,34 @@ fn transpose_heads(q: &[f32], h0: usize, nh: usize, d: usize, scale: f32) -> Vec
     q_t
 }
 
-/// Attention of one group's `g` heads (queries (g, D), unscaled) over `n` key and value
-/// rows (n, D), all visible, on the calling thread: out (g, D). The sparse kernel's
-/// fast path, after gathering the selected rows.
-pub(crate) fn attend_rows(q: &[f32], k: &[f32], v: &[f32], d: usize, scale: f32, out: &mut [f32]) {
-    let g = q.len() / d;
-    let n = k.len() / d;
+/// Attention of one group's `g` heads (queries (g, dk), unscaled) over the first `n`
+/// rows of `rows` (one group), all visible, on the calling thread: out (g, dv). The
+/// sparse kernel's path after gathering the selected rows, and each query's scan in
+/// [`prefill_at`].
+pub(crate) fn attend_rows(q: &[f32], rows: &KvRows, n: usize, scale: f32, out: &mut [f32]) {
+    let (dk, dv) = (rows.dk, rows.dv);
+    let g = q.len() / dk;
     let avx512 = has_avx512();
+    if g < 8 {
+        let p = scan(avx512, q, rows, scale, 0..n);
+        for hh in 0..g {
+            let inv = 1.0 / p.sum[hh];
+            for (a, &x) in out[hh * dv..(hh + 1) * dv]
+                .iter_mut()
+                .zip(&p.out[hh * dv..(hh + 1) * dv])
+            {
+                *a = x * inv;
+            }
+        }
+        return;
+    }
     for h0 in (0..g).step_by(LANES) {
         let nh = (g - h0).min(LANES);
-        let q_t = transpose_heads(q, h0, nh, d, scale);
-        let p = scan_lanes(avx512, &q_t, k, v, 0..n);
+        let q_t = transpose_heads(q, h0, nh, dk, scale);
+        let p = scan_lanes(avx512, &q_t, rows, 0..n, None);
         for hh in 0..nh {
             let inv = 1.0 / p.sum[hh];
-            let o = &mut out[(h0 + hh) * d..(h0 + hh + 1) * d];
+            let o = &mut out[(h0 + hh) * dv..(h0 + hh + 1) * dv];
             for (a, row) in o.iter_mut().zip(&p.out_t) {
                 *a = row[hh] * inv;
             }
@@ -488,37 +524,26 @@ pub(crate) fn attend_rows(q: &[f32], k: &[f32], v: &[f32], d: usize, scale: f32,
 }
 
 /// The MQA/GQA path for groups of >= 8 heads: heads in lanes of 16.
-#[allow(clippy::too_many_arguments)]
-fn decode_lanes(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    kv: usize,
-    s: usize,
-    d: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    let h = q.len() / d;
-    let g = h / kv;
-    let cap = k.len() / (kv * d);
+fn decode_lanes(q: &[f32], rows: &KvRows, s: usize, scale: f32, out: &mut [f32]) {
+    let (dk, dv) = (rows.dk, rows.dv);
+    let h = q.len() / dk;
+    let g = h / rows.groups;
     let avx512 = has_avx512();
-    for grp in 0..kv {
-        let kg = &k[grp * cap * d..(grp + 1) * cap * d];
-        let vg = &v[grp * cap * d..(grp + 1) * cap * d];
+    for grp in 0..rows.groups {
+        let rg = rows.group(grp);
         for h0 in (0..g).step_by(LANES) {
             let nh = (g - h0).min(LANES);
-            let q_t = transpose_heads(q, grp * g + h0, nh, d, scale);
+            let q_t = transpose_heads(q, grp * g + h0, nh, dk, scale);
             let parts: Vec<LanePartial> = thread_parts(s, 1024)
                 .into_par_iter()
-                .map(|r| scan_lanes(avx512, &q_t, kg, vg, r))
+                .map(|r| scan_lanes(avx512, &q_t, &rg, r, None))
                 .collect();
             for hh in 0..nh {
                 let m = parts
                     .iter()
                     .fold(f32::NEG_INFINITY, |m, p| m.max(p.max[hh]));
                 let head = grp * g + h0 + hh;
-                let o = &mut out[head * d..(head + 1) * d];
+                let o = &mut out[head * dv..(head + 1) * dv];
                 let mut sum = 0.0;
                 for p in &parts {
                     let c = fast_exp(p.max[hh] - m);
@@ -534,44 +559,41 @@ fn decode_lanes(
     }
 }
 
-/// Attention of one query q (H, D) over `s` cached positions of k, v (KV, cap, D)
-/// (rows past `s` are ignored): out (H, D).
-pub fn decode(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    kv: usize,
-    s: usize,
-    d: usize,
-    scale: f32,
-) -> Vec<f32> {
-    let h = q.len() / d;
-    let g = h / kv;
-    let cap = k.len() / (kv * d);
-    assert!(
-        s <= cap && s > 0,
-        "decode: {s} positions, cache holds {cap}"
+/// Attention of one query q (H, dk) over the first `s` positions of `rows` (rows past
+/// `s` are ignored): out (H, dv).
+pub fn decode(q: &[f32], rows: KvRows, s: usize, scale: f32) -> Vec<f32> {
+    rows.check();
+    let (dk, dv) = (rows.dk, rows.dv);
+    let h = q.len() / dk;
+    let g = h / rows.groups;
+    assert_eq!(
+        q.len(),
+        rows.groups * g * dk,
+        "decode: queries are not (H, dk)"
     );
-    let mut out = vec![0.0f32; h * d];
+    assert!(
+        s <= rows.cap && s > 0,
+        "decode: {s} positions, cache holds {}",
+        rows.cap
+    );
+    let mut out = vec![0.0f32; h * dv];
     if g >= 8 {
-        decode_lanes(q, k, v, kv, s, d, scale, &mut out);
+        decode_lanes(q, &rows, s, scale, &mut out);
         return out;
     }
     let avx512 = has_avx512();
     // Every (group, key range) pair is one task of a single parallel loop, so the
     // groups of a GQA layer share the threads instead of taking turns.
     let ranges = thread_parts(s, 1024);
-    let tasks: Vec<(usize, std::ops::Range<usize>)> = (0..kv)
+    let tasks: Vec<(usize, std::ops::Range<usize>)> = (0..rows.groups)
         .flat_map(|grp| ranges.iter().map(move |r| (grp, r.clone())))
         .collect();
     // Tasks run group-major, so each group's partials are one consecutive chunk.
     let all: Vec<Partial> = tasks
         .into_par_iter()
         .map(|(grp, r)| {
-            let qg = &q[grp * g * d..(grp + 1) * g * d];
-            let kg = &k[grp * cap * d..(grp + 1) * cap * d];
-            let vg = &v[grp * cap * d..(grp + 1) * cap * d];
-            scan(avx512, qg, kg, vg, d, scale, r)
+            let qg = &q[grp * g * dk..(grp + 1) * g * dk];
+            scan(avx512, qg, &rows.group(grp), scale, r)
         })
         .collect();
     for (grp, parts) in all.chunks(ranges.len()).enumerate() {
@@ -580,11 +602,11 @@ pub fn decode(
                 .iter()
                 .fold(f32::NEG_INFINITY, |m, p| m.max(p.max[hh]));
             let mut sum = 0.0;
-            let o = &mut out[(grp * g + hh) * d..(grp * g + hh + 1) * d];
+            let o = &mut out[(grp * g + hh) * dv..(grp * g + hh + 1) * dv];
             for p in parts {
                 let c = fast_exp(p.max[hh] - m);
                 sum += p.sum[hh] * c;
-                for (a, &x) in o.iter_mut().zip(&p.out[hh * d..(hh + 1) * d]) {
+                for (a, &x) in o.iter_mut().zip(&p.out[hh * dv..(hh + 1) * dv]) {
                     *a += c * x;
                 }
             }
@@ -599,64 +621,67 @@ pub fn decode(
 /// matrix): q (T, H, D), k, v (KV, T, D) -> out (T, H, D); query t sees positions
 /// 0..=t. [`prefill_at`] with no cached context.
 pub fn prefill(q: &[f32], k: &[f32], v: &[f32], kv: usize, d: usize, scale: f32) -> Vec<f32> {
-    let t = k.len() / (kv * d).max(1);
-    prefill_at(q, k, v, kv, t, t, 0, d, scale)
+    let rows = KvRows::separate(k, v, kv, d);
+    prefill_at(q, rows, rows.cap, 0, scale)
 }
 
 /// Dense causal attention of `t` new queries at positions `offset..offset + t` over a
-/// cache holding them and their context: q (t, H, D); k, v (KV, cap, D) with at least
-/// `offset + t` rows written per head (rows past that are ignored) -> out (t, H, D);
-/// query i sees positions 0..=offset + i. Queries run in parallel, each scanning its
-/// visible rows with the same kernels as [`decode`] (16 heads per vector lane group
-/// when G >= 8, per-head dots otherwise); nothing of size (t, S) is built.
-#[allow(clippy::too_many_arguments)]
-pub fn prefill_at(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    kv: usize,
-    cap: usize,
-    t: usize,
-    offset: usize,
-    d: usize,
-    scale: f32,
-) -> Vec<f32> {
-    let mut out = vec![0.0f32; q.len()];
+/// cache holding them and their context: q (t, H, dk); `rows` with at least
+/// `offset + t` positions written (rows past that are ignored) -> out (t, H, dv); query
+/// i sees positions 0..=offset + i. Blocked: each KV group's (query, head) pairs are
+/// taken 16 at a time into the lanes of the decode kernel's vector scan, query-major,
+/// so each key and value row is read once per 16 pairs whatever the group size (one
+/// query's 16 heads under MQA, five queries' three heads under SmolLM2's GQA), and the
+/// causal limit is a per-lane mask on the last key blocks. Key blocks start at
+/// multiples of the block size from position 0 and a masked key adds exactly nothing,
+/// so a query's result does not depend on which queries share its chunk or lanes.
+/// Nothing of size (t, S) is built.
+pub fn prefill_at(q: &[f32], rows: KvRows, t: usize, offset: usize, scale: f32) -> Vec<f32> {
+    rows.check();
+    let (dk, dv) = (rows.dk, rows.dv);
     if t == 0 {
-        return out;
+        return Vec::new();
     }
-    let h = q.len() / (t * d);
-    let g = h / kv;
-    assert_eq!(q.len(), t * h * d, "prefill: queries are not (t, H, D)");
-    assert_eq!(k.len(), kv * cap * d, "prefill: keys are not (KV, cap, D)");
+    let h = q.len() / (t * dk);
+    let g = h / rows.groups;
+    assert_eq!(q.len(), t * h * dk, "prefill: queries are not (t, H, dk)");
     assert_eq!(
-        v.len(),
-        k.len(),
-        "prefill: values differ from the keys in size"
+        h,
+        rows.groups * g,
+        "prefill: groups do not divide the heads"
     );
-    assert!(offset + t <= cap, "prefill: queries beyond the cache");
+    assert!(offset + t <= rows.cap, "prefill: queries beyond the cache");
+    // Queries per task: the fewest whose (query, head) pairs fill whole lane groups.
+    let block = LANES / gcd(LANES, g);
     let avx512 = has_avx512();
-    out.par_chunks_mut(h * d)
-        .with_min_len(4)
+    let mut out = vec![0.0f32; t * h * dv];
+    out.par_chunks_mut(block * h * dv)
         .enumerate()
-        .for_each(|(ti, o)| {
-            let visible = offset + ti + 1;
-            for grp in 0..kv {
-                let kg = &k[grp * cap * d..(grp * cap + visible) * d];
-                let vg = &v[grp * cap * d..(grp * cap + visible) * d];
-                let qg = &q[(ti * h + grp * g) * d..(ti * h + (grp + 1) * g) * d];
-                let og = &mut o[grp * g * d..(grp + 1) * g * d];
-                if g >= 8 {
-                    attend_rows(qg, kg, vg, d, scale, og);
-                } else {
-                    let p = scan(avx512, qg, kg, vg, d, scale, 0..visible);
-                    for hh in 0..g {
-                        let inv = 1.0 / p.sum[hh];
-                        for (a, &x) in og[hh * d..(hh + 1) * d]
-                            .iter_mut()
-                            .zip(&p.out[hh * d..(hh + 1) * d])
-                        {
-                            *a = x * inv;
+        .for_each(|(bi, o)| {
+            let t0 = bi * block;
+            let nq = o.len() / (h * dv);
+            for grp in 0..rows.groups {
+                let rg = rows.group(grp);
+                for r0 in (0..nq * g).step_by(LANES) {
+                    let nr = (nq * g - r0).min(LANES);
+                    let mut q_t = vec![[0.0f32; LANES]; dk];
+                    let mut limits = [u32::MAX; LANES]; // unused lanes: zero queries
+                    for l in 0..nr {
+                        let (ti, hh) = ((r0 + l) / g, (r0 + l) % g);
+                        let qrow = &q[((t0 + ti) * h + grp * g + hh) * dk..][..dk];
+                        for (row, &x) in q_t.iter_mut().zip(qrow) {
+                            row[l] = scale * x;
+                        }
+                        limits[l] = (offset + t0 + ti + 1) as u32;
+                    }
+                    let visible = offset + t0 + (r0 + nr - 1) / g + 1;
+                    let p = scan_lanes(avx512, &q_t, &rg, 0..visible, Some(&limits));
+                    for l in 0..nr {
+                        let (ti, hh) = ((r0 + l) / g, (r0 + l) % g);
+                        let inv = 1.0 / p.sum[l];
+                        let dst = &mut o[(ti * h + grp * g + hh) * dv..][..dv];
+                        for (a, row) in dst.iter_mut().zip(&p.out_t) {
+                            *a = row[l] * inv;
                         }
                     }
                 }
@@ -665,25 +690,35 @@ pub fn prefill_at(
     out
 }
 
-/// Reference with candle ops: softmax(scale * q k^T) v per head, (H, D).
-pub fn reference(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    kv: usize,
-    s: usize,
-    d: usize,
-    scale: f32,
-) -> candle_core::Result<Vec<f32>> {
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Reference with candle ops: softmax(scale * q k^T) v per head over the first `s`
+/// positions of `rows`, (H, dv).
+pub fn reference(q: &[f32], rows: KvRows, s: usize, scale: f32) -> candle_core::Result<Vec<f32>> {
     use candle_core::{Device, Tensor, D};
-    let h = q.len() / d;
-    let g = h / kv;
-    let cap = k.len() / (kv * d);
+    rows.check();
+    let (kv, dk, dv) = (rows.groups, rows.dk, rows.dv);
+    let g = q.len() / dk / kv;
+    let mut keys = Vec::with_capacity(kv * s * dk);
+    let mut values = Vec::with_capacity(kv * s * dv);
+    for grp in 0..kv {
+        let r = rows.group(grp);
+        for pos in 0..s {
+            keys.extend_from_slice(r.key(pos));
+            values.extend_from_slice(r.value(pos));
+        }
+    }
     let dev = Device::Cpu;
-    let q = Tensor::from_slice(q, (kv, g, d), &dev)?;
-    let k = Tensor::from_slice(k, (kv, cap, d), &dev)?.narrow(1, 0, s)?;
-    let v = Tensor::from_slice(v, (kv, cap, d), &dev)?.narrow(1, 0, s)?;
+    let q = Tensor::from_slice(q, (kv, g, dk), &dev)?;
+    let k = Tensor::from_vec(keys, (kv, s, dk), &dev)?;
+    let v = Tensor::from_vec(values, (kv, s, dv), &dev)?;
     let att = (q.matmul(&k.t()?)? * scale as f64)?;
     let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-    att.matmul(&v.contiguous()?)?.flatten_all()?.to_vec1()
+    att.matmul(&v)?.flatten_all()?.to_vec1()
 }

@@ -10,7 +10,8 @@
 //!   [queries x keys] score matrix is never materialised.
 //! - [`sparse_attention::SparseAttention`]: attention over the selected positions, with
 //!   backward, and the straight-through gate [`sparse_attention::SteGate`].
-//! - [`decode_attention`]: dense flash-decoding of one query over a KV cache.
+//! - [`decode_attention`]: dense flash-decoding of one query over a KV cache, and
+//!   causal prefill over it, for every entry store ([`kv_rows::KvRows`]).
 //! - [`matmul`]: `x W^T` for inference rows, batch-invariant (each output one fixed-order
 //!   dot product), each weight row read once per four rows.
 //! - [`experts`]: MoE dispatch: rows grouped by expert, gathered once, and the weighted
@@ -21,6 +22,7 @@ pub mod cross_entropy;
 pub mod decode_attention;
 pub mod experts;
 pub mod indexer;
+pub mod kv_rows;
 pub mod matmul;
 pub mod qmatmul;
 pub mod reference;

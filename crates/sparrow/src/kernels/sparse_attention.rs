@@ -17,6 +17,7 @@
 //! per KV head and reused by the G query heads of the group.
 
 use super::dot;
+use super::kv_rows::{KvRows, Values};
 use super::simd::{fast_exp, has_avx512};
 use super::topk::NONE;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
@@ -236,10 +237,7 @@ pub fn forward<T: AttnFloat>(
     Ok(out)
 }
 
-/// [`forward`] for f32 with the fast path for groups of >= 8 query heads per KV head
-/// (MQA-like layouts): per token and KV head, the selected key and value rows are
-/// gathered into contiguous buffers and attended by the 16-head-lane kernel of
-/// `decode_attention` (each gathered row is read once for all heads of the group).
+/// [`forward`] for f32 through [`attend_selected`], one batch row after another.
 pub fn forward_f32(
     dims: SparseDims,
     scale: f64,
@@ -250,56 +248,107 @@ pub fn forward_f32(
 ) -> candle_core::Result<Vec<f32>> {
     dims.check(q.len(), k.len(), v.len(), idx.len())?;
     let SparseDims {
+        b,
         t,
         h,
         kv,
         s,
         d,
         k: kk,
-        ..
     } = dims;
-    let g = h / kv;
-    if g < 8 {
-        return forward(dims, scale, q, k, v, idx);
+    let mut out = Vec::with_capacity(q.len());
+    for bi in 0..b {
+        let rows = KvRows::separate(
+            &k[bi * kv * s * d..(bi + 1) * kv * s * d],
+            &v[bi * kv * s * d..(bi + 1) * kv * s * d],
+            kv,
+            d,
+        );
+        out.extend(attend_selected(
+            &q[bi * t * h * d..(bi + 1) * t * h * d],
+            rows,
+            t,
+            &idx[bi * t * kk..(bi + 1) * t * kk],
+            scale as f32,
+        ));
     }
-    let mut out = vec![0.0f32; q.len()];
-    out.par_chunks_mut(h * d)
+    Ok(out)
+}
+
+/// Sparse attention of `t` queries q (t, H, dk) over their selected rows of `rows`
+/// (any entry store): idx (t, K) positions, [`NONE`] = unused slot -> out (t, H, dv).
+/// Per token and KV group the selected key rows (and value rows, when they are
+/// separate) are gathered into contiguous buffers and attended by the decode kernel's
+/// `attend_rows` (16 heads per vector lane group when G >= 8), so each gathered row is
+/// read once for all heads of its group. A query with no valid slot gets zeros.
+pub fn attend_selected(q: &[f32], rows: KvRows, t: usize, idx: &[u32], scale: f32) -> Vec<f32> {
+    rows.check();
+    let (kv, dk, dv) = (rows.groups, rows.dk, rows.dv);
+    if t == 0 {
+        return Vec::new();
+    }
+    let h = q.len() / (t * dk);
+    let g = h / kv;
+    let kk = idx.len() / t;
+    assert_eq!(
+        q.len(),
+        t * kv * g * dk,
+        "sparse attention: queries are not (t, H, dk)"
+    );
+    assert_eq!(
+        idx.len(),
+        t * kk,
+        "sparse attention: selection is not (t, K)"
+    );
+    let separate = matches!(rows.values, Values::Separate(_));
+    let mut out = vec![0.0f32; t * h * dv];
+    out.par_chunks_mut(h * dv)
         .with_min_len((64 / kk.max(1)).max(1))
         .enumerate()
         .for_each_init(
-            || (Vec::with_capacity(kk * d), Vec::with_capacity(kk * d)),
-            |(kbuf, vbuf): &mut (Vec<f32>, Vec<f32>), (bt, o)| {
-                let bi = bt / t.max(1);
-                let ids = &idx[bt * kk..(bt + 1) * kk];
+            || (Vec::with_capacity(kk * dk), Vec::with_capacity(kk * dv)),
+            |(kbuf, vbuf): &mut (Vec<f32>, Vec<f32>), (ti, o)| {
+                let ids = &idx[ti * kk..(ti + 1) * kk];
                 for grp in 0..kv {
-                    let base = (bi * kv + grp) * s * d;
+                    let rg = rows.group(grp);
                     kbuf.clear();
                     vbuf.clear();
-                    for &i in ids {
-                        if slot_valid(i, s) {
-                            let r = base + i as usize * d;
-                            kbuf.extend_from_slice(&k[r..r + d]);
-                            vbuf.extend_from_slice(&v[r..r + d]);
+                    for &i in ids.iter().filter(|&&i| slot_valid(i, rows.cap)) {
+                        kbuf.extend_from_slice(rg.key(i as usize));
+                        if separate {
+                            vbuf.extend_from_slice(rg.value(i as usize));
                         }
                     }
-                    let qo = (bt * h + grp * g) * d;
-                    let og = &mut o[grp * g * d..(grp + 1) * g * d];
-                    if kbuf.is_empty() {
+                    let og = &mut o[grp * g * dv..(grp + 1) * g * dv];
+                    let n = kbuf.len() / dk;
+                    if n == 0 {
                         og.iter_mut().for_each(|x| *x = 0.0);
                         continue;
                     }
+                    let gathered = KvRows {
+                        k: kbuf,
+                        values: if separate {
+                            Values::Separate(vbuf)
+                        } else {
+                            Values::KeyPrefix
+                        },
+                        groups: 1,
+                        cap: n,
+                        dk,
+                        dv,
+                    };
+                    let qo = (ti * h + grp * g) * dk;
                     super::decode_attention::attend_rows(
-                        &q[qo..qo + g * d],
-                        kbuf,
-                        vbuf,
-                        d,
-                        scale as f32,
+                        &q[qo..qo + g * dk],
+                        &gathered,
+                        n,
+                        scale,
                         og,
                     );
                 }
             },
         );
-    Ok(out)
+    out
 }
 
 /// Gradients of one sparse attention call.

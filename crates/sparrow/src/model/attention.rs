@@ -20,6 +20,7 @@ use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels::decode_attention;
 use crate::kernels::indexer::{self as ix_kernel, KeyPrecision, KeyStore, TopkQueries};
+use crate::kernels::kv_rows::KvRows;
 use crate::kernels::softmax::CausalSoftmax;
 use crate::kernels::sparse_attention::{self, SparseAttention, SparseDims, SteGate};
 use crate::kernels::topk::NONE;
@@ -210,11 +211,25 @@ impl Attention {
             None => false,
         };
         let kk = self.index_topk;
-        if s <= kk || mode == Some(IndexerTrainMode::DenseWarmup) {
-            // Every visible position fits in k (sparse == dense), or the dense warm-up.
+        if s <= kk || mode == Some(IndexerTrainMode::DenseWarmup) || opts.dense {
+            // Every visible position fits in k (sparse == dense), the dense warm-up, or
+            // the dense selector asked for.
             let (y, indexer_kl) = if want_kl {
                 let (y, att) = self.dense(q, k, v, offset)?;
-                (y, Some(self.dense_kl(ix, &io, &att, b, t, s, offset)?))
+                (
+                    y,
+                    Some(dense_kl(
+                        ix,
+                        &io,
+                        &att,
+                        self.n_kv_heads,
+                        h,
+                        b,
+                        t,
+                        s,
+                        offset,
+                    )?),
+                )
             } else {
                 (self.dense_blocked(q, k, v, offset)?, None)
             };
@@ -313,35 +328,6 @@ impl Attention {
             recall,
         })
     }
-
-    /// KL(p || softmax(I)) over all visible keys, p = the dense attention probabilities
-    /// `att` (B, KV, G*T, S) averaged over heads (detached).
-    #[allow(clippy::too_many_arguments)]
-    fn dense_kl(
-        &self,
-        ix: &Indexer,
-        io: &IndexerOut,
-        att: &Tensor,
-        b: usize,
-        t: usize,
-        s: usize,
-        offset: usize,
-    ) -> Result<Tensor> {
-        let (kv, h) = (self.n_kv_heads, self.n_heads);
-        let g = h / kv;
-        let p = att
-            .detach()
-            .reshape((b, kv, g, t, s))?
-            .sum(2)?
-            .sum(1)?
-            .affine(1.0 / h as f64, 0.0)?; // (B, T, S)
-        let target = host_f32(&p)?;
-        let valid: Vec<bool> = (0..b * t * s)
-            .map(|n| n % s <= offset + (n / s) % t)
-            .collect();
-        let scores = ix.score_all(io, &io.k)?; // (B, T, S)
-        kl_loss(&scores, &target, &valid)
-    }
 }
 
 impl Attention {
@@ -379,107 +365,86 @@ impl Attention {
             }
             let rows = seg.start * kv * d..(seg.start + seg.len) * kv * d;
             let selection = match (&self.indexer, &mut index) {
-                (Some(ix), Some(hi)) => self.step_select(ix, hi, seg, cache, opts)?,
+                (Some(ix), Some(hi)) => ix.select_in_step(
+                    hi,
+                    seg,
+                    cache,
+                    opts.dense,
+                    self.index_topk,
+                    self.index_precision,
+                )?,
                 _ => None,
             };
             let (kc, vc) = cache.kv_mut(kv, d);
             kc.append_token_major(&k[rows.clone()]);
             vc.append_token_major(&v[rows]);
-            let (cap, s) = (kc.capacity(), seg.visible());
             let qs = &q[seg.start * h * d..(seg.start + seg.len) * h * d]; // (T, H, D)
-            let out = match selection {
-                Some(idx) => {
-                    let dims = SparseDims {
-                        b: 1,
-                        t: seg.len,
-                        h,
-                        kv,
-                        s: cap,
-                        d,
-                        k: self.index_topk,
-                    };
-                    sparse_attention::forward_f32(
-                        dims,
-                        scale as f64,
-                        qs,
-                        kc.data(),
-                        vc.data(),
-                        &idx,
-                    )?
-                }
-                None if seg.len == 1 => {
-                    decode_attention::decode(qs, kc.data(), vc.data(), kv, s, d, scale)
-                }
-                None => decode_attention::prefill_at(
-                    qs,
-                    kc.data(),
-                    vc.data(),
-                    kv,
-                    cap,
-                    seg.len,
-                    seg.pos,
-                    d,
-                    scale,
-                ),
-            };
+            let rows = KvRows::separate(kc.data(), vc.data(), kv, d);
+            let out = attend_cached(qs, rows, seg, selection.as_deref(), scale);
             y[seg.start * h * d..(seg.start + seg.len) * h * d].copy_from_slice(&out);
         }
         let y = Tensor::from_vec(y, (n, h * d), x.device())?.to_dtype(x.dtype())?;
         self.o_proj.infer(&y)
     }
+}
 
-    /// DSA in a step: place the segment's index queries and keys at their positions,
-    /// cache the keys, then (past `index_topk` visible positions, unless the step is
-    /// dense) each query's top-k over the cached keys, (T, K) with [`NONE`] padding.
-    /// None = attend to every visible position.
-    fn step_select(
-        &self,
-        ix: &Indexer,
-        hi: &mut super::indexer::HostIndex,
-        seg: &Segment,
-        cache: &mut LayerCache,
-        opts: &StepOptions,
-    ) -> Result<Option<Vec<u32>>> {
-        let shape = ix.shape();
-        let (heads, di) = (shape.heads, shape.dim);
-        let qs = &mut hi.q[seg.start * heads * di..(seg.start + seg.len) * heads * di];
-        let ks = &mut hi.k[seg.start * di..(seg.start + seg.len) * di];
-        for i in 0..seg.len {
-            ix.rope_token_host(
-                &mut qs[i * heads * di..(i + 1) * heads * di],
-                &mut ks[i * di..(i + 1) * di],
-                seg.pos + i,
-            )?;
-        }
-        let store = cache.index_mut(di, self.index_precision);
-        store.extend_rows(ks);
-        if opts.dense || seg.visible() <= self.index_topk {
-            return Ok(None);
-        }
-        let ws = &hi.w[seg.start * heads..(seg.start + seg.len) * heads];
-        let kk = self.index_topk;
-        Ok(Some(if seg.len == 1 {
-            ix_kernel::topk_decode(qs, ws, store, shape, kk)
-        } else {
-            let rows = [TopkQueries {
-                q: qs,
-                w: ws,
-                offset: seg.pos,
-            }];
-            ix_kernel::topk_prefill(&rows, &[store], shape, seg.len, kk)
-        }))
+/// Attention of a segment's queries q (T, H, dk) over the cache `rows` holding its
+/// context and itself: over each query's selection when there is one (sparse),
+/// otherwise every causal position (flash-decoding for one query, causal prefill for a
+/// chunk) -> (T, H, dv). The one kernel dispatch of every entry store.
+pub(crate) fn attend_cached(
+    q: &[f32],
+    rows: KvRows,
+    seg: &Segment,
+    selection: Option<&[u32]>,
+    scale: f32,
+) -> Vec<f32> {
+    match selection {
+        Some(idx) => sparse_attention::attend_selected(q, rows, seg.len, idx, scale),
+        None if seg.len == 1 => decode_attention::decode(q, rows, seg.visible(), scale),
+        None => decode_attention::prefill_at(q, rows, seg.len, seg.pos, scale),
     }
 }
 
 /// A tensor's values as f32 on the host, detached (what the kernels read).
-fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+pub(crate) fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+}
+
+/// The dense warm-up's indexer loss: KL(p || softmax(I)) over all visible keys, p the
+/// dense attention probabilities `att` (B, KV, G*T, S) of `h` heads in `kv` groups,
+/// averaged over heads (detached).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dense_kl(
+    ix: &Indexer,
+    io: &IndexerOut,
+    att: &Tensor,
+    kv: usize,
+    h: usize,
+    b: usize,
+    t: usize,
+    s: usize,
+    offset: usize,
+) -> Result<Tensor> {
+    let g = h / kv;
+    let p = att
+        .detach()
+        .reshape((b, kv, g, t, s))?
+        .sum(2)?
+        .sum(1)?
+        .affine(1.0 / h as f64, 0.0)?; // (B, T, S)
+    let target = host_f32(&p)?;
+    let valid: Vec<bool> = (0..b * t * s)
+        .map(|n| n % s <= offset + (n / s) % t)
+        .collect();
+    let scores = ix.score_all(io, &io.k)?; // (B, T, S)
+    kl_loss(&scores, &target, &valid)
 }
 
 /// Mean over queries of KL(target || softmax(logits)) over the `valid` entries of each
 /// row; logits (B, T, N), target and valid flattened (B*T*N), each valid row of target
 /// summing to 1.
-fn kl_loss(logits: &Tensor, target: &[f32], valid: &[bool]) -> Result<Tensor> {
+pub(crate) fn kl_loss(logits: &Tensor, target: &[f32], valid: &[bool]) -> Result<Tensor> {
     let dims = logits.dims().to_vec();
     let n = *dims.last().unwrap_or(&1);
     let rows = (target.len() / n.max(1)).max(1);

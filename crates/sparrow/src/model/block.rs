@@ -1,7 +1,7 @@
 //! One transformer block: pre-norm attention and pre-norm FFN (dense SwiGLU or MoE),
 //! each added to the residual stream.
 
-use super::attention::{Attention, AttnOut};
+use super::attention::Attention;
 use super::cache::{LayerCache, LayerKv};
 use super::mla::Mla;
 use super::mlp::Mlp;
@@ -85,15 +85,7 @@ impl Block {
         let h = self.input_layernorm.forward(x)?;
         let (a, selection) = match &self.self_attn {
             SelfAttn::Standard(attn) => (attn.forward(&h, rope, cache, opts)?, None),
-            SelfAttn::Mla(mla) => {
-                let (y, sel) = mla.forward(&h, cache, opts)?;
-                let out = AttnOut {
-                    y,
-                    indexer_kl: None,
-                    recall: None,
-                };
-                (out, sel)
-            }
+            SelfAttn::Mla(mla) => mla.forward(&h, cache, opts)?,
         };
         let x = (x + a.y)?;
         let h = self.post_attention_layernorm.forward(&x)?;

@@ -6,8 +6,9 @@
 //!   width); the kernels take the whole buffer plus the number of valid positions, so
 //!   reading the cache never copies it. Capacity grows by doubling (or once, to a
 //!   known total, through [`SeqCache::reserve`]).
-//! - [`LayerCache`]: a layer's keys (after RoPE) and values, its DSA index keys, and
-//!   for MLA layers the latent cache of the tensor path ([`KvCache`]'s layer type).
+//! - [`LayerCache`]: a layer's entry store (keys after RoPE and values; for MLA layers
+//!   the latent store, one `[c ; k_rope]` row per position whose first `r` values are
+//!   the value) and its DSA index keys.
 //! - [`SeqCache`]: one per sequence; its length is the position of the next token.
 //!
 //! [`KvCache`] (in `kv_cache.rs`) is the tensor cache of the training-style forward
@@ -120,14 +121,14 @@ impl RowBuffer {
 /// One layer's cached entries.
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
-    /// Keys after RoPE, (KV, capacity, D); None until the layer first runs.
+    /// Keys after RoPE, (KV, capacity, D); for MLA layers the latent store
+    /// (1, capacity, r + dr), rows `[c ; k_rope]`. None until the layer first runs.
     pub k: Option<RowBuffer>,
-    /// Values, (KV, capacity, D).
+    /// Values, (KV, capacity, D); None for the latent store (its values are the first
+    /// `r` of each key row).
     pub v: Option<RowBuffer>,
     /// `dsa` layers: the index keys, one `index_head_dim` row per position.
     pub index: Option<KeyStore>,
-    /// MLA layers: the latent and RoPE key, in the tensor cache of the MLA forward.
-    pub latent: Option<LayerKv>,
     /// Positions to allocate when the buffers are created (0 = grow by doubling).
     reserve: usize,
 }
@@ -135,11 +136,7 @@ pub struct LayerCache {
 impl LayerCache {
     /// Positions cached.
     pub fn len(&self) -> usize {
-        match (&self.k, &self.latent) {
-            (Some(k), _) => k.len(),
-            (None, Some(l)) => l.len(),
-            (None, None) => 0,
-        }
+        self.k.as_ref().map_or(0, RowBuffer::len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -170,6 +167,17 @@ impl LayerCache {
         (k, v)
     }
 
+    /// The latent store (one group of `width`-wide rows, no separate values), created
+    /// on first use.
+    pub fn latent_mut(&mut self, width: usize) -> &mut RowBuffer {
+        let reserve = self.reserve;
+        self.k.get_or_insert_with(|| {
+            let mut b = RowBuffer::new(1, width);
+            b.reserve_exact(reserve);
+            b
+        })
+    }
+
     /// The index key store, created for `dim`-wide keys in `precision` on first use.
     pub fn index_mut(&mut self, dim: usize, precision: KeyPrecision) -> &mut KeyStore {
         let reserve = self.reserve;
@@ -180,20 +188,18 @@ impl LayerCache {
         })
     }
 
-    /// Bytes allocated by this layer (keys, values, index keys, latent).
+    /// Bytes allocated by this layer (keys, values, index keys).
     pub fn bytes(&self) -> usize {
         self.k.as_ref().map_or(0, RowBuffer::bytes)
             + self.v.as_ref().map_or(0, RowBuffer::bytes)
             + self.index.as_ref().map_or(0, KeyStore::bytes)
-            + self.latent.as_ref().map_or(0, LayerKv::bytes)
     }
 
-    /// Bytes of the positions written (index keys and latent: as allocated).
+    /// Bytes of the positions written (index keys: as allocated).
     pub fn used_bytes(&self) -> usize {
         self.k.as_ref().map_or(0, RowBuffer::used_bytes)
             + self.v.as_ref().map_or(0, RowBuffer::used_bytes)
             + self.index.as_ref().map_or(0, KeyStore::bytes)
-            + self.latent.as_ref().map_or(0, LayerKv::bytes)
     }
 }
 

@@ -7,12 +7,14 @@
 //! `I(t, s) = sum_j w(t, j) act(q(t, j) . k(s))`, act = ReLU (`lightning`) or identity
 //! (`mlp_gate`, one head with w = di^-0.5).
 
+use super::cache::LayerCache;
 use super::linear::Linear;
 use super::params::{Init, Vb};
 use super::rope::Rope;
+use super::step::Segment;
 use crate::config::{IndexerKind, ModelConfig};
 use crate::error::Result;
-use crate::kernels::indexer::{IndexShape, ScoreAct};
+use crate::kernels::indexer::{self as ix_kernel, IndexShape, KeyPrecision, ScoreAct, TopkQueries};
 use crate::kernels::topk::NONE;
 use candle_core::{Tensor, D};
 
@@ -186,6 +188,12 @@ impl Indexer {
     /// (N, Hi*di), head weights (N, Hi) and keys (N, di) on the host, before RoPE
     /// ([`rope_token_host`](Self::rope_token_host) places each token at its position).
     pub fn infer_packed(&self, x: &Tensor) -> Result<HostIndex> {
+        self.infer_packed_with_query_input(x, x)
+    }
+
+    /// [`infer_packed`](Self::infer_packed) with the lightning queries projected from
+    /// `q_in` (N, *): the query latent on MLA layers.
+    pub fn infer_packed_with_query_input(&self, x: &Tensor, q_in: &Tensor) -> Result<HostIndex> {
         let host = |t: Tensor| -> Result<Vec<f32>> {
             Ok(t.to_dtype(candle_core::DType::F32)?
                 .flatten_all()?
@@ -195,7 +203,7 @@ impl Indexer {
             Indexer::Lightning(l) => {
                 let scale = 1.0 / ((l.heads as f64).sqrt() * (l.dim as f64).sqrt());
                 HostIndex {
-                    q: host(l.wq.infer(x)?)?,
+                    q: host(l.wq.infer(q_in)?)?,
                     w: host((l.weights_proj.infer(x)? * scale)?)?,
                     k: host(l.k_norm.forward(&l.wk.infer(x)?)?)?,
                 }
@@ -212,6 +220,49 @@ impl Indexer {
                 }
             }
         })
+    }
+
+    /// The selection of one segment of a step: place its index queries and keys (from
+    /// [`infer_packed`](Self::infer_packed) over the step's rows) at their positions,
+    /// cache the keys, then (past `topk` visible positions, unless `dense`) each
+    /// query's top-k over the cached keys, (T, K) with [`NONE`] padding. None = attend
+    /// to every visible position (sparse == dense while everything fits in k).
+    pub(crate) fn select_in_step(
+        &self,
+        hi: &mut HostIndex,
+        seg: &Segment,
+        cache: &mut LayerCache,
+        dense: bool,
+        topk: usize,
+        precision: KeyPrecision,
+    ) -> Result<Option<Vec<u32>>> {
+        let shape = self.shape();
+        let (heads, di) = (shape.heads, shape.dim);
+        let qs = &mut hi.q[seg.start * heads * di..(seg.start + seg.len) * heads * di];
+        let ks = &mut hi.k[seg.start * di..(seg.start + seg.len) * di];
+        for i in 0..seg.len {
+            self.rope_token_host(
+                &mut qs[i * heads * di..(i + 1) * heads * di],
+                &mut ks[i * di..(i + 1) * di],
+                seg.pos + i,
+            )?;
+        }
+        let store = cache.index_mut(di, precision);
+        store.extend_rows(ks);
+        if dense || seg.visible() <= topk {
+            return Ok(None);
+        }
+        let ws = &hi.w[seg.start * heads..(seg.start + seg.len) * heads];
+        Ok(Some(if seg.len == 1 {
+            ix_kernel::topk_decode(qs, ws, store, shape, topk)
+        } else {
+            let rows = [TopkQueries {
+                q: qs,
+                w: ws,
+                offset: seg.pos,
+            }];
+            ix_kernel::topk_prefill(&rows, &[store], shape, seg.len, topk)
+        }))
     }
 
     /// RoPE of one token's index query (Hi * di) and key (di) as position `pos`.

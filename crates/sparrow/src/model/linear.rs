@@ -46,6 +46,11 @@ impl Linear {
         }
     }
 
+    /// Whether the weight is a training variable (its values change between calls).
+    pub fn is_trainable(&self) -> bool {
+        matches!(&self.weight, LinearWeight::Dense(t) if t.is_variable())
+    }
+
     /// Whether the weight is kept quantized.
     pub fn is_quantized(&self) -> bool {
         matches!(self.weight, LinearWeight::Quantized(_))

@@ -15,21 +15,26 @@
 //! scores `q_lat_h . c + q_rot_h . kr` (MQA over the cached latent), then
 //! `y_h = W_UV_h (sum_s p_s c_s)`, so nothing per head is ever built for the cache.
 
-use super::attention::{append_index_keys, select_topk};
+use super::attention::{
+    append_index_keys, attend_cached, dense_kl, host_f32, kl_loss, select_topk, AttnOut,
+};
 use super::cache::{LayerCache, LayerKv};
-use super::indexer::Indexer;
+use super::indexer::{Indexer, IndexerOut};
 use super::linear::Linear;
 use super::norm::RmsNorm;
 use super::params::Vb;
 use super::rope::Rope;
 use super::step::{Segment, StepOptions};
 use super::transformer::ForwardOptions;
-use crate::config::{AttentionKind, ModelConfig};
+use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels::indexer::KeyPrecision;
+use crate::kernels::kv_rows::KvRows;
 use crate::kernels::softmax::CausalSoftmax;
+use crate::kernels::sparse_attention::{self, SparseDims};
 use crate::kernels::topk::NONE;
 use candle_core::{Tensor, D};
+use std::sync::OnceLock;
 
 /// How the query is projected.
 #[derive(Debug, Clone)]
@@ -44,6 +49,16 @@ pub enum QueryProj {
     },
 }
 
+/// MLA's per-head form.
+struct Expanded {
+    /// (B, H, T, dn + dr), RoPE applied
+    q: Tensor,
+    /// (B, H, S, dn + dr)
+    k: Tensor,
+    /// (B, H, S, dv)
+    v: Tensor,
+}
+
 /// The inputs of one attention computation over the latent cache.
 #[derive(Clone, Copy)]
 struct LatentAttention<'a> {
@@ -55,8 +70,6 @@ struct LatentAttention<'a> {
     latent: &'a Tensor,
     /// (B, 1, S, dr), RoPE applied
     k_rot: &'a Tensor,
-    /// (B, 1, T, S): 0 at selected positions, -inf elsewhere (DSA layers).
-    mask: Option<&'a Tensor>,
     scale: f64,
     offset: usize,
 }
@@ -82,6 +95,8 @@ pub struct Mla {
     nope: usize,
     rot: usize,
     v_dim: usize,
+    /// W_UK and W_UV^T of frozen weights (see `absorbed_weights`).
+    absorbed: OnceLock<(Tensor, Tensor)>,
 }
 
 impl Mla {
@@ -130,6 +145,7 @@ impl Mla {
             nope,
             rot,
             v_dim,
+            absorbed: OnceLock::new(),
         })
     }
 
@@ -141,16 +157,25 @@ impl Mla {
         }
     }
 
-    /// x (B, T, C) at positions cache.len().. -> (B, T, C) and, on DSA layers asked for
-    /// it, the selection (B, T, index_topk). Appends the latent and the RoPE key to
-    /// `cache` if given (its `k` holds c (B, 1, S, r), its `v` kr (B, 1, S, dr); its index
-    /// stores the indexer keys).
+    /// x (B, T, C) at positions cache.len().. -> the attention output (B, T, C) with,
+    /// on DSA layers, the indexer's KL loss (training) and recall (when asked), and the
+    /// selection (B, T, index_topk) when asked for it. Appends the latent and the RoPE
+    /// key to `cache` if given (its `k` holds c (B, 1, S, r), its `v` kr (B, 1, S, dr);
+    /// its index stores the indexer keys).
+    ///
+    /// Training a DSA layer (DeepSeek-V3.2's two stages, `opts.indexer_mode`): in the
+    /// dense warm-up attention stays dense and the indexer learns KL(p || softmax(I))
+    /// over every visible position, p the attention summed over heads and normalised;
+    /// in the sparse stage each query attends to its top-k only (a -inf mask on the
+    /// expanded scores, so the LM loss trains the attention through the selection) and
+    /// the indexer learns the KL over its selection. The indexer reads detached inputs:
+    /// its loss moves only itself.
     pub fn forward(
         &self,
         x: &Tensor,
         mut cache: Option<&mut LayerKv>,
         opts: &ForwardOptions,
-    ) -> Result<(Tensor, Option<Vec<u32>>)> {
+    ) -> Result<(AttnOut, Option<Vec<u32>>)> {
         let (b, t, _c) = x.dims3()?;
         let (h, dn, dr) = (self.n_heads, self.nope, self.rot);
         let (q, q_latent) = match &self.q {
@@ -179,16 +204,32 @@ impl Mla {
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let q_rot = self.rope(&q_rot, offset)?;
         let k_rot = self.rope(&k_rot, offset)?;
-        let selection = match (&self.indexer, &q_latent) {
-            (Some(_), _) if opts.indexer_mode.is_some() => {
-                return Err(Error::Invalid(
-                    "training DSA layers over MLA is not supported yet".into(),
-                ))
-            }
+        let mode = opts.indexer_mode;
+        let index = match (&self.indexer, &q_latent) {
             (Some(ix), Some(lat)) => {
-                let io = ix.forward_with_query_input(x, lat, offset)?;
+                if mode.is_some() && offset > 0 {
+                    return Err(Error::Invalid(
+                        "DSA training runs on whole windows, without a KV cache".into(),
+                    ));
+                }
+                if mode == Some(IndexerTrainMode::Ste) {
+                    return Err(Error::config(
+                        "indexer_kind",
+                        "the straight-through mlp_gate is not trained over MLA; use lightning \
+                         (dense warm-up, then sparse)",
+                    ));
+                }
+                // The KL-trained indexer learns on detached input.
+                let (x_in, lat_in) = match mode {
+                    Some(_) => (x.detach(), lat.detach()),
+                    None => (x.clone(), lat.clone()),
+                };
+                let io = ix.forward_with_query_input(&x_in, &lat_in, offset)?;
                 let keys = append_index_keys(&io, cache.as_deref_mut(), self.index_precision)?;
-                if offset + t > self.index_topk && !opts.dense {
+                let sparse = offset + t > self.index_topk
+                    && !opts.dense
+                    && mode != Some(IndexerTrainMode::DenseWarmup);
+                let selection = if sparse {
                     Some(select_topk(
                         ix,
                         &io,
@@ -199,8 +240,9 @@ impl Mla {
                         self.index_precision,
                     )?)
                 } else {
-                    None // every visible position fits in k: sparse == dense
-                }
+                    None // every visible position fits in k (sparse == dense), or dense
+                };
+                Some((ix, io, selection))
             }
             (Some(_), None) => {
                 return Err(Error::config(
@@ -210,31 +252,41 @@ impl Mla {
             }
             (None, _) => None,
         };
+        let selection = index.as_ref().and_then(|(_, _, sel)| sel.clone());
         let (latent, k_rot) = match cache {
             Some(c) => c.append(&latent, &k_rot)?,
             None => (latent.contiguous()?, k_rot),
         }; // (B, 1, S, r), (B, 1, S, dr)
         let s = latent.dim(2)?;
         let scale = 1.0 / ((dn + dr) as f64).sqrt();
-        let y = match &selection {
+        let a = LatentAttention {
+            q_nope: &q_nope,
+            q_rot: &q_rot,
+            latent: &latent,
+            k_rot: &k_rot,
+            scale,
+            offset,
+        };
+        let (y, indexer_kl, recall) = match (&selection, mode) {
             // One decode query with a selection: gather its selected latent rows and
             // attend over those alone (absorbed), so the step costs O(index_topk), not
             // O(S).
-            Some(idx) if t == 1 && b == 1 && offset > 0 => {
+            (Some(idx), None) if t == 1 && b == 1 && offset > 0 && !opts.collect_recall => {
                 let keep: Vec<u32> = idx.iter().copied().filter(|&i| i != NONE).collect();
                 let n = keep.len();
                 let rows = Tensor::from_vec(keep, n, x.device())?;
                 let lat = latent.index_select(&rows, 2)?; // (1, 1, K, r)
                 let kr = k_rot.index_select(&rows, 2)?; // (1, 1, K, dr)
-                self.absorbed(&LatentAttention {
-                    q_nope: &q_nope,
-                    q_rot: &q_rot,
+                let y = self.absorbed(&LatentAttention {
                     latent: &lat,
                     k_rot: &kr,
-                    mask: None,
-                    scale,
                     offset: n - 1, // the query sees all K gathered rows
-                })?
+                    ..a
+                })?;
+                (y, None, None)
+            }
+            (None, None) if t == 1 && offset > 0 && !opts.collect_recall => {
+                (self.absorbed(&a)?, None, None)
             }
             _ => {
                 // Unselected positions get -inf before the softmax, (B, 1, T, S).
@@ -242,35 +294,117 @@ impl Mla {
                     Some(idx) => Some(self.selection_mask(idx, b, t, s, x)?),
                     None => None,
                 };
-                let a = LatentAttention {
-                    q_nope: &q_nope,
-                    q_rot: &q_rot,
-                    latent: &latent,
-                    k_rot: &k_rot,
-                    mask: mask.as_ref(),
-                    scale,
-                    offset,
+                let ex = self.expand(&a)?;
+                let (y, p) = self.expanded(&ex, mask.as_ref(), scale, offset)?;
+                let (kl, recall) = match &index {
+                    Some((ix, io, sel)) => {
+                        self.indexer_signals(ix, io, sel.as_deref(), &ex, &p, mode, opts, offset)?
+                    }
+                    None => (None, None),
                 };
-                if t == 1 && offset > 0 {
-                    self.absorbed(&a)?
-                } else {
-                    self.expanded(&a)?
-                }
+                (y, kl, recall)
             }
         }; // (B, T, H * dv)
+        let out = AttnOut {
+            y: self.o_proj.forward(&y)?,
+            indexer_kl,
+            recall,
+        };
         let selection = if opts.collect_selection {
             selection
         } else {
             None
         };
-        Ok((self.o_proj.forward(&y)?, selection))
+        Ok((out, selection))
     }
 
-    /// The engine's step over packed rows x (N, C): each segment runs this layer's
-    /// tensor forward over its own latent cache (cache.latent): a decode token of a DSA
-    /// layer attends over its gathered top-k latent rows, a prefill chunk applies its
-    /// selection as a mask (the latent store does not go through the sparse kernel
-    /// yet). -> (N, C).
+    /// The indexer's training loss and recall from one expanded forward: KL over every
+    /// visible position from the dense probabilities `p` (no selection: the warm-up)
+    /// or over the selection from the attention restricted to it (the sparse stage);
+    /// recall = the share of dense attention mass on the selection (1 without one).
+    #[allow(clippy::too_many_arguments)]
+    fn indexer_signals(
+        &self,
+        ix: &Indexer,
+        io: &IndexerOut,
+        selection: Option<&[u32]>,
+        ex: &Expanded,
+        p: &Tensor,
+        mode: Option<IndexerTrainMode>,
+        opts: &ForwardOptions,
+        offset: usize,
+    ) -> Result<(Option<Tensor>, Option<Vec<f32>>)> {
+        let (b, h, t, dk) = ex.q.dims4()?;
+        let s = ex.k.dim(2)?;
+        let kk = self.index_topk;
+        let dims = SparseDims {
+            b,
+            t,
+            h,
+            kv: h,
+            s,
+            d: dk,
+            k: kk,
+        };
+        let scale = 1.0 / (dk as f64).sqrt();
+        let host_qk = || -> Result<(Vec<f32>, Vec<f32>)> {
+            Ok((
+                host_f32(&ex.q.transpose(1, 2)?)?, // (B, T, H, dk)
+                host_f32(&ex.k)?,                  // (B, H, S, dk)
+            ))
+        };
+        let kl = match (mode, selection) {
+            (None, _) => None,
+            (Some(_), None) => {
+                // p (B, H, T, S) is the dense attention: the warm-up target.
+                let att = p.reshape((b, 1, h * t, s))?;
+                Some(dense_kl(ix, io, &att, 1, h, b, t, s, offset)?)
+            }
+            (Some(_), Some(idx)) => {
+                let (q, k) = host_qk()?;
+                let target = sparse_attention::selected_probs(dims, scale, &q, &k, idx)?;
+                let valid: Vec<bool> = idx.iter().map(|&i| i != NONE).collect();
+                let scores = ix.score_selected(io, &io.k, idx, kk)?; // (B, T, K)
+                Some(kl_loss(&scores, &target, &valid)?)
+            }
+        };
+        let recall = match (opts.collect_recall, selection) {
+            (false, _) => None,
+            (true, None) => Some(
+                (0..b * t)
+                    .map(|n| {
+                        if n % t < opts.recall_from {
+                            f32::NAN
+                        } else {
+                            1.0
+                        }
+                    })
+                    .collect(),
+            ),
+            (true, Some(idx)) => {
+                let (q, k) = host_qk()?;
+                Some(sparse_attention::selected_mass(
+                    dims,
+                    scale,
+                    &q,
+                    &k,
+                    idx,
+                    offset,
+                    opts.recall_from,
+                )?)
+            }
+        };
+        Ok((kl, recall))
+    }
+
+    /// The engine's step over packed rows x (N, C), absorbed (MQA over the latent
+    /// store): each row's query becomes `[W_UK_h^T q_nope_h ; RoPE(q_rot_h)]` per head
+    /// (r + dr), each new position appends `[c ; RoPE(k_rot)]` to its sequence's latent
+    /// store, and the attention kernels read that store with the latent as the value
+    /// (`KvRows::key_prefix`): flash-decoding or causal prefill over every visible
+    /// position, or on DSA layers the indexer's top-k through the sparse kernel, so a
+    /// V3.2 layer costs O(index_topk) per query in prefill and decode alike. The heads'
+    /// latent outputs go through W_UV, then `o_proj`. -> (N, C).
     pub(crate) fn step(
         &self,
         x: &Tensor,
@@ -278,19 +412,125 @@ impl Mla {
         caches: &mut [&mut LayerCache],
         opts: &StepOptions,
     ) -> Result<Tensor> {
-        let fwd = ForwardOptions {
-            dense: opts.dense,
-            ..Default::default()
-        };
-        let mut ys = Vec::with_capacity(segs.len());
-        for (seg, cache) in segs.iter().zip(caches.iter_mut()) {
+        let (n, _c) = x.dims2()?;
+        let (h, dn, dr, r, dv) = (self.n_heads, self.nope, self.rot, self.rank, self.v_dim);
+        let (q, q_latent) = match &self.q {
+            QueryProj::Full(p) => (p.infer(x)?, None),
+            QueryProj::LowRank {
+                q_a_proj,
+                q_a_layernorm,
+                q_b_proj,
+            } => {
+                let lat = q_a_layernorm.forward(&q_a_proj.infer(x)?)?; // (N, rq)
+                (q_b_proj.infer(&lat)?, Some(lat))
+            }
+        }; // (N, H * (dn + dr))
+        let ckv = self.kv_a_proj_with_mqa.infer(x)?; // (N, r + dr)
+        let latent = host_f32(&self.kv_a_layernorm.forward(&ckv.narrow(1, 0, r)?)?)?; // (N, r)
+        let k_rot = host_f32(&ckv.narrow(1, r, dr)?)?; // (N, dr)
+        let q = q.reshape((n, h, dn + dr))?;
+        let (w_uk, w_uv_t) = self.absorbed_weights()?;
+        let q_lat = q
+            .narrow(2, 0, dn)?
+            .transpose(0, 1)?
+            .contiguous()? // (H, N, dn)
+            .matmul(&w_uk)? // (H, N, r)
+            .transpose(0, 1)?; // (N, H, r)
+        let q_lat = host_f32(&q_lat)?;
+        let q_rot = host_f32(&q.narrow(2, dn, dr)?)?; // (N, H, dr)
+        let w = r + dr;
+        // Absorbed queries (N, H, r + dr) and new latent-store rows (N, r + dr).
+        let mut qa = vec![0.0f32; n * h * w];
+        let mut rows = vec![0.0f32; n * w];
+        for (seg, cache) in segs.iter().zip(caches.iter()) {
             cache.check_position(seg.pos)?;
-            let xs = x.narrow(0, seg.start, seg.len)?.unsqueeze(0)?; // (1, T, C)
-            let latent = cache.latent.get_or_insert_with(LayerKv::default);
-            let (y, _) = self.forward(&xs, Some(latent), &fwd)?;
-            ys.push(y.squeeze(0)?); // (T, C)
+            for (i, row) in seg.rows().enumerate() {
+                let pos = seg.pos + i;
+                for head in 0..h {
+                    let dst = &mut qa[(row * h + head) * w..(row * h + head + 1) * w];
+                    dst[..r]
+                        .copy_from_slice(&q_lat[(row * h + head) * r..(row * h + head + 1) * r]);
+                    dst[r..]
+                        .copy_from_slice(&q_rot[(row * h + head) * dr..(row * h + head + 1) * dr]);
+                    self.rope_host(&mut dst[r..], pos)?;
+                }
+                let dst = &mut rows[row * w..(row + 1) * w];
+                dst[..r].copy_from_slice(&latent[row * r..(row + 1) * r]);
+                dst[r..].copy_from_slice(&k_rot[row * dr..(row + 1) * dr]);
+                self.rope_host(&mut dst[r..], pos)?;
+            }
         }
-        Ok(Tensor::cat(&ys, 0)?)
+        let mut index = match (&self.indexer, &q_latent) {
+            (Some(ix), Some(lat)) => Some(ix.infer_packed_with_query_input(x, lat)?),
+            (Some(_), None) => {
+                return Err(Error::config(
+                    "q_lora_rank",
+                    "a DSA indexer on MLA reads the query latent",
+                ))
+            }
+            (None, _) => None,
+        };
+        let scale = 1.0 / ((dn + dr) as f32).sqrt();
+        let mut y_lat = vec![0.0f32; n * h * r]; // (N, H, r)
+        for (seg, cache) in segs.iter().zip(caches.iter_mut()) {
+            let selection = match (&self.indexer, &mut index) {
+                (Some(ix), Some(hi)) => ix.select_in_step(
+                    hi,
+                    seg,
+                    cache,
+                    opts.dense,
+                    self.index_topk,
+                    self.index_precision,
+                )?,
+                _ => None,
+            };
+            let store = cache.latent_mut(w);
+            store.append_token_major(&rows[seg.start * w..(seg.start + seg.len) * w]);
+            let kv = KvRows::key_prefix(store.data(), w, r);
+            let qs = &qa[seg.start * h * w..(seg.start + seg.len) * h * w];
+            let out = attend_cached(qs, kv, seg, selection.as_deref(), scale); // (T, H, r)
+            y_lat[seg.start * h * r..(seg.start + seg.len) * h * r].copy_from_slice(&out);
+        }
+        let y = Tensor::from_vec(y_lat, (n, h, r), x.device())?
+            .to_dtype(w_uv_t.dtype())?
+            .transpose(0, 1)?
+            .contiguous()? // (H, N, r)
+            .matmul(&w_uv_t)? // (H, N, dv)
+            .transpose(0, 1)?
+            .reshape((n, h * dv))?
+            .to_dtype(x.dtype())?;
+        self.o_proj.infer(&y)
+    }
+
+    /// RoPE of one head's rotary slice on the host, in this layer's layout.
+    fn rope_host(&self, x: &mut [f32], pos: usize) -> Result<()> {
+        if self.interleave {
+            self.rope.rotate_interleaved_host(x, pos)
+        } else {
+            self.rope.rotate_host(x, pos)
+        }
+    }
+
+    /// `kv_b_proj` split per head for the absorbed path: W_UK (H, dn, r) and W_UV^T
+    /// (H, r, dv). Computed once for frozen weights (inference loads), every call while
+    /// the weight is a training variable.
+    fn absorbed_weights(&self) -> Result<(Tensor, Tensor)> {
+        let make = || -> Result<(Tensor, Tensor)> {
+            let (h, dn, dv, r) = (self.n_heads, self.nope, self.v_dim, self.rank);
+            let w = self.kv_b_proj.weight()?.reshape((h, dn + dv, r))?;
+            Ok((
+                w.narrow(1, 0, dn)?.contiguous()?,
+                w.narrow(1, dn, dv)?.transpose(1, 2)?.contiguous()?,
+            ))
+        };
+        if self.kv_b_proj.is_trainable() {
+            return make();
+        }
+        if let Some(w) = self.absorbed.get() {
+            return Ok(w.clone());
+        }
+        let w = make()?;
+        Ok(self.absorbed.get_or_init(|| w).clone())
     }
 
     /// 0 at each query's selected positions, -inf elsewhere: (B, 1, T, S).
@@ -312,32 +552,39 @@ impl Mla {
         Ok(Tensor::from_vec(m, (b, 1, t, s), like.device())?.to_dtype(like.dtype())?)
     }
 
-    /// Per-head keys and values from the latent, then causal attention (restricted to the
-    /// selected positions by `mask`).
-    fn expanded(&self, a: &LatentAttention) -> Result<Tensor> {
-        let LatentAttention {
-            q_nope,
-            q_rot,
-            latent,
-            k_rot,
-            mask,
-            scale,
-            offset,
-        } = *a;
-        let (b, h, t, dn) = q_nope.dims4()?;
+    /// Per-head queries, keys and values from the latent (the training and prefill
+    /// form of MLA).
+    fn expand(&self, a: &LatentAttention) -> Result<Expanded> {
+        let (b, h, _t, dn) = a.q_nope.dims4()?;
         let (dr, dv) = (self.rot, self.v_dim);
-        let s = latent.dim(2)?;
+        let s = a.latent.dim(2)?;
         let kv = self
             .kv_b_proj
-            .forward(&latent.squeeze(1)?)? // (B, S, H * (dn + dv))
+            .forward(&a.latent.squeeze(1)?)? // (B, S, H * (dn + dv))
             .reshape((b, s, h, dn + dv))?
             .transpose(1, 2)?; // (B, H, S, dn + dv)
         let k_nope = kv.narrow(D::Minus1, 0, dn)?.contiguous()?;
         let v = kv.narrow(D::Minus1, dn, dv)?.contiguous()?;
-        let k_rot = k_rot.broadcast_as((b, h, s, dr))?.contiguous()?;
-        let k = Tensor::cat(&[&k_nope, &k_rot], D::Minus1)?; // (B, H, S, dn + dr)
-        let q = Tensor::cat(&[q_nope, q_rot], D::Minus1)?; // (B, H, T, dn + dr)
-        let mut scores = q.matmul(&k.t()?)?; // (B, H, T, S)
+        let k_rot = a.k_rot.broadcast_as((b, h, s, dr))?.contiguous()?;
+        Ok(Expanded {
+            q: Tensor::cat(&[a.q_nope, a.q_rot], D::Minus1)?, // (B, H, T, dn + dr)
+            k: Tensor::cat(&[&k_nope, &k_rot], D::Minus1)?,   // (B, H, S, dn + dr)
+            v,                                                // (B, H, S, dv)
+        })
+    }
+
+    /// Causal attention over the expanded heads, restricted to the selected positions
+    /// by `mask` (B, 1, T, S): y (B, T, H * dv) and the probabilities (B, H, T, S).
+    fn expanded(
+        &self,
+        ex: &Expanded,
+        mask: Option<&Tensor>,
+        scale: f64,
+        offset: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, h, t, _) = ex.q.dims4()?;
+        let dv = self.v_dim;
+        let mut scores = ex.q.matmul(&ex.k.t()?)?; // (B, H, T, S)
         if let Some(m) = mask {
             scores = scores.broadcast_add(m)?;
         }
@@ -347,8 +594,8 @@ impl Mla {
             offset,
         }
         .apply(&scores)?;
-        let y = p.matmul(&v)?; // (B, H, T, dv)
-        Ok(y.transpose(1, 2)?.reshape((b, t, h * dv))?)
+        let y = p.matmul(&ex.v)?; // (B, H, T, dv)
+        Ok((y.transpose(1, 2)?.reshape((b, t, h * dv))?, p))
     }
 
     /// The absorbed path (MQA over the cached latent), for one query token per row.
@@ -358,31 +605,23 @@ impl Mla {
             q_rot,
             latent,
             k_rot,
-            mask,
             scale,
             offset,
         } = *a;
         let (b, h, t, dn) = q_nope.dims4()?;
         let (r, dv) = (self.rank, self.v_dim);
-        // kv_b_proj weight (H * (dn + dv), r) -> per head W_UK (dn, r), W_UV (dv, r).
-        let w = self.kv_b_proj.weight()?.reshape((h, dn + dv, r))?;
-        let w_uk = w.narrow(1, 0, dn)?; // (H, dn, r)
-        let w_uv = w.narrow(1, dn, dv)?; // (H, dv, r)
-
-        // q_lat (B, H, T, r) = q_nope (B, H, T, dn) @ W_UK (H, dn, r)
+        let (w_uk, w_uv_t) = self.absorbed_weights()?; // (H, dn, r), (H, r, dv)
+                                                       // q_lat (B, H, T, r) = q_nope (B, H, T, dn) @ W_UK (H, dn, r)
         let q_lat = q_nope
             .transpose(0, 1)? // (H, B, T, dn)
             .reshape((h, b * t, dn))?
-            .matmul(&w_uk.contiguous()?)? // (H, B*T, r)
+            .matmul(&w_uk)? // (H, B*T, r)
             .reshape((h, b, t, r))?
             .transpose(0, 1)?; // (B, H, T, r)
         let q_cat = Tensor::cat(&[&q_lat.contiguous()?, q_rot], D::Minus1)?; // (B, H, T, r + dr)
         let k_cat = Tensor::cat(&[latent, k_rot], D::Minus1)?; // (B, 1, S, r + dr)
         let q_cat = q_cat.reshape((b, 1, h * t, r + self.rot))?; // heads share the one key
-        let mut scores = q_cat.matmul(&k_cat.t()?)?; // (B, 1, H*T, S)
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?; // T = 1: one mask row for all heads
-        }
+        let scores = q_cat.matmul(&k_cat.t()?)?; // (B, 1, H*T, S)
         let p = CausalSoftmax {
             scale,
             queries: t,
@@ -390,11 +629,10 @@ impl Mla {
         }
         .apply(&scores)?;
         let o_lat = p.matmul(latent)?.reshape((b, h, t, r))?; // (B, H, T, r)
-                                                              // y (B, H, T, dv) = o_lat @ W_UV^T per head
         let y = o_lat
             .transpose(0, 1)?
             .reshape((h, b * t, r))?
-            .matmul(&w_uv.transpose(1, 2)?.contiguous()?)? // (H, B*T, dv)
+            .matmul(&w_uv_t)? // (H, B*T, dv) = o_lat @ W_UV^T per head
             .reshape((h, b, t, dv))?
             .transpose(0, 1)?; // (B, H, T, dv)
         Ok(y.transpose(1, 2)?.reshape((b, t, h * dv))?)

@@ -74,6 +74,27 @@ impl Rope {
         Ok(())
     }
 
+    /// Host twin of [`apply_interleaved`](Self::apply_interleaved) for one token: each
+    /// head of `x` de-interleaved (even members, then odd members) and rotated as
+    /// position `pos`, in place.
+    pub fn rotate_interleaved_host(&self, x: &mut [f32], pos: usize) -> Result<()> {
+        let d = 2 * self.inv_freq.len();
+        let mut tmp = [0f32; 512];
+        if d > tmp.len() {
+            return Err(Error::Invalid(format!("RoPE of {d} dims is too wide")));
+        }
+        for head in x.chunks_exact_mut(d.max(1)) {
+            let half = d / 2;
+            for i in 0..half {
+                tmp[i] = head[2 * i];
+                tmp[half + i] = head[2 * i + 1];
+            }
+            head.copy_from_slice(&tmp[..d]);
+            self.rotate_host(head, pos)?;
+        }
+        Ok(())
+    }
+
     /// [`rotate_host`](Self::rotate_host) of the first `2 * inv_freq.len()` values of
     /// each `width`-wide head of `x` (the indexer's RoPE slice), the rest untouched.
     pub fn rotate_prefix_host(&self, x: &mut [f32], width: usize, pos: usize) -> Result<()> {

@@ -147,3 +147,29 @@ pub fn tiny_dsa_config(kind: sparrow::config::IndexerKind, topk: usize) -> Model
     cfg.validate().expect("valid DSA config");
     cfg
 }
+
+/// A tiny MLA model at awkward sizes (3 heads, latent rank 7, nope 5, rope 4, value 3,
+/// interleaved RoPE); `q_lora` = the query latent's rank; with `dsa_topk` its second
+/// layer is a DeepSeek-V3.2 DSA layer (lightning indexer over the query latent, 16
+/// heads: tie-free scores).
+pub fn tiny_mla_config(q_lora: Option<usize>, dsa_topk: Option<usize>) -> ModelConfig {
+    use sparrow::config::AttentionKind;
+    let mut cfg = tiny_config();
+    cfg.hidden_size = 24;
+    cfg.num_attention_heads = 3;
+    cfg.num_key_value_heads = Some(3);
+    cfg.kv_lora_rank = Some(7);
+    cfg.q_lora_rank = q_lora;
+    cfg.qk_nope_head_dim = 5;
+    cfg.qk_rope_head_dim = 4;
+    cfg.v_head_dim = 3;
+    cfg.rope_interleave = true;
+    if let Some(k) = dsa_topk {
+        cfg.layer_types = Some(vec![AttentionKind::Dense, AttentionKind::Dsa]);
+        cfg.index_topk = k;
+        cfg.index_n_heads = 16;
+        cfg.index_head_dim = 8;
+    }
+    cfg.validate().expect("valid MLA config");
+    cfg
+}
