@@ -369,12 +369,13 @@ fn dsa_train_logs_kl_then_eval_recall() {
             corpus.to_str().unwrap(),
             "--context",
             context,
-            "--windows",
-            "2",
             "--val-fraction",
             "0.1",
             "--json",
         ];
+        if !extra.contains(&"--windows") {
+            args.extend_from_slice(&["--windows", "2"]);
+        }
         args.extend_from_slice(extra);
         sparrow(&args)
     };
@@ -401,7 +402,7 @@ fn dsa_train_logs_kl_then_eval_recall() {
     );
     for (context, extra, msg) in [
         ("0", &[][..], "too short"),
-        ("48", &["--windows", "0"][..], "--windows"),
+        ("48", &["--windows", "0"][..], "`windows` must be >= 1"),
         ("48", &["--topk", "0"][..], "index_topk"),
     ] {
         let out = recall(context, extra);

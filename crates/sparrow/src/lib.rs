@@ -2,9 +2,10 @@
 //! DeepSeek V3.2 / V4 family. See `DESIGN.md` for the architecture.
 //!
 //! - [`config`]: `ModelConfig` from an HF-style `config.json`
-//! - [`formats`]: GGUF files (container, ggml quantized types, llama models, tokenizers)
-//! - [`hf`]: Hugging Face model directories (llama, mixtral): config and name mapping, shards
-//! - [`model`]: the layers (attention, MoE, router, block, transformer) and model files
+//! - [`formats`]: other engines' files: Hugging Face directories (config and name maps per
+//!   family, shards) and GGUF (container, ggml quantized types, llama models, tokenizers)
+//! - [`model`]: the layers (attention, MoE, router, block, transformer) and their caches
+//! - [`model_dir`]: reading and writing a model directory (the one place that does)
 //! - [`chat`]: chat messages rendered with the model's Jinja template
 //! - [`model_source`]: what `--model` names (directory, GGUF file, known name) and loading it
 //! - [`registry`]: named models fetched through a package client into the model cache
@@ -28,9 +29,9 @@ pub mod experiment;
 pub mod font;
 pub mod formats;
 pub mod fsio;
-pub mod hf;
 pub mod kernels;
 pub mod model;
+pub mod model_dir;
 pub mod model_source;
 pub mod progress;
 pub mod registry;

@@ -1,5 +1,5 @@
 //! What `--model` names, and loading it for inference: a model directory (Sparrow's
-//! own or a Hugging Face one, `crate::hf`), a GGUF file (`crate::formats`), or the name
+//! own or a Hugging Face one, `crate::model_dir`), a GGUF file (`crate::formats`), or the name
 //! of a known model (`crate::registry`), fetched into the cache on first use.
 
 use crate::error::{Error, Result};

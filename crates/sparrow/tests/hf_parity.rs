@@ -183,7 +183,9 @@ fn unsupported_hf_fields_are_named() {
         v[field] = value;
         let path = dir.path().join("config.json");
         std::fs::write(&path, v.to_string()).unwrap();
-        let err = sparrow::hf::read_config(&path).unwrap_err().to_string();
+        let err = sparrow::formats::hf::read_config(&path)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(named), "{field}: {err}");
     }
     // A shard listed in the index but missing is named.
@@ -273,7 +275,13 @@ fn import_export_import_is_bit_exact_with_hf_names() {
     ] {
         let (a, _) = Model::load_dir(&fixture(name), DType::F32, &Device::Cpu).unwrap();
         let out = tempfile::tempdir().unwrap();
-        let family = sparrow::hf::export(&a, out.path(), None).unwrap();
+        let opts = sparrow::model_dir::SaveOptions {
+            layout: sparrow::model_dir::Layout::Hf,
+            ..Default::default()
+        };
+        let family = sparrow::model_dir::save(&a, out.path(), &opts)
+            .unwrap()
+            .unwrap();
         let expected = match name {
             "mixtral" => "mixtral",
             "deepseek-v32" => "deepseek_v32",
@@ -289,7 +297,7 @@ fn import_export_import_is_bit_exact_with_hf_names() {
         );
         // The export uses the names transformers saved.
         let original: std::collections::BTreeSet<String> =
-            sparrow::hf::weight_files(&fixture(name))
+            sparrow::formats::hf::weight_files(&fixture(name))
                 .unwrap()
                 .iter()
                 .flat_map(|f| {
@@ -321,19 +329,23 @@ fn import_export_import_is_bit_exact_with_hf_names() {
 #[test]
 fn models_without_an_hf_form_are_refused_by_name() {
     let dsa = tiny_dsa_config(sparrow::config::IndexerKind::Lightning, 4);
-    let err = sparrow::hf::export_family(&dsa).unwrap_err().to_string();
+    let err = sparrow::formats::hf::export_family(&dsa)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("layer_types"), "{err}");
     let mut noaux = tiny_config();
     noaux.router_kind = sparrow::config::RouterKind::NoauxBias;
     noaux.first_k_dense_replace = 0;
     noaux.n_shared_experts = 0;
-    let err = sparrow::hf::export_family(&noaux).unwrap_err().to_string();
+    let err = sparrow::formats::hf::export_family(&noaux)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("router_kind"), "{err}");
     let mut dense = tiny_config();
     dense.n_routed_experts = 0;
     dense.num_experts_per_tok = 0;
     assert_eq!(
-        sparrow::hf::export_family(&dense).unwrap(),
-        sparrow::hf::Family::Llama
+        sparrow::formats::hf::export_family(&dense).unwrap(),
+        sparrow::formats::hf::Family::Llama
     );
 }

@@ -238,7 +238,7 @@ fn mismatched_checkpoint_files_are_refused() {
     let e = train(request(&corpus, &run, None, None))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("--resume"), "{e}");
+    assert!(e.contains("resume it"), "{e}");
 }
 
 #[test]

@@ -70,17 +70,17 @@ fn time_pass(budget: f64, backward: bool, forward: impl Fn() -> Result<Tensor>) 
 pub fn run(shape: MoeShape, tokens: &[usize], budget_s: f64) -> Result<Vec<MoeBenchRow>> {
     if shape.hidden == 0 || shape.experts == 0 || shape.expert_width == 0 {
         return Err(Error::Invalid(
-            "--hidden, --experts and --expert-width must be >= 1".into(),
+            "`hidden`, `experts` and `expert_width` must be >= 1".into(),
         ));
     }
     if shape.top_k == 0 || shape.top_k > shape.experts {
         return Err(Error::Invalid(format!(
-            "--topk must be in 1..={} (--experts)",
+            "`top_k` must be in 1..={} (`experts`)",
             shape.experts
         )));
     }
     if tokens.is_empty() || tokens.contains(&0) {
-        return Err(Error::Invalid("--tokens must be >= 1".into()));
+        return Err(Error::Invalid("`tokens` must be >= 1".into()));
     }
     let dev = Device::Cpu;
     let cfg = ModelConfig {

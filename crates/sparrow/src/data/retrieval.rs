@@ -254,7 +254,7 @@ impl RetrievalMix {
             let max_len = seq_len + 1;
             if max_len < MIN_MIX_DOC {
                 return Err(Error::Invalid(format!(
-                    "retrieval mixing needs --seq-len >= {}",
+                    "retrieval mixing needs `seq_len` >= {}",
                     MIN_MIX_DOC - 1
                 )));
             }

@@ -160,7 +160,7 @@ pub fn sample_batch(
 ) -> Result<(Vec<u32>, Vec<u32>)> {
     if tokens.len() <= seq_len + 1 {
         return Err(Error::Corpus(format!(
-            "split has {} tokens, too few for windows of {} (lower --seq-len or add text)",
+            "split has {} tokens, too few for windows of {} (lower `seq_len` or add text)",
             tokens.len(),
             seq_len + 1
         )));
@@ -185,7 +185,7 @@ pub fn eval_windows(
 ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
     if tokens.len() <= seq_len + 1 {
         return Err(Error::Corpus(format!(
-            "validation split has {} tokens, too few for windows of {} (lower --seq-len or raise --val-fraction)",
+            "validation split has {} tokens, too few for windows of {} (lower `seq_len` or raise `val_fraction`)",
             tokens.len(),
             seq_len + 1
         )));

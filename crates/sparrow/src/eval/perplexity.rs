@@ -34,13 +34,13 @@ pub fn measure(
 ) -> Result<Vec<ContextPerplexity>> {
     if contexts.is_empty() || windows == 0 {
         return Err(Error::Invalid(
-            "--context needs a value and --windows must be >= 1".into(),
+            "context lengths need a value and `windows` must be >= 1".into(),
         ));
     }
     let max = model.cfg.max_position_embeddings;
     if let Some(c) = contexts.iter().find(|&&c| c < 2 || c > max) {
         return Err(Error::Invalid(format!(
-            "--context {c} must be in [2, max_position_embeddings = {max}]"
+            "context {c} must be in [2, max_position_embeddings = {max}]"
         )));
     }
     let total = (contexts.len() * windows) as u64;

@@ -54,15 +54,15 @@ pub fn measure(
     }
     if context < 4 {
         return Err(Error::Invalid(format!(
-            "--context {context} is too short: recall is measured on the last quarter of each window (use >= 4)"
+            "context {context} is too short: recall is measured on the last quarter of each window (use >= 4)"
         )));
     }
     if windows == 0 {
-        return Err(Error::Invalid("--windows must be >= 1".into()));
+        return Err(Error::Invalid("`windows` must be >= 1".into()));
     }
     if context > model.cfg.max_position_embeddings {
         return Err(Error::Invalid(format!(
-            "--context {context} exceeds the model's max_position_embeddings {}",
+            "context {context} exceeds the model's max_position_embeddings {}",
             model.cfg.max_position_embeddings
         )));
     }

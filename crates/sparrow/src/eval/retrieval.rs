@@ -110,12 +110,12 @@ impl RetrievalOptions {
     fn validate(&self, model: &Model) -> Result<()> {
         if self.lengths.is_empty() || self.depths.is_empty() {
             return Err(Error::Invalid(
-                "--lengths and --depths need at least one value each".into(),
+                "`lengths` and `depths` need at least one value each".into(),
             ));
         }
         if self.trials == 0 || self.max_new_tokens == 0 {
             return Err(Error::Invalid(
-                "--trials and --max-new-tokens must be >= 1".into(),
+                "`trials` and `max_new_tokens` must be >= 1".into(),
             ));
         }
         if let Some(d) = self.depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
@@ -193,7 +193,7 @@ pub fn needle(
     let longest = opts.lengths.iter().copied().max().unwrap_or(0);
     if haystack.len() < longest {
         return Err(Error::Corpus(format!(
-            "the held-out text has {} tokens, fewer than the longest length {longest} (raise --val-fraction or use a larger corpus)",
+            "the held-out text has {} tokens, fewer than the longest length {longest} (raise the held-out share or use a larger corpus)",
             haystack.len()
         )));
     }

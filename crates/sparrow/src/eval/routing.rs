@@ -40,12 +40,12 @@ pub fn measure(
     }
     if seq_len == 0 || windows == 0 || batch == 0 {
         return Err(Error::Invalid(
-            "--seq-len, --windows and --batch-size must be >= 1".into(),
+            "`seq_len`, `windows` and `batch_size` must be >= 1".into(),
         ));
     }
     if seq_len > model.cfg.max_position_embeddings {
         return Err(Error::Invalid(format!(
-            "--seq-len {seq_len} exceeds the model's max_position_embeddings {}",
+            "`seq_len` {seq_len} exceeds the model's max_position_embeddings {}",
             model.cfg.max_position_embeddings
         )));
     }
@@ -74,27 +74,4 @@ pub fn measure(
             })
         })
         .collect())
-}
-
-/// The table `eval routing` prints (one line per layer).
-pub fn format_table(rows: &[LayerRouting]) -> String {
-    let mut s = format!(
-        "{:>5} {:>8} {:>8} {:>7} {:>8} {:>7} {:>5} {:>10}\n",
-        "layer", "tokens", "MaxVio", "CV", "entropy", "drop", "dead", "demandVio"
-    );
-    for r in rows {
-        let u = &r.utilization;
-        s.push_str(&format!(
-            "{:>5} {:>8} {:>8.3} {:>7.3} {:>8.4} {:>6.2}% {:>5} {:>10.3}\n",
-            r.layer,
-            u.tokens,
-            u.max_vio,
-            u.cv,
-            u.entropy,
-            u.drop_rate * 100.0,
-            u.dead,
-            u.demand_max_vio
-        ));
-    }
-    s
 }

@@ -162,7 +162,7 @@ fn train_or_resume(
         let existing = ModelConfig::from_file(&dir.join("config.json"))?;
         if state.options != exp.options || existing != config {
             return Err(Error::Invalid(format!(
-                "{} holds a run with another config or other training options; remove it or use another --out",
+                "{} holds a run with another config or other training options; remove it or use another output directory",
                 dir.display()
             )));
         }

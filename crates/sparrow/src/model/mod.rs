@@ -1,6 +1,6 @@
-//! The model: layers built from a `ModelConfig`, their parameters in a `VarStore`, and
-//! the model directory format (DESIGN.md §5): `config.json`, `model.safetensors`
-//! (HF tensor names), `tokenizer.json`, `generation_config.json`.
+//! The model: layers built from a `ModelConfig`, their parameters in a `VarStore`, the
+//! per-sequence caches of inference. Model directories are read and written by
+//! `crate::model_dir`.
 
 pub mod attention;
 pub mod block;
@@ -83,7 +83,7 @@ impl Model {
         )
     }
 
-    fn from_store(cfg: &ModelConfig, store: VarStore) -> Result<Self> {
+    pub(crate) fn from_store(cfg: &ModelConfig, store: VarStore) -> Result<Self> {
         cfg.validate()?;
         let net = Transformer::new(&store.root(), cfg)?;
         store.check_no_unused()?;
@@ -96,7 +96,7 @@ impl Model {
 
     /// Load `config.json` + `model.safetensors` (or shards listed in
     /// `model.safetensors.index.json`) from a model directory, Sparrow's own or a
-    /// Hugging Face `llama` / `mixtral` one (`crate::hf`). Returns the model and the step
+    /// Hugging Face one (`crate::model_dir::load`). Returns the model and the step
     /// recorded in the weights' metadata (if any). The parameters are trainable, so every
     /// forward records an autograd graph: for inference use `load_for_inference`.
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, Option<u64>)> {
@@ -111,7 +111,7 @@ impl Model {
         device: &Device,
         edit: impl FnOnce(&mut ModelConfig),
     ) -> Result<(Self, Option<u64>)> {
-        Self::load_dir_impl(dir, dtype, device, edit, false)
+        crate::model_dir::load(dir, dtype, device, edit, false)
     }
 
     /// `load_dir_with` for inference (generation, evaluation, export): the layers get
@@ -123,42 +123,7 @@ impl Model {
         device: &Device,
         edit: impl FnOnce(&mut ModelConfig),
     ) -> Result<(Self, Option<u64>)> {
-        Self::load_dir_impl(dir, dtype, device, edit, true)
-    }
-
-    fn load_dir_impl(
-        dir: &Path,
-        dtype: DType,
-        device: &Device,
-        edit: impl FnOnce(&mut ModelConfig),
-        frozen: bool,
-    ) -> Result<(Self, Option<u64>)> {
-        if !dir.is_dir() {
-            return Err(Error::checkpoint(dir, "model directory does not exist"));
-        }
-        let (mut cfg, family) = crate::hf::read_config(&dir.join("config.json"))?;
-        edit(&mut cfg);
-        cfg.validate()?;
-        let crate::hf::Weights {
-            tensors,
-            metadata: meta,
-            source: path,
-        } = crate::hf::read_weights(dir, family, device)?;
-        let step = match meta.get(STEP_KEY) {
-            Some(s) => Some(s.parse::<u64>().map_err(|_| {
-                Error::checkpoint(
-                    &path,
-                    format!("metadata {STEP_KEY} = {s:?} is not an integer"),
-                )
-            })?),
-            None => None,
-        };
-        let mut store = VarStore::loaded(tensors, path.clone(), dtype, device);
-        if frozen {
-            store = store.frozen();
-        }
-        let model = Self::from_store(&cfg, store)?;
-        Ok((model, step))
+        crate::model_dir::load(dir, dtype, device, edit, true)
     }
 
     /// A model from a GGUF file (`crate::formats::gguf_model`: llama architecture) for
@@ -183,7 +148,8 @@ impl Model {
         Self::from_store(&cfg, store)
     }
 
-    /// Write `config.json` and `model.safetensors` (f32) atomically into `dir`.
+    /// Write `config.json`, `model.safetensors` (f32) and `generation_config.json`
+    /// atomically into `dir` (`crate::model_dir::save` in Sparrow's layout).
     pub fn save_dir(&self, dir: &Path, step: Option<u64>) -> Result<()> {
         self.save_dir_as(dir, step, DType::F32)
     }
@@ -191,17 +157,12 @@ impl Model {
     /// `save_dir` with the parameters stored in `dtype` (f32, f16 or bf16; buffers such
     /// as router biases stay f32). Loading converts back to the compute dtype.
     pub fn save_dir_as(&self, dir: &Path, step: Option<u64>, dtype: DType) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        crate::fsio::write_atomic(&dir.join("config.json"), self.cfg.to_json().as_bytes())?;
-        let mut meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        if let Some(s) = step {
-            meta.insert(STEP_KEY.to_string(), s.to_string());
-        }
-        crate::weights::save(
-            &dir.join("model.safetensors"),
-            &self.storage_tensors(dtype)?,
-            meta,
-        )
+        let opts = crate::model_dir::SaveOptions {
+            dtype,
+            step,
+            ..Default::default()
+        };
+        crate::model_dir::save(self, dir, &opts).map(|_| ())
     }
 
     /// Every tensor a checkpoint holds: parameters in `dtype`, buffers in f32.
@@ -213,7 +174,7 @@ impl Model {
         }
         if self.store.has_quantized() {
             return Err(Error::Invalid(
-                "this model holds quantized weights, which safetensors cannot store: load it with f32 weights (--weights f32) to save or convert it".into(),
+                "this model holds quantized weights, which safetensors cannot store: load it with the f32 weight format to save or convert it".into(),
             ));
         }
         let trainable: std::collections::HashSet<String> =

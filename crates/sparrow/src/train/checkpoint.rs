@@ -64,16 +64,12 @@ pub fn save(
     tokenizer: &Tokenizer,
     state: &TrainState,
 ) -> Result<()> {
-    model.save_dir(dir, Some(state.step))?;
-    tokenizer.save(&dir.join("tokenizer.json"))?;
-    let gen_cfg = serde_json::json!({
-        "bos_token_id": model.cfg.bos_token_id,
-        "eos_token_id": model.cfg.eos_token_id,
-        "do_sample": true,
-        "temperature": 0.8,
-        "top_p": 0.95,
-    });
-    crate::fsio::write_json_atomic(&dir.join("generation_config.json"), &gen_cfg)?;
+    let opts = crate::model_dir::SaveOptions {
+        step: Some(state.step),
+        tokenizer: Some(tokenizer),
+        ..Default::default()
+    };
+    crate::model_dir::save(model, dir, &opts)?;
     let meta = HashMap::from([
         (STEP_KEY.to_string(), state.step.to_string()),
         ("adamw_t".to_string(), opt.t.to_string()),

@@ -78,7 +78,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     check_seq_len(&req.options, &req.config)?;
     if req.out.join(checkpoint::STATE_JSON).exists() {
         return Err(Error::Invalid(format!(
-            "{} already holds a training run; use --resume to continue it",
+            "{} already holds a training run; resume it to continue",
             req.out.display()
         )));
     }
@@ -87,7 +87,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     let tokenizer = match (&req.init_from, &req.tokenizer) {
         (Some(_), Some(_)) => {
             return Err(Error::Invalid(
-                "--init-from brings its model's tokenizer; drop --tokenizer".into(),
+                "`init_from` brings its model's tokenizer; give no `tokenizer` with it".into(),
             ))
         }
         (Some(dir), None) => Tokenizer::from_file(&dir.join("tokenizer.json"))?,
@@ -164,7 +164,7 @@ pub fn resume(req: ResumeRequest) -> Result<TrainSummary> {
     check_seq_len(&state.options, &loaded.model.cfg)?;
     if !state.corpus.is_dir() {
         return Err(Error::Corpus(format!(
-            "the run's corpus {} is not a directory (pass --corpus DIR to point at it)",
+            "the run's corpus {} is not a directory (give the corpus directory to point at it)",
             state.corpus.display()
         )));
     }
@@ -333,7 +333,7 @@ fn run_loop(
         last_loss = lm_loss.to_scalar::<f32>()? as f64;
         if !last_loss.is_finite() {
             return Err(Error::Invalid(format!(
-                "loss became {last_loss} at step {}; lower --lr",
+                "loss became {last_loss} at step {}; lower the learning rate `lr`",
                 state.step
             )));
         }

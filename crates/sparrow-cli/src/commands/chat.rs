@@ -33,13 +33,19 @@ pub struct ChatArgs {
     seed: u64,
     /// How a GGUF model's matrices are held.
     #[arg(long, value_enum, default_value = "native")]
-    weights: crate::WeightsArg,
+    weights: crate::common::WeightsArg,
 }
 
 pub fn run(a: ChatArgs, _progress: bool) -> Result<()> {
-    let (model, tokenizer) = crate::load_model_as(&a.model, a.weights)?;
+    let (model, tokenizer) = crate::common::load_model_as(&a.model, a.weights)?;
     let template = ChatTemplate::for_tokenizer(&tokenizer)?;
-    let opts = crate::generate_options(a.max_tokens, a.temperature, a.top_p, a.top_k, a.seed);
+    let opts = crate::commands::generate::generate_options(
+        a.max_tokens,
+        a.temperature,
+        a.top_p,
+        a.top_k,
+        a.seed,
+    );
     let start: Vec<Message> = a
         .system
         .iter()
@@ -88,7 +94,7 @@ pub fn run(a: ChatArgs, _progress: bool) -> Result<()> {
             let _ = stdout.flush();
         })?;
         writeln!(stdout)?;
-        eprintln!("({})", crate::stats_line(&stats));
+        eprintln!("({})", crate::commands::generate::stats_line(&stats));
         messages.push(Message::new("assistant", reply));
     }
     if let Some(h) = &history {

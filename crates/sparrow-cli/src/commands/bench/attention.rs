@@ -1,0 +1,189 @@
+//! `sparrow bench attention`: one attention layer, dense vs DSA, by context length.
+
+use crate::common::{rayon_threads, IndexDtype};
+use crate::report::{fixed, Report};
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct AttentionBenchArgs {
+    /// Cached context lengths.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1024,4096,16384,65536,131072"
+    )]
+    pub context: Vec<usize>,
+    /// Run dense prefill only up to this length (its cost grows quadratically).
+    #[arg(long, default_value_t = 65536)]
+    pub dense_prefill_max: usize,
+    /// Run the GEMM-based dense prefill baseline only up to this length.
+    #[arg(long, default_value_t = 16384)]
+    pub gemm_prefill_max: usize,
+    /// Skip the prefill measurements.
+    #[arg(long)]
+    pub no_prefill: bool,
+    /// Query heads.
+    #[arg(long, default_value_t = 16)]
+    pub heads: usize,
+    /// Dimension per query / KV head.
+    #[arg(long, default_value_t = 64)]
+    pub head_dim: usize,
+    /// KV heads (1 = MQA, as DeepSeek; = --heads for MHA).
+    #[arg(long, default_value_t = 1)]
+    pub kv_heads: usize,
+    /// Lightning indexer heads.
+    #[arg(long, default_value_t = 4)]
+    pub index_heads: usize,
+    /// Lightning indexer dimension.
+    #[arg(long, default_value_t = 32)]
+    pub index_dim: usize,
+    /// Positions each query attends to.
+    #[arg(long, default_value_t = 512)]
+    pub topk: usize,
+    /// Precision of the index key cache.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub index_dtype: IndexDtype,
+    /// Also draw decode latency by context, dense vs sparse (SVG).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: AttentionBenchArgs) -> Result<()> {
+    use sparrow::bench::attention::{
+        decode_row, growth_exponent, prefill_row, DecodeRow, LayerShape, PrefillRow,
+    };
+    let shape = LayerShape {
+        heads: a.heads,
+        head_dim: a.head_dim,
+        kv_heads: a.kv_heads,
+        index_heads: a.index_heads,
+        index_dim: a.index_dim,
+        topk: a.topk,
+        index_precision: sparrow::config::IndexCacheDtype::from(a.index_dtype).key_precision(),
+    };
+    for (flag, v) in [
+        ("--heads", shape.heads),
+        ("--head-dim", shape.head_dim),
+        ("--index-heads", shape.index_heads),
+        ("--index-dim", shape.index_dim),
+        ("--topk", shape.topk),
+    ] {
+        if v == 0 {
+            bail!("{flag} must be > 0");
+        }
+    }
+    if shape.kv_heads == 0 || !shape.heads.is_multiple_of(shape.kv_heads) {
+        bail!(
+            "--kv-heads {} must divide --heads {}",
+            shape.kv_heads,
+            shape.heads
+        );
+    }
+    if a.context.contains(&0) {
+        bail!("--context lengths must be > 0");
+    }
+    let bw = sparrow::bench::read_bandwidth(512);
+    let gemm = sparrow::bench::gemm_f32(1024)?.gflops;
+    let mut decode = Report::new(a.json)
+        .col("context", 8, |r: &DecodeRow| r.context.to_string())
+        .col("dense", 9, |r| format!("{:.3}", r.dense_ms))
+        .col("dense(mm)", 10, |r| format!("{:.3}", r.dense_candle_ms))
+        .col("sparse", 9, |r| format!("{:.3}", r.sparse_ms))
+        .col("select", 9, |r| format!("{:.3}", r.select_ms))
+        .col("attend", 9, |r| format!("{:.3}", r.attend_ms))
+        .col("ratio", 8, |r| format!("{:.1}x", r.speedup))
+        .col("dense GF", 9, |r| format!("{:.1}", r.dense_gflops))
+        .col("dense GB", 8, |r| format!("{:.1}", r.dense_gbps))
+        .col("scan GB/s", 11, |r| format!("{:.1}", r.index_scan_gbps))
+        .col("scan/BW", 8, |r| {
+            format!("{:.0}%", r.index_scan_bw_share * 100.0)
+        });
+    decode.record(serde_json::json!({"bench": "machine", "read_gbps": bw, "gemm_f32_gflops": gemm, "threads": rayon_threads(), "shape": shape}));
+    decode.note(format!(
+        "machine: read bandwidth {bw:.1} GB/s, f32 GEMM {gemm:.0} GFLOP/s, {} threads",
+        rayon_threads()
+    ));
+    decode.note(format!(
+        "layer: {} query heads x {} over {} KV head(s), indexer {} x {}, top-k {}, index cache {:?}",
+        shape.heads,
+        shape.head_dim,
+        shape.kv_heads,
+        shape.index_heads,
+        shape.index_dim,
+        shape.topk,
+        shape.index_precision
+    ));
+    decode.note(format!(
+        "cache per token: KV {} B (MHA would be {} B), index {} B",
+        shape.kv_bytes_per_token(),
+        shape.mha_kv_bytes_per_token(),
+        shape.index_bytes_per_token()
+    ));
+    decode.note("\ndecode (one new token), median ms:");
+    let mut decode_rows = Vec::new();
+    for &c in &a.context {
+        let r = decode_row(shape, c, bw)?;
+        decode.row(&r)?;
+        decode_rows.push(r);
+    }
+    if let Some(path) = &a.plot {
+        use sparrow::train::plot::{plot_series, Axes, Series};
+        let line = |label: &str, f: &dyn Fn(&DecodeRow) -> f64| Series {
+            label: label.to_string(),
+            points: decode_rows
+                .iter()
+                .map(|r| (r.context as f64, f(r)))
+                .collect(),
+        };
+        plot_series(
+            &[
+                line("dense (flash-decoding kernel)", &|r| r.dense_ms),
+                line("dense (candle matmul)", &|r| r.dense_candle_ms),
+                line("sparse (scan + top-k + attend)", &|r| r.sparse_ms),
+            ],
+            path,
+            &Axes {
+                title: "decode latency per token, one attention layer",
+                x: "cached tokens",
+                y: "ms",
+                log_x: true,
+                log_y: true,
+            },
+        )?;
+        decode.note(format!("plot: {}", path.display()));
+    }
+    if a.no_prefill {
+        return Ok(());
+    }
+    let mut prefill = Report::new(a.json)
+        .col("context", 8, |r: &PrefillRow| r.context.to_string())
+        .col("dense", 10, |r| fixed(r.dense_s, 3))
+        .col("dense(gemm)", 11, |r| fixed(r.dense_gemm_s, 3))
+        .col("sparse", 10, |r| format!("{:.3}", r.sparse_s))
+        .col("select", 10, |r| format!("{:.3}", r.sparse_select_s))
+        .col("attend", 10, |r| format!("{:.3}", r.sparse_attend_s))
+        .col("ratio", 8, |r| format!("{}x", fixed(r.speedup, 1)))
+        .col("dense GF", 9, |r| fixed(r.dense_gflops, 1));
+    prefill.note("\nprefill (all tokens through one layer), seconds:");
+    let mut dense_pts = Vec::new();
+    let mut sparse_pts = Vec::new();
+    for &c in &a.context {
+        let r = prefill_row(shape, c, c <= a.dense_prefill_max, c <= a.gemm_prefill_max)?;
+        if let Some(d) = r.dense_s {
+            dense_pts.push((c, d));
+        }
+        sparse_pts.push((c, r.sparse_s));
+        prefill.row(&r)?;
+    }
+    let (ed, es) = (growth_exponent(&dense_pts), growth_exponent(&sparse_pts));
+    prefill.record(serde_json::json!({"bench": "attention_prefill_growth", "dense_exponent": ed, "sparse_exponent": es}));
+    prefill.note(format!(
+        "growth exponent of prefill time (log-log fit): dense {}, sparse {}",
+        fixed(ed, 2),
+        fixed(es, 2)
+    ));
+    Ok(())
+}

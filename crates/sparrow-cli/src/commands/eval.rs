@@ -1,0 +1,327 @@
+//! `sparrow eval`: perplexity, indexer recall, expert routing and long-context
+//! retrieval of a model.
+
+use crate::common::{
+    held_out, load_model_and_tokenizer, require_corpus, IndexDtype, DEFAULT_MODEL,
+};
+use crate::report::Report;
+use anyhow::Result;
+use clap::Subcommand;
+use sparrow::model::Model;
+use sparrow::tokenizer::Tokenizer;
+use std::path::PathBuf;
+
+/// The grid shared by the retrieval evaluations.
+#[derive(clap::Args)]
+pub struct RetrievalGrid {
+    /// Model directory.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// Prompt lengths in tokens.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1024,2048,4096,8192,16384"
+    )]
+    pub lengths: Vec<usize>,
+    /// Depths of the key in the prompt (0 = start, 1 = just before the question).
+    #[arg(long, value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1")]
+    pub depths: Vec<f64>,
+    /// Prompts per (length, depth) cell.
+    #[arg(long, default_value_t = 2)]
+    pub trials: usize,
+    /// Tokens generated (greedy) after the question.
+    #[arg(long, default_value_t = 8)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also draw the accuracy heatmap (length x depth) into this PNG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// One JSON object (trials, cells, accuracy by length) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum EvalCmd {
+    /// Passkey retrieval (DESIGN.md §8): accuracy by prompt length and key depth.
+    Passkey {
+        #[command(flatten)]
+        grid: RetrievalGrid,
+    },
+    /// A needle sentence at a given depth of held-out real text; substring-scored.
+    Needle {
+        #[command(flatten)]
+        grid: RetrievalGrid,
+        /// Folder of .txt files; the held-out tail of each document is the haystack.
+        #[arg(long, default_value = "data/corpus")]
+        corpus: PathBuf,
+        /// Share of each document held out (the training default).
+        #[arg(long, default_value_t = 0.02)]
+        val_fraction: f64,
+        /// The needle; {value} is replaced by a random 5-digit value per prompt.
+        #[arg(long, default_value = sparrow::data::retrieval::DEFAULT_NEEDLE)]
+        needle: String,
+        /// The question after the haystack; the value should follow it.
+        #[arg(long, default_value = sparrow::data::retrieval::DEFAULT_NEEDLE_QUESTION)]
+        question: String,
+    },
+    /// Held-out perplexity at each context length (all positions, and the second half
+    /// of each window).
+    Perplexity {
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: PathBuf,
+        /// Folder of .txt files; the held-out tail of each document is scored.
+        #[arg(long, default_value = "data/corpus")]
+        corpus: PathBuf,
+        /// Context lengths.
+        #[arg(long, value_delimiter = ',', default_value = "1024")]
+        context: Vec<usize>,
+        /// Windows per context length (evenly spaced over the held-out text).
+        #[arg(long, default_value_t = 8)]
+        windows: usize,
+        #[arg(long, default_value_t = 0.02)]
+        val_fraction: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Share of dense attention mass the DSA indexer's top-k keeps, per layer.
+    Recall {
+        /// Model directory.
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: PathBuf,
+        /// Folder of .txt files; the held-out tail of each document is used.
+        #[arg(long, default_value = "data/corpus")]
+        corpus: PathBuf,
+        /// Tokens of context per window.
+        #[arg(long, default_value_t = 4096)]
+        context: usize,
+        /// Windows to average over.
+        #[arg(long, default_value_t = 4)]
+        windows: usize,
+        /// Select this many positions instead of the model's index_topk.
+        #[arg(long)]
+        topk: Option<usize>,
+        /// Keep the index keys in this precision instead of the model's index_cache_dtype.
+        #[arg(long, value_enum)]
+        index_dtype: Option<IndexDtype>,
+        /// Share of each document held out (the training default).
+        #[arg(long, default_value_t = 0.02)]
+        val_fraction: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Expert utilization per MoE layer on a corpus, router frozen: MaxVio, CV,
+    /// normalised entropy, drop rate (capacity limits applied), dead experts.
+    Routing {
+        /// Model directory.
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: PathBuf,
+        /// Folder of .txt files.
+        #[arg(long, default_value = "data/corpus")]
+        corpus: PathBuf,
+        /// Share of each document used (its tail; 0.02 = the training runs' validation
+        /// split; 1 = whole documents, e.g. for out-of-distribution text).
+        #[arg(long, default_value_t = 0.02)]
+        val_fraction: f64,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Windows (evenly spaced over the text).
+        #[arg(long, default_value_t = 128)]
+        windows: usize,
+        /// Windows per forward (the capacity limits are per batch).
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl RetrievalGrid {
+    fn options(&self) -> sparrow::eval::retrieval::RetrievalOptions {
+        sparrow::eval::retrieval::RetrievalOptions {
+            lengths: self.lengths.clone(),
+            depths: self.depths.clone(),
+            trials: self.trials,
+            max_new_tokens: self.max_new_tokens,
+            seed: self.seed,
+        }
+    }
+}
+
+fn print_retrieval(
+    grid: &RetrievalGrid,
+    report: &sparrow::eval::retrieval::RetrievalReport,
+) -> Result<()> {
+    if let Some(p) = &grid.plot {
+        let title = format!(
+            "{} accuracy of {} ({} trials per cell)",
+            report.task.name(),
+            grid.model.display(),
+            grid.trials
+        );
+        sparrow::eval::heatmap::plot_heatmap(p, &title, report)?;
+    }
+    if grid.json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        println!(
+            "{} accuracy of {} ({} trials per cell, greedy, {} new tokens)",
+            report.task.name(),
+            grid.model.display(),
+            grid.trials,
+            grid.max_new_tokens
+        );
+        print!("{}", sparrow::eval::retrieval::format_table(report));
+        if let Some(p) = &grid.plot {
+            println!("heatmap written to {}", p.display());
+        }
+    }
+    Ok(())
+}
+
+pub fn run(cmd: EvalCmd, progress: bool) -> Result<()> {
+    match cmd {
+        EvalCmd::Passkey { grid } => {
+            let (m, tok) = load_model_and_tokenizer(&grid.model)?;
+            let report = sparrow::eval::retrieval::passkey(&m, &tok, &grid.options(), progress)?;
+            print_retrieval(&grid, &report)?;
+        }
+        EvalCmd::Needle {
+            grid,
+            corpus,
+            val_fraction,
+            needle,
+            question,
+        } => {
+            require_corpus(&corpus)?;
+            let (m, tok) = load_model_and_tokenizer(&grid.model)?;
+            let hay = held_out(&corpus, &tok, val_fraction, progress)?;
+            let report = sparrow::eval::retrieval::needle(
+                &m,
+                &tok,
+                &hay,
+                &needle,
+                &question,
+                &grid.options(),
+                progress,
+            )?;
+            print_retrieval(&grid, &report)?;
+        }
+        EvalCmd::Perplexity {
+            model,
+            corpus,
+            context,
+            windows,
+            val_fraction,
+            json,
+        } => {
+            require_corpus(&corpus)?;
+            let (m, tok) = load_model_and_tokenizer(&model)?;
+            let tokens = held_out(&corpus, &tok, val_fraction, progress)?;
+            let rows =
+                sparrow::eval::perplexity::measure(&m, &tokens, &context, windows, progress)?;
+            let mut report = Report::new(json)
+                .col(
+                    "context",
+                    8,
+                    |r: &sparrow::eval::perplexity::ContextPerplexity| r.context.to_string(),
+                )
+                .col("windows", 8, |r| r.windows.to_string())
+                .col("loss", 8, |r| format!("{:.4}", r.loss))
+                .col("perplexity", 11, |r| format!("{:.3}", r.perplexity))
+                .col("ppl 2nd ½", 10, |r| {
+                    format!("{:.3}", r.perplexity_second_half)
+                });
+            report.note(format!(
+                "held-out perplexity of {} on {} ({windows} windows per context)",
+                model.display(),
+                corpus.display()
+            ));
+            report.rows(&rows)?;
+        }
+        EvalCmd::Routing {
+            model,
+            corpus,
+            val_fraction,
+            seq_len,
+            windows,
+            batch_size,
+            json,
+        } => {
+            let (m, tok) = load_model_and_tokenizer(&model)?;
+            let tokens = held_out(&corpus, &tok, val_fraction, progress)?;
+            let rows = sparrow::eval::routing::measure(
+                &m, &tokens, seq_len, windows, batch_size, progress,
+            )?;
+            let mut report = Report::new(json)
+                .col("layer", 5, |r: &sparrow::eval::routing::LayerRouting| {
+                    r.layer.to_string()
+                })
+                .col("tokens", 8, |r| r.utilization.tokens.to_string())
+                .col("MaxVio", 8, |r| format!("{:.3}", r.utilization.max_vio))
+                .col("CV", 7, |r| format!("{:.3}", r.utilization.cv))
+                .col("entropy", 8, |r| format!("{:.4}", r.utilization.entropy))
+                .col("drop", 7, |r| {
+                    format!("{:.2}%", r.utilization.drop_rate * 100.0)
+                })
+                .col("dead", 5, |r| r.utilization.dead.to_string())
+                .col("demandVio", 10, |r| {
+                    format!("{:.3}", r.utilization.demand_max_vio)
+                });
+            report.note(format!(
+                "expert utilization of {} ({}) on {} ({} windows of {seq_len} tokens, batches of {batch_size})",
+                model.display(),
+                m.cfg.router_kind.name(),
+                corpus.display(),
+                windows
+            ));
+            report.rows(&rows)?;
+        }
+        EvalCmd::Recall {
+            model,
+            corpus,
+            context,
+            windows,
+            topk,
+            index_dtype,
+            val_fraction,
+            json,
+        } => {
+            let (m, _) = Model::load_for_inference(
+                &model,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+                |c| {
+                    if let Some(k) = topk {
+                        c.index_topk = k;
+                    }
+                    if let Some(d) = index_dtype {
+                        c.index_cache_dtype = d.into();
+                    }
+                },
+            )?;
+            let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
+            let tokens =
+                sparrow::eval::recall::held_out_tokens(&corpus, &tok, val_fraction, progress)?;
+            let rows = sparrow::eval::recall::measure(&m, &tokens, context, windows, progress)?;
+            let mut report = Report::new(json)
+                .col("layer", 5, |r: &sparrow::eval::recall::LayerRecall| {
+                    r.layer.to_string()
+                })
+                .col("top-k", 6, |r| r.topk.to_string())
+                .col("queries", 8, |r| r.queries.to_string())
+                .col("mean", 7, |r| format!("{:.4}", r.mean))
+                .col("p5", 7, |r| format!("{:.4}", r.p5))
+                .col("min", 7, |r| format!("{:.4}", r.min));
+            report.note(format!(
+                "indexer recall of {} at context {context} (queries in the last quarter of {windows} windows)",
+                model.display()
+            ));
+            report.rows(&rows)?;
+        }
+    }
+    Ok(())
+}

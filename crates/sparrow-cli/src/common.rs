@@ -1,0 +1,127 @@
+//! What several commands share: argument types, model loading, the corpus check,
+//! Ctrl-C handling, the thread count.
+
+use anyhow::{bail, Context, Result};
+use sparrow::model::Model;
+use sparrow::tokenizer::Tokenizer;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// How a GGUF model's weight matrices are held (`--weights`).
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+pub enum WeightsArg {
+    /// Every tensor dequantized to f32.
+    F32,
+    /// Q4_0 / Q4_1 / Q8_0 matrices stay quantized (int8 activations); other types f32.
+    #[default]
+    Native,
+}
+
+impl From<WeightsArg> for sparrow::model_source::WeightFormat {
+    fn from(w: WeightsArg) -> Self {
+        match w {
+            WeightsArg::F32 => Self::F32,
+            WeightsArg::Native => Self::Native,
+        }
+    }
+}
+
+/// Index key precision on the command line.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum IndexDtype {
+    F32,
+    Bf16,
+    /// int8 with one absmax scale per token
+    Int8,
+}
+
+impl From<IndexDtype> for sparrow::config::IndexCacheDtype {
+    fn from(d: IndexDtype) -> Self {
+        match d {
+            IndexDtype::F32 => Self::Float32,
+            IndexDtype::Bf16 => Self::Bfloat16,
+            IndexDtype::Int8 => Self::Int8,
+        }
+    }
+}
+
+/// Where commands look for a model when `--model` is not given: the shipped default.
+pub const DEFAULT_MODEL: &str = "models/sparrow-small";
+
+/// A flag the first Ctrl-C sets (printing `what`: the training loop checkpoints and
+/// stops after its step); a second Ctrl-C exits at once.
+pub fn stop_on_ctrl_c(what: &'static str) -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting without checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: {what}");
+    })
+    .context("installing the Ctrl-C handler")?;
+    Ok(stop)
+}
+
+/// A training corpus folder must exist; say how to get one.
+pub fn require_corpus(corpus: &std::path::Path) -> Result<()> {
+    if !corpus.is_dir() {
+        bail!(
+            "corpus {} does not exist: run `sparrow corpus fetch --out {}` or pass --corpus DIR",
+            corpus.display(),
+            corpus.display()
+        );
+    }
+    Ok(())
+}
+
+/// The model `--model` names (a directory, a GGUF file or a known model's name,
+/// fetched on first use) and its tokenizer, for inference.
+pub fn load_model_and_tokenizer(spec: &Path) -> Result<(Model, Tokenizer)> {
+    load_model_as(spec, WeightsArg::Native)
+}
+
+/// [`load_model_and_tokenizer`] with a GGUF model's matrices held as `weights` says.
+pub fn load_model_as(spec: &Path, weights: WeightsArg) -> Result<(Model, Tokenizer)> {
+    if spec == Path::new(DEFAULT_MODEL) && !spec.is_dir() {
+        bail!(
+            "the default model {} is not here (run from the repository root, or pass --model DIR | FILE.gguf | NAME)",
+            spec.display()
+        );
+    }
+    let source = sparrow::model_source::resolve(spec, true)?;
+    Ok(sparrow::model_source::load_for_inference(
+        &source,
+        weights.into(),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        |_| {},
+    )?)
+}
+
+/// The held-out tail (`val_fraction` of each document, in (0, 1]) of a corpus, tokenized.
+pub fn held_out(
+    corpus: &Path,
+    tok: &Tokenizer,
+    val_fraction: f64,
+    progress: bool,
+) -> Result<Vec<u32>> {
+    if !(val_fraction > 0.0 && val_fraction <= 1.0) {
+        bail!("--val-fraction must be in (0, 1]");
+    }
+    Ok(sparrow::eval::recall::held_out_tokens(
+        corpus,
+        tok,
+        val_fraction,
+        progress,
+    )?)
+}
+
+pub fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+}
