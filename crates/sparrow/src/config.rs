@@ -197,11 +197,16 @@ fn default_one_f64() -> f64 {
 fn default_bias_update_speed() -> f64 {
     1e-3
 }
+/// Id of the beginning-of-sequence token in tokenizers Sparrow trains (`<|bos|>`).
+pub const BOS_ID: u32 = 0;
+/// Id of the end-of-sequence / document-separator token (`<|eos|>`).
+pub const EOS_ID: u32 = 1;
+
 fn default_bos() -> u32 {
-    crate::tokenizer::BOS_ID
+    BOS_ID
 }
 fn default_eos() -> u32 {
-    crate::tokenizer::EOS_ID
+    EOS_ID
 }
 
 /// A model's architecture. Field names follow HF `config.json` (Llama / Mixtral /

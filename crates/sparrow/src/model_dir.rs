@@ -50,10 +50,28 @@ impl Default for SaveOptions<'_> {
     }
 }
 
+/// Load `dir` for training (trainable parameters; every forward records an autograd
+/// graph). Returns the model and the step its weights record, if any.
+pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Model, Option<u64>)> {
+    load_with(dir, dtype, device, |_| {}, false)
+}
+
+/// Load `dir` for inference (generation, evaluation, export): detached parameters
+/// (`VarStore::frozen`), so a forward keeps no autograd graph and a long prompt needs
+/// memory for its live activations only; `edit` adjusts the config first.
+pub fn load_for_inference(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    edit: impl FnOnce(&mut ModelConfig),
+) -> Result<(Model, Option<u64>)> {
+    load_with(dir, dtype, device, edit, true)
+}
+
 /// Load `dir` (Sparrow's layout or an HF family's) with the config adjusted by `edit`
-/// before the layers are built; `frozen` hands out detached parameters (inference:
-/// no autograd graph). Returns the model and the step its weights record, if any.
-pub fn load(
+/// before the layers are built (validated again); `frozen` hands out detached
+/// parameters. Returns the model and the step its weights record, if any.
+pub fn load_with(
     dir: &Path,
     dtype: DType,
     device: &Device,
@@ -85,6 +103,16 @@ pub fn load(
         store = store.frozen();
     }
     Ok((Model::from_store(&cfg, store)?, step))
+}
+
+/// Write `model`'s config, weights (f32) and generation config into `dir` in Sparrow's
+/// layout, recording `step`.
+pub fn save_at(model: &Model, dir: &Path, step: Option<u64>) -> Result<()> {
+    let opts = SaveOptions {
+        step,
+        ..Default::default()
+    };
+    save(model, dir, &opts).map(|_| ())
 }
 
 /// Write `model` into `dir` (created if needed) as `opts` says. Returns the HF family

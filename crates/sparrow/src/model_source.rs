@@ -104,7 +104,9 @@ pub fn load_model_for_inference(
     edit: impl FnOnce(&mut crate::config::ModelConfig),
 ) -> Result<Model> {
     match source {
-        ModelSource::Dir(dir) => Ok(Model::load_for_inference(dir, dtype, device, edit)?.0),
+        ModelSource::Dir(dir) => {
+            Ok(crate::model_dir::load_for_inference(dir, dtype, device, edit)?.0)
+        }
         ModelSource::Gguf(path) => {
             Model::load_gguf_for_inference(&GgufFile::open(path)?, weights, dtype, device, edit)
         }
@@ -119,7 +121,7 @@ pub fn load_model_with_step(
     device: &Device,
 ) -> Result<(Model, Option<u64>)> {
     match source {
-        ModelSource::Dir(dir) => Model::load_for_inference(dir, dtype, device, |_| {}),
+        ModelSource::Dir(dir) => crate::model_dir::load_for_inference(dir, dtype, device, |_| {}),
         gguf => Ok((
             load_model_for_inference(gguf, WeightFormat::F32, dtype, device, |_| {})?,
             None,

@@ -14,10 +14,9 @@ use tokenizers::{AddedToken, TokenizerBuilder, TokenizerImpl};
 pub const BOS_TOKEN: &str = "<|bos|>";
 /// End-of-sequence / document-separator special token (id 1).
 pub const EOS_TOKEN: &str = "<|eos|>";
-pub const BOS_ID: u32 = 0;
 /// The HF file beside `tokenizer.json` that names special tokens and the chat template.
 pub const CONFIG_FILE: &str = "tokenizer_config.json";
-pub const EOS_ID: u32 = 1;
+pub use crate::config::{BOS_ID, EOS_ID};
 
 /// A loaded tokenizer plus the ids of its special tokens.
 #[derive(Clone)]

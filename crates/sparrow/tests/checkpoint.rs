@@ -10,12 +10,12 @@ use std::path::Path;
 
 fn saved_tiny(dir: &Path) -> Model {
     let model = Model::new_random(&tiny_config(), 8, DType::F32, &Device::Cpu).unwrap();
-    model.save_dir(dir, Some(42)).unwrap();
+    sparrow::model_dir::save_at(&model, dir, Some(42)).unwrap();
     model
 }
 
 fn load_err(dir: &Path) -> String {
-    match Model::load_dir(dir, DType::F32, &Device::Cpu) {
+    match sparrow::model_dir::load(dir, DType::F32, &Device::Cpu) {
         Ok(_) => panic!("load should fail"),
         Err(e) => {
             assert!(
@@ -34,7 +34,7 @@ fn load_err(dir: &Path) -> String {
 fn save_load_round_trip_is_bit_exact() {
     let dir = tempfile::tempdir().unwrap();
     let model = saved_tiny(dir.path());
-    let (loaded, step) = Model::load_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let (loaded, step) = sparrow::model_dir::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(step, Some(42));
     assert_eq!(loaded.cfg, model.cfg);
     let a = model.store.vars();
@@ -62,7 +62,7 @@ fn save_load_round_trip_is_bit_exact() {
     }
     // Saving the loaded model again produces the identical file.
     let again = tempfile::tempdir().unwrap();
-    loaded.save_dir(again.path(), Some(42)).unwrap();
+    sparrow::model_dir::save_at(&loaded, again.path(), Some(42)).unwrap();
     assert!(
         std::fs::read(dir.path().join("model.safetensors")).unwrap()
             == std::fs::read(again.path().join("model.safetensors")).unwrap(),
@@ -219,7 +219,7 @@ fn half_precision_storage_round_trips() {
     cfg.initializer_range = 0.1;
     let model = sparrow::model::Model::new_random(&cfg, 4, DType::F32, &Device::Cpu).unwrap();
     let ids = Tensor::from_slice(&[3u32, 17, 99, 5, 250, 8], (1, 6), &Device::Cpu).unwrap();
-    let want = model.forward(&ids, None).unwrap().logits;
+    let want = model.forward(&ids).unwrap().logits;
     let dir = tempfile::tempdir().unwrap();
     let size = |d: &std::path::Path| {
         std::fs::metadata(d.join("model.safetensors"))
@@ -227,10 +227,15 @@ fn half_precision_storage_round_trips() {
             .len()
     };
     let full = dir.path().join("f32");
-    model.save_dir(&full, Some(3)).unwrap();
+    sparrow::model_dir::save_at(&model, &full, Some(3)).unwrap();
     for (dtype, tol) in [(DType::F16, 2e-3), (DType::BF16, 2e-2)] {
         let out = dir.path().join(format!("{dtype:?}"));
-        model.save_dir_as(&out, Some(3), dtype).unwrap();
+        let opts = sparrow::model_dir::SaveOptions {
+            dtype,
+            step: Some(3),
+            ..Default::default()
+        };
+        sparrow::model_dir::save(&model, &out, &opts).unwrap();
         let ratio = size(&out) as f64 / size(&full) as f64;
         assert!((0.45..0.56).contains(&ratio), "{dtype:?}: {ratio}");
         let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
@@ -245,16 +250,17 @@ fn half_precision_storage_round_trips() {
             };
             assert_eq!(view.dtype(), want_dtype, "{name}");
         }
-        let (loaded, step) =
-            sparrow::model::Model::load_dir(&out, DType::F32, &Device::Cpu).unwrap();
+        let (loaded, step) = sparrow::model_dir::load(&out, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(step, Some(3));
-        let got = loaded.forward(&ids, None).unwrap().logits;
+        let got = loaded.forward(&ids).unwrap().logits;
         let err = common::rel_err(&got, &want);
         assert!(err < tol, "{dtype:?}: {err}");
     }
-    assert!(model
-        .save_dir_as(&dir.path().join("u8"), None, DType::U8)
-        .is_err());
+    let u8_opts = sparrow::model_dir::SaveOptions {
+        dtype: DType::U8,
+        ..Default::default()
+    };
+    assert!(sparrow::model_dir::save(&model, &dir.path().join("u8"), &u8_opts).is_err());
 }
 
 /// A model loaded for inference computes the same logits as the trainable load and
@@ -265,14 +271,14 @@ fn inference_load_keeps_no_graph_and_matches() {
     let cfg = common::tiny_config();
     let model = sparrow::model::Model::new_random(&cfg, 8, DType::F32, &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    model.save_dir(dir.path(), None).unwrap();
+    sparrow::model_dir::save_at(&model, dir.path(), None).unwrap();
     let ids = Tensor::from_slice(&[3u32, 9, 27, 81], (1, 4), &Device::Cpu).unwrap();
-    let (train, _) = sparrow::model::Model::load_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let (train, _) = sparrow::model_dir::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
     let (infer, _) =
-        sparrow::model::Model::load_for_inference(dir.path(), DType::F32, &Device::Cpu, |_| {})
+        sparrow::model_dir::load_for_inference(dir.path(), DType::F32, &Device::Cpu, |_| {})
             .unwrap();
-    let a = train.forward(&ids, None).unwrap().logits;
-    let b = infer.forward(&ids, None).unwrap().logits;
+    let a = train.forward(&ids).unwrap().logits;
+    let b = infer.forward(&ids).unwrap().logits;
     assert!(a.track_op(), "the trainable load records the graph");
     assert!(!b.track_op(), "the inference load must not record a graph");
     assert_eq!(common::rel_err(&a, &b), 0.0);

@@ -7,7 +7,6 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use sparrow::config::{AttentionKind, IndexerKind, IndexerTrainMode};
-use sparrow::model::cache::KvCache;
 use sparrow::model::transformer::ForwardOptions;
 use sparrow::model::Model;
 use sparrow::train::loss::cross_entropy;
@@ -48,13 +47,13 @@ fn dsa_equals_dense_when_the_context_fits_in_k() {
         let model = Model::new_random(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
         let dense = dense_twin(&model);
         let x = batch(2, 16, cfg.vocab_size);
-        let a = model.forward(&x, None).unwrap().logits;
-        let b = dense.forward(&x, None).unwrap().logits;
+        let a = model.forward(&x).unwrap().logits;
+        let b = dense.forward(&x).unwrap().logits;
         assert_eq!(to_f64_vec(&a), to_f64_vec(&b), "{kind:?}");
         // Past k the layers differ: the selection is really used.
         let x = batch(1, 40, cfg.vocab_size);
-        let a = model.forward(&x, None).unwrap().logits;
-        let b = dense.forward(&x, None).unwrap().logits;
+        let a = model.forward(&x).unwrap().logits;
+        let b = dense.forward(&x).unwrap().logits;
         assert!(
             rel_err(&a, &b) > 1e-4,
             "{kind:?}: sparse equals dense past k"
@@ -63,7 +62,7 @@ fn dsa_equals_dense_when_the_context_fits_in_k() {
 }
 
 #[test]
-fn dsa_cached_decode_equals_full_forward() {
+fn dsa_stepped_decode_equals_full_forward() {
     for kind in KINDS {
         use sparrow::config::IndexCacheDtype;
         for dtype in [
@@ -78,39 +77,21 @@ fn dsa_cached_decode_equals_full_forward() {
             let n = 41;
             let toks = ids(n, cfg.vocab_size, 0);
             let full = model
-                .forward(
-                    &Tensor::from_slice(&toks, (1, n), &Device::Cpu).unwrap(),
-                    None,
-                )
+                .forward(&Tensor::from_slice(&toks, (1, n), &Device::Cpu).unwrap())
                 .unwrap()
                 .logits;
-            let mut cache = KvCache::new(cfg.num_hidden_layers);
-            let prefill = 9;
-            let mut pieces = vec![
-                model
-                    .forward(
-                        &Tensor::from_slice(&toks[..prefill], (1, prefill), &Device::Cpu).unwrap(),
-                        Some(&mut cache),
-                    )
-                    .unwrap()
-                    .logits,
-            ];
-            for &t in &toks[prefill..] {
-                let x = Tensor::from_slice(&[t], (1, 1), &Device::Cpu).unwrap();
-                pieces.push(model.forward(&x, Some(&mut cache)).unwrap().logits);
-            }
-            let inc = Tensor::cat(&pieces, 1).unwrap();
+            let (inc, cache) = stepped(&model, &toks, &prefill_then_decode(9, n));
             let err = rel_err(&inc, &full);
             assert!(err < 1e-5, "{kind:?} {dtype:?}: rel err {err:e}");
             // The index cache holds one key per position, in the chosen precision.
-            let index_bytes = cache.layers[1].index_bytes();
+            let index_bytes = cache.layers[1].index.as_ref().unwrap().bytes();
             let per_token = match dtype {
                 IndexCacheDtype::Float32 => 4 * cfg.index_head_dim,
                 IndexCacheDtype::Bfloat16 => 2 * cfg.index_head_dim,
                 IndexCacheDtype::Int8 => cfg.index_head_dim + 4,
             };
             assert_eq!(index_bytes, n.div_ceil(64) * 64 * per_token);
-            assert_eq!(cache.layers[0].index_bytes(), 0);
+            assert!(cache.layers[0].index.is_none());
         }
     }
 }
@@ -154,7 +135,7 @@ fn f64_model_of(layout: Layout, topk: usize) -> Model {
 
 fn lm_loss(model: &Model, x: &Tensor, o: &ForwardOptions) -> Tensor {
     let (b, t) = x.dims2().unwrap();
-    let out = model.net.forward_with(x, None, o).unwrap();
+    let out = model.net.forward_with(x, o).unwrap();
     let tgt = Tensor::from_vec(ids(b * t, model.cfg.vocab_size, 5), b * t, &Device::Cpu).unwrap();
     cross_entropy(
         &out.logits.reshape((b * t, model.cfg.vocab_size)).unwrap(),
@@ -182,14 +163,7 @@ fn sparse_mode_gradients_match_finite_differences() {
             .filter(|(n, _)| n.contains("layers.1.self_attn"))
             .collect();
         check_gradients(&main, || lm_loss(&model, &x, &o), 6);
-        let kl = || {
-            model
-                .net
-                .forward_with(&x, None, &o)
-                .unwrap()
-                .indexer_kl
-                .unwrap()
-        };
+        let kl = || model.net.forward_with(&x, &o).unwrap().indexer_kl.unwrap();
         check_gradients(&indexer, kl, 6);
     }
 }
@@ -207,14 +181,7 @@ fn dense_warmup_kl_gradients_match_finite_differences() {
             .filter(|(n, _)| n.contains(".indexer."))
             .collect();
         assert!(!indexer.is_empty());
-        let kl = || {
-            model
-                .net
-                .forward_with(&x, None, &o)
-                .unwrap()
-                .indexer_kl
-                .unwrap()
-        };
+        let kl = || model.net.forward_with(&x, &o).unwrap().indexer_kl.unwrap();
         check_gradients(&indexer, kl, 8);
         // The warm-up's attention is dense: the LM loss equals the dense twin's.
         let lm = lm_loss(&model, &x, &o);
@@ -254,7 +221,7 @@ fn every_parameter_learns_in_every_mode() {
             let model = f64_model_of(layout, 5);
             let x = batch(2, 14, model.cfg.vocab_size);
             let o = opts(mode, kl);
-            let out = model.net.forward_with(&x, None, &o).unwrap();
+            let out = model.net.forward_with(&x, &o).unwrap();
             let b_t = 2 * 14;
             let tgt =
                 Tensor::from_vec(ids(b_t, model.cfg.vocab_size, 5), b_t, &Device::Cpu).unwrap();
@@ -311,7 +278,7 @@ fn recall_is_one_within_k_and_a_share_past_it() {
         };
         let out = model
             .net
-            .forward_with(&batch(1, 30, cfg.vocab_size), None, &o)
+            .forward_with(&batch(1, 30, cfg.vocab_size), &o)
             .unwrap();
         assert!(out.recall[0].is_none(), "dense layer has no recall");
         let r = out.recall[1].as_ref().unwrap();

@@ -137,7 +137,7 @@ fn step_logits_equal_the_full_forward_for_every_layout() {
             let model = random_model(&cfg, seed);
             let x = ids(t, cfg.vocab_size, seed as u32);
             let full = model
-                .forward(&Tensor::from_slice(&x, (1, t), &Device::Cpu).unwrap(), None)
+                .forward(&Tensor::from_slice(&x, (1, t), &Device::Cpu).unwrap())
                 .unwrap()
                 .logits
                 .squeeze(0)

@@ -58,12 +58,7 @@ fn perplexity_equals_the_training_loss_on_the_same_window() {
     let rows = sparrow::eval::perplexity::measure(&model, &tokens, &[n], 1, false).unwrap();
     let inp = Tensor::from_slice(&tokens[..n], (1, n), &Device::Cpu).unwrap();
     let tgt = Tensor::from_slice(&tokens[1..n + 1], n, &Device::Cpu).unwrap();
-    let logits = model
-        .forward(&inp, None)
-        .unwrap()
-        .logits
-        .squeeze(0)
-        .unwrap();
+    let logits = model.forward(&inp).unwrap().logits.squeeze(0).unwrap();
     let want = cross_entropy(&logits, &tgt)
         .unwrap()
         .to_scalar::<f32>()

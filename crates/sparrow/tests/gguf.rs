@@ -79,7 +79,7 @@ fn check_llama(name: &str, tied: bool, kv_heads: usize) {
     let (ids, want) = reference(name);
     let t = ids.len();
     let input = Tensor::from_vec(ids.clone(), (1, t), &Device::Cpu).unwrap();
-    let full = model.forward(&input, None).unwrap().logits;
+    let full = model.forward(&input).unwrap().logits;
     let err = rel_err(&full, &want);
     assert!(err < 1e-4, "{name}: full-forward logits differ by {err:e}");
     // The engine's step, one token at a time (the cached path).
@@ -531,7 +531,7 @@ fn smollm2_matches_llama_cpp() {
     let ids = json_ids(&tf["ids"]);
     let want = json_ids(&tf["top1"]);
     let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
-    let logits = model.forward(&input, None).unwrap().logits;
+    let logits = model.forward(&input).unwrap().logits;
     let top1: Vec<u32> = logits
         .squeeze(0)
         .unwrap()
@@ -596,17 +596,14 @@ fn gguf_export_round_trips_and_refuses_other_shapes() {
         Model::load_gguf_for_inference(&f, WeightFormat::F32, DType::F32, &Device::Cpu, |_| {})
             .unwrap();
     let ids = Tensor::from_vec(vec![1u32, 7, 100, 263, 5, 42], (1, 6), &Device::Cpu).unwrap();
-    let want = model.forward(&ids, None).unwrap().logits;
+    let want = model.forward(&ids).unwrap().logits;
     // f32: the same model, bit for bit, and the same tokenizer.
     let bytes = model.to_gguf(&tok, GgufDtype::F32, "rt").unwrap();
     let g = parse(bytes).unwrap();
     let back =
         Model::load_gguf_for_inference(&g, WeightFormat::F32, DType::F32, &Device::Cpu, |_| {})
             .unwrap();
-    assert_eq!(
-        rel_err(&back.forward(&ids, None).unwrap().logits, &want),
-        0.0
-    );
+    assert_eq!(rel_err(&back.forward(&ids).unwrap().logits, &want), 0.0);
     let tok2 = Tokenizer::from_gguf(&g).unwrap();
     let text = "<|im_start|>the 2024 then<|im_end|>";
     assert_eq!(tok2.encode(text).unwrap(), tok.encode(text).unwrap());
@@ -640,7 +637,7 @@ fn gguf_export_round_trips_and_refuses_other_shapes() {
             |_| {},
         )
         .unwrap();
-        let err = rel_err(&m.forward(&ids, None).unwrap().logits, &want);
+        let err = rel_err(&m.forward(&ids).unwrap().logits, &want);
         assert!(err < 0.05, "{d:?}: logits differ by {err}");
     }
     // A MoE / DSA model is refused with the reason.

@@ -81,7 +81,7 @@ fn check_attention(kv_heads: usize) {
         || {
             probe(
                 &attn
-                    .forward(x.as_tensor(), &rope, None, &Default::default())
+                    .forward(x.as_tensor(), &rope, &Default::default())
                     .unwrap()
                     .y,
                 2,
@@ -126,7 +126,7 @@ fn block_gradients_dense_and_moe() {
             || {
                 probe(
                     &block
-                        .forward(x.as_tensor(), &ids, &rope, None, &Default::default())
+                        .forward(x.as_tensor(), &ids, &rope, &Default::default())
                         .unwrap()
                         .x,
                     2,
@@ -155,7 +155,7 @@ fn full_model_loss_gradients() {
     )
     .unwrap();
     let loss = || {
-        let out = model.forward(&ids, None).unwrap();
+        let out = model.forward(&ids).unwrap();
         let ce = cross_entropy(&out.logits.reshape((16, 40)).unwrap(), &targets).unwrap();
         (ce + (out.aux_loss.unwrap() * 0.01).unwrap()).unwrap()
     };
@@ -177,7 +177,7 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
             .map(|i| (i * 13 + 5) % cfg.vocab_size as u32)
             .collect();
         let targets = Tensor::from_vec(targets, b * t, &Device::Cpu).unwrap();
-        let out = model.forward(&ids, None).unwrap();
+        let out = model.forward(&ids).unwrap();
         assert!(
             out.routing
                 .iter()

@@ -8,10 +8,7 @@
 mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use sparrow::model::cache::{KvCache, SeqCache};
-use sparrow::model::step::StepOptions;
 use sparrow::model::Model;
-use sparrow::model::StepInput;
 
 fn fixture(name: &str) -> std::path::PathBuf {
     repo_root().join("fixtures/hf").join(name)
@@ -26,49 +23,22 @@ fn reference(name: &str) -> (Tensor, Tensor, Tensor) {
 }
 
 fn check(name: &str) {
-    let (model, _) = Model::load_dir(&fixture(name), DType::F32, &Device::Cpu)
+    let (model, _) = sparrow::model_dir::load(&fixture(name), DType::F32, &Device::Cpu)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     let (ids, full_ref, decode_ref) = reference(name);
-    let full = model.forward(&ids, None).unwrap().logits;
+    let full = model.forward(&ids).unwrap().logits;
     let err = rel_err(&full, &full_ref);
     assert!(err < 1e-4, "{name}: full-forward logits differ by {err:e}");
 
     let t = ids.dim(1).unwrap();
-    let mut cache = KvCache::new(model.cfg.num_hidden_layers);
-    let mut steps = Vec::new();
-    for i in 0..t {
-        let one = ids.narrow(1, i, 1).unwrap();
-        steps.push(model.forward(&one, Some(&mut cache)).unwrap().logits);
-    }
-    let decode = Tensor::cat(&steps, 1).unwrap();
-    let err = rel_err(&decode, &decode_ref);
-    assert!(err < 1e-4, "{name}: cached-decode logits differ by {err:e}");
-
     // The engine's step: one token per step, and chunks of 3, 1, 4, ... tokens.
     let host: Vec<u32> = ids.flatten_all().unwrap().to_vec1().unwrap();
-    let all = StepOptions {
-        all_logits: true,
-        ..Default::default()
-    };
     for chunks in [vec![1; t], uneven(t)] {
-        let mut cache = SeqCache::new(model.cfg.num_hidden_layers);
-        let mut rows = Vec::new();
-        let mut at = 0;
-        for n in chunks {
-            let mut input = [StepInput {
-                tokens: &host[at..at + n],
-                cache: &mut cache,
-            }];
-            rows.push(model.step(&mut input, &all).unwrap().logits);
-            at += n;
-        }
-        let stepped = Tensor::cat(&rows, 0).unwrap().unsqueeze(0).unwrap();
+        let (stepped, _) = stepped(&model, &host, &chunks);
         let err = rel_err(&stepped, &decode_ref);
-        assert!(err < 1e-4, "{name}: engine-step logits differ by {err:e}");
-        let err = rel_err(&stepped, &decode);
         assert!(
-            err < 1e-5,
-            "{name}: engine step vs cached forward differ by {err:e}"
+            err < 1e-4,
+            "{name}: engine-step logits ({chunks:?}) differ from transformers' cached decode by {err:e}"
         );
     }
 }
@@ -120,13 +90,14 @@ fn deepseek_v3_without_query_latent_matches_transformers() {
 fn deepseek_v32_logits_and_selection_match_transformers() {
     // 11 tokens, top-4: queries from position 4 on attend to 4 of their positions.
     check("deepseek-v32");
-    let (model, _) = Model::load_dir(&fixture("deepseek-v32"), DType::F32, &Device::Cpu).unwrap();
+    let (model, _) =
+        sparrow::model_dir::load(&fixture("deepseek-v32"), DType::F32, &Device::Cpu).unwrap();
     let (ids, _, _) = reference("deepseek-v32");
     let opts = sparrow::model::transformer::ForwardOptions {
         collect_selection: true,
         ..Default::default()
     };
-    let out = model.net.forward_with(&ids, None, &opts).unwrap();
+    let out = model.net.forward_with(&ids, &opts).unwrap();
     let (refs, _) = sparrow::weights::load(
         &fixture("deepseek-v32").join("reference.safetensors"),
         &Device::Cpu,
@@ -196,7 +167,7 @@ fn unsupported_hf_fields_are_named() {
         std::fs::copy(&f, sharded.join(f.file_name().unwrap())).unwrap();
     }
     std::fs::remove_file(sharded.join("model-00003-of-00011.safetensors")).unwrap();
-    let err = Model::load_dir(&sharded, DType::F32, &Device::Cpu)
+    let err = sparrow::model_dir::load(&sharded, DType::F32, &Device::Cpu)
         .err()
         .unwrap()
         .to_string();
@@ -218,7 +189,7 @@ fn unsupported_hf_fields_are_named() {
     );
     let list: Vec<(String, Tensor)> = t.clone().into_iter().collect();
     sparrow::weights::save(&one.path().join("model.safetensors"), &list, meta.clone()).unwrap();
-    let err = Model::load_dir(one.path(), DType::F32, &Device::Cpu)
+    let err = sparrow::model_dir::load(one.path(), DType::F32, &Device::Cpu)
         .err()
         .unwrap()
         .to_string();
@@ -240,11 +211,11 @@ fn unsupported_hf_fields_are_named() {
     );
     let list: Vec<(String, Tensor)> = t.clone().into_iter().collect();
     sparrow::weights::save(&one.path().join("model.safetensors"), &list, meta.clone()).unwrap();
-    Model::load_dir(one.path(), DType::F32, &Device::Cpu).unwrap();
+    sparrow::model_dir::load(one.path(), DType::F32, &Device::Cpu).unwrap();
     t.remove(name);
     let list: Vec<(String, Tensor)> = t.into_iter().collect();
     sparrow::weights::save(&one.path().join("model.safetensors"), &list, meta).unwrap();
-    let err = Model::load_dir(one.path(), DType::F32, &Device::Cpu)
+    let err = sparrow::model_dir::load(one.path(), DType::F32, &Device::Cpu)
         .err()
         .unwrap()
         .to_string();
@@ -273,7 +244,7 @@ fn import_export_import_is_bit_exact_with_hf_names() {
         "deepseek-v3-noq",
         "deepseek-v32",
     ] {
-        let (a, _) = Model::load_dir(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let (a, _) = sparrow::model_dir::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
         let out = tempfile::tempdir().unwrap();
         let opts = sparrow::model_dir::SaveOptions {
             layout: sparrow::model_dir::Layout::Hf,
@@ -289,7 +260,7 @@ fn import_export_import_is_bit_exact_with_hf_names() {
             _ => "llama",
         };
         assert_eq!(family.model_type(), expected);
-        let (b, _) = Model::load_dir(out.path(), DType::F32, &Device::Cpu).unwrap();
+        let (b, _) = sparrow::model_dir::load(out.path(), DType::F32, &Device::Cpu).unwrap();
         assert_eq!(a.cfg, b.cfg, "{name}: config changed in the round trip");
         assert!(
             tensors(&a) == tensors(&b),

@@ -29,7 +29,7 @@ fn tiny_model_overfits_a_fixed_batch() {
     let mut first = None;
     let mut last = f32::NAN;
     for _ in 0..150 {
-        let out = model.forward(&inp, None).unwrap();
+        let out = model.forward(&inp).unwrap();
         let ce =
             cross_entropy(&out.logits.reshape((b * t, cfg.vocab_size)).unwrap(), &tgt).unwrap();
         let loss = (&ce + (out.aux_loss.unwrap() * 0.01).unwrap()).unwrap();

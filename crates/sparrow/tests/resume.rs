@@ -110,7 +110,7 @@ fn resumed_runs_are_exact_for_stateful_and_capacity_routers() {
             "{kind:?}: weights differ"
         );
         if kind == RouterKind::NoauxBias {
-            let (m, _) = sparrow::model::Model::load_dir(
+            let (m, _) = sparrow::model_dir::load(
                 &straight,
                 candle_core::DType::F32,
                 &candle_core::Device::Cpu,

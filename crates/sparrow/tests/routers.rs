@@ -245,14 +245,14 @@ fn noaux_bias_moves_toward_balance_steers_selection_and_is_checkpointed() {
             .unwrap();
     }
     let ids = Tensor::from_vec(token_ids(10), (1, 10), &Device::Cpu).unwrap();
-    let out = model.forward(&ids, None).unwrap();
+    let out = model.forward(&ids).unwrap();
     let r = out.routing[1].as_ref().unwrap();
     assert_eq!(r.load[4], 10, "{:?}", r.load);
 
     // Saved and loaded with the model.
     let dir = tempfile::tempdir().unwrap();
-    model.save_dir(dir.path(), None).unwrap();
-    let (back, _) = Model::load_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    sparrow::model_dir::save_at(&model, dir.path(), None).unwrap();
+    let (back, _) = sparrow::model_dir::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(bias(&back), bias(&model));
 }
 
@@ -346,17 +346,10 @@ fn inference_never_drops_and_cached_decode_matches_the_full_forward() {
         let t = 9;
         let ids_v = token_ids(t);
         let ids = Tensor::from_vec(ids_v.clone(), (1, t), &Device::Cpu).unwrap();
-        let full = model.forward(&ids, None).unwrap();
+        let full = model.forward(&ids).unwrap();
         assert!(full.routing.iter().flatten().all(|r| r.dropped() == 0));
-        let mut cache = sparrow::model::cache::KvCache::new(cfg.num_hidden_layers);
-        let mut steps = Vec::new();
-        for (i, &id) in ids_v.iter().enumerate() {
-            let one = Tensor::from_vec(vec![id], (1, 1), &Device::Cpu).unwrap();
-            let out = model.forward(&one, Some(&mut cache)).unwrap();
-            assert_eq!(cache.len(), i + 1);
-            steps.push(out.logits);
-        }
-        let stepped = Tensor::cat(&steps, 1).unwrap();
+        let (stepped, cache) = stepped(&model, &ids_v, &vec![1; t]);
+        assert_eq!(cache.len(), t);
         let err = rel_err(&stepped, &full.logits);
         assert!(err < 1e-5, "{kind:?}: cached decode differs by {err:e}");
     }

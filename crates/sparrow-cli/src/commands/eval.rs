@@ -7,7 +7,6 @@ use crate::common::{
 use crate::report::Report;
 use anyhow::Result;
 use clap::Subcommand;
-use sparrow::model::Model;
 use sparrow::tokenizer::Tokenizer;
 use std::path::PathBuf;
 
@@ -290,7 +289,7 @@ pub fn run(cmd: EvalCmd, progress: bool) -> Result<()> {
             val_fraction,
             json,
         } => {
-            let (m, _) = Model::load_for_inference(
+            let (m, _) = sparrow::model_dir::load_for_inference(
                 &model,
                 candle_core::DType::F32,
                 &candle_core::Device::Cpu,

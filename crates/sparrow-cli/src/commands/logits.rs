@@ -38,7 +38,7 @@ pub fn run(a: LogitsArgs, progress: bool) -> Result<()> {
     let dev = candle_core::Device::Cpu;
     let t = ids.len();
     let input = candle_core::Tensor::from_vec(ids.clone(), (1, t), &dev)?;
-    let mut tensors = vec![("logits".to_string(), m.forward(&input, None)?.logits)];
+    let mut tensors = vec![("logits".to_string(), m.forward(&input)?.logits)];
     if decode {
         // One token per engine step over the sequence's own cache: the decode
         // path every generation takes.

@@ -76,9 +76,7 @@ pub fn measure(
 fn window_nll(model: &Model, inp: &[u32], tgt: &[u32]) -> Result<Vec<f64>> {
     let dev = model.store.device();
     let ids = Tensor::from_slice(inp, (1, inp.len()), dev)?;
-    let out = model
-        .net
-        .forward_with(&ids, None, &ForwardOptions::default())?;
+    let out = model.net.forward_with(&ids, &ForwardOptions::default())?;
     let logits = out.logits.squeeze(0)?.to_dtype(DType::F32)?; // (T, V)
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let tgt = Tensor::from_slice(tgt, (tgt.len(), 1), dev)?;

@@ -78,7 +78,7 @@ pub fn measure(
     let bar = crate::progress::bar(wins.len() as u64, "recall", progress);
     for (inp, _) in &wins {
         let ids = Tensor::from_slice(inp, (1, context), model.store.device())?;
-        let out = model.net.forward_with(&ids, None, &opts)?;
+        let out = model.net.forward_with(&ids, &opts)?;
         for (l, r) in out.recall.iter().enumerate() {
             if let Some(r) = r {
                 per_layer[l].extend(r.iter().copied().filter(|x| !x.is_nan()));

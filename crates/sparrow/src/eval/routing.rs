@@ -59,7 +59,7 @@ pub fn measure(
     for chunk in wins.chunks(batch) {
         let ids: Vec<u32> = chunk.iter().flat_map(|(i, _)| i.iter().copied()).collect();
         let ids = Tensor::from_vec(ids, (chunk.len(), seq_len), model.store.device())?;
-        let out = model.net.forward_with(&ids, None, &opts)?;
+        let out = model.net.forward_with(&ids, &opts)?;
         RoutingStats::merge_layers(&mut per_layer, &out.routing);
         bar.inc(chunk.len() as u64);
     }

@@ -13,7 +13,6 @@ use crate::data::corpus;
 use crate::data::shards::TokenData;
 use crate::error::{Error, Result};
 use crate::eval::routing::{self, LayerRouting};
-use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint::{TrainState, STATE_JSON};
 use crate::train::metrics::read_metrics;
@@ -196,7 +195,8 @@ fn measure(
     ood_tokens: Option<&[u32]>,
 ) -> Result<RouterResult> {
     let o = &exp.options;
-    let (model, step) = Model::load_for_inference(dir, DType::F32, &Device::Cpu, |_| {})?;
+    let (model, step) =
+        crate::model_dir::load_for_inference(dir, DType::F32, &Device::Cpu, |_| {})?;
     let data = TokenData::load_or_build(
         &exp.corpus,
         tokenizer,

@@ -7,17 +7,18 @@
 //! `index_topk` per query, and attention runs over those rows only
 //! (`kernels::sparse_attention`). With at most `index_topk` visible positions the DSA
 //! layer computes dense attention, which is then exactly what the top-k would select.
-//! One code path serves training over (B, T) and incremental decoding with a cache.
+//! `forward` runs whole windows as tensors (training, evaluation, parity); `step` runs
+//! the engine's packed rows over per-sequence caches with the kernels.
 
-use super::cache::{LayerCache, LayerKv};
+use super::cache::LayerCache;
 use super::indexer::{Indexer, IndexerOut};
 use super::linear::Linear;
+use super::options::ForwardOptions;
 use super::params::Vb;
 use super::rope::Rope;
 use super::step::{Segment, StepOptions};
-use super::transformer::ForwardOptions;
 use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kernels::decode_attention;
 use crate::kernels::indexer::{self as ix_kernel, KeyPrecision, KeyStore, TopkQueries};
 use crate::kernels::kv_rows::KvRows;
@@ -87,14 +88,9 @@ impl Attention {
         })
     }
 
-    /// x (B, T, C) at positions cache.len().. -> (B, T, C). Appends to `cache` if given.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        mut cache: Option<&mut LayerKv>,
-        opts: &ForwardOptions,
-    ) -> Result<AttnOut> {
+    /// x (B, T, C), a whole window from position 0 -> (B, T, C) (training,
+    /// evaluation, parity; incremental decoding is [`Self::step`]).
+    pub fn forward(&self, x: &Tensor, rope: &Rope, opts: &ForwardOptions) -> Result<AttnOut> {
         let (b, t, _c) = x.dims3()?;
         let (h, kv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let q = self
@@ -113,20 +109,15 @@ impl Attention {
             .reshape((b, t, kv, d))?
             .transpose(1, 2)?
             .contiguous()?;
-        let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        let q = rope.apply(&q.contiguous()?, offset)?;
-        let k = rope.apply(&k.contiguous()?, offset)?;
-        let (k, v) = match cache.as_deref_mut() {
-            Some(c) => c.append(&k, &v)?,
-            None => (k, v),
-        };
+        let q = rope.apply(&q.contiguous()?, 0)?;
+        let k = rope.apply(&k.contiguous()?, 0)?;
         let out = match &self.indexer {
             None => AttnOut {
-                y: self.dense_blocked(&q, &k, &v, offset)?,
+                y: self.dense_blocked(&q, &k, &v, 0)?,
                 indexer_kl: None,
                 recall: None,
             },
-            Some(ix) => self.forward_dsa(ix, x, &q, &k, &v, offset, cache, opts)?,
+            Some(ix) => self.forward_dsa(ix, x, &q, &k, &v, opts)?,
         };
         Ok(AttnOut {
             y: self.o_proj.forward(&out.y)?,
@@ -176,7 +167,6 @@ impl Attention {
         Ok((y, att))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn forward_dsa(
         &self,
         ix: &Indexer,
@@ -184,27 +174,18 @@ impl Attention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        offset: usize,
-        mut cache: Option<&mut LayerKv>,
         opts: &ForwardOptions,
     ) -> Result<AttnOut> {
         let (b, h, t, d) = q.dims4()?;
-        let s = offset + t;
+        let (s, offset) = (t, 0);
         let mode = opts.indexer_mode;
-        if mode.is_some() && offset > 0 {
-            return Err(Error::Invalid(
-                "DSA training runs on whole windows, without a KV cache".into(),
-            ));
-        }
         // The KL-trained indexer learns on detached input: its loss moves only itself.
         let detach = matches!(
             mode,
             Some(IndexerTrainMode::DenseWarmup) | Some(IndexerTrainMode::Sparse)
         );
         let x_in = if detach { x.detach() } else { x.clone() };
-        let io = ix.forward(&x_in, offset)?;
-        // The new index keys go into the cache (if any) whichever path runs below.
-        let new_keys = append_index_keys(&io, cache.as_deref_mut(), self.index_precision)?;
+        let io = ix.forward(&x_in, 0)?;
         let want_kl = match mode {
             Some(IndexerTrainMode::DenseWarmup) | Some(IndexerTrainMode::Sparse) => true,
             Some(IndexerTrainMode::Ste) => opts.indexer_kl,
@@ -251,15 +232,7 @@ impl Attention {
             });
         }
 
-        let idx = select_topk(
-            ix,
-            &io,
-            &new_keys,
-            cache.map(|c| &c.index[..]),
-            offset,
-            kk,
-            self.index_precision,
-        )?;
+        let idx = select_topk(ix, &io, kk, self.index_precision)?;
         let idx = Arc::new(idx);
         let dims = SparseDims {
             b,
@@ -466,68 +439,35 @@ pub(crate) fn kl_loss(logits: &Tensor, target: &[f32], valid: &[bool]) -> Result
     Ok(((cross + entropy)? / rows as f64)?)
 }
 
-/// Append this call's index keys (io.k, (B, T, di)) to the cache's per-row key stores
-/// (created on first use); returns them on the host.
-pub(crate) fn append_index_keys(
-    io: &IndexerOut,
-    cache: Option<&mut LayerKv>,
-    precision: KeyPrecision,
-) -> Result<Vec<f32>> {
-    let (b, t, di) = io.k.dims3()?;
-    let new_keys = host_f32(&io.k)?;
-    if let Some(c) = cache {
-        if c.index.len() != b {
-            c.index = (0..b).map(|_| KeyStore::new(di, precision)).collect();
-        }
-        for (row, store) in c.index.iter_mut().enumerate() {
-            store.extend_rows(&new_keys[row * t * di..(row + 1) * t * di]);
-        }
-    }
-    Ok(new_keys)
-}
-
-/// Top-k selection (B, T, K) of the queries in `io` at positions offset.. over every
-/// visible index key: the cache's stores, or (no cache) this window's `new_keys`. Never
-/// builds the (T, S) score matrix.
+/// Top-k selection (B, T, K) of a whole window's queries (positions 0..T) over the
+/// window's own index keys, with the step's kernels (each row's keys in a key store of
+/// the cache's precision). Never builds the (T, S) score matrix.
 pub(crate) fn select_topk(
     ix: &Indexer,
     io: &IndexerOut,
-    new_keys: &[f32],
-    cached: Option<&[KeyStore]>,
-    offset: usize,
     kk: usize,
     precision: KeyPrecision,
 ) -> Result<Vec<u32>> {
     let (b, t, _, _) = io.q.dims4()?;
     let shape = ix.shape();
     let (hi, di) = (shape.heads, shape.dim);
-    let fresh: Vec<KeyStore>;
-    let stores: &[KeyStore] = match cached {
-        Some(c) => c,
-        None => {
-            fresh = (0..b)
-                .map(|row| {
-                    let mut ks = KeyStore::new(di, precision);
-                    ks.extend_rows(&new_keys[row * t * di..(row + 1) * t * di]);
-                    ks
-                })
-                .collect();
-            &fresh
-        }
-    };
+    let keys = host_f32(&io.k)?; // (B, T, di)
+    let stores: Vec<KeyStore> = (0..b)
+        .map(|row| {
+            let mut ks = KeyStore::new(di, precision);
+            ks.extend_rows(&keys[row * t * di..(row + 1) * t * di]);
+            ks
+        })
+        .collect();
     let iq = host_f32(&io.q)?;
     let iw = host_f32(&io.w)?;
-    Ok(if t == 1 && b == 1 {
-        ix_kernel::topk_decode(&iq, &iw, &stores[0], shape, kk)
-    } else {
-        let rows: Vec<TopkQueries> = (0..b)
-            .map(|row| TopkQueries {
-                q: &iq[row * t * hi * di..(row + 1) * t * hi * di],
-                w: &iw[row * t * hi..(row + 1) * t * hi],
-                offset,
-            })
-            .collect();
-        let refs: Vec<&KeyStore> = stores.iter().collect();
-        ix_kernel::topk_prefill(&rows, &refs, shape, t, kk)
-    })
+    let rows: Vec<TopkQueries> = (0..b)
+        .map(|row| TopkQueries {
+            q: &iq[row * t * hi * di..(row + 1) * t * hi * di],
+            w: &iw[row * t * hi..(row + 1) * t * hi],
+            offset: 0,
+        })
+        .collect();
+    let refs: Vec<&KeyStore> = stores.iter().collect();
+    Ok(ix_kernel::topk_prefill(&rows, &refs, shape, t, kk))
 }

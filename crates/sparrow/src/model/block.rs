@@ -2,15 +2,15 @@
 //! each added to the residual stream.
 
 use super::attention::Attention;
-use super::cache::{LayerCache, LayerKv};
+use super::cache::LayerCache;
 use super::mla::Mla;
 use super::mlp::Mlp;
 use super::moe::{Moe, MoeStats};
 use super::norm::RmsNorm;
+use super::options::ForwardOptions;
 use super::params::Vb;
 use super::rope::Rope;
 use super::step::{Lap, Segment, StepOptions};
-use super::transformer::ForwardOptions;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use candle_core::Tensor;
@@ -79,13 +79,12 @@ impl Block {
         x: &Tensor,
         token_ids: &[u32],
         rope: &Rope,
-        cache: Option<&mut LayerKv>,
         opts: &ForwardOptions,
     ) -> Result<BlockOut> {
         let h = self.input_layernorm.forward(x)?;
         let (a, selection) = match &self.self_attn {
-            SelfAttn::Standard(attn) => (attn.forward(&h, rope, cache, opts)?, None),
-            SelfAttn::Mla(mla) => mla.forward(&h, cache, opts)?,
+            SelfAttn::Standard(attn) => (attn.forward(&h, rope, opts)?, None),
+            SelfAttn::Mla(mla) => mla.forward(&h, opts)?,
         };
         let x = (x + a.y)?;
         let h = self.post_attention_layernorm.forward(&x)?;

@@ -10,11 +10,7 @@
 //!   the latent store, one `[c ; k_rope]` row per position whose first `r` values are
 //!   the value) and its DSA index keys.
 //! - [`SeqCache`]: one per sequence; its length is the position of the next token.
-//!
-//! [`KvCache`] (in `kv_cache.rs`) is the tensor cache of the training-style forward
-//! (`Transformer::forward` with a cache), which the parity tests drive.
 
-pub use super::kv_cache::{KvCache, LayerKv};
 use crate::error::{Error, Result};
 use crate::kernels::indexer::{KeyPrecision, KeyStore};
 

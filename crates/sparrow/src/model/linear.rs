@@ -2,19 +2,11 @@
 //! as a tensor (trainable, f32) or kept in a ggml block type as a GGUF file ships it
 //! (`kernels::qmatmul`: inference only, activations quantized to int8 per block).
 
+pub use super::params::LinearWeight;
 use super::params::{Init, Vb};
 use crate::error::{Error, Result};
 use crate::kernels::qmatmul::{qxwt, QMatrix};
 use candle_core::{Device, Tensor};
-use std::sync::Arc;
-
-/// A weight matrix (out, in).
-#[derive(Debug, Clone)]
-pub enum LinearWeight {
-    Dense(Tensor),
-    /// Quantized blocks (inference only; no gradient).
-    Quantized(Arc<QMatrix>),
-}
 
 #[derive(Debug, Clone)]
 pub struct Linear {

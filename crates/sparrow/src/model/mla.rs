@@ -15,17 +15,15 @@
 //! scores `q_lat_h . c + q_rot_h . kr` (MQA over the cached latent), then
 //! `y_h = W_UV_h (sum_s p_s c_s)`, so nothing per head is ever built for the cache.
 
-use super::attention::{
-    append_index_keys, attend_cached, dense_kl, host_f32, kl_loss, select_topk, AttnOut,
-};
-use super::cache::{LayerCache, LayerKv};
+use super::attention::{attend_cached, dense_kl, host_f32, kl_loss, select_topk, AttnOut};
+use super::cache::LayerCache;
 use super::indexer::{Indexer, IndexerOut};
 use super::linear::Linear;
 use super::norm::RmsNorm;
+use super::options::ForwardOptions;
 use super::params::Vb;
 use super::rope::Rope;
 use super::step::{Segment, StepOptions};
-use super::transformer::ForwardOptions;
 use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels::indexer::KeyPrecision;
@@ -59,7 +57,7 @@ struct Expanded {
     v: Tensor,
 }
 
-/// The inputs of one attention computation over the latent cache.
+/// A window's queries and latent entries, before the per-head expansion.
 #[derive(Clone, Copy)]
 struct LatentAttention<'a> {
     /// (B, H, T, dn)
@@ -70,8 +68,6 @@ struct LatentAttention<'a> {
     latent: &'a Tensor,
     /// (B, 1, S, dr), RoPE applied
     k_rot: &'a Tensor,
-    scale: f64,
-    offset: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -157,11 +153,10 @@ impl Mla {
         }
     }
 
-    /// x (B, T, C) at positions cache.len().. -> the attention output (B, T, C) with,
-    /// on DSA layers, the indexer's KL loss (training) and recall (when asked), and the
-    /// selection (B, T, index_topk) when asked for it. Appends the latent and the RoPE
-    /// key to `cache` if given (its `k` holds c (B, 1, S, r), its `v` kr (B, 1, S, dr);
-    /// its index stores the indexer keys).
+    /// x (B, T, C), a whole window from position 0 -> the attention output (B, T, C)
+    /// with, on DSA layers, the indexer's KL loss (training) and recall (when asked),
+    /// and the selection (B, T, index_topk) when asked for it. Expanded per-head form;
+    /// incremental decoding is [`Self::step`] (absorbed, over the latent store).
     ///
     /// Training a DSA layer (DeepSeek-V3.2's two stages, `opts.indexer_mode`): in the
     /// dense warm-up attention stays dense and the indexer learns KL(p || softmax(I))
@@ -173,7 +168,6 @@ impl Mla {
     pub fn forward(
         &self,
         x: &Tensor,
-        mut cache: Option<&mut LayerKv>,
         opts: &ForwardOptions,
     ) -> Result<(AttnOut, Option<Vec<u32>>)> {
         let (b, t, _c) = x.dims3()?;
@@ -201,17 +195,12 @@ impl Mla {
             .narrow(D::Minus1, self.rank, dr)?
             .unsqueeze(1)?
             .contiguous()?; // (B, 1, T, dr)
-        let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let offset = 0;
         let q_rot = self.rope(&q_rot, offset)?;
         let k_rot = self.rope(&k_rot, offset)?;
         let mode = opts.indexer_mode;
         let index = match (&self.indexer, &q_latent) {
             (Some(ix), Some(lat)) => {
-                if mode.is_some() && offset > 0 {
-                    return Err(Error::Invalid(
-                        "DSA training runs on whole windows, without a KV cache".into(),
-                    ));
-                }
                 if mode == Some(IndexerTrainMode::Ste) {
                     return Err(Error::config(
                         "indexer_kind",
@@ -225,20 +214,11 @@ impl Mla {
                     None => (x.clone(), lat.clone()),
                 };
                 let io = ix.forward_with_query_input(&x_in, &lat_in, offset)?;
-                let keys = append_index_keys(&io, cache.as_deref_mut(), self.index_precision)?;
-                let sparse = offset + t > self.index_topk
+                let sparse = t > self.index_topk
                     && !opts.dense
                     && mode != Some(IndexerTrainMode::DenseWarmup);
                 let selection = if sparse {
-                    Some(select_topk(
-                        ix,
-                        &io,
-                        &keys,
-                        cache.as_deref().map(|c| &c.index[..]),
-                        offset,
-                        self.index_topk,
-                        self.index_precision,
-                    )?)
+                    Some(select_topk(ix, &io, self.index_topk, self.index_precision)?)
                 } else {
                     None // every visible position fits in k (sparse == dense), or dense
                 };
@@ -253,58 +233,28 @@ impl Mla {
             (None, _) => None,
         };
         let selection = index.as_ref().and_then(|(_, _, sel)| sel.clone());
-        let (latent, k_rot) = match cache {
-            Some(c) => c.append(&latent, &k_rot)?,
-            None => (latent.contiguous()?, k_rot),
-        }; // (B, 1, S, r), (B, 1, S, dr)
-        let s = latent.dim(2)?;
+        let latent = latent.contiguous()?; // (B, 1, S, r)
+        let s = t;
         let scale = 1.0 / ((dn + dr) as f64).sqrt();
         let a = LatentAttention {
             q_nope: &q_nope,
             q_rot: &q_rot,
             latent: &latent,
             k_rot: &k_rot,
-            scale,
-            offset,
         };
-        let (y, indexer_kl, recall) = match (&selection, mode) {
-            // One decode query with a selection: gather its selected latent rows and
-            // attend over those alone (absorbed), so the step costs O(index_topk), not
-            // O(S).
-            (Some(idx), None) if t == 1 && b == 1 && offset > 0 && !opts.collect_recall => {
-                let keep: Vec<u32> = idx.iter().copied().filter(|&i| i != NONE).collect();
-                let n = keep.len();
-                let rows = Tensor::from_vec(keep, n, x.device())?;
-                let lat = latent.index_select(&rows, 2)?; // (1, 1, K, r)
-                let kr = k_rot.index_select(&rows, 2)?; // (1, 1, K, dr)
-                let y = self.absorbed(&LatentAttention {
-                    latent: &lat,
-                    k_rot: &kr,
-                    offset: n - 1, // the query sees all K gathered rows
-                    ..a
-                })?;
-                (y, None, None)
+        // Unselected positions get -inf before the softmax, (B, 1, T, S).
+        let mask = match &selection {
+            Some(idx) => Some(self.selection_mask(idx, b, t, s, x)?),
+            None => None,
+        };
+        let ex = self.expand(&a)?;
+        let (y, p) = self.expanded(&ex, mask.as_ref(), scale, offset)?; // (B, T, H * dv)
+        let (indexer_kl, recall) = match &index {
+            Some((ix, io, sel)) => {
+                self.indexer_signals(ix, io, sel.as_deref(), &ex, &p, mode, opts, offset)?
             }
-            (None, None) if t == 1 && offset > 0 && !opts.collect_recall => {
-                (self.absorbed(&a)?, None, None)
-            }
-            _ => {
-                // Unselected positions get -inf before the softmax, (B, 1, T, S).
-                let mask = match &selection {
-                    Some(idx) => Some(self.selection_mask(idx, b, t, s, x)?),
-                    None => None,
-                };
-                let ex = self.expand(&a)?;
-                let (y, p) = self.expanded(&ex, mask.as_ref(), scale, offset)?;
-                let (kl, recall) = match &index {
-                    Some((ix, io, sel)) => {
-                        self.indexer_signals(ix, io, sel.as_deref(), &ex, &p, mode, opts, offset)?
-                    }
-                    None => (None, None),
-                };
-                (y, kl, recall)
-            }
-        }; // (B, T, H * dv)
+            None => (None, None),
+        };
         let out = AttnOut {
             y: self.o_proj.forward(&y)?,
             indexer_kl,
@@ -596,45 +546,5 @@ impl Mla {
         .apply(&scores)?;
         let y = p.matmul(&ex.v)?; // (B, H, T, dv)
         Ok((y.transpose(1, 2)?.reshape((b, t, h * dv))?, p))
-    }
-
-    /// The absorbed path (MQA over the cached latent), for one query token per row.
-    fn absorbed(&self, a: &LatentAttention) -> Result<Tensor> {
-        let LatentAttention {
-            q_nope,
-            q_rot,
-            latent,
-            k_rot,
-            scale,
-            offset,
-        } = *a;
-        let (b, h, t, dn) = q_nope.dims4()?;
-        let (r, dv) = (self.rank, self.v_dim);
-        let (w_uk, w_uv_t) = self.absorbed_weights()?; // (H, dn, r), (H, r, dv)
-                                                       // q_lat (B, H, T, r) = q_nope (B, H, T, dn) @ W_UK (H, dn, r)
-        let q_lat = q_nope
-            .transpose(0, 1)? // (H, B, T, dn)
-            .reshape((h, b * t, dn))?
-            .matmul(&w_uk)? // (H, B*T, r)
-            .reshape((h, b, t, r))?
-            .transpose(0, 1)?; // (B, H, T, r)
-        let q_cat = Tensor::cat(&[&q_lat.contiguous()?, q_rot], D::Minus1)?; // (B, H, T, r + dr)
-        let k_cat = Tensor::cat(&[latent, k_rot], D::Minus1)?; // (B, 1, S, r + dr)
-        let q_cat = q_cat.reshape((b, 1, h * t, r + self.rot))?; // heads share the one key
-        let scores = q_cat.matmul(&k_cat.t()?)?; // (B, 1, H*T, S)
-        let p = CausalSoftmax {
-            scale,
-            queries: t,
-            offset,
-        }
-        .apply(&scores)?;
-        let o_lat = p.matmul(latent)?.reshape((b, h, t, r))?; // (B, H, T, r)
-        let y = o_lat
-            .transpose(0, 1)?
-            .reshape((h, b * t, r))?
-            .matmul(&w_uv_t)? // (H, B*T, dv) = o_lat @ W_UV^T per head
-            .reshape((h, b, t, dv))?
-            .transpose(0, 1)?; // (B, H, T, dv)
-        Ok(y.transpose(1, 2)?.reshape((b, t, h * dv))?)
     }
 }

@@ -6,12 +6,12 @@ pub mod attention;
 pub mod block;
 pub mod cache;
 pub mod indexer;
-mod kv_cache;
 pub mod linear;
 pub mod mla;
 pub mod mlp;
 pub mod moe;
 pub mod norm;
+pub mod options;
 pub mod params;
 pub mod rope;
 pub mod router;
@@ -94,38 +94,6 @@ impl Model {
         })
     }
 
-    /// Load `config.json` + `model.safetensors` (or shards listed in
-    /// `model.safetensors.index.json`) from a model directory, Sparrow's own or a
-    /// Hugging Face one (`crate::model_dir::load`). Returns the model and the step
-    /// recorded in the weights' metadata (if any). The parameters are trainable, so every
-    /// forward records an autograd graph: for inference use `load_for_inference`.
-    pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, Option<u64>)> {
-        Self::load_dir_with(dir, dtype, device, |_| {})
-    }
-
-    /// `load_dir` with the config adjusted before the layers are built (e.g. a different
-    /// `index_topk` for a recall sweep); the result is validated again.
-    pub fn load_dir_with(
-        dir: &Path,
-        dtype: DType,
-        device: &Device,
-        edit: impl FnOnce(&mut ModelConfig),
-    ) -> Result<(Self, Option<u64>)> {
-        crate::model_dir::load(dir, dtype, device, edit, false)
-    }
-
-    /// `load_dir_with` for inference (generation, evaluation, export): the layers get
-    /// detached parameters (`VarStore::frozen`), so a forward keeps no autograd graph
-    /// and a long prompt needs memory for its live activations only.
-    pub fn load_for_inference(
-        dir: &Path,
-        dtype: DType,
-        device: &Device,
-        edit: impl FnOnce(&mut ModelConfig),
-    ) -> Result<(Self, Option<u64>)> {
-        crate::model_dir::load(dir, dtype, device, edit, true)
-    }
-
     /// A model from a GGUF file (`crate::formats::gguf_model`: llama architecture) for
     /// inference (frozen parameters): weight matrices held as `format` says, other
     /// tensors dequantized to `dtype`. `edit` adjusts the config before the layers are
@@ -146,23 +114,6 @@ impl Model {
             VarStore::loaded_with_quantized(tensors, quantized, file.path.clone(), dtype, device)
                 .frozen();
         Self::from_store(&cfg, store)
-    }
-
-    /// Write `config.json`, `model.safetensors` (f32) and `generation_config.json`
-    /// atomically into `dir` (`crate::model_dir::save` in Sparrow's layout).
-    pub fn save_dir(&self, dir: &Path, step: Option<u64>) -> Result<()> {
-        self.save_dir_as(dir, step, DType::F32)
-    }
-
-    /// `save_dir` with the parameters stored in `dtype` (f32, f16 or bf16; buffers such
-    /// as router biases stay f32). Loading converts back to the compute dtype.
-    pub fn save_dir_as(&self, dir: &Path, step: Option<u64>, dtype: DType) -> Result<()> {
-        let opts = crate::model_dir::SaveOptions {
-            dtype,
-            step,
-            ..Default::default()
-        };
-        crate::model_dir::save(self, dir, &opts).map(|_| ())
     }
 
     /// Every tensor a checkpoint holds: parameters in `dtype`, buffers in f32.
@@ -245,11 +196,7 @@ impl Model {
     }
 
     /// Forward pass; see `Transformer::forward`.
-    pub fn forward(
-        &self,
-        ids: &Tensor,
-        cache: Option<&mut crate::model::cache::KvCache>,
-    ) -> Result<ForwardOutput> {
-        self.net.forward(ids, cache)
+    pub fn forward(&self, ids: &Tensor) -> Result<ForwardOutput> {
+        self.net.forward(ids)
     }
 }

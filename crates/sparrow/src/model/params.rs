@@ -20,8 +20,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::linear::LinearWeight;
 use crate::kernels::qmatmul::QMatrix;
+
+/// A weight matrix (out, in) as the store hands it to a `Linear`.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    Dense(Tensor),
+    /// Quantized blocks (inference only; no gradient).
+    Quantized(std::sync::Arc<QMatrix>),
+}
 
 /// How a new parameter is initialised when it is not loaded.
 #[derive(Debug, Clone, Copy)]

@@ -2,38 +2,18 @@
 //! `forward` serves training over (B, T) and incremental decoding with a `KvCache`.
 
 use super::block::{Block, BlockOut};
-use super::cache::{KvCache, LayerCache, SeqCache};
+use super::cache::{LayerCache, SeqCache};
 use super::linear::Linear;
 use super::moe::MoeStats;
 use super::norm::RmsNorm;
+pub use super::options::ForwardOptions;
 use super::params::{Init, Vb};
 use super::rope::Rope;
 use super::step::{Lap, Segment, StepOptions, StepProfile};
 use super::utilization::RoutingStats;
-use crate::config::IndexerTrainMode;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use candle_core::{Device, Tensor};
-
-/// Per-call switches of a forward pass (training modes, diagnostics).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ForwardOptions {
-    /// Training: how the indexer learns this step. None = inference (sparse, no loss).
-    pub indexer_mode: Option<IndexerTrainMode>,
-    /// Compute the indexer KL loss (always in `dense_warmup` and `sparse`).
-    pub indexer_kl: bool,
-    /// Measure the indexer recall of the queries at t >= `recall_from` (`eval recall`).
-    pub collect_recall: bool,
-    pub recall_from: usize,
-    /// Return each DSA layer's top-k selection (B*T*index_topk) in `ForwardOutput`.
-    pub collect_selection: bool,
-    /// Apply the routers' capacity limits (`switch_capacity`, `capacity_aware`): on in
-    /// training and validation forwards, off in inference (a decode step never drops).
-    pub moe_capacity: bool,
-    /// Inference: every selector set to all causal positions (DSA layers attend
-    /// densely; index keys are still cached).
-    pub dense: bool,
-}
 
 #[derive(Debug, Clone)]
 pub struct Transformer {
@@ -124,18 +104,14 @@ impl Transformer {
         Ok(())
     }
 
-    /// ids (B, T) u32 at positions cache.len().. -> logits (B, T, V) (inference).
-    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<ForwardOutput> {
-        self.forward_with(ids, cache, &ForwardOptions::default())
+    /// ids (B, T) u32, whole windows from position 0 -> logits (B, T, V): training,
+    /// evaluation and parity. Incremental decoding goes through [`Self::step`].
+    pub fn forward(&self, ids: &Tensor) -> Result<ForwardOutput> {
+        self.forward_with(ids, &ForwardOptions::default())
     }
 
     /// `forward` with explicit attention options (indexer training mode, recall).
-    pub fn forward_with(
-        &self,
-        ids: &Tensor,
-        mut cache: Option<&mut KvCache>,
-        opts: &ForwardOptions,
-    ) -> Result<ForwardOutput> {
+    pub fn forward_with(&self, ids: &Tensor, opts: &ForwardOptions) -> Result<ForwardOutput> {
         let (b, t) = ids.dims2()?;
         let c = self.cfg.hidden_size;
         let flat_ids = ids.flatten_all()?; // (B*T)
@@ -156,15 +132,14 @@ impl Transformer {
         let mut kls: Vec<Tensor> = Vec::new();
         let mut recall = Vec::with_capacity(self.layers.len());
         let mut selection = Vec::with_capacity(self.layers.len());
-        for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|kv| &mut kv.layers[i]);
+        for layer in &self.layers {
             let BlockOut {
                 x: y,
                 moe: stats,
                 indexer_kl,
                 recall: layer_recall,
                 selection: layer_selection,
-            } = layer.forward(&x, &flat, &self.rope, layer_cache, opts)?;
+            } = layer.forward(&x, &flat, &self.rope, opts)?;
             x = y;
             kls.extend(indexer_kl);
             recall.push(layer_recall);

@@ -6,7 +6,7 @@
 //! three belong to the same step.
 
 use super::optimizer::AdamW;
-use super::trainer::TrainOptions;
+use super::options::TrainOptions;
 use crate::error::{Error, Result};
 use crate::model::{Model, STEP_KEY};
 use crate::tokenizer::Tokenizer;
@@ -97,7 +97,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
         ));
     }
     let state: TrainState = crate::fsio::read_json(&state_path)?;
-    let (model, model_step) = Model::load_dir(dir, DType::F32, device)?;
+    let (model, model_step) = crate::model_dir::load(dir, DType::F32, device)?;
     let weights_path = dir.join("model.safetensors");
     if model_step != Some(state.step) {
         return Err(Error::checkpoint(

@@ -110,7 +110,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     let model = match &req.init_from {
         Some(dir) => {
             let cfg = req.config.clone();
-            Model::load_dir_with(dir, DType::F32, &device, |c| *c = cfg)?.0
+            crate::model_dir::load_with(dir, DType::F32, &device, |c| *c = cfg, false)?.0
         }
         None => Model::new_random(&req.config, req.options.seed, DType::F32, &device)?,
     };
@@ -299,7 +299,7 @@ fn run_loop(
             moe_capacity: true,
             dense: false,
         };
-        let fwd = model.net.forward_with(&inp, None, &opts)?;
+        let fwd = model.net.forward_with(&inp, &opts)?;
         let v = model.cfg.vocab_size;
         let lm_loss = cross_entropy(&fwd.logits.reshape((o.batch_size * o.seq_len, v))?, &tgt)?;
         let mut loss = match &fwd.aux_loss {
@@ -530,7 +530,7 @@ pub fn validate(
         let b = chunk.len();
         let inp = Tensor::from_vec(inp, (b, seq_len), &dev)?;
         let tgt = Tensor::from_vec(tgt, b * seq_len, &dev)?;
-        let out = model.net.forward_with(&inp, None, &opts)?;
+        let out = model.net.forward_with(&inp, &opts)?;
         RoutingStats::merge_layers(&mut routing, &out.routing);
         let logits = out.logits.reshape((b * seq_len, model.cfg.vocab_size))?;
         total += cross_entropy(&logits.detach(), &tgt)?.to_scalar::<f32>()? as f64 * b as f64;

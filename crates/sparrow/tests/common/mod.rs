@@ -173,3 +173,38 @@ pub fn tiny_mla_config(q_lora: Option<usize>, dsa_topk: Option<usize>) -> ModelC
     cfg.validate().expect("valid MLA config");
     cfg
 }
+
+/// One sequence fed through the engine's step in `chunks` (their sum = its length):
+/// the logits of every token, (1, T, V), and the sequence's cache.
+pub fn stepped(
+    model: &sparrow::model::Model,
+    tokens: &[u32],
+    chunks: &[usize],
+) -> (Tensor, sparrow::model::cache::SeqCache) {
+    use sparrow::model::step::StepOptions;
+    let mut cache = sparrow::model::cache::SeqCache::new(model.cfg.num_hidden_layers);
+    let opts = StepOptions {
+        all_logits: true,
+        ..Default::default()
+    };
+    let mut rows = Vec::new();
+    let mut at = 0;
+    for &n in chunks {
+        let mut input = [sparrow::model::StepInput {
+            tokens: &tokens[at..at + n],
+            cache: &mut cache,
+        }];
+        rows.push(model.step(&mut input, &opts).unwrap().logits);
+        at += n;
+    }
+    assert_eq!(at, tokens.len(), "chunks do not cover the tokens");
+    let logits = Tensor::cat(&rows, 0).unwrap().unsqueeze(0).unwrap();
+    (logits, cache)
+}
+
+/// A prefill of `prefill` tokens, then one token per step, over `n` tokens.
+pub fn prefill_then_decode(prefill: usize, n: usize) -> Vec<usize> {
+    std::iter::once(prefill)
+        .chain(std::iter::repeat_n(1, n - prefill))
+        .collect()
+}
