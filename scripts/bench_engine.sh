@@ -2,7 +2,7 @@
 # The engine's benchmark cells of BENCHMARKS.md ("The engine: the model's own path"),
 # each through `sparrow bench generate` (the code `generate` and the server run).
 # Run on a quiet machine: the cells share the cores with nothing else.
-#   scripts/bench_engine.sh [OUT_DIR]   (default runs/bench-engine; ~25 minutes on 2 cores)
+#   scripts/bench_engine.sh [OUT_DIR]   (default runs/bench-engine; ~40 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/bench-engine}
@@ -23,7 +23,10 @@ done
 "$bin" bench generate --context 1024 --batch 1,4,16 --decode-tokens 32 > "$out/small-batch.txt"
 
 # 3. A DeepSeek-V3.2-shaped model (MLA + DSA in every layer, ~50M parameters, random
-#    init) against its dense-MLA selectors.
-"$bin" bench generate --config configs/deepseek-v32-50m.json --context 4096,16384 \
-  --batch 1 --decode-tokens 16 --dense > "$out/v32-50m.txt"
+#    init) against its dense-MLA selectors at 65536 tokens of context; int8 index keys
+#    (V3.2 keeps FP8 ones). The dense decode runs on a copy of the sparse prefill's
+#    caches (same shapes, same decode cost).
+/usr/bin/time -v "$bin" bench generate --config configs/deepseek-v32-50m.json --context 65536 \
+  --batch 1 --decode-tokens 16 --dense --dense-prefill-max 16384 --index-dtype int8 \
+  > "$out/v32-50m-65k.txt" 2> "$out/v32-50m-65k.time"
 echo "results in $out"

@@ -8,20 +8,30 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// How a GGUF model's weight matrices are held (`--weights`).
+/// How the linear layers' weights are held in memory (`--weights`).
 #[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
 pub enum WeightsArg {
-    /// Every tensor dequantized to f32.
+    /// f32.
     F32,
-    /// Q4_0 / Q4_1 / Q8_0 matrices stay quantized (int8 activations); other types f32.
+    /// IEEE half precision (widened to f32 in registers).
+    F16,
+    /// bfloat16 (widened to f32 in registers).
+    Bf16,
+    /// int8 in blocks of 32 with an f16 scale each (ggml's Q8_0), with int8 activations.
+    Int8,
+    /// As the file stores them: f16 / bf16 safetensors stay so; GGUF Q4_0 / Q4_1 / Q8_0
+    /// stay in their blocks, other GGUF types become f16; f32 stays f32.
     #[default]
     Native,
 }
 
-impl From<WeightsArg> for sparrow::model_source::WeightFormat {
+impl From<WeightsArg> for sparrow::weights::WeightFormat {
     fn from(w: WeightsArg) -> Self {
         match w {
             WeightsArg::F32 => Self::F32,
+            WeightsArg::F16 => Self::F16,
+            WeightsArg::Bf16 => Self::Bf16,
+            WeightsArg::Int8 => Self::Int8,
             WeightsArg::Native => Self::Native,
         }
     }

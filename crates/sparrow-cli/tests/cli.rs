@@ -468,6 +468,10 @@ fn bench_attention_reports_dense_and_sparse_rows() {
     assert!(rows[0]["read_gbps"].as_f64().unwrap() > 0.0);
     for r in &rows[1..3] {
         assert!(r["dense_ms"].as_f64().unwrap() > 0.0 && r["sparse_ms"].as_f64().unwrap() > 0.0);
+        assert!(
+            r["layer_dense_ms"].as_f64().unwrap() > 0.0
+                && r["layer_sparse_ms"].as_f64().unwrap() > 0.0
+        );
         assert_eq!(r["kv_bytes_per_token"], 2 * 16 * 4);
         assert_eq!(r["mha_kv_bytes_per_token"], 2 * 8 * 16 * 4);
         assert_eq!(r["index_bytes_per_token"], 32 * 4);

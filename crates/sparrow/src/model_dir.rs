@@ -13,6 +13,7 @@ use crate::formats::hf::{self, Family};
 use crate::model::params::VarStore;
 use crate::model::{Model, STEP_KEY};
 use crate::tokenizer::Tokenizer;
+use crate::weights::WeightFormat;
 use candle_core::{DType, Device};
 use std::collections::HashMap;
 use std::path::Path;
@@ -58,14 +59,18 @@ pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Model, Option<
 
 /// Load `dir` for inference (generation, evaluation, export): detached parameters
 /// (`VarStore::frozen`), so a forward keeps no autograd graph and a long prompt needs
-/// memory for its live activations only; `edit` adjusts the config first.
+/// memory for its live activations only; `edit` adjusts the config first. Linear
+/// layers' weights are held as `weights` says (f32 to convert or export).
 pub fn load_for_inference(
     dir: &Path,
+    weights: WeightFormat,
     dtype: DType,
     device: &Device,
     edit: impl FnOnce(&mut ModelConfig),
 ) -> Result<(Model, Option<u64>)> {
-    load_with(dir, dtype, device, edit, true)
+    load_store(dir, dtype, device, edit, |s| {
+        s.frozen().with_weight_format(weights)
+    })
 }
 
 /// Load `dir` (Sparrow's layout or an HF family's) with the config adjusted by `edit`
@@ -77,6 +82,23 @@ pub fn load_with(
     device: &Device,
     edit: impl FnOnce(&mut ModelConfig),
     frozen: bool,
+) -> Result<(Model, Option<u64>)> {
+    load_store(dir, dtype, device, edit, |s| {
+        if frozen {
+            s.frozen()
+        } else {
+            s
+        }
+    })
+}
+
+/// Read `dir`, let `store` set up the parameter store, build the model.
+fn load_store(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    edit: impl FnOnce(&mut ModelConfig),
+    store: impl FnOnce(VarStore) -> VarStore,
 ) -> Result<(Model, Option<u64>)> {
     if !dir.is_dir() {
         return Err(Error::checkpoint(dir, "model directory does not exist"));
@@ -98,10 +120,7 @@ pub fn load_with(
         })?),
         None => None,
     };
-    let mut store = VarStore::loaded(tensors, path.clone(), dtype, device);
-    if frozen {
-        store = store.frozen();
-    }
+    let store = store(VarStore::loaded(tensors, path.clone(), dtype, device));
     Ok((Model::from_store(&cfg, store)?, step))
 }
 

@@ -4,9 +4,9 @@
 
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
-pub use crate::formats::gguf_model::WeightFormat;
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
+pub use crate::weights::WeightFormat;
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 
@@ -68,8 +68,8 @@ pub fn resolve(spec: &Path, progress: bool) -> Result<ModelSource> {
 }
 
 /// Load a resolved model and its tokenizer for inference (frozen parameters, f32
-/// compute; a GGUF file's matrices held as `weights` says: model directories are
-/// always f32); `edit` adjusts the config before the layers are built.
+/// activations; the linear layers' weights held as `weights` says); `edit` adjusts the
+/// config before the layers are built.
 pub fn load_for_inference(
     source: &ModelSource,
     weights: WeightFormat,
@@ -105,7 +105,7 @@ pub fn load_model_for_inference(
 ) -> Result<Model> {
     match source {
         ModelSource::Dir(dir) => {
-            Ok(crate::model_dir::load_for_inference(dir, dtype, device, edit)?.0)
+            Ok(crate::model_dir::load_for_inference(dir, weights, dtype, device, edit)?.0)
         }
         ModelSource::Gguf(path) => {
             Model::load_gguf_for_inference(&GgufFile::open(path)?, weights, dtype, device, edit)
@@ -121,7 +121,9 @@ pub fn load_model_with_step(
     device: &Device,
 ) -> Result<(Model, Option<u64>)> {
     match source {
-        ModelSource::Dir(dir) => crate::model_dir::load_for_inference(dir, dtype, device, |_| {}),
+        ModelSource::Dir(dir) => {
+            crate::model_dir::load_for_inference(dir, WeightFormat::F32, dtype, device, |_| {})
+        }
         gguf => Ok((
             load_model_for_inference(gguf, WeightFormat::F32, dtype, device, |_| {})?,
             None,

@@ -147,3 +147,22 @@ pub fn parse(
     }
     Ok((out, meta.metadata().clone().unwrap_or_default()))
 }
+
+/// How an inference load holds the weight matrices of the linear layers (`--weights`).
+/// Norms, biases and buffers stay f32 in every format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// f32 (what training and conversion need).
+    F32,
+    /// IEEE half precision, widened to f32 in registers (`kernels::hmatmul`).
+    F16,
+    /// bfloat16, widened to f32 in registers.
+    Bf16,
+    /// int8 in blocks of 32 with one f16 scale each (ggml's Q8_0), multiplied with
+    /// int8-quantized activations (`kernels::qmatmul`).
+    Int8,
+    /// As the file stores them: f16 / bf16 safetensors stay f16 / bf16; GGUF `Q4_0`,
+    /// `Q4_1` and `Q8_0` stay in their blocks, other GGUF types become f16; f32 stays f32.
+    #[default]
+    Native,
+}

@@ -274,9 +274,14 @@ fn inference_load_keeps_no_graph_and_matches() {
     sparrow::model_dir::save_at(&model, dir.path(), None).unwrap();
     let ids = Tensor::from_slice(&[3u32, 9, 27, 81], (1, 4), &Device::Cpu).unwrap();
     let (train, _) = sparrow::model_dir::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
-    let (infer, _) =
-        sparrow::model_dir::load_for_inference(dir.path(), DType::F32, &Device::Cpu, |_| {})
-            .unwrap();
+    let (infer, _) = sparrow::model_dir::load_for_inference(
+        dir.path(),
+        sparrow::weights::WeightFormat::F32,
+        DType::F32,
+        &Device::Cpu,
+        |_| {},
+    )
+    .unwrap();
     let a = train.forward(&ids).unwrap().logits;
     let b = infer.forward(&ids).unwrap().logits;
     assert!(a.track_op(), "the trainable load records the graph");

@@ -47,7 +47,7 @@ fn decode_step_at_131072_tokens_uses_the_predicted_memory() {
             index_precision: precision,
             ..LayerShape::default()
         };
-        let st = DecodeState::random(shape, s, 3);
+        let st = DecodeState::random(shape, s, 0, 3).unwrap();
         // Cache: K and V (MQA: one head) plus one index key per token, nothing else.
         let predicted_cache = s * (shape.kv_bytes_per_token() + shape.index_bytes_per_token());
         assert_eq!(st.cache_bytes(), predicted_cache);
@@ -58,7 +58,7 @@ fn decode_step_at_131072_tokens_uses_the_predicted_memory() {
         );
 
         // Warm up (thread pool start-up allocates once).
-        let _ = st.sparse().unwrap();
+        let _ = st.sparse();
         let threads = rayon::current_num_threads();
         let k = shape.topk;
         // Scratch predicted for one step: a top-k buffer of 2k (score, position) pairs
@@ -73,7 +73,7 @@ fn decode_step_at_131072_tokens_uses_the_predicted_memory() {
             + (64 << 10);
         let base = CURRENT.load(Ordering::SeqCst);
         PEAK.store(base, Ordering::SeqCst);
-        let out = st.sparse().unwrap();
+        let out = st.sparse();
         let step_peak = PEAK.load(Ordering::SeqCst) - base;
         assert_eq!(out.len(), shape.heads * shape.head_dim);
         assert!(out.iter().all(|x| x.is_finite()));

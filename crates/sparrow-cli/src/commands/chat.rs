@@ -31,7 +31,8 @@ pub struct ChatArgs {
     top_k: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// How a GGUF model's matrices are held.
+    /// How the linear layers' weights are held: f32, f16, bf16, int8 (Q8_0 blocks) or
+    /// native (as the file stores them).
     #[arg(long, value_enum, default_value = "native")]
     weights: crate::common::WeightsArg,
 }

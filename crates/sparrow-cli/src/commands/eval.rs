@@ -291,6 +291,7 @@ pub fn run(cmd: EvalCmd, progress: bool) -> Result<()> {
         } => {
             let (m, _) = sparrow::model_dir::load_for_inference(
                 &model,
+                sparrow::weights::WeightFormat::F32,
                 candle_core::DType::F32,
                 &candle_core::Device::Cpu,
                 |c| {

@@ -38,7 +38,8 @@ pub struct GenerateArgs {
     /// applies, if it has one).
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
-    /// How a GGUF model's matrices are held.
+    /// How the linear layers' weights are held: f32, f16, bf16, int8 (Q8_0 blocks) or
+    /// native (as the file stores them).
     #[arg(long, value_enum, default_value = "native")]
     pub weights: WeightsArg,
 }

@@ -1,30 +1,41 @@
 //! `sparrow bench attention`: one attention layer, dense vs DSA, with identical inputs,
 //! at each cached context length — what the sparse-attention claim is about.
 //!
-//! The layer core as DeepSeek lays it out: H query heads over one shared KV head (MQA),
-//! a small lightning indexer (Hi heads x di dims, ReLU-weighted), top-k. Measured per
-//! context N (random activations from a fixed seed; the cost does not depend on them):
-//! - decode: one new query against N cached positions. Dense = our flash-decoding kernel
-//!   (`kernels::decode_attention`), plus candle's matmul path as a second dense baseline;
-//!   sparse = index scan + streaming top-k (`kernels::indexer::topk_decode`) + attention
-//!   over the k gathered rows (`kernels::sparse_attention`).
-//! - prefill: all N queries. Dense = our flash-style kernel (each query scans its prefix
-//!   with the decode kernel, no score matrix), plus query-chunked candle GEMMs with the
-//!   fused causal softmax as a second baseline; sparse = fused scoring + top-k over all
-//!   queries, then sparse attention.
+//! The layer is the model's own (`model::attention::Attention`, built from a one-layer
+//! config: H query heads over KV shared heads, a lightning indexer of Hi heads x di
+//! dims, top-k), run through its engine step (`Attention::step`, what `generate` and
+//! the server run) with the dense selector (every position) and the indexer's. Per
+//! context N (random weights and cache rows from a fixed seed; the cost does not
+//! depend on them):
+//! - decode: one new token against N cached positions, the whole layer (projections,
+//!   indexer, cache write, attention), dense vs sparse; and its attention core alone,
+//!   through the same kernels the step calls on the same cache: flash-decoding
+//!   (`kernels::decode_attention`), candle's matmul path as a second dense baseline,
+//!   and the sparse side split into index scan + streaming top-k
+//!   (`kernels::indexer::topk_decode`) and attention over the k gathered rows
+//!   (`kernels::sparse_attention`).
+//! - prefill: N tokens through the layer's step in chunks of `PREFILL_CHUNK` (as the
+//!   engine prefills), dense vs sparse selector, plus query-chunked candle GEMMs with
+//!   the fused causal softmax as an outside baseline of the dense attention.
 //! - bytes per token of KV cache (MQA, and MHA for comparison) and of the index cache;
 //!   achieved GFLOP/s and GB/s next to this machine's read bandwidth, measured in the run.
 //!
 //! Decode calls start cold: a buffer larger than the last-level cache is read before
 //! each timed call, as the rest of a model would between two steps of one layer.
 
-use crate::error::Result;
-use crate::kernels::indexer::{self, IndexShape, KeyPrecision, KeyStore, ScoreAct, TopkQueries};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::kernels::decode_attention;
+use crate::kernels::indexer::{self, IndexShape, KeyPrecision, ScoreAct};
 use crate::kernels::kv_rows::KvRows;
 use crate::kernels::softmax::CausalSoftmax;
-use crate::kernels::sparse_attention::{self, SparseDims};
-use crate::kernels::{decode_attention, topk::NONE};
-use candle_core::{Device, Tensor};
+use crate::kernels::sparse_attention;
+use crate::model::attention::Attention;
+use crate::model::block::SelfAttn;
+use crate::model::cache::SeqCache;
+use crate::model::step::{Segment, StepOptions};
+use crate::model::Model;
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -81,41 +92,121 @@ impl LayerShape {
             KeyPrecision::Int8 => self.index_dim + 4,
         }
     }
+
+    /// A one-layer model config whose only layer is this shape's DSA attention
+    /// (hidden = H x D; a small FFN and vocabulary that the bench never runs).
+    pub fn config(&self, max_positions: usize) -> Result<ModelConfig> {
+        let dtype = match self.index_precision {
+            KeyPrecision::F32 => "float32",
+            KeyPrecision::Bf16 => "bfloat16",
+            KeyPrecision::Int8 => "int8",
+        };
+        let json = serde_json::json!({
+            "vocab_size": 16,
+            "hidden_size": self.heads * self.head_dim,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": max_positions,
+            "layer_types": ["dsa"],
+            "index_topk": self.topk,
+            "indexer_kind": "lightning",
+            "index_n_heads": self.index_heads,
+            "index_head_dim": self.index_dim,
+            "index_cache_dtype": dtype,
+        });
+        ModelConfig::from_json(&json.to_string())
+    }
+}
+
+/// The layer under test: the model's own attention layer, random weights.
+struct Layer {
+    model: Model,
+    hidden: usize,
+}
+
+impl Layer {
+    fn new(shape: LayerShape, max_positions: usize) -> Result<Self> {
+        let cfg = shape.config(max_positions)?;
+        let model = Model::new_random_for_inference(&cfg, 3, DType::F32, &Device::Cpu)?;
+        Ok(Self {
+            hidden: cfg.hidden_size,
+            model,
+        })
+    }
+
+    fn attention(&self) -> Result<&Attention> {
+        match &self.model.net.layers[0].self_attn {
+            SelfAttn::Standard(a) => Ok(a),
+            SelfAttn::Mla(_) => Err(Error::Invalid("bench attention: not an MLA layer".into())),
+        }
+    }
+
+    /// The layer's step over the rows x (T, C), appended to `cache` at its end.
+    fn step(&self, x: &Tensor, cache: &mut SeqCache, dense: bool) -> Result<Tensor> {
+        let (t, _) = x.dims2()?;
+        let seg = Segment {
+            start: 0,
+            len: t,
+            pos: cache.len(),
+        };
+        let opts = StepOptions {
+            dense,
+            ..Default::default()
+        };
+        let layer = &mut cache.layers[0];
+        self.attention()?
+            .step(x, &[seg], &mut [layer], self.model.net.rope(), &opts)
+    }
 }
 
 fn random_vec(n: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
     (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
 }
 
-/// One layer's decode state: N cached positions and one new query.
+/// One layer's decode state: the layer, a cache of N random positions (keys, values,
+/// index keys, written where the layer writes them) and one new token.
 pub struct DecodeState {
     pub shape: LayerShape,
-    pub len: usize,
-    /// (KV, N, D)
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    pub index: KeyStore,
-    /// (H, D) the new query (RoPE applied)
-    pub q: Vec<f32>,
-    /// (Hi, di), (Hi)
-    pub iq: Vec<f32>,
-    pub iw: Vec<f32>,
+    layer: Layer,
+    cache: SeqCache,
+    /// (1, C) the new token's input to the layer
+    x: Tensor,
+    /// (H, D) a query for the core kernels (RoPE applied)
+    q: Vec<f32>,
+    /// (Hi, di), (Hi): an index query and its head weights
+    iq: Vec<f32>,
+    iw: Vec<f32>,
 }
 
 impl DecodeState {
-    pub fn random(shape: LayerShape, len: usize, seed: u64) -> Self {
+    /// `len` cached positions, with room for `extra` more (each layer call appends one).
+    pub fn random(shape: LayerShape, len: usize, extra: usize, seed: u64) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let (kv, d) = (shape.kv_heads, shape.head_dim);
-        let k = random_vec(kv * len * d, &mut rng);
-        let v = random_vec(kv * len * d, &mut rng);
-        let mut index = KeyStore::new(shape.index_dim, shape.index_precision);
-        index.reserve(len);
+        let layer = Layer::new(shape, len + extra + 1)?;
+        let mut cache = SeqCache::new(1);
+        cache.reserve(len + extra);
+        let lc = &mut cache.layers[0];
         // Fill in pieces so no second full-size buffer is needed.
-        for _ in 0..len.div_ceil(4096) {
-            let n = 4096.min(len - index.len());
-            index.extend_rows(&random_vec(n * shape.index_dim, &mut rng));
+        let mut done = 0;
+        while done < len {
+            let n = 4096.min(len - done);
+            let (k, v) = lc.kv_mut(kv, d);
+            k.append_token_major(&random_vec(n * kv * d, &mut rng));
+            v.append_token_major(&random_vec(n * kv * d, &mut rng));
+            lc.index_mut(shape.index_dim, shape.index_precision)
+                .extend_rows(&random_vec(n * shape.index_dim, &mut rng));
+            done += n;
         }
-        Self {
+        let x = Tensor::from_vec(
+            random_vec(layer.hidden, &mut rng),
+            (1, layer.hidden),
+            &Device::Cpu,
+        )?;
+        Ok(Self {
             q: random_vec(shape.heads * d, &mut rng),
             iq: random_vec(shape.index_heads * shape.index_dim, &mut rng),
             iw: random_vec(shape.index_heads, &mut rng)
@@ -123,76 +214,84 @@ impl DecodeState {
                 .map(|w| w.abs())
                 .collect(),
             shape,
-            len,
-            k,
-            v,
-            index,
-        }
+            layer,
+            cache,
+            x,
+        })
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
     }
 
     /// Bytes of KV + index cache held.
     pub fn cache_bytes(&self) -> usize {
-        (self.k.len() + self.v.len()) * 4 + self.index.bytes()
+        self.cache.used_bytes()
     }
 
     fn scale(&self) -> f32 {
         1.0 / (self.shape.head_dim as f32).sqrt()
     }
 
-    /// Dense decode with our flash-decoding kernel: (H, D).
-    pub fn dense(&self) -> Vec<f32> {
-        let s = &self.shape;
-        let rows = KvRows::separate(&self.k, &self.v, s.kv_heads, s.head_dim);
-        decode_attention::decode(&self.q, rows, self.len, self.scale())
+    fn rows(&self) -> KvRows<'_> {
+        let lc = &self.cache.layers[0];
+        let (k, v) = (lc.k.as_ref(), lc.v.as_ref());
+        KvRows::separate(
+            k.map_or(&[][..], |b| b.data()),
+            v.map_or(&[][..], |b| b.data()),
+            self.shape.kv_heads,
+            self.shape.head_dim,
+        )
     }
 
-    /// Dense decode through candle ops (matmul, softmax, matmul).
+    /// The whole layer, one decode step (appends the token): dense or sparse selector.
+    pub fn layer_step(&mut self, dense: bool) -> Result<Tensor> {
+        let x = self.x.clone();
+        self.layer.step(&x, &mut self.cache, dense)
+    }
+
+    /// Dense attention core with the flash-decoding kernel the step calls: (H, D).
+    pub fn dense(&self) -> Vec<f32> {
+        decode_attention::decode(&self.q, self.rows(), self.len(), self.scale())
+    }
+
+    /// Dense attention core through candle ops (matmul, softmax, matmul).
     pub fn dense_candle(&self) -> Result<Vec<f32>> {
-        let s = &self.shape;
-        let rows = KvRows::separate(&self.k, &self.v, s.kv_heads, s.head_dim);
         Ok(decode_attention::reference(
             &self.q,
-            rows,
-            self.len,
+            self.rows(),
+            self.len(),
             self.scale(),
         )?)
     }
 
     /// The selection: scan the index cache once, top-k.
     pub fn select(&self) -> Vec<u32> {
+        let index = self.cache.layers[0]
+            .index
+            .as_ref()
+            .expect("index keys filled");
         indexer::topk_decode(
             &self.iq,
             &self.iw,
-            &self.index,
+            index,
             self.shape.index_shape(),
             self.shape.topk,
         )
     }
 
-    /// Attention over a selection: (H, D).
-    pub fn attend(&self, idx: &[u32]) -> Result<Vec<f32>> {
-        let s = &self.shape;
-        let dims = SparseDims {
-            b: 1,
-            t: 1,
-            h: s.heads,
-            kv: s.kv_heads,
-            s: self.len,
-            d: s.head_dim,
-            k: s.topk,
-        };
-        Ok(sparse_attention::forward_f32(
-            dims,
-            self.scale() as f64,
-            &self.q,
-            &self.k,
-            &self.v,
-            idx,
-        )?)
+    /// Attention core over a selection: (H, D).
+    pub fn attend(&self, idx: &[u32]) -> Vec<f32> {
+        sparse_attention::attend_selected(&self.q, self.rows(), 1, idx, self.scale())
     }
 
-    /// Sparse decode: select, then attend.
-    pub fn sparse(&self) -> Result<Vec<f32>> {
+    /// Sparse attention core: select, then attend.
+    pub fn sparse(&self) -> Vec<f32> {
         let idx = self.select();
         self.attend(&idx)
     }
@@ -235,12 +334,21 @@ fn median_secs_cold(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f6
 pub struct DecodeRow {
     pub bench: &'static str,
     pub context: usize,
+    /// The whole layer's step (projections, indexer, cache write, attention), dense
+    /// selector.
+    pub layer_dense_ms: f64,
+    /// The same step with the indexer's top-k.
+    pub layer_sparse_ms: f64,
+    /// layer_dense_ms / layer_sparse_ms
+    pub layer_speedup: f64,
+    /// The attention core alone, dense: the flash-decoding kernel.
     pub dense_ms: f64,
     pub dense_candle_ms: f64,
+    /// The attention core alone, sparse: scan + top-k + attention over the selection.
     pub sparse_ms: f64,
     pub select_ms: f64,
     pub attend_ms: f64,
-    /// dense_ms / sparse_ms
+    /// dense_ms / sparse_ms (the core)
     pub speedup: f64,
     pub dense_gflops: f64,
     pub dense_gbps: f64,
@@ -250,14 +358,25 @@ pub struct DecodeRow {
     pub kv_bytes_per_token: usize,
     pub mha_kv_bytes_per_token: usize,
     pub index_bytes_per_token: usize,
-    /// Max |sparse - dense| / max |dense| of the outputs (sanity, not a target).
+    /// Max |sparse - dense| / max |dense| of the core outputs (sanity, not a target).
     pub outputs_rel_diff: f64,
 }
 
 /// Decode benchmark at `context` cached positions.
 pub fn decode_row(shape: LayerShape, context: usize, machine_gbps: f64) -> Result<DecodeRow> {
-    let st = DecodeState::random(shape, context, 7);
     let reps = (200_000 / context.max(1)).clamp(9, 201);
+    // The sparse path is cheap: more repetitions for a stable median.
+    let sparse_reps = reps.max(101);
+    // Each layer step appends its token: room for all of them.
+    let mut st = DecodeState::random(shape, context, 2 * (reps + sparse_reps) + 4, 7)?;
+    let layer_dense_s = median_secs_cold(reps, || {
+        std::hint::black_box(st.layer_step(true)?);
+        Ok(())
+    })?;
+    let layer_sparse_s = median_secs_cold(sparse_reps, || {
+        std::hint::black_box(st.layer_step(false)?);
+        Ok(())
+    })?;
     let dense_s = median_secs_cold(reps, || {
         std::hint::black_box(st.dense());
         Ok(())
@@ -266,10 +385,8 @@ pub fn decode_row(shape: LayerShape, context: usize, machine_gbps: f64) -> Resul
         std::hint::black_box(st.dense_candle()?);
         Ok(())
     })?;
-    // The sparse path is cheap: more repetitions for a stable median.
-    let sparse_reps = reps.max(101);
     let sparse_s = median_secs_cold(sparse_reps, || {
-        std::hint::black_box(st.sparse()?);
+        std::hint::black_box(st.sparse());
         Ok(())
     })?;
     let select_s = median_secs_cold(sparse_reps, || {
@@ -278,11 +395,11 @@ pub fn decode_row(shape: LayerShape, context: usize, machine_gbps: f64) -> Resul
     })?;
     let idx = st.select();
     let attend_s = median_secs_cold(sparse_reps, || {
-        std::hint::black_box(st.attend(&idx)?);
+        std::hint::black_box(st.attend(&idx));
         Ok(())
     })?;
     let dense = st.dense();
-    let sparse = st.attend(&idx)?;
+    let sparse = st.attend(&idx);
     let norm = dense.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-30);
     let diff = dense
         .iter()
@@ -296,6 +413,9 @@ pub fn decode_row(shape: LayerShape, context: usize, machine_gbps: f64) -> Resul
     Ok(DecodeRow {
         bench: "attention_decode",
         context,
+        layer_dense_ms: layer_dense_s * 1e3,
+        layer_sparse_ms: layer_sparse_s * 1e3,
+        layer_speedup: layer_dense_s / layer_sparse_s,
         dense_ms: dense_s * 1e3,
         dense_candle_ms: candle_s * 1e3,
         sparse_ms: sparse_s * 1e3,
@@ -313,124 +433,65 @@ pub fn decode_row(shape: LayerShape, context: usize, machine_gbps: f64) -> Resul
     })
 }
 
-/// Prefill inputs of one layer: N tokens.
-struct PrefillState {
-    shape: LayerShape,
-    n: usize,
-    /// (N, H, D)
-    q: Vec<f32>,
-    /// (KV, N, D)
-    k: Vec<f32>,
-    v: Vec<f32>,
-    iq: Vec<f32>,
-    iw: Vec<f32>,
-    index: KeyStore,
+/// Prompt tokens per step of the layer prefill (the engine's default chunk).
+pub const PREFILL_CHUNK: usize = 512;
+
+/// Seconds to prefill `n` random tokens through the layer's step, `PREFILL_CHUNK` at a
+/// time, with the dense or the sparse selector.
+fn layer_prefill(layer: &Layer, n: usize, dense: bool) -> Result<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut cache = SeqCache::new(1);
+    cache.reserve(n);
+    let mut took = 0.0;
+    let mut done = 0;
+    while done < n {
+        let t = PREFILL_CHUNK.min(n - done);
+        let x = Tensor::from_vec(
+            random_vec(t * layer.hidden, &mut rng),
+            (t, layer.hidden),
+            &Device::Cpu,
+        )?;
+        let t0 = Instant::now();
+        std::hint::black_box(layer.step(&x, &mut cache, dense)?);
+        took += t0.elapsed().as_secs_f64();
+        done += t;
+    }
+    Ok(took)
 }
 
-impl PrefillState {
-    fn random(shape: LayerShape, n: usize, seed: u64) -> Self {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let (h, kv, d) = (shape.heads, shape.kv_heads, shape.head_dim);
-        let mut index = KeyStore::new(shape.index_dim, shape.index_precision);
-        index.extend_rows(&random_vec(n * shape.index_dim, &mut rng));
-        Self {
-            shape,
-            n,
-            q: random_vec(n * h * d, &mut rng),
-            k: random_vec(kv * n * d, &mut rng),
-            v: random_vec(kv * n * d, &mut rng),
-            iq: random_vec(n * shape.index_heads * shape.index_dim, &mut rng),
-            iw: random_vec(n * shape.index_heads, &mut rng)
-                .into_iter()
-                .map(|w| w.abs())
-                .collect(),
-            index,
+/// Dense prefill attention with candle GEMMs over query chunks (random q, k, v of the
+/// layer's shape): seconds. An outside baseline for the layer's dense prefill.
+fn dense_gemm_prefill(shape: LayerShape, n: usize) -> Result<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let (h, kv, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let g = h / kv;
+    let dev = Device::Cpu;
+    let q = Tensor::from_vec(random_vec(n * h * d, &mut rng), (n, kv, g, d), &dev)?
+        .permute((1, 2, 0, 3))?
+        .contiguous()?; // (KV, G, N, D)
+    let k = Tensor::from_vec(random_vec(kv * n * d, &mut rng), (kv, n, d), &dev)?;
+    let v = Tensor::from_vec(random_vec(kv * n * d, &mut rng), (kv, n, d), &dev)?;
+    // Query chunk: keep the (KV, G*chunk, S) score block near 256 MiB.
+    let chunk = ((64usize << 20) / (h * n).max(1)).clamp(16, 1024);
+    let t0 = Instant::now();
+    let mut start = 0;
+    while start < n {
+        let tq = chunk.min(n - start);
+        let visible = start + tq;
+        let qc = q.narrow(2, start, tq)?.reshape((kv, g * tq, d))?; // rows (g, t)
+        let kc = k.narrow(1, 0, visible)?;
+        let vc = v.narrow(1, 0, visible)?;
+        let scores = qc.matmul(&kc.t()?)?; // (KV, G*tq, visible)
+        let p = CausalSoftmax {
+            scale: 1.0 / (d as f64).sqrt(),
+            queries: tq,
+            offset: start,
         }
+        .apply(&scores)?;
+        std::hint::black_box(p.matmul(&vc)?);
+        start += tq;
     }
-
-    /// Sparse prefill: (selection seconds, attention seconds).
-    fn sparse(&self) -> Result<(f64, f64)> {
-        let s = &self.shape;
-        let t0 = Instant::now();
-        let rows = [TopkQueries {
-            q: &self.iq,
-            w: &self.iw,
-            offset: 0,
-        }];
-        let idx = indexer::topk_prefill(&rows, &[&self.index], s.index_shape(), self.n, s.topk);
-        let sel = t0.elapsed().as_secs_f64();
-        debug_assert!(idx.iter().all(|&i| i == NONE || (i as usize) < self.n));
-        let t1 = Instant::now();
-        let dims = SparseDims {
-            b: 1,
-            t: self.n,
-            h: s.heads,
-            kv: s.kv_heads,
-            s: self.n,
-            d: s.head_dim,
-            k: s.topk,
-        };
-        let out = sparse_attention::forward_f32(
-            dims,
-            1.0 / (s.head_dim as f64).sqrt(),
-            &self.q,
-            &self.k,
-            &self.v,
-            &idx,
-        )?;
-        std::hint::black_box(out);
-        Ok((sel, t1.elapsed().as_secs_f64()))
-    }
-
-    /// Dense prefill with our flash-style kernel (`decode_attention::prefill`): seconds.
-    fn dense(&self) -> f64 {
-        let s = &self.shape;
-        let t0 = Instant::now();
-        let out = decode_attention::prefill(
-            &self.q,
-            &self.k,
-            &self.v,
-            s.kv_heads,
-            s.head_dim,
-            1.0 / (s.head_dim as f32).sqrt(),
-        );
-        std::hint::black_box(out);
-        t0.elapsed().as_secs_f64()
-    }
-
-    /// Dense prefill with candle GEMMs over query chunks: seconds.
-    fn dense_gemm(&self) -> Result<f64> {
-        let s = &self.shape;
-        let (h, kv, d, n) = (s.heads, s.kv_heads, s.head_dim, self.n);
-        let g = h / kv;
-        let dev = Device::Cpu;
-        let q = Tensor::from_slice(&self.q, (n, kv, g, d), &dev)?
-            .permute((1, 2, 0, 3))?
-            .contiguous()?; // (KV, G, N, D)
-        let k = Tensor::from_slice(&self.k, (kv, n, d), &dev)?;
-        let v = Tensor::from_slice(&self.v, (kv, n, d), &dev)?;
-        // Query chunk: keep the (KV, G*chunk, S) score block near 256 MiB.
-        let chunk = ((64usize << 20) / (h * n).max(1)).clamp(16, 1024);
-        let t0 = Instant::now();
-        let mut start = 0;
-        while start < n {
-            let tq = chunk.min(n - start);
-            let visible = start + tq;
-            let qc = q.narrow(2, start, tq)?.reshape((kv, g * tq, d))?; // rows (g, t)
-            let kc = k.narrow(1, 0, visible)?;
-            let vc = v.narrow(1, 0, visible)?;
-            let scores = qc.matmul(&kc.t()?)?; // (KV, G*tq, visible)
-            let p = CausalSoftmax {
-                scale: 1.0 / (d as f64).sqrt(),
-                queries: tq,
-                offset: start,
-            }
-            .apply(&scores)?;
-            std::hint::black_box(p.matmul(&vc)?);
-            start += tq;
-        }
-        Ok(t0.elapsed().as_secs_f64())
-    }
+    Ok(t0.elapsed().as_secs_f64())
 }
 
 /// Prefill measurements at one context length.
@@ -438,15 +499,16 @@ impl PrefillState {
 pub struct PrefillRow {
     pub bench: &'static str,
     pub context: usize,
-    /// Our flash-style dense kernel; None when above the dense limit.
+    /// The layer's step with the dense selector; None when above the dense limit.
     pub dense_s: Option<f64>,
-    /// Query-chunked candle GEMM + fused causal softmax; None above its limit.
+    /// Query-chunked candle GEMM + fused causal softmax (attention alone); None above
+    /// its limit.
     pub dense_gemm_s: Option<f64>,
+    /// The layer's step with the indexer's top-k.
     pub sparse_s: f64,
-    pub sparse_select_s: f64,
-    pub sparse_attend_s: f64,
     pub speedup: Option<f64>,
-    /// Useful (causal) attention FLOP/s of the dense prefill, 4 H D N(N+1)/2 / time.
+    /// Useful (causal) attention FLOP/s of the layer's dense prefill,
+    /// 4 H D N(N+1)/2 / time (projections not counted).
     pub dense_gflops: Option<f64>,
 }
 
@@ -456,23 +518,24 @@ pub fn prefill_row(
     run_dense: bool,
     run_gemm: bool,
 ) -> Result<PrefillRow> {
-    let st = PrefillState::random(shape, context, 11);
-    let dense_s = run_dense.then(|| st.dense());
-    let dense_gemm_s = if run_gemm {
-        Some(st.dense_gemm()?)
+    let layer = Layer::new(shape, context + 1)?;
+    let dense_s = if run_dense {
+        Some(layer_prefill(&layer, context, true)?)
     } else {
         None
     };
-    let (sel, att) = st.sparse()?;
-    let sparse_s = sel + att;
+    let dense_gemm_s = if run_gemm {
+        Some(dense_gemm_prefill(shape, context)?)
+    } else {
+        None
+    };
+    let sparse_s = layer_prefill(&layer, context, false)?;
     Ok(PrefillRow {
         bench: "attention_prefill",
         context,
         dense_s,
         dense_gemm_s,
         sparse_s,
-        sparse_select_s: sel,
-        sparse_attend_s: att,
         speedup: dense_s.map(|d| d / sparse_s),
         dense_gflops: dense_s.map(|d| {
             let n = context as f64;

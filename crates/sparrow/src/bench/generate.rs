@@ -218,13 +218,22 @@ fn cell(
     Ok((row, after_prefill))
 }
 
-/// Bytes one decode step must read: the active weights once (f32) plus, per sequence
+/// Bytes one decode step must read: the active weights once (as held) plus, per sequence
 /// and layer, its cached keys and values (dense selector) or its index keys and the
 /// selected rows (DSA past `index_topk`).
 fn decode_step_bytes(model: &Model, seqs: &[Sequence], dense: bool) -> f64 {
     let cfg = &model.cfg;
-    let (_total, active) = model.parameter_counts();
-    let mut bytes = 4.0 * active as f64;
+    let (total, active) = model.parameter_counts();
+    // Weight bytes as held (f32, f16 / bf16, quantized blocks), the active share of
+    // them (routed experts a token skips are left out in proportion).
+    let held: usize = model
+        .store
+        .all_tensors()
+        .iter()
+        .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+        .sum::<usize>()
+        + model.store.packed_bytes();
+    let mut bytes = held as f64 * active as f64 / total.max(1) as f64;
     for s in seqs {
         let pos = s.position();
         for (l, layer) in s.cache().layers.iter().enumerate() {

@@ -195,8 +195,13 @@ fn measure(
     ood_tokens: Option<&[u32]>,
 ) -> Result<RouterResult> {
     let o = &exp.options;
-    let (model, step) =
-        crate::model_dir::load_for_inference(dir, DType::F32, &Device::Cpu, |_| {})?;
+    let (model, step) = crate::model_dir::load_for_inference(
+        dir,
+        crate::weights::WeightFormat::F32,
+        DType::F32,
+        &Device::Cpu,
+        |_| {},
+    )?;
     let data = TokenData::load_or_build(
         &exp.corpus,
         tokenizer,

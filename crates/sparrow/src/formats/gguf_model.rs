@@ -19,11 +19,12 @@
 //! that its interleaved ("normal") RoPE computes HF's rotate-half RoPE; reading undoes
 //! that permutation, so the tensors are exactly HF's and export back to HF is a copy.
 
+use super::ggml::GgmlType;
 use super::gguf::GgufFile;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kernels::qmatmul::{is_native, QMatrix};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -221,22 +222,15 @@ pub fn reorder_qk_rows<T: Copy + Default>(
     out
 }
 
-/// How a GGUF model's weight matrices are held in memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum WeightFormat {
-    /// Every tensor dequantized to f32 (needed to train or convert).
-    F32,
-    /// `Q4_0`, `Q4_1` and `Q8_0` matrices stay in their blocks and compute with int8
-    /// activations (`kernels::qmatmul`); other types are dequantized to f32.
-    #[default]
-    Native,
-}
+pub use crate::weights::WeightFormat;
 
-/// The model's tensors under Sparrow's names: (f32 tensors, matrices kept quantized).
+/// The model's tensors under Sparrow's names: (tensors, matrices kept quantized).
 pub type GgufTensors = (HashMap<String, Tensor>, HashMap<String, Arc<QMatrix>>);
 
-/// Every tensor of the model under Sparrow's names, held as `format` says. Tensors
-/// that Sparrow does not use (e.g. `rope_freqs.weight` for unscaled RoPE) are errors,
+/// Every tensor of the model under Sparrow's names, held as `format` says: `Native`
+/// keeps Q4_0 / Q4_1 / Q8_0 matrices in their blocks and gives other matrices as f16
+/// tensors (bf16 ones as bf16); every other format gets f32 tensors (the store then
+/// converts the linear weights, `model::params`). Tensors that Sparrow does not use (e.g. `rope_freqs.weight` for unscaled RoPE) are errors,
 /// so a model is never silently computed without part of its weights.
 pub fn read_tensors(
     f: &GgufFile,
@@ -297,7 +291,14 @@ pub fn read_tensors(
             if let Some(h) = heads {
                 values = reorder_qk_rows(&values, rows, cols, h, false);
             }
-            dense.insert(name, Tensor::from_vec(values, shape, device)?);
+            let tensor = Tensor::from_vec(values, shape.clone(), device)?;
+            let tensor = match (format, shape.len(), t.ggml_type) {
+                (WeightFormat::Native, 2, GgmlType::BF16) => tensor.to_dtype(DType::BF16)?,
+                (WeightFormat::Native, 2, GgmlType::F32) => tensor,
+                (WeightFormat::Native, 2, _) => tensor.to_dtype(DType::F16)?,
+                _ => tensor,
+            };
+            dense.insert(name, tensor);
         }
     }
     Ok((dense, quantized))

@@ -14,6 +14,7 @@
 //!   causal prefill over it, for every entry store ([`kv_rows::KvRows`]).
 //! - [`matmul`]: `x W^T` for inference rows, batch-invariant (each output one fixed-order
 //!   dot product), each weight row read once per four rows.
+//! - [`hmatmul`]: `x W^T` with f16 / bf16 weights widened in registers (inference).
 //! - [`experts`]: MoE dispatch: rows grouped by expert, gathered once, and the weighted
 //!   combine back per token, with backward passes.
 //! - [`simd`]: a vectorisable `exp` and AVX-512 detection for the hot loops.
@@ -21,6 +22,7 @@
 pub mod cross_entropy;
 pub mod decode_attention;
 pub mod experts;
+pub mod hmatmul;
 pub mod indexer;
 pub mod kv_rows;
 pub mod matmul;

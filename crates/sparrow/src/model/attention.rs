@@ -26,6 +26,7 @@ use crate::kernels::softmax::CausalSoftmax;
 use crate::kernels::sparse_attention::{self, SparseAttention, SparseDims, SteGate};
 use crate::kernels::topk::NONE;
 use candle_core::{DType, Tensor, D};
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// What one attention layer returns.
@@ -329,33 +330,44 @@ impl Attention {
             Some(ix) => Some(ix.infer_packed(x)?),
             None => None,
         };
-        let mut y = vec![0.0f32; n * h * d]; // (N, H*D)
-        for (seg, cache) in segs.iter().zip(caches.iter_mut()) {
-            cache.check_position(seg.pos)?;
+        // Every row at its position: RoPE on queries, keys and index rows.
+        for seg in segs {
             for (i, r) in seg.rows().enumerate() {
                 rope.rotate_host(&mut q[r * h * d..(r + 1) * h * d], seg.pos + i)?;
                 rope.rotate_host(&mut k[r * kv * d..(r + 1) * kv * d], seg.pos + i)?;
             }
-            let rows = seg.start * kv * d..(seg.start + seg.len) * kv * d;
-            let selection = match (&self.indexer, &mut index) {
-                (Some(ix), Some(hi)) => ix.select_in_step(
-                    hi,
-                    seg,
-                    cache,
-                    opts.dense,
-                    self.index_topk,
-                    self.index_precision,
-                )?,
-                _ => None,
-            };
-            let (kc, vc) = cache.kv_mut(kv, d);
-            kc.append_token_major(&k[rows.clone()]);
-            vc.append_token_major(&v[rows]);
-            let qs = &q[seg.start * h * d..(seg.start + seg.len) * h * d]; // (T, H, D)
-            let rows = KvRows::separate(kc.data(), vc.data(), kv, d);
-            let out = attend_cached(qs, rows, seg, selection.as_deref(), scale);
-            y[seg.start * h * d..(seg.start + seg.len) * h * d].copy_from_slice(&out);
+            if let (Some(ix), Some(hi)) = (&self.indexer, &mut index) {
+                ix.place(hi, seg)?;
+            }
         }
+        // Each sequence's selection, cache write and attention; sequences in parallel
+        // (each owns its cache).
+        let outs: Vec<Vec<f32>> = segs
+            .par_iter()
+            .zip(caches.par_iter_mut())
+            .map(|(seg, cache)| -> Result<Vec<f32>> {
+                cache.check_position(seg.pos)?;
+                let selection = match (&self.indexer, &index) {
+                    (Some(ix), Some(hi)) => ix.select_in_step(
+                        hi,
+                        seg,
+                        cache,
+                        opts.dense,
+                        self.index_topk,
+                        self.index_precision,
+                    )?,
+                    _ => None,
+                };
+                let rows = seg.start * kv * d..(seg.start + seg.len) * kv * d;
+                let (kc, vc) = cache.kv_mut(kv, d);
+                kc.append_token_major(&k[rows.clone()]);
+                vc.append_token_major(&v[rows]);
+                let qs = &q[seg.start * h * d..(seg.start + seg.len) * h * d]; // (T, H, D)
+                let kvr = KvRows::separate(kc.data(), vc.data(), kv, d);
+                Ok(attend_cached(qs, kvr, seg, selection.as_deref(), scale))
+            })
+            .collect::<Result<_>>()?;
+        let y: Vec<f32> = outs.concat(); // (N, H*D): segments are consecutive rows
         let y = Tensor::from_vec(y, (n, h * d), x.device())?.to_dtype(x.dtype())?;
         self.o_proj.infer(&y)
     }

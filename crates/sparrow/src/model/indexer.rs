@@ -222,14 +222,31 @@ impl Indexer {
         })
     }
 
-    /// The selection of one segment of a step: place its index queries and keys (from
-    /// [`infer_packed`](Self::infer_packed) over the step's rows) at their positions,
-    /// cache the keys, then (past `topk` visible positions, unless `dense`) each
+    /// Place one segment's index queries and keys (rows of [`infer_packed`]'s output)
+    /// at their positions (RoPE).
+    ///
+    /// [`infer_packed`]: Self::infer_packed
+    pub(crate) fn place(&self, hi: &mut HostIndex, seg: &Segment) -> Result<()> {
+        let shape = self.shape();
+        let (heads, di) = (shape.heads, shape.dim);
+        for i in 0..seg.len {
+            let r = seg.start + i;
+            self.rope_token_host(
+                &mut hi.q[r * heads * di..(r + 1) * heads * di],
+                &mut hi.k[r * di..(r + 1) * di],
+                seg.pos + i,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The selection of one segment of a step, its rows already [`place`](Self::place)d:
+    /// cache its index keys, then (past `topk` visible positions, unless `dense`) each
     /// query's top-k over the cached keys, (T, K) with [`NONE`] padding. None = attend
     /// to every visible position (sparse == dense while everything fits in k).
     pub(crate) fn select_in_step(
         &self,
-        hi: &mut HostIndex,
+        hi: &HostIndex,
         seg: &Segment,
         cache: &mut LayerCache,
         dense: bool,
@@ -238,15 +255,8 @@ impl Indexer {
     ) -> Result<Option<Vec<u32>>> {
         let shape = self.shape();
         let (heads, di) = (shape.heads, shape.dim);
-        let qs = &mut hi.q[seg.start * heads * di..(seg.start + seg.len) * heads * di];
-        let ks = &mut hi.k[seg.start * di..(seg.start + seg.len) * di];
-        for i in 0..seg.len {
-            self.rope_token_host(
-                &mut qs[i * heads * di..(i + 1) * heads * di],
-                &mut ks[i * di..(i + 1) * di],
-                seg.pos + i,
-            )?;
-        }
+        let qs = &hi.q[seg.start * heads * di..(seg.start + seg.len) * heads * di];
+        let ks = &hi.k[seg.start * di..(seg.start + seg.len) * di];
         let store = cache.index_mut(di, precision);
         store.extend_rows(ks);
         if dense || seg.visible() <= topk {

@@ -1,10 +1,12 @@
 //! `Linear`: y = x W^T with W stored (out, in) as in PyTorch / HF checkpoints, either
-//! as a tensor (trainable, f32) or kept in a ggml block type as a GGUF file ships it
-//! (`kernels::qmatmul`: inference only, activations quantized to int8 per block).
+//! as a tensor (trainable, f32), kept in a ggml block type as a GGUF file ships it
+//! (`kernels::qmatmul`: inference only, activations quantized to int8 per block), or in
+//! f16 / bf16 (`kernels::hmatmul`: inference only, widened in registers).
 
 pub use super::params::LinearWeight;
 use super::params::{Init, Vb};
 use crate::error::{Error, Result};
+use crate::kernels::hmatmul::HalfMatrix;
 use crate::kernels::qmatmul::{qxwt, QMatrix};
 use candle_core::{Device, Tensor};
 
@@ -25,8 +27,8 @@ impl Linear {
         Self { weight }
     }
 
-    /// The weight as a tensor (out, in): the parameter itself, or the quantized blocks
-    /// dequantized to f32.
+    /// The weight as a tensor (out, in): the parameter itself, or the packed values
+    /// widened to f32.
     pub fn weight(&self) -> Result<Tensor> {
         match &self.weight {
             LinearWeight::Dense(t) => Ok(t.clone()),
@@ -35,7 +37,17 @@ impl Linear {
                 (q.rows, q.cols),
                 &Device::Cpu,
             )?),
+            LinearWeight::Half(h) => Ok(Tensor::from_vec(
+                h.to_f32(),
+                (h.rows, h.cols),
+                &Device::Cpu,
+            )?),
         }
+    }
+
+    /// How the weight is held.
+    pub fn packed(&self) -> &LinearWeight {
+        &self.weight
     }
 
     /// Whether the weight is a training variable (its values change between calls).
@@ -50,21 +62,20 @@ impl Linear {
 
     /// Number of weights (out * in).
     pub fn num_parameters(&self) -> usize {
-        match &self.weight {
-            LinearWeight::Dense(t) => t.elem_count(),
-            LinearWeight::Quantized(q) => q.rows * q.cols,
-        }
+        self.weight.dims().map_or(0, |(r, c)| r * c)
     }
 
     /// Inference: x (N, in) -> (N, out). Dense: up to [`XWT_MAX_ROWS`] rows (decode
     /// steps) through `kernels::matmul::xwt` (f32 weights and input; no autograd),
     /// whose rows are bit-identical whatever else is in the batch; larger inputs (steps
     /// carrying a prefill chunk) through candle's GEMM, which is faster there. Other
-    /// dtypes take [`forward`](Self::forward). Quantized: `kernels::qmatmul::qxwt`.
+    /// dtypes take [`forward`](Self::forward). Quantized: `kernels::qmatmul::qxwt`;
+    /// half: `kernels::hmatmul::xwt`.
     pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weight {
             LinearWeight::Dense(w) => matmul_xwt(x, w),
             LinearWeight::Quantized(q) => quantized_xwt(x, q),
+            LinearWeight::Half(h) => half_xwt(x, h),
         }
     }
 
@@ -76,7 +87,7 @@ impl Linear {
             .iter()
             .map(|l| match &l.weight {
                 LinearWeight::Quantized(q) => Some(q.as_ref()),
-                LinearWeight::Dense(_) => None,
+                LinearWeight::Dense(_) | LinearWeight::Half(_) => None,
             })
             .collect();
         match quantized {
@@ -107,6 +118,7 @@ impl Linear {
         let (y, out_dim) = match &self.weight {
             LinearWeight::Dense(w) => (x2.matmul(&w.t()?)?, w.dim(0)?), // (N, out)
             LinearWeight::Quantized(q) => (quantized_xwt(&x2, q)?, q.rows),
+            LinearWeight::Half(h) => (half_xwt(&x2, h)?, h.rows),
         };
         let mut out_dims = dims;
         *out_dims.last_mut().expect("non-empty dims") = out_dim;
@@ -125,8 +137,28 @@ impl Linear {
                 }
                 Ok(Tensor::from_vec(out, (flat.len(), q.cols), &Device::Cpu)?)
             }
+            LinearWeight::Half(h) => {
+                let mut out = vec![0f32; flat.len() * h.cols];
+                for (row, &id) in out.chunks_exact_mut(h.cols).zip(flat) {
+                    h.row_f32(id as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (flat.len(), h.cols), &Device::Cpu)?)
+            }
         }
     }
+}
+
+/// x (N, K) f32 on the CPU times a half-precision W^T.
+fn half_xwt(x: &Tensor, h: &HalfMatrix) -> Result<Tensor> {
+    let (n, k) = x.dims2()?;
+    if k != h.cols {
+        return Err(Error::Invalid(format!(
+            "input of {k} features for a {}x{} half-precision weight",
+            h.rows, h.cols
+        )));
+    }
+    let y = crate::kernels::hmatmul::xwt(&host_f32(x)?, n, h);
+    Ok(Tensor::from_vec(y, (n, h.rows), x.device())?)
 }
 
 /// x (N, K) f32 on the CPU times a quantized W^T.

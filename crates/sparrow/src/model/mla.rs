@@ -32,6 +32,7 @@ use crate::kernels::softmax::CausalSoftmax;
 use crate::kernels::sparse_attention::{self, SparseDims};
 use crate::kernels::topk::NONE;
 use candle_core::{Tensor, D};
+use rayon::prelude::*;
 use std::sync::OnceLock;
 
 /// How the query is projected.
@@ -420,27 +421,37 @@ impl Mla {
             }
             (None, _) => None,
         };
-        let scale = 1.0 / ((dn + dr) as f32).sqrt();
-        let mut y_lat = vec![0.0f32; n * h * r]; // (N, H, r)
-        for (seg, cache) in segs.iter().zip(caches.iter_mut()) {
-            let selection = match (&self.indexer, &mut index) {
-                (Some(ix), Some(hi)) => ix.select_in_step(
-                    hi,
-                    seg,
-                    cache,
-                    opts.dense,
-                    self.index_topk,
-                    self.index_precision,
-                )?,
-                _ => None,
-            };
-            let store = cache.latent_mut(w);
-            store.append_token_major(&rows[seg.start * w..(seg.start + seg.len) * w]);
-            let kv = KvRows::key_prefix(store.data(), w, r);
-            let qs = &qa[seg.start * h * w..(seg.start + seg.len) * h * w];
-            let out = attend_cached(qs, kv, seg, selection.as_deref(), scale); // (T, H, r)
-            y_lat[seg.start * h * r..(seg.start + seg.len) * h * r].copy_from_slice(&out);
+        if let (Some(ix), Some(hi)) = (&self.indexer, &mut index) {
+            for seg in segs {
+                ix.place(hi, seg)?;
+            }
         }
+        let scale = 1.0 / ((dn + dr) as f32).sqrt();
+        // Each sequence's selection, latent-store write and attention; sequences in
+        // parallel (each owns its cache).
+        let outs: Vec<Vec<f32>> = segs
+            .par_iter()
+            .zip(caches.par_iter_mut())
+            .map(|(seg, cache)| -> Result<Vec<f32>> {
+                let selection = match (&self.indexer, &index) {
+                    (Some(ix), Some(hi)) => ix.select_in_step(
+                        hi,
+                        seg,
+                        cache,
+                        opts.dense,
+                        self.index_topk,
+                        self.index_precision,
+                    )?,
+                    _ => None,
+                };
+                let store = cache.latent_mut(w);
+                store.append_token_major(&rows[seg.start * w..(seg.start + seg.len) * w]);
+                let kv = KvRows::key_prefix(store.data(), w, r);
+                let qs = &qa[seg.start * h * w..(seg.start + seg.len) * h * w];
+                Ok(attend_cached(qs, kv, seg, selection.as_deref(), scale)) // (T, H, r)
+            })
+            .collect::<Result<_>>()?;
+        let y_lat: Vec<f32> = outs.concat(); // (N, H, r): segments are consecutive rows
         let y = Tensor::from_vec(y_lat, (n, h, r), x.device())?
             .to_dtype(w_uv_t.dtype())?
             .transpose(0, 1)?

@@ -58,8 +58,22 @@ impl Model {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::new_random_with_weights(cfg, seed, crate::weights::WeightFormat::F32, dtype, device)
+    }
+
+    /// [`new_random_for_inference`](Self::new_random_for_inference) with the linear
+    /// layers' weights held as `weights` says (benchmarks of the packed kernels).
+    pub fn new_random_with_weights(
+        cfg: &ModelConfig,
+        seed: u64,
+        weights: crate::weights::WeightFormat,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         cfg.validate()?;
-        let store = VarStore::random(seed, dtype, device).frozen();
+        let store = VarStore::random(seed, dtype, device)
+            .frozen()
+            .with_weight_format(weights);
         let net = Transformer::new(&store.root(), cfg)?;
         Ok(Self {
             cfg: cfg.clone(),
@@ -100,7 +114,7 @@ impl Model {
     /// built.
     pub fn load_gguf_for_inference(
         file: &crate::formats::gguf::GgufFile,
-        format: crate::formats::gguf_model::WeightFormat,
+        format: crate::weights::WeightFormat,
         dtype: DType,
         device: &Device,
         edit: impl FnOnce(&mut ModelConfig),
@@ -112,6 +126,7 @@ impl Model {
             crate::formats::gguf_model::read_tensors(file, &cfg, format, device)?;
         let store =
             VarStore::loaded_with_quantized(tensors, quantized, file.path.clone(), dtype, device)
+                .with_weight_format(format)
                 .frozen();
         Self::from_store(&cfg, store)
     }
@@ -123,9 +138,9 @@ impl Model {
                 "weights are stored as f32, f16 or bf16, not {dtype:?}"
             )));
         }
-        if self.store.has_quantized() {
+        if self.store.has_packed() {
             return Err(Error::Invalid(
-                "this model holds quantized weights, which safetensors cannot store: load it with the f32 weight format to save or convert it".into(),
+                "this model holds quantized or half-precision weights for inference: load it with the f32 weight format to save or convert it".into(),
             ));
         }
         let trainable: std::collections::HashSet<String> =

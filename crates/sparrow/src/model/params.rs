@@ -20,14 +20,38 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::kernels::hmatmul::{HalfKind, HalfMatrix};
 use crate::kernels::qmatmul::QMatrix;
+use crate::weights::WeightFormat;
 
 /// A weight matrix (out, in) as the store hands it to a `Linear`.
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
     Dense(Tensor),
     /// Quantized blocks (inference only; no gradient).
-    Quantized(std::sync::Arc<QMatrix>),
+    Quantized(Arc<QMatrix>),
+    /// f16 / bf16 values (inference only; no gradient).
+    Half(Arc<HalfMatrix>),
+}
+
+impl LinearWeight {
+    /// (rows, cols) = (out, in).
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            LinearWeight::Dense(t) => t.dims2()?,
+            LinearWeight::Quantized(q) => (q.rows, q.cols),
+            LinearWeight::Half(h) => (h.rows, h.cols),
+        })
+    }
+
+    /// Bytes the weight occupies in memory.
+    pub fn n_bytes(&self) -> usize {
+        match self {
+            LinearWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            LinearWeight::Quantized(q) => q.n_bytes(),
+            LinearWeight::Half(h) => h.n_bytes(),
+        }
+    }
 }
 
 /// How a new parameter is initialised when it is not loaded.
@@ -56,8 +80,10 @@ pub struct VarStore {
     vars: Mutex<BTreeMap<String, Var>>,
     /// Names in `vars` that are buffers, not trainable parameters.
     buffers: Mutex<std::collections::BTreeSet<String>>,
-    /// Quantized weights handed out, by name.
-    quantized_used: Mutex<BTreeMap<String, Arc<QMatrix>>>,
+    /// Weights handed out in a packed form (quantized or half precision), by name.
+    packed_used: Mutex<BTreeMap<String, LinearWeight>>,
+    /// How linear layers' weights are held (inference loads; f32 otherwise).
+    weight_format: WeightFormat,
     source: Source,
     dtype: DType,
     device: Device,
@@ -88,7 +114,8 @@ impl VarStore {
         Self {
             vars: Mutex::new(BTreeMap::new()),
             buffers: Mutex::new(Default::default()),
-            quantized_used: Mutex::new(BTreeMap::new()),
+            packed_used: Mutex::new(BTreeMap::new()),
+            weight_format: WeightFormat::F32,
             source: Source::Random { seed },
             dtype,
             device: device.clone(),
@@ -119,7 +146,8 @@ impl VarStore {
         Self {
             vars: Mutex::new(BTreeMap::new()),
             buffers: Mutex::new(Default::default()),
-            quantized_used: Mutex::new(BTreeMap::new()),
+            packed_used: Mutex::new(BTreeMap::new()),
+            weight_format: WeightFormat::F32,
             source: Source::Loaded {
                 tensors,
                 quantized,
@@ -131,17 +159,24 @@ impl VarStore {
         }
     }
 
-    /// Whether any weight is held quantized (such a model cannot be saved as
-    /// safetensors; load it with f32 weights to convert it).
-    pub fn has_quantized(&self) -> bool {
-        !locked(&self.quantized_used).is_empty()
+    /// Hold linear layers' weights as `format` says (inference: the packed forms have
+    /// no gradient; freeze the store too). Must be set before the model is built.
+    pub fn with_weight_format(mut self, format: WeightFormat) -> Self {
+        self.weight_format = format;
+        self
     }
 
-    /// Bytes of the weights held quantized.
-    pub fn quantized_bytes(&self) -> usize {
-        locked(&self.quantized_used)
+    /// Whether any weight is held packed, quantized or in half precision (such a model
+    /// cannot be saved; load it with f32 weights to convert it).
+    pub fn has_packed(&self) -> bool {
+        !locked(&self.packed_used).is_empty()
+    }
+
+    /// Bytes of the weights held packed.
+    pub fn packed_bytes(&self) -> usize {
+        locked(&self.packed_used)
             .values()
-            .map(|q| q.n_bytes())
+            .map(|w| w.n_bytes())
             .sum()
     }
 
@@ -178,10 +213,10 @@ impl VarStore {
         } = &self.source
         {
             let vars = locked(&self.vars);
-            let used = locked(&self.quantized_used);
+            let used = locked(&self.packed_used);
             let mut extra: Vec<&String> = tensors
                 .keys()
-                .filter(|k| !vars.contains_key(*k))
+                .filter(|k| !vars.contains_key(*k) && !used.contains_key(*k))
                 .chain(quantized.keys().filter(|k| !used.contains_key(*k)))
                 .collect();
             extra.sort();
@@ -217,11 +252,11 @@ impl VarStore {
             .collect()
     }
 
-    /// Number of scalar parameters: the trainable ones plus quantized weights.
+    /// Number of scalar parameters: the trainable ones plus packed weights.
     pub fn num_parameters(&self) -> usize {
-        let quantized: usize = locked(&self.quantized_used)
+        let quantized: usize = locked(&self.packed_used)
             .values()
-            .map(|q| q.rows * q.cols)
+            .map(|w| w.dims().map_or(0, |(r, c)| r * c))
             .sum();
         self.vars()
             .iter()
@@ -245,11 +280,59 @@ impl VarStore {
                         ),
                     ));
                 }
-                locked(&self.quantized_used).insert(name, q.clone());
-                return Ok(LinearWeight::Quantized(q.clone()));
+                let w = LinearWeight::Quantized(q.clone());
+                locked(&self.packed_used).insert(name, w.clone());
+                return Ok(w);
             }
         }
-        Ok(LinearWeight::Dense(self.get(name, shape, init)?))
+        if self.weight_format == WeightFormat::F32 {
+            return Ok(LinearWeight::Dense(self.get(name, shape, init)?));
+        }
+        if let Some(w) = locked(&self.packed_used).get(&name) {
+            return Ok(w.clone());
+        }
+        let t = self.fetch(&name, shape, init)?;
+        let (rows, cols) = (shape[0], shape[1]);
+        let half = |kind: HalfKind| -> Result<LinearWeight> {
+            let bits: Vec<u16> = match (kind, t.dtype()) {
+                (HalfKind::F16, DType::F16) => t
+                    .flatten_all()?
+                    .to_vec1::<half::f16>()?
+                    .into_iter()
+                    .map(|h| h.to_bits())
+                    .collect(),
+                (HalfKind::Bf16, DType::BF16) => t
+                    .flatten_all()?
+                    .to_vec1::<half::bf16>()?
+                    .into_iter()
+                    .map(|h| h.to_bits())
+                    .collect(),
+                _ => {
+                    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                    return Ok(LinearWeight::Half(Arc::new(HalfMatrix::from_f32(
+                        kind, rows, cols, &v,
+                    ))));
+                }
+            };
+            Ok(LinearWeight::Half(Arc::new(
+                HalfMatrix::new(kind, rows, cols, bits).map_err(Error::Invalid)?,
+            )))
+        };
+        let packed = match (self.weight_format, t.dtype()) {
+            (WeightFormat::F16, _) | (WeightFormat::Native, DType::F16) => half(HalfKind::F16)?,
+            (WeightFormat::Bf16, _) | (WeightFormat::Native, DType::BF16) => half(HalfKind::Bf16)?,
+            // Q8_0 blocks of 32 along the row; other widths stay f32.
+            (WeightFormat::Int8, _) if cols % 32 == 0 => {
+                let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let bytes = crate::formats::ggml::quantize_q8_0(&v);
+                let q = QMatrix::new(crate::formats::ggml::GgmlType::Q8_0, rows, cols, bytes)
+                    .map_err(Error::Invalid)?;
+                LinearWeight::Quantized(Arc::new(q))
+            }
+            _ => return Ok(LinearWeight::Dense(self.get(name, shape, init)?)),
+        };
+        locked(&self.packed_used).insert(name, packed.clone());
+        Ok(packed)
     }
 
     fn get_buffer(&self, name: String, shape: &[usize], init: Init) -> Result<Tensor> {
@@ -261,14 +344,27 @@ impl VarStore {
         if let Some(v) = locked(&self.vars).get(&name) {
             return Ok(self.hand_out(v));
         }
-        let tensor = match &self.source {
+        let tensor = self
+            .fetch(&name, shape, init)?
+            .to_dtype(self.dtype)?
+            .to_device(&self.device)?;
+        let var = Var::from_tensor(&tensor)?;
+        let out = self.hand_out(&var);
+        locked(&self.vars).insert(name, var);
+        Ok(out)
+    }
+
+    /// The tensor `name` as loaded (its file dtype) or initialised (the store's dtype),
+    /// shape-checked, not registered.
+    fn fetch(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        Ok(match &self.source {
             Source::Random { seed } => {
                 let n: usize = shape.iter().product();
                 let data: Vec<f64> = match init {
                     Init::Ones => vec![1.0; n],
                     Init::Zeros => vec![0.0; n],
                     Init::Normal(std) => {
-                        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ name_hash(&name));
+                        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ name_hash(name));
                         let normal = Normal::new(0.0, std)
                             .map_err(|e| Error::Invalid(format!("init std {std}: {e}")))?;
                         (0..n).map(|_| normal.sample(&mut rng)).collect()
@@ -277,7 +373,7 @@ impl VarStore {
                 Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?
             }
             Source::Loaded { tensors, path, .. } => {
-                let t = tensors.get(&name).ok_or_else(|| {
+                let t = tensors.get(name).ok_or_else(|| {
                     Error::checkpoint(
                         path,
                         format!("missing tensor `{name}` (expected shape {shape:?})"),
@@ -301,13 +397,9 @@ impl VarStore {
                         ),
                     ));
                 }
-                t.to_dtype(self.dtype)?.to_device(&self.device)?
+                t.clone()
             }
-        };
-        let var = Var::from_tensor(&tensor)?;
-        let out = self.hand_out(&var);
-        locked(&self.vars).insert(name, var);
-        Ok(out)
+        })
     }
 
     fn hand_out(&self, var: &Var) -> Tensor {

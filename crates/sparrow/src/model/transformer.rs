@@ -104,6 +104,11 @@ impl Transformer {
         Ok(())
     }
 
+    /// The RoPE the attention layers share.
+    pub(crate) fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
     /// ids (B, T) u32, whole windows from position 0 -> logits (B, T, V): training,
     /// evaluation and parity. Incremental decoding goes through [`Self::step`].
     pub fn forward(&self, ids: &Tensor) -> Result<ForwardOutput> {
@@ -201,7 +206,7 @@ impl Transformer {
     /// The engine's batched step: the new tokens of every input, each sequence at its
     /// own position, in one forward (see `model::step`); every input's cache is
     /// written in place. Builds no autograd graph when the weights are frozen
-    /// (`Model::load_for_inference`) and computes no training telemetry.
+    /// (`model_dir::load_for_inference`) and computes no training telemetry.
     pub fn step(&self, inputs: &mut [StepInput<'_>], opts: &StepOptions) -> Result<StepOutput> {
         let c = self.cfg.hidden_size;
         let n_layers = self.layers.len();

@@ -89,16 +89,19 @@ pub fn run(a: AttentionBenchArgs) -> Result<()> {
     let gemm = sparrow::bench::gemm_f32(1024)?.gflops;
     let mut decode = Report::new(a.json)
         .col("context", 8, |r: &DecodeRow| r.context.to_string())
-        .col("dense", 9, |r| format!("{:.3}", r.dense_ms))
+        .col("layer dense", 11, |r| format!("{:.3}", r.layer_dense_ms))
+        .col("layer sparse", 12, |r| format!("{:.3}", r.layer_sparse_ms))
+        .col("layer x", 8, |r| format!("{:.1}x", r.layer_speedup))
+        .col("core dense", 10, |r| format!("{:.3}", r.dense_ms))
         .col("dense(mm)", 10, |r| format!("{:.3}", r.dense_candle_ms))
-        .col("sparse", 9, |r| format!("{:.3}", r.sparse_ms))
-        .col("select", 9, |r| format!("{:.3}", r.select_ms))
-        .col("attend", 9, |r| format!("{:.3}", r.attend_ms))
-        .col("ratio", 8, |r| format!("{:.1}x", r.speedup))
+        .col("core sparse", 11, |r| format!("{:.3}", r.sparse_ms))
+        .col("select", 8, |r| format!("{:.3}", r.select_ms))
+        .col("attend", 8, |r| format!("{:.3}", r.attend_ms))
+        .col("core x", 7, |r| format!("{:.1}x", r.speedup))
         .col("dense GF", 9, |r| format!("{:.1}", r.dense_gflops))
         .col("dense GB", 8, |r| format!("{:.1}", r.dense_gbps))
-        .col("scan GB/s", 11, |r| format!("{:.1}", r.index_scan_gbps))
-        .col("scan/BW", 8, |r| {
+        .col("scan GB/s", 9, |r| format!("{:.1}", r.index_scan_gbps))
+        .col("scan/BW", 7, |r| {
             format!("{:.0}%", r.index_scan_bw_share * 100.0)
         });
     decode.record(serde_json::json!({"bench": "machine", "read_gbps": bw, "gemm_f32_gflops": gemm, "threads": rayon_threads(), "shape": shape}));
@@ -122,7 +125,9 @@ pub fn run(a: AttentionBenchArgs) -> Result<()> {
         shape.mha_kv_bytes_per_token(),
         shape.index_bytes_per_token()
     ));
-    decode.note("\ndecode (one new token), median ms:");
+    decode.note(
+        "\ndecode (one new token), median ms: the layer's step (projections, indexer, cache write, attention) and its attention core alone",
+    );
     let mut decode_rows = Vec::new();
     for &c in &a.context {
         let r = decode_row(shape, c, bw)?;
@@ -140,9 +145,11 @@ pub fn run(a: AttentionBenchArgs) -> Result<()> {
         };
         plot_series(
             &[
-                line("dense (flash-decoding kernel)", &|r| r.dense_ms),
-                line("dense (candle matmul)", &|r| r.dense_candle_ms),
-                line("sparse (scan + top-k + attend)", &|r| r.sparse_ms),
+                line("layer, dense selector", &|r| r.layer_dense_ms),
+                line("layer, DSA top-k", &|r| r.layer_sparse_ms),
+                line("core dense (flash-decoding kernel)", &|r| r.dense_ms),
+                line("core dense (candle matmul)", &|r| r.dense_candle_ms),
+                line("core sparse (scan + top-k + attend)", &|r| r.sparse_ms),
             ],
             path,
             &Axes {
@@ -160,14 +167,15 @@ pub fn run(a: AttentionBenchArgs) -> Result<()> {
     }
     let mut prefill = Report::new(a.json)
         .col("context", 8, |r: &PrefillRow| r.context.to_string())
-        .col("dense", 10, |r| fixed(r.dense_s, 3))
+        .col("layer dense", 11, |r| fixed(r.dense_s, 3))
         .col("dense(gemm)", 11, |r| fixed(r.dense_gemm_s, 3))
-        .col("sparse", 10, |r| format!("{:.3}", r.sparse_s))
-        .col("select", 10, |r| format!("{:.3}", r.sparse_select_s))
-        .col("attend", 10, |r| format!("{:.3}", r.sparse_attend_s))
+        .col("layer sparse", 12, |r| format!("{:.3}", r.sparse_s))
         .col("ratio", 8, |r| format!("{}x", fixed(r.speedup, 1)))
         .col("dense GF", 9, |r| fixed(r.dense_gflops, 1));
-    prefill.note("\nprefill (all tokens through one layer), seconds:");
+    prefill.note(format!(
+        "\nprefill (all tokens through the layer's step, {} per step), seconds; dense(gemm): candle's attention alone",
+        sparrow::bench::attention::PREFILL_CHUNK
+    ));
     let mut dense_pts = Vec::new();
     let mut sparse_pts = Vec::new();
     for &c in &a.context {

@@ -43,7 +43,8 @@ pub struct GenerateBenchArgs {
     /// `index_cache_dtype`).
     #[arg(long, value_enum)]
     pub index_dtype: Option<IndexDtype>,
-    /// How a GGUF model's matrices are held.
+    /// How the linear layers' weights are held: f32, f16, bf16, int8 (Q8_0 blocks) or
+    /// native (as the file stores them).
     #[arg(long, value_enum, default_value = "native")]
     pub weights: WeightsArg,
     #[arg(long, default_value_t = 0)]
@@ -80,9 +81,10 @@ pub fn run(a: GenerateBenchArgs) -> Result<()> {
         Some(path) => {
             let mut cfg = ModelConfig::from_file(path)?;
             edit(&mut cfg);
-            let m = Model::new_random_for_inference(
+            let m = Model::new_random_with_weights(
                 &cfg,
                 bench.seed,
+                weights.into(),
                 candle_core::DType::F32,
                 &candle_core::Device::Cpu,
             )?;

@@ -1,0 +1,345 @@
+//! Half-precision weights for inference: `y = x W^T` with W (out, in) kept as f16 or
+//! bf16 (half the bytes of f32, so a memory-bound decode step reads half as much) and
+//! x, y f32. The weights are widened to f32 in registers, never in memory: candle's CPU
+//! matmul converts a whole bf16/f16 matrix to f32 on every call.
+//!
+//! Kernel: output rows in tiles of [`TILE_ROWS`], input rows in groups of up to
+//! [`TILE_INPUTS`]; each 16-wide chunk of a weight row is loaded and widened once and
+//! multiplied into every input row of the group (AVX-512F: `vcvtph2ps` for f16, a
+//! 16-bit shift for bf16; one fused multiply-add per lane), so a decode step streams
+//! each weight byte once and a prefill chunk reuses it from L1 for four inputs. Each
+//! output is its own sum over 16 lanes in a fixed order, then a fixed tree over the
+//! lanes, then the tail: a row's result does not depend on the other rows of the batch.
+//! [`xwt_portable`] is the same order without intrinsics (separate multiply and add,
+//! as a target without FMA has them); [`reference`] is f64.
+
+use super::simd::has_avx512;
+use rayon::prelude::*;
+
+/// Which 16-bit float a [`HalfMatrix`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HalfKind {
+    /// IEEE 754 binary16.
+    F16,
+    /// bfloat16 (the top half of an f32).
+    Bf16,
+}
+
+impl HalfKind {
+    #[inline(always)]
+    pub fn to_f32(self, bits: u16) -> f32 {
+        match self {
+            HalfKind::F16 => half::f16::from_bits(bits).to_f32(),
+            HalfKind::Bf16 => f32::from_bits((bits as u32) << 16),
+        }
+    }
+
+    /// Round to nearest even.
+    #[inline(always)]
+    pub fn from_f32(self, x: f32) -> u16 {
+        match self {
+            HalfKind::F16 => half::f16::from_f32(x).to_bits(),
+            HalfKind::Bf16 => half::bf16::from_f32(x).to_bits(),
+        }
+    }
+}
+
+/// A weight matrix (rows = out, cols = in) of 16-bit floats, row-major.
+#[derive(Debug, Clone)]
+pub struct HalfMatrix {
+    pub kind: HalfKind,
+    pub rows: usize,
+    pub cols: usize,
+    data: Vec<u16>,
+}
+
+impl HalfMatrix {
+    /// From raw 16-bit values, (rows, cols) row-major.
+    pub fn new(kind: HalfKind, rows: usize, cols: usize, data: Vec<u16>) -> Result<Self, String> {
+        if data.len() != rows * cols {
+            return Err(format!(
+                "{} half values for a {rows}x{cols} matrix",
+                data.len()
+            ));
+        }
+        Ok(Self {
+            kind,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// f32 values rounded to `kind`.
+    pub fn from_f32(kind: HalfKind, rows: usize, cols: usize, values: &[f32]) -> Self {
+        assert_eq!(values.len(), rows * cols, "values are not rows x cols");
+        Self {
+            kind,
+            rows,
+            cols,
+            data: values.iter().map(|&x| kind.from_f32(x)).collect(),
+        }
+    }
+
+    /// Bytes of the weights.
+    pub fn n_bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+
+    /// The raw values of row `r`.
+    pub fn row(&self, r: usize) -> &[u16] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+
+    /// Row `r` widened to f32 into `out` (an embedding lookup).
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        for (o, &b) in out.iter_mut().zip(self.row(r)) {
+            *o = self.kind.to_f32(b);
+        }
+    }
+
+    /// Every value as f32, (rows, cols).
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.data.iter().map(|&b| self.kind.to_f32(b)).collect()
+    }
+}
+
+/// Weight rows per tile.
+pub const TILE_ROWS: usize = 4;
+/// Input rows sharing each widened weight chunk.
+pub const TILE_INPUTS: usize = 4;
+/// Weight rows per parallel task.
+const ROWS_PER_TASK: usize = 32;
+
+/// Sum of 16 lanes by a fixed tree (8 + 8, 4 + 4, 2 + 2, 1 + 1).
+#[inline(always)]
+fn tree16(mut l: [f32; 16]) -> f32 {
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            l[i] += l[i + w];
+        }
+    }
+    l[0]
+}
+
+/// The portable tile: `out[c][r] = w_c . x_r` for C weight rows and R inputs.
+#[inline(always)]
+fn tile_portable<const C: usize, const R: usize>(
+    kind: HalfKind,
+    w: [&[u16]; C],
+    x: [&[f32]; R],
+    k: usize,
+) -> [[f32; R]; C] {
+    let mut acc = [[[0f32; 16]; R]; C];
+    let full = k / 16 * 16;
+    let mut wv = [0f32; 16];
+    for i0 in (0..full).step_by(16) {
+        for c in 0..C {
+            for (l, v) in wv.iter_mut().enumerate() {
+                *v = kind.to_f32(w[c][i0 + l]);
+            }
+            for r in 0..R {
+                for l in 0..16 {
+                    acc[c][r][l] += wv[l] * x[r][i0 + l];
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; R]; C];
+    for c in 0..C {
+        for r in 0..R {
+            let mut s = tree16(acc[c][r]);
+            for i in full..k {
+                s += kind.to_f32(w[c][i]) * x[r][i];
+            }
+            out[c][r] = s;
+        }
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{tree16, HalfKind};
+    use std::arch::x86_64::*;
+
+    /// 16 weights at `p` widened to f32.
+    ///
+    /// # Safety
+    /// AVX-512F enabled; `p` points at 16 readable u16.
+    #[inline(always)]
+    unsafe fn widen(kind: HalfKind, p: *const u16) -> __m512 {
+        unsafe {
+            let raw = _mm256_loadu_si256(p as *const __m256i);
+            match kind {
+                HalfKind::F16 => _mm512_cvtph_ps(raw),
+                HalfKind::Bf16 => {
+                    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 tile: the sums of `tile_portable` in the same order (lane-wise in k
+    /// order, the same lane tree, the same tail), with fused multiply-adds.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; every `w[c]` and `x[r]` holds at least `k` values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn tile<const C: usize, const R: usize>(
+        kind: HalfKind,
+        w: [&[u16]; C],
+        x: [&[f32]; R],
+        k: usize,
+    ) -> [[f32; R]; C] {
+        let full = k / 16 * 16;
+        // SAFETY: every load below reads 16 values at offset i0 < full <= k of a slice
+        // holding at least k values (the caller's contract); AVX-512F is enabled.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); R]; C];
+            let mut i0 = 0;
+            while i0 < full {
+                let mut xv = [_mm512_setzero_ps(); R];
+                for r in 0..R {
+                    xv[r] = _mm512_loadu_ps(x[r].as_ptr().add(i0));
+                }
+                for c in 0..C {
+                    let wv = widen(kind, w[c].as_ptr().add(i0));
+                    for r in 0..R {
+                        acc[c][r] = _mm512_fmadd_ps(wv, xv[r], acc[c][r]);
+                    }
+                }
+                i0 += 16;
+            }
+            let mut out = [[0f32; R]; C];
+            for c in 0..C {
+                for r in 0..R {
+                    let mut lanes = [0f32; 16];
+                    _mm512_storeu_ps(lanes.as_mut_ptr(), acc[c][r]);
+                    let mut s = tree16(lanes);
+                    for i in full..k {
+                        s = kind.to_f32(w[c][i]).mul_add(x[r][i], s);
+                    }
+                    out[c][r] = s;
+                }
+            }
+            out
+        }
+    }
+}
+
+/// One tile through the AVX-512 kernel when `fast`, else the portable one.
+#[inline(always)]
+fn tile<const C: usize, const R: usize>(
+    fast: bool,
+    kind: HalfKind,
+    w: [&[u16]; C],
+    x: [&[f32]; R],
+    k: usize,
+) -> [[f32; R]; C] {
+    #[cfg(target_arch = "x86_64")]
+    if fast {
+        // SAFETY: `fast` is only set when AVX-512F was detected at run time; every row
+        // slice holds k values (checked by the callers' shape asserts).
+        return unsafe { avx512::tile::<C, R>(kind, w, x, k) };
+    }
+    let _ = fast;
+    tile_portable::<C, R>(kind, w, x, k)
+}
+
+/// Weight rows `rows` (a tile of C) against every input row, into out (m, w.rows).
+fn rows_tile<const C: usize>(
+    fast: bool,
+    w: &HalfMatrix,
+    r0: usize,
+    x: &[f32],
+    m: usize,
+    out: &mut [[f32; C]],
+) {
+    let k = w.cols;
+    let wr: [&[u16]; C] = std::array::from_fn(|c| w.row(r0 + c));
+    let xr = |i: usize| &x[i * k..(i + 1) * k];
+    let mut i = 0;
+    while i + TILE_INPUTS <= m {
+        let t = tile::<C, TILE_INPUTS>(fast, w.kind, wr, std::array::from_fn(|j| xr(i + j)), k);
+        for j in 0..TILE_INPUTS {
+            out[i + j] = std::array::from_fn(|c| t[c][j]);
+        }
+        i += TILE_INPUTS;
+    }
+    while i < m {
+        let t = tile::<C, 1>(fast, w.kind, wr, [xr(i)], k);
+        out[i] = std::array::from_fn(|c| t[c][0]);
+        i += 1;
+    }
+}
+
+fn xwt_with(fast: bool, x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f32> {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(x.len(), m * k, "x is not (m, {k})");
+    // Tasks own blocks of weight rows; each writes its columns of y afterwards.
+    let blocks: Vec<(usize, Vec<f32>)> = (0..n)
+        .step_by(ROWS_PER_TASK)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|b0| {
+            let nb = ROWS_PER_TASK.min(n - b0);
+            let mut part = vec![0f32; m * nb]; // (m, nb)
+            let mut r = 0;
+            while r + TILE_ROWS <= nb {
+                let mut t = vec![[0f32; TILE_ROWS]; m];
+                rows_tile::<TILE_ROWS>(fast, w, b0 + r, x, m, &mut t);
+                for (i, row) in t.iter().enumerate() {
+                    part[i * nb + r..i * nb + r + TILE_ROWS].copy_from_slice(row);
+                }
+                r += TILE_ROWS;
+            }
+            while r < nb {
+                let mut t = vec![[0f32; 1]; m];
+                rows_tile::<1>(fast, w, b0 + r, x, m, &mut t);
+                for (i, row) in t.iter().enumerate() {
+                    part[i * nb + r] = row[0];
+                }
+                r += 1;
+            }
+            (b0, part)
+        })
+        .collect();
+    let mut y = vec![0f32; m * n];
+    for (b0, part) in blocks {
+        let nb = part.len() / m.max(1);
+        for i in 0..m {
+            y[i * n + b0..i * n + b0 + nb].copy_from_slice(&part[i * nb..(i + 1) * nb]);
+        }
+    }
+    y
+}
+
+/// y (m, rows) = x (m, cols) W^T, widening W in registers (AVX-512 when present).
+pub fn xwt(x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f32> {
+    xwt_with(has_avx512(), x, m, w)
+}
+
+/// [`xwt`] without intrinsics (the same sums).
+pub fn xwt_portable(x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f32> {
+    xwt_with(false, x, m, w)
+}
+
+/// Plain f64 reference: y = x W^T with W widened exactly.
+pub fn reference(x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f64> {
+    let (n, k) = (w.rows, w.cols);
+    let mut y = vec![0f64; m * n];
+    for i in 0..m {
+        for r in 0..n {
+            y[i * n + r] = w
+                .row(r)
+                .iter()
+                .zip(&x[i * k..(i + 1) * k])
+                .map(|(&b, &v)| w.kind.to_f32(b) as f64 * v as f64)
+                .sum();
+        }
+    }
+    y
+}
