@@ -108,8 +108,8 @@ impl HalfMatrix {
 pub const TILE_ROWS: usize = 4;
 /// Input rows sharing each widened weight chunk.
 pub const TILE_INPUTS: usize = 4;
-/// Weight rows per parallel task.
-const ROWS_PER_TASK: usize = 32;
+/// Fewest weight rows per parallel task (a task should outlast its scheduling).
+const MIN_ROWS_PER_TASK: usize = 64;
 
 /// Sum of 16 lanes by a fixed tree (8 + 8, 4 + 4, 2 + 2, 1 + 1).
 #[inline(always)]
@@ -279,17 +279,22 @@ fn rows_tile<const C: usize>(
 fn xwt_with(fast: bool, x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f32> {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "x is not (m, {k})");
-    // Tasks own blocks of weight rows; each writes its columns of y afterwards.
+    // Tasks own blocks of weight rows (about four per thread); each writes its columns
+    // of y afterwards.
+    let per_task = (n / (4 * rayon::current_num_threads()).max(1))
+        .max(MIN_ROWS_PER_TASK)
+        .div_ceil(TILE_ROWS)
+        * TILE_ROWS;
     let blocks: Vec<(usize, Vec<f32>)> = (0..n)
-        .step_by(ROWS_PER_TASK)
+        .step_by(per_task)
         .collect::<Vec<_>>()
         .into_par_iter()
         .map(|b0| {
-            let nb = ROWS_PER_TASK.min(n - b0);
+            let nb = per_task.min(n - b0);
             let mut part = vec![0f32; m * nb]; // (m, nb)
+            let mut t = vec![[0f32; TILE_ROWS]; m];
             let mut r = 0;
             while r + TILE_ROWS <= nb {
-                let mut t = vec![[0f32; TILE_ROWS]; m];
                 rows_tile::<TILE_ROWS>(fast, w, b0 + r, x, m, &mut t);
                 for (i, row) in t.iter().enumerate() {
                     part[i * nb + r..i * nb + r + TILE_ROWS].copy_from_slice(row);

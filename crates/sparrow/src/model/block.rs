@@ -130,7 +130,7 @@ impl Block {
         *secs.0 += lap.lap();
         let h = self.post_attention_layernorm.forward(&x)?;
         let f = match &self.mlp {
-            Ffn::Dense(mlp) => mlp.forward(&h)?,
+            Ffn::Dense(mlp) => mlp.infer(&h)?,
             Ffn::Moe(moe) => moe.infer(&h, token_ids)?,
         };
         let x = (x + f)?;
