@@ -263,12 +263,8 @@ impl Tokenizer {
     /// The tokenizer a GGUF file carries (`crate::formats::gguf_tokenizer`).
     pub fn from_gguf(f: &crate::formats::gguf::GgufFile) -> Result<Self> {
         let g = crate::formats::gguf_tokenizer::read(f)?;
-        let inner: tokenizers::Tokenizer = g
-            .json
-            .parse()
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", f.path.display())))?;
         Ok(Self {
-            inner,
+            inner: g.tokenizer,
             bos_id: g.bos_id,
             eos_id: g.eos_id,
             add_bos: g.add_bos,

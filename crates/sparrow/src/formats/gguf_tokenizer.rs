@@ -16,7 +16,12 @@
 
 use super::gguf::{GgufFile, Value};
 use crate::error::{Error, Result};
-use serde_json::json;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 /// Pre-tokenizers with only GPT-2's regex.
 const PRE_GPT2: &[&str] = &["gpt2", "mpt", "olmo"];
@@ -52,10 +57,11 @@ const TOKEN_CONTROL: i64 = 3;
 const TOKEN_USER_DEFINED: i64 = 4;
 
 /// What a GGUF file says about tokenizing and chatting.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GgufTokenizer {
-    /// The `tokenizer.json` text.
-    pub json: String,
+    /// The HF `tokenizers` tokenizer, built directly (a `tokenizer.json` text and its
+    /// parse would take ~40 MB more at peak for a 49K vocabulary).
+    pub tokenizer: tokenizers::Tokenizer,
     pub bos_id: u32,
     pub eos_id: u32,
     /// Whether a prompt starts with BOS (`tokenizer.ggml.add_bos_token`).
@@ -95,14 +101,17 @@ pub fn read(f: &GgufFile) -> Result<GgufTokenizer> {
         ));
     }
     let pre = f.get_str_opt("tokenizer.ggml.pre")?.unwrap_or("gpt2");
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-    let pre_tokenizer = if PRE_GPT2.contains(&pre) {
-        byte_level
+    let byte_level = || ByteLevel::new(false, true, true);
+    let pre_tokenizer: PreTokenizerWrapper = if PRE_GPT2.contains(&pre) {
+        byte_level().into()
     } else if PRE_DIGITS_GPT2.contains(&pre) {
-        json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": "\\p{N}"}, "behavior": "Isolated", "invert": false},
-            byte_level,
-        ]})
+        let digits = Split::new(
+            SplitPattern::Regex("\\p{N}".into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| Error::Tokenizer(format!("digit splitter: {e}")))?;
+        Sequence::new(vec![digits.into(), byte_level().into()]).into()
     } else {
         return Err(Error::config(
             "tokenizer.ggml.pre",
@@ -136,50 +145,46 @@ pub fn read(f: &GgufFile) -> Result<GgufTokenizer> {
             format!("{} entries for {} tokens", types.len(), tokens.len()),
         ));
     }
-    let mut vocab = serde_json::Map::with_capacity(tokens.len());
+    let mut vocab = Vocab::default();
+    vocab.reserve(tokens.len());
     let mut added = Vec::new();
     for (id, (&tok, &ty)) in tokens.iter().zip(&types).enumerate() {
-        if vocab.insert(tok.to_string(), id.into()).is_some() {
+        if vocab.insert(tok.to_string(), id as u32).is_some() {
             return Err(Error::config(
                 format!("tokenizer.ggml.tokens[{id}]"),
                 format!("token {tok:?} appears twice"),
             ));
         }
         if ty == TOKEN_CONTROL || ty == TOKEN_USER_DEFINED {
-            added.push(json!({
-                "id": id, "content": tok, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": ty == TOKEN_CONTROL,
-            }));
+            added.push(AddedToken::from(tok, ty == TOKEN_CONTROL).normalized(false));
         }
     }
-    let merges: Vec<[&str; 2]> = merges
+    let merges: Vec<(String, String)> = merges
         .iter()
         .enumerate()
         .map(|(i, m)| {
-            m.split_once(' ').map(|(a, b)| [a, b]).ok_or_else(|| {
-                Error::config(
-                    format!("tokenizer.ggml.merges[{i}]"),
-                    format!("{m:?} is not two symbols separated by a space"),
-                )
-            })
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| {
+                    Error::config(
+                        format!("tokenizer.ggml.merges[{i}]"),
+                        format!("{m:?} is not two symbols separated by a space"),
+                    )
+                })
         })
         .collect::<Result<_>>()?;
-    let tokenizer = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": pre_tokenizer,
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "model": {
-            "type": "BPE", "dropout": null, "unk_token": null,
-            "continuing_subword_prefix": null, "end_of_word_suffix": null,
-            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-            "vocab": vocab, "merges": merges,
-        },
-    });
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| Error::Tokenizer(format!("{}: BPE model: {e}", f.path.display())))?;
+    let mut tokenizer = tokenizers::Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+    tokenizer.with_decoder(Some(byte_level()));
+    let (special, plain): (Vec<AddedToken>, Vec<AddedToken>) =
+        added.into_iter().partition(|t| t.special);
+    let added_err = |e| Error::Tokenizer(format!("{}: added tokens: {e}", f.path.display()));
+    tokenizer.add_special_tokens(special).map_err(added_err)?;
+    tokenizer.add_tokens(plain).map_err(added_err)?;
     let n = tokens.len();
     let id = |key: &str| -> Result<Option<u32>> {
         match f.get_usize_opt(key)? {
@@ -207,7 +212,7 @@ pub fn read(f: &GgufFile) -> Result<GgufTokenizer> {
             .map(|i| i as u32)
     });
     Ok(GgufTokenizer {
-        json: tokenizer.to_string(),
+        tokenizer,
         bos_id,
         eos_id,
         add_bos: f
