@@ -11,17 +11,10 @@ use sparrow::model::params::VarStore;
 use sparrow::model::Model;
 use sparrow::ModelConfig;
 
-/// Awkward sizes: 3 heads, latent rank 7, nope 5, rope 4, value 3.
+/// `tiny_mla_config` (3 heads, latent rank 7, nope 5, rope 4, value 3) with the given
+/// query latent and RoPE layout.
 fn mla_config(q_lora: Option<usize>, interleave: bool) -> ModelConfig {
-    let mut cfg = tiny_config();
-    cfg.hidden_size = 24;
-    cfg.num_attention_heads = 3;
-    cfg.num_key_value_heads = Some(3);
-    cfg.kv_lora_rank = Some(7);
-    cfg.q_lora_rank = q_lora;
-    cfg.qk_nope_head_dim = 5;
-    cfg.qk_rope_head_dim = 4;
-    cfg.v_head_dim = 3;
+    let mut cfg = tiny_mla_config(q_lora, None);
     cfg.rope_interleave = interleave;
     cfg.initializer_range = 0.3;
     cfg.validate().unwrap();

@@ -7,7 +7,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{check_gradients, randn, rel_err, to_f64_vec};
+use common::{check_gradients, randn, rel_err, rel_err_f64, to_f64_vec};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -560,15 +560,6 @@ fn naive_head(q: &[f32], keys: &[&[f32]], values: &[&[f32]], scale: f64) -> Vec<
         }
     }
     out
-}
-
-fn rel_err_f64(got: &[f32], want: &[f64]) -> f64 {
-    let diff = got
-        .iter()
-        .zip(want)
-        .map(|(&a, &b)| (a as f64 - b).abs())
-        .fold(0.0, f64::max);
-    diff / want.iter().map(|x| x.abs()).fold(1e-30, f64::max)
 }
 
 /// Every entry store through every dense and sparse kernel, against plain f64

@@ -215,17 +215,9 @@ impl Attention {
             } else {
                 (self.dense_blocked(q, k, v, offset)?, None)
             };
-            let recall = opts.collect_recall.then(|| {
-                (0..b * t)
-                    .map(|n| {
-                        if n % t < opts.recall_from {
-                            f32::NAN
-                        } else {
-                            1.0
-                        }
-                    })
-                    .collect()
-            });
+            let recall = opts
+                .collect_recall
+                .then(|| full_recall(b, t, opts.recall_from));
             return Ok(AttnOut {
                 y,
                 indexer_kl,
@@ -389,6 +381,14 @@ pub(crate) fn attend_cached(
         None if seg.len == 1 => decode_attention::decode(q, rows, seg.visible(), scale),
         None => decode_attention::prefill_at(q, rows, seg.len, seg.pos, scale),
     }
+}
+
+/// Recall of (B, T) queries that attend to every visible position: 1, and NaN for
+/// the queries before `from` (not measured).
+pub(crate) fn full_recall(b: usize, t: usize, from: usize) -> Vec<f32> {
+    (0..b * t)
+        .map(|n| if n % t < from { f32::NAN } else { 1.0 })
+        .collect()
 }
 
 /// A tensor's values as f32 on the host, detached (what the kernels read).

@@ -15,7 +15,9 @@
 //! scores `q_lat_h . c + q_rot_h . kr` (MQA over the cached latent), then
 //! `y_h = W_UV_h (sum_s p_s c_s)`, so nothing per head is ever built for the cache.
 
-use super::attention::{attend_cached, dense_kl, host_f32, kl_loss, select_topk, AttnOut};
+use super::attention::{
+    attend_cached, dense_kl, full_recall, host_f32, kl_loss, select_topk, AttnOut,
+};
 use super::cache::LayerCache;
 use super::indexer::{Indexer, IndexerOut};
 use super::linear::Linear;
@@ -321,17 +323,7 @@ impl Mla {
         };
         let recall = match (opts.collect_recall, selection) {
             (false, _) => None,
-            (true, None) => Some(
-                (0..b * t)
-                    .map(|n| {
-                        if n % t < opts.recall_from {
-                            f32::NAN
-                        } else {
-                            1.0
-                        }
-                    })
-                    .collect(),
-            ),
+            (true, None) => Some(full_recall(b, t, opts.recall_from)),
             (true, Some(idx)) => {
                 let (q, k) = host_qk()?;
                 Some(sparse_attention::selected_mass(

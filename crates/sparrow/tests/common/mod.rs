@@ -208,3 +208,13 @@ pub fn prefill_then_decode(prefill: usize, n: usize) -> Vec<usize> {
         .chain(std::iter::repeat_n(1, n - prefill))
         .collect()
 }
+
+/// max |got - want| / max |want|, f32 results against an f64 reference.
+pub fn rel_err_f64(got: &[f32], want: &[f64]) -> f64 {
+    let diff = got
+        .iter()
+        .zip(want)
+        .map(|(&a, &b)| (a as f64 - b).abs())
+        .fold(0.0, f64::max);
+    diff / want.iter().map(|x| x.abs()).fold(1e-30, f64::max)
+}
