@@ -60,7 +60,7 @@ pub struct Attention {
 const MASKED: f64 = -1e9;
 
 /// Queries per block of the dense path when the probabilities are not needed: block j
-/// attends to keys `..offset + (j + 1) * DENSE_QUERY_BLOCK` only, so a long training
+/// attends to keys `..(j + 1) * DENSE_QUERY_BLOCK` only, so a long training
 /// window keeps about half of the (T, S) score and probability matrices for the backward
 /// pass instead of all of it, and the transients are one block's. Same result as one
 /// block (each query row is the same computation).
@@ -114,7 +114,7 @@ impl Attention {
         let k = rope.apply(&k.contiguous()?, 0)?;
         let out = match &self.indexer {
             None => AttnOut {
-                y: self.dense_blocked(&q, &k, &v, 0)?,
+                y: self.dense_blocked(&q, &k, &v)?,
                 indexer_kl: None,
                 recall: None,
             },
@@ -128,19 +128,19 @@ impl Attention {
 
     /// Dense causal attention in query blocks of `DENSE_QUERY_BLOCK` (see there):
     /// q (B, H, T, D), k, v (B, KV, S, D) -> y (B, T, H*D).
-    fn dense_blocked(&self, q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<Tensor> {
+    fn dense_blocked(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let t = q.dim(2)?;
         if t <= DENSE_QUERY_BLOCK {
-            return Ok(self.dense(q, k, v, offset)?.0);
+            return Ok(self.dense(q, k, v, 0)?.0);
         }
         let mut ys = Vec::with_capacity(t.div_ceil(DENSE_QUERY_BLOCK));
         for t0 in (0..t).step_by(DENSE_QUERY_BLOCK) {
             let n = DENSE_QUERY_BLOCK.min(t - t0);
-            let keys = offset + t0 + n; // the block's last query sees these
+            let keys = t0 + n; // the block's last query sees these
             let qb = q.narrow(2, t0, n)?.contiguous()?; // (B, H, n, D)
             let kb = k.narrow(2, 0, keys)?.contiguous()?; // (B, KV, keys, D)
             let vb = v.narrow(2, 0, keys)?.contiguous()?;
-            ys.push(self.dense(&qb, &kb, &vb, offset + t0)?.0); // (B, n, H*D)
+            ys.push(self.dense(&qb, &kb, &vb, t0)?.0); // (B, n, H*D)
         }
         Ok(Tensor::cat(&ys, 1)?)
     }
@@ -178,7 +178,7 @@ impl Attention {
         opts: &ForwardOptions,
     ) -> Result<AttnOut> {
         let (b, h, t, d) = q.dims4()?;
-        let (s, offset) = (t, 0);
+        let s = t; // a whole window: every query sees the positions up to its own
         let mode = opts.indexer_mode;
         // The KL-trained indexer learns on detached input: its loss moves only itself.
         let detach = matches!(
@@ -197,23 +197,10 @@ impl Attention {
             // Every visible position fits in k (sparse == dense), the dense warm-up, or
             // the dense selector asked for.
             let (y, indexer_kl) = if want_kl {
-                let (y, att) = self.dense(q, k, v, offset)?;
-                (
-                    y,
-                    Some(dense_kl(
-                        ix,
-                        &io,
-                        &att,
-                        self.n_kv_heads,
-                        h,
-                        b,
-                        t,
-                        s,
-                        offset,
-                    )?),
-                )
+                let (y, att) = self.dense(q, k, v, 0)?;
+                (y, Some(dense_kl(ix, &io, &att, self.n_kv_heads, h, b, t)?))
             } else {
-                (self.dense_blocked(q, k, v, offset)?, None)
+                (self.dense_blocked(q, k, v)?, None)
             };
             let recall = opts
                 .collect_recall
@@ -282,7 +269,7 @@ impl Attention {
                 &host_f32(&qs)?,
                 &host_f32(&k)?,
                 &idx,
-                offset,
+                0,
                 opts.recall_from,
             )?)
         } else {
@@ -396,10 +383,9 @@ pub(crate) fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
 }
 
-/// The dense warm-up's indexer loss: KL(p || softmax(I)) over all visible keys, p the
-/// dense attention probabilities `att` (B, KV, G*T, S) of `h` heads in `kv` groups,
-/// averaged over heads (detached).
-#[allow(clippy::too_many_arguments)]
+/// The dense warm-up's indexer loss over a whole window of `t` tokens: KL(p ||
+/// softmax(I)) over all visible keys, p the dense attention probabilities `att`
+/// (B, KV, G*T, T) of `h` heads in `kv` groups, averaged over heads (detached).
 pub(crate) fn dense_kl(
     ix: &Indexer,
     io: &IndexerOut,
@@ -408,10 +394,9 @@ pub(crate) fn dense_kl(
     h: usize,
     b: usize,
     t: usize,
-    s: usize,
-    offset: usize,
 ) -> Result<Tensor> {
     let g = h / kv;
+    let s = t;
     let p = att
         .detach()
         .reshape((b, kv, g, t, s))?
@@ -419,9 +404,7 @@ pub(crate) fn dense_kl(
         .sum(1)?
         .affine(1.0 / h as f64, 0.0)?; // (B, T, S)
     let target = host_f32(&p)?;
-    let valid: Vec<bool> = (0..b * t * s)
-        .map(|n| n % s <= offset + (n / s) % t)
-        .collect();
+    let valid: Vec<bool> = (0..b * t * s).map(|n| n % s <= (n / s) % t).collect();
     let scores = ix.score_all(io, &io.k)?; // (B, T, S)
     kl_loss(&scores, &target, &valid)
 }

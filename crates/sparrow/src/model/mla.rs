@@ -148,11 +148,12 @@ impl Mla {
         })
     }
 
-    fn rope(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+    /// RoPE of a whole window (positions from 0), in this layer's layout.
+    fn rope(&self, x: &Tensor) -> Result<Tensor> {
         if self.interleave {
-            self.rope.apply_interleaved(x, offset)
+            self.rope.apply_interleaved(x, 0)
         } else {
-            self.rope.apply(x, offset)
+            self.rope.apply(x, 0)
         }
     }
 
@@ -198,9 +199,8 @@ impl Mla {
             .narrow(D::Minus1, self.rank, dr)?
             .unsqueeze(1)?
             .contiguous()?; // (B, 1, T, dr)
-        let offset = 0;
-        let q_rot = self.rope(&q_rot, offset)?;
-        let k_rot = self.rope(&k_rot, offset)?;
+        let q_rot = self.rope(&q_rot)?;
+        let k_rot = self.rope(&k_rot)?;
         let mode = opts.indexer_mode;
         let index = match (&self.indexer, &q_latent) {
             (Some(ix), Some(lat)) => {
@@ -216,7 +216,7 @@ impl Mla {
                     Some(_) => (x.detach(), lat.detach()),
                     None => (x.clone(), lat.clone()),
                 };
-                let io = ix.forward_with_query_input(&x_in, &lat_in, offset)?;
+                let io = ix.forward_with_query_input(&x_in, &lat_in, 0)?;
                 let sparse = t > self.index_topk
                     && !opts.dense
                     && mode != Some(IndexerTrainMode::DenseWarmup);
@@ -251,10 +251,10 @@ impl Mla {
             None => None,
         };
         let ex = self.expand(&a)?;
-        let (y, p) = self.expanded(&ex, mask.as_ref(), scale, offset)?; // (B, T, H * dv)
+        let (y, p) = self.expanded(&ex, mask.as_ref(), scale)?; // (B, T, H * dv)
         let (indexer_kl, recall) = match &index {
             Some((ix, io, sel)) => {
-                self.indexer_signals(ix, io, sel.as_deref(), &ex, &p, mode, opts, offset)?
+                self.indexer_signals(ix, io, sel.as_deref(), &ex, &p, mode, opts)?
             }
             None => (None, None),
         };
@@ -285,7 +285,6 @@ impl Mla {
         p: &Tensor,
         mode: Option<IndexerTrainMode>,
         opts: &ForwardOptions,
-        offset: usize,
     ) -> Result<(Option<Tensor>, Option<Vec<f32>>)> {
         let (b, h, t, dk) = ex.q.dims4()?;
         let s = ex.k.dim(2)?;
@@ -311,7 +310,7 @@ impl Mla {
             (Some(_), None) => {
                 // p (B, H, T, S) is the dense attention: the warm-up target.
                 let att = p.reshape((b, 1, h * t, s))?;
-                Some(dense_kl(ix, io, &att, 1, h, b, t, s, offset)?)
+                Some(dense_kl(ix, io, &att, 1, h, b, t)?)
             }
             (Some(_), Some(idx)) => {
                 let (q, k) = host_qk()?;
@@ -332,7 +331,7 @@ impl Mla {
                     &q,
                     &k,
                     idx,
-                    offset,
+                    0,
                     opts.recall_from,
                 )?)
             }
@@ -533,7 +532,6 @@ impl Mla {
         ex: &Expanded,
         mask: Option<&Tensor>,
         scale: f64,
-        offset: usize,
     ) -> Result<(Tensor, Tensor)> {
         let (b, h, t, _) = ex.q.dims4()?;
         let dv = self.v_dim;
@@ -544,7 +542,7 @@ impl Mla {
         let p = CausalSoftmax {
             scale,
             queries: t,
-            offset,
+            offset: 0,
         }
         .apply(&scores)?;
         let y = p.matmul(&ex.v)?; // (B, H, T, dv)
