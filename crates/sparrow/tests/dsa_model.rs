@@ -7,7 +7,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use sparrow::config::{AttentionKind, IndexerKind, IndexerTrainMode};
-use sparrow::model::transformer::ForwardOptions;
+use sparrow::kernels::topk::NONE;
+use sparrow::model::options::{Collect, ForwardOptions};
 use sparrow::model::Model;
 use sparrow::train::loss::cross_entropy;
 use std::collections::HashMap;
@@ -99,12 +100,12 @@ fn dsa_stepped_decode_equals_full_forward() {
 fn opts(mode: IndexerTrainMode, kl: bool) -> ForwardOptions {
     ForwardOptions {
         indexer_mode: Some(mode),
-        indexer_kl: kl,
-        collect_recall: false,
-        recall_from: 0,
-        collect_selection: false,
         moe_capacity: true,
         dense: false,
+        collect: Collect {
+            indexer_kl: kl,
+            ..Collect::default()
+        },
     }
 }
 
@@ -163,7 +164,16 @@ fn sparse_mode_gradients_match_finite_differences() {
             .filter(|(n, _)| n.contains("layers.1.self_attn"))
             .collect();
         check_gradients(&main, || lm_loss(&model, &x, &o), 6);
-        let kl = || model.net.forward_with(&x, &o).unwrap().indexer_kl.unwrap();
+        let kl = || {
+            model
+                .net
+                .forward_with(&x, &o)
+                .unwrap()
+                .diagnostics
+                .indexer_kl()
+                .unwrap()
+                .unwrap()
+        };
         check_gradients(&indexer, kl, 6);
     }
 }
@@ -181,7 +191,16 @@ fn dense_warmup_kl_gradients_match_finite_differences() {
             .filter(|(n, _)| n.contains(".indexer."))
             .collect();
         assert!(!indexer.is_empty());
-        let kl = || model.net.forward_with(&x, &o).unwrap().indexer_kl.unwrap();
+        let kl = || {
+            model
+                .net
+                .forward_with(&x, &o)
+                .unwrap()
+                .diagnostics
+                .indexer_kl()
+                .unwrap()
+                .unwrap()
+        };
         check_gradients(&indexer, kl, 8);
         // The warm-up's attention is dense: the LM loss equals the dense twin's.
         let lm = lm_loss(&model, &x, &o);
@@ -230,8 +249,12 @@ fn every_parameter_learns_in_every_mode() {
                 &tgt,
             )
             .unwrap();
-            assert_eq!(out.indexer_kl.is_some(), kl, "{kind:?} {mode:?}");
-            if let Some(k) = &out.indexer_kl {
+            assert_eq!(
+                out.diagnostics.indexer_kl().unwrap().is_some(),
+                kl,
+                "{kind:?} {mode:?}"
+            );
+            if let Some(k) = &out.diagnostics.indexer_kl().unwrap() {
                 let v: f64 = k.to_scalar().unwrap();
                 assert!(v.is_finite() && v >= -1e-9, "KL {v}");
                 loss = (loss + k).unwrap();
@@ -273,15 +296,19 @@ fn recall_is_one_within_k_and_a_share_past_it() {
         cfg.initializer_range = 0.2;
         let model = Model::new_random(&cfg, 4, DType::F32, &Device::Cpu).unwrap();
         let o = ForwardOptions {
-            collect_recall: true,
+            collect: Collect {
+                recall_from: Some(0),
+                ..Collect::default()
+            },
             ..Default::default()
         };
         let out = model
             .net
             .forward_with(&batch(1, 30, cfg.vocab_size), &o)
             .unwrap();
-        assert!(out.recall[0].is_none(), "dense layer has no recall");
-        let r = out.recall[1].as_ref().unwrap();
+        let layers = &out.diagnostics.layers;
+        assert!(layers[0].recall.is_none(), "dense layer has no recall");
+        let r = layers[1].recall.as_ref().unwrap();
         assert_eq!(r.len(), 30);
         for (t, &x) in r.iter().enumerate() {
             assert!((0.0..=1.0 + 1e-5).contains(&x), "recall {x}");
@@ -336,4 +363,53 @@ fn dsa_config_errors_name_the_field() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("indexer_kind"), "{err}");
+}
+
+#[test]
+fn the_collector_keeps_each_sparse_layers_causal_selection_only_when_asked() {
+    let (k, t) = (7, 30);
+    for cfg in [
+        tiny_dsa_config(IndexerKind::Lightning, k),
+        tiny_mla_config(Some(6), Some(k)),
+    ] {
+        let model = Model::new_random(&cfg, 5, DType::F32, &Device::Cpu).unwrap();
+        let x = batch(2, t, cfg.vocab_size);
+        let plain = model.net.forward(&x).unwrap();
+        assert!(plain
+            .diagnostics
+            .layers
+            .iter()
+            .all(|l| l.selection.is_none() && l.recall.is_none() && l.indexer_kl.is_none()));
+        let o = ForwardOptions {
+            collect: Collect {
+                selection: true,
+                ..Collect::default()
+            },
+            ..Default::default()
+        };
+        let out = model.net.forward_with(&x, &o).unwrap();
+        assert_eq!(
+            rel_err(&out.logits, &plain.logits),
+            0.0,
+            "collecting changes nothing"
+        );
+        let layers = &out.diagnostics.layers;
+        assert!(layers[0].selection.is_none(), "dense layer selects nothing");
+        let sel = layers[1]
+            .selection
+            .as_ref()
+            .expect("the DSA layer's selection");
+        assert_eq!(sel.len(), 2 * t * k);
+        for (row, slots) in sel.chunks_exact(k).enumerate() {
+            let q = row % t;
+            let mut kept: Vec<u32> = slots.iter().copied().filter(|&i| i != NONE).collect();
+            kept.sort_unstable();
+            kept.dedup();
+            assert_eq!(kept.len(), k.min(q + 1), "query {q}: {slots:?}");
+            assert!(
+                kept.iter().all(|&i| i as usize <= q),
+                "query {q}: {slots:?}"
+            );
+        }
+    }
 }

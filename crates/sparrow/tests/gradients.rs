@@ -81,9 +81,13 @@ fn check_attention(kv_heads: usize) {
         || {
             probe(
                 &attn
-                    .forward(x.as_tensor(), &rope, &Default::default())
-                    .unwrap()
-                    .y,
+                    .forward(
+                        x.as_tensor(),
+                        &rope,
+                        &Default::default(),
+                        &mut Default::default(),
+                    )
+                    .unwrap(),
                 2,
             )
         },
@@ -126,9 +130,14 @@ fn block_gradients_dense_and_moe() {
             || {
                 probe(
                     &block
-                        .forward(x.as_tensor(), &ids, &rope, &Default::default())
-                        .unwrap()
-                        .x,
+                        .forward(
+                            x.as_tensor(),
+                            &ids,
+                            &rope,
+                            &Default::default(),
+                            &mut Default::default(),
+                        )
+                        .unwrap(),
                     2,
                 )
             },
@@ -157,7 +166,7 @@ fn full_model_loss_gradients() {
     let loss = || {
         let out = model.forward(&ids).unwrap();
         let ce = cross_entropy(&out.logits.reshape((16, 40)).unwrap(), &targets).unwrap();
-        (ce + (out.aux_loss.unwrap() * 0.01).unwrap()).unwrap()
+        (ce + (out.diagnostics.aux_loss().unwrap().unwrap() * 0.01).unwrap()).unwrap()
     };
     check_gradients(&model.store.vars(), loss, 3);
 }
@@ -179,7 +188,8 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
         let targets = Tensor::from_vec(targets, b * t, &Device::Cpu).unwrap();
         let out = model.forward(&ids).unwrap();
         assert!(
-            out.routing
+            out.diagnostics
+                .routing()
                 .iter()
                 .flatten()
                 .all(|r| r.load.iter().all(|&l| l > 0)),
@@ -190,7 +200,7 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
             &targets,
         )
         .unwrap();
-        let loss = (ce + out.aux_loss.unwrap()).unwrap();
+        let loss = (ce + out.diagnostics.aux_loss().unwrap().unwrap()).unwrap();
         let grads = loss.backward().unwrap();
         let vars = model.store.vars();
         assert_eq!(vars.len(), model.store.vars().len());

@@ -94,7 +94,10 @@ fn deepseek_v32_logits_and_selection_match_transformers() {
         sparrow::model_dir::load(&fixture("deepseek-v32"), DType::F32, &Device::Cpu).unwrap();
     let (ids, _, _) = reference("deepseek-v32");
     let opts = sparrow::model::transformer::ForwardOptions {
-        collect_selection: true,
+        collect: sparrow::model::options::Collect {
+            selection: true,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let out = model.net.forward_with(&ids, &opts).unwrap();
@@ -105,8 +108,9 @@ fn deepseek_v32_logits_and_selection_match_transformers() {
     .unwrap();
     let k = model.cfg.index_topk;
     let t = ids.dim(1).unwrap();
-    for (layer, sel) in out.selection.iter().enumerate() {
-        let ours = sel
+    for (layer, diag) in out.diagnostics.layers.iter().enumerate() {
+        let ours = diag
+            .selection
             .as_ref()
             .expect("every layer runs sparse past index_topk");
         let theirs: Vec<i64> = refs[&format!("topk_layer{layer}")]

@@ -32,7 +32,7 @@ fn tiny_model_overfits_a_fixed_batch() {
         let out = model.forward(&inp).unwrap();
         let ce =
             cross_entropy(&out.logits.reshape((b * t, cfg.vocab_size)).unwrap(), &tgt).unwrap();
-        let loss = (&ce + (out.aux_loss.unwrap() * 0.01).unwrap()).unwrap();
+        let loss = (&ce + (out.diagnostics.aux_loss().unwrap().unwrap() * 0.01).unwrap()).unwrap();
         let grads = loss.backward().unwrap();
         let norm = opt.grad_norm(&grads).unwrap();
         opt.step(&grads, 1e-2, if norm > 1.0 { 1.0 / norm } else { 1.0 })

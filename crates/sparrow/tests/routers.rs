@@ -246,7 +246,7 @@ fn noaux_bias_moves_toward_balance_steers_selection_and_is_checkpointed() {
     }
     let ids = Tensor::from_vec(token_ids(10), (1, 10), &Device::Cpu).unwrap();
     let out = model.forward(&ids).unwrap();
-    let r = out.routing[1].as_ref().unwrap();
+    let r = out.diagnostics.layers[1].routing.as_ref().unwrap();
     assert_eq!(r.load[4], 10, "{:?}", r.load);
 
     // Saved and loaded with the model.
@@ -347,7 +347,12 @@ fn inference_never_drops_and_cached_decode_matches_the_full_forward() {
         let ids_v = token_ids(t);
         let ids = Tensor::from_vec(ids_v.clone(), (1, t), &Device::Cpu).unwrap();
         let full = model.forward(&ids).unwrap();
-        assert!(full.routing.iter().flatten().all(|r| r.dropped() == 0));
+        assert!(full
+            .diagnostics
+            .routing()
+            .iter()
+            .flatten()
+            .all(|r| r.dropped() == 0));
         let (stepped, cache) = stepped(&model, &ids_v, &vec![1; t]);
         assert_eq!(cache.len(), t);
         let err = rel_err(&stepped, &full.logits);

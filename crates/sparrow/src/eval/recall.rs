@@ -7,7 +7,7 @@
 use crate::data::corpus;
 use crate::data::shards::{eval_windows, TokenData};
 use crate::error::{Error, Result};
-use crate::model::transformer::ForwardOptions;
+use crate::model::options::{Collect, ForwardOptions};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use candle_core::Tensor;
@@ -69,8 +69,10 @@ pub fn measure(
     let wins = eval_windows(tokens, windows, context)?;
     let from = context - context / 4;
     let opts = ForwardOptions {
-        collect_recall: true,
-        recall_from: from,
+        collect: Collect {
+            recall_from: Some(from),
+            ..Collect::default()
+        },
         ..Default::default()
     };
     let n_layers = model.cfg.num_hidden_layers;
@@ -79,8 +81,8 @@ pub fn measure(
     for (inp, _) in &wins {
         let ids = Tensor::from_slice(inp, (1, context), model.store.device())?;
         let out = model.net.forward_with(&ids, &opts)?;
-        for (l, r) in out.recall.iter().enumerate() {
-            if let Some(r) = r {
+        for (l, diag) in out.diagnostics.layers.iter().enumerate() {
+            if let Some(r) = &diag.recall {
                 per_layer[l].extend(r.iter().copied().filter(|x| !x.is_nan()));
             }
         }

@@ -60,7 +60,7 @@ pub fn measure(
         let ids: Vec<u32> = chunk.iter().flat_map(|(i, _)| i.iter().copied()).collect();
         let ids = Tensor::from_vec(ids, (chunk.len(), seq_len), model.store.device())?;
         let out = model.net.forward_with(&ids, &opts)?;
-        RoutingStats::merge_layers(&mut per_layer, &out.routing);
+        RoutingStats::merge_layers(&mut per_layer, &out.diagnostics.routing());
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();

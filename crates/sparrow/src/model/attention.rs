@@ -11,6 +11,7 @@
 //! the engine's packed rows over per-sequence caches with the kernels.
 
 use super::cache::LayerCache;
+use super::diagnostics::LayerDiagnostics;
 use super::indexer::{Indexer, IndexerOut};
 use super::linear::Linear;
 use super::options::ForwardOptions;
@@ -28,17 +29,6 @@ use crate::kernels::topk::NONE;
 use candle_core::{DType, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Arc;
-
-/// What one attention layer returns.
-#[derive(Debug, Clone)]
-pub struct AttnOut {
-    /// (B, T, C)
-    pub y: Tensor,
-    /// Indexer KL, mean over queries (DSA layers in training).
-    pub indexer_kl: Option<Tensor>,
-    /// Recall per query (B*T), when asked for (DSA layers).
-    pub recall: Option<Vec<f32>>,
-}
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -90,8 +80,15 @@ impl Attention {
     }
 
     /// x (B, T, C), a whole window from position 0 -> (B, T, C) (training,
-    /// evaluation, parity; incremental decoding is [`Self::step`]).
-    pub fn forward(&self, x: &Tensor, rope: &Rope, opts: &ForwardOptions) -> Result<AttnOut> {
+    /// evaluation, parity; incremental decoding is [`Self::step`]). DSA layers write
+    /// their indexer KL, recall and selection into `diag` when trained or asked for.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        opts: &ForwardOptions,
+        diag: &mut LayerDiagnostics,
+    ) -> Result<Tensor> {
         let (b, t, _c) = x.dims3()?;
         let (h, kv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let q = self
@@ -112,18 +109,11 @@ impl Attention {
             .contiguous()?;
         let q = rope.apply(&q.contiguous()?, 0)?;
         let k = rope.apply(&k.contiguous()?, 0)?;
-        let out = match &self.indexer {
-            None => AttnOut {
-                y: self.dense_blocked(&q, &k, &v)?,
-                indexer_kl: None,
-                recall: None,
-            },
-            Some(ix) => self.forward_dsa(ix, x, &q, &k, &v, opts)?,
-        };
-        Ok(AttnOut {
-            y: self.o_proj.forward(&out.y)?,
-            ..out
-        })
+        let y = match &self.indexer {
+            None => self.dense_blocked(&q, &k, &v)?,
+            Some(ix) => self.forward_dsa(ix, x, &q, &k, &v, opts, diag)?,
+        }; // (B, T, H*D)
+        self.o_proj.forward(&y)
     }
 
     /// Dense causal attention in query blocks of `DENSE_QUERY_BLOCK` (see there):
@@ -168,6 +158,9 @@ impl Attention {
         Ok((y, att))
     }
 
+    /// The DSA layer over a whole window: q (B, H, T, D), k, v (B, KV, T, D) ->
+    /// y (B, T, H*D), its signals written into `diag`.
+    #[allow(clippy::too_many_arguments)]
     fn forward_dsa(
         &self,
         ix: &Indexer,
@@ -176,7 +169,8 @@ impl Attention {
         k: &Tensor,
         v: &Tensor,
         opts: &ForwardOptions,
-    ) -> Result<AttnOut> {
+        diag: &mut LayerDiagnostics,
+    ) -> Result<Tensor> {
         let (b, h, t, d) = q.dims4()?;
         let s = t; // a whole window: every query sees the positions up to its own
         let mode = opts.indexer_mode;
@@ -189,7 +183,7 @@ impl Attention {
         let io = ix.forward(&x_in, 0)?;
         let want_kl = match mode {
             Some(IndexerTrainMode::DenseWarmup) | Some(IndexerTrainMode::Sparse) => true,
-            Some(IndexerTrainMode::Ste) => opts.indexer_kl,
+            Some(IndexerTrainMode::Ste) => opts.collect.indexer_kl,
             None => false,
         };
         let kk = self.index_topk;
@@ -202,14 +196,9 @@ impl Attention {
             } else {
                 (self.dense_blocked(q, k, v)?, None)
             };
-            let recall = opts
-                .collect_recall
-                .then(|| full_recall(b, t, opts.recall_from));
-            return Ok(AttnOut {
-                y,
-                indexer_kl,
-                recall,
-            });
+            diag.indexer_kl = indexer_kl;
+            diag.recall = opts.collect.recall_from.map(|from| full_recall(b, t, from));
+            return Ok(y);
         }
 
         let idx = select_topk(ix, &io, kk, self.index_precision)?;
@@ -248,7 +237,7 @@ impl Attention {
             };
             y = (y + gate.apply(&sigma)?)?;
         }
-        let indexer_kl = match (&selected, want_kl) {
+        diag.indexer_kl = match (&selected, want_kl) {
             (Some(sel), true) => {
                 let target = sparse_attention::selected_probs(
                     dims,
@@ -262,24 +251,21 @@ impl Attention {
             }
             _ => None,
         };
-        let recall = if opts.collect_recall {
-            Some(sparse_attention::selected_mass(
+        if let Some(from) = opts.collect.recall_from {
+            diag.recall = Some(sparse_attention::selected_mass(
                 dims,
                 scale,
                 &host_f32(&qs)?,
                 &host_f32(&k)?,
                 &idx,
                 0,
-                opts.recall_from,
-            )?)
-        } else {
-            None
-        };
-        Ok(AttnOut {
-            y: y.reshape((b, t, h * d))?,
-            indexer_kl,
-            recall,
-        })
+                from,
+            )?);
+        }
+        if opts.collect.selection {
+            diag.selection = Some(idx.to_vec());
+        }
+        Ok(y.reshape((b, t, h * d))?)
     }
 }
 

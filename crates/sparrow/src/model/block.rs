@@ -3,6 +3,7 @@
 
 use super::attention::Attention;
 use super::cache::LayerCache;
+use super::diagnostics::LayerDiagnostics;
 use super::mla::Mla;
 use super::mlp::Mlp;
 use super::moe::{Moe, MoeStats};
@@ -71,37 +72,38 @@ impl Block {
         })
     }
 
-    /// x (B, T, C) -> (B, T, C), plus MoE statistics when this is an MoE layer and the
-    /// indexer's loss / recall when this is a DSA layer asked for them. `token_ids`
-    /// (B*T) are the input ids (the `hash` router reads them).
+    /// x (B, T, C) -> (B, T, C). MoE layers write their router statistics and losses,
+    /// DSA layers their indexer signals, into `diag` (see `model::diagnostics`).
+    /// `token_ids` (B*T) are the input ids (the `hash` router reads them).
     pub fn forward(
         &self,
         x: &Tensor,
         token_ids: &[u32],
         rope: &Rope,
         opts: &ForwardOptions,
-    ) -> Result<BlockOut> {
+        diag: &mut LayerDiagnostics,
+    ) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
-        let (a, selection) = match &self.self_attn {
-            SelfAttn::Standard(attn) => (attn.forward(&h, rope, opts)?, None),
-            SelfAttn::Mla(mla) => mla.forward(&h, opts)?,
+        let a = match &self.self_attn {
+            SelfAttn::Standard(attn) => attn.forward(&h, rope, opts, diag)?,
+            SelfAttn::Mla(mla) => mla.forward(&h, opts, diag)?,
         };
-        let x = (x + a.y)?;
+        let x = (x + a)?;
         let h = self.post_attention_layernorm.forward(&x)?;
-        let (f, stats) = match &self.mlp {
-            Ffn::Dense(mlp) => (mlp.forward(&h)?, None),
+        let f = match &self.mlp {
+            Ffn::Dense(mlp) => mlp.forward(&h)?,
             Ffn::Moe(moe) => {
-                let (y, s) = moe.forward(&h, token_ids, opts.moe_capacity)?;
-                (y, Some(s))
+                let (y, stats) = moe.forward(&h, token_ids, opts.moe_capacity)?;
+                let MoeStats {
+                    aux_loss,
+                    z_loss,
+                    routing,
+                } = stats;
+                (diag.aux_loss, diag.z_loss, diag.routing) = (aux_loss, z_loss, Some(routing));
+                y
             }
         };
-        Ok(BlockOut {
-            x: (x + f)?,
-            moe: stats,
-            indexer_kl: a.indexer_kl,
-            recall: a.recall,
-            selection,
-        })
+        Ok((x + f)?)
     }
 }
 
@@ -137,16 +139,4 @@ impl Block {
         *secs.1 += lap.lap();
         Ok(x)
     }
-}
-
-/// A block's output and its layer statistics.
-#[derive(Debug, Clone)]
-pub struct BlockOut {
-    /// (B, T, C)
-    pub x: Tensor,
-    pub moe: Option<MoeStats>,
-    pub indexer_kl: Option<Tensor>,
-    pub recall: Option<Vec<f32>>,
-    /// The DSA selection (B*T*K), when asked for (MLA DSA layers).
-    pub selection: Option<Vec<u32>>,
 }

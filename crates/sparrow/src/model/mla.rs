@@ -15,10 +15,9 @@
 //! scores `q_lat_h . c + q_rot_h . kr` (MQA over the cached latent), then
 //! `y_h = W_UV_h (sum_s p_s c_s)`, so nothing per head is ever built for the cache.
 
-use super::attention::{
-    attend_cached, dense_kl, full_recall, host_f32, kl_loss, select_topk, AttnOut,
-};
+use super::attention::{attend_cached, dense_kl, full_recall, host_f32, kl_loss, select_topk};
 use super::cache::LayerCache;
+use super::diagnostics::LayerDiagnostics;
 use super::indexer::{Indexer, IndexerOut};
 use super::linear::Linear;
 use super::norm::RmsNorm;
@@ -157,9 +156,9 @@ impl Mla {
         }
     }
 
-    /// x (B, T, C), a whole window from position 0 -> the attention output (B, T, C)
-    /// with, on DSA layers, the indexer's KL loss (training) and recall (when asked),
-    /// and the selection (B, T, index_topk) when asked for it. Expanded per-head form;
+    /// x (B, T, C), a whole window from position 0 -> the attention output (B, T, C);
+    /// DSA layers write the indexer's KL loss (training), recall and selection (when
+    /// asked) into `diag`. Expanded per-head form;
     /// incremental decoding is [`Self::step`] (absorbed, over the latent store).
     ///
     /// Training a DSA layer (DeepSeek-V3.2's two stages, `opts.indexer_mode`): in the
@@ -173,7 +172,8 @@ impl Mla {
         &self,
         x: &Tensor,
         opts: &ForwardOptions,
-    ) -> Result<(AttnOut, Option<Vec<u32>>)> {
+        diag: &mut LayerDiagnostics,
+    ) -> Result<Tensor> {
         let (b, t, _c) = x.dims3()?;
         let (h, dn, dr) = (self.n_heads, self.nope, self.rot);
         let (q, q_latent) = match &self.q {
@@ -235,7 +235,6 @@ impl Mla {
             }
             (None, _) => None,
         };
-        let selection = index.as_ref().and_then(|(_, _, sel)| sel.clone());
         let latent = latent.contiguous()?; // (B, 1, S, r)
         let s = t;
         let scale = 1.0 / ((dn + dr) as f64).sqrt();
@@ -246,29 +245,20 @@ impl Mla {
             k_rot: &k_rot,
         };
         // Unselected positions get -inf before the softmax, (B, 1, T, S).
-        let mask = match &selection {
+        let mask = match index.as_ref().and_then(|(_, _, sel)| sel.as_ref()) {
             Some(idx) => Some(self.selection_mask(idx, b, t, s, x)?),
             None => None,
         };
         let ex = self.expand(&a)?;
         let (y, p) = self.expanded(&ex, mask.as_ref(), scale)?; // (B, T, H * dv)
-        let (indexer_kl, recall) = match &index {
-            Some((ix, io, sel)) => {
-                self.indexer_signals(ix, io, sel.as_deref(), &ex, &p, mode, opts)?
+        if let Some((ix, io, sel)) = index {
+            (diag.indexer_kl, diag.recall) =
+                self.indexer_signals(ix, &io, sel.as_deref(), &ex, &p, mode, opts)?;
+            if opts.collect.selection {
+                diag.selection = sel;
             }
-            None => (None, None),
-        };
-        let out = AttnOut {
-            y: self.o_proj.forward(&y)?,
-            indexer_kl,
-            recall,
-        };
-        let selection = if opts.collect_selection {
-            selection
-        } else {
-            None
-        };
-        Ok((out, selection))
+        }
+        self.o_proj.forward(&y)
     }
 
     /// The indexer's training loss and recall from one expanded forward: KL over every
@@ -320,19 +310,13 @@ impl Mla {
                 Some(kl_loss(&scores, &target, &valid)?)
             }
         };
-        let recall = match (opts.collect_recall, selection) {
-            (false, _) => None,
-            (true, None) => Some(full_recall(b, t, opts.recall_from)),
-            (true, Some(idx)) => {
+        let recall = match (opts.collect.recall_from, selection) {
+            (None, _) => None,
+            (Some(from), None) => Some(full_recall(b, t, from)),
+            (Some(from), Some(idx)) => {
                 let (q, k) = host_qk()?;
                 Some(sparse_attention::selected_mass(
-                    dims,
-                    scale,
-                    &q,
-                    &k,
-                    idx,
-                    0,
-                    opts.recall_from,
+                    dims, scale, &q, &k, idx, 0, from,
                 )?)
             }
         };

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod block;
 pub mod cache;
+pub mod diagnostics;
 pub mod indexer;
 pub mod linear;
 pub mod mla;

@@ -1,10 +1,10 @@
 //! The whole model: token embedding, blocks, final norm and LM head. The same
 //! `forward` serves training over (B, T) and incremental decoding with a `KvCache`.
 
-use super::block::{Block, BlockOut};
+use super::block::Block;
 use super::cache::{LayerCache, SeqCache};
+use super::diagnostics::Diagnostics;
 use super::linear::Linear;
-use super::moe::MoeStats;
 use super::norm::RmsNorm;
 pub use super::options::ForwardOptions;
 use super::params::{Init, Vb};
@@ -27,24 +27,14 @@ pub struct Transformer {
     cfg: ModelConfig,
 }
 
-/// Logits plus what training needs besides them.
+/// Logits plus what the forward collected besides them.
 #[derive(Debug, Clone)]
 pub struct ForwardOutput {
     /// (B, T, V)
     pub logits: Tensor,
-    /// Sum over MoE layers of the router auxiliary losses (unscaled), if any.
-    pub aux_loss: Option<Tensor>,
-    /// Sum over MoE layers of the router z-losses (unscaled), if configured.
-    pub z_loss: Option<Tensor>,
-    /// Per layer: what the router did (None for dense layers).
-    pub routing: Vec<Option<RoutingStats>>,
-    /// Mean over DSA layers of the indexer KL loss (training), if computed.
-    pub indexer_kl: Option<Tensor>,
-    /// Per layer: indexer recall of every query (B*T), when asked for (DSA layers).
-    pub recall: Vec<Option<Vec<f32>>>,
-    /// Per layer: the top-k selection (B*T*index_topk, `kernels::topk::NONE` = empty
-    /// slot), when asked for and the layer ran sparse (DSA layers).
-    pub selection: Vec<Option<Vec<u32>>>,
+    /// Per layer: router statistics and losses, indexer losses, recall and selection
+    /// (what the training mode needs and `ForwardOptions::collect` asked for).
+    pub diagnostics: Diagnostics,
 }
 
 impl Transformer {
@@ -131,56 +121,18 @@ impl Transformer {
             .embed_tokens
             .rows(&flat_ids, &flat)?
             .reshape((b, t, c))?; // (B, T, C)
-        let mut aux: Option<Tensor> = None;
-        let mut z: Option<Tensor> = None;
-        let mut routing = Vec::with_capacity(self.layers.len());
-        let mut kls: Vec<Tensor> = Vec::new();
-        let mut recall = Vec::with_capacity(self.layers.len());
-        let mut selection = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            let BlockOut {
-                x: y,
-                moe: stats,
-                indexer_kl,
-                recall: layer_recall,
-                selection: layer_selection,
-            } = layer.forward(&x, &flat, &self.rope, opts)?;
-            x = y;
-            kls.extend(indexer_kl);
-            recall.push(layer_recall);
-            selection.push(layer_selection);
-            match stats {
-                Some(MoeStats {
-                    aux_loss,
-                    z_loss,
-                    routing: r,
-                }) => {
-                    aux = add_opt(aux, aux_loss)?;
-                    z = add_opt(z, z_loss)?;
-                    routing.push(Some(r));
-                }
-                None => routing.push(None),
-            }
+        let mut diagnostics = Diagnostics::new(self.layers.len());
+        for (layer, diag) in self.layers.iter().zip(&mut diagnostics.layers) {
+            x = layer.forward(&x, &flat, &self.rope, opts, diag)?;
         }
         let x = self.norm.forward(&x)?;
         let logits =
             self.lm_head
                 .forward(&x.reshape((b * t, c))?)?
                 .reshape((b, t, self.cfg.vocab_size))?;
-        let indexer_kl = if kls.is_empty() {
-            None
-        } else {
-            let n = kls.len() as f64;
-            Some((Tensor::stack(&kls, 0)?.sum_all()? / n)?)
-        };
         Ok(ForwardOutput {
             logits,
-            aux_loss: aux,
-            z_loss: z,
-            routing,
-            indexer_kl,
-            recall,
-            selection,
+            diagnostics,
         })
     }
 }
@@ -298,12 +250,4 @@ impl Transformer {
             profile: prof,
         })
     }
-}
-
-/// a + b where either may be absent.
-fn add_opt(a: Option<Tensor>, b: Option<Tensor>) -> Result<Option<Tensor>> {
-    Ok(match (a, b) {
-        (Some(a), Some(b)) => Some((a + b)?),
-        (a, b) => a.or(b),
-    })
 }

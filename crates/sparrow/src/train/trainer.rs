@@ -18,7 +18,7 @@ use crate::data::corpus;
 use crate::data::retrieval::RetrievalMix;
 use crate::data::shards::{eval_windows, sample_batch, TokenData};
 use crate::error::{Error, Result};
-use crate::model::transformer::ForwardOptions;
+use crate::model::options::{Collect, ForwardOptions};
 use crate::model::utilization::{RoutingStats, Utilization};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
@@ -292,24 +292,27 @@ fn run_loop(
             .then(|| model.cfg.indexer_mode_at(state.step));
         let opts = ForwardOptions {
             indexer_mode,
-            indexer_kl: kl_coef > 0.0,
-            collect_recall: false,
-            recall_from: 0,
-            collect_selection: false,
             moe_capacity: true,
             dense: false,
+            collect: Collect {
+                indexer_kl: kl_coef > 0.0,
+                ..Collect::default()
+            },
         };
         let fwd = model.net.forward_with(&inp, &opts)?;
+        let (aux_loss, z_loss) = (fwd.diagnostics.aux_loss()?, fwd.diagnostics.z_loss()?);
+        let indexer_kl = fwd.diagnostics.indexer_kl()?;
+        let routing = fwd.diagnostics.routing();
         let v = model.cfg.vocab_size;
         let lm_loss = cross_entropy(&fwd.logits.reshape((o.batch_size * o.seq_len, v))?, &tgt)?;
-        let mut loss = match &fwd.aux_loss {
+        let mut loss = match &aux_loss {
             Some(aux) if aux_coef > 0.0 => (&lm_loss + (aux * aux_coef)?)?,
             _ => lm_loss.clone(),
         };
-        if let Some(z) = &fwd.z_loss {
+        if let Some(z) = &z_loss {
             loss = (loss + (z * z_coef)?)?;
         }
-        if let Some(kl) = &fwd.indexer_kl {
+        if let Some(kl) = &indexer_kl {
             if kl_coef > 0.0 {
                 loss = (loss + (kl * kl_coef)?)?;
             }
@@ -322,7 +325,7 @@ fn run_loop(
             1.0
         };
         opt.step(&grads, lr, scale)?;
-        update_biases(&model, &fwd.routing, lr / o.lr, &mut state)?;
+        update_biases(&model, &routing, lr / o.lr, &mut state)?;
         state.step += 1;
         let step_tokens = (o.batch_size * o.seq_len) as u64;
         state.data.step = state.step;
@@ -345,18 +348,18 @@ fn run_loop(
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
         });
-        if let Some(aux) = &fwd.aux_loss {
+        if let Some(aux) = &aux_loss {
             rec["aux_loss"] = json!(aux.to_scalar::<f32>()? as f64);
         }
-        if let Some(z) = &fwd.z_loss {
+        if let Some(z) = &z_loss {
             rec["z_loss"] = json!(z.to_scalar::<f32>()? as f64);
         }
-        let step_util = layer_utilization(&fwd.routing);
+        let step_util = layer_utilization(&routing);
         if let Some(worst) = worst_max_vio(&step_util) {
             rec["max_vio"] = json!(worst);
             rec["drop_rate"] = json!(mean_drop_rate(&step_util));
         }
-        if let Some(kl) = &fwd.indexer_kl {
+        if let Some(kl) = &indexer_kl {
             rec["indexer_kl"] = json!(kl.to_scalar::<f32>()? as f64);
         }
         if let Some(mode) = indexer_mode {
@@ -531,7 +534,7 @@ pub fn validate(
         let inp = Tensor::from_vec(inp, (b, seq_len), &dev)?;
         let tgt = Tensor::from_vec(tgt, b * seq_len, &dev)?;
         let out = model.net.forward_with(&inp, &opts)?;
-        RoutingStats::merge_layers(&mut routing, &out.routing);
+        RoutingStats::merge_layers(&mut routing, &out.diagnostics.routing());
         let logits = out.logits.reshape((b * seq_len, model.cfg.vocab_size))?;
         total += cross_entropy(&logits.detach(), &tgt)?.to_scalar::<f32>()? as f64 * b as f64;
         n += b;
