@@ -1,0 +1,35 @@
+//! Training objectives named in the config: how the DSA indexer learns, stage by
+//! stage (`indexer_train_mode`, `indexer_dense_warmup_steps`, `indexer_kl_coef`).
+
+use super::ModelConfig;
+use serde::{Deserialize, Serialize};
+
+/// How the indexer learns (after `indexer_dense_warmup_steps` of `dense_warmup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IndexerTrainMode {
+    /// Main attention stays dense; the indexer learns only from KL(p || softmax(I))
+    /// over all visible keys, where p is the main attention summed over heads and
+    /// L1-normalised (DeepSeek-V3.2's warm-up). Its input and p are detached, so the KL
+    /// moves nothing but the indexer; the rest of the model trains on the LM loss.
+    DenseWarmup,
+    /// Main attention over the selected top-k; the indexer learns from the KL over the
+    /// selected set with its input detached; the main model from the LM loss.
+    Sparse,
+    /// Main attention over the selected top-k with each weight multiplied by
+    /// `1 + sigma(I) - stopgrad(sigma(I))`: the LM loss reaches the indexer (and, through
+    /// its input, the model below). The KL over the selected set is added when
+    /// `indexer_kl_coef` > 0.
+    Ste,
+}
+
+impl ModelConfig {
+    /// The indexer training mode at optimizer step `step`.
+    pub fn indexer_mode_at(&self, step: u64) -> IndexerTrainMode {
+        if step < self.indexer_dense_warmup_steps {
+            IndexerTrainMode::DenseWarmup
+        } else {
+            self.indexer_train_mode
+        }
+    }
+}
