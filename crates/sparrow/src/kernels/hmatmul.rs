@@ -6,14 +6,15 @@
 //! Kernel: output rows in tiles of [`TILE_ROWS`], input rows in groups of up to
 //! [`TILE_INPUTS`]; each 16-wide chunk of a weight row is loaded and widened once and
 //! multiplied into every input row of the group (AVX-512F: `vcvtph2ps` for f16, a
-//! 16-bit shift for bf16; one fused multiply-add per lane), so a decode step streams
+//! 16-bit shift for bf16; one fused multiply-add per lane; on AVX2 + F16C machines
+//! the same 16 lanes as two 8-lane halves, the same sums bit for bit), so a decode step streams
 //! each weight byte once and a prefill chunk reuses it from L1 for four inputs. Each
 //! output is its own sum over 16 lanes in a fixed order, then a fixed tree over the
 //! lanes, then the tail: a row's result does not depend on the other rows of the batch.
 //! [`xwt_portable`] is the same order without intrinsics (separate multiply and add,
 //! as a target without FMA has them); [`reference`] is f64.
 
-use super::simd::has_avx512;
+use super::simd::{has_avx2_fma, has_avx512};
 use rayon::prelude::*;
 
 /// Which 16-bit float a [`HalfMatrix`] holds.
@@ -230,28 +231,132 @@ mod avx512 {
     }
 }
 
-/// One tile through the AVX-512 kernel when `fast`, else the portable one.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{tree16, HalfKind};
+    use std::arch::x86_64::*;
+
+    /// 8 weights at `p` widened to f32.
+    ///
+    /// # Safety
+    /// AVX2 and F16C enabled; `p` points at 8 readable u16.
+    #[inline(always)]
+    unsafe fn widen(kind: HalfKind, p: *const u16) -> __m256 {
+        unsafe {
+            let raw = _mm_loadu_si128(p as *const __m128i);
+            match kind {
+                HalfKind::F16 => _mm256_cvtph_ps(raw),
+                HalfKind::Bf16 => {
+                    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+                }
+            }
+        }
+    }
+
+    /// The AVX2 tile: the AVX-512 tile's 16 lanes held as two 8-lane halves, so its
+    /// sums are the same bit for bit (lane-wise fused multiply-adds in k order, the
+    /// same lane tree, the same tail): results do not depend on the CPU's vector width.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; every `w[c]` and `x[r]` holds at least `k`
+    /// values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // h also picks the load offset
+    pub unsafe fn tile<const C: usize, const R: usize>(
+        kind: HalfKind,
+        w: [&[u16]; C],
+        x: [&[f32]; R],
+        k: usize,
+    ) -> [[f32; R]; C] {
+        let full = k / 16 * 16;
+        // SAFETY: every load below reads 8 values at offset i0 + 8 * h < full <= k of a
+        // slice holding at least k values (the caller's contract); the features are on.
+        unsafe {
+            let mut acc = [[[_mm256_setzero_ps(); 2]; R]; C];
+            let mut i0 = 0;
+            while i0 < full {
+                for h in 0..2 {
+                    let at = i0 + 8 * h;
+                    let mut xv = [_mm256_setzero_ps(); R];
+                    for r in 0..R {
+                        xv[r] = _mm256_loadu_ps(x[r].as_ptr().add(at));
+                    }
+                    for c in 0..C {
+                        let wv = widen(kind, w[c].as_ptr().add(at));
+                        for r in 0..R {
+                            acc[c][r][h] = _mm256_fmadd_ps(wv, xv[r], acc[c][r][h]);
+                        }
+                    }
+                }
+                i0 += 16;
+            }
+            let mut out = [[0f32; R]; C];
+            for c in 0..C {
+                for r in 0..R {
+                    let mut lanes = [0f32; 16];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[c][r][0]);
+                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[c][r][1]);
+                    let mut s = tree16(lanes);
+                    for i in full..k {
+                        s = kind.to_f32(w[c][i]).mul_add(x[r][i], s);
+                    }
+                    out[c][r] = s;
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Which tile kernel a product runs (detected once per call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Path {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_avx512() {
+                return Path::Avx512;
+            }
+            if has_avx2_fma() && std::is_x86_feature_detected!("f16c") {
+                return Path::Avx2;
+            }
+        }
+        Path::Portable
+    }
+}
+
+/// One tile through the widest kernel `path` allows.
 #[inline(always)]
 fn tile<const C: usize, const R: usize>(
-    fast: bool,
+    path: Path,
     kind: HalfKind,
     w: [&[u16]; C],
     x: [&[f32]; R],
     k: usize,
 ) -> [[f32; R]; C] {
-    #[cfg(target_arch = "x86_64")]
-    if fast {
-        // SAFETY: `fast` is only set when AVX-512F was detected at run time; every row
-        // slice holds k values (checked by the callers' shape asserts).
-        return unsafe { avx512::tile::<C, R>(kind, w, x, k) };
+    match path {
+        // SAFETY: `Path::Avx512` / `Path::Avx2` come from `Path::detect`, the run-time
+        // checks of their features; every row slice holds k values (checked by the
+        // callers' shape asserts).
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512 => unsafe { avx512::tile::<C, R>(kind, w, x, k) },
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => unsafe { avx2::tile::<C, R>(kind, w, x, k) },
+        Path::Portable => tile_portable::<C, R>(kind, w, x, k),
     }
-    let _ = fast;
-    tile_portable::<C, R>(kind, w, x, k)
 }
 
 /// Weight rows `rows` (a tile of C) against every input row, into out (m, w.rows).
 fn rows_tile<const C: usize>(
-    fast: bool,
+    path: Path,
     w: &HalfMatrix,
     r0: usize,
     x: &[f32],
@@ -263,20 +368,20 @@ fn rows_tile<const C: usize>(
     let xr = |i: usize| &x[i * k..(i + 1) * k];
     let mut i = 0;
     while i + TILE_INPUTS <= m {
-        let t = tile::<C, TILE_INPUTS>(fast, w.kind, wr, std::array::from_fn(|j| xr(i + j)), k);
+        let t = tile::<C, TILE_INPUTS>(path, w.kind, wr, std::array::from_fn(|j| xr(i + j)), k);
         for j in 0..TILE_INPUTS {
             out[i + j] = std::array::from_fn(|c| t[c][j]);
         }
         i += TILE_INPUTS;
     }
     while i < m {
-        let t = tile::<C, 1>(fast, w.kind, wr, [xr(i)], k);
+        let t = tile::<C, 1>(path, w.kind, wr, [xr(i)], k);
         out[i] = std::array::from_fn(|c| t[c][0]);
         i += 1;
     }
 }
 
-fn xwt_with(fast: bool, x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f32> {
+fn xwt_with(path: Path, x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f32> {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "x is not (m, {k})");
     // Tasks own blocks of weight rows (about four per thread); each writes its columns
@@ -295,7 +400,7 @@ fn xwt_with(fast: bool, x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f32> {
             let mut t = vec![[0f32; TILE_ROWS]; m];
             let mut r = 0;
             while r + TILE_ROWS <= nb {
-                rows_tile::<TILE_ROWS>(fast, w, b0 + r, x, m, &mut t);
+                rows_tile::<TILE_ROWS>(path, w, b0 + r, x, m, &mut t);
                 for (i, row) in t.iter().enumerate() {
                     part[i * nb + r..i * nb + r + TILE_ROWS].copy_from_slice(row);
                 }
@@ -303,7 +408,7 @@ fn xwt_with(fast: bool, x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f32> {
             }
             while r < nb {
                 let mut t = vec![[0f32; 1]; m];
-                rows_tile::<1>(fast, w, b0 + r, x, m, &mut t);
+                rows_tile::<1>(path, w, b0 + r, x, m, &mut t);
                 for (i, row) in t.iter().enumerate() {
                     part[i * nb + r] = row[0];
                 }
@@ -322,14 +427,15 @@ fn xwt_with(fast: bool, x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f32> {
     y
 }
 
-/// y (m, rows) = x (m, cols) W^T, widening W in registers (AVX-512 when present).
+/// y (m, rows) = x (m, cols) W^T, widening W in registers (AVX-512, else AVX2 with
+/// FMA and F16C, when present: the same sums either way).
 pub fn xwt(x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f32> {
-    xwt_with(has_avx512(), x, m, w)
+    xwt_with(Path::detect(), x, m, w)
 }
 
 /// [`xwt`] without intrinsics (the same sums).
 pub fn xwt_portable(x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f32> {
-    xwt_with(false, x, m, w)
+    xwt_with(Path::Portable, x, m, w)
 }
 
 /// Plain f64 reference: y = x W^T with W widened exactly.
