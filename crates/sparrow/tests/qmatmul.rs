@@ -1,6 +1,6 @@
 //! Quantized-weight products (`kernels::qmatmul`) against their plain reference, on
-//! fresh random inputs of awkward sizes, for every native type, on the VNNI path (where
-//! the CPU has it) and the portable one.
+//! fresh random inputs of awkward sizes, for every native type, on the widest path the
+//! CPU has (VNNI, else AVX2) and the portable one.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -102,4 +102,26 @@ fn q8_0_rows_round_trip_and_bad_sizes_are_refused() {
     assert!(QMatrix::new(GgmlType::Q8_0, 2, 32, vec![0; 10]).is_err());
     assert!(QMatrix::new(GgmlType::Q8_0, 1, 33, vec![0; 34]).is_err());
     assert!(QMatrix::new(GgmlType::Q6K, 1, 256, vec![0; 210]).is_err());
+}
+
+#[test]
+fn extreme_q8_0_weights_and_activations_do_not_saturate() {
+    // Every weight byte -128 against activations at +-127 after quantization: the
+    // largest 16-bit pair sums any int8 path forms (2 * 128 * 127 = 32512).
+    let (rows, cols) = (3, 64);
+    let mut data = Vec::new();
+    for _ in 0..rows * cols / 32 {
+        data.extend(half::f16::from_f32(0.01).to_le_bytes());
+        data.extend([0x80u8; 32]);
+    }
+    let w = QMatrix::new(GgmlType::Q8_0, rows, cols, data).unwrap();
+    for sign in [1.0f32, -1.0] {
+        let x = vec![sign * 2.0; 2 * cols];
+        let got = qxwt(&x, 2, &w);
+        let want = reference(&x, 2, &w);
+        assert!(
+            rel_err(&got, &want) < 2e-6,
+            "sign {sign}: {got:?} vs {want:?}"
+        );
+    }
 }

@@ -10,8 +10,9 @@
 //!
 //! [`qxwt`] picks an AVX-512 VNNI kernel (`vpdpbusd`: unsigned nibbles times signed
 //! activations, 8 x i32 lanes per block, scaled into f32 lanes without a horizontal sum
-//! per block) when the CPU has it, else the portable loop. [`reference`] is the plain
-//! f64 loop the tests compare both with; every output element is summed in the same
+//! per block) when the CPU has it, else an AVX2 kernel (`vpmaddubsw` + `vpmaddwd`, with
+//! `Q8_0` as |w| times sign(w) x so no 16-bit pair sum saturates), else the portable
+//! loop. [`reference`] is the plain f64 loop the tests compare them with; every output element is summed in the same
 //! order whatever the batch, so rows are bit-identical alone or batched.
 
 use crate::formats::ggml::{dequantize_block, half_at, GgmlType};
@@ -231,13 +232,13 @@ mod vnni {
     /// An f16 (its bits) as f32, by F16C.
     #[inline]
     #[target_feature(enable = "f16c")]
-    unsafe fn half_to_f32(bits: u16) -> f32 {
+    pub(super) unsafe fn half_to_f32(bits: u16) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
     /// Horizontal sum of 8 f32 lanes.
     #[target_feature(enable = "avx2")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
         let s = _mm_add_ps(lo, hi);
@@ -250,7 +251,7 @@ mod vnni {
     /// `Q8_0`'s int8 shifted by 128) and its integer correction against activation
     /// block `ib` (`-8 * sum(x)` for `Q4_0`, `-128 * sum(x)` for `Q8_0`).
     #[inline(always)]
-    unsafe fn block_u8<const T: u32>(b: *const u8) -> __m256i {
+    pub(super) unsafe fn block_u8<const T: u32>(b: *const u8) -> __m256i {
         if T == 8 {
             let wv = _mm256_loadu_si256(b.add(2) as *const __m256i);
             _mm256_xor_si256(wv, _mm256_set1_epi8(-128))
@@ -386,6 +387,125 @@ mod vnni {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::vnni::{block_u8, half_to_f32, hsum, Rows};
+    use super::QK;
+    use std::arch::x86_64::*;
+
+    /// [`super::dot_row_portable`] for a tile of C weight rows x R activation rows on
+    /// AVX2 machines without VNNI, one block per step: `vpmaddubsw` multiplies the
+    /// unsigned weight bytes (`Q4_0` / `Q4_1` nibbles) by the int8 activations into
+    /// 16-bit pair sums and `vpmaddwd` widens them to 8 int32 lanes; `Q8_0`'s signed
+    /// weights go in as |w| against sign(w) * x, so no pair sum saturates
+    /// (|w x| <= 128 * 127, two per lane: 32512 < 32767). The per-block integer sums
+    /// are exact, as in the portable loop; the f32 sum runs in 8 lanes, so results
+    /// differ from it by rounding only, and every output goes through the same
+    /// operations whatever the tile (batch-invariant).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C (checked by the caller); every `w[c]` holds
+    /// the same whole number of blocks of type `T`, and every row of `x` at least as
+    /// many activation blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_tile<const T: u32, const C: usize, const R: usize>(
+        w: [&[u8]; C],
+        x: &Rows<'_, R>,
+    ) -> [[f32; R]; C] {
+        let bb = match T {
+            2 => 18,
+            3 => 20,
+            _ => 34,
+        };
+        let nb = w[0].len() / bb;
+        for wc in w.iter() {
+            debug_assert_eq!(wc.len(), nb * bb);
+        }
+        for r in 0..R {
+            debug_assert!(x.q[r].len() >= nb * QK && x.d[r].len() >= nb && x.sum[r].len() >= nb);
+        }
+        // SAFETY (reads): block ib lies inside every `w[c]`, and activation block ib
+        // inside every row's q, d, s, sum (nb blocks each); the features are enabled.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [[_mm256_setzero_ps(); R]; C];
+            let mut extra = [[0f32; R]; C];
+            for ib in 0..nb {
+                let mut xv = [_mm256_setzero_si256(); R];
+                let mut corr = [_mm256_setzero_si256(); R];
+                for r in 0..R {
+                    xv[r] = _mm256_loadu_si256(x.q[r].as_ptr().add(ib * QK) as *const __m256i);
+                    if T == 2 {
+                        let c0 = -8 * *x.sum[r].get_unchecked(ib);
+                        corr[r] = _mm256_setr_epi32(c0, 0, 0, 0, 0, 0, 0, 0);
+                    }
+                }
+                for c in 0..C {
+                    let b = w[c].as_ptr().add(ib * bb);
+                    let dw = half_to_f32(std::ptr::read_unaligned(b as *const u16));
+                    let mw = if T == 3 {
+                        half_to_f32(std::ptr::read_unaligned(b.add(2) as *const u16))
+                    } else {
+                        0.0
+                    };
+                    let wv = if T == 8 {
+                        _mm256_loadu_si256(b.add(2) as *const __m256i)
+                    } else {
+                        block_u8::<T>(b)
+                    };
+                    let wabs = if T == 8 { _mm256_sign_epi8(wv, wv) } else { wv };
+                    for r in 0..R {
+                        let xs = if T == 8 {
+                            _mm256_sign_epi8(xv[r], wv)
+                        } else {
+                            xv[r]
+                        };
+                        let pairs = _mm256_maddubs_epi16(wabs, xs);
+                        let dot = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), corr[r]);
+                        let scale = _mm256_set1_ps(dw * *x.d[r].get_unchecked(ib));
+                        acc[c][r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[c][r]);
+                        if T == 3 {
+                            extra[c][r] += mw * *x.s[r].get_unchecked(ib);
+                        }
+                    }
+                }
+            }
+            let mut out = [[0f32; R]; C];
+            for c in 0..C {
+                for r in 0..R {
+                    out[c][r] = hsum(acc[c][r]) + extra[c][r];
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Which kernel the products run (detected once per call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
+}
+
+impl Kernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_vnni() {
+                return Kernel::Vnni;
+            }
+            if super::simd::has_avx2_fma() && std::is_x86_feature_detected!("f16c") {
+                return Kernel::Avx2;
+            }
+        }
+        Kernel::Portable
+    }
+}
+
 /// Whether the VNNI kernel runs here (unless the portable path is forced).
 pub fn has_vnni() -> bool {
     if !super::simd::has_avx512() {
@@ -418,31 +538,35 @@ fn dot_tile<const C: usize, const R: usize>(
     c0: usize,
     a: &QActs,
     r0: usize,
-    vnni: bool,
+    kernel: Kernel,
 ) -> [[f32; R]; C] {
     let k = w.cols;
     let nbk = k / QK;
     let rb = w.row_bytes();
     let wr: [&[u8]; C] = std::array::from_fn(|c| &w.data[(c0 + c) * rb..(c0 + c + 1) * rb]);
     #[cfg(target_arch = "x86_64")]
-    if vnni {
+    if kernel != Kernel::Portable {
         let rows = vnni::Rows::<R> {
             q: std::array::from_fn(|i| &a.q[(r0 + i) * k..(r0 + i + 1) * k]),
             d: std::array::from_fn(|i| &a.d[(r0 + i) * nbk..(r0 + i + 1) * nbk]),
             s: std::array::from_fn(|i| &a.s[(r0 + i) * nbk..(r0 + i + 1) * nbk]),
             sum: std::array::from_fn(|i| &a.sum[(r0 + i) * nbk..(r0 + i + 1) * nbk]),
         };
-        // SAFETY: has_vnni() checked every feature the kernel enables; every wr[c] is
-        // one whole row of blocks and every activation row holds as many blocks.
+        // SAFETY: `Kernel::detect` checked every feature the chosen kernel enables;
+        // every wr[c] is one whole row of blocks and every activation row holds as
+        // many blocks.
         return unsafe {
-            match w.ty {
-                GgmlType::Q4_0 => vnni::dot_tile::<2, C, R>(wr, &rows),
-                GgmlType::Q4_1 => vnni::dot_tile::<3, C, R>(wr, &rows),
-                _ => vnni::dot_tile::<8, C, R>(wr, &rows),
+            match (kernel, w.ty) {
+                (Kernel::Vnni, GgmlType::Q4_0) => vnni::dot_tile::<2, C, R>(wr, &rows),
+                (Kernel::Vnni, GgmlType::Q4_1) => vnni::dot_tile::<3, C, R>(wr, &rows),
+                (Kernel::Vnni, _) => vnni::dot_tile::<8, C, R>(wr, &rows),
+                (_, GgmlType::Q4_0) => avx2::dot_tile::<2, C, R>(wr, &rows),
+                (_, GgmlType::Q4_1) => avx2::dot_tile::<3, C, R>(wr, &rows),
+                (_, _) => avx2::dot_tile::<8, C, R>(wr, &rows),
             }
         };
     }
-    let _ = vnni;
+    let _ = kernel;
     std::array::from_fn(|c| {
         std::array::from_fn(|i| {
             let r = r0 + i;
@@ -467,13 +591,13 @@ fn columns<const C: usize>(
     base: usize,
     a: &QActs,
     m: usize,
-    vnni: bool,
+    kernel: Kernel,
     out: &mut [f32],
 ) {
     let nc = out.len() / m;
     let mut r = 0;
     while r + 4 <= m {
-        let y = dot_tile::<C, 4>(w, c0, a, r, vnni);
+        let y = dot_tile::<C, 4>(w, c0, a, r, kernel);
         for (c, col) in y.iter().enumerate() {
             for (i, &v) in col.iter().enumerate() {
                 out[(r + i) * nc + (c0 + c - base)] = v;
@@ -482,7 +606,7 @@ fn columns<const C: usize>(
         r += 4;
     }
     while r < m {
-        let y = dot_tile::<C, 1>(w, c0, a, r, vnni);
+        let y = dot_tile::<C, 1>(w, c0, a, r, kernel);
         for (c, col) in y.iter().enumerate() {
             out[r * nc + (c0 + c - base)] = col[0];
         }
@@ -513,7 +637,7 @@ pub fn qxwt_many(x: &[f32], m: usize, ws: &[&QMatrix]) -> Vec<Vec<f32>> {
         return ys;
     }
     let a = quantize_acts(x);
-    let vnni = has_vnni();
+    let kernel = Kernel::detect();
     let tasks: Vec<(usize, usize)> = ws
         .iter()
         .enumerate()
@@ -528,11 +652,11 @@ pub fn qxwt_many(x: &[f32], m: usize, ws: &[&QMatrix]) -> Vec<Vec<f32>> {
             let mut out = vec![0f32; m * nc];
             let mut c = c0;
             while c + 2 <= c1 {
-                columns::<2>(w, c, c0, &a, m, vnni, &mut out);
+                columns::<2>(w, c, c0, &a, m, kernel, &mut out);
                 c += 2;
             }
             while c < c1 {
-                columns::<1>(w, c, c0, &a, m, vnni, &mut out);
+                columns::<1>(w, c, c0, &a, m, kernel, &mut out);
                 c += 1;
             }
             (i, c0, out)
