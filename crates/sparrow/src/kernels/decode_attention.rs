@@ -13,7 +13,7 @@
 //! [`reference`] is the composed candle version.
 
 use super::kv_rows::{KvRows, Values};
-use super::simd::{fast_exp, has_avx512};
+use super::simd::{fast_exp, has_avx2_fma, has_avx512};
 use super::{dot_tree, thread_parts};
 use rayon::prelude::*;
 
@@ -128,6 +128,14 @@ fn scan_avx512(q: &[f32], rows: &KvRows, scale: f32, range: std::ops::Range<usiz
     scan_generic(q, rows, scale, range)
 }
 
+/// [`scan_generic`] compiled for AVX2 + FMA machines without AVX-512 (the same
+/// operations: nothing is fused that the baseline build does not fuse).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn scan_avx2(q: &[f32], rows: &KvRows, scale: f32, range: std::ops::Range<usize>) -> Partial {
+    scan_generic(q, rows, scale, range)
+}
+
 /// Online-softmax scan of one group's queries q (g, dk) over key `range` of `rows`
 /// (one group).
 fn scan(
@@ -142,6 +150,12 @@ fn scan(
         // SAFETY: AVX-512F support was checked at run time (`has_avx512`); the function
         // reads only the given slices.
         return unsafe { scan_avx512(q, rows, scale, range) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: AVX2 and FMA support was checked at run time; the function reads only
+        // the given slices.
+        return unsafe { scan_avx2(q, rows, scale, range) };
     }
     let _ = avx512;
     scan_generic(q, rows, scale, range)
@@ -283,6 +297,18 @@ fn scan_lanes_generic(
         s0 += n;
     }
     part
+}
+
+/// [`scan_lanes_generic`] compiled for AVX2 + FMA machines without AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn scan_lanes_avx2(
+    q_t: &[[f32; LANES]],
+    rows: &KvRows,
+    range: std::ops::Range<usize>,
+    limits: Option<&[u32; LANES]>,
+) -> LanePartial {
+    scan_lanes_generic(q_t, rows, range, limits)
 }
 
 /// The AVX-512 build of [`scan_lanes_generic`], written with intrinsics so the 16 head
@@ -471,6 +497,12 @@ fn scan_lanes(
         // SAFETY: AVX-512F (and with it FMA) support was checked at run time
         // (`has_avx512`); the function reads only the given slices.
         return unsafe { scan_lanes_avx512(q_t, rows, range, limits) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: AVX2 and FMA support was checked at run time; the function reads only
+        // the given slices.
+        return unsafe { scan_lanes_avx2(q_t, rows, range, limits) };
     }
     let _ = avx512;
     scan_lanes_generic(q_t, rows, range, limits)

@@ -12,7 +12,7 @@
 //! [`reference`] is the plain f64 loop the tests compare with.
 
 use super::dot;
-use super::simd::has_avx512;
+use super::simd::{has_avx2_fma, has_avx512};
 use rayon::prelude::*;
 
 const L: usize = 16;
@@ -141,6 +141,20 @@ fn block_avx512(
     block(x, w, m, k, cols, out)
 }
 
+/// [`block`] compiled for AVX2 + FMA machines without AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn block_avx2(
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    cols: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    block(x, w, m, k, cols, out)
+}
+
 /// y (M, N) = x (M, K) W^T, W (N, K).
 pub fn xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "xwt: x is not (M, K)");
@@ -151,6 +165,7 @@ pub fn xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     }
     let cols_per = (BLOCK_BYTES / (4 * k.max(1))).clamp(8, 1024).min(n);
     let avx512 = has_avx512();
+    let avx2 = has_avx2_fma();
     let parts: Vec<(usize, Vec<f32>)> = (0..n)
         .step_by(cols_per)
         .collect::<Vec<_>>()
@@ -165,7 +180,14 @@ pub fn xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
                 unsafe { block_avx512(x, w, m, k, cols, &mut out) };
                 return (c0, out);
             }
-            let _ = avx512;
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: AVX2 and FMA presence was checked at run time; the call reads
+                // only `x` and `w` and writes only `out`.
+                unsafe { block_avx2(x, w, m, k, cols, &mut out) };
+                return (c0, out);
+            }
+            let _ = (avx512, avx2);
             block(x, w, m, k, cols, &mut out);
             (c0, out)
         })
