@@ -134,6 +134,15 @@ fn f64_model_of(layout: Layout, topk: usize) -> Model {
     Model::new_random(&cfg, 17, DType::F64, &Device::Cpu).unwrap()
 }
 
+/// The forward's indexer KL (mean over DSA layers); the mode must compute one.
+fn indexer_kl(model: &Model, x: &Tensor, o: &ForwardOptions) -> Tensor {
+    let out = model.net.forward_with(x, o).unwrap();
+    out.diagnostics
+        .indexer_kl()
+        .unwrap()
+        .expect("an indexer KL")
+}
+
 fn lm_loss(model: &Model, x: &Tensor, o: &ForwardOptions) -> Tensor {
     let (b, t) = x.dims2().unwrap();
     let out = model.net.forward_with(x, o).unwrap();
@@ -164,17 +173,7 @@ fn sparse_mode_gradients_match_finite_differences() {
             .filter(|(n, _)| n.contains("layers.1.self_attn"))
             .collect();
         check_gradients(&main, || lm_loss(&model, &x, &o), 6);
-        let kl = || {
-            model
-                .net
-                .forward_with(&x, &o)
-                .unwrap()
-                .diagnostics
-                .indexer_kl()
-                .unwrap()
-                .unwrap()
-        };
-        check_gradients(&indexer, kl, 6);
+        check_gradients(&indexer, || indexer_kl(&model, &x, &o), 6);
     }
 }
 
@@ -191,17 +190,7 @@ fn dense_warmup_kl_gradients_match_finite_differences() {
             .filter(|(n, _)| n.contains(".indexer."))
             .collect();
         assert!(!indexer.is_empty());
-        let kl = || {
-            model
-                .net
-                .forward_with(&x, &o)
-                .unwrap()
-                .diagnostics
-                .indexer_kl()
-                .unwrap()
-                .unwrap()
-        };
-        check_gradients(&indexer, kl, 8);
+        check_gradients(&indexer, || indexer_kl(&model, &x, &o), 8);
         // The warm-up's attention is dense: the LM loss equals the dense twin's.
         let lm = lm_loss(&model, &x, &o);
         let plain = lm_loss(&model, &x, &ForwardOptions::default());

@@ -125,6 +125,25 @@ fn tree16(mut l: [f32; 16]) -> f32 {
     l[0]
 }
 
+/// The end of one SIMD tile output: the 16 lane sums by the fixed tree, then the tail
+/// `full..k` with fused multiply-adds (the same for every vector width).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn finish_fused(
+    lanes: [f32; 16],
+    kind: HalfKind,
+    w: &[u16],
+    x: &[f32],
+    full: usize,
+    k: usize,
+) -> f32 {
+    let mut s = tree16(lanes);
+    for i in full..k {
+        s = kind.to_f32(w[i]).mul_add(x[i], s);
+    }
+    s
+}
+
 /// The portable tile: `out[c][r] = w_c . x_r` for C weight rows and R inputs.
 #[inline(always)]
 fn tile_portable<const C: usize, const R: usize>(
@@ -163,7 +182,7 @@ fn tile_portable<const C: usize, const R: usize>(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{tree16, HalfKind};
+    use super::{finish_fused, HalfKind};
     use std::arch::x86_64::*;
 
     /// 16 weights at `p` widened to f32.
@@ -219,11 +238,7 @@ mod avx512 {
                 for r in 0..R {
                     let mut lanes = [0f32; 16];
                     _mm512_storeu_ps(lanes.as_mut_ptr(), acc[c][r]);
-                    let mut s = tree16(lanes);
-                    for i in full..k {
-                        s = kind.to_f32(w[c][i]).mul_add(x[r][i], s);
-                    }
-                    out[c][r] = s;
+                    out[c][r] = finish_fused(lanes, kind, w[c], x[r], full, k);
                 }
             }
             out
@@ -233,7 +248,7 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{tree16, HalfKind};
+    use super::{finish_fused, HalfKind};
     use std::arch::x86_64::*;
 
     /// 8 weights at `p` widened to f32.
@@ -296,11 +311,7 @@ mod avx2 {
                     let mut lanes = [0f32; 16];
                     _mm256_storeu_ps(lanes.as_mut_ptr(), acc[c][r][0]);
                     _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[c][r][1]);
-                    let mut s = tree16(lanes);
-                    for i in full..k {
-                        s = kind.to_f32(w[c][i]).mul_add(x[r][i], s);
-                    }
-                    out[c][r] = s;
+                    out[c][r] = finish_fused(lanes, kind, w[c], x[r], full, k);
                 }
             }
             out

@@ -274,6 +274,28 @@ mod vnni {
         pub sum: [&'a [i32]; R],
     }
 
+    /// Bytes per block of ggml type id `T` (2 = `Q4_0`, 3 = `Q4_1`, 8 = `Q8_0`) and
+    /// blocks per row of a tile, with the tile's shapes checked in debug builds.
+    #[inline(always)]
+    pub(super) fn tile_blocks<const T: u32, const C: usize, const R: usize>(
+        w: [&[u8]; C],
+        x: &Rows<'_, R>,
+    ) -> (usize, usize) {
+        let bb = match T {
+            2 => 18,
+            3 => 20,
+            _ => 34,
+        };
+        let nb = w[0].len() / bb;
+        for wc in w.iter() {
+            debug_assert_eq!(wc.len(), nb * bb);
+        }
+        for r in 0..R {
+            debug_assert!(x.q[r].len() >= nb * QK && x.d[r].len() >= nb && x.sum[r].len() >= nb);
+        }
+        (bb, nb)
+    }
+
     /// [`dot_row_portable`] with `vpdpbusd` for a tile of C weight rows x R activation
     /// rows, two blocks per 512-bit step: each weight block is unpacked once for the R
     /// rows, and the C x R independent sums keep the core busy (decode runs 4 x 1,
@@ -293,18 +315,7 @@ mod vnni {
         w: [&[u8]; C],
         x: &Rows<'_, R>,
     ) -> [[f32; R]; C] {
-        let bb = match T {
-            2 => 18,
-            3 => 20,
-            _ => 34,
-        };
-        let nb = w[0].len() / bb;
-        for wc in w.iter() {
-            debug_assert_eq!(wc.len(), nb * bb);
-        }
-        for r in 0..R {
-            debug_assert!(x.q[r].len() >= nb * QK && x.d[r].len() >= nb && x.sum[r].len() >= nb);
-        }
+        let (bb, nb) = tile_blocks::<T, C, R>(w, x);
         let corr_scale = match T {
             2 => -8,
             8 => -128,
@@ -389,7 +400,7 @@ mod vnni {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::vnni::{block_u8, half_to_f32, hsum, Rows};
+    use super::vnni::{block_u8, half_to_f32, hsum, tile_blocks, Rows};
     use super::QK;
     use std::arch::x86_64::*;
 
@@ -412,18 +423,7 @@ mod avx2 {
         w: [&[u8]; C],
         x: &Rows<'_, R>,
     ) -> [[f32; R]; C] {
-        let bb = match T {
-            2 => 18,
-            3 => 20,
-            _ => 34,
-        };
-        let nb = w[0].len() / bb;
-        for wc in w.iter() {
-            debug_assert_eq!(wc.len(), nb * bb);
-        }
-        for r in 0..R {
-            debug_assert!(x.q[r].len() >= nb * QK && x.d[r].len() >= nb && x.sum[r].len() >= nb);
-        }
+        let (bb, nb) = tile_blocks::<T, C, R>(w, x);
         // SAFETY (reads): block ib lies inside every `w[c]`, and activation block ib
         // inside every row's q, d, s, sum (nb blocks each); the features are enabled.
         unsafe {
