@@ -4,41 +4,18 @@
 //! int8 against the same weights in f32, through the full forward and the engine step.
 
 mod common;
+#[path = "kernel_checks/mod.rs"]
+mod kernel_checks;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use sparrow::kernels::hmatmul::{self, HalfKind, HalfMatrix};
+use sparrow::kernels::hmatmul::{HalfKind, HalfMatrix};
 use sparrow::model::linear::LinearWeight;
 use sparrow::model_dir::{self, SaveOptions};
 use sparrow::weights::WeightFormat;
 
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
-}
-
 #[test]
 fn half_kernel_matches_the_reference_on_awkward_sizes() {
-    for kind in [HalfKind::F16, HalfKind::Bf16] {
-        for &(rows, cols) in &[(1usize, 7usize), (5, 16), (37, 33), (64, 100), (9, 577)] {
-            let w = HalfMatrix::from_f32(kind, rows, cols, &rand_vec(rows * cols, 1));
-            for m in [1usize, 2, 3, 4, 5, 9] {
-                let x = rand_vec(m * cols, 2 + m as u64);
-                let want = hmatmul::reference(&x, m, &w);
-                let fast = hmatmul::xwt(&x, m, &w);
-                let portable = hmatmul::xwt_portable(&x, m, &w);
-                let tag = format!("{kind:?} {rows}x{cols} m={m}");
-                assert!(rel_err_f64(&fast, &want) < 1e-5, "{tag}: fast");
-                assert!(rel_err_f64(&portable, &want) < 1e-5, "{tag}: portable");
-                // Each row alone gives the same bits as in the batch.
-                for i in 0..m {
-                    let alone = hmatmul::xwt(&x[i * cols..(i + 1) * cols], 1, &w);
-                    assert_eq!(alone, fast[i * rows..(i + 1) * rows], "{tag}: row {i}");
-                }
-            }
-        }
-    }
+    kernel_checks::half_products();
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! forward and backward, plus finite-difference checks of the custom backward passes.
 
 mod common;
+#[path = "kernel_checks/mod.rs"]
+mod kernel_checks;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use rand::{Rng, SeedableRng};
@@ -135,36 +137,5 @@ fn cross_entropy_rejects_bad_targets() {
 
 #[test]
 fn inference_matmul_matches_the_reference_and_is_batch_invariant() {
-    use sparrow::kernels::matmul::{reference as plain, xwt};
-    let to_f32 = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
-    let mut seed = 11;
-    for &(m, k, n) in &[
-        (1, 7, 5),
-        (3, 33, 17),
-        (4, 256, 130),
-        (9, 64, 1000),
-        (17, 100, 3),
-    ] {
-        seed += 1;
-        let x = to_f32(&randn(&[m, k], seed, DType::F32));
-        let w = to_f32(&randn(&[n, k], seed + 100, DType::F32));
-        let y = xwt(&x, &w, m, k, n);
-        let r = plain(&x, &w, m, k, n);
-        let scale = r.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        let err = y
-            .iter()
-            .zip(&r)
-            .fold(0.0f32, |a, (p, q)| a.max((p - q).abs()))
-            / scale;
-        assert!(err < 1e-5, "({m}, {k}, {n}): rel err {err:e}");
-        // Each row alone gives the same bits as in the batch.
-        for row in 0..m {
-            let alone = xwt(&x[row * k..(row + 1) * k], &w, 1, k, n);
-            assert_eq!(
-                alone,
-                y[row * n..(row + 1) * n],
-                "({m}, {k}, {n}) row {row}"
-            );
-        }
-    }
+    kernel_checks::f32_products();
 }

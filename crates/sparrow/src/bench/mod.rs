@@ -5,12 +5,14 @@
 //! - [`read_bandwidth`]: DRAM read bandwidth of a parallel streaming sum.
 //! - [`attention`]: one attention layer, dense vs DSA, decode and prefill by context.
 //! - [`moe`]: one MoE layer vs a dense FFN of equal active FLOPs.
+//! - [`weights`]: one linear layer's inference product per weight format.
 //! - [`generate`]: the whole model through the engine's batched step, the model's own
 //!   selectors vs dense selectors, by context and batch size.
 
 pub mod attention;
 pub mod generate;
 pub mod moe;
+pub mod weights;
 
 use crate::error::Result;
 use candle_core::{Device, Tensor};

@@ -3,12 +3,12 @@
 //! x, y f32. The weights are widened to f32 in registers, never in memory: candle's CPU
 //! matmul converts a whole bf16/f16 matrix to f32 on every call.
 //!
-//! Kernel: output rows in tiles of [`TILE_ROWS`], input rows in groups of up to
-//! [`TILE_INPUTS`]; each 16-wide chunk of a weight row is loaded and widened once and
-//! multiplied into every input row of the group (AVX-512F: `vcvtph2ps` for f16, a
-//! 16-bit shift for bf16; one fused multiply-add per lane; on AVX2 + F16C machines
-//! the same 16 lanes as two 8-lane halves, the same sums bit for bit), so a decode step streams
-//! each weight byte once and a prefill chunk reuses it from L1 for four inputs. Each
+//! Kernel: output rows in tiles of four, input rows in groups of four (three on AVX2);
+//! each 16-wide chunk of a weight row is loaded and widened once and multiplied into
+//! every input row of the group (AVX-512F: `vcvtph2ps` for f16, a 16-bit shift for
+//! bf16; one fused multiply-add per lane; on AVX2 + F16C machines the same 16 lanes as
+//! two 8-lane halves, [`super::lanes_avx2`]: the same sums bit for bit), so a decode
+//! step streams each weight byte once and a prefill chunk reuses it from L1. Each
 //! output is its own sum over 16 lanes in a fixed order, then a fixed tree over the
 //! lanes, then the tail: a row's result does not depend on the other rows of the batch.
 //! [`xwt_portable`] is the same order without intrinsics (separate multiply and add,
@@ -105,10 +105,6 @@ impl HalfMatrix {
     }
 }
 
-/// Weight rows per tile.
-pub const TILE_ROWS: usize = 4;
-/// Input rows sharing each widened weight chunk.
-pub const TILE_INPUTS: usize = 4;
 /// Fewest weight rows per parallel task (a task should outlast its scheduling).
 const MIN_ROWS_PER_TASK: usize = 64;
 
@@ -248,35 +244,18 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::super::lanes_avx2::{lanes, Bf16Row, F16Row};
     use super::{finish_fused, HalfKind};
-    use std::arch::x86_64::*;
 
-    /// 8 weights at `p` widened to f32.
-    ///
-    /// # Safety
-    /// AVX2 and F16C enabled; `p` points at 8 readable u16.
-    #[inline(always)]
-    unsafe fn widen(kind: HalfKind, p: *const u16) -> __m256 {
-        unsafe {
-            let raw = _mm_loadu_si128(p as *const __m128i);
-            match kind {
-                HalfKind::F16 => _mm256_cvtph_ps(raw),
-                HalfKind::Bf16 => {
-                    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
-                }
-            }
-        }
-    }
-
-    /// The AVX2 tile: the AVX-512 tile's 16 lanes held as two 8-lane halves, so its
-    /// sums are the same bit for bit (lane-wise fused multiply-adds in k order, the
-    /// same lane tree, the same tail): results do not depend on the CPU's vector width.
+    /// The AVX2 tile: the AVX-512 tile's 16 lanes as two 8-lane halves
+    /// ([`lanes`]), so its sums are the same bit for bit (lane-wise fused
+    /// multiply-adds in k order, the same lane tree, the same tail): results do not
+    /// depend on the CPU's vector width.
     ///
     /// # Safety
     /// AVX2, FMA and F16C must be available; every `w[c]` and `x[r]` holds at least `k`
     /// values.
     #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::needless_range_loop)] // h also picks the load offset
     pub unsafe fn tile<const C: usize, const R: usize>(
         kind: HalfKind,
         w: [&[u16]; C],
@@ -284,38 +263,29 @@ mod avx2 {
         k: usize,
     ) -> [[f32; R]; C] {
         let full = k / 16 * 16;
-        // SAFETY: every load below reads 8 values at offset i0 + 8 * h < full <= k of a
-        // slice holding at least k values (the caller's contract); the features are on.
-        unsafe {
-            let mut acc = [[[_mm256_setzero_ps(); 2]; R]; C];
-            let mut i0 = 0;
-            while i0 < full {
-                for h in 0..2 {
-                    let at = i0 + 8 * h;
-                    let mut xv = [_mm256_setzero_ps(); R];
-                    for r in 0..R {
-                        xv[r] = _mm256_loadu_ps(x[r].as_ptr().add(at));
-                    }
-                    for c in 0..C {
-                        let wv = widen(kind, w[c].as_ptr().add(at));
-                        for r in 0..R {
-                            acc[c][r][h] = _mm256_fmadd_ps(wv, xv[r], acc[c][r][h]);
-                        }
-                    }
-                }
-                i0 += 16;
-            }
-            let mut out = [[0f32; R]; C];
-            for c in 0..C {
-                for r in 0..R {
-                    let mut lanes = [0f32; 16];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[c][r][0]);
-                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[c][r][1]);
-                    out[c][r] = finish_fused(lanes, kind, w[c], x[r], full, k);
-                }
-            }
-            out
+        let mut wp = [std::ptr::null::<u16>(); C];
+        for c in 0..C {
+            wp[c] = w[c].as_ptr();
         }
+        let mut xp = [std::ptr::null::<f32>(); R];
+        for r in 0..R {
+            xp[r] = x[r].as_ptr();
+        }
+        // SAFETY: every row holds at least k >= full values (the caller's contract);
+        // the features are enabled.
+        let acc = unsafe {
+            match kind {
+                HalfKind::F16 => lanes::<F16Row, true, C, R>(wp, xp, full),
+                HalfKind::Bf16 => lanes::<Bf16Row, true, C, R>(wp, xp, full),
+            }
+        };
+        let mut out = [[0f32; R]; C];
+        for c in 0..C {
+            for r in 0..R {
+                out[c][r] = finish_fused(acc[c][r], kind, w[c], x[r], full, k);
+            }
+        }
+        out
     }
 }
 
@@ -336,7 +306,7 @@ impl Path {
             if has_avx512() {
                 return Path::Avx512;
             }
-            if has_avx2_fma() && std::is_x86_feature_detected!("f16c") {
+            if has_avx2_fma() {
                 return Path::Avx2;
             }
         }
@@ -365,8 +335,8 @@ fn tile<const C: usize, const R: usize>(
     }
 }
 
-/// Weight rows `rows` (a tile of C) against every input row, into out (m, w.rows).
-fn rows_tile<const C: usize>(
+/// Weight rows `r0..r0 + C` against every input row (R at a time), into out (m, C).
+fn rows_tile<const C: usize, const R: usize>(
     path: Path,
     w: &HalfMatrix,
     r0: usize,
@@ -378,12 +348,12 @@ fn rows_tile<const C: usize>(
     let wr: [&[u16]; C] = std::array::from_fn(|c| w.row(r0 + c));
     let xr = |i: usize| &x[i * k..(i + 1) * k];
     let mut i = 0;
-    while i + TILE_INPUTS <= m {
-        let t = tile::<C, TILE_INPUTS>(path, w.kind, wr, std::array::from_fn(|j| xr(i + j)), k);
-        for j in 0..TILE_INPUTS {
+    while i + R <= m {
+        let t = tile::<C, R>(path, w.kind, wr, std::array::from_fn(|j| xr(i + j)), k);
+        for j in 0..R {
             out[i + j] = std::array::from_fn(|c| t[c][j]);
         }
-        i += TILE_INPUTS;
+        i += R;
     }
     while i < m {
         let t = tile::<C, 1>(path, w.kind, wr, [xr(i)], k);
@@ -392,15 +362,32 @@ fn rows_tile<const C: usize>(
     }
 }
 
+/// [`xwt`] through `path`'s tiles: 4 weight rows x 4 inputs with AVX-512 (16
+/// accumulators of its 32 registers) and portably, 4 x 3 with AVX2 (12 of its 16,
+/// one half at a time; 4 x 4 spilled and ran a batch of 16 at 37 GFLOP/s).
 fn xwt_with(path: Path, x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f32> {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => xwt_tiled::<4, 2>(path, x, m, w),
+        _ => xwt_tiled::<4, 4>(path, x, m, w),
+    }
+}
+
+/// [`xwt_with`] with tiles of C weight rows x R inputs.
+fn xwt_tiled<const C: usize, const R: usize>(
+    path: Path,
+    x: &[f32],
+    m: usize,
+    w: &HalfMatrix,
+) -> Vec<f32> {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "x is not (m, {k})");
     // Tasks own blocks of weight rows (about four per thread); each writes its columns
     // of y afterwards.
     let per_task = (n / (4 * rayon::current_num_threads()).max(1))
         .max(MIN_ROWS_PER_TASK)
-        .div_ceil(TILE_ROWS)
-        * TILE_ROWS;
+        .div_ceil(C)
+        * C;
     let blocks: Vec<(usize, Vec<f32>)> = (0..n)
         .step_by(per_task)
         .collect::<Vec<_>>()
@@ -408,18 +395,18 @@ fn xwt_with(path: Path, x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f32> {
         .map(|b0| {
             let nb = per_task.min(n - b0);
             let mut part = vec![0f32; m * nb]; // (m, nb)
-            let mut t = vec![[0f32; TILE_ROWS]; m];
+            let mut t = vec![[0f32; C]; m];
             let mut r = 0;
-            while r + TILE_ROWS <= nb {
-                rows_tile::<TILE_ROWS>(path, w, b0 + r, x, m, &mut t);
+            while r + C <= nb {
+                rows_tile::<C, R>(path, w, b0 + r, x, m, &mut t);
                 for (i, row) in t.iter().enumerate() {
-                    part[i * nb + r..i * nb + r + TILE_ROWS].copy_from_slice(row);
+                    part[i * nb + r..i * nb + r + C].copy_from_slice(row);
                 }
-                r += TILE_ROWS;
+                r += C;
             }
             while r < nb {
                 let mut t = vec![[0f32; 1]; m];
-                rows_tile::<1>(path, w, b0 + r, x, m, &mut t);
+                rows_tile::<1, R>(path, w, b0 + r, x, m, &mut t);
                 for (i, row) in t.iter().enumerate() {
                     part[i * nb + r] = row[0];
                 }

@@ -141,18 +141,110 @@ fn block_avx512(
     block(x, w, m, k, cols, out)
 }
 
-/// [`block`] compiled for AVX2 + FMA machines without AVX-512.
+/// [`block`]'s sums on AVX2 + FMA machines without AVX-512: tiles of 4 weight rows x
+/// 2 inputs through [`super::lanes_avx2`] (the 16 lanes as two 8-lane halves, products
+/// then sums as [`dot`] has them), then [`dot`]'s finish: the same bits. (The 4 x 4
+/// tile of [`block`] compiled for AVX2 needs 32 accumulators and spilled: a batch of
+/// four rows cost seven times one.)
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn block_avx2(
-    x: &[f32],
-    w: &[f32],
-    m: usize,
-    k: usize,
-    cols: std::ops::Range<usize>,
-    out: &mut [f32],
-) {
-    block(x, w, m, k, cols, out)
+mod avx2 {
+    use super::super::lanes_avx2::{lanes, F32Row};
+
+    /// [`super::dot`]'s end: the 16 lane sums in order, plus the tail `full..k`.
+    #[inline(always)]
+    fn finish(lanes: &[f32; 16], x: &[f32], w: &[f32], full: usize, k: usize) -> f32 {
+        let mut tail = 0.0f32;
+        for i in full..k {
+            tail += x[i] * w[i];
+        }
+        lanes.iter().fold(0.0f32, |s, &v| s + v) + tail
+    }
+
+    /// Output columns `j..j + C` of the block for input rows `r..r + R`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const C: usize, const R: usize>(
+        x: &[f32],
+        w: &[f32],
+        k: usize,
+        r: usize,
+        c0: usize,
+        j: usize,
+        nb: usize,
+        out: &mut [f32],
+    ) {
+        let full = k / 16 * 16;
+        let mut wp = [std::ptr::null::<f32>(); C];
+        for c in 0..C {
+            wp[c] = w[(c0 + j + c) * k..(c0 + j + c + 1) * k].as_ptr();
+        }
+        let mut xp = [std::ptr::null::<f32>(); R];
+        for q in 0..R {
+            xp[q] = x[(r + q) * k..(r + q + 1) * k].as_ptr();
+        }
+        // SAFETY: each pointer starts a slice of k >= full values (sliced above, so
+        // in bounds); the caller enabled AVX2, FMA and F16C.
+        let acc = unsafe { lanes::<F32Row, false, C, R>(wp, xp, full) };
+        for c in 0..C {
+            let wr = &w[(c0 + j + c) * k..(c0 + j + c + 1) * k];
+            for q in 0..R {
+                let xr = &x[(r + q) * k..(r + q + 1) * k];
+                out[(r + q) * nb + j + c] = finish(&acc[c][q], xr, wr, full, k);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    /// Columns `j..j + C` of the block for every input row (two at a time: the C
+    /// weight rows stay in L1 while the inputs pass).
+    #[inline(always)]
+    unsafe fn columns<const C: usize>(
+        x: &[f32],
+        w: &[f32],
+        m: usize,
+        k: usize,
+        c0: usize,
+        j: usize,
+        nb: usize,
+        out: &mut [f32],
+    ) {
+        let mut r = 0;
+        // SAFETY (both loops): the caller enabled the features; indices are in range.
+        while r + 2 <= m {
+            unsafe { tile::<C, 2>(x, w, k, r, c0, j, nb, out) };
+            r += 2;
+        }
+        while r < m {
+            unsafe { tile::<C, 1>(x, w, k, r, c0, j, nb, out) };
+            r += 1;
+        }
+    }
+
+    /// [`super::block`] with AVX2 tiles.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn block(
+        x: &[f32],
+        w: &[f32],
+        m: usize,
+        k: usize,
+        cols: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let nb = cols.len();
+        let mut j = 0;
+        // SAFETY (both loops): the features are enabled (this function's contract).
+        while j + 4 <= nb {
+            unsafe { columns::<4>(x, w, m, k, cols.start, j, nb, out) };
+            j += 4;
+        }
+        while j < nb {
+            unsafe { columns::<1>(x, w, m, k, cols.start, j, nb, out) };
+            j += 1;
+        }
+    }
 }
 
 /// y (M, N) = x (M, K) W^T, W (N, K).
@@ -182,9 +274,9 @@ pub fn xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
             }
             #[cfg(target_arch = "x86_64")]
             if avx2 {
-                // SAFETY: AVX2 and FMA presence was checked at run time; the call reads
-                // only `x` and `w` and writes only `out`.
-                unsafe { block_avx2(x, w, m, k, cols, &mut out) };
+                // SAFETY: AVX2, FMA and F16C presence was checked at run time; the call
+                // reads only `x` and `w` and writes only `out`.
+                unsafe { avx2::block(x, w, m, k, cols, &mut out) };
                 return (c0, out);
             }
             let _ = (avx512, avx2);

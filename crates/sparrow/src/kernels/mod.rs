@@ -14,6 +14,7 @@
 //!   causal prefill over it, for every entry store ([`kv_rows::KvRows`]).
 //! - [`matmul`]: `x W^T` for inference rows, batch-invariant (each output one fixed-order
 //!   dot product), each weight row read once per four rows.
+//! - [`lanes_avx2`]: the AVX2 build of the weight kernels' 16-lane tile.
 //! - [`hmatmul`]: `x W^T` with f16 / bf16 weights widened in registers (inference).
 //! - [`experts`]: MoE dispatch: rows grouped by expert, gathered once, and the weighted
 //!   combine back per token, with backward passes.
@@ -25,6 +26,7 @@ pub mod experts;
 pub mod hmatmul;
 pub mod indexer;
 pub mod kv_rows;
+pub mod lanes_avx2;
 pub mod matmul;
 pub mod qmatmul;
 pub mod reference;

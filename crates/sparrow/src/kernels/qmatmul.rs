@@ -498,7 +498,7 @@ impl Kernel {
             if has_vnni() {
                 return Kernel::Vnni;
             }
-            if super::simd::has_avx2_fma() && std::is_x86_feature_detected!("f16c") {
+            if super::simd::has_avx2_fma() {
                 return Kernel::Avx2;
             }
         }

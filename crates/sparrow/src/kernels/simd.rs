@@ -1,22 +1,49 @@
-//! Helpers shared by the hand-written kernels: a vectorisable `exp`, and runtime
-//! detection of AVX-512 so hot loops written as plain lane-wise Rust get compiled once
-//! for the baseline target and once with AVX-512 enabled (the binary stays portable).
+//! Helpers shared by the hand-written kernels: a vectorisable `exp`, and run-time
+//! detection of the instruction sets ([`Level`]: AVX-512, AVX2 + FMA + F16C, portable)
+//! so hot loops get compiled for each and the binary stays portable; a process-wide
+//! cap ([`set_max_level`]) lets tests run the narrower paths on wider machines.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
-static FORCE_PORTABLE: AtomicBool = AtomicBool::new(false);
-
-/// Run every kernel on its portable path from now on (tests of the fallback code on
-/// machines that have AVX-512).
-pub fn force_portable(on: bool) {
-    FORCE_PORTABLE.store(on, Ordering::SeqCst);
+/// The instruction sets the kernels choose between, narrowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Plain Rust for the baseline target (SSE2 on x86-64).
+    Portable,
+    /// AVX2 with FMA and F16C.
+    Avx2,
+    /// AVX-512F (and VNNI where the quantized kernel finds it).
+    Avx512,
 }
 
-/// Whether this CPU runs AVX-512F code (checked once, cached by std), unless
-/// [`force_portable`] is on.
+static MAX_LEVEL: AtomicU8 = AtomicU8::new(Level::Avx512 as u8);
+
+/// Let no kernel use more than `level` from now on, process-wide (tests of the
+/// narrower paths on machines that have the wider ones; each such test runs in its
+/// own test binary, since the setting is global).
+pub fn set_max_level(level: Level) {
+    MAX_LEVEL.store(level as u8, Ordering::SeqCst);
+}
+
+/// The widest level this CPU runs, within [`set_max_level`]'s cap.
+pub fn level() -> Level {
+    if has_avx512() {
+        Level::Avx512
+    } else if has_avx2_fma() {
+        Level::Avx2
+    } else {
+        Level::Portable
+    }
+}
+
+fn allowed(level: Level) -> bool {
+    MAX_LEVEL.load(Ordering::Relaxed) >= level as u8
+}
+
+/// Whether this CPU runs AVX-512F code (checked once, cached by std), within the cap.
 #[inline]
 pub fn has_avx512() -> bool {
-    if FORCE_PORTABLE.load(Ordering::Relaxed) {
+    if !allowed(Level::Avx512) {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
@@ -29,15 +56,17 @@ pub fn has_avx512() -> bool {
     }
 }
 
-/// Whether this CPU runs AVX2 with FMA (unless [`force_portable`] is on).
+/// Whether this CPU runs AVX2 with FMA and F16C (within the cap).
 #[inline]
 pub fn has_avx2_fma() -> bool {
-    if FORCE_PORTABLE.load(Ordering::Relaxed) {
+    if !allowed(Level::Avx2) {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

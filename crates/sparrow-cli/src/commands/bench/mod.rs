@@ -5,6 +5,7 @@ mod attention;
 mod gemm;
 mod generate;
 mod moe;
+mod weights;
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -25,6 +26,9 @@ pub enum BenchCmd {
     /// One attention layer, dense vs DSA, at each context length: decode latency,
     /// prefill time, cache bytes, achieved bandwidth.
     Attention(attention::AttentionBenchArgs),
+    /// One linear layer's inference product per weight format (f32, f16, bf16, q8_0,
+    /// q4_1) and batch size, against the read bandwidth and GEMM rate of the same run.
+    Weights(weights::WeightsBenchArgs),
 }
 
 pub fn run(cmd: BenchCmd, _progress: bool) -> Result<()> {
@@ -33,5 +37,6 @@ pub fn run(cmd: BenchCmd, _progress: bool) -> Result<()> {
         BenchCmd::Moe(a) => moe::run(a),
         BenchCmd::Gemm(a) => gemm::run(a),
         BenchCmd::Attention(a) => attention::run(a),
+        BenchCmd::Weights(a) => weights::run(a),
     }
 }
