@@ -136,6 +136,16 @@ fn rand_values(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| rng.random::<f32>() * 0.2 - 0.1).collect()
 }
 
+/// `w` in an allocation of its own (copies that share nothing, so each streams from
+/// memory).
+fn own_copy(w: &LinearWeight) -> Result<LinearWeight> {
+    Ok(match w {
+        LinearWeight::Dense(t) => LinearWeight::Dense(t.copy()?),
+        LinearWeight::Quantized(q) => LinearWeight::Quantized(Arc::new(q.as_ref().clone())),
+        LinearWeight::Half(h) => LinearWeight::Half(Arc::new(h.as_ref().clone())),
+    })
+}
+
 /// Measure every format at every batch size of `spec`.
 pub fn run(spec: &WeightBenchSpec) -> Result<WeightBench> {
     let (rows, cols) = (spec.rows, spec.cols);
@@ -173,7 +183,7 @@ pub fn run(spec: &WeightBenchSpec) -> Result<WeightBench> {
         let copies = spec.working_set_bytes.div_ceil(bytes).max(1);
         // Copies hold the same values in their own allocations.
         let layers: Vec<Linear> = (0..copies)
-            .map(|_| format.weight(rows, cols, &values).map(Linear::from_weight))
+            .map(|_| own_copy(&one).map(Linear::from_weight))
             .collect::<Result<_>>()?;
         for (&m, x) in spec.batches.iter().zip(&inputs) {
             let mut next = 0usize;
