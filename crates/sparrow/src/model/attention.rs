@@ -3,8 +3,8 @@
 //!
 //! Dense: query heads are grouped by the KV head they share, so K and V are never
 //! repeated: q (B, KV, G*T, D) @ k^T (B, KV, D, S). DSA (`layer_types` = `dsa`): the
-//! indexer (`self.indexer`) scores every visible position, the fused top-k kernel keeps
-//! `index_topk` per query, and attention runs over those rows only
+//! selector's indexer (`self.selector`) scores every visible position, the fused top-k
+//! kernel keeps `index_topk` per query, and attention runs over those rows only
 //! (`kernels::sparse_attention`). With at most `index_topk` visible positions the DSA
 //! layer computes dense attention, which is then exactly what the top-k would select.
 //! `forward` runs whole windows as tensors (training, evaluation, parity); `step` runs
@@ -13,20 +13,20 @@
 use super::cache::LayerCache;
 use super::diagnostics::LayerDiagnostics;
 use super::indexer::{Indexer, IndexerOut};
-use super::linear::Linear;
+use super::linear::{host_f32, Linear};
 use super::options::ForwardOptions;
 use super::params::Vb;
 use super::rope::Rope;
+use super::selector::{select_in_step, TopkSelector};
 use super::step::{Segment, StepOptions};
 use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
 use crate::error::Result;
 use crate::kernels::decode_attention;
-use crate::kernels::indexer::{self as ix_kernel, KeyPrecision, KeyStore, TopkQueries};
 use crate::kernels::kv_rows::KvRows;
 use crate::kernels::softmax::CausalSoftmax;
 use crate::kernels::sparse_attention::{self, SparseAttention, SparseDims, SteGate};
 use crate::kernels::topk::NONE;
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -36,13 +36,11 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
-    /// DSA layers only.
-    pub indexer: Option<Indexer>,
+    /// DSA layers only: the indexer and its top-k.
+    pub selector: Option<TopkSelector>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
-    index_topk: usize,
-    index_precision: KeyPrecision,
 }
 
 /// Log-domain mask value for positions outside the visible / selected set (finite, so
@@ -61,21 +59,19 @@ impl Attention {
         let c = cfg.hidden_size;
         let (h, kv, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let std = cfg.initializer_range;
-        let indexer = match cfg.attention_kind(layer) {
+        let selector = match cfg.attention_kind(layer) {
             AttentionKind::Dense => None,
-            AttentionKind::Dsa => Some(Indexer::new(&vb.pp("indexer"), cfg)?),
+            AttentionKind::Dsa => Some(TopkSelector::new(vb, cfg)?),
         };
         Ok(Self {
             q_proj: Linear::new(&vb.pp("q_proj"), c, h * d, std)?,
             k_proj: Linear::new(&vb.pp("k_proj"), c, kv * d, std)?,
             v_proj: Linear::new(&vb.pp("v_proj"), c, kv * d, std)?,
             o_proj: Linear::new(&vb.pp("o_proj"), h * d, c, out_std)?,
-            indexer,
+            selector,
             n_heads: h,
             n_kv_heads: kv,
             head_dim: d,
-            index_topk: cfg.index_topk,
-            index_precision: cfg.index_cache_dtype.key_precision(),
         })
     }
 
@@ -109,9 +105,9 @@ impl Attention {
             .contiguous()?;
         let q = rope.apply(&q.contiguous()?, 0)?;
         let k = rope.apply(&k.contiguous()?, 0)?;
-        let y = match &self.indexer {
+        let y = match &self.selector {
             None => self.dense_blocked(&q, &k, &v)?,
-            Some(ix) => self.forward_dsa(ix, x, &q, &k, &v, opts, diag)?,
+            Some(sel) => self.forward_dsa(sel, x, &q, &k, &v, opts, diag)?,
         }; // (B, T, H*D)
         self.o_proj.forward(&y)
     }
@@ -163,7 +159,7 @@ impl Attention {
     #[allow(clippy::too_many_arguments)]
     fn forward_dsa(
         &self,
-        ix: &Indexer,
+        sel: &TopkSelector,
         x: &Tensor,
         q: &Tensor,
         k: &Tensor,
@@ -180,13 +176,14 @@ impl Attention {
             Some(IndexerTrainMode::DenseWarmup) | Some(IndexerTrainMode::Sparse)
         );
         let x_in = if detach { x.detach() } else { x.clone() };
+        let ix = &sel.indexer;
         let io = ix.forward(&x_in, 0)?;
         let want_kl = match mode {
             Some(IndexerTrainMode::DenseWarmup) | Some(IndexerTrainMode::Sparse) => true,
             Some(IndexerTrainMode::Ste) => opts.collect.indexer_kl,
             None => false,
         };
-        let kk = self.index_topk;
+        let kk = sel.topk;
         if s <= kk || mode == Some(IndexerTrainMode::DenseWarmup) || opts.dense {
             // Every visible position fits in k (sparse == dense), the dense warm-up, or
             // the dense selector asked for.
@@ -201,7 +198,7 @@ impl Attention {
             return Ok(y);
         }
 
-        let idx = select_topk(ix, &io, kk, self.index_precision)?;
+        let idx = sel.window(&io)?;
         let idx = Arc::new(idx);
         let dims = SparseDims {
             b,
@@ -290,21 +287,18 @@ impl Attention {
         let mut k = host_f32(&qkv[1])?; // (N, KV*D)
         let v = host_f32(&qkv[2])?; // (N, KV*D)
         let scale = 1.0 / (d as f32).sqrt();
-        // DSA: the indexer's projections once over every row, RoPE per token below.
-        let mut index = match &self.indexer {
-            Some(ix) => Some(ix.infer_packed(x)?),
-            None => None,
-        };
-        // Every row at its position: RoPE on queries, keys and index rows.
+        // Every row at its position: RoPE on queries and keys (and, on DSA layers, the
+        // indexer's rows, projected once for the whole step).
         for seg in segs {
             for (i, r) in seg.rows().enumerate() {
                 rope.rotate_host(&mut q[r * h * d..(r + 1) * h * d], seg.pos + i)?;
                 rope.rotate_host(&mut k[r * kv * d..(r + 1) * kv * d], seg.pos + i)?;
             }
-            if let (Some(ix), Some(hi)) = (&self.indexer, &mut index) {
-                ix.place(hi, seg)?;
-            }
         }
+        let index = match &self.selector {
+            Some(sel) => Some(sel.step_rows(x, x, segs)?),
+            None => None,
+        };
         // Each sequence's selection, cache write and attention; sequences in parallel
         // (each owns its cache).
         let outs: Vec<Vec<f32>> = segs
@@ -312,17 +306,13 @@ impl Attention {
             .zip(caches.par_iter_mut())
             .map(|(seg, cache)| -> Result<Vec<f32>> {
                 cache.check_position(seg.pos)?;
-                let selection = match (&self.indexer, &index) {
-                    (Some(ix), Some(hi)) => ix.select_in_step(
-                        hi,
-                        seg,
-                        cache,
-                        opts.dense,
-                        self.index_topk,
-                        self.index_precision,
-                    )?,
-                    _ => None,
-                };
+                let selection = select_in_step(
+                    self.selector.as_ref(),
+                    index.as_ref(),
+                    seg,
+                    cache,
+                    opts.dense,
+                )?;
                 let rows = seg.start * kv * d..(seg.start + seg.len) * kv * d;
                 let (kc, vc) = cache.kv_mut(kv, d);
                 kc.append_token_major(&k[rows.clone()]);
@@ -362,11 +352,6 @@ pub(crate) fn full_recall(b: usize, t: usize, from: usize) -> Vec<f32> {
     (0..b * t)
         .map(|n| if n % t < from { f32::NAN } else { 1.0 })
         .collect()
-}
-
-/// A tensor's values as f32 on the host, detached (what the kernels read).
-pub(crate) fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
 }
 
 /// The dense warm-up's indexer loss over a whole window of `t` tokens: KL(p ||
@@ -418,37 +403,4 @@ pub(crate) fn kl_loss(logits: &Tensor, target: &[f32], valid: &[bool]) -> Result
         .map(|&x| (x as f64) * (x as f64).ln())
         .sum();
     Ok(((cross + entropy)? / rows as f64)?)
-}
-
-/// Top-k selection (B, T, K) of a whole window's queries (positions 0..T) over the
-/// window's own index keys, with the step's kernels (each row's keys in a key store of
-/// the cache's precision). Never builds the (T, S) score matrix.
-pub(crate) fn select_topk(
-    ix: &Indexer,
-    io: &IndexerOut,
-    kk: usize,
-    precision: KeyPrecision,
-) -> Result<Vec<u32>> {
-    let (b, t, _, _) = io.q.dims4()?;
-    let shape = ix.shape();
-    let (hi, di) = (shape.heads, shape.dim);
-    let keys = host_f32(&io.k)?; // (B, T, di)
-    let stores: Vec<KeyStore> = (0..b)
-        .map(|row| {
-            let mut ks = KeyStore::new(di, precision);
-            ks.extend_rows(&keys[row * t * di..(row + 1) * t * di]);
-            ks
-        })
-        .collect();
-    let iq = host_f32(&io.q)?;
-    let iw = host_f32(&io.w)?;
-    let rows: Vec<TopkQueries> = (0..b)
-        .map(|row| TopkQueries {
-            q: &iq[row * t * hi * di..(row + 1) * t * hi * di],
-            w: &iw[row * t * hi..(row + 1) * t * hi],
-            offset: 0,
-        })
-        .collect();
-    let refs: Vec<&KeyStore> = stores.iter().collect();
-    Ok(ix_kernel::topk_prefill(&rows, &refs, shape, t, kk))
 }

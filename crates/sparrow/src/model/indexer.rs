@@ -7,14 +7,12 @@
 //! `I(t, s) = sum_j w(t, j) act(q(t, j) . k(s))`, act = ReLU (`lightning`) or identity
 //! (`mlp_gate`, one head with w = di^-0.5).
 
-use super::cache::LayerCache;
-use super::linear::Linear;
+use super::linear::{host_f32, Linear};
 use super::params::{Init, Vb};
 use super::rope::Rope;
-use super::step::Segment;
 use crate::config::{IndexerKind, ModelConfig};
 use crate::error::Result;
-use crate::kernels::indexer::{self as ix_kernel, IndexShape, KeyPrecision, ScoreAct, TopkQueries};
+use crate::kernels::indexer::{IndexShape, ScoreAct};
 use crate::kernels::topk::NONE;
 use candle_core::{Tensor, D};
 
@@ -93,7 +91,8 @@ pub struct IndexerOut {
     pub k: Tensor,
 }
 
-/// An indexer's outputs for packed rows, on the host (see `Indexer::infer_packed`).
+/// An indexer's outputs for packed rows, on the host (see
+/// `Indexer::infer_packed_with_query_input`).
 #[derive(Debug, Clone)]
 pub struct HostIndex {
     /// (N, Hi * di)
@@ -184,28 +183,17 @@ impl Indexer {
         }
     }
 
-    /// Inference over packed rows x (N, C) (the engine's step): index queries
-    /// (N, Hi*di), head weights (N, Hi) and keys (N, di) on the host, before RoPE
-    /// ([`rope_token_host`](Self::rope_token_host) places each token at its position).
-    pub fn infer_packed(&self, x: &Tensor) -> Result<HostIndex> {
-        self.infer_packed_with_query_input(x, x)
-    }
-
-    /// [`infer_packed`](Self::infer_packed) with the lightning queries projected from
-    /// `q_in` (N, *): the query latent on MLA layers.
+    /// The indexer over packed rows x (N, C), on the host, before RoPE (the engine's
+    /// step; `selector::TopkSelector::step_rows` rotates them): the lightning queries
+    /// projected from `q_in` (N, *), x itself or the query latent on MLA layers.
     pub fn infer_packed_with_query_input(&self, x: &Tensor, q_in: &Tensor) -> Result<HostIndex> {
-        let host = |t: Tensor| -> Result<Vec<f32>> {
-            Ok(t.to_dtype(candle_core::DType::F32)?
-                .flatten_all()?
-                .to_vec1()?)
-        };
         Ok(match self {
             Indexer::Lightning(l) => {
                 let scale = 1.0 / ((l.heads as f64).sqrt() * (l.dim as f64).sqrt());
                 HostIndex {
-                    q: host(l.wq.infer(q_in)?)?,
-                    w: host((l.weights_proj.infer(x)? * scale)?)?,
-                    k: host(l.k_norm.forward(&l.wk.infer(x)?)?)?,
+                    q: host_f32(&l.wq.infer(q_in)?)?,
+                    w: host_f32(&(l.weights_proj.infer(x)? * scale)?)?,
+                    k: host_f32(&l.k_norm.forward(&l.wk.infer(x)?)?)?,
                 }
             }
             Indexer::MlpGate(g) => {
@@ -214,65 +202,12 @@ impl Indexer {
                 let w =
                     (Tensor::ones((n, 1), x.dtype(), x.device())? * (1.0 / (g.dim as f64).sqrt()))?;
                 HostIndex {
-                    q: host(g.wq.infer(&hid)?)?,
-                    w: host(w)?,
-                    k: host(g.wk.infer(&hid)?)?,
+                    q: host_f32(&g.wq.infer(&hid)?)?,
+                    w: host_f32(&w)?,
+                    k: host_f32(&g.wk.infer(&hid)?)?,
                 }
             }
         })
-    }
-
-    /// Place one segment's index queries and keys (rows of [`infer_packed`]'s output)
-    /// at their positions (RoPE).
-    ///
-    /// [`infer_packed`]: Self::infer_packed
-    pub(crate) fn place(&self, hi: &mut HostIndex, seg: &Segment) -> Result<()> {
-        let shape = self.shape();
-        let (heads, di) = (shape.heads, shape.dim);
-        for i in 0..seg.len {
-            let r = seg.start + i;
-            self.rope_token_host(
-                &mut hi.q[r * heads * di..(r + 1) * heads * di],
-                &mut hi.k[r * di..(r + 1) * di],
-                seg.pos + i,
-            )?;
-        }
-        Ok(())
-    }
-
-    /// The selection of one segment of a step, its rows already [`place`](Self::place)d:
-    /// cache its index keys, then (past `topk` visible positions, unless `dense`) each
-    /// query's top-k over the cached keys, (T, K) with [`NONE`] padding. None = attend
-    /// to every visible position (sparse == dense while everything fits in k).
-    pub(crate) fn select_in_step(
-        &self,
-        hi: &HostIndex,
-        seg: &Segment,
-        cache: &mut LayerCache,
-        dense: bool,
-        topk: usize,
-        precision: KeyPrecision,
-    ) -> Result<Option<Vec<u32>>> {
-        let shape = self.shape();
-        let (heads, di) = (shape.heads, shape.dim);
-        let qs = &hi.q[seg.start * heads * di..(seg.start + seg.len) * heads * di];
-        let ks = &hi.k[seg.start * di..(seg.start + seg.len) * di];
-        let store = cache.index_mut(di, precision);
-        store.extend_rows(ks);
-        if dense || seg.visible() <= topk {
-            return Ok(None);
-        }
-        let ws = &hi.w[seg.start * heads..(seg.start + seg.len) * heads];
-        Ok(Some(if seg.len == 1 {
-            ix_kernel::topk_decode(qs, ws, store, shape, topk)
-        } else {
-            let rows = [TopkQueries {
-                q: qs,
-                w: ws,
-                offset: seg.pos,
-            }];
-            ix_kernel::topk_prefill(&rows, &[store], shape, seg.len, topk)
-        }))
     }
 
     /// RoPE of one token's index query (Hi * di) and key (di) as position `pos`.

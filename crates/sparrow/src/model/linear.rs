@@ -174,10 +174,10 @@ fn quantized_xwt(x: &Tensor, q: &QMatrix) -> Result<Tensor> {
     Ok(Tensor::from_vec(y, (n, q.rows), x.device())?)
 }
 
-/// The values of x as f32 on the host.
-fn host_f32(x: &Tensor) -> Result<Vec<f32>> {
-    Ok(x.to_dtype(candle_core::DType::F32)?
-        .contiguous()?
+/// A tensor's values as f32 on the host, detached (what the kernels read).
+pub(crate) fn host_f32(x: &Tensor) -> Result<Vec<f32>> {
+    Ok(x.detach()
+        .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1()?)
 }

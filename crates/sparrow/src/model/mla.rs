@@ -15,19 +15,19 @@
 //! scores `q_lat_h . c + q_rot_h . kr` (MQA over the cached latent), then
 //! `y_h = W_UV_h (sum_s p_s c_s)`, so nothing per head is ever built for the cache.
 
-use super::attention::{attend_cached, dense_kl, full_recall, host_f32, kl_loss, select_topk};
+use super::attention::{attend_cached, dense_kl, full_recall, kl_loss};
 use super::cache::LayerCache;
 use super::diagnostics::LayerDiagnostics;
-use super::indexer::{Indexer, IndexerOut};
-use super::linear::Linear;
+use super::indexer::IndexerOut;
+use super::linear::{host_f32, Linear};
 use super::norm::RmsNorm;
 use super::options::ForwardOptions;
 use super::params::Vb;
 use super::rope::Rope;
+use super::selector::{select_in_step, TopkSelector};
 use super::step::{Segment, StepOptions};
 use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
 use crate::error::{Error, Result};
-use crate::kernels::indexer::KeyPrecision;
 use crate::kernels::kv_rows::KvRows;
 use crate::kernels::softmax::CausalSoftmax;
 use crate::kernels::sparse_attention::{self, SparseDims};
@@ -82,10 +82,9 @@ pub struct Mla {
     pub kv_b_proj: Linear,
     /// (C, H * dv)
     pub o_proj: Linear,
-    /// DSA layers (DeepSeek-V3.2): the lightning indexer, reading the query latent.
-    pub indexer: Option<Indexer>,
-    index_topk: usize,
-    index_precision: KeyPrecision,
+    /// DSA layers (DeepSeek-V3.2): the lightning indexer, reading the query latent,
+    /// and its top-k.
+    pub selector: Option<TopkSelector>,
     rope: Rope,
     interleave: bool,
     n_heads: usize,
@@ -123,13 +122,11 @@ impl Mla {
             kv_a_layernorm: RmsNorm::new(&vb.pp("kv_a_layernorm"), rank, eps)?,
             kv_b_proj: Linear::new(&vb.pp("kv_b_proj"), rank, h * (nope + v_dim), std)?,
             o_proj: Linear::new(&vb.pp("o_proj"), h * v_dim, c, out_std)?,
-            indexer: if cfg.attention_kind(layer) == AttentionKind::Dsa {
-                Some(Indexer::new(&vb.pp("indexer"), cfg)?)
+            selector: if cfg.attention_kind(layer) == AttentionKind::Dsa {
+                Some(TopkSelector::new(vb, cfg)?)
             } else {
                 None
             },
-            index_topk: cfg.index_topk,
-            index_precision: cfg.index_cache_dtype.key_precision(),
             rope: Rope::new(
                 rot,
                 cfg.max_position_embeddings,
@@ -202,8 +199,9 @@ impl Mla {
         let q_rot = self.rope(&q_rot)?;
         let k_rot = self.rope(&k_rot)?;
         let mode = opts.indexer_mode;
-        let index = match (&self.indexer, &q_latent) {
-            (Some(ix), Some(lat)) => {
+        let index = match (&self.selector, &q_latent) {
+            (Some(sel), Some(lat)) => {
+                let ix = &sel.indexer;
                 if mode == Some(IndexerTrainMode::Ste) {
                     return Err(Error::config(
                         "indexer_kind",
@@ -217,15 +215,14 @@ impl Mla {
                     None => (x.clone(), lat.clone()),
                 };
                 let io = ix.forward_with_query_input(&x_in, &lat_in, 0)?;
-                let sparse = t > self.index_topk
-                    && !opts.dense
-                    && mode != Some(IndexerTrainMode::DenseWarmup);
+                let sparse =
+                    t > sel.topk && !opts.dense && mode != Some(IndexerTrainMode::DenseWarmup);
                 let selection = if sparse {
-                    Some(select_topk(ix, &io, self.index_topk, self.index_precision)?)
+                    Some(sel.window(&io)?)
                 } else {
                     None // every visible position fits in k (sparse == dense), or dense
                 };
-                Some((ix, io, selection))
+                Some((sel, io, selection))
             }
             (Some(_), None) => {
                 return Err(Error::config(
@@ -245,17 +242,17 @@ impl Mla {
             k_rot: &k_rot,
         };
         // Unselected positions get -inf before the softmax, (B, 1, T, S).
-        let mask = match index.as_ref().and_then(|(_, _, sel)| sel.as_ref()) {
-            Some(idx) => Some(self.selection_mask(idx, b, t, s, x)?),
-            None => None,
+        let mask = match index.as_ref() {
+            Some((sel, _, Some(idx))) => Some(selection_mask(idx, sel.topk, b, t, s, x)?),
+            _ => None,
         };
         let ex = self.expand(&a)?;
         let (y, p) = self.expanded(&ex, mask.as_ref(), scale)?; // (B, T, H * dv)
-        if let Some((ix, io, sel)) = index {
+        if let Some((sel, io, selection)) = index {
             (diag.indexer_kl, diag.recall) =
-                self.indexer_signals(ix, &io, sel.as_deref(), &ex, &p, mode, opts)?;
+                self.indexer_signals(sel, &io, selection.as_deref(), &ex, &p, mode, opts)?;
             if opts.collect.selection {
-                diag.selection = sel;
+                diag.selection = selection;
             }
         }
         self.o_proj.forward(&y)
@@ -268,7 +265,7 @@ impl Mla {
     #[allow(clippy::too_many_arguments)]
     fn indexer_signals(
         &self,
-        ix: &Indexer,
+        sel: &TopkSelector,
         io: &IndexerOut,
         selection: Option<&[u32]>,
         ex: &Expanded,
@@ -278,7 +275,7 @@ impl Mla {
     ) -> Result<(Option<Tensor>, Option<Vec<f32>>)> {
         let (b, h, t, dk) = ex.q.dims4()?;
         let s = ex.k.dim(2)?;
-        let kk = self.index_topk;
+        let (ix, kk) = (&sel.indexer, sel.topk);
         let dims = SparseDims {
             b,
             t,
@@ -386,8 +383,8 @@ impl Mla {
                 self.rope_host(&mut dst[r..], pos)?;
             }
         }
-        let mut index = match (&self.indexer, &q_latent) {
-            (Some(ix), Some(lat)) => Some(ix.infer_packed_with_query_input(x, lat)?),
+        let index = match (&self.selector, &q_latent) {
+            (Some(sel), Some(lat)) => Some(sel.step_rows(x, lat, segs)?),
             (Some(_), None) => {
                 return Err(Error::config(
                     "q_lora_rank",
@@ -396,11 +393,6 @@ impl Mla {
             }
             (None, _) => None,
         };
-        if let (Some(ix), Some(hi)) = (&self.indexer, &mut index) {
-            for seg in segs {
-                ix.place(hi, seg)?;
-            }
-        }
         let scale = 1.0 / ((dn + dr) as f32).sqrt();
         // Each sequence's selection, latent-store write and attention; sequences in
         // parallel (each owns its cache).
@@ -408,17 +400,13 @@ impl Mla {
             .par_iter()
             .zip(caches.par_iter_mut())
             .map(|(seg, cache)| -> Result<Vec<f32>> {
-                let selection = match (&self.indexer, &index) {
-                    (Some(ix), Some(hi)) => ix.select_in_step(
-                        hi,
-                        seg,
-                        cache,
-                        opts.dense,
-                        self.index_topk,
-                        self.index_precision,
-                    )?,
-                    _ => None,
-                };
+                let selection = select_in_step(
+                    self.selector.as_ref(),
+                    index.as_ref(),
+                    seg,
+                    cache,
+                    opts.dense,
+                )?;
                 let store = cache.latent_mut(w);
                 store.append_token_major(&rows[seg.start * w..(seg.start + seg.len) * w]);
                 let kv = KvRows::key_prefix(store.data(), w, r);
@@ -469,25 +457,6 @@ impl Mla {
         Ok(self.absorbed.get_or_init(|| w).clone())
     }
 
-    /// 0 at each query's selected positions, -inf elsewhere: (B, 1, T, S).
-    fn selection_mask(
-        &self,
-        idx: &[u32],
-        b: usize,
-        t: usize,
-        s: usize,
-        like: &Tensor,
-    ) -> Result<Tensor> {
-        let k = self.index_topk;
-        let mut m = vec![f32::NEG_INFINITY; b * t * s];
-        for (n, row) in idx.chunks_exact(k).enumerate() {
-            for &i in row.iter().filter(|&&i| i != NONE) {
-                m[n * s + i as usize] = 0.0;
-            }
-        }
-        Ok(Tensor::from_vec(m, (b, 1, t, s), like.device())?.to_dtype(like.dtype())?)
-    }
-
     /// Per-head queries, keys and values from the latent (the training and prefill
     /// form of MLA).
     fn expand(&self, a: &LatentAttention) -> Result<Expanded> {
@@ -532,4 +501,22 @@ impl Mla {
         let y = p.matmul(&ex.v)?; // (B, H, T, dv)
         Ok((y.transpose(1, 2)?.reshape((b, t, h * dv))?, p))
     }
+}
+
+/// 0 at each query's selected positions, -inf elsewhere: (B, 1, T, S).
+fn selection_mask(
+    idx: &[u32],
+    k: usize,
+    b: usize,
+    t: usize,
+    s: usize,
+    like: &Tensor,
+) -> Result<Tensor> {
+    let mut m = vec![f32::NEG_INFINITY; b * t * s];
+    for (n, row) in idx.chunks_exact(k).enumerate() {
+        for &i in row.iter().filter(|&&i| i != NONE) {
+            m[n * s + i as usize] = 0.0;
+        }
+    }
+    Ok(Tensor::from_vec(m, (b, 1, t, s), like.device())?.to_dtype(like.dtype())?)
 }

@@ -16,6 +16,7 @@ pub mod options;
 pub mod params;
 pub mod rope;
 pub mod router;
+pub mod selector;
 pub mod step;
 pub mod transformer;
 pub mod utilization;
