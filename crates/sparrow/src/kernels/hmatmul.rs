@@ -275,8 +275,8 @@ mod avx2 {
         // the features are enabled.
         let acc = unsafe {
             match kind {
-                HalfKind::F16 => lanes::<F16Row, true, C, R>(wp, xp, full),
-                HalfKind::Bf16 => lanes::<Bf16Row, true, C, R>(wp, xp, full),
+                HalfKind::F16 => lanes::<F16Row, true, true, C, R>(wp, xp, full),
+                HalfKind::Bf16 => lanes::<Bf16Row, true, true, C, R>(wp, xp, full),
             }
         };
         let mut out = [[0f32; R]; C];

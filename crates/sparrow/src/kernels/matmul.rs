@@ -184,7 +184,7 @@ mod avx2 {
         }
         // SAFETY: each pointer starts a slice of k >= full values (sliced above, so
         // in bounds); the caller enabled AVX2, FMA and F16C.
-        let acc = unsafe { lanes::<F32Row, false, C, R>(wp, xp, full) };
+        let acc = unsafe { lanes::<F32Row, false, false, C, R>(wp, xp, full) };
         for c in 0..C {
             let wr = &w[(c0 + j + c) * k..(c0 + j + c + 1) * k];
             for q in 0..R {
