@@ -81,6 +81,29 @@ fn bad_tokenizer_files_are_errors() {
     std::fs::write(&garbage, b"{ not json").unwrap();
     assert!(Tokenizer::from_file(&garbage).is_err());
     assert!(Tokenizer::train(&[], 400, false).is_err());
+    // Found by the tokenizer_json fuzz target: a syntax error inside the `decoder`
+    // object made the `tokenizers` crate panic; it is an error naming the JSON fault.
+    let seed = std::fs::read_to_string(repo_root().join("fuzz/seeds/tokenizer_json/tiny-bpe.json"))
+        .unwrap();
+    assert!(
+        Tokenizer::from_json(&seed).is_ok(),
+        "the seed itself parses"
+    );
+    let broken = seed.replacen(
+        "\"trim_offsets\": true, \"use_regex\": true}, \"model\"",
+        "\"trim_offsets\": tru,e \"use_regex\": true}, \"model\"",
+        1,
+    );
+    assert_ne!(broken, seed);
+    let err = Tokenizer::from_json(&broken).unwrap_err().to_string();
+    assert!(err.contains("not valid JSON"), "{err}");
+    let file = dir.path().join("broken-decoder.json");
+    std::fs::write(&file, &broken).unwrap();
+    let err = Tokenizer::from_file(&file).unwrap_err().to_string();
+    assert!(
+        err.contains("broken-decoder.json") && err.contains("line 1"),
+        "{err}"
+    );
 }
 
 #[test]

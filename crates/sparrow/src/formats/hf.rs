@@ -146,18 +146,23 @@ fn only(field: &str, got: Option<&str>, want: &str, why: &str) -> Result<()> {
 /// Read `config.json` of any supported family into a validated `ModelConfig`.
 pub fn read_config(path: &Path) -> Result<(ModelConfig, Family)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_str(&text)
+    parse_config(&text, path)
+}
+
+/// [`read_config`] of a `config.json` text; `path` only names the source in errors.
+pub fn parse_config(text: &str, path: &Path) -> Result<(ModelConfig, Family)> {
+    let v: Value = serde_json::from_str(text)
         .map_err(|e| Error::config("config.json", format!("{}: {e}", path.display())))?;
     let model_type = v
         .get("model_type")
         .and_then(Value::as_str)
         .unwrap_or("sparrow");
     let family = match model_type {
-        "sparrow" => return Ok((ModelConfig::from_json_at(&text, path)?, Family::Sparrow)),
+        "sparrow" => return Ok((ModelConfig::from_json_at(text, path)?, Family::Sparrow)),
         "llama" => Family::Llama,
         "mixtral" => Family::Mixtral,
         "deepseek_v3" | "deepseek_v32" => {
-            let hf: DeepseekV3Like = parse_fields(&text, path)?;
+            let hf: DeepseekV3Like = parse_fields(text, path)?;
             return if model_type == "deepseek_v32" {
                 Ok((from_deepseek_v32(&hf)?, Family::DeepseekV32))
             } else {
@@ -174,7 +179,7 @@ pub fn read_config(path: &Path) -> Result<(ModelConfig, Family)> {
             ))
         }
     };
-    let hf: LlamaLike = parse_fields(&text, path)?;
+    let hf: LlamaLike = parse_fields(text, path)?;
     let cfg = from_llama_like(&hf, family)?;
     Ok((cfg, family))
 }
