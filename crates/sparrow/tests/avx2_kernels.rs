@@ -4,6 +4,7 @@
 //! instruction sets compared bit for bit: the f32 product on every level, the f16 /
 //! bf16 product between AVX2 and AVX-512.
 
+mod common;
 #[path = "kernel_checks/mod.rs"]
 mod kernel_checks;
 use sparrow::kernels::simd::{self, Level};

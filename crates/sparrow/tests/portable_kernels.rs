@@ -2,6 +2,7 @@
 //! this test binary (its own process: the cap is process-wide), against the same
 //! references as the fast paths.
 
+mod common;
 #[path = "kernel_checks/mod.rs"]
 mod kernel_checks;
 use sparrow::kernels::simd::{self, Level};

@@ -3,6 +3,7 @@
 //! CPU has (VNNI, else AVX2); the narrower paths run the same checks in
 //! `avx2_kernels.rs` and `portable_kernels.rs`.
 
+mod common;
 #[path = "kernel_checks/mod.rs"]
 mod kernel_checks;
 use sparrow::formats::ggml::{quantize_q8_0, GgmlType};

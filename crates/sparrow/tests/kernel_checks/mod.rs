@@ -1,7 +1,8 @@
 //! Each hand-written kernel against its plain reference on fresh random inputs of
 //! awkward sizes, at whatever instruction-set level the calling test binary allows
 //! (`simd::set_max_level` is process-wide, so each level runs in its own binary:
-//! `portable_kernels.rs`, `avx2_kernels.rs`; the others run the widest path).
+//! `portable_kernels.rs`, `avx2_kernels.rs`; the others run the widest path). Every
+//! binary that includes it also includes `common`.
 #![allow(dead_code)]
 
 use rand::{Rng, SeedableRng};
@@ -27,16 +28,6 @@ pub fn max_rel(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
     diff / b.iter().fold(0.0f32, |m, y| m.max(y.abs())).max(1e-30)
-}
-
-/// max |got - want| / max |want| against an f64 reference.
-fn max_rel_f64(got: &[f32], want: &[f64]) -> f64 {
-    let diff = got
-        .iter()
-        .zip(want)
-        .map(|(&a, &b)| (a as f64 - b).abs())
-        .fold(0.0, f64::max);
-    diff / want.iter().map(|x| x.abs()).fold(1e-30, f64::max)
 }
 
 /// Cap the kernels at `level` and run every check there. Returns false (having run
@@ -208,7 +199,7 @@ pub fn half_products() -> Vec<Vec<f32>> {
                 let want = hmatmul::reference(&x, m, &w);
                 let got = hmatmul::xwt(&x, m, &w);
                 let tag = format!("{kind:?} {rows}x{cols} m={m} {:?}", simd::level());
-                assert!(max_rel_f64(&got, &want) < 1e-5, "{tag}");
+                assert!(crate::common::rel_err_f64(&got, &want) < 1e-5, "{tag}");
                 for i in 0..m {
                     let alone = hmatmul::xwt(&x[i * cols..(i + 1) * cols], 1, &w);
                     assert_eq!(alone, got[i * rows..(i + 1) * rows], "{tag}: row {i}");
