@@ -38,6 +38,17 @@ pub(crate) fn median_secs(reps: usize, mut f: impl FnMut() -> Result<()>) -> Res
     Ok(times[times.len() / 2])
 }
 
+/// Median seconds of `f` after a warm-up call, over repetitions filling about `budget`
+/// seconds (at least 5, at most 2000).
+pub(crate) fn time_median(budget: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?; // warm-up
+    let t0 = Instant::now();
+    f()?;
+    let one = t0.elapsed().as_secs_f64().max(1e-7);
+    let reps = ((budget / one) as usize).clamp(5, 2000);
+    median_secs(reps, f)
+}
+
 /// candle f32 matmul of two n x n matrices: median of repeated calls after warm-up.
 pub fn gemm_f32(n: usize) -> Result<GemmResult> {
     let dev = Device::Cpu;

@@ -11,7 +11,6 @@ use crate::model::moe::Moe;
 use crate::model::params::VarStore;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
-use std::time::Instant;
 
 /// The layer measured.
 #[derive(Debug, Clone, Copy)]
@@ -43,19 +42,9 @@ pub struct MoeBenchRow {
     pub gemm_gflops: f64,
 }
 
-/// Median seconds of `f` over repetitions filling about `budget` seconds (at least 5).
-fn time_median(budget: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?; // warm-up
-    let t0 = Instant::now();
-    f()?;
-    let one = t0.elapsed().as_secs_f64().max(1e-7);
-    let reps = ((budget / one) as usize).clamp(5, 2000);
-    super::median_secs(reps, f)
-}
-
 /// Median seconds of `forward` (and, with `backward`, the backward pass of its sum).
 fn time_pass(budget: f64, backward: bool, forward: impl Fn() -> Result<Tensor>) -> Result<f64> {
-    time_median(budget, || {
+    super::time_median(budget, || {
         let y = forward()?;
         if backward {
             std::hint::black_box(y.sum_all()?.backward()?);

@@ -16,7 +16,6 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// A weight format `bench weights` measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -97,7 +96,7 @@ pub struct WeightBenchSpec {
     /// Bytes of weights cycled through (at least one copy; enough copies that they do
     /// not stay in the caches).
     pub working_set_bytes: usize,
-    /// Seconds of timed calls per row.
+    /// Seconds of timed calls per row (at most 2000 calls).
     pub budget_s: f64,
 }
 
@@ -181,25 +180,20 @@ pub fn run(spec: &WeightBenchSpec) -> Result<WeightBench> {
         let one = format.weight(rows, cols, &values)?;
         let bytes = one.n_bytes().max(1);
         let copies = spec.working_set_bytes.div_ceil(bytes).max(1);
-        // Copies hold the same values in their own allocations.
-        let layers: Vec<Linear> = (0..copies)
-            .map(|_| own_copy(&one).map(Linear::from_weight))
-            .collect::<Result<_>>()?;
+        // The same values in `copies` allocations of their own (written as they are
+        // made, so resident), each call reading the next.
+        let mut layers = Vec::with_capacity(copies);
+        for _ in 1..copies {
+            layers.push(Linear::from_weight(own_copy(&one)?));
+        }
+        layers.push(Linear::from_weight(one));
         for (&m, x) in spec.batches.iter().zip(&inputs) {
             let mut next = 0usize;
-            let mut call = || -> Result<()> {
+            let secs = super::time_median(spec.budget_s, || {
                 std::hint::black_box(layers[next].infer(x)?);
                 next = (next + 1) % copies;
                 Ok(())
-            };
-            for _ in 0..copies.min(64) {
-                call()?; // warm-up: page in every copy once
-            }
-            let t0 = Instant::now();
-            call()?;
-            let one_call = t0.elapsed().as_secs_f64().max(1e-7);
-            let reps = ((spec.budget_s / one_call) as usize).clamp(9, 100_000);
-            let secs = super::median_secs(reps, call)?;
+            })?;
             let flops = 2.0 * (m * rows * cols) as f64;
             out.push(WeightBenchRow {
                 format,

@@ -3,7 +3,7 @@
 //! x, y f32. The weights are widened to f32 in registers, never in memory: candle's CPU
 //! matmul converts a whole bf16/f16 matrix to f32 on every call.
 //!
-//! Kernel: output rows in tiles of four, input rows in groups of four (three on AVX2);
+//! Kernel: output rows in tiles of four, input rows in groups of four (two on AVX2);
 //! each 16-wide chunk of a weight row is loaded and widened once and multiplied into
 //! every input row of the group (AVX-512F: `vcvtph2ps` for f16, a 16-bit shift for
 //! bf16; one fused multiply-add per lane; on AVX2 + F16C machines the same 16 lanes as
@@ -263,14 +263,7 @@ mod avx2 {
         k: usize,
     ) -> [[f32; R]; C] {
         let full = k / 16 * 16;
-        let mut wp = [std::ptr::null::<u16>(); C];
-        for c in 0..C {
-            wp[c] = w[c].as_ptr();
-        }
-        let mut xp = [std::ptr::null::<f32>(); R];
-        for r in 0..R {
-            xp[r] = x[r].as_ptr();
-        }
+        let (wp, xp) = (w.map(<[u16]>::as_ptr), x.map(<[f32]>::as_ptr));
         // SAFETY: every row holds at least k >= full values (the caller's contract);
         // the features are enabled.
         let acc = unsafe {
@@ -363,8 +356,8 @@ fn rows_tile<const C: usize, const R: usize>(
 }
 
 /// [`xwt`] through `path`'s tiles: 4 weight rows x 4 inputs with AVX-512 (16
-/// accumulators of its 32 registers) and portably, 4 x 3 with AVX2 (12 of its 16,
-/// one half at a time; 4 x 4 spilled and ran a batch of 16 at 37 GFLOP/s).
+/// accumulators of its 32 registers) and portably, 4 x 2 with AVX2 (8 of its 16, one
+/// half of the lanes at a time; 4 x 4 spilled and ran a batch of 16 at 37 GFLOP/s).
 fn xwt_with(path: Path, x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f32> {
     match path {
         #[cfg(target_arch = "x86_64")]

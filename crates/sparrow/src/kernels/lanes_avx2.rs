@@ -93,6 +93,50 @@ const fn both_halves_fit(c: usize, r: usize) -> bool {
     2 * c * r <= 12
 }
 
+/// One 8-lane step at offset `at` of every (weight, input) pair into `acc`.
+///
+/// # Safety
+/// As [`lanes`]: the features enabled, eight readable values at `at` in every row.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // r also picks the input's register
+unsafe fn step<W: Widen8, const FUSED: bool, const C: usize, const R: usize>(
+    w: [*const W::Elem; C],
+    x: [*const f32; R],
+    at: usize,
+    acc: &mut [[__m256; R]; C],
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut xv = [_mm256_setzero_ps(); R];
+        for r in 0..R {
+            xv[r] = _mm256_loadu_ps(x[r].add(at));
+        }
+        for c in 0..C {
+            let wv = W::widen8(w[c].add(at));
+            for r in 0..R {
+                acc[c][r] = madd::<FUSED>(wv, xv[r], acc[c][r]);
+            }
+        }
+    }
+}
+
+/// Half `h`'s accumulators into lanes `8h..8h + 8` of `out`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store_half<const C: usize, const R: usize>(
+    out: &mut [[[f32; 16]; R]; C],
+    acc: &[[__m256; R]; C],
+    h: usize,
+) {
+    for c in 0..C {
+        for r in 0..R {
+            // SAFETY: writes lanes 8h..8h + 8 (h < 2) of a 16-lane array.
+            unsafe { _mm256_storeu_ps(out[c][r].as_mut_ptr().add(8 * h), acc[c][r]) };
+        }
+    }
+}
+
 /// `out[c][r][l]` = sum over i < `full`, i = l mod 16, of w_c[i] x_r[i], each lane in
 /// k order (fused multiply-adds when `FUSED`, else products then sums; software
 /// prefetch of the weight rows in small tiles when `PREFETCH`).
@@ -119,7 +163,8 @@ pub unsafe fn lanes<
     // `full` values (the caller's contract); the stores write `out`'s own arrays.
     unsafe {
         if both_halves_fit(C, R) {
-            let mut acc = [[[_mm256_setzero_ps(); 2]; R]; C];
+            // acc[h]: the accumulators of half h.
+            let mut acc = [[[_mm256_setzero_ps(); R]; C]; 2];
             let mut i0 = 0;
             while i0 < full {
                 if PREFETCH {
@@ -129,49 +174,22 @@ pub unsafe fn lanes<
                         _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
                     }
                 }
-                for h in 0..2 {
-                    let at = i0 + 8 * h;
-                    let mut xv = [_mm256_setzero_ps(); R];
-                    for r in 0..R {
-                        xv[r] = _mm256_loadu_ps(x[r].add(at));
-                    }
-                    for c in 0..C {
-                        let wv = W::widen8(w[c].add(at));
-                        for r in 0..R {
-                            acc[c][r][h] = madd::<FUSED>(wv, xv[r], acc[c][r][h]);
-                        }
-                    }
-                }
+                step::<W, FUSED, C, R>(w, x, i0, &mut acc[0]);
+                step::<W, FUSED, C, R>(w, x, i0 + 8, &mut acc[1]);
                 i0 += 16;
             }
-            for c in 0..C {
-                for r in 0..R {
-                    _mm256_storeu_ps(out[c][r].as_mut_ptr(), acc[c][r][0]);
-                    _mm256_storeu_ps(out[c][r].as_mut_ptr().add(8), acc[c][r][1]);
-                }
+            for (h, half) in acc.iter().enumerate() {
+                store_half(&mut out, half, h);
             }
         } else {
             for h in 0..2 {
                 let mut acc = [[_mm256_setzero_ps(); R]; C];
                 let mut at = 8 * h;
                 while at < full {
-                    let mut xv = [_mm256_setzero_ps(); R];
-                    for r in 0..R {
-                        xv[r] = _mm256_loadu_ps(x[r].add(at));
-                    }
-                    for c in 0..C {
-                        let wv = W::widen8(w[c].add(at));
-                        for r in 0..R {
-                            acc[c][r] = madd::<FUSED>(wv, xv[r], acc[c][r]);
-                        }
-                    }
+                    step::<W, FUSED, C, R>(w, x, at, &mut acc);
                     at += 16;
                 }
-                for c in 0..C {
-                    for r in 0..R {
-                        _mm256_storeu_ps(out[c][r].as_mut_ptr().add(8 * h), acc[c][r]);
-                    }
-                }
+                store_half(&mut out, &acc, h);
             }
         }
     }

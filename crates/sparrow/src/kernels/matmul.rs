@@ -174,30 +174,28 @@ mod avx2 {
         out: &mut [f32],
     ) {
         let full = k / 16 * 16;
-        let mut wp = [std::ptr::null::<f32>(); C];
+        let wr: [&[f32]; C] = std::array::from_fn(|c| &w[(c0 + j + c) * k..(c0 + j + c + 1) * k]);
+        let xr: [&[f32]; R] = std::array::from_fn(|q| &x[(r + q) * k..(r + q + 1) * k]);
+        // SAFETY: each pointer starts a slice of k >= full values; the caller enabled
+        // AVX2, FMA and F16C.
+        let acc = unsafe {
+            lanes::<F32Row, false, false, C, R>(
+                wr.map(<[f32]>::as_ptr),
+                xr.map(<[f32]>::as_ptr),
+                full,
+            )
+        };
         for c in 0..C {
-            wp[c] = w[(c0 + j + c) * k..(c0 + j + c + 1) * k].as_ptr();
-        }
-        let mut xp = [std::ptr::null::<f32>(); R];
-        for q in 0..R {
-            xp[q] = x[(r + q) * k..(r + q + 1) * k].as_ptr();
-        }
-        // SAFETY: each pointer starts a slice of k >= full values (sliced above, so
-        // in bounds); the caller enabled AVX2, FMA and F16C.
-        let acc = unsafe { lanes::<F32Row, false, false, C, R>(wp, xp, full) };
-        for c in 0..C {
-            let wr = &w[(c0 + j + c) * k..(c0 + j + c + 1) * k];
             for q in 0..R {
-                let xr = &x[(r + q) * k..(r + q + 1) * k];
-                out[(r + q) * nb + j + c] = finish(&acc[c][q], xr, wr, full, k);
+                out[(r + q) * nb + j + c] = finish(&acc[c][q], xr[q], wr[c], full, k);
             }
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     /// Columns `j..j + C` of the block for every input row (two at a time: the C
     /// weight rows stay in L1 while the inputs pass).
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn columns<const C: usize>(
         x: &[f32],
         w: &[f32],

@@ -429,6 +429,20 @@ mod avx2 {
         }
     }
 
+    /// The 32 weight bytes of the block at `b` as [`block_dot`] takes them: `Q8_0`'s
+    /// signed bytes as stored, `Q4_0` / `Q4_1` nibbles unpacked (low then high).
+    #[inline(always)]
+    unsafe fn block_weights<const T: u32>(b: *const u8) -> __m256i {
+        // SAFETY: the caller's contract (a whole block at `b`, AVX2 enabled).
+        unsafe {
+            if T == 8 {
+                _mm256_loadu_si256(b.add(2) as *const __m256i)
+            } else {
+                block_u8::<T>(b)
+            }
+        }
+    }
+
     /// One block's integer dot product with activation row `r` as 8 int32 lanes:
     /// `vpmaddubsw` of the unsigned weight bytes (`Q4_0` / `Q4_1` nibbles, `Q8_0` as
     /// |w| against sign(w) x) and the int8 activations, widened by `vpmaddwd`; `Q4_0`'s
@@ -532,11 +546,7 @@ mod avx2 {
                     }
                     for j in 0..8 {
                         let b = base.add(j * bb);
-                        let wv = if T == 8 {
-                            _mm256_loadu_si256(b.add(2) as *const __m256i)
-                        } else {
-                            block_u8::<T>(b)
-                        };
+                        let wv = block_weights::<T>(b);
                         let lane = _mm256_set1_epi32(j as i32);
                         for r in 0..R {
                             let dot = block_dot::<T, R>(wv, x, r, ib0 + j);
@@ -550,11 +560,7 @@ mod avx2 {
                 for c in 0..C {
                     let b = w[c].as_ptr().add(ib * bb);
                     let dw = half_to_f32(std::ptr::read_unaligned(b as *const u16));
-                    let wv = if T == 8 {
-                        _mm256_loadu_si256(b.add(2) as *const __m256i)
-                    } else {
-                        block_u8::<T>(b)
-                    };
+                    let wv = block_weights::<T>(b);
                     for r in 0..R {
                         let dot = block_dot::<T, R>(wv, x, r, ib);
                         let scale = _mm256_set1_ps(dw * *x.d[r].get_unchecked(ib));

@@ -23,7 +23,7 @@ pub struct WeightsBenchArgs {
     /// from memory as a model's weights do.
     #[arg(long, default_value_t = 256)]
     pub working_set_mib: usize,
-    /// Seconds of timed calls per row.
+    /// Seconds of timed calls per row (at most 2000 calls).
     #[arg(long, default_value_t = 1.0)]
     pub budget: f64,
     #[arg(long)]
