@@ -9,9 +9,11 @@
 For each context length: llama.cpp (llama-cpp-python, n_batch 512, default f16 KV
 cache) prefills a prompt of that many tokens, then decodes `--decode-tokens` tokens one
 at a time (argmax); prefill tokens/s and decode tokens/s are timed around its eval
-calls (greedy `sample(temp=0)` between them, as Sparrow samples inside its timed steps). Sparrow's figures come from `sparrow bench generate` on the same file (prefill in
-chunks of 512, batch 1, native quantized weights), run by this script in the same
-session. Prints the table and the ratios (Sparrow / llama.cpp) and writes them as JSON.
+calls (greedy `sample(temp=0)` between them, as Sparrow samples inside its timed
+steps). Sparrow's figures come from `sparrow bench generate` on the same file (prefill
+in chunks of 512, batch 1, native quantized weights, its GGUF default f16 KV cache), run
+by this script in the same session. Prints the table and the ratios (Sparrow /
+llama.cpp) and writes them as JSON.
 """
 
 import argparse

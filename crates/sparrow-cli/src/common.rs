@@ -37,6 +37,54 @@ impl From<WeightsArg> for sparrow::weights::WeightFormat {
     }
 }
 
+/// Key / value cache precision on the command line.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum KvDtype {
+    F32,
+    /// IEEE half: half the cache memory and half the bytes each decode step reads
+    F16,
+}
+
+impl From<KvDtype> for sparrow::config::KvCacheDtype {
+    fn from(d: KvDtype) -> Self {
+        match d {
+            KvDtype::F32 => Self::Float32,
+            KvDtype::F16 => Self::Float16,
+        }
+    }
+}
+
+/// How an inference command holds a model in memory: its weights and its key / value
+/// cache.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct HoldArgs {
+    /// How the linear layers' weights are held: f32, f16, bf16, int8 (Q8_0 blocks) or
+    /// native (as the file stores them).
+    #[arg(long, value_enum, default_value = "native")]
+    pub weights: WeightsArg,
+    /// Precision of the key / value cache (default: the model's `kv_cache_dtype`).
+    #[arg(long, value_enum)]
+    pub kv_dtype: Option<KvDtype>,
+}
+
+impl Default for HoldArgs {
+    fn default() -> Self {
+        Self {
+            weights: WeightsArg::Native,
+            kv_dtype: None,
+        }
+    }
+}
+
+impl HoldArgs {
+    /// Apply the overrides to a model's config as it loads.
+    pub fn edit(&self, c: &mut sparrow::config::ModelConfig) {
+        if let Some(d) = self.kv_dtype {
+            c.kv_cache_dtype = d.into();
+        }
+    }
+}
+
 /// Index key precision on the command line.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum IndexDtype {
@@ -90,11 +138,11 @@ pub fn require_corpus(corpus: &std::path::Path) -> Result<()> {
 /// The model `--model` names (a directory, a GGUF file or a known model's name,
 /// fetched on first use) and its tokenizer, for inference.
 pub fn load_model_and_tokenizer(spec: &Path) -> Result<(Model, Tokenizer)> {
-    load_model_as(spec, WeightsArg::Native)
+    load_model_as(spec, HoldArgs::default())
 }
 
-/// [`load_model_and_tokenizer`] with a GGUF model's matrices held as `weights` says.
-pub fn load_model_as(spec: &Path, weights: WeightsArg) -> Result<(Model, Tokenizer)> {
+/// [`load_model_and_tokenizer`] with the weights and the cache held as `hold` says.
+pub fn load_model_as(spec: &Path, hold: HoldArgs) -> Result<(Model, Tokenizer)> {
     if spec == Path::new(DEFAULT_MODEL) && !spec.is_dir() {
         bail!(
             "the default model {} is not here (run from the repository root, or pass --model DIR | FILE.gguf | NAME)",
@@ -104,10 +152,10 @@ pub fn load_model_as(spec: &Path, weights: WeightsArg) -> Result<(Model, Tokeniz
     let source = sparrow::model_source::resolve(spec, true)?;
     Ok(sparrow::model_source::load_for_inference(
         &source,
-        weights.into(),
+        hold.weights.into(),
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
-        |_| {},
+        |c| hold.edit(c),
     )?)
 }
 

@@ -83,9 +83,9 @@ fn stepped_logits(model: &Model, main: &[u32], chunks: &[usize], dense: bool) ->
     let n_layers = model.cfg.num_hidden_layers;
     let v = model.cfg.vocab_size;
     let mut caches = [
-        SeqCache::new(n_layers),
-        SeqCache::new(n_layers),
-        SeqCache::new(n_layers),
+        SeqCache::new(n_layers, model.cfg.kv_cache_dtype),
+        SeqCache::new(n_layers, model.cfg.kv_cache_dtype),
+        SeqCache::new(n_layers, model.cfg.kv_cache_dtype),
     ];
     let others = [ids(60, v, 5), ids(60, v, 9)];
     let mut fed = [0usize; 2];

@@ -9,9 +9,10 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use sparrow::config::KvCacheDtype;
 use sparrow::formats::ggml::GgmlType;
 use sparrow::formats::gguf::{GgufFile, Value};
-use sparrow::formats::gguf_model::WeightFormat;
+use sparrow::formats::gguf_model::{read_config, WeightFormat};
 use sparrow::formats::gguf_write::GgufWriter;
 use sparrow::model::cache::SeqCache;
 use sparrow::model::step::StepOptions;
@@ -71,9 +72,15 @@ fn reference(name: &str) -> (Vec<u32>, Tensor) {
 
 fn check_llama(name: &str, tied: bool, kv_heads: usize) {
     let f = GgufFile::open(&fixture(&format!("{name}.gguf"))).unwrap();
+    // GGUF models keep an f16 cache by default, as llama.cpp does; the exact
+    // comparison runs with an f32 cache, then the f16 one within its rounding.
+    let default = read_config(&f).unwrap();
+    assert_eq!(default.kv_cache_dtype, KvCacheDtype::Float16);
     let model =
-        Model::load_gguf_for_inference(&f, WeightFormat::F32, DType::F32, &Device::Cpu, |_| {})
-            .unwrap();
+        Model::load_gguf_for_inference(&f, WeightFormat::F32, DType::F32, &Device::Cpu, |c| {
+            c.kv_cache_dtype = KvCacheDtype::Float32
+        })
+        .unwrap();
     assert_eq!(model.cfg.tie_word_embeddings, tied);
     assert_eq!(model.cfg.num_key_value_heads, Some(kv_heads));
     let (ids, want) = reference(name);
@@ -83,7 +90,7 @@ fn check_llama(name: &str, tied: bool, kv_heads: usize) {
     let err = rel_err(&full, &want);
     assert!(err < 1e-4, "{name}: full-forward logits differ by {err:e}");
     // The engine's step, one token at a time (the cached path).
-    let mut cache = SeqCache::new(model.cfg.num_hidden_layers);
+    let mut cache = SeqCache::new(model.cfg.num_hidden_layers, model.cfg.kv_cache_dtype);
     let opts = StepOptions {
         all_logits: true,
         ..Default::default()
@@ -99,6 +106,15 @@ fn check_llama(name: &str, tied: bool, kv_heads: usize) {
     let stepped = Tensor::cat(&rows, 0).unwrap().unsqueeze(0).unwrap();
     let err = rel_err(&stepped, &want);
     assert!(err < 1e-4, "{name}: cached logits differ by {err:e}");
+    let mut half_model = model;
+    half_model.cfg.kv_cache_dtype = KvCacheDtype::Float16;
+    let (half, cache) = common::stepped(&half_model, &ids, &vec![1; t]);
+    let err = rel_err(&half, &want);
+    assert!(
+        err > 0.0 && err < 5e-3,
+        "{name}: logits over an f16 cache differ by {err:e}"
+    );
+    assert_eq!(cache.layers[0].k.as_ref().unwrap().elem_bytes(), 2);
 }
 
 #[test]

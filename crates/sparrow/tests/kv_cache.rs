@@ -72,7 +72,7 @@ fn cache_buffers_grow_by_doubling_and_keep_their_contents() {
     let full = full_logits(&model, &toks);
     let mut caps = Vec::new();
     let mut pieces = Vec::new();
-    let mut cache = sparrow::model::cache::SeqCache::new(cfg.num_hidden_layers);
+    let mut cache = sparrow::model::cache::SeqCache::new(cfg.num_hidden_layers, cfg.kv_cache_dtype);
     let opts = sparrow::model::step::StepOptions {
         all_logits: true,
         ..Default::default()

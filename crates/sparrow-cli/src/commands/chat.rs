@@ -31,14 +31,12 @@ pub struct ChatArgs {
     top_k: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// How the linear layers' weights are held: f32, f16, bf16, int8 (Q8_0 blocks) or
-    /// native (as the file stores them).
-    #[arg(long, value_enum, default_value = "native")]
-    weights: crate::common::WeightsArg,
+    #[command(flatten)]
+    hold: crate::common::HoldArgs,
 }
 
 pub fn run(a: ChatArgs, _progress: bool) -> Result<()> {
-    let (model, tokenizer) = crate::common::load_model_as(&a.model, a.weights)?;
+    let (model, tokenizer) = crate::common::load_model_as(&a.model, a.hold)?;
     let template = ChatTemplate::for_tokenizer(&tokenizer)?;
     let opts = crate::commands::generate::generate_options(
         a.max_tokens,

@@ -1,6 +1,6 @@
 //! `sparrow generate`: text from a model, streamed to stdout.
 
-use crate::common::{load_model_as, WeightsArg, DEFAULT_MODEL};
+use crate::common::{load_model_as, HoldArgs, DEFAULT_MODEL};
 use anyhow::{bail, Result};
 use sparrow::engine::generate::{generate, GenerateOptions};
 use sparrow::engine::sampler::SamplerConfig;
@@ -38,10 +38,8 @@ pub struct GenerateArgs {
     /// applies, if it has one).
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
-    /// How the linear layers' weights are held: f32, f16, bf16, int8 (Q8_0 blocks) or
-    /// native (as the file stores them).
-    #[arg(long, value_enum, default_value = "native")]
-    pub weights: WeightsArg,
+    #[command(flatten)]
+    pub hold: HoldArgs,
 }
 
 pub fn run(a: GenerateArgs, _progress: bool) -> Result<()> {
@@ -52,7 +50,7 @@ pub fn run(a: GenerateArgs, _progress: bool) -> Result<()> {
         (Some(p), None) | (None, Some(p)) => p,
         (None, None) => String::new(),
     };
-    let (model, tokenizer) = load_model_as(&a.model, a.weights)?;
+    let (model, tokenizer) = load_model_as(&a.model, a.hold)?;
     let (prompt, echo) = if a.chat {
         let template = sparrow::chat::ChatTemplate::for_tokenizer(&tokenizer)?;
         let mut messages = Vec::new();

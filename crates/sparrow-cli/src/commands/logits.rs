@@ -1,6 +1,6 @@
 //! `sparrow logits`: a model's logits for given ids, for comparison with other engines.
 
-use crate::common::WeightsArg;
+use crate::common::HoldArgs;
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -15,10 +15,8 @@ pub struct LogitsArgs {
     pub out: PathBuf,
     #[arg(long)]
     pub decode: bool,
-    /// How the linear layers' weights are held: f32, f16, bf16, int8 (Q8_0 blocks) or
-    /// native (as the file stores them).
-    #[arg(long, value_enum, default_value = "native")]
-    pub weights: WeightsArg,
+    #[command(flatten)]
+    pub hold: HoldArgs,
 }
 
 pub fn run(a: LogitsArgs, progress: bool) -> Result<()> {
@@ -27,14 +25,14 @@ pub fn run(a: LogitsArgs, progress: bool) -> Result<()> {
         ids,
         out,
         decode,
-        weights,
+        hold,
     } = a;
     let m = sparrow::model_source::load_model_for_inference(
         &sparrow::model_source::resolve(&model, progress)?,
-        weights.into(),
+        hold.weights.into(),
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
-        |_| {},
+        |c| hold.edit(c),
     )?;
     let dev = candle_core::Device::Cpu;
     let t = ids.len();
@@ -43,7 +41,8 @@ pub fn run(a: LogitsArgs, progress: bool) -> Result<()> {
     if decode {
         // One token per engine step over the sequence's own cache: the decode
         // path every generation takes.
-        let mut cache = sparrow::model::cache::SeqCache::new(m.cfg.num_hidden_layers);
+        let mut cache =
+            sparrow::model::cache::SeqCache::new(m.cfg.num_hidden_layers, m.cfg.kv_cache_dtype);
         let mut steps = Vec::with_capacity(t);
         for i in 0..t {
             let mut input = [sparrow::model::StepInput {

@@ -23,7 +23,7 @@
 //! Decode calls start cold: a buffer larger than the last-level cache is read before
 //! each timed call, as the rest of a model would between two steps of one layer.
 
-use crate::config::ModelConfig;
+use crate::config::{KvCacheDtype, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels::decode_attention;
 use crate::kernels::indexer::{self, IndexShape, KeyPrecision, ScoreAct};
@@ -32,7 +32,7 @@ use crate::kernels::softmax::CausalSoftmax;
 use crate::kernels::sparse_attention;
 use crate::model::attention::Attention;
 use crate::model::block::SelfAttn;
-use crate::model::cache::SeqCache;
+use crate::model::cache::{CacheRows, SeqCache};
 use crate::model::step::{Segment, StepOptions};
 use crate::model::Model;
 use candle_core::{DType, Device, Tensor};
@@ -51,6 +51,8 @@ pub struct LayerShape {
     pub index_dim: usize,
     pub topk: usize,
     pub index_precision: KeyPrecision,
+    /// Precision of the key / value cache.
+    pub kv_dtype: KvCacheDtype,
 }
 
 impl Default for LayerShape {
@@ -64,6 +66,7 @@ impl Default for LayerShape {
             index_dim: 32,
             topk: 512,
             index_precision: KeyPrecision::F32,
+            kv_dtype: KvCacheDtype::Float32,
         }
     }
 }
@@ -76,13 +79,20 @@ impl LayerShape {
             act: ScoreAct::Relu,
         }
     }
-    /// KV cache bytes per token (f32).
+    /// Bytes per cached key or value element.
+    fn kv_elem_bytes(&self) -> usize {
+        match self.kv_dtype {
+            KvCacheDtype::Float32 => 4,
+            KvCacheDtype::Float16 => 2,
+        }
+    }
+    /// KV cache bytes per token.
     pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.kv_heads * self.head_dim * 4
+        2 * self.kv_heads * self.head_dim * self.kv_elem_bytes()
     }
     /// KV cache bytes per token with one KV head per query head (MHA).
     pub fn mha_kv_bytes_per_token(&self) -> usize {
-        2 * self.heads * self.head_dim * 4
+        2 * self.heads * self.head_dim * self.kv_elem_bytes()
     }
     /// Index cache bytes per token.
     pub fn index_bytes_per_token(&self) -> usize {
@@ -116,6 +126,7 @@ impl LayerShape {
             "index_n_heads": self.index_heads,
             "index_head_dim": self.index_dim,
             "index_cache_dtype": dtype,
+            "kv_cache_dtype": self.kv_dtype,
         });
         ModelConfig::from_json(&json.to_string())
     }
@@ -187,7 +198,7 @@ impl DecodeState {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let (kv, d) = (shape.kv_heads, shape.head_dim);
         let layer = Layer::new(shape, len + extra + 1)?;
-        let mut cache = SeqCache::new(1);
+        let mut cache = SeqCache::new(1, shape.kv_dtype);
         cache.reserve(len + extra);
         let lc = &mut cache.layers[0];
         // Fill in pieces so no second full-size buffer is needed.
@@ -238,15 +249,17 @@ impl DecodeState {
         1.0 / (self.shape.head_dim as f32).sqrt()
     }
 
-    fn rows(&self) -> KvRows<'_> {
+    fn rows(&self) -> CacheRows<'_> {
         let lc = &self.cache.layers[0];
-        let (k, v) = (lc.k.as_ref(), lc.v.as_ref());
-        KvRows::separate(
-            k.map_or(&[][..], |b| b.data()),
-            v.map_or(&[][..], |b| b.data()),
-            self.shape.kv_heads,
-            self.shape.head_dim,
-        )
+        match (lc.k.as_ref(), lc.v.as_ref()) {
+            (Some(k), Some(v)) => CacheRows::separate(k, v).expect("one precision"),
+            _ => CacheRows::F32(KvRows::separate(
+                &[],
+                &[],
+                self.shape.kv_heads,
+                self.shape.head_dim,
+            )),
+        }
     }
 
     /// The whole layer, one decode step (appends the token): dense or sparse selector.
@@ -257,17 +270,20 @@ impl DecodeState {
 
     /// Dense attention core with the flash-decoding kernel the step calls: (H, D).
     pub fn dense(&self) -> Vec<f32> {
-        decode_attention::decode(&self.q, self.rows(), self.len(), self.scale())
+        let (q, s, scale) = (&self.q, self.len(), self.scale());
+        match self.rows() {
+            CacheRows::F32(r) => decode_attention::decode(q, r, s, scale),
+            CacheRows::F16(r) => decode_attention::decode(q, r, s, scale),
+        }
     }
 
     /// Dense attention core through candle ops (matmul, softmax, matmul).
     pub fn dense_candle(&self) -> Result<Vec<f32>> {
-        Ok(decode_attention::reference(
-            &self.q,
-            self.rows(),
-            self.len(),
-            self.scale(),
-        )?)
+        let (q, s, scale) = (&self.q, self.len(), self.scale());
+        Ok(match self.rows() {
+            CacheRows::F32(r) => decode_attention::reference(q, r, s, scale),
+            CacheRows::F16(r) => decode_attention::reference(q, r, s, scale),
+        }?)
     }
 
     /// The selection: scan the index cache once, top-k.
@@ -287,7 +303,11 @@ impl DecodeState {
 
     /// Attention core over a selection: (H, D).
     pub fn attend(&self, idx: &[u32]) -> Vec<f32> {
-        sparse_attention::attend_selected(&self.q, self.rows(), 1, idx, self.scale())
+        let (q, scale) = (&self.q, self.scale());
+        match self.rows() {
+            CacheRows::F32(r) => sparse_attention::attend_selected(q, r, 1, idx, scale),
+            CacheRows::F16(r) => sparse_attention::attend_selected(q, r, 1, idx, scale),
+        }
     }
 
     /// Sparse attention core: select, then attend.
@@ -440,7 +460,7 @@ pub const PREFILL_CHUNK: usize = 512;
 /// time, with the dense or the sparse selector.
 fn layer_prefill(layer: &Layer, n: usize, dense: bool) -> Result<f64> {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let mut cache = SeqCache::new(1);
+    let mut cache = SeqCache::new(1, layer.model.cfg.kv_cache_dtype);
     cache.reserve(n);
     let mut took = 0.0;
     let mut done = 0;

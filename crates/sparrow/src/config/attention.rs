@@ -33,6 +33,17 @@ pub enum IndexerKind {
     MlpGate,
 }
 
+/// Storage precision of the decode-time key / value cache (per-head rows, or the MLA
+/// latent store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvCacheDtype {
+    Float32,
+    /// IEEE half: half the bytes per token, and half the memory each decode step
+    /// streams (llama.cpp's default cache type); rows are rounded once when written.
+    Float16,
+}
+
 /// Storage precision of the decode-time index key cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -11,7 +11,7 @@ mod attention;
 mod moe;
 mod objectives;
 
-pub use attention::{AttentionKind, IndexCacheDtype, IndexerKind};
+pub use attention::{AttentionKind, IndexCacheDtype, IndexerKind, KvCacheDtype};
 pub use moe::RouterKind;
 pub use objectives::IndexerTrainMode;
 
@@ -30,6 +30,9 @@ fn default_kl_coef() -> f64 {
 }
 fn default_index_cache_dtype() -> IndexCacheDtype {
     IndexCacheDtype::Float32
+}
+fn default_kv_cache_dtype() -> KvCacheDtype {
+    KvCacheDtype::Float32
 }
 
 fn default_model_type() -> String {
@@ -252,6 +255,11 @@ pub struct ModelConfig {
     /// path, so training, prefill and decode select alike).
     #[serde(default = "default_index_cache_dtype")]
     pub index_cache_dtype: IndexCacheDtype,
+    /// Precision of the key / value cache the engine decodes from (`float16`: half the
+    /// bytes per token and per decode step, rows rounded once when written; training and
+    /// whole-window forwards do not use the cache).
+    #[serde(default = "default_kv_cache_dtype")]
+    pub kv_cache_dtype: KvCacheDtype,
 
     /// Token id of the beginning-of-sequence special token.
     #[serde(default = "default_bos")]

@@ -48,7 +48,8 @@ pub fn architecture(f: &GgufFile) -> Result<&str> {
     Ok(arch)
 }
 
-/// The `ModelConfig` of a GGUF file's model.
+/// The `ModelConfig` of a GGUF file's model (its key / value cache in f16, as llama.cpp
+/// keeps it by default).
 pub fn read_config(f: &GgufFile) -> Result<ModelConfig> {
     let arch = architecture(f)?;
     let key = |k: &str| format!("{arch}.{k}");
@@ -142,6 +143,10 @@ pub fn read_config(f: &GgufFile) -> Result<ModelConfig> {
         "tie_word_embeddings": tied,
         "bos_token_id": token("tokenizer.ggml.bos_token_id", 1)?,
         "eos_token_id": token("tokenizer.ggml.eos_token_id", 2)?,
+        // GGUF models run as llama.cpp runs them by default: an f16 key / value cache
+        // (half the memory and half the bytes per decode step; `--kv-dtype f32` or an
+        // `edit` of the config restores f32).
+        "kv_cache_dtype": "float16",
     });
     ModelConfig::from_json(&json.to_string())
 }

@@ -12,20 +12,11 @@
 //! build), with no horizontal reductions; smaller groups use per-head dot products.
 //! [`reference`] is the composed candle version.
 
-use super::kv_rows::{KvRows, Values};
+use super::kv_rows::{BlockScratch, CacheElem, KvRows, Values};
+use super::scan_parts::{LanePartial, Partial, KEY_BLOCK, LANES};
 use super::simd::{fast_exp, has_avx2_fma, has_avx512};
 use super::{dot_tree, thread_parts};
 use rayon::prelude::*;
-
-const KEY_BLOCK: usize = 64;
-
-/// Partial result of one key range: per head (max, sum, unnormalised output).
-struct Partial {
-    max: Vec<f32>,
-    sum: Vec<f32>,
-    /// (G, D)
-    out: Vec<f32>,
-}
 
 /// Max of `x` by 16 lane-wise maxima, then a tree over the lanes (no serial chain).
 #[inline(always)]
@@ -73,7 +64,12 @@ fn lanes_sum(x: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn scan_generic(q: &[f32], rows: &KvRows, scale: f32, range: std::ops::Range<usize>) -> Partial {
+fn scan_generic<E: CacheElem>(
+    q: &[f32],
+    rows: &KvRows<E>,
+    scale: f32,
+    range: std::ops::Range<usize>,
+) -> Partial {
     let (dk, dv) = (rows.dk, rows.dv);
     let g = q.len() / dk;
     let mut part = Partial {
@@ -82,11 +78,13 @@ fn scan_generic(q: &[f32], rows: &KvRows, scale: f32, range: std::ops::Range<usi
         out: vec![0.0; g * dv],
     };
     let mut logits = vec![0.0f32; g * KEY_BLOCK];
+    let mut scratch = BlockScratch::default();
     let mut s0 = range.start;
     while s0 < range.end {
         let n = (range.end - s0).min(KEY_BLOCK);
+        let b = rows.block(s0, n, &mut scratch);
         for j in 0..n {
-            let krow = rows.key(s0 + j);
+            let krow = &b.k[j * dk..(j + 1) * dk];
             for h in 0..g {
                 logits[h * KEY_BLOCK + j] = scale * dot_tree(&q[h * dk..(h + 1) * dk], krow);
             }
@@ -109,7 +107,7 @@ fn scan_generic(q: &[f32], rows: &KvRows, scale: f32, range: std::ops::Range<usi
             }
         }
         for j in 0..n {
-            let vrow = rows.value(s0 + j);
+            let vrow = &b.v[j * b.vs..j * b.vs + dv];
             for h in 0..g {
                 let p = logits[h * KEY_BLOCK + j];
                 for (o, &x) in part.out[h * dv..(h + 1) * dv].iter_mut().zip(vrow) {
@@ -124,24 +122,21 @@ fn scan_generic(q: &[f32], rows: &KvRows, scale: f32, range: std::ops::Range<usi
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn scan_avx512(q: &[f32], rows: &KvRows, scale: f32, range: std::ops::Range<usize>) -> Partial {
-    scan_generic(q, rows, scale, range)
-}
-
-/// [`scan_generic`] compiled for AVX2 + FMA machines without AVX-512 (the same
-/// operations: nothing is fused that the baseline build does not fuse).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn scan_avx2(q: &[f32], rows: &KvRows, scale: f32, range: std::ops::Range<usize>) -> Partial {
+fn scan_avx512<E: CacheElem>(
+    q: &[f32],
+    rows: &KvRows<E>,
+    scale: f32,
+    range: std::ops::Range<usize>,
+) -> Partial {
     scan_generic(q, rows, scale, range)
 }
 
 /// Online-softmax scan of one group's queries q (g, dk) over key `range` of `rows`
 /// (one group).
-fn scan(
+fn scan<E: CacheElem>(
     avx512: bool,
     q: &[f32],
-    rows: &KvRows,
+    rows: &KvRows<E>,
     scale: f32,
     range: std::ops::Range<usize>,
 ) -> Partial {
@@ -155,14 +150,12 @@ fn scan(
     if has_avx2_fma() {
         // SAFETY: AVX2 and FMA support was checked at run time; the function reads only
         // the given slices.
-        return unsafe { scan_avx2(q, rows, scale, range) };
+        return unsafe { super::attention_avx2::scan_groups(q, rows, scale, range) };
     }
     let _ = avx512;
     scan_generic(q, rows, scale, range)
 }
 
-/// Heads per lane group of the MQA path (one AVX-512 register of f32).
-const LANES: usize = 16;
 /// Keys sharing each load of the transposed queries.
 const KEYS_PER_STEP: usize = 4;
 
@@ -172,40 +165,34 @@ fn rows4(x: &[f32], b0: usize, stride: usize, width: usize) -> [&[f32]; 4] {
     [0, 1, 2, 3].map(|i| &x[b0 + i * stride..b0 + i * stride + width])
 }
 
-/// Partial result over a key range for 16 heads at once: lanes are heads.
-struct LanePartial {
-    max: [f32; LANES],
-    sum: [f32; LANES],
-    /// (D) rows of 16 head lanes: the unnormalised output, transposed.
-    out_t: Vec<[f32; LANES]>,
-}
-
 /// Scan keys `range` for one group of up to 16 heads whose scaled queries are given
 /// transposed, `q_t[i][h] = scale * q[h][i]`. Each key row is loaded once and
 /// broadcast against the 16 head lanes; four keys share each load of `q_t`.
 #[inline(always)]
-fn scan_lanes_generic(
+fn scan_lanes_generic<E: CacheElem>(
     q_t: &[[f32; LANES]],
-    rows: &KvRows,
+    rows: &KvRows<E>,
     range: std::ops::Range<usize>,
     limits: Option<&[u32; LANES]>,
 ) -> LanePartial {
     let min_limit = limits.map_or(usize::MAX, |l| *l.iter().min().unwrap_or(&0) as usize);
     let (dk, dv) = (rows.dk, rows.dv);
-    let (k, (v, vs)) = (rows.k, rows.value_buffer());
     let mut part = LanePartial {
         max: [f32::NEG_INFINITY; LANES],
         sum: [0.0; LANES],
         out_t: vec![[0.0; LANES]; dv],
     };
     let mut logits = [[0.0f32; LANES]; KEY_BLOCK];
+    let mut scratch = BlockScratch::default();
     let mut s0 = range.start;
     while s0 < range.end {
         let n = (range.end - s0).min(KEY_BLOCK);
+        let b = rows.block(s0, n, &mut scratch);
+        let (k, v, vs) = (b.k, b.v, b.vs);
         // Scores of the block: logits[j][h]; four keys per pass over q_t.
         let mut j = 0;
         while j + KEYS_PER_STEP <= n {
-            let [r0, r1, r2, r3] = rows4(k, (s0 + j) * dk, dk, dk);
+            let [r0, r1, r2, r3] = rows4(k, j * dk, dk, dk);
             let mut a = [[0.0f32; LANES]; KEYS_PER_STEP];
             for ((((qr, &x0), &x1), &x2), &x3) in q_t.iter().zip(r0).zip(r1).zip(r2).zip(r3) {
                 for l in 0..LANES {
@@ -219,7 +206,7 @@ fn scan_lanes_generic(
             j += KEYS_PER_STEP;
         }
         while j < n {
-            let r = rows.key(s0 + j);
+            let r = &k[j * dk..(j + 1) * dk];
             let mut a = [0.0f32; LANES];
             for (qr, &x) in q_t.iter().zip(r) {
                 for l in 0..LANES {
@@ -270,7 +257,7 @@ fn scan_lanes_generic(
         // out_t[i][h] += p[j][h] * v[j][i], four keys per pass over out_t.
         let mut j = 0;
         while j + KEYS_PER_STEP <= n {
-            let [r0, r1, r2, r3] = rows4(v, (s0 + j) * vs, vs, dv);
+            let [r0, r1, r2, r3] = rows4(v, j * vs, vs, dv);
             let (p0, p1, p2, p3) = (logits[j], logits[j + 1], logits[j + 2], logits[j + 3]);
             for ((((o, &y0), &y1), &y2), &y3) in
                 part.out_t.iter_mut().zip(r0).zip(r1).zip(r2).zip(r3)
@@ -285,7 +272,7 @@ fn scan_lanes_generic(
             j += KEYS_PER_STEP;
         }
         while j < n {
-            let r = rows.value(s0 + j);
+            let r = &v[j * vs..j * vs + dv];
             let p = logits[j];
             for (o, &y) in part.out_t.iter_mut().zip(r) {
                 for l in 0..LANES {
@@ -299,38 +286,22 @@ fn scan_lanes_generic(
     part
 }
 
-/// [`scan_lanes_generic`] compiled for AVX2 + FMA machines without AVX-512.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn scan_lanes_avx2(
-    q_t: &[[f32; LANES]],
-    rows: &KvRows,
-    range: std::ops::Range<usize>,
-    limits: Option<&[u32; LANES]>,
-) -> LanePartial {
-    scan_lanes_generic(q_t, rows, range, limits)
-}
-
 /// The AVX-512 build of [`scan_lanes_generic`], written with intrinsics so the 16 head
 /// lanes map onto one register and nothing is left to the auto-vectoriser (which
 /// turned the transposed layout into gathers). Same algorithm, same block sizes; exp via
 /// the same range reduction with `vscalefps` for the 2^n.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-fn scan_lanes_avx512(
+fn scan_lanes_avx512<E: CacheElem>(
     q_t: &[[f32; LANES]],
-    rows: &KvRows,
+    rows: &KvRows<E>,
     range: std::ops::Range<usize>,
     limits: Option<&[u32; LANES]>,
 ) -> LanePartial {
     use std::arch::x86_64::*;
     let (dk, dv) = (rows.dk, rows.dv);
-    let (k, (v, vs)) = (rows.k, rows.value_buffer());
+    let separate = matches!(rows.values, Values::Separate(_));
     assert_eq!(q_t.len(), dk, "queries and keys differ in width");
-    assert!(
-        range.end * dk <= k.len() && range.end.saturating_sub(1) * vs + dv <= v.len(),
-        "scan range beyond the cache"
-    );
 
     #[inline(always)]
     fn exp512(x: __m512) -> __m512 {
@@ -355,14 +326,13 @@ fn scan_lanes_avx512(
         }
     }
 
-    // SAFETY: every pointer read below is k[(s0 + j) * dk + i] with i < dk or
-    // v[(s0 + j) * vs + i] with i < dv, s0 + j < range.end: in bounds by the assert
-    // above; `q_t` and `out_t` rows are 16 f32 (one unaligned 512-bit load / store
-    // each). AVX-512F and FMA are enabled on this function and were detected at run time
-    // by the caller.
+    // SAFETY: every pointer read below is k[j * dk + i] with i < dk or v[j * vs + i]
+    // with i < dv, j < n, of the block's rows (n rows of dk keys; values n - 1 strides
+    // plus dv long); prefetches never fault; `q_t` and `out_t` rows are 16 f32 (one
+    // unaligned 512-bit load / store each). AVX-512F and FMA are enabled on this
+    // function and were detected at run time by the caller.
     unsafe {
-        let kp = k.as_ptr();
-        let vp = v.as_ptr();
+        let mut scratch = BlockScratch::default();
         let min_limit = limits.map_or(usize::MAX, |l| *l.iter().min().unwrap_or(&0) as usize);
         let lim = _mm512_loadu_si512(limits.unwrap_or(&[u32::MAX; LANES]).as_ptr() as *const _);
         let mut visible = [0xffffu16; KEY_BLOCK];
@@ -374,20 +344,23 @@ fn scan_lanes_avx512(
         let mut s0 = range.start;
         while s0 < range.end {
             let n = (range.end - s0).min(KEY_BLOCK);
+            let b = rows.block(s0, n, &mut scratch);
+            let (kp, vp, vs) = (b.k.as_ptr(), b.v.as_ptr(), b.vs);
             let mut j = 0;
             while j + 4 <= n {
-                let b0 = (s0 + j) * dk;
-                // Prefetch the rows one block ahead (a no-op past the end: prefetches
-                // never fault, and the address is formed without `add`'s bounds rule).
-                for line in (0..4 * dk).step_by(16) {
-                    let ahead = kp.wrapping_add(b0 + KEY_BLOCK * dk + line);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                let b0 = j * dk;
+                // Prefetch the cache's rows one block ahead (a no-op past the end:
+                // prefetches never fault, and the address is formed without `add`'s
+                // bounds rule).
+                let ahead = s0 + j + KEY_BLOCK;
+                for line in (0..4 * dk * E::BYTES).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(rows.key_bytes_at(ahead * dk).wrapping_add(line));
                 }
-                if let Values::Separate(_) = rows.values {
-                    let c0 = (s0 + j + KEY_BLOCK) * vs;
-                    for line in (0..4 * vs).step_by(16) {
-                        let ahead = vp.wrapping_add(c0 + line);
-                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                if separate {
+                    for line in (0..4 * dv * E::BYTES).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            rows.value_bytes_at(ahead * dv).wrapping_add(line),
+                        );
                     }
                 }
                 let (mut a0, mut a1, mut a2, mut a3) = (
@@ -409,7 +382,7 @@ fn scan_lanes_avx512(
                 j += 4;
             }
             while j < n {
-                let b0 = (s0 + j) * dk;
+                let b0 = j * dk;
                 let mut a = _mm512_setzero_ps();
                 for (i, &qr) in qrows.iter().enumerate() {
                     a = _mm512_fmadd_ps(qr, _mm512_set1_ps(*kp.add(b0 + i)), a);
@@ -448,7 +421,7 @@ fn scan_lanes_avx512(
             }
             let mut j = 0;
             while j + 4 <= n {
-                let b0 = (s0 + j) * vs;
+                let b0 = j * vs;
                 let (p0, p1, p2, p3) = (logits[j], logits[j + 1], logits[j + 2], logits[j + 3]);
                 for (i, o) in out_t.iter_mut().enumerate() {
                     let mut acc = _mm512_fmadd_ps(p0, _mm512_set1_ps(*vp.add(b0 + i)), *o);
@@ -459,7 +432,7 @@ fn scan_lanes_avx512(
                 j += 4;
             }
             while j < n {
-                let b0 = (s0 + j) * vs;
+                let b0 = j * vs;
                 let p = logits[j];
                 for (i, o) in out_t.iter_mut().enumerate() {
                     *o = _mm512_fmadd_ps(p, _mm512_set1_ps(*vp.add(b0 + i)), *o);
@@ -485,10 +458,10 @@ fn scan_lanes_avx512(
 /// Scan keys `range` of `rows` for 16 lanes of transposed, scaled queries; with
 /// `limits`, lane l only sees keys below `limits[l]` (each lane must see the range's
 /// first key).
-fn scan_lanes(
+fn scan_lanes<E: CacheElem>(
     avx512: bool,
     q_t: &[[f32; LANES]],
-    rows: &KvRows,
+    rows: &KvRows<E>,
     range: std::ops::Range<usize>,
     limits: Option<&[u32; LANES]>,
 ) -> LanePartial {
@@ -502,7 +475,7 @@ fn scan_lanes(
     if has_avx2_fma() {
         // SAFETY: AVX2 and FMA support was checked at run time; the function reads only
         // the given slices.
-        return unsafe { scan_lanes_avx2(q_t, rows, range, limits) };
+        return unsafe { super::attention_avx2::scan_lanes(q_t, rows, range, limits) };
     }
     let _ = avx512;
     scan_lanes_generic(q_t, rows, range, limits)
@@ -556,7 +529,7 @@ pub(crate) fn attend_rows(q: &[f32], rows: &KvRows, n: usize, scale: f32, out: &
 }
 
 /// The MQA/GQA path for groups of >= 8 heads: heads in lanes of 16.
-fn decode_lanes(q: &[f32], rows: &KvRows, s: usize, scale: f32, out: &mut [f32]) {
+fn decode_lanes<E: CacheElem>(q: &[f32], rows: &KvRows<E>, s: usize, scale: f32, out: &mut [f32]) {
     let (dk, dv) = (rows.dk, rows.dv);
     let h = q.len() / dk;
     let g = h / rows.groups;
@@ -593,7 +566,7 @@ fn decode_lanes(q: &[f32], rows: &KvRows, s: usize, scale: f32, out: &mut [f32])
 
 /// Attention of one query q (H, dk) over the first `s` positions of `rows` (rows past
 /// `s` are ignored): out (H, dv).
-pub fn decode(q: &[f32], rows: KvRows, s: usize, scale: f32) -> Vec<f32> {
+pub fn decode<E: CacheElem>(q: &[f32], rows: KvRows<E>, s: usize, scale: f32) -> Vec<f32> {
     rows.check();
     let (dk, dv) = (rows.dk, rows.dv);
     let h = q.len() / dk;
@@ -668,7 +641,13 @@ pub fn prefill(q: &[f32], k: &[f32], v: &[f32], kv: usize, d: usize, scale: f32)
 /// multiples of the block size from position 0 and a masked key adds exactly nothing,
 /// so a query's result does not depend on which queries share its chunk or lanes.
 /// Nothing of size (t, S) is built.
-pub fn prefill_at(q: &[f32], rows: KvRows, t: usize, offset: usize, scale: f32) -> Vec<f32> {
+pub fn prefill_at<E: CacheElem>(
+    q: &[f32],
+    rows: KvRows<E>,
+    t: usize,
+    offset: usize,
+    scale: f32,
+) -> Vec<f32> {
     rows.check();
     let (dk, dv) = (rows.dk, rows.dv);
     if t == 0 {
@@ -732,7 +711,12 @@ fn gcd(a: usize, b: usize) -> usize {
 
 /// Reference with candle ops: softmax(scale * q k^T) v per head over the first `s`
 /// positions of `rows`, (H, dv).
-pub fn reference(q: &[f32], rows: KvRows, s: usize, scale: f32) -> candle_core::Result<Vec<f32>> {
+pub fn reference<E: CacheElem>(
+    q: &[f32],
+    rows: KvRows<E>,
+    s: usize,
+    scale: f32,
+) -> candle_core::Result<Vec<f32>> {
     use candle_core::{Device, Tensor, D};
     rows.check();
     let (kv, dk, dv) = (rows.groups, rows.dk, rows.dv);
@@ -742,8 +726,8 @@ pub fn reference(q: &[f32], rows: KvRows, s: usize, scale: f32) -> candle_core::
     for grp in 0..kv {
         let r = rows.group(grp);
         for pos in 0..s {
-            keys.extend_from_slice(r.key(pos));
-            values.extend_from_slice(r.value(pos));
+            E::extend_f32(r.key(pos), &mut keys);
+            E::extend_f32(r.value(pos), &mut values);
         }
     }
     let dev = Device::Cpu;

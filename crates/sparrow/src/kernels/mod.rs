@@ -14,12 +14,15 @@
 //!   causal prefill over it, for every entry store ([`kv_rows::KvRows`]).
 //! - [`matmul`]: `x W^T` for inference rows, batch-invariant (each output one fixed-order
 //!   dot product), each weight row read once per four rows.
-//! - [`lanes_avx2`]: the AVX2 build of the weight kernels' 16-lane tile.
+//! - [`lanes_avx2`]: the AVX2 build of the weight kernels' 16-lane tile;
+//!   `attention_avx2` the AVX2 builds of the attention scans.
 //! - [`hmatmul`]: `x W^T` with f16 / bf16 weights widened in registers (inference).
 //! - [`experts`]: MoE dispatch: rows grouped by expert, gathered once, and the weighted
 //!   combine back per token, with backward passes.
 //! - [`simd`]: a vectorisable `exp` and AVX-512 detection for the hot loops.
 
+#[cfg(target_arch = "x86_64")]
+mod attention_avx2;
 pub mod cross_entropy;
 pub mod decode_attention;
 pub mod experts;
@@ -30,6 +33,7 @@ pub mod lanes_avx2;
 pub mod matmul;
 pub mod qmatmul;
 pub mod reference;
+mod scan_parts;
 pub mod simd;
 pub mod softmax;
 pub mod sparse_attention;

@@ -17,7 +17,7 @@
 //! per KV head and reused by the G query heads of the group.
 
 use super::dot;
-use super::kv_rows::{KvRows, Values};
+use super::kv_rows::{CacheElem, KvRows, Values};
 use super::simd::{fast_exp, has_avx512};
 use super::topk::NONE;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
@@ -281,7 +281,13 @@ pub fn forward_f32(
 /// separate) are gathered into contiguous buffers and attended by the decode kernel's
 /// `attend_rows` (16 heads per vector lane group when G >= 8), so each gathered row is
 /// read once for all heads of its group. A query with no valid slot gets zeros.
-pub fn attend_selected(q: &[f32], rows: KvRows, t: usize, idx: &[u32], scale: f32) -> Vec<f32> {
+pub fn attend_selected<E: CacheElem>(
+    q: &[f32],
+    rows: KvRows<E>,
+    t: usize,
+    idx: &[u32],
+    scale: f32,
+) -> Vec<f32> {
     rows.check();
     let (kv, dk, dv) = (rows.groups, rows.dk, rows.dv);
     if t == 0 {
@@ -306,19 +312,26 @@ pub fn attend_selected(q: &[f32], rows: KvRows, t: usize, idx: &[u32], scale: f3
         .with_min_len((64 / kk.max(1)).max(1))
         .enumerate()
         .for_each_init(
-            || (Vec::with_capacity(kk * dk), Vec::with_capacity(kk * dv)),
-            |(kbuf, vbuf): &mut (Vec<f32>, Vec<f32>), (ti, o)| {
+            || {
+                let (kr, vr) = (Vec::with_capacity(kk * dk), Vec::with_capacity(kk * dv));
+                (kr, vr, Vec::new(), Vec::new())
+            },
+            |(kraw, vraw, kwide, vwide): &mut (Vec<E>, Vec<E>, Vec<f32>, Vec<f32>), (ti, o)| {
                 let ids = &idx[ti * kk..(ti + 1) * kk];
                 for grp in 0..kv {
                     let rg = rows.group(grp);
-                    kbuf.clear();
-                    vbuf.clear();
+                    // Gather the selected rows as stored, then widen them at once (f32
+                    // rows are used as gathered).
+                    kraw.clear();
+                    vraw.clear();
                     for &i in ids.iter().filter(|&&i| slot_valid(i, rows.cap)) {
-                        kbuf.extend_from_slice(rg.key(i as usize));
+                        kraw.extend_from_slice(rg.key(i as usize));
                         if separate {
-                            vbuf.extend_from_slice(rg.value(i as usize));
+                            vraw.extend_from_slice(rg.value(i as usize));
                         }
                     }
+                    let kbuf = E::widen(kraw, kwide);
+                    let vbuf = E::widen(vraw, vwide);
                     let og = &mut o[grp * g * dv..(grp + 1) * g * dv];
                     let n = kbuf.len() / dk;
                     if n == 0 {

@@ -10,7 +10,7 @@
 //! `forward` runs whole windows as tensors (training, evaluation, parity); `step` runs
 //! the engine's packed rows over per-sequence caches with the kernels.
 
-use super::cache::LayerCache;
+use super::cache::{CacheRows, LayerCache};
 use super::diagnostics::LayerDiagnostics;
 use super::indexer::{Indexer, IndexerOut};
 use super::linear::{host_f32, Linear};
@@ -22,7 +22,7 @@ use super::step::{Segment, StepOptions};
 use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
 use crate::error::Result;
 use crate::kernels::decode_attention;
-use crate::kernels::kv_rows::KvRows;
+use crate::kernels::kv_rows::{CacheElem, KvRows};
 use crate::kernels::softmax::CausalSoftmax;
 use crate::kernels::sparse_attention::{self, SparseAttention, SparseDims, SteGate};
 use crate::kernels::topk::NONE;
@@ -318,7 +318,7 @@ impl Attention {
                 kc.append_token_major(&k[rows.clone()]);
                 vc.append_token_major(&v[rows]);
                 let qs = &q[seg.start * h * d..(seg.start + seg.len) * h * d]; // (T, H, D)
-                let kvr = KvRows::separate(kc.data(), vc.data(), kv, d);
+                let kvr = CacheRows::separate(kc, vc)?;
                 Ok(attend_cached(qs, kvr, seg, selection.as_deref(), scale))
             })
             .collect::<Result<_>>()?;
@@ -331,10 +331,25 @@ impl Attention {
 /// Attention of a segment's queries q (T, H, dk) over the cache `rows` holding its
 /// context and itself: over each query's selection when there is one (sparse),
 /// otherwise every causal position (flash-decoding for one query, causal prefill for a
-/// chunk) -> (T, H, dv). The one kernel dispatch of every entry store.
+/// chunk) -> (T, H, dv). The one kernel dispatch of every entry store, in either
+/// storage precision.
 pub(crate) fn attend_cached(
     q: &[f32],
-    rows: KvRows,
+    rows: CacheRows,
+    seg: &Segment,
+    selection: Option<&[u32]>,
+    scale: f32,
+) -> Vec<f32> {
+    match rows {
+        CacheRows::F32(r) => attend_rows(q, r, seg, selection, scale),
+        CacheRows::F16(r) => attend_rows(q, r, seg, selection, scale),
+    }
+}
+
+/// [`attend_cached`] for one storage type.
+fn attend_rows<E: CacheElem>(
+    q: &[f32],
+    rows: KvRows<E>,
     seg: &Segment,
     selection: Option<&[u32]>,
     scale: f32,

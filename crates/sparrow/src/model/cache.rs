@@ -3,38 +3,97 @@
 //! directly, written in place as tokens arrive.
 //!
 //! - [`RowBuffer`]: `heads` groups of `width`-wide rows, laid out (heads, capacity,
-//!   width); the kernels take the whole buffer plus the number of valid positions, so
-//!   reading the cache never copies it. Capacity grows by doubling (or once, to a
-//!   known total, through [`SeqCache::reserve`]).
+//!   width), in f32 or f16 (`kv_cache_dtype`); the kernels take the whole buffer plus
+//!   the number of valid positions, so reading the cache never copies it. Capacity
+//!   grows by doubling (or once, to a known total, through [`SeqCache::reserve`]).
+//! - [`CacheRows`]: a layer's rows as the attention kernels read them, in either
+//!   precision.
 //! - [`LayerCache`]: a layer's entry store (keys after RoPE and values; for MLA layers
 //!   the latent store, one `[c ; k_rope]` row per position whose first `r` values are
 //!   the value) and its DSA index keys.
 //! - [`SeqCache`]: one per sequence; its length is the position of the next token.
 
+use crate::config::KvCacheDtype;
 use crate::error::{Error, Result};
 use crate::kernels::indexer::{KeyPrecision, KeyStore};
+use crate::kernels::kv_rows::{CacheElem, KvRows};
+use half::f16;
 
 /// Smallest capacity allocated (positions).
 const MIN_CAPACITY: usize = 64;
 
-/// Rows of one cached quantity for `heads` heads: (heads, capacity, width), f32.
+/// A buffer's elements in its storage precision.
+#[derive(Debug, Clone)]
+enum RowData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+/// A buffer's elements, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub enum RowSlice<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+/// Rows of one cached quantity for `heads` heads: (heads, capacity, width).
 #[derive(Debug, Clone)]
 pub struct RowBuffer {
     heads: usize,
     width: usize,
     cap: usize,
     len: usize,
-    data: Vec<f32>,
+    data: RowData,
+}
+
+/// `data` (heads, cap, w) with `len` rows written per head, re-laid out for `need`
+/// rows per head.
+fn regrow<E: CacheElem>(
+    data: &[E],
+    heads: usize,
+    w: usize,
+    cap: usize,
+    len: usize,
+    need: usize,
+) -> Vec<E> {
+    let mut out = vec![E::zero(); heads * need * w];
+    for head in 0..heads {
+        let src = &data[head * cap * w..(head * cap + len) * w];
+        out[head * need * w..head * need * w + src.len()].copy_from_slice(src);
+    }
+    out
+}
+
+/// Write `t` tokens of `rows` (t, heads, w) at positions `len..len + t` of `data`
+/// (heads, cap, w), rounding to the storage type.
+fn write_token_major<E: CacheElem>(
+    data: &mut [E],
+    rows: &[f32],
+    heads: usize,
+    w: usize,
+    cap: usize,
+    len: usize,
+) {
+    for (i, token) in rows.chunks_exact(heads * w).enumerate() {
+        for head in 0..heads {
+            let dst = (head * cap + len + i) * w;
+            E::narrow(&token[head * w..(head + 1) * w], &mut data[dst..dst + w]);
+        }
+    }
 }
 
 impl RowBuffer {
-    pub fn new(heads: usize, width: usize) -> Self {
+    pub fn new(heads: usize, width: usize, dtype: KvCacheDtype) -> Self {
+        let data = match dtype {
+            KvCacheDtype::Float32 => RowData::F32(Vec::new()),
+            KvCacheDtype::Float16 => RowData::F16(Vec::new()),
+        };
         Self {
             heads,
             width,
             cap: 0,
             len: 0,
-            data: Vec::new(),
+            data,
         }
     }
 
@@ -61,8 +120,19 @@ impl RowBuffer {
     }
 
     /// The whole buffer, (heads, capacity, width); rows at positions >= `len` are zero.
-    pub fn data(&self) -> &[f32] {
-        &self.data
+    pub fn data(&self) -> RowSlice<'_> {
+        match &self.data {
+            RowData::F32(d) => RowSlice::F32(d),
+            RowData::F16(d) => RowSlice::F16(d),
+        }
+    }
+
+    /// Bytes per stored value.
+    pub fn elem_bytes(&self) -> usize {
+        match self.data {
+            RowData::F32(_) => f32::BYTES,
+            RowData::F16(_) => f16::BYTES,
+        }
     }
 
     /// Make room for `need` positions, keeping the rows written. Growing copies each
@@ -71,13 +141,11 @@ impl RowBuffer {
         if need <= self.cap {
             return;
         }
-        let (h, w) = (self.heads, self.width);
-        let mut data = vec![0.0f32; h * need * w];
-        for head in 0..h {
-            let src = &self.data[head * self.cap * w..(head * self.cap + self.len) * w];
-            data[head * need * w..head * need * w + src.len()].copy_from_slice(src);
-        }
-        self.data = data;
+        let (h, w, cap, len) = (self.heads, self.width, self.cap, self.len);
+        self.data = match &self.data {
+            RowData::F32(d) => RowData::F32(regrow(d, h, w, cap, len, need)),
+            RowData::F16(d) => RowData::F16(regrow(d, h, w, cap, len, need)),
+        };
         self.cap = need;
     }
 
@@ -94,28 +162,61 @@ impl RowBuffer {
         let t = rows.len() / (h * w).max(1);
         debug_assert_eq!(rows.len(), t * h * w);
         self.grow_for(self.len + t);
-        for (i, token) in rows.chunks_exact(h * w).enumerate() {
-            for head in 0..h {
-                let dst = (head * self.cap + self.len + i) * w;
-                self.data[dst..dst + w].copy_from_slice(&token[head * w..(head + 1) * w]);
-            }
+        let (cap, len) = (self.cap, self.len);
+        match &mut self.data {
+            RowData::F32(d) => write_token_major(d, rows, h, w, cap, len),
+            RowData::F16(d) => write_token_major(d, rows, h, w, cap, len),
         }
         self.len += t;
     }
 
     /// Bytes allocated.
     pub fn bytes(&self) -> usize {
-        self.data.len() * std::mem::size_of::<f32>()
+        self.heads * self.cap * self.width * self.elem_bytes()
     }
 
     /// Bytes of the rows written.
     pub fn used_bytes(&self) -> usize {
-        self.heads * self.len * self.width * std::mem::size_of::<f32>()
+        self.heads * self.len * self.width * self.elem_bytes()
+    }
+}
+
+/// A layer's cached rows as the attention kernels read them, in their stored
+/// precision.
+#[derive(Debug, Clone, Copy)]
+pub enum CacheRows<'a> {
+    F32(KvRows<'a, f32>),
+    F16(KvRows<'a, f16>),
+}
+
+impl<'a> CacheRows<'a> {
+    /// Per-head keys and values of the same precision: (heads, capacity, width) each.
+    pub fn separate(k: &'a RowBuffer, v: &'a RowBuffer) -> Result<Self> {
+        let (groups, d) = (k.heads, k.width);
+        match (k.data(), v.data()) {
+            (RowSlice::F32(k), RowSlice::F32(v)) => {
+                Ok(Self::F32(KvRows::separate(k, v, groups, d)))
+            }
+            (RowSlice::F16(k), RowSlice::F16(v)) => {
+                Ok(Self::F16(KvRows::separate(k, v, groups, d)))
+            }
+            _ => Err(Error::Invalid(
+                "cache keys and values are stored in different precisions".into(),
+            )),
+        }
+    }
+
+    /// A latent store (one group of rows whose first `dv` values are the value).
+    pub fn key_prefix(store: &'a RowBuffer, dv: usize) -> Self {
+        match store.data() {
+            RowSlice::F32(k) => Self::F32(KvRows::key_prefix(k, store.width, dv)),
+            RowSlice::F16(k) => Self::F16(KvRows::key_prefix(k, store.width, dv)),
+        }
     }
 }
 
 /// One layer's cached entries.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LayerCache {
     /// Keys after RoPE, (KV, capacity, D); for MLA layers the latent store
     /// (1, capacity, r + dr), rows `[c ; k_rope]`. None until the layer first runs.
@@ -127,9 +228,22 @@ pub struct LayerCache {
     pub index: Option<KeyStore>,
     /// Positions to allocate when the buffers are created (0 = grow by doubling).
     reserve: usize,
+    /// Precision of the key / value (latent) rows.
+    dtype: KvCacheDtype,
 }
 
 impl LayerCache {
+    /// An empty cache whose key / value rows will be stored in `dtype`.
+    pub fn new(dtype: KvCacheDtype) -> Self {
+        Self {
+            k: None,
+            v: None,
+            index: None,
+            reserve: 0,
+            dtype,
+        }
+    }
+
     /// Positions cached.
     pub fn len(&self) -> usize {
         self.k.as_ref().map_or(0, RowBuffer::len)
@@ -152,9 +266,9 @@ impl LayerCache {
 
     /// The key and value buffers, created for `kv` heads of `d` on first use.
     pub fn kv_mut(&mut self, kv: usize, d: usize) -> (&mut RowBuffer, &mut RowBuffer) {
-        let reserve = self.reserve;
+        let (reserve, dtype) = (self.reserve, self.dtype);
         let make = || {
-            let mut b = RowBuffer::new(kv, d);
+            let mut b = RowBuffer::new(kv, d, dtype);
             b.reserve_exact(reserve);
             b
         };
@@ -166,9 +280,9 @@ impl LayerCache {
     /// The latent store (one group of `width`-wide rows, no separate values), created
     /// on first use.
     pub fn latent_mut(&mut self, width: usize) -> &mut RowBuffer {
-        let reserve = self.reserve;
+        let (reserve, dtype) = (self.reserve, self.dtype);
         self.k.get_or_insert_with(|| {
-            let mut b = RowBuffer::new(1, width);
+            let mut b = RowBuffer::new(1, width, dtype);
             b.reserve_exact(reserve);
             b
         })
@@ -206,9 +320,10 @@ pub struct SeqCache {
 }
 
 impl SeqCache {
-    pub fn new(num_layers: usize) -> Self {
+    /// An empty cache of `num_layers` layers storing key / value rows in `dtype`.
+    pub fn new(num_layers: usize, dtype: KvCacheDtype) -> Self {
         Self {
-            layers: vec![LayerCache::default(); num_layers],
+            layers: vec![LayerCache::new(dtype); num_layers],
         }
     }
 

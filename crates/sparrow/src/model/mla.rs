@@ -16,7 +16,7 @@
 //! `y_h = W_UV_h (sum_s p_s c_s)`, so nothing per head is ever built for the cache.
 
 use super::attention::{attend_cached, dense_kl, full_recall, kl_loss};
-use super::cache::LayerCache;
+use super::cache::{CacheRows, LayerCache};
 use super::diagnostics::LayerDiagnostics;
 use super::indexer::IndexerOut;
 use super::linear::{host_f32, Linear};
@@ -28,7 +28,6 @@ use super::selector::{select_in_step, TopkSelector};
 use super::step::{Segment, StepOptions};
 use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
 use crate::error::{Error, Result};
-use crate::kernels::kv_rows::KvRows;
 use crate::kernels::softmax::CausalSoftmax;
 use crate::kernels::sparse_attention::{self, SparseDims};
 use crate::kernels::topk::NONE;
@@ -324,7 +323,7 @@ impl Mla {
     /// store): each row's query becomes `[W_UK_h^T q_nope_h ; RoPE(q_rot_h)]` per head
     /// (r + dr), each new position appends `[c ; RoPE(k_rot)]` to its sequence's latent
     /// store, and the attention kernels read that store with the latent as the value
-    /// (`KvRows::key_prefix`): flash-decoding or causal prefill over every visible
+    /// (`CacheRows::key_prefix`): flash-decoding or causal prefill over every visible
     /// position, or on DSA layers the indexer's top-k through the sparse kernel, so a
     /// V3.2 layer costs O(index_topk) per query in prefill and decode alike. The heads'
     /// latent outputs go through W_UV, then `o_proj`. -> (N, C).
@@ -409,7 +408,7 @@ impl Mla {
                 )?;
                 let store = cache.latent_mut(w);
                 store.append_token_major(&rows[seg.start * w..(seg.start + seg.len) * w]);
-                let kv = KvRows::key_prefix(store.data(), w, r);
+                let kv = CacheRows::key_prefix(store, r);
                 let qs = &qa[seg.start * h * w..(seg.start + seg.len) * h * w];
                 Ok(attend_cached(qs, kv, seg, selection.as_deref(), scale)) // (T, H, r)
             })

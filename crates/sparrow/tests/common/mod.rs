@@ -182,7 +182,8 @@ pub fn stepped(
     chunks: &[usize],
 ) -> (Tensor, sparrow::model::cache::SeqCache) {
     use sparrow::model::step::StepOptions;
-    let mut cache = sparrow::model::cache::SeqCache::new(model.cfg.num_hidden_layers);
+    let mut cache =
+        sparrow::model::cache::SeqCache::new(model.cfg.num_hidden_layers, model.cfg.kv_cache_dtype);
     let opts = StepOptions {
         all_logits: true,
         ..Default::default()

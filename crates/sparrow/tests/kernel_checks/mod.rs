@@ -5,6 +5,7 @@
 //! binary that includes it also includes `common`.
 #![allow(dead_code)]
 
+use half::f16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sparrow::formats::ggml::GgmlType;
@@ -54,6 +55,11 @@ pub fn attention_and_indexer() {
         (16usize, 1usize, 2999usize, 64usize),
         (12, 1, 130, 20),
         (4, 2, 77, 24),
+        // Per-head groups of 3 (SmolLM2), 7, 5, 1 (multi-head), key blocks and tails.
+        (9, 3, 1031, 64),
+        (7, 1, 200, 40),
+        (10, 2, 67, 20),
+        (3, 3, 65, 13),
     ] {
         let (q, k, v) = (
             rand_vec(h * d, 1),
@@ -68,7 +74,12 @@ pub fn attention_and_indexer() {
     }
     // Causal prefill (lanes of several queries with per-lane limits) against decoding
     // each query over its own prefix.
-    for &(h, kv, t, d) in &[(9usize, 3usize, 21usize, 16usize), (16, 1, 7, 24)] {
+    for &(h, kv, t, d) in &[
+        (9usize, 3usize, 21usize, 16usize),
+        (16, 1, 7, 24),
+        (9, 3, 150, 64),
+        (2, 1, 70, 12),
+    ] {
         let (q, k, v) = (
             rand_vec(t * h * d, 21),
             rand_vec(kv * t * d, 22),
@@ -123,6 +134,7 @@ pub fn attention_and_indexer() {
     let fast = sparse_attention::forward_f32(dims, 0.3, &q, &k, &v, &idx).unwrap();
     let generic = sparse_attention::forward(dims, 0.3, &q, &k, &v, &idx).unwrap();
     assert!(max_rel(&fast, &generic) < 1e-5);
+    half_cache_attention();
     // Indexer top-k: prefill and decode equal the sort of the full scores.
     let shape = IndexShape {
         heads: 3,
@@ -149,6 +161,79 @@ pub fn attention_and_indexer() {
     }
     let dec = indexer::topk_decode(&iq[(t - 1) * 39..], &iw[(t - 1) * 3..], &store, shape, kk);
     assert_eq!(dec, got[(t - 1) * kk..].to_vec());
+}
+
+/// The attention kernels over an f16 cache (rows widened in registers or per key
+/// block) against the reference over the same rows: dense decode (per-head and lane
+/// paths), causal prefill, the latent store, and sparse attention against the same
+/// selection over the rows widened to f32 beforehand.
+pub fn half_cache_attention() {
+    let half = |x: &[f32]| -> Vec<f16> { x.iter().map(|&v| f16::from_f32(v)).collect() };
+    let wide = |x: &[f16]| -> Vec<f32> { x.iter().map(|v| v.to_f32()).collect() };
+    for &(h, kv, s, d) in &[
+        (9usize, 3usize, 1031usize, 64usize),
+        (16, 1, 300, 64),
+        (5, 1, 77, 20),
+    ] {
+        let (q, k, v) = (
+            rand_vec(h * d, 31),
+            half(&rand_vec(kv * s * d, 32)),
+            half(&rand_vec(kv * s * d, 33)),
+        );
+        let scale = 1.0 / (d as f32).sqrt();
+        let rows = KvRows::separate(&k, &v, kv, d);
+        let got = decode_attention::decode(&q, rows, s, scale);
+        let want = decode_attention::reference(&q, rows, s, scale).unwrap();
+        assert!(max_rel(&got, &want) < 1e-5, "f16 decode ({h},{kv},{s},{d})");
+        // Causal prefill of the last 70 positions over the rest.
+        let t = 70;
+        let qt = rand_vec(t * h * d, 34);
+        let got = decode_attention::prefill_at(&qt, rows, t, s - t, scale);
+        for ti in [0, t / 2, t - 1] {
+            let want = decode_attention::reference(
+                &qt[ti * h * d..][..h * d],
+                rows,
+                s - t + ti + 1,
+                scale,
+            )
+            .unwrap();
+            assert!(
+                max_rel(&got[ti * h * d..][..h * d], &want) < 1e-5,
+                "f16 prefill ({h},{kv},{s},{d}) query {ti}"
+            );
+        }
+        // Sparse: the same selection over f16 rows and over their f32 widening.
+        let idx: Vec<u32> = (0..2 * 40)
+            .map(|i| {
+                if i % 13 == 5 {
+                    NONE
+                } else {
+                    ((i * 37) % s) as u32
+                }
+            })
+            .collect();
+        let qs = rand_vec(2 * h * d, 35);
+        let got = sparse_attention::attend_selected(&qs, rows, 2, &idx, scale);
+        let (kw, vw) = (wide(&k), wide(&v));
+        let want = sparse_attention::attend_selected(
+            &qs,
+            KvRows::separate(&kw, &vw, kv, d),
+            2,
+            &idx,
+            scale,
+        );
+        assert!(max_rel(&got, &want) < 1e-6, "f16 sparse ({h},{kv},{s},{d})");
+    }
+    for &(h, s, dk, dv) in &[(16usize, 301usize, 45usize, 37usize), (5, 90, 20, 12)] {
+        let (q, k) = (rand_vec(h * dk, 36), half(&rand_vec(s * dk, 37)));
+        let rows = KvRows::key_prefix(&k, dk, dv);
+        let got = decode_attention::decode(&q, rows, s, 0.2);
+        let want = decode_attention::reference(&q, rows, s, 0.2).unwrap();
+        assert!(
+            max_rel(&got, &want) < 1e-5,
+            "f16 latent decode ({h},{s},{dk},{dv})"
+        );
+    }
 }
 
 /// The f32 inference product (`kernels::matmul`): against the f64 reference, each row

@@ -1,6 +1,6 @@
 //! `sparrow bench attention`: one attention layer, dense vs DSA, by context length.
 
-use crate::common::{rayon_threads, IndexDtype};
+use crate::common::{rayon_threads, IndexDtype, KvDtype};
 use crate::report::{fixed, Report};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -44,6 +44,9 @@ pub struct AttentionBenchArgs {
     /// Precision of the index key cache.
     #[arg(long, value_enum, default_value = "f32")]
     pub index_dtype: IndexDtype,
+    /// Precision of the key / value cache.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub kv_dtype: KvDtype,
     /// Also draw decode latency by context, dense vs sparse (SVG).
     #[arg(long)]
     pub plot: Option<PathBuf>,
@@ -63,6 +66,7 @@ pub fn run(a: AttentionBenchArgs) -> Result<()> {
         index_dim: a.index_dim,
         topk: a.topk,
         index_precision: sparrow::config::IndexCacheDtype::from(a.index_dtype).key_precision(),
+        kv_dtype: a.kv_dtype.into(),
     };
     for (flag, v) in [
         ("--heads", shape.heads),

@@ -1,6 +1,6 @@
 //! `sparrow bench generate`: the whole model through the engine's batched step.
 
-use crate::common::{rayon_threads, IndexDtype, WeightsArg, DEFAULT_MODEL};
+use crate::common::{rayon_threads, HoldArgs, IndexDtype, DEFAULT_MODEL};
 use crate::report::Report;
 use anyhow::Result;
 use sparrow::config::ModelConfig;
@@ -43,10 +43,8 @@ pub struct GenerateBenchArgs {
     /// `index_cache_dtype`).
     #[arg(long, value_enum)]
     pub index_dtype: Option<IndexDtype>,
-    /// How the linear layers' weights are held: f32, f16, bf16, int8 (Q8_0 blocks) or
-    /// native (as the file stores them).
-    #[arg(long, value_enum, default_value = "native")]
-    pub weights: WeightsArg,
+    #[command(flatten)]
+    pub hold: HoldArgs,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long)]
@@ -66,7 +64,8 @@ pub fn run(a: GenerateBenchArgs) -> Result<()> {
     };
     let lift_to = a.lift_context_limit.then_some(longest);
     let index_dtype: Option<sparrow::config::IndexCacheDtype> = a.index_dtype.map(Into::into);
-    let (dir, config, weights, json) = (a.model.as_path(), a.config.as_deref(), a.weights, a.json);
+    let (dir, config, hold, json) = (a.model.as_path(), a.config.as_deref(), a.hold, a.json);
+    let weights = hold.weights;
     let bench = &bench;
     use sparrow::bench::generate::GenerateRow;
     let edit = |c: &mut ModelConfig| {
@@ -76,6 +75,7 @@ pub fn run(a: GenerateBenchArgs) -> Result<()> {
         if let Some(d) = index_dtype {
             c.index_cache_dtype = d;
         }
+        hold.edit(c);
     };
     let (m, dir) = match config {
         Some(path) => {
