@@ -524,8 +524,9 @@ fn smollm2_matches_llama_cpp() {
         |_| {},
     )
     .unwrap();
-    // Greedy continuations: identical for the first 32 tokens on >= 18 of 20 prompts.
+    // Greedy continuations of 20 prompts, 32 tokens each, against llama.cpp's.
     let mut same = 0;
+    let mut worst_gap = 0f32;
     let conts = fx["continuations"].as_array().unwrap();
     for case in conts {
         let prompt = json_ids(&case["prompt_ids"]);
@@ -535,9 +536,26 @@ fn smollm2_matches_llama_cpp() {
         if got == want {
             same += 1;
         } else {
+            // Where the two part: how far llama.cpp's token was from Sparrow's top
+            // logit, with both continuing llama.cpp's text so far.
             let n = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+            let ids: Vec<u32> = prompt.iter().chain(&want[..n]).copied().collect();
+            let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+            let logits: Vec<f32> = model
+                .forward(&input)
+                .unwrap()
+                .logits
+                .squeeze(0)
+                .unwrap()
+                .get(ids.len() - 1)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let gap = top - logits[want[n] as usize];
+            worst_gap = worst_gap.max(gap);
             eprintln!(
-                "{:?}: first {n} tokens agree",
+                "{:?}: first {n} tokens agree; llama.cpp's next token is {gap:.3} below Sparrow's top logit",
                 case["prompt"].as_str().unwrap()
             );
         }
@@ -562,12 +580,18 @@ fn smollm2_matches_llama_cpp() {
     let floor_same = floor["continuations_identical"].as_u64().unwrap() as usize;
     let floor_agree = floor["top1_agreement"].as_f64().unwrap();
     eprintln!(
-        "smollm2 vs llama.cpp: {same}/{} greedy continuations identical (llama.cpp f32-KV vs itself: {floor_same}), teacher-forced top-1 agreement {agree:.4} (llama.cpp f32-KV vs itself: {floor_agree:.4})",
+        "smollm2 vs llama.cpp: {same}/{} greedy continuations identical (llama.cpp f32-KV vs itself: {floor_same}), widest parting gap {worst_gap:.3}, teacher-forced top-1 agreement {agree:.4} (llama.cpp f32-KV vs itself: {floor_agree:.4})",
         conts.len(),
     );
+    // How many continuations stay identical is noise: rounding flips near-tied choices
+    // (llama.cpp's own f32 / f16 KV caches agree on 10 of 20; Sparrow's count moved
+    // between 4 and 7 across SIMD paths and cache types). What a defect would change is
+    // where they part: every parting must be a near tie, llama.cpp's token within
+    // `NEAR_TIE` of Sparrow's top logit on the same text (measured: at most 0.42).
+    const NEAR_TIE: f32 = 1.0;
     assert!(
-        same + 4 >= floor_same,
-        "{same} of 20 continuations match llama.cpp's; llama.cpp with an f32 KV cache matches {floor_same}"
+        worst_gap <= NEAR_TIE,
+        "a continuation parts from llama.cpp's where its token is {worst_gap:.3} below Sparrow's top logit (near tie: {NEAR_TIE})"
     );
     assert!(
         agree >= floor_agree - 0.02,

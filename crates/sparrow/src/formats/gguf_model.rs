@@ -17,13 +17,15 @@
 //!
 //! llama.cpp's converter permutes the rows of `attn_q` and `attn_k` within each head so
 //! that its interleaved ("normal") RoPE computes HF's rotate-half RoPE; reading undoes
-//! that permutation, so the tensors are exactly HF's and export back to HF is a copy.
+//! that permutation (matrices kept quantized read their rows through it in place,
+//! [`RowOrder::GgufRope`]), so the tensors are exactly HF's and export back to HF is a
+//! copy.
 
 use super::ggml::GgmlType;
 use super::gguf::GgufFile;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::kernels::qmatmul::{is_native, QMatrix};
+use crate::kernels::qmatmul::{is_native, QMatrix, RowOrder};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -280,16 +282,14 @@ pub fn read_tensors(
             }
         }
         if format == WeightFormat::Native && shape.len() == 2 && is_native(t.ggml_type) {
-            // Used in place in the map; Q and K rows are reordered into a copy.
-            let q = match heads {
-                Some(h) => {
-                    let bytes = f.tensor_data(t);
-                    let bytes = reorder_qk_rows(bytes, rows, bytes.len() / rows, h, false);
-                    QMatrix::new(t.ggml_type, rows, cols, bytes)
-                }
-                None => QMatrix::mapped(t.ggml_type, rows, cols, f.tensor_data_shared(t)),
-            }
-            .map_err(|m| f.error(format!("tensor `{}`: {m}", t.name)))?;
+            // Used in place in the map, Q and K rows read in llama.cpp's order.
+            let order = match heads {
+                Some(h) => RowOrder::GgufRope { head_dim: rows / h },
+                None => RowOrder::Plain,
+            };
+            let q = QMatrix::mapped(t.ggml_type, rows, cols, f.tensor_data_shared(t))
+                .and_then(|q| q.with_row_order(order))
+                .map_err(|m| f.error(format!("tensor `{}`: {m}", t.name)))?;
             quantized.insert(name, Arc::new(q));
         } else {
             let mut values = f.dequantize(t)?;

@@ -33,6 +33,36 @@ pub struct QMatrix {
     /// Input features (a multiple of 32).
     pub cols: usize,
     data: QData,
+    /// Where row `r` sits in `data`.
+    order: RowOrder,
+}
+
+/// The order a matrix's rows are stored in; every reader of a row (the products,
+/// dequantization) goes through it, so the matrix is the same whatever its storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowOrder {
+    /// Row `r` is stored `r`-th.
+    Plain,
+    /// llama.cpp's order of Q and K rows (for its interleaved RoPE): within each head
+    /// of `head_dim` rows, row `j * head_dim / 2 + i` (HF's rotate-half layout) is
+    /// stored at `2 i + j`. A GGUF file's Q and K are used in place in its map this
+    /// way, instead of through a reordered copy.
+    GgufRope { head_dim: usize },
+}
+
+impl RowOrder {
+    /// The stored position of row `r`.
+    #[inline(always)]
+    fn stored(self, r: usize) -> usize {
+        match self {
+            RowOrder::Plain => r,
+            RowOrder::GgufRope { head_dim } => {
+                let (head, within) = (r / head_dim, r % head_dim);
+                let half = head_dim / 2;
+                head * head_dim + 2 * (within % half) + within / half
+            }
+        }
+    }
 }
 
 /// A matrix's bytes: its own, or a range of a memory-mapped GGUF file.
@@ -105,11 +135,34 @@ impl QMatrix {
             rows,
             cols,
             data,
+            order: RowOrder::Plain,
         })
+    }
+
+    /// The same bytes read as stored in `order`.
+    pub fn with_row_order(mut self, order: RowOrder) -> Result<Self, String> {
+        if let RowOrder::GgufRope { head_dim } = order {
+            if head_dim == 0 || !head_dim.is_multiple_of(2) || !self.rows.is_multiple_of(head_dim) {
+                return Err(format!(
+                    "{} rows are not whole heads of an even size {head_dim}",
+                    self.rows
+                ));
+            }
+        }
+        self.order = order;
+        Ok(self)
     }
 
     fn row_bytes(&self) -> usize {
         self.cols / QK * self.ty.block_bytes()
+    }
+
+    /// The encoded blocks of row `r`.
+    #[inline(always)]
+    fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        let at = self.order.stored(r) * rb;
+        &self.data[at..at + rb]
     }
 
     /// Bytes the weights occupy.
@@ -119,12 +172,8 @@ impl QMatrix {
 
     /// Row `r` dequantized into `out` (`cols` values): an embedding lookup.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let rb = self.row_bytes();
         let bb = self.ty.block_bytes();
-        for (b, y) in self.data[r * rb..(r + 1) * rb]
-            .chunks_exact(bb)
-            .zip(out.chunks_exact_mut(QK))
-        {
+        for (b, y) in self.row(r).chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
             dequantize_block(self.ty, b, y);
         }
     }
@@ -644,8 +693,7 @@ fn dot_tile<const C: usize, const R: usize>(
 ) -> [[f32; R]; C] {
     let k = w.cols;
     let nbk = k / QK;
-    let rb = w.row_bytes();
-    let wr: [&[u8]; C] = std::array::from_fn(|c| &w.data[(c0 + c) * rb..(c0 + c + 1) * rb]);
+    let wr: [&[u8]; C] = std::array::from_fn(|c| w.row(c0 + c));
     #[cfg(target_arch = "x86_64")]
     if kernel != Kernel::Portable {
         let rows = vnni::Rows::<R> {
@@ -784,7 +832,7 @@ pub fn reference(x: &[f32], m: usize, w: &QMatrix) -> Vec<f32> {
     let mut y = vec![0f32; m * w.rows];
     for r in 0..m {
         for c in 0..w.rows {
-            let row = &w.data[c * w.row_bytes()..(c + 1) * w.row_bytes()];
+            let row = w.row(c);
             let mut total = 0f64;
             for ib in 0..nbk {
                 let b = &row[ib * bb..(ib + 1) * bb];

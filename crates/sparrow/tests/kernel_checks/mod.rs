@@ -298,6 +298,12 @@ pub fn half_products() -> Vec<Vec<f32>> {
 
 /// Random blocks of `ty`: random nibbles / int8 values with small finite scales.
 pub fn random_matrix(rng: &mut ChaCha8Rng, ty: GgmlType, rows: usize, cols: usize) -> QMatrix {
+    QMatrix::new(ty, rows, cols, random_blocks(rng, ty, rows, cols)).unwrap()
+}
+
+/// The encoded bytes of a random (rows, cols) matrix of a native quantized type: random
+/// quants, small random scales (and Q4_1 minimums).
+pub fn random_blocks(rng: &mut ChaCha8Rng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
     let nb = rows * cols / 32;
     let mut data = Vec::with_capacity(nb * ty.block_bytes());
     for _ in 0..nb {
@@ -310,7 +316,7 @@ pub fn random_matrix(rng: &mut ChaCha8Rng, ty: GgmlType, rows: usize, cols: usiz
         }
         data.extend(block);
     }
-    QMatrix::new(ty, rows, cols, data).unwrap()
+    data
 }
 
 /// Every native quantized type on awkward sizes: against the reference's integer
