@@ -255,6 +255,241 @@ fn ctrl_c_checkpoints_and_resume_continues() {
     );
 }
 
+/// SIGKILL at random moments of a run that checkpoints every step (so kills land both
+/// in steps and in checkpoint writes), 20 times, continuing after each (`--resume`, or
+/// `train` again while no checkpoint exists yet): no start ever fails, the step never
+/// goes back, and the finished run's metrics and weights equal an uninterrupted run's.
+#[test]
+fn killed_runs_resume_exactly() {
+    use rand::{Rng, SeedableRng};
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::write_synthetic_corpus(&corpus);
+    // Long enough that 20 kills (at most 0.4 s of running each) cannot reach the end.
+    let steps = "1000";
+    let with_checkpoints = |mut args: Vec<String>, tokenizer: Option<&Path>| {
+        args.extend(["--checkpoint-every", "1"].map(String::from));
+        if let Some(t) = tokenizer {
+            args.extend(["--tokenizer".to_string(), t.to_string_lossy().into_owned()]);
+        }
+        args
+    };
+    let straight = tmp.path().join("straight");
+    let args = with_checkpoints(train_args(&corpus, &straight, steps), None);
+    let out = sparrow(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let tokenizer = straight.join("tokenizer.json");
+
+    let run = tmp.path().join("killed");
+    let step_of = |dir: &Path| -> u64 {
+        std::fs::read_to_string(dir.join("train_state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["step"].as_u64())
+            .unwrap_or(0)
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let (mut kills, mut mid_checkpoint, mut last_step) = (0, 0, 0);
+    let finished = loop {
+        let args =
+            if run.join("train_state.json").exists() || run.join(".checkpoint.ready").exists() {
+                ["--quiet", "train", "--resume", run.to_str().unwrap()]
+                    .map(String::from)
+                    .to_vec()
+            } else {
+                with_checkpoints(train_args(&corpus, &run, steps), Some(&tokenizer))
+            };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sparrow"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if kills == 20 {
+            break child.wait_with_output().unwrap();
+        }
+        let delay = Duration::from_millis(rng.random_range(20..400));
+        std::thread::sleep(delay);
+        if child.try_wait().unwrap().is_some() {
+            // It ended by itself before the kill: only a success may end a run.
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{:?}: {}", args, text(&out.stderr));
+            break out;
+        }
+        child.kill().unwrap(); // SIGKILL
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "killed after {delay:?}");
+        kills += 1;
+        if run.join(".checkpoint.tmp").exists() || run.join(".checkpoint.ready").exists() {
+            mid_checkpoint += 1;
+        }
+        let step = step_of(&run);
+        assert!(
+            step >= last_step,
+            "the step went back: {last_step} -> {step}"
+        );
+        last_step = step;
+    };
+    assert!(finished.status.success(), "{}", text(&finished.stderr));
+    eprintln!("{kills} kills ({mid_checkpoint} during a checkpoint write), then finished");
+    assert_eq!(kills, 20, "the run finished before 20 kills");
+    assert!(
+        mid_checkpoint > 0,
+        "no kill landed during a checkpoint write"
+    );
+    let a = sparrow::train::metrics::read_metrics(&straight.join("metrics.jsonl")).unwrap();
+    let b = sparrow::train::metrics::read_metrics(&run.join("metrics.jsonl")).unwrap();
+    assert_eq!(a.len(), 1000);
+    assert_eq!(b.len(), 1000);
+    for (x, y) in a.iter().zip(&b) {
+        for key in ["step", "loss", "lr", "grad_norm", "aux_loss", "val_loss"] {
+            assert_eq!(x.get(key), y.get(key), "{key} at step {}", x["step"]);
+        }
+    }
+    assert!(
+        std::fs::read(straight.join("model.safetensors")).unwrap()
+            == std::fs::read(run.join("model.safetensors")).unwrap(),
+        "final weights differ"
+    );
+    // Nothing of the interrupted writes is left behind.
+    let leftovers: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp") || n.contains(".checkpoint"))
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+}
+
+/// Unmounts a test's small filesystem however the test ends.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A full disk while a checkpoint is written: the run stops with an error naming the
+/// cause, the previous checkpoint stays whole, and resumed with room again the run ends
+/// as an uninterrupted one does. The disk is a small tmpfs made for the test where this
+/// process may mount one (root), else a file-size limit (`ulimit -f`, SIGXFSZ ignored)
+/// makes the same write fail.
+#[test]
+fn a_full_disk_keeps_the_previous_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::write_synthetic_corpus(&corpus);
+    let straight = tmp.path().join("straight");
+    let out = train_tiny(&corpus, &straight, "8");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let tokenizer = straight.join("tokenizer.json");
+
+    // The first 4 steps on the ordinary disk.
+    let first = tmp.path().join("first");
+    let mut args = train_args(&corpus, &first, "8");
+    args.extend(
+        [
+            "--pause-at",
+            "4",
+            "--tokenizer",
+            tokenizer.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    let out = sparrow(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    let used: u64 = std::fs::read_dir(&first)
+        .unwrap()
+        .map(|e| size(&e.unwrap().path()))
+        .sum();
+    let model_bytes = size(&first.join("model.safetensors"));
+
+    // Room for the run and half of its next model file.
+    let small = tmp.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let room_kib = (used + model_bytes / 2) / 1024 + 1;
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={room_kib}k"), "tmpfs"])
+        .arg(&small)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let _unmount = mounted.then(|| Mounted(small.clone()));
+    let run = small.join("run");
+    std::fs::create_dir(&run).unwrap();
+    for e in std::fs::read_dir(&first).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), run.join(e.file_name())).unwrap();
+        }
+    }
+    let resume = ["--quiet", "train", "--resume", run.to_str().unwrap()];
+    let out = if mounted {
+        sparrow(&resume)
+    } else {
+        // 512-byte blocks: every file the process writes stops short of the model's.
+        let script = format!(
+            "trap '' XFSZ; ulimit -f {}; exec \"$0\" \"$@\"",
+            model_bytes / 2 / 512
+        );
+        Command::new("sh")
+            .args(["-c", &script, env!("CARGO_BIN_EXE_sparrow")])
+            .args(resume)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let stderr = text(&out.stderr);
+    eprintln!(
+        "{}: {}",
+        if mounted { "tmpfs" } else { "ulimit -f" },
+        stderr.trim()
+    );
+    assert!(!out.status.success(), "the checkpoint fitted");
+    let cause = if mounted {
+        "No space left on device"
+    } else {
+        "File too large"
+    };
+    assert!(
+        stderr.contains(cause) && stderr.contains(".checkpoint.tmp"),
+        "{stderr}"
+    );
+    assert!(!run.join(".checkpoint.tmp").exists());
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("train_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["step"].as_u64(), Some(4));
+
+    // Room again (a larger tmpfs, or no limit): the run resumes and ends exactly.
+    if mounted {
+        let grown = Command::new("mount")
+            .args(["-o", &format!("remount,size={}k", 4 * room_kib), "tmpfs"])
+            .arg(&small)
+            .status()
+            .unwrap();
+        assert!(grown.success());
+    }
+    let out = sparrow(&resume);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let a = sparrow::train::metrics::read_metrics(&straight.join("metrics.jsonl")).unwrap();
+    let b = sparrow::train::metrics::read_metrics(&run.join("metrics.jsonl")).unwrap();
+    assert_eq!(a.len(), 8);
+    assert_eq!(b.len(), 8);
+    for (x, y) in a.iter().zip(&b) {
+        for key in ["step", "loss", "lr", "grad_norm", "val_loss"] {
+            assert_eq!(x.get(key), y.get(key), "{key} at step {}", x["step"]);
+        }
+    }
+    assert!(
+        std::fs::read(straight.join("model.safetensors")).unwrap()
+            == std::fs::read(run.join("model.safetensors")).unwrap(),
+        "final weights differ"
+    );
+}
+
 #[test]
 fn corpus_fetch_names_missing_clients() {
     let tmp = tempfile::tempdir().unwrap();

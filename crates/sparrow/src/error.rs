@@ -45,11 +45,12 @@ pub enum Error {
     #[error("model {name}: {message}")]
     Fetch { name: String, message: String },
 
-    #[error("I/O error on {path}: {source}")]
+    /// The cause is part of the message (not a `source`, which `{:#}` would print a
+    /// second time).
+    #[error("I/O error on {path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("JSON error in {path}: {message}")]
@@ -63,7 +64,7 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 

@@ -17,7 +17,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .ok_or_else(|| Error::Invalid(format!("not a file path: {}", path.display())))?;
     let tmp = dir.join(format!(
-        ".{}.tmp-{}",
+        ".{}{TEMP_MARK}{}",
         file_name.to_string_lossy(),
         std::process::id()
     ));
@@ -33,6 +33,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// What names [`write_atomic`]'s temporary files: `.{name}.tmp-{pid}`.
+const TEMP_MARK: &str = ".tmp-";
+
+/// Remove the temporary files of atomic writes a killed process left in `dir` (call it
+/// only where no other process writes: under a run's lock).
+pub fn remove_stale_temp_files(dir: &Path) -> Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_temp = name.starts_with('.')
+            && name
+                .rsplit_once(TEMP_MARK)
+                .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+        if is_temp && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let path = entry.path();
+            fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// fsync a directory so a rename into it is durable (best effort: some filesystems

@@ -156,7 +156,8 @@ fn train_or_resume(
 ) -> Result<train::TrainSummary> {
     let mut config = exp.config.clone();
     config.router_kind = kind;
-    if dir.join(STATE_JSON).exists() {
+    if train::checkpoint::holds_run(dir) {
+        train::recover_run(dir)?;
         let state: TrainState = crate::fsio::read_json(&dir.join(STATE_JSON))?;
         let existing = ModelConfig::from_file(&dir.join("config.json"))?;
         if state.options != exp.options || existing != config {

@@ -1,9 +1,16 @@
 //! Checkpoints: a training run directory is a model directory (`config.json`,
 //! `model.safetensors`, `tokenizer.json`, `generation_config.json`) plus
 //! `train_state.safetensors` (AdamW moments) and `train_state.json` (step, RNG, data
-//! position, options). Every file is written atomically; `train_state.json` goes last
-//! and both weight files carry the step in their metadata, so a resume checks that all
-//! three belong to the same step.
+//! position, options). Both weight files carry the step in their metadata, so a resume
+//! checks that all three belong to the same step.
+//!
+//! A checkpoint survives a kill at any moment, a full disk included: its files are
+//! first written (each fsynced) into the staging directory `.checkpoint.tmp`, which is
+//! renamed `.checkpoint.ready` once complete; then each file is renamed into the run
+//! directory (`train_state.json` last) and the empty staging directory is removed.
+//! [`recover`] (run under the run's lock before anything reads it) finishes a ready
+//! checkpoint a kill interrupted, and drops an incomplete one: the run directory then
+//! holds either the new checkpoint or the previous one, whole.
 
 use super::optimizer::AdamW;
 use super::options::TrainOptions;
@@ -55,10 +62,37 @@ pub struct TrainState {
 
 pub const STATE_JSON: &str = "train_state.json";
 pub const STATE_WEIGHTS: &str = "train_state.safetensors";
+/// A checkpoint being written (incomplete until renamed [`READY`]).
+pub const STAGING: &str = ".checkpoint.tmp";
+/// A complete checkpoint whose files are being moved into the run directory.
+pub const READY: &str = ".checkpoint.ready";
 
-/// Write a full checkpoint of `model` and `opt` at `state.step` into `dir`.
+/// Write a full checkpoint of `model` and `opt` at `state.step` into `dir`. On an error
+/// (a full disk, say) the staging directory is removed and the previous checkpoint
+/// stands.
 pub fn save(
     dir: &Path,
+    model: &Model,
+    opt: &AdamW,
+    tokenizer: &Tokenizer,
+    state: &TrainState,
+) -> Result<()> {
+    let staging = dir.join(STAGING);
+    remove_dir(&staging)?;
+    let written = stage(&staging, model, opt, tokenizer, state);
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    let ready = dir.join(READY);
+    std::fs::rename(&staging, &ready).map_err(|e| Error::io(&ready, e))?;
+    crate::fsio::sync_dir(dir)?;
+    commit(dir, &ready)
+}
+
+/// Every file of the checkpoint into `staging`, each fsynced, then the directory.
+fn stage(
+    staging: &Path,
     model: &Model,
     opt: &AdamW,
     tokenizer: &Tokenizer,
@@ -69,13 +103,58 @@ pub fn save(
         tokenizer: Some(tokenizer),
         ..Default::default()
     };
-    crate::model_dir::save(model, dir, &opts)?;
+    crate::model_dir::save(model, staging, &opts)?;
     let meta = HashMap::from([
         (STEP_KEY.to_string(), state.step.to_string()),
         ("adamw_t".to_string(), opt.t.to_string()),
     ]);
-    crate::weights::save(&dir.join(STATE_WEIGHTS), &opt.state_tensors(), meta)?;
-    crate::fsio::write_json_atomic(&dir.join(STATE_JSON), state)
+    crate::weights::save(&staging.join(STATE_WEIGHTS), &opt.state_tensors(), meta)?;
+    crate::fsio::write_json_atomic(&staging.join(STATE_JSON), state)?;
+    crate::fsio::sync_dir(staging)
+}
+
+/// Move a ready checkpoint's files into `dir`, `train_state.json` last, then remove
+/// the (empty) ready directory. Files a kill already moved are simply not there.
+fn commit(dir: &Path, ready: &Path) -> Result<()> {
+    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(ready)
+        .map_err(|e| Error::io(ready, e))?
+        .map(|e| e.map(|e| e.file_name()).map_err(|e| Error::io(ready, e)))
+        .collect::<Result<_>>()?;
+    // The state file commits the checkpoint: it goes last.
+    names.sort_by_key(|n| (n == STATE_JSON, n.clone()));
+    for name in names {
+        let (from, to) = (ready.join(&name), dir.join(&name));
+        std::fs::rename(&from, &to).map_err(|e| Error::io(&to, e))?;
+    }
+    crate::fsio::sync_dir(dir)?;
+    std::fs::remove_dir(ready).map_err(|e| Error::io(ready, e))?;
+    crate::fsio::sync_dir(dir)
+}
+
+/// Bring run directory `dir` to one whole checkpoint after a crash: finish moving a
+/// ready checkpoint into place, drop an incomplete one and any temporary file an
+/// interrupted atomic write left. Call it holding the run's lock.
+pub fn recover(dir: &Path) -> Result<()> {
+    let ready = dir.join(READY);
+    if ready.is_dir() {
+        commit(dir, &ready)?;
+    }
+    remove_dir(&dir.join(STAGING))?;
+    crate::fsio::remove_stale_temp_files(dir)
+}
+
+/// Remove `path` and everything in it, if it exists.
+fn remove_dir(path: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(path, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `dir` holds a training run (a checkpoint, or a complete one a crash left
+/// waiting to be moved into place).
+pub fn holds_run(dir: &Path) -> bool {
+    dir.join(STATE_JSON).exists() || dir.join(READY).is_dir()
 }
 
 /// Everything a resume needs.

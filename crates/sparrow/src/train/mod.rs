@@ -12,4 +12,6 @@ pub mod plot;
 pub mod schedule;
 pub mod trainer;
 
-pub use trainer::{resume, train, ResumeRequest, TrainOptions, TrainRequest, TrainSummary};
+pub use trainer::{
+    recover_run, resume, train, ResumeRequest, TrainOptions, TrainRequest, TrainSummary,
+};

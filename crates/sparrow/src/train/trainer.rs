@@ -76,14 +76,22 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     req.options.validate()?;
     req.config.validate()?;
     check_seq_len(&req.options, &req.config)?;
-    if req.out.join(checkpoint::STATE_JSON).exists() {
-        return Err(Error::Invalid(format!(
+    let already = || {
+        Err(Error::Invalid(format!(
             "{} already holds a training run; resume it to continue",
             req.out.display()
-        )));
+        )))
+    };
+    if checkpoint::holds_run(&req.out) {
+        return already();
     }
     std::fs::create_dir_all(&req.out).map_err(|e| Error::io(&req.out, e))?;
     let _lock = super::lock::RunLock::acquire(&req.out)?;
+    // A run killed before its first checkpoint left no state: start over, clean.
+    checkpoint::recover(&req.out)?;
+    if checkpoint::holds_run(&req.out) {
+        return already();
+    }
     let tokenizer = match (&req.init_from, &req.tokenizer) {
         (Some(_), Some(_)) => {
             return Err(Error::Invalid(
@@ -142,13 +150,22 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     run_loop(model, opt, tokenizer, state, &req.out, ctl)
 }
 
+/// Bring the run in `dir` to one whole checkpoint after a crash (under its lock: fails
+/// while another process trains it), so its files can be read before resuming it.
+pub fn recover_run(dir: &Path) -> Result<()> {
+    let _lock = super::lock::RunLock::acquire(dir)?;
+    checkpoint::recover(dir)
+}
+
 /// Continue the run in `req.dir` exactly where its last checkpoint stopped.
 pub fn resume(req: ResumeRequest) -> Result<TrainSummary> {
     let dir = req.dir.as_path();
     // Lock only a real run directory (never create `.lock` elsewhere); `load` names
     // what is missing.
-    let _lock = if dir.join(checkpoint::STATE_JSON).exists() {
-        Some(super::lock::RunLock::acquire(dir)?)
+    let _lock = if checkpoint::holds_run(dir) {
+        let lock = super::lock::RunLock::acquire(dir)?;
+        checkpoint::recover(dir)?;
+        Some(lock)
     } else {
         None
     };
