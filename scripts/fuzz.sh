@@ -5,6 +5,8 @@
 # coverage per target and fails on any crash, hang or out-of-memory (the input is left
 # in fuzz/artifacts/TARGET/).
 #   scripts/fuzz.sh [SECONDS (default 60)] [TARGET ...]
+# FUZZ_RUNS=N also ends each target after N executions (the issue's full run:
+# FUZZ_RUNS=1000000 scripts/fuzz.sh 1800: a million executions or 30 minutes each).
 # Needs the nightly toolchain and cargo-fuzz (installed here when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +14,7 @@ secs=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(gguf safetensors config_json tokenizer_json chat_template)
+  targets=(gguf safetensors config_json tokenizer_json chat_template topk expert_dispatch indexer_topk)
 fi
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
@@ -33,17 +35,19 @@ seed chat_template fuzz/seeds/chat_template/*
 summary=()
 for t in "${targets[@]}"; do
   log=$(mktemp)
+  mkdir -p "$corpus/$t" # targets without seed files start from an empty corpus
   echo "== $t ($secs s)"
   if ! cargo +nightly fuzz run --release "$t" "$corpus/$t" -- \
       -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 -max_len=131072 \
-      -print_final_stats=1 >"$log" 2>&1; then
+      -print_final_stats=1 ${FUZZ_RUNS:+-runs=$FUZZ_RUNS} >"$log" 2>&1; then
     tail -40 "$log"
     echo "fuzz target $t failed: see fuzz/artifacts/$t/" >&2
     exit 1
   fi
   runs=$(grep -o 'Done [0-9]* runs' "$log" | tail -1 | grep -o '[0-9]*')
+  took=$(grep -o 'runs in [0-9]* second' "$log" | tail -1 | grep -o '[0-9]*')
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*')
-  summary+=("$t: ${runs:-?} executions in $secs s, coverage ${cov:-?} edges, 0 crashes")
+  summary+=("$t: ${runs:-?} executions in ${took:-$secs} s, coverage ${cov:-?} edges, 0 crashes")
   rm -f "$log"
 done
 printf '%s\n' "${summary[@]}"

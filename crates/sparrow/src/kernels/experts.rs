@@ -9,8 +9,9 @@
 //! - gather: `dx[t] = sum_j dxg[pos(t,j)]`;
 //! - combine: `dys[p] = w[t,j] * dy[t]` for `p = pos(t,j)`, `dw[t,j] = dy[t] . ys[p]`.
 //!
-//! Reference: `reference::moe_dispatch_reference` (candle's `index_select`,
-//! `broadcast_mul` and `index_add`), compared in `tests/routers.rs`.
+//! Reference: `reference::{moe_gather_reference, moe_combine_reference}` (candle's
+//! `index_select`, `broadcast_mul` and `index_add`), compared in `tests/routers.rs` and
+//! by the `expert_dispatch` fuzz target on arbitrary routings.
 
 use super::contiguous_slice;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
