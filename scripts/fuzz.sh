@@ -31,6 +31,7 @@ seed safetensors fixtures/gguf/*.safetensors fixtures/hf/*/reference.safetensors
 seed config_json configs/*.json fixtures/hf/*/config.json models/sparrow-small/config.json
 seed tokenizer_json fuzz/seeds/tokenizer_json/*
 seed chat_template fuzz/seeds/chat_template/*
+seed expert_dispatch fuzz/seeds/expert_dispatch/*
 
 summary=()
 for t in "${targets[@]}"; do

@@ -10,11 +10,18 @@ use sparrow::kernels::experts::{CombineSlots, Dispatch, GatherRows, DROPPED};
 use sparrow::kernels::reference::{moe_combine_reference, moe_gather_reference};
 use std::sync::Arc;
 
+/// Largest difference over the larger of 1 and the reference's largest magnitude: the
+/// inputs are O(1) (at most 4 in size), so sums whose terms cancel (one token sent to
+/// one expert in several slots, weights of both signs) are judged against the size of
+/// their terms, not against their own near-zero result.
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let a: Vec<f64> = a.flatten_all().unwrap().to_vec1().unwrap();
     let b: Vec<f64> = b.flatten_all().unwrap().to_vec1().unwrap();
-    let scale = b.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
-    a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+    let scale = b.iter().fold(1f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -59,11 +66,18 @@ fuzz_target!(|data: &[u8]| {
         };
         let ys = xg.tanh().unwrap();
         let y = if fast {
-            CombineSlots(plan.clone()).apply(&ys, w.as_tensor()).unwrap()
+            CombineSlots(plan.clone())
+                .apply(&ys, w.as_tensor())
+                .unwrap()
         } else {
             moe_combine_reference(&ys, w.as_tensor(), &plan).unwrap()
         };
-        let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = (&y * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         // A variable no path reaches (every slot dropped) has no gradient: zeros.
         let grad = |v: &Var| match grads.get(v.as_tensor()) {
             Some(g) => g.clone(),
@@ -76,6 +90,10 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(y.dtype(), DType::F64);
     for (name, a, b) in [("y", &y, &y_r), ("dx", &dx, &dx_r), ("dw", &dw, &dw_r)] {
         assert_eq!(a.dims(), b.dims(), "{name} shape");
-        assert!(rel_err(a, b) < 1e-12, "{name}: n {n} k {k} experts {e} width {c}");
+        let err = rel_err(a, b);
+        assert!(
+            err < 1e-12,
+            "{name}: n {n} k {k} experts {e} width {c}: error {err:e}"
+        );
     }
 });

@@ -18,8 +18,16 @@ fuzz_target!(|data: &[u8]| {
     let s = t + s as usize % 300;
     let k = k as usize % 70;
     let precision = [KeyPrecision::F32, KeyPrecision::Bf16, KeyPrecision::Int8][mode as usize % 3];
-    let act = if mode & 4 == 0 { ScoreAct::Relu } else { ScoreAct::Identity };
-    let shape = IndexShape { heads: h, dim: d, act };
+    let act = if mode & 4 == 0 {
+        ScoreAct::Relu
+    } else {
+        ScoreAct::Identity
+    };
+    let shape = IndexShape {
+        heads: h,
+        dim: d,
+        act,
+    };
     let mut bytes = rest.iter().copied().cycle();
     let mut value = || (bytes.next().unwrap_or(3) as f32 - 127.5) / 40.0;
     let q: Vec<f32> = (0..t * h * d).map(|_| value()).collect();
@@ -27,7 +35,11 @@ fuzz_target!(|data: &[u8]| {
     let keys: Vec<f32> = (0..s * d).map(|_| value()).collect();
     let mut store = KeyStore::new(d, precision);
     store.extend_rows(&keys);
-    let rows = [TopkQueries { q: &q, w: &w, offset: s - t }];
+    let rows = [TopkQueries {
+        q: &q,
+        w: &w,
+        offset: s - t,
+    }];
     let got = indexer::topk_prefill(&rows, &[&store], shape, t, k);
     assert_eq!(got.len(), t * k);
     let scores = indexer::scores_reference(&rows[0], &store, shape, t);
@@ -35,10 +47,17 @@ fuzz_target!(|data: &[u8]| {
     for ti in 0..t {
         let visible = s - t + ti + 1;
         let row = &got[ti * k..(ti + 1) * k];
-        let kept: Vec<usize> = row.iter().filter(|&&p| p != NONE).map(|&p| p as usize).collect();
+        let kept: Vec<usize> = row
+            .iter()
+            .filter(|&&p| p != NONE)
+            .map(|&p| p as usize)
+            .collect();
         assert_eq!(kept.len(), k.min(visible), "query {ti}: {row:?}");
         assert!(kept.windows(2).all(|p| p[0] < p[1]), "query {ti}: {row:?}");
-        assert!(kept.iter().all(|&p| p < visible), "query {ti} sees the future: {row:?}");
+        assert!(
+            kept.iter().all(|&p| p < visible),
+            "query {ti} sees the future: {row:?}"
+        );
         let sc = &scores[ti * s..ti * s + visible];
         let worst_kept = kept.iter().map(|&p| sc[p]).fold(f32::INFINITY, f32::min);
         let best_dropped = (0..visible)

@@ -24,7 +24,9 @@ fuzz_target!(|data: &[u8]| {
     let k = k_byte as usize % (n + 3);
     // Chunk boundaries from the bytes themselves.
     let chunks = 1 + (cuts_byte as usize >> 1) % 5;
-    let mut bounds: Vec<usize> = (1..chunks).map(|i| (i * 37 + k_byte as usize * i) % (n + 1)).collect();
+    let mut bounds: Vec<usize> = (1..chunks)
+        .map(|i| (i * 37 + k_byte as usize * i) % (n + 1))
+        .collect();
     bounds.push(0);
     bounds.push(n);
     bounds.sort_unstable();
@@ -48,5 +50,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut got = vec![0u32; k];
     all.finish_into(&mut got);
-    assert_eq!(got, topk_by_sort(&scores, k), "k {k}, {n} scores, cuts {bounds:?}");
+    assert_eq!(
+        got,
+        topk_by_sort(&scores, k),
+        "k {k}, {n} scores, cuts {bounds:?}"
+    );
 });
