@@ -6,7 +6,7 @@
 //! Output columns are split into blocks that stay cache-resident (parallel over
 //! blocks); within a block, rows go four at a time against four weight rows at a time
 //! (16 dot products per pass over the chunk), each weight row loaded once for the four
-//! (the portable [`block`], the AVX-512 tile of the `avx512` module; AVX2 runs 4 x 2).
+//! (the portable [`block`], the AVX-512 tile of the `simd` module; AVX2 runs 4 x 2).
 //! Every output element is one [`dot`]-ordered sum of its row and column (16 lane-wise
 //! partial sums, then the lanes in order, then the tail), whatever M is, however rows
 //! are grouped and whichever build runs: a sequence's logits are bit-identical alone or
@@ -140,48 +140,91 @@ fn finish(lanes: &[f32; 16], x: &[f32], w: &[f32], full: usize, k: usize) -> f32
     lanes.iter().fold(0.0f32, |s, &v| s + v) + tail
 }
 
-/// [`block`]'s sums with AVX-512 intrinsics: tiles of 4 weight rows x 4 inputs (16
-/// accumulators of 16 lanes, half the register file), products then sums as [`dot`]
-/// has them, then [`dot`]'s finish: the same bits as the portable and AVX2 builds.
-/// (Left to the compiler, [`dot4x4`]'s accumulator array stayed in memory and was
-/// summed one scalar at a time: a batch of four rows cost seven times one.)
+/// [`block`]'s sums with SIMD tiles on x86-64: C weight rows x R inputs summed into the
+/// 16 lane-wise partial sums of [`dot`] (products then sums, in k order), then
+/// [`dot`]'s finish: the same bits as the portable build on every machine. One walk
+/// over the block serves both instruction sets; only the tile's lane sums differ.
+/// (Left to the compiler, [`dot4x4`]'s 4 x 4 tile kept its accumulators in memory on
+/// AVX-512 and spilled on AVX2: a batch of four rows cost seven times one.)
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+mod simd {
+    use super::super::lanes_avx2::{self, F32Row};
     use super::finish;
     use std::arch::x86_64::*;
 
-    /// Output columns `j..j + C` of the block for input rows `r..r + R`.
+    /// One instruction set's tile: the 16 lane sums of each (weight row, input) pair.
+    pub trait Lanes {
+        /// Whether tiles take four inputs at a time (AVX-512's 32 registers hold the 16
+        /// accumulators of a 4 x 4 tile; AVX2's 16 hold 4 x 2 with both halves).
+        const FOUR_INPUTS: bool;
+
+        /// `out[c][q][l]` = sum over i < `full`, i = l mod 16, of w_c[i] x_q[i].
+        ///
+        /// # Safety
+        /// The instruction set is available; `full` is a multiple of 16 and every
+        /// pointer starts `full` readable values.
+        unsafe fn lanes<const C: usize, const R: usize>(
+            w: [*const f32; C],
+            x: [*const f32; R],
+            full: usize,
+        ) -> [[[f32; 16]; R]; C];
+    }
+
+    /// AVX2 + FMA + F16C: [`lanes_avx2::lanes`] (the 16 lanes as two 8-lane halves).
+    pub struct Avx2;
+    /// AVX-512F: one register per (weight row, input) pair.
+    pub struct Avx512;
+
+    impl Lanes for Avx2 {
+        const FOUR_INPUTS: bool = false;
+        #[inline(always)]
+        unsafe fn lanes<const C: usize, const R: usize>(
+            w: [*const f32; C],
+            x: [*const f32; R],
+            full: usize,
+        ) -> [[[f32; 16]; R]; C] {
+            // SAFETY: this function's contract.
+            unsafe { lanes_avx2::lanes::<F32Row, false, false, C, R>(w, x, full) }
+        }
+    }
+
+    impl Lanes for Avx512 {
+        const FOUR_INPUTS: bool = true;
+        #[inline(always)]
+        unsafe fn lanes<const C: usize, const R: usize>(
+            w: [*const f32; C],
+            x: [*const f32; R],
+            full: usize,
+        ) -> [[[f32; 16]; R]; C] {
+            // SAFETY: this function's contract.
+            unsafe { lanes_avx512::<C, R>(w, x, full) }
+        }
+    }
+
+    /// [`Lanes::lanes`] with AVX-512 intrinsics.
     ///
     /// # Safety
-    /// AVX-512F enabled; rows `r..r + R` of `x` and `c0 + j..c0 + j + C` of `w` exist
-    /// (each `k` values), and `out` holds (M, nb).
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-    unsafe fn tile<const C: usize, const R: usize>(
-        x: &[f32],
-        w: &[f32],
-        k: usize,
-        r: usize,
-        c0: usize,
-        j: usize,
-        nb: usize,
-        out: &mut [f32],
-    ) {
-        let full = k / 16 * 16;
-        let wr: [&[f32]; C] = std::array::from_fn(|c| &w[(c0 + j + c) * k..(c0 + j + c + 1) * k]);
-        let xr: [&[f32]; R] = std::array::from_fn(|q| &x[(r + q) * k..(r + q + 1) * k]);
-        // SAFETY: every load reads 16 values at an offset i0 + 16 <= full <= k of a
-        // row slice of k values; the caller enabled AVX-512F.
+    /// As [`Lanes::lanes`], with AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)] // the indices also pick load offsets
+    unsafe fn lanes_avx512<const C: usize, const R: usize>(
+        w: [*const f32; C],
+        x: [*const f32; R],
+        full: usize,
+    ) -> [[[f32; 16]; R]; C] {
+        let mut out = [[[0f32; 16]; R]; C];
+        // SAFETY: every load reads 16 values at an offset i0 + 16 <= full of a row
+        // holding `full` values (the caller's contract); the stores write `out`.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); R]; C];
             let mut i0 = 0;
             while i0 < full {
                 let mut xv = [_mm512_setzero_ps(); R];
                 for q in 0..R {
-                    xv[q] = _mm512_loadu_ps(xr[q].as_ptr().add(i0));
+                    xv[q] = _mm512_loadu_ps(x[q].add(i0));
                 }
                 for c in 0..C {
-                    let wv = _mm512_loadu_ps(wr[c].as_ptr().add(i0));
+                    let wv = _mm512_loadu_ps(w[c].add(i0));
                     for q in 0..R {
                         acc[c][q] = _mm512_add_ps(acc[c][q], _mm512_mul_ps(xv[q], wv));
                     }
@@ -190,83 +233,20 @@ mod avx512 {
             }
             for c in 0..C {
                 for q in 0..R {
-                    let mut lanes = [0f32; 16];
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), acc[c][q]);
-                    out[(r + q) * nb + j + c] = finish(&lanes, xr[q], wr[c], full, k);
+                    _mm512_storeu_ps(out[c][q].as_mut_ptr(), acc[c][q]);
                 }
             }
         }
+        out
     }
-
-    /// Columns `j..j + C` of the block for every input row, four at a time.
-    ///
-    /// # Safety
-    /// As [`tile`].
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn columns<const C: usize>(
-        x: &[f32],
-        w: &[f32],
-        m: usize,
-        k: usize,
-        c0: usize,
-        j: usize,
-        nb: usize,
-        out: &mut [f32],
-    ) {
-        let mut r = 0;
-        // SAFETY (both loops): the caller enabled the features; indices are in range.
-        while r + 4 <= m {
-            unsafe { tile::<C, 4>(x, w, k, r, c0, j, nb, out) };
-            r += 4;
-        }
-        while r < m {
-            unsafe { tile::<C, 1>(x, w, k, r, c0, j, nb, out) };
-            r += 1;
-        }
-    }
-
-    /// [`super::block`] with AVX-512 tiles.
-    ///
-    /// # Safety
-    /// AVX-512F must be available.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn block(
-        x: &[f32],
-        w: &[f32],
-        m: usize,
-        k: usize,
-        cols: std::ops::Range<usize>,
-        out: &mut [f32],
-    ) {
-        let nb = cols.len();
-        let mut j = 0;
-        // SAFETY (both loops): the features are enabled (this function's contract).
-        while j + 4 <= nb {
-            unsafe { columns::<4>(x, w, m, k, cols.start, j, nb, out) };
-            j += 4;
-        }
-        while j < nb {
-            unsafe { columns::<1>(x, w, m, k, cols.start, j, nb, out) };
-            j += 1;
-        }
-    }
-}
-
-/// [`block`]'s sums on AVX2 + FMA machines without AVX-512: tiles of 4 weight rows x
-/// 2 inputs through [`super::lanes_avx2`] (the 16 lanes as two 8-lane halves, products
-/// then sums as [`dot`] has them), then [`dot`]'s finish: the same bits. (The 4 x 4
-/// tile of [`block`] compiled for AVX2 needs 32 accumulators and spilled: a batch of
-/// four rows cost seven times one.)
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::super::lanes_avx2::{lanes, F32Row};
-    use super::finish;
 
     /// Output columns `j..j + C` of the block for input rows `r..r + R`.
+    ///
+    /// # Safety
+    /// `L`'s instruction set is available.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const C: usize, const R: usize>(
+    unsafe fn tile<L: Lanes, const C: usize, const R: usize>(
         x: &[f32],
         w: &[f32],
         k: usize,
@@ -279,15 +259,10 @@ mod avx2 {
         let full = k / 16 * 16;
         let wr: [&[f32]; C] = std::array::from_fn(|c| &w[(c0 + j + c) * k..(c0 + j + c + 1) * k]);
         let xr: [&[f32]; R] = std::array::from_fn(|q| &x[(r + q) * k..(r + q + 1) * k]);
-        // SAFETY: each pointer starts a slice of k >= full values; the caller enabled
-        // AVX2, FMA and F16C.
-        let acc = unsafe {
-            lanes::<F32Row, false, false, C, R>(
-                wr.map(<[f32]>::as_ptr),
-                xr.map(<[f32]>::as_ptr),
-                full,
-            )
-        };
+        // SAFETY: each pointer starts a slice of k >= full values; the caller has the
+        // instruction set.
+        let acc =
+            unsafe { L::lanes::<C, R>(wr.map(<[f32]>::as_ptr), xr.map(<[f32]>::as_ptr), full) };
         for c in 0..C {
             for q in 0..R {
                 out[(r + q) * nb + j + c] = finish(&acc[c][q], xr[q], wr[c], full, k);
@@ -295,11 +270,15 @@ mod avx2 {
         }
     }
 
-    /// Columns `j..j + C` of the block for every input row (two at a time: the C
-    /// weight rows stay in L1 while the inputs pass).
+    /// Columns `j..j + C` of the block for every input row (the C weight rows stay in
+    /// L1 while the inputs pass): four at a time where `L` takes four, then two, then
+    /// one.
+    ///
+    /// # Safety
+    /// As [`tile`].
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn columns<const C: usize>(
+    unsafe fn columns<L: Lanes, const C: usize>(
         x: &[f32],
         w: &[f32],
         m: usize,
@@ -310,23 +289,26 @@ mod avx2 {
         out: &mut [f32],
     ) {
         let mut r = 0;
-        // SAFETY (both loops): the caller enabled the features; indices are in range.
+        // SAFETY (every loop): the caller has the instruction set; indices are in range.
+        while L::FOUR_INPUTS && r + 4 <= m {
+            unsafe { tile::<L, C, 4>(x, w, k, r, c0, j, nb, out) };
+            r += 4;
+        }
         while r + 2 <= m {
-            unsafe { tile::<C, 2>(x, w, k, r, c0, j, nb, out) };
+            unsafe { tile::<L, C, 2>(x, w, k, r, c0, j, nb, out) };
             r += 2;
         }
         while r < m {
-            unsafe { tile::<C, 1>(x, w, k, r, c0, j, nb, out) };
+            unsafe { tile::<L, C, 1>(x, w, k, r, c0, j, nb, out) };
             r += 1;
         }
     }
 
-    /// [`super::block`] with AVX2 tiles.
+    /// [`super::block`] with `L`'s tiles.
     ///
     /// # Safety
-    /// AVX2, FMA and F16C must be available.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn block(
+    /// `L`'s instruction set must be available.
+    pub unsafe fn block<L: Lanes>(
         x: &[f32],
         w: &[f32],
         m: usize,
@@ -336,13 +318,13 @@ mod avx2 {
     ) {
         let nb = cols.len();
         let mut j = 0;
-        // SAFETY (both loops): the features are enabled (this function's contract).
+        // SAFETY (both loops): this function's contract.
         while j + 4 <= nb {
-            unsafe { columns::<4>(x, w, m, k, cols.start, j, nb, out) };
+            unsafe { columns::<L, 4>(x, w, m, k, cols.start, j, nb, out) };
             j += 4;
         }
         while j < nb {
-            unsafe { columns::<1>(x, w, m, k, cols.start, j, nb, out) };
+            unsafe { columns::<L, 1>(x, w, m, k, cols.start, j, nb, out) };
             j += 1;
         }
     }
@@ -370,14 +352,14 @@ pub fn xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
             if avx512 {
                 // SAFETY: AVX-512F presence was checked at run time (`has_avx512`); the
                 // call reads only `x` and `w` and writes only `out`.
-                unsafe { avx512::block(x, w, m, k, cols, &mut out) };
+                unsafe { simd::block::<simd::Avx512>(x, w, m, k, cols, &mut out) };
                 return (c0, out);
             }
             #[cfg(target_arch = "x86_64")]
             if avx2 {
                 // SAFETY: AVX2, FMA and F16C presence was checked at run time; the call
                 // reads only `x` and `w` and writes only `out`.
-                unsafe { avx2::block(x, w, m, k, cols, &mut out) };
+                unsafe { simd::block::<simd::Avx2>(x, w, m, k, cols, &mut out) };
                 return (c0, out);
             }
             let _ = (avx512, avx2);
