@@ -49,6 +49,7 @@ for t in "${targets[@]}"; do
   took=$(grep -o 'runs in [0-9]* second' "$log" | tail -1 | grep -o '[0-9]*')
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*')
   summary+=("$t: ${runs:-?} executions in ${took:-$secs} s, coverage ${cov:-?} edges, 0 crashes")
+  echo "${summary[-1]}" # now, so a later target's finding does not lose this figure
   rm -f "$log"
 done
 printf '%s\n' "${summary[@]}"
