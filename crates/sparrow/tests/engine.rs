@@ -255,6 +255,60 @@ fn sampled_generation_is_the_same_alone_and_batched() {
     }
 }
 
+/// A sequence started on another's cache cut back to a shared prompt prefix (prefix
+/// reuse; the dense row of `bench generate`) generates what a fresh one does, for
+/// every layout: the cut drops the later keys, values, latents and index keys (the
+/// index blocks' tails zeroed, as if never written), so nothing of them is read.
+#[test]
+fn a_cache_cut_back_to_a_prompt_prefix_serves_a_new_sequence() {
+    for (name, cfg) in configs() {
+        let model = random_model(&cfg, 5);
+        let engine = Engine::new(&model, None, EngineOptions::default()).unwrap();
+        // 23 prompt tokens: the cut (at 21 and at 16) falls inside an index block.
+        let prompt = ids(23, cfg.vocab_size, 3);
+        for keep in [22usize, 16, 1, 0] {
+            let mut fresh = [Sequence::new(1, prompt.clone(), params(8, 12), &model.cfg).unwrap()];
+            engine.run(&mut fresh, |_| {}).unwrap();
+            let want = fresh[0].generated().to_vec();
+            let [done] = fresh;
+            let mut cache = done.into_cache();
+            assert!(cache.len() > keep);
+            cache.truncate(keep);
+            assert_eq!(cache.len(), keep, "{name}");
+            let mut again =
+                [
+                    Sequence::with_cached_prefix(
+                        2,
+                        prompt.clone(),
+                        params(8, 12),
+                        &model.cfg,
+                        cache,
+                    )
+                    .unwrap(),
+                ];
+            engine.run(&mut again, |_| {}).unwrap();
+            assert_eq!(again[0].generated(), want.as_slice(), "{name}: kept {keep}");
+        }
+    }
+    // The last prompt token must be left to feed; the layer count must match.
+    let cfg = tiny_config();
+    let full = SeqCache::new(cfg.num_hidden_layers, cfg.kv_cache_dtype);
+    assert!(Sequence::with_cached_prefix(0, vec![1], params(1, 2), &cfg, full.clone()).is_ok());
+    let model = random_model(&cfg, 5);
+    let mut s = [Sequence::new(0, vec![1, 2, 3], params(1, 1), &model.cfg).unwrap()];
+    Engine::new(&model, None, EngineOptions::default())
+        .unwrap()
+        .run(&mut s, |_| {})
+        .unwrap();
+    let [s] = s;
+    let err = Sequence::with_cached_prefix(0, vec![1, 2, 3], params(1, 2), &cfg, s.into_cache())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("last token"), "{err}");
+    let wrong = SeqCache::new(cfg.num_hidden_layers + 1, cfg.kv_cache_dtype);
+    assert!(Sequence::with_cached_prefix(0, vec![1, 2], params(1, 2), &cfg, wrong).is_err());
+}
+
 #[test]
 fn sequences_stop_at_tokens_budget_and_context() {
     let mut cfg = tiny_config();

@@ -29,8 +29,9 @@ pub struct GenerateBench {
     /// Also run every cell with dense selectors (the in-run baseline).
     pub dense_baseline: bool,
     /// Longest context whose dense baseline is prefilled densely too; past it the dense
-    /// decode runs on a copy of the model's prefilled caches (same shapes, so the same
-    /// decode cost) and no dense prefill figure is reported.
+    /// decode runs on the model row's own caches once that row is done, cut back to the
+    /// prompt (same shapes, so the same decode cost; no second copy in memory) and no
+    /// dense prefill figure is reported.
     pub dense_prefill_max: usize,
     pub seed: u64,
 }
@@ -119,8 +120,10 @@ pub fn run(
     Ok(rows)
 }
 
-/// One cell; returns its row and, with `keep`, the sequences as they were right after
-/// the prefill. With `prefilled`, the prefill is skipped and the decode starts there.
+/// One cell; returns its row and, with `keep`, its sequences made again for their
+/// prompts on their own caches cut back to all but the last prompt token (what the
+/// dense row decodes on). With `prefilled`, the prefill is such a one-token feed,
+/// untimed.
 fn cell(
     model: &Model,
     b: &GenerateBench,
@@ -178,7 +181,6 @@ fn cell(
     } else {
         0
     };
-    let after_prefill = keep.then(|| seqs.clone());
     let decode = Engine::new(
         model,
         None,
@@ -199,6 +201,20 @@ fn cell(
     let positions = seqs[0].position();
     let kv_bytes_per_token = seqs[0].cache().used_bytes() as f64 / positions.max(1) as f64;
     let read = decode_step_bytes(model, &seqs, dense);
+    let again = if keep {
+        let made = seqs
+            .into_iter()
+            .map(|s| {
+                let (id, prompt) = (s.id, s.prompt().to_vec());
+                let mut cache = s.into_cache();
+                cache.truncate(context - 1);
+                Sequence::with_cached_prefix(id, prompt, params.clone(), cfg, cache)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Some(made)
+    } else {
+        None
+    };
     let row = GenerateRow {
         mode: if dense { "dense" } else { "model" },
         context,
@@ -215,7 +231,7 @@ fn cell(
         layer_ffn_ms: prof.ffn.iter().map(|&x| per_step_ms(x)).collect(),
         head_ms: per_step_ms(prof.head),
     };
-    Ok((row, after_prefill))
+    Ok((row, again))
 }
 
 /// Bytes one decode step must read: the active weights once (as held) plus, per sequence

@@ -145,6 +145,44 @@ impl Sequence {
         })
     }
 
+    /// A sequence for `prompt` whose first `cache.len()` tokens are already in `cache`
+    /// (computed by this model for exactly those tokens: a prompt prefix shared with an
+    /// earlier sequence); the engine feeds the rest. At least the last prompt token must
+    /// be left to feed, since its logits give the first generated token.
+    pub fn with_cached_prefix(
+        id: u64,
+        prompt: Vec<u32>,
+        params: SequenceParams,
+        cfg: &ModelConfig,
+        mut cache: SeqCache,
+    ) -> Result<Self> {
+        if cache.layers.len() != cfg.num_hidden_layers {
+            return Err(Error::Invalid(format!(
+                "a cache of {} layers for a model of {}",
+                cache.layers.len(),
+                cfg.num_hidden_layers
+            )));
+        }
+        if cache.len() >= prompt.len() {
+            return Err(Error::Invalid(format!(
+                "the cache holds {} positions of a {}-token prompt: at least its last token must be fed",
+                cache.len(),
+                prompt.len()
+            )));
+        }
+        let mut seq = Self::new(id, prompt, params, cfg)?;
+        let total = seq.prompt.len() + seq.params.max_new_tokens;
+        cache.reserve(total.min(seq.max_positions));
+        seq.fed = cache.len();
+        seq.cache = cache;
+        Ok(seq)
+    }
+
+    /// The sequence's cache, the sequence consumed.
+    pub fn into_cache(self) -> SeqCache {
+        self.cache
+    }
+
     pub fn prompt(&self) -> &[u32] {
         &self.prompt
     }

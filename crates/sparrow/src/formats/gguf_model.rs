@@ -297,10 +297,15 @@ pub fn read_tensors(
                 values = reorder_qk_rows(&values, rows, cols, h, false);
             }
             let tensor = Tensor::from_vec(values, shape.clone(), device)?;
+            // Matrices held in half precision are rounded here, one at a time, so the
+            // f32 values of the whole model never sit in memory at once (the packing
+            // of the weights reads these bits as they are: the same rounding).
             let tensor = match (format, shape.len(), t.ggml_type) {
-                (WeightFormat::Native, 2, GgmlType::BF16) => tensor.to_dtype(DType::BF16)?,
+                (WeightFormat::Native, 2, GgmlType::BF16) | (WeightFormat::Bf16, 2, _) => {
+                    tensor.to_dtype(DType::BF16)?
+                }
                 (WeightFormat::Native, 2, GgmlType::F32) => tensor,
-                (WeightFormat::Native, 2, _) => tensor.to_dtype(DType::F16)?,
+                (WeightFormat::Native | WeightFormat::F16, 2, _) => tensor.to_dtype(DType::F16)?,
                 _ => tensor,
             };
             dense.insert(name, tensor);

@@ -13,10 +13,10 @@
 //! [`reference`] is the composed candle version.
 
 use super::kv_rows::{BlockScratch, CacheElem, KvRows, Values};
+use super::pool;
 use super::scan_parts::{LanePartial, Partial, KEY_BLOCK, LANES};
 use super::simd::{fast_exp, has_avx2_fma, has_avx512};
 use super::{dot_tree, thread_parts};
-use rayon::prelude::*;
 
 /// Max of `x` by 16 lane-wise maxima, then a tree over the lanes (no serial chain).
 #[inline(always)]
@@ -539,10 +539,10 @@ fn decode_lanes<E: CacheElem>(q: &[f32], rows: &KvRows<E>, s: usize, scale: f32,
         for h0 in (0..g).step_by(LANES) {
             let nh = (g - h0).min(LANES);
             let q_t = transpose_heads(q, grp * g + h0, nh, dk, scale);
-            let parts: Vec<LanePartial> = thread_parts(s, 1024)
-                .into_par_iter()
-                .map(|r| scan_lanes(avx512, &q_t, &rg, r, None))
-                .collect();
+            let ranges = thread_parts(s, 1024);
+            let parts: Vec<LanePartial> = pool::map(ranges.len(), |i| {
+                scan_lanes(avx512, &q_t, &rg, ranges[i].clone(), None)
+            });
             for hh in 0..nh {
                 let m = parts
                     .iter()
@@ -594,13 +594,11 @@ pub fn decode<E: CacheElem>(q: &[f32], rows: KvRows<E>, s: usize, scale: f32) ->
         .flat_map(|grp| ranges.iter().map(move |r| (grp, r.clone())))
         .collect();
     // Tasks run group-major, so each group's partials are one consecutive chunk.
-    let all: Vec<Partial> = tasks
-        .into_par_iter()
-        .map(|(grp, r)| {
-            let qg = &q[grp * g * dk..(grp + 1) * g * dk];
-            scan(avx512, qg, &rows.group(grp), scale, r)
-        })
-        .collect();
+    let all: Vec<Partial> = pool::map(tasks.len(), |i| {
+        let (grp, r) = tasks[i].clone();
+        let qg = &q[grp * g * dk..(grp + 1) * g * dk];
+        scan(avx512, qg, &rows.group(grp), scale, r)
+    });
     for (grp, parts) in all.chunks(ranges.len()).enumerate() {
         for hh in 0..g {
             let m = parts
@@ -666,38 +664,36 @@ pub fn prefill_at<E: CacheElem>(
     let block = LANES / gcd(LANES, g);
     let avx512 = has_avx512();
     let mut out = vec![0.0f32; t * h * dv];
-    out.par_chunks_mut(block * h * dv)
-        .enumerate()
-        .for_each(|(bi, o)| {
-            let t0 = bi * block;
-            let nq = o.len() / (h * dv);
-            for grp in 0..rows.groups {
-                let rg = rows.group(grp);
-                for r0 in (0..nq * g).step_by(LANES) {
-                    let nr = (nq * g - r0).min(LANES);
-                    let mut q_t = vec![[0.0f32; LANES]; dk];
-                    let mut limits = [u32::MAX; LANES]; // unused lanes: zero queries
-                    for l in 0..nr {
-                        let (ti, hh) = ((r0 + l) / g, (r0 + l) % g);
-                        let qrow = &q[((t0 + ti) * h + grp * g + hh) * dk..][..dk];
-                        for (row, &x) in q_t.iter_mut().zip(qrow) {
-                            row[l] = scale * x;
-                        }
-                        limits[l] = (offset + t0 + ti + 1) as u32;
+    pool::for_each_chunk_mut(&mut out, block * h * dv, |bi, o| {
+        let t0 = bi * block;
+        let nq = o.len() / (h * dv);
+        for grp in 0..rows.groups {
+            let rg = rows.group(grp);
+            for r0 in (0..nq * g).step_by(LANES) {
+                let nr = (nq * g - r0).min(LANES);
+                let mut q_t = vec![[0.0f32; LANES]; dk];
+                let mut limits = [u32::MAX; LANES]; // unused lanes: zero queries
+                for l in 0..nr {
+                    let (ti, hh) = ((r0 + l) / g, (r0 + l) % g);
+                    let qrow = &q[((t0 + ti) * h + grp * g + hh) * dk..][..dk];
+                    for (row, &x) in q_t.iter_mut().zip(qrow) {
+                        row[l] = scale * x;
                     }
-                    let visible = offset + t0 + (r0 + nr - 1) / g + 1;
-                    let p = scan_lanes(avx512, &q_t, &rg, 0..visible, Some(&limits));
-                    for l in 0..nr {
-                        let (ti, hh) = ((r0 + l) / g, (r0 + l) % g);
-                        let inv = 1.0 / p.sum[l];
-                        let dst = &mut o[(ti * h + grp * g + hh) * dv..][..dv];
-                        for (a, row) in dst.iter_mut().zip(&p.out_t) {
-                            *a = row[l] * inv;
-                        }
+                    limits[l] = (offset + t0 + ti + 1) as u32;
+                }
+                let visible = offset + t0 + (r0 + nr - 1) / g + 1;
+                let p = scan_lanes(avx512, &q_t, &rg, 0..visible, Some(&limits));
+                for l in 0..nr {
+                    let (ti, hh) = ((r0 + l) / g, (r0 + l) % g);
+                    let inv = 1.0 / p.sum[l];
+                    let dst = &mut o[(ti * h + grp * g + hh) * dv..][..dv];
+                    for (a, row) in dst.iter_mut().zip(&p.out_t) {
+                        *a = row[l] * inv;
                     }
                 }
             }
-        });
+        }
+    });
     out
 }
 

@@ -14,8 +14,8 @@
 //! [`xwt_portable`] is the same order without intrinsics (separate multiply and add,
 //! as a target without FMA has them); [`reference`] is f64.
 
+use super::pool;
 use super::simd::{has_avx2_fma, has_avx512};
-use rayon::prelude::*;
 
 /// Which 16-bit float a [`HalfMatrix`] holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,8 +178,32 @@ fn tile_portable<const C: usize, const R: usize>(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{finish_fused, HalfKind};
+    use super::HalfKind;
     use std::arch::x86_64::*;
+
+    /// Weights ahead of the loads that each pass prefetches (512 bytes per weight
+    /// row). A widened f16 chunk costs a load, a conversion and the multiply-adds for
+    /// 32 bytes, twice the instructions per byte of an f32 row, so the out-of-order
+    /// window alone keeps half as many bytes in flight: one row's product 1536x576 ran
+    /// at ~55% of the read bandwidth. Prefetching: ~145 -> ~118 us, median of five
+    /// (`bench weights --formats f16 --batch 1`; 128 and 384 elements ahead no better,
+    /// L2 hints and 1024 worse).
+    const PREFETCH: usize = 256;
+
+    /// [`super::tree16`] of a register's lanes with vector adds of the same pairs in
+    /// the same order (8 + 8, 4 + 4, 2 + 2, 1 + 1): the same sum bit for bit.
+    #[inline(always)]
+    unsafe fn tree16(a: __m512) -> f32 {
+        unsafe {
+            let lo = _mm512_castps512_ps256(a);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+            let s8 = _mm256_add_ps(lo, hi); // l[i] + l[i + 8]
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4)); // [0] + [2], [1] + [3]
+            let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2)); // [0] + [1]
+            _mm_cvtss_f32(s1)
+        }
+    }
 
     /// 16 weights at `p` widened to f32.
     ///
@@ -217,6 +241,12 @@ mod avx512 {
             let mut acc = [[_mm512_setzero_ps(); R]; C];
             let mut i0 = 0;
             while i0 < full {
+                for row in w {
+                    // A prefetch never faults; past the row it reaches the next row
+                    // (or nothing useful), hence the wrapping address arithmetic.
+                    let ahead = row.as_ptr().wrapping_add(i0 + PREFETCH);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                }
                 let mut xv = [_mm512_setzero_ps(); R];
                 for r in 0..R {
                     xv[r] = _mm512_loadu_ps(x[r].as_ptr().add(i0));
@@ -232,9 +262,11 @@ mod avx512 {
             let mut out = [[0f32; R]; C];
             for c in 0..C {
                 for r in 0..R {
-                    let mut lanes = [0f32; 16];
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), acc[c][r]);
-                    out[c][r] = finish_fused(lanes, kind, w[c], x[r], full, k);
+                    let mut s = tree16(acc[c][r]);
+                    for i in full..k {
+                        s = kind.to_f32(w[c][i]).mul_add(x[r][i], s);
+                    }
+                    out[c][r] = s;
                 }
             }
             out
@@ -355,14 +387,14 @@ fn rows_tile<const C: usize, const R: usize>(
     }
 }
 
-/// [`xwt`] through `path`'s tiles: 4 weight rows x 4 inputs with AVX-512 (16
+/// [`xwt_many`] through `path`'s tiles: 4 weight rows x 4 inputs with AVX-512 (16
 /// accumulators of its 32 registers) and portably, 4 x 2 with AVX2 (8 of its 16, one
 /// half of the lanes at a time; 4 x 4 spilled and ran a batch of 16 at 37 GFLOP/s).
-fn xwt_with(path: Path, x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f32> {
+fn xwt_with(path: Path, x: &[f32], m: usize, ws: &[&HalfMatrix]) -> Vec<Vec<f32>> {
     match path {
         #[cfg(target_arch = "x86_64")]
-        Path::Avx2 => xwt_tiled::<4, 2>(path, x, m, w),
-        _ => xwt_tiled::<4, 4>(path, x, m, w),
+        Path::Avx2 => xwt_tiled::<4, 2>(path, x, m, ws),
+        _ => xwt_tiled::<4, 4>(path, x, m, ws),
     }
 }
 
@@ -371,62 +403,81 @@ fn xwt_tiled<const C: usize, const R: usize>(
     path: Path,
     x: &[f32],
     m: usize,
-    w: &HalfMatrix,
-) -> Vec<f32> {
-    let (n, k) = (w.rows, w.cols);
+    ws: &[&HalfMatrix],
+) -> Vec<Vec<f32>> {
+    let Some(k) = ws.first().map(|w| w.cols) else {
+        return Vec::new();
+    };
+    assert!(
+        ws.iter().all(|w| w.cols == k),
+        "half xwt: input widths differ"
+    );
     assert_eq!(x.len(), m * k, "x is not (m, {k})");
-    // Tasks own blocks of weight rows (about four per thread); each writes its columns
-    // of y afterwards.
-    let per_task = (n / (4 * rayon::current_num_threads()).max(1))
+    // Tasks own blocks of weight rows of one matrix (about four per thread over all
+    // the matrices: one parallel call for Q, K and V); each writes its columns of its
+    // y afterwards.
+    let total: usize = ws.iter().map(|w| w.rows).sum();
+    let per_task = (total / (4 * pool::threads()).max(1))
         .max(MIN_ROWS_PER_TASK)
         .div_ceil(C)
         * C;
-    let blocks: Vec<(usize, Vec<f32>)> = (0..n)
-        .step_by(per_task)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|b0| {
-            let nb = per_task.min(n - b0);
-            let mut part = vec![0f32; m * nb]; // (m, nb)
-            let mut t = vec![[0f32; C]; m];
-            let mut r = 0;
-            while r + C <= nb {
-                rows_tile::<C, R>(path, w, b0 + r, x, m, &mut t);
-                for (i, row) in t.iter().enumerate() {
-                    part[i * nb + r..i * nb + r + C].copy_from_slice(row);
-                }
-                r += C;
-            }
-            while r < nb {
-                let mut t = vec![[0f32; 1]; m];
-                rows_tile::<1, R>(path, w, b0 + r, x, m, &mut t);
-                for (i, row) in t.iter().enumerate() {
-                    part[i * nb + r] = row[0];
-                }
-                r += 1;
-            }
-            (b0, part)
-        })
+    let tasks: Vec<(usize, usize)> = ws
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| (0..w.rows).step_by(per_task).map(move |b0| (i, b0)))
         .collect();
-    let mut y = vec![0f32; m * n];
-    for (b0, part) in blocks {
+    let blocks: Vec<Vec<f32>> = pool::map(tasks.len(), |t| {
+        let (wi, b0) = tasks[t];
+        let w = ws[wi];
+        let nb = per_task.min(w.rows - b0);
+        let mut part = vec![0f32; m * nb]; // (m, nb)
+        let mut t = vec![[0f32; C]; m];
+        let mut r = 0;
+        while r + C <= nb {
+            rows_tile::<C, R>(path, w, b0 + r, x, m, &mut t);
+            for (i, row) in t.iter().enumerate() {
+                part[i * nb + r..i * nb + r + C].copy_from_slice(row);
+            }
+            r += C;
+        }
+        while r < nb {
+            let mut t = vec![[0f32; 1]; m];
+            rows_tile::<1, R>(path, w, b0 + r, x, m, &mut t);
+            for (i, row) in t.iter().enumerate() {
+                part[i * nb + r] = row[0];
+            }
+            r += 1;
+        }
+        part
+    });
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows]).collect();
+    for (&(wi, b0), part) in tasks.iter().zip(blocks) {
+        let n = ws[wi].rows;
         let nb = part.len() / m.max(1);
         for i in 0..m {
-            y[i * n + b0..i * n + b0 + nb].copy_from_slice(&part[i * nb..(i + 1) * nb]);
+            ys[wi][i * n + b0..i * n + b0 + nb].copy_from_slice(&part[i * nb..(i + 1) * nb]);
         }
     }
-    y
+    ys
 }
 
 /// y (m, rows) = x (m, cols) W^T, widening W in registers (AVX-512, else AVX2 with
 /// FMA and F16C, when present: the same sums either way).
 pub fn xwt(x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f32> {
-    xwt_with(Path::detect(), x, m, w)
+    xwt_many(x, m, &[w]).pop().unwrap_or_default()
+}
+
+/// [`xwt`] of several matrices of the same input width on the same x, in one parallel
+/// call (Q, K and V; gate and up): one y per matrix, each the same bits as alone.
+pub fn xwt_many(x: &[f32], m: usize, ws: &[&HalfMatrix]) -> Vec<Vec<f32>> {
+    xwt_with(Path::detect(), x, m, ws)
 }
 
 /// [`xwt`] without intrinsics (the same sums).
 pub fn xwt_portable(x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f32> {
-    xwt_with(Path::Portable, x, m, w)
+    xwt_with(Path::Portable, x, m, &[w])
+        .pop()
+        .unwrap_or_default()
 }
 
 /// Plain f64 reference: y = x W^T with W widened exactly.

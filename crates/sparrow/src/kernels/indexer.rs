@@ -21,7 +21,6 @@
 use super::simd::{has_avx2_fma, has_avx512};
 use super::topk::{StreamTopK, NONE};
 use half::bf16;
-use rayon::prelude::*;
 
 /// Which build of the scoring loop this CPU runs (detected once per scan).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +155,31 @@ impl<E: KeyElem> BlockedKeys<E> {
             .reserve((blocks * BLOCK * self.dim).saturating_sub(self.data.len()));
     }
 
+    /// Keep the first `len` keys (no-op if there are fewer); the dropped positions of
+    /// the last kept block are zeroed, as unwritten ones are.
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        let (d, blocks) = (self.dim, len.div_ceil(BLOCK));
+        self.data.truncate(blocks * d * BLOCK);
+        if E::PER_TOKEN_SCALE {
+            self.scales.truncate(blocks * BLOCK);
+        }
+        if blocks > 0 {
+            let block = &mut self.data[(blocks - 1) * d * BLOCK..];
+            for i in len - (blocks - 1) * BLOCK..BLOCK {
+                for j in 0..d {
+                    block[j * BLOCK + i] = E::default();
+                }
+                if E::PER_TOKEN_SCALE {
+                    self.scales[(blocks - 1) * BLOCK + i] = 0.0;
+                }
+            }
+        }
+        self.len = len;
+    }
+
     /// Append row-major keys (n, dim).
     pub fn extend_rows(&mut self, rows: &[f32]) {
         let d = self.dim;
@@ -273,6 +297,10 @@ impl KeyStore {
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// Keep the first `len` keys.
+    pub fn truncate(&mut self, len: usize) {
+        each_store!(self, k => k.truncate(len))
     }
     /// Bytes held (keys and, for int8, scales).
     pub fn bytes(&self) -> usize {
@@ -530,8 +558,8 @@ pub fn topk_prefill(
         }
     }
     tasks.reverse();
-    tasks.into_par_iter().for_each(|(b, qb, chunk)| {
-        let t0 = qb * QUERY_BLOCK;
+    super::pool::for_each_mut(&mut tasks, |_, (b, qb, chunk)| {
+        let (b, t0) = (*b, *qb * QUERY_BLOCK);
         match keys[b] {
             KeyStore::F32(ks) => topk_rows(&rows[b], ks, shape, k, t0, chunk),
             KeyStore::Bf16(ks) => topk_rows(&rows[b], ks, shape, k, t0, chunk),
@@ -598,14 +626,14 @@ pub fn topk_decode(q: &[f32], w: &[f32], keys: &KeyStore, shape: IndexShape, k: 
     // One part per thread: each part's top-k costs O(k log(n/k)) pushes and a few
     // O(k) cuts, so fewer, longer parts amortise it best.
     let parts = super::thread_parts(n_blocks, 16);
-    let tops: Vec<StreamTopK> = parts
-        .into_par_iter()
-        .map(|r| match keys {
+    let tops: Vec<StreamTopK> = super::pool::map(parts.len(), |i| {
+        let r = parts[i].clone();
+        match keys {
             KeyStore::F32(ks) => decode_range(q, w, ks, shape, r, visible, k),
             KeyStore::Bf16(ks) => decode_range(q, w, ks, shape, r, visible, k),
             KeyStore::Int8(ks) => decode_range(q, w, ks, shape, r, visible, k),
-        })
-        .collect();
+        }
+    });
     let mut all = StreamTopK::new(k);
     for t in &tops {
         all.merge(t);

@@ -14,8 +14,8 @@
 //! [`reference`] is the plain f64 loop the tests compare with.
 
 use super::dot;
+use super::pool;
 use super::simd::{has_avx2_fma, has_avx512};
-use rayon::prelude::*;
 
 const L: usize = 16;
 
@@ -341,32 +341,29 @@ pub fn xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let cols_per = (BLOCK_BYTES / (4 * k.max(1))).clamp(8, 1024).min(n);
     let avx512 = has_avx512();
     let avx2 = has_avx2_fma();
-    let parts: Vec<(usize, Vec<f32>)> = (0..n)
-        .step_by(cols_per)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|c0| {
-            let cols = c0..(c0 + cols_per).min(n);
-            let mut out = vec![0.0f32; m * cols.len()];
-            #[cfg(target_arch = "x86_64")]
-            if avx512 {
-                // SAFETY: AVX-512F presence was checked at run time (`has_avx512`); the
-                // call reads only `x` and `w` and writes only `out`.
-                unsafe { simd::block::<simd::Avx512>(x, w, m, k, cols, &mut out) };
-                return (c0, out);
-            }
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: AVX2, FMA and F16C presence was checked at run time; the call
-                // reads only `x` and `w` and writes only `out`.
-                unsafe { simd::block::<simd::Avx2>(x, w, m, k, cols, &mut out) };
-                return (c0, out);
-            }
-            let _ = (avx512, avx2);
-            block(x, w, m, k, cols, &mut out);
-            (c0, out)
-        })
-        .collect();
+    let starts: Vec<usize> = (0..n).step_by(cols_per).collect();
+    let parts: Vec<(usize, Vec<f32>)> = pool::map(starts.len(), |b| {
+        let c0 = starts[b];
+        let cols = c0..(c0 + cols_per).min(n);
+        let mut out = vec![0.0f32; m * cols.len()];
+        #[cfg(target_arch = "x86_64")]
+        if avx512 {
+            // SAFETY: AVX-512F presence was checked at run time (`has_avx512`); the
+            // call reads only `x` and `w` and writes only `out`.
+            unsafe { simd::block::<simd::Avx512>(x, w, m, k, cols, &mut out) };
+            return (c0, out);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: AVX2, FMA and F16C presence was checked at run time; the call
+            // reads only `x` and `w` and writes only `out`.
+            unsafe { simd::block::<simd::Avx2>(x, w, m, k, cols, &mut out) };
+            return (c0, out);
+        }
+        let _ = (avx512, avx2);
+        block(x, w, m, k, cols, &mut out);
+        (c0, out)
+    });
     for (c0, out) in parts {
         let nb = out.len() / m;
         for r in 0..m {

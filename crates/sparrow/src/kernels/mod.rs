@@ -20,6 +20,8 @@
 //! - [`experts`]: MoE dispatch: rows grouped by expert, gathered once, and the weighted
 //!   combine back per token, with backward passes.
 //! - [`simd`]: a vectorisable `exp` and AVX-512 detection for the hot loops.
+//! - [`pool`]: the parallel loop of the inference kernels (workers that spin between
+//!   calls; rayon stays for training).
 
 #[cfg(target_arch = "x86_64")]
 mod attention_avx2;
@@ -31,6 +33,7 @@ pub mod indexer;
 pub mod kv_rows;
 pub mod lanes_avx2;
 pub mod matmul;
+pub mod pool;
 pub mod qmatmul;
 pub mod reference;
 mod scan_parts;
@@ -110,7 +113,7 @@ pub(crate) fn dot_tree(a: &[f32], b: &[f32]) -> f32 {
 /// `0..n` cut into one contiguous part per rayon thread, each at least `min_len` long
 /// (a long scan split for parallel partial results that are merged afterwards).
 pub(crate) fn thread_parts(n: usize, min_len: usize) -> Vec<std::ops::Range<usize>> {
-    let threads = rayon::current_num_threads().max(1);
+    let threads = pool::threads();
     let per = n.div_ceil(threads).max(min_len).max(1);
     (0..n).step_by(per).map(|s| s..(s + per).min(n)).collect()
 }

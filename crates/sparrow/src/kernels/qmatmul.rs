@@ -15,10 +15,10 @@
 //! loop. [`reference`] is the plain f64 loop the tests compare them with; every output element is summed in the same
 //! order whatever the batch, so rows are bit-identical alone or batched.
 
+use super::pool;
 use crate::formats::ggml::{dequantize_block, half_at, GgmlType};
 use crate::formats::gguf::SharedBytes;
 use half::f16;
-use rayon::prelude::*;
 
 /// Values per block.
 pub const QK: usize = 32;
@@ -793,25 +793,23 @@ pub fn qxwt_many(x: &[f32], m: usize, ws: &[&QMatrix]) -> Vec<Vec<f32>> {
         .enumerate()
         .flat_map(|(i, w)| (0..w.rows).step_by(COLS_PER_TASK).map(move |c0| (i, c0)))
         .collect();
-    let parts: Vec<(usize, usize, Vec<f32>)> = tasks
-        .into_par_iter()
-        .map(|(i, c0)| {
-            let w = ws[i];
-            let c1 = (c0 + COLS_PER_TASK).min(w.rows);
-            let nc = c1 - c0;
-            let mut out = vec![0f32; m * nc];
-            let mut c = c0;
-            while c + 2 <= c1 {
-                columns::<2>(w, c, c0, &a, m, kernel, &mut out);
-                c += 2;
-            }
-            while c < c1 {
-                columns::<1>(w, c, c0, &a, m, kernel, &mut out);
-                c += 1;
-            }
-            (i, c0, out)
-        })
-        .collect();
+    let parts: Vec<(usize, usize, Vec<f32>)> = pool::map(tasks.len(), |t| {
+        let (i, c0) = tasks[t];
+        let w = ws[i];
+        let c1 = (c0 + COLS_PER_TASK).min(w.rows);
+        let nc = c1 - c0;
+        let mut out = vec![0f32; m * nc];
+        let mut c = c0;
+        while c + 2 <= c1 {
+            columns::<2>(w, c, c0, &a, m, kernel, &mut out);
+            c += 2;
+        }
+        while c < c1 {
+            columns::<1>(w, c, c0, &a, m, kernel, &mut out);
+            c += 1;
+        }
+        (i, c0, out)
+    });
     for (i, c0, out) in parts {
         let n = ws[i].rows;
         let nc = out.len() / m;

@@ -308,59 +308,52 @@ pub fn attend_selected<E: CacheElem>(
     );
     let separate = matches!(rows.values, Values::Separate(_));
     let mut out = vec![0.0f32; t * h * dv];
-    out.par_chunks_mut(h * dv)
-        .with_min_len((64 / kk.max(1)).max(1))
-        .enumerate()
-        .for_each_init(
-            || {
-                let (kr, vr) = (Vec::with_capacity(kk * dk), Vec::with_capacity(kk * dv));
-                (kr, vr, Vec::new(), Vec::new())
-            },
-            |(kraw, vraw, kwide, vwide): &mut (Vec<E>, Vec<E>, Vec<f32>, Vec<f32>), (ti, o)| {
-                let ids = &idx[ti * kk..(ti + 1) * kk];
-                for grp in 0..kv {
-                    let rg = rows.group(grp);
-                    // Gather the selected rows as stored, then widen them at once (f32
-                    // rows are used as gathered).
-                    kraw.clear();
-                    vraw.clear();
-                    for &i in ids.iter().filter(|&&i| slot_valid(i, rows.cap)) {
-                        kraw.extend_from_slice(rg.key(i as usize));
-                        if separate {
-                            vraw.extend_from_slice(rg.value(i as usize));
-                        }
+    // Queries per task: enough selected rows (64) to outlast its scheduling.
+    let per = (64 / kk.max(1)).max(1);
+    super::pool::for_each_chunk_mut(&mut out, per * h * dv, |c, block| {
+        let (mut kraw, mut vraw): (Vec<E>, Vec<E>) =
+            (Vec::with_capacity(kk * dk), Vec::with_capacity(kk * dv));
+        let (mut kwide, mut vwide) = (Vec::new(), Vec::new());
+        for (j, o) in block.chunks_mut(h * dv).enumerate() {
+            let ti = c * per + j;
+            let ids = &idx[ti * kk..(ti + 1) * kk];
+            for grp in 0..kv {
+                let rg = rows.group(grp);
+                // Gather the selected rows as stored, then widen them at once (f32
+                // rows are used as gathered).
+                kraw.clear();
+                vraw.clear();
+                for &i in ids.iter().filter(|&&i| slot_valid(i, rows.cap)) {
+                    kraw.extend_from_slice(rg.key(i as usize));
+                    if separate {
+                        vraw.extend_from_slice(rg.value(i as usize));
                     }
-                    let kbuf = E::widen(kraw, kwide);
-                    let vbuf = E::widen(vraw, vwide);
-                    let og = &mut o[grp * g * dv..(grp + 1) * g * dv];
-                    let n = kbuf.len() / dk;
-                    if n == 0 {
-                        og.iter_mut().for_each(|x| *x = 0.0);
-                        continue;
-                    }
-                    let gathered = KvRows {
-                        k: kbuf,
-                        values: if separate {
-                            Values::Separate(vbuf)
-                        } else {
-                            Values::KeyPrefix
-                        },
-                        groups: 1,
-                        cap: n,
-                        dk,
-                        dv,
-                    };
-                    let qo = (ti * h + grp * g) * dk;
-                    super::decode_attention::attend_rows(
-                        &q[qo..qo + g * dk],
-                        &gathered,
-                        n,
-                        scale,
-                        og,
-                    );
                 }
-            },
-        );
+                let kbuf = E::widen(&kraw, &mut kwide);
+                let vbuf = E::widen(&vraw, &mut vwide);
+                let og = &mut o[grp * g * dv..(grp + 1) * g * dv];
+                let n = kbuf.len() / dk;
+                if n == 0 {
+                    og.iter_mut().for_each(|x| *x = 0.0);
+                    continue;
+                }
+                let gathered = KvRows {
+                    k: kbuf,
+                    values: if separate {
+                        Values::Separate(vbuf)
+                    } else {
+                        Values::KeyPrefix
+                    },
+                    groups: 1,
+                    cap: n,
+                    dk,
+                    dv,
+                };
+                let qo = (ti * h + grp * g) * dk;
+                super::decode_attention::attend_rows(&q[qo..qo + g * dk], &gathered, n, scale, og);
+            }
+        }
+    });
     out
 }
 

@@ -18,7 +18,7 @@ use super::options::ForwardOptions;
 use super::params::Vb;
 use super::rope::Rope;
 use super::selector::{select_in_step, TopkSelector};
-use super::step::{Segment, StepOptions};
+use super::step::{per_segment, Segment, StepOptions};
 use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
 use crate::error::Result;
 use crate::kernels::decode_attention;
@@ -27,7 +27,6 @@ use crate::kernels::softmax::CausalSoftmax;
 use crate::kernels::sparse_attention::{self, SparseAttention, SparseDims, SteGate};
 use crate::kernels::topk::NONE;
 use candle_core::{Tensor, D};
-use rayon::prelude::*;
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
@@ -301,27 +300,23 @@ impl Attention {
         };
         // Each sequence's selection, cache write and attention; sequences in parallel
         // (each owns its cache).
-        let outs: Vec<Vec<f32>> = segs
-            .par_iter()
-            .zip(caches.par_iter_mut())
-            .map(|(seg, cache)| -> Result<Vec<f32>> {
-                cache.check_position(seg.pos)?;
-                let selection = select_in_step(
-                    self.selector.as_ref(),
-                    index.as_ref(),
-                    seg,
-                    cache,
-                    opts.dense,
-                )?;
-                let rows = seg.start * kv * d..(seg.start + seg.len) * kv * d;
-                let (kc, vc) = cache.kv_mut(kv, d);
-                kc.append_token_major(&k[rows.clone()]);
-                vc.append_token_major(&v[rows]);
-                let qs = &q[seg.start * h * d..(seg.start + seg.len) * h * d]; // (T, H, D)
-                let kvr = CacheRows::separate(kc, vc)?;
-                Ok(attend_cached(qs, kvr, seg, selection.as_deref(), scale))
-            })
-            .collect::<Result<_>>()?;
+        let outs = per_segment(segs, caches, |seg, cache| {
+            cache.check_position(seg.pos)?;
+            let selection = select_in_step(
+                self.selector.as_ref(),
+                index.as_ref(),
+                seg,
+                cache,
+                opts.dense,
+            )?;
+            let rows = seg.start * kv * d..(seg.start + seg.len) * kv * d;
+            let (kc, vc) = cache.kv_mut(kv, d);
+            kc.append_token_major(&k[rows.clone()]);
+            vc.append_token_major(&v[rows]);
+            let qs = &q[seg.start * h * d..(seg.start + seg.len) * h * d]; // (T, H, D)
+            let kvr = CacheRows::separate(kc, vc)?;
+            Ok(attend_cached(qs, kvr, seg, selection.as_deref(), scale))
+        })?;
         let y: Vec<f32> = outs.concat(); // (N, H*D): segments are consecutive rows
         let y = Tensor::from_vec(y, (n, h * d), x.device())?.to_dtype(x.dtype())?;
         self.o_proj.infer(&y)

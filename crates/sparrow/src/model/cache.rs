@@ -170,6 +170,12 @@ impl RowBuffer {
         self.len += t;
     }
 
+    /// Keep the first `len` positions (no-op if there are fewer); the rows past them
+    /// are no longer read and get overwritten by later appends.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Bytes allocated.
     pub fn bytes(&self) -> usize {
         self.heads * self.cap * self.width * self.elem_bytes()
@@ -298,6 +304,16 @@ impl LayerCache {
         })
     }
 
+    /// Keep the first `len` positions of every buffer.
+    pub fn truncate(&mut self, len: usize) {
+        for b in [&mut self.k, &mut self.v].into_iter().flatten() {
+            b.truncate(len);
+        }
+        if let Some(ix) = &mut self.index {
+            ix.truncate(len);
+        }
+    }
+
     /// Bytes allocated by this layer (keys, values, index keys).
     pub fn bytes(&self) -> usize {
         self.k.as_ref().map_or(0, RowBuffer::bytes)
@@ -351,6 +367,12 @@ impl SeqCache {
                 ix.reserve(positions.saturating_sub(ix.len()));
             }
         }
+    }
+
+    /// Keep the first `len` positions of every layer (a shared prompt prefix reused by
+    /// another sequence, or a rewind); allocations are kept.
+    pub fn truncate(&mut self, len: usize) {
+        self.layers.iter_mut().for_each(|l| l.truncate(len));
     }
 
     /// Bytes allocated by every layer.

@@ -81,8 +81,29 @@ impl Linear {
 
     /// [`infer`](Self::infer) of several layers on the same input (Q, K and V; gate and
     /// up): quantized weights go through one fused call (x quantized once, one parallel
-    /// pass); others one by one.
+    /// pass), half-precision ones likewise; others one by one.
     pub fn infer_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let halves: Option<Vec<&HalfMatrix>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Half(h) => Some(h.as_ref()),
+                LinearWeight::Dense(_) | LinearWeight::Quantized(_) => None,
+            })
+            .collect();
+        if let Some(hs) = halves.filter(|hs| hs.len() > 1) {
+            let (n, k) = x.dims2()?;
+            if hs.iter().any(|h| h.cols != k) {
+                return Err(Error::Invalid(format!(
+                    "input of {k} features for half-precision weights of other widths"
+                )));
+            }
+            let xs = host_f32(x)?;
+            return crate::kernels::hmatmul::xwt_many(&xs, n, &hs)
+                .into_iter()
+                .zip(&hs)
+                .map(|(y, h)| Ok(Tensor::from_vec(y, (n, h.rows), x.device())?))
+                .collect();
+        }
         let quantized: Option<Vec<&QMatrix>> = layers
             .iter()
             .map(|l| match &l.weight {

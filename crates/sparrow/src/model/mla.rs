@@ -25,14 +25,13 @@ use super::options::ForwardOptions;
 use super::params::Vb;
 use super::rope::Rope;
 use super::selector::{select_in_step, TopkSelector};
-use super::step::{Segment, StepOptions};
+use super::step::{per_segment, Segment, StepOptions};
 use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels::softmax::CausalSoftmax;
 use crate::kernels::sparse_attention::{self, SparseDims};
 use crate::kernels::topk::NONE;
 use candle_core::{Tensor, D};
-use rayon::prelude::*;
 use std::sync::OnceLock;
 
 /// How the query is projected.
@@ -395,24 +394,20 @@ impl Mla {
         let scale = 1.0 / ((dn + dr) as f32).sqrt();
         // Each sequence's selection, latent-store write and attention; sequences in
         // parallel (each owns its cache).
-        let outs: Vec<Vec<f32>> = segs
-            .par_iter()
-            .zip(caches.par_iter_mut())
-            .map(|(seg, cache)| -> Result<Vec<f32>> {
-                let selection = select_in_step(
-                    self.selector.as_ref(),
-                    index.as_ref(),
-                    seg,
-                    cache,
-                    opts.dense,
-                )?;
-                let store = cache.latent_mut(w);
-                store.append_token_major(&rows[seg.start * w..(seg.start + seg.len) * w]);
-                let kv = CacheRows::key_prefix(store, r);
-                let qs = &qa[seg.start * h * w..(seg.start + seg.len) * h * w];
-                Ok(attend_cached(qs, kv, seg, selection.as_deref(), scale)) // (T, H, r)
-            })
-            .collect::<Result<_>>()?;
+        let outs = per_segment(segs, caches, |seg, cache| {
+            let selection = select_in_step(
+                self.selector.as_ref(),
+                index.as_ref(),
+                seg,
+                cache,
+                opts.dense,
+            )?;
+            let store = cache.latent_mut(w);
+            store.append_token_major(&rows[seg.start * w..(seg.start + seg.len) * w]);
+            let kv = CacheRows::key_prefix(store, r);
+            let qs = &qa[seg.start * h * w..(seg.start + seg.len) * h * w];
+            Ok(attend_cached(qs, kv, seg, selection.as_deref(), scale)) // (T, H, r)
+        })?;
         let y_lat: Vec<f32> = outs.concat(); // (N, H, r): segments are consecutive rows
         let y = Tensor::from_vec(y_lat, (n, h, r), x.device())?
             .to_dtype(w_uv_t.dtype())?

@@ -5,6 +5,8 @@
 //! sequence's cache with the fast kernels (flash-decoding, blocked causal prefill,
 //! the fused indexer top-k and sparse attention).
 
+use crate::error::{Error, Result};
+use crate::kernels::pool;
 use std::time::Instant;
 
 /// One sequence's rows of the packed batch.
@@ -98,4 +100,36 @@ impl Lap {
             None => 0.0,
         }
     }
+}
+
+/// `f(segment, its cache)` for every segment of a step, results in segment order.
+/// When every segment is one decode token, segments run in parallel (each one's
+/// kernels then run on its thread alone: they are short); otherwise one after the
+/// other, each segment's kernels parallel (a prefill chunk would otherwise be left to
+/// one thread while the others finish their decodes).
+pub(crate) fn per_segment<C: Send>(
+    segs: &[Segment],
+    caches: &mut [C],
+    f: impl Fn(&Segment, &mut C) -> Result<Vec<f32>> + Sync,
+) -> Result<Vec<Vec<f32>>> {
+    if segs.len() != caches.len() {
+        return Err(Error::Invalid(format!(
+            "{} segments for {} caches",
+            segs.len(),
+            caches.len()
+        )));
+    }
+    if segs.iter().any(|s| s.len > 1) {
+        return segs.iter().zip(caches).map(|(s, c)| f(s, c)).collect();
+    }
+    type Work<'a, C> = (&'a Segment, &'a mut C, Option<Result<Vec<f32>>>);
+    let mut work: Vec<Work<C>> = segs
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(s, c)| (s, c, None))
+        .collect();
+    pool::for_each_mut(&mut work, |_, (s, c, out)| *out = Some(f(s, c)));
+    work.into_iter()
+        .map(|(_, _, out)| out.unwrap_or_else(|| Err(Error::Invalid("segment not run".into()))))
+        .collect()
 }
