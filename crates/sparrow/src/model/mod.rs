@@ -99,10 +99,11 @@ impl Model {
         )
     }
 
-    pub(crate) fn from_store(cfg: &ModelConfig, store: VarStore) -> Result<Self> {
+    pub(crate) fn from_store(cfg: &ModelConfig, mut store: VarStore) -> Result<Self> {
         cfg.validate()?;
         let net = Transformer::new(&store.root(), cfg)?;
         store.check_no_unused()?;
+        store.release_sources();
         Ok(Self {
             cfg: cfg.clone(),
             store,
