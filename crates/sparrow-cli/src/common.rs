@@ -150,13 +150,15 @@ pub fn load_model_as(spec: &Path, hold: HoldArgs) -> Result<(Model, Tokenizer)> 
         );
     }
     let source = sparrow::model_source::resolve(spec, true)?;
-    Ok(sparrow::model_source::load_for_inference(
+    let loaded = sparrow::model_source::load_for_inference(
         &source,
         hold.weights.into(),
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
         |c| hold.edit(c),
-    )?)
+    )?;
+    crate::return_freed_memory();
+    Ok(loaded)
 }
 
 /// The held-out tail (`val_fraction` of each document, in (0, 1]) of a corpus, tokenized.

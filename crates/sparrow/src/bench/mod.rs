@@ -6,12 +6,14 @@
 //! - [`attention`]: one attention layer, dense vs DSA, decode and prefill by context.
 //! - [`moe`]: one MoE layer vs a dense FFN of equal active FLOPs.
 //! - [`weights`]: one linear layer's inference product per weight format.
+//! - [`pool`]: the cost of one parallel call, the kernels' thread team vs rayon.
 //! - [`generate`]: the whole model through the engine's batched step, the model's own
 //!   selectors vs dense selectors, by context and batch size.
 
 pub mod attention;
 pub mod generate;
 pub mod moe;
+pub mod pool;
 pub mod weights;
 
 use crate::error::Result;

@@ -102,6 +102,7 @@ pub fn run(a: GenerateBenchArgs) -> Result<()> {
             (m, dir)
         }
     };
+    crate::return_freed_memory();
     let mut report = Report::new(json)
         .tagged("generate")
         .col("mode", 6, |r: &GenerateRow| r.mode.to_string())

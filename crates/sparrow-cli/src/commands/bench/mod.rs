@@ -5,6 +5,7 @@ mod attention;
 mod gemm;
 mod generate;
 mod moe;
+mod pool;
 mod weights;
 
 use anyhow::Result;
@@ -29,6 +30,9 @@ pub enum BenchCmd {
     /// One linear layer's inference product per weight format (f32, f16, bf16, q8_0,
     /// q4_1) and batch size, against the read bandwidth and GEMM rate of the same run.
     Weights(weights::WeightsBenchArgs),
+    /// What one parallel call of the inference kernels costs beyond its work: the
+    /// kernels' thread team vs rayon, alternated in the same run.
+    Pool(pool::PoolBenchArgs),
 }
 
 pub fn run(cmd: BenchCmd, _progress: bool) -> Result<()> {
@@ -38,5 +42,6 @@ pub fn run(cmd: BenchCmd, _progress: bool) -> Result<()> {
         BenchCmd::Gemm(a) => gemm::run(a),
         BenchCmd::Attention(a) => attention::run(a),
         BenchCmd::Weights(a) => weights::run(a),
+        BenchCmd::Pool(a) => pool::run(a),
     }
 }
