@@ -56,6 +56,17 @@ fn indexer_topk_equals_sort_of_full_scores() {
             dim: 32,
             act: ScoreAct::Relu,
         },
+        // The grouped loops: heads in groups of 16 (and of 8), keys in chunks.
+        IndexShape {
+            heads: 32,
+            dim: 9,
+            act: ScoreAct::Relu,
+        },
+        IndexShape {
+            heads: 24,
+            dim: 5,
+            act: ScoreAct::Identity,
+        },
     ];
     let mut case_seed = 10;
     for shape in shapes {
