@@ -32,16 +32,19 @@ fn busy(us: f64) {
     }
 }
 
-/// Median microseconds per iteration of `iters` iterations, over `rounds` rounds.
-fn per_iter(rounds: &mut Vec<f64>, iters: usize, serial: f64, call: impl Fn()) -> f64 {
+/// Microseconds per iteration of `iters` iterations.
+fn per_iter(iters: usize, serial: f64, call: impl Fn()) -> f64 {
     let t = Instant::now();
     for _ in 0..iters {
         busy(serial);
         call();
     }
-    rounds.push(t.elapsed().as_secs_f64() * 1e6 / iters as f64);
-    rounds.sort_by(f64::total_cmp);
-    rounds[rounds.len() / 2]
+    t.elapsed().as_secs_f64() * 1e6 / iters as f64
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
 }
 
 /// Time each `(serial_us, task_us)` pattern, `iters` iterations per round, five rounds
@@ -61,21 +64,20 @@ pub fn run(patterns: &[(f64, f64)], iters: usize) -> Result<Vec<PoolRow>> {
         .iter()
         .map(|&(serial, task)| {
             let (mut team, mut ray) = (Vec::new(), Vec::new());
-            let (mut team_us, mut rayon_us) = (0.0, 0.0);
             for _ in 0..5 {
-                team_us = per_iter(&mut team, iters, serial, || {
+                team.push(per_iter(iters, serial, || {
                     pool::for_each(threads, |_| busy(task))
-                });
-                rayon_us = per_iter(&mut ray, iters, serial, || {
+                }));
+                ray.push(per_iter(iters, serial, || {
                     (0..threads).into_par_iter().for_each(|_| busy(task))
-                });
+                }));
             }
             Ok(PoolRow {
                 serial_us: serial,
                 task_us: task,
                 ideal_us: serial + task,
-                team_us,
-                rayon_us,
+                team_us: median(team),
+                rayon_us: median(ray),
             })
         })
         .collect()

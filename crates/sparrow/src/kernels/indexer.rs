@@ -360,44 +360,12 @@ fn add_head(out: &mut [f32], acc: &[f32], wj: f32, act: ScoreAct) {
     }
 }
 
-/// [`score_block_generic`] with the head count fixed at compile time and the loops
-/// swapped: each key row (one dimension, BLOCK keys) is loaded (and converted from
-/// bf16) once and used by all H heads, whose H x BLOCK accumulators stay in registers.
-/// Per (head, key) the sum runs over dimensions in the same order, so the scores are
-/// bit-identical to the generic loop and the reference.
-#[inline(always)]
-fn score_block_fixed<const H: usize, E: KeyElem>(
-    q: &[f32],
-    w: &[f32],
-    block: &[E],
-    dim: usize,
-    act: ScoreAct,
-    out: &mut [f32; BLOCK],
-) {
-    let mut acc = [[0.0f32; BLOCK]; H];
-    for i in 0..dim {
-        let kr = &block[i * BLOCK..(i + 1) * BLOCK];
-        let mut row = [0.0f32; BLOCK];
-        for (r, &x) in row.iter_mut().zip(kr) {
-            *r = x.to_f32();
-        }
-        for (j, a) in acc.iter_mut().enumerate() {
-            let qv = q[j * dim + i];
-            for (x, &r) in a.iter_mut().zip(&row) {
-                *x = qv.mul_add(r, *x);
-            }
-        }
-    }
-    *out = [0.0; BLOCK];
-    for (a, &wj) in acc.iter().zip(w) {
-        add_head(out, a, wj, act);
-    }
-}
-
-/// [`score_block_fixed`] for many heads (DeepSeek-V3.2 scores with 64): heads in groups
-/// of G and keys in chunks of W, G x W = 256 accumulators (16 AVX-512 registers), so
-/// each key chunk is converted once per group instead of once per head (the generic
-/// loop converted a block 16 times for 16 heads and ran a 65536-key scan at ~23 GMAC/s).
+/// [`score_block_generic`] with the loops swapped and the head count fixed at compile
+/// time: heads in groups of G and keys in chunks of W, G x W = 256 accumulators (16
+/// AVX-512 registers) (one group of up to 4 heads over the whole block; DeepSeek-V3.2
+/// scores with 64 heads: groups of 16 over 16-key chunks), so each key chunk is loaded
+/// and converted once per group instead of once per head (the generic loop converted a
+/// block 16 times for 16 heads and ran a 65536-key scan at ~23 GMAC/s).
 /// Per (head, key) the sum runs over dimensions in the same order, and each key's score
 /// takes the heads in order (groups in order, heads in order within one): the scores
 /// are bit-identical to the generic loop.
@@ -445,9 +413,9 @@ fn score_block_dispatch<E: KeyElem>(
     out: &mut [f32; BLOCK],
 ) {
     match shape.heads {
-        1 => score_block_fixed::<1, E>(q, w, block, shape.dim, shape.act, out),
-        2 => score_block_fixed::<2, E>(q, w, block, shape.dim, shape.act, out),
-        4 => score_block_fixed::<4, E>(q, w, block, shape.dim, shape.act, out),
+        1 => score_block_grouped::<1, BLOCK, E>(q, w, block, shape, out),
+        2 => score_block_grouped::<2, BLOCK, E>(q, w, block, shape, out),
+        4 => score_block_grouped::<4, BLOCK, E>(q, w, block, shape, out),
         h if h % 16 == 0 => score_block_grouped::<16, 16, E>(q, w, block, shape, out),
         h if h % 8 == 0 => score_block_grouped::<8, 32, E>(q, w, block, shape, out),
         _ => score_block_generic(q, w, block, shape, out),

@@ -83,51 +83,36 @@ impl Linear {
     /// up): quantized weights go through one fused call (x quantized once, one parallel
     /// pass), half-precision ones likewise; others one by one.
     pub fn infer_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-        let halves: Option<Vec<&HalfMatrix>> = layers
-            .iter()
-            .map(|l| match &l.weight {
-                LinearWeight::Half(h) => Some(h.as_ref()),
-                LinearWeight::Dense(_) | LinearWeight::Quantized(_) => None,
-            })
-            .collect();
-        if let Some(hs) = halves.filter(|hs| hs.len() > 1) {
-            let (n, k) = x.dims2()?;
-            if hs.iter().any(|h| h.cols != k) {
-                return Err(Error::Invalid(format!(
-                    "input of {k} features for half-precision weights of other widths"
-                )));
-            }
-            let xs = host_f32(x)?;
-            return crate::kernels::hmatmul::xwt_many(&xs, n, &hs)
-                .into_iter()
-                .zip(&hs)
-                .map(|(y, h)| Ok(Tensor::from_vec(y, (n, h.rows), x.device())?))
+        let all = |pick: fn(&LinearWeight) -> bool| {
+            !layers.is_empty() && layers.iter().all(|l| pick(&l.weight))
+        };
+        if all(|w| matches!(w, LinearWeight::Half(_))) {
+            let hs: Vec<&HalfMatrix> = layers
+                .iter()
+                .filter_map(|l| match &l.weight {
+                    LinearWeight::Half(h) => Some(h.as_ref()),
+                    _ => None,
+                })
                 .collect();
+            let dims: Vec<(usize, usize)> = hs.iter().map(|h| (h.rows, h.cols)).collect();
+            return fused_on_host(x, &dims, "half-precision", |xs, n| {
+                crate::kernels::hmatmul::xwt_many(xs, n, &hs)
+            });
         }
-        let quantized: Option<Vec<&QMatrix>> = layers
-            .iter()
-            .map(|l| match &l.weight {
-                LinearWeight::Quantized(q) => Some(q.as_ref()),
-                LinearWeight::Dense(_) | LinearWeight::Half(_) => None,
-            })
-            .collect();
-        match quantized {
-            Some(qs) if !qs.is_empty() => {
-                let (n, k) = x.dims2()?;
-                if qs.iter().any(|q| q.cols != k) {
-                    return Err(Error::Invalid(format!(
-                        "input of {k} features for quantized weights of other widths"
-                    )));
-                }
-                let xs = host_f32(x)?;
-                crate::kernels::qmatmul::qxwt_many(&xs, n, &qs)
-                    .into_iter()
-                    .zip(&qs)
-                    .map(|(y, q)| Ok(Tensor::from_vec(y, (n, q.rows), x.device())?))
-                    .collect()
-            }
-            _ => layers.iter().map(|l| l.infer(x)).collect(),
+        if all(|w| matches!(w, LinearWeight::Quantized(_))) {
+            let qs: Vec<&QMatrix> = layers
+                .iter()
+                .filter_map(|l| match &l.weight {
+                    LinearWeight::Quantized(q) => Some(q.as_ref()),
+                    _ => None,
+                })
+                .collect();
+            let dims: Vec<(usize, usize)> = qs.iter().map(|q| (q.rows, q.cols)).collect();
+            return fused_on_host(x, &dims, "quantized", |xs, n| {
+                crate::kernels::qmatmul::qxwt_many(xs, n, &qs)
+            });
         }
+        layers.iter().map(|l| l.infer(x)).collect()
     }
 
     /// (..., in) -> (..., out)
@@ -167,6 +152,28 @@ impl Linear {
             }
         }
     }
+}
+
+/// x (N, K) through one fused product with several packed weights of (rows, cols)
+/// `dims` (`kind` names them in the error): `kernel(x on the host, N)` gives one
+/// (N, rows) result per weight.
+fn fused_on_host(
+    x: &Tensor,
+    dims: &[(usize, usize)],
+    kind: &str,
+    kernel: impl FnOnce(&[f32], usize) -> Vec<Vec<f32>>,
+) -> Result<Vec<Tensor>> {
+    let (n, k) = x.dims2()?;
+    if dims.iter().any(|&(_, cols)| cols != k) {
+        return Err(Error::Invalid(format!(
+            "input of {k} features for {kind} weights of other widths"
+        )));
+    }
+    kernel(&host_f32(x)?, n)
+        .into_iter()
+        .zip(dims)
+        .map(|(y, &(rows, _))| Ok(Tensor::from_vec(y, (n, rows), x.device())?))
+        .collect()
 }
 
 /// x (N, K) f32 on the CPU times a half-precision W^T.
