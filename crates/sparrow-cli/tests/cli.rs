@@ -783,6 +783,10 @@ fn router_experiment_writes_reports_and_eval_routing_reads_any_corpus() {
         "2",
         "--val-batches",
         "2",
+        "--seeds",
+        "3,5",
+        "--variant",
+        "noaux_warm=noaux_bias:router_gate_frozen_steps=2,router_seq_aux_loss_coef=1e-4,router_bias_update_rule=proportional",
     ];
     let run = sparrow(&args);
     assert!(run.status.success(), "{}", text(&run.stderr));
@@ -791,14 +795,17 @@ fn router_experiment_writes_reports_and_eval_routing_reads_any_corpus() {
         "topk_softmax",
         "capacity_aware",
         "noaux_bias",
+        "noaux_warm",
+        "Over seeds",
         "Out of distribution",
+        "`router_gate_frozen_steps` = 2",
     ] {
         assert!(md.contains(r), "routers.md lacks {r}:\n{md}");
     }
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("routers.json")).unwrap()).unwrap();
-    let rows = json.as_array().unwrap();
-    assert_eq!(rows.len(), 3);
+    let rows = json["runs"].as_array().unwrap();
+    assert_eq!(rows.len(), 2 * 4, "two seeds of four arms");
     for r in rows {
         assert!(r["val_loss"].as_f64().unwrap().is_finite());
         assert!(r["validation"]["max_vio"].as_f64().unwrap() >= 0.0);
@@ -807,10 +814,62 @@ fn router_experiment_writes_reports_and_eval_routing_reads_any_corpus() {
         let png = std::fs::read(r["load_plot"].as_str().unwrap()).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     }
-    assert!(out.join("val-loss.svg").exists());
+    // Seeds change the run: the same router on two seeds ends elsewhere.
+    let loss_of = |arm: &str, seed: u64| {
+        rows.iter()
+            .find(|r| r["arm"] == arm && r["seed"] == seed)
+            .unwrap()["val_loss"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_ne!(loss_of("topk_softmax", 3), loss_of("topk_softmax", 5));
+    // The summary: one row per arm over both seeds, paired against topk_softmax.
+    assert_eq!(json["baseline"], "topk_softmax");
+    let summary = json["summary"].as_array().unwrap();
+    assert_eq!(summary.len(), 4);
+    for a in summary {
+        let v = &a["val_loss"];
+        assert_eq!(v["spread"]["n"], 2);
+        let (lo, hi) = (
+            v["spread"]["min"].as_f64().unwrap(),
+            v["spread"]["max"].as_f64().unwrap(),
+        );
+        let arm = a["arm"].as_str().unwrap();
+        assert_eq!(lo, loss_of(arm, 3).min(loss_of(arm, 5)));
+        assert_eq!(hi, loss_of(arm, 3).max(loss_of(arm, 5)));
+        if arm == "topk_softmax" {
+            assert!(v["delta"].is_null());
+        } else {
+            let d = v["delta"]["mean"].as_f64().unwrap();
+            let want = (loss_of(arm, 3) - loss_of("topk_softmax", 3) + loss_of(arm, 5)
+                - loss_of("topk_softmax", 5))
+                / 2.0;
+            assert!((d - want).abs() < 1e-12, "{arm}: {d} vs {want}");
+        }
+    }
+    for svg in ["val-loss.svg", "max-vio.svg"] {
+        let text = std::fs::read_to_string(out.join(svg)).unwrap();
+        assert!(
+            text.contains("<svg") && text.contains("noaux_warm"),
+            "{svg}"
+        );
+    }
+    // The variant's fields reached its runs.
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("seed-5").join("noaux_warm").join("config.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["router_kind"], "noaux_bias");
+    assert_eq!(cfg["router_gate_frozen_steps"], 2);
+    assert_eq!(cfg["router_bias_update_rule"], "proportional");
     // The training log carries the router telemetry.
-    let metrics =
-        std::fs::read_to_string(out.join("capacity_aware").join("metrics.jsonl")).unwrap();
+    let metrics = std::fs::read_to_string(
+        out.join("seed-3")
+            .join("capacity_aware")
+            .join("metrics.jsonl"),
+    )
+    .unwrap();
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
     assert!(last["max_vio"].as_f64().is_some() && last["drop_rate"].as_f64().is_some());
     assert_eq!(last["routing"][0]["layer"], 1);
@@ -824,7 +883,7 @@ fn router_experiment_writes_reports_and_eval_routing_reads_any_corpus() {
     assert_eq!(json, json2);
 
     // eval routing on the OOD text with the trained router frozen.
-    let model = out.join("noaux_bias");
+    let model = out.join("seed-3").join("noaux_bias");
     let ev = sparrow(&[
         "--quiet",
         "eval",
@@ -886,6 +945,38 @@ fn router_experiment_writes_reports_and_eval_routing_reads_any_corpus() {
     ]);
     assert!(!bad.status.success());
     assert!(text(&bad.stderr).contains("unknown router `mixtral`"));
+    for (variant, message) in [
+        ("x=noaux_bias:router_bias_speed=2", "router_bias_speed"),
+        (
+            "x=noaux_bias:router_bias_update_rule=linear",
+            "router_bias_update_rule",
+        ),
+        ("noaux_bias:router_gate_frozen_steps=2", "needs a NAME="),
+        ("../x=hash", "its name must be"),
+        (
+            "x=hash:router_seq_aux_loss_coef=-1",
+            "router_seq_aux_loss_coef",
+        ),
+    ] {
+        let bad = sparrow(&[
+            "experiment",
+            "routers",
+            "--config",
+            &tiny_config_path(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--variant",
+            variant,
+        ]);
+        assert!(!bad.status.success());
+        let err = text(&bad.stderr);
+        assert!(
+            err.contains(message) && !err.contains("panicked"),
+            "{variant}: {err}"
+        );
+    }
     let bad = sparrow(&[
         "eval",
         "routing",

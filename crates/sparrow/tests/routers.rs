@@ -480,3 +480,131 @@ fn dispatch_rejects_bad_routing() {
     assert_eq!(d.slot_of, vec![1, 0, 3]);
     assert_eq!(d.pos, vec![1, 0, DROPPED, 2]);
 }
+
+/// Host reference of the sequence-wise balance loss: scores (N, E) row-major, chosen
+/// (N * k), `sequences` equal sequences.
+fn sequence_loss_reference(
+    scores: &[f64],
+    chosen: &[u32],
+    e: usize,
+    k: usize,
+    sequences: usize,
+) -> f64 {
+    let n = scores.len() / e;
+    let t = n / sequences;
+    let mut total = 0.0;
+    for b in 0..sequences {
+        let mut f = vec![0.0; e];
+        let mut p = vec![0.0; e];
+        for tok in b * t..(b + 1) * t {
+            for j in 0..k {
+                f[chosen[tok * k + j] as usize] += e as f64 / (k * t) as f64;
+            }
+            let row = &scores[tok * e..(tok + 1) * e];
+            let sum: f64 = row.iter().sum();
+            for (pe, s) in p.iter_mut().zip(row) {
+                *pe += s / sum / t as f64;
+            }
+        }
+        total += f.iter().zip(&p).map(|(a, b)| a * b).sum::<f64>();
+    }
+    total / sequences as f64
+}
+
+#[test]
+fn sequence_balance_loss_follows_its_formula_and_its_gradient() {
+    for kind in [RouterKind::NoauxBias, RouterKind::TopkSoftmax] {
+        let mut cfg = moe_config(kind);
+        cfg.router_seq_aux_loss_coef = 1e-4;
+        let s = VarStore::random(4, F64, &Device::Cpu);
+        let moe = Moe::new(&s.root().pp("mlp"), &cfg, 1, 0.3).unwrap();
+        let (b, t) = (3, 7);
+        let x = randn(&[b * t, cfg.hidden_size], 6, F64);
+        let r = moe
+            .gate
+            .route_sequences(&x, &token_ids(b * t), false, b)
+            .unwrap();
+        let logits = moe.gate.gate.forward(&x).unwrap();
+        let scores = match kind {
+            RouterKind::NoauxBias => candle_nn::ops::sigmoid(&logits).unwrap(),
+            _ => candle_nn::ops::softmax(&logits, 1).unwrap(),
+        };
+        let want = sequence_loss_reference(&common::to_f64_vec(&scores), &r.expert_ids, 6, 2, b);
+        let got: f64 = r.seq_loss.clone().unwrap().to_scalar().unwrap();
+        assert!(
+            (got - want).abs() < 1e-12 * want,
+            "{kind:?}: {got} vs {want}"
+        );
+        // One sequence of the same tokens is another loss: sequences are separate.
+        let whole: f64 = moe
+            .gate
+            .route(&x, &token_ids(b * t), false)
+            .unwrap()
+            .seq_loss
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let want_whole =
+            sequence_loss_reference(&common::to_f64_vec(&scores), &r.expert_ids, 6, 2, 1);
+        assert!((whole - want_whole).abs() < 1e-12 * want_whole);
+        // Gradient (the selection counts are constants) against finite differences.
+        let xv = Var::from_tensor(&x).unwrap();
+        let loss = || {
+            moe.gate
+                .route_sequences(xv.as_tensor(), &token_ids(b * t), false, b)
+                .unwrap()
+                .seq_loss
+                .unwrap()
+        };
+        // Only the gate and the input reach the routing scores.
+        let mut vars: Vec<(String, Var)> = s
+            .vars()
+            .into_iter()
+            .filter(|(n, _)| n.ends_with(".gate.weight"))
+            .collect();
+        assert_eq!(vars.len(), 1);
+        vars.push(("<input>".into(), xv.clone()));
+        check_gradients(&vars, loss, 5);
+        // Uneven sequences are an error, not a panic.
+        let bad = moe.gate.route_sequences(&x, &token_ids(b * t), false, 4);
+        assert!(bad.is_err());
+    }
+    // Off by default: no loss computed.
+    let cfg = moe_config(RouterKind::NoauxBias);
+    let s = VarStore::random(4, F64, &Device::Cpu);
+    let moe = Moe::new(&s.root().pp("mlp"), &cfg, 1, 0.3).unwrap();
+    let x = randn(&[6, cfg.hidden_size], 6, F64);
+    assert!(moe
+        .gate
+        .route(&x, &token_ids(6), false)
+        .unwrap()
+        .seq_loss
+        .is_none());
+}
+
+#[test]
+fn proportional_bias_update_moves_by_the_relative_imbalance() {
+    let mut cfg = moe_config(RouterKind::NoauxBias);
+    cfg.router_bias_update_speed = 0.25;
+    cfg.router_bias_update_rule = sparrow::config::BiasUpdateRule::Proportional;
+    let model = Model::new_random(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+    let mut stats = RoutingStats::new(6);
+    stats.demand = vec![9, 0, 3, 3, 1, 2]; // mean 3
+    model
+        .net
+        .update_router_biases(&[None, Some(stats)], 1.0)
+        .unwrap();
+    let all = model.store.all_tensors();
+    let (_, t) = all
+        .iter()
+        .find(|(n, _)| n == "model.layers.1.mlp.gate.e_score_correction_bias")
+        .unwrap();
+    let got: Vec<f32> = t.to_vec1().unwrap();
+    let want: Vec<f32> = [9.0, 0.0, 3.0, 3.0, 1.0, 2.0]
+        .iter()
+        .map(|d: &f32| 0.25 * (3.0 - d) / 3.0)
+        .collect();
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-7, "{got:?} vs {want:?}");
+    }
+}

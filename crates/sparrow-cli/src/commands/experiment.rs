@@ -4,14 +4,16 @@ use crate::common::{require_corpus, stop_on_ctrl_c};
 use anyhow::Result;
 use clap::Subcommand;
 use sparrow::config::ModelConfig;
+use sparrow::experiment::routers::RouterArm;
 use sparrow::train::TrainOptions;
 use std::path::PathBuf;
 
 #[derive(Subcommand)]
 pub enum ExperimentCmd {
-    /// Train the config once per router kind (same seed, same data order) and compare
-    /// validation loss, expert utilization and throughput: routers.md, routers.json,
-    /// load-<router>.png, val-loss.svg in --out. Rerunning continues unfinished runs.
+    /// Train the config once per router arm and seed (within a seed: the same initial
+    /// parameters and data order) and compare validation loss, expert utilization and
+    /// throughput over seeds: routers.md, routers.json, val-loss.svg, max-vio.svg,
+    /// seed-<s>/load-<arm>.png in --out. Rerunning continues unfinished runs.
     Routers {
         /// Model config with MoE layers; its router_kind is replaced per run.
         #[arg(long)]
@@ -30,6 +32,10 @@ pub enum ExperimentCmd {
             default_value = "topk_softmax,switch_capacity,capacity_aware,noaux_bias,hash"
         )]
         routers: Vec<String>,
+        /// An extra arm, repeatable: `NAME=ROUTER:FIELD=VALUE,FIELD=VALUE` sets config
+        /// fields for that router, e.g. `noaux_seq=noaux_bias:router_seq_aux_loss_coef=1e-4`.
+        #[arg(long = "variant")]
+        variants: Vec<String>,
         /// Out-of-distribution text (folder of .txt files, used whole) to route with
         /// the trained routers frozen.
         #[arg(long)]
@@ -46,8 +52,10 @@ pub enum ExperimentCmd {
         val_every: u64,
         #[arg(long, default_value_t = 8)]
         val_batches: usize,
-        #[arg(long, default_value_t = 1337)]
-        seed: u64,
+        /// One run per arm for each seed (each seed: its own initialisation and data
+        /// order); the report gives means and spreads over them.
+        #[arg(long, value_delimiter = ',', default_value = "1337")]
+        seeds: Vec<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -60,6 +68,7 @@ pub fn run(cmd: ExperimentCmd, progress: bool) -> Result<()> {
         out,
         steps,
         routers,
+        variants,
         ood_corpus,
         batch_size,
         seq_len,
@@ -67,14 +76,17 @@ pub fn run(cmd: ExperimentCmd, progress: bool) -> Result<()> {
         warmup_steps,
         val_every,
         val_batches,
-        seed,
+        seeds,
         json,
     } = cmd;
     let config = ModelConfig::from_file(&config)?;
-    let routers = routers
+    let mut arms = routers
         .iter()
-        .map(|r| r.parse())
-        .collect::<Result<Vec<sparrow::config::RouterKind>, _>>()?;
+        .map(|r| Ok(RouterArm::plain(r.parse()?)))
+        .collect::<Result<Vec<RouterArm>>>()?;
+    for v in &variants {
+        arms.push(RouterArm::parse(v)?);
+    }
     require_corpus(&corpus)?;
     let options = TrainOptions {
         steps,
@@ -84,7 +96,6 @@ pub fn run(cmd: ExperimentCmd, progress: bool) -> Result<()> {
         warmup_steps,
         val_every,
         val_batches,
-        seed,
         checkpoint_every: val_every,
         ..TrainOptions::default()
     };
@@ -94,20 +105,19 @@ pub fn run(cmd: ExperimentCmd, progress: bool) -> Result<()> {
         corpus,
         out: out.clone(),
         options,
-        routers,
+        arms,
+        seeds,
         ood_corpus,
         show_progress: progress,
         stop,
     };
-    let results = sparrow::experiment::routers::run(&exp)?;
+    let report = sparrow::experiment::routers::run(&exp)?;
     if json {
-        for r in &results {
-            println!("{}", serde_json::to_string(r)?);
-        }
+        println!("{}", serde_json::to_string(&report)?);
     } else {
-        print!("{}", sparrow::experiment::routers::markdown(&exp, &results));
+        print!("{}", sparrow::experiment::routers::markdown(&exp, &report));
         println!(
-            "\nwritten: {}/routers.md, routers.json, load-*.png, val-loss.svg",
+            "\nwritten: {}/routers.md, routers.json, val-loss.svg, max-vio.svg, seed-*/load-*.png",
             out.display()
         );
     }

@@ -12,7 +12,7 @@ mod moe;
 mod objectives;
 
 pub use attention::{AttentionKind, IndexCacheDtype, IndexerKind, KvCacheDtype};
-pub use moe::RouterKind;
+pub use moe::{BiasUpdateRule, RouterKind};
 pub use objectives::IndexerTrainMode;
 
 use crate::error::{Error, Result};
@@ -52,6 +52,9 @@ fn default_true() -> bool {
 }
 fn default_router_kind() -> RouterKind {
     RouterKind::TopkSoftmax
+}
+fn default_bias_update_rule() -> BiasUpdateRule {
+    BiasUpdateRule::Sign
 }
 fn default_aux_coef() -> f64 {
     0.01
@@ -193,6 +196,23 @@ pub struct ModelConfig {
     /// last tokens).
     #[serde(default)]
     pub router_bias_update_follows_lr: bool,
+    /// `noaux_bias`: how far each bias moves per update: `sign` (DeepSeek-V3:
+    /// `gamma * sign(mean_load - load_i)`) or `proportional` (`gamma * (mean_load -
+    /// load_i) / mean_load`: a step that shrinks as the expert nears its share).
+    #[serde(default = "default_bias_update_rule")]
+    pub router_bias_update_rule: BiasUpdateRule,
+    /// Training: the routers' gate weights (`mlp.gate.weight`) stay at their initial
+    /// values for the first this-many steps while everything else trains; for
+    /// `noaux_bias` a bias-only warm-up (the biases settle the load before the gate
+    /// learns). 0 = off.
+    #[serde(default)]
+    pub router_gate_frozen_steps: u64,
+    /// Weight of DeepSeek-V3's complementary sequence-wise balance loss `sum_e f_e P_e`
+    /// (per sequence: `f_e = E / (k T) * slots chosen for e`, `P_e` = mean over the
+    /// sequence's tokens of the scores normalised to sum 1; averaged over sequences),
+    /// for any router; DeepSeek-V3 uses 1e-4 beside `noaux_bias`. 0 = off.
+    #[serde(default)]
+    pub router_seq_aux_loss_coef: f64,
 
     /// MLA (DeepSeek V2/V3 multi-head latent attention) when set: keys and values come
     /// from a per-token latent of this rank (`kv_a_proj_with_mqa` -> RMSNorm ->

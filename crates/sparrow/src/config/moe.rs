@@ -59,6 +59,17 @@ impl RouterKind {
     }
 }
 
+/// How a `noaux_bias` update moves each expert's selection bias
+/// (`router_bias_update_rule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BiasUpdateRule {
+    /// DeepSeek-V3: `b_e += gamma * sign(mean_load - load_e)`.
+    Sign,
+    /// `b_e += gamma * (mean_load - load_e) / mean_load`.
+    Proportional,
+}
+
 impl std::str::FromStr for RouterKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -80,6 +91,9 @@ impl ModelConfig {
         let non_negative = |v: f64| v.is_finite() && v >= 0.0;
         if !non_negative(self.router_cv2_loss_coef) {
             return Err(Error::config("router_cv2_loss_coef", "must be >= 0"));
+        }
+        if !non_negative(self.router_seq_aux_loss_coef) {
+            return Err(Error::config("router_seq_aux_loss_coef", "must be >= 0"));
         }
         if !non_negative(self.router_z_loss_coef) {
             return Err(Error::config("router_z_loss_coef", "must be >= 0"));

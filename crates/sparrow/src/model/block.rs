@@ -97,9 +97,11 @@ impl Block {
                 let MoeStats {
                     aux_loss,
                     z_loss,
+                    seq_loss,
                     routing,
                 } = stats;
-                (diag.aux_loss, diag.z_loss, diag.routing) = (aux_loss, z_loss, Some(routing));
+                (diag.aux_loss, diag.z_loss, diag.seq_loss) = (aux_loss, z_loss, seq_loss);
+                diag.routing = Some(routing);
                 y
             }
         };

@@ -32,6 +32,8 @@ pub struct LayerDiagnostics {
     pub aux_loss: Option<Tensor>,
     /// The router z-loss (unscaled), when configured.
     pub z_loss: Option<Tensor>,
+    /// The router's sequence-wise balance loss (unscaled), when configured.
+    pub seq_loss: Option<Tensor>,
     /// The indexer's KL loss, mean over queries (DSA layers in training).
     pub indexer_kl: Option<Tensor>,
     /// Recall per query (B*T), when asked for (DSA layers).
@@ -62,6 +64,11 @@ impl Diagnostics {
     /// Sum over MoE layers of the router z-losses, if configured.
     pub fn z_loss(&self) -> Result<Option<Tensor>> {
         sum(self.layers.iter().filter_map(|l| l.z_loss.as_ref()))
+    }
+
+    /// Sum over MoE layers of the sequence-wise balance losses, if configured.
+    pub fn seq_loss(&self) -> Result<Option<Tensor>> {
+        sum(self.layers.iter().filter_map(|l| l.seq_loss.as_ref()))
     }
 
     /// Mean over DSA layers of the indexer KL loss, if computed.

@@ -32,6 +32,8 @@ pub struct MoeStats {
     pub aux_loss: Option<Tensor>,
     /// The router z-loss (unscaled), when configured.
     pub z_loss: Option<Tensor>,
+    /// The sequence-wise balance loss (unscaled), when configured.
+    pub seq_loss: Option<Tensor>,
     pub routing: RoutingStats,
 }
 
@@ -111,7 +113,7 @@ impl Moe {
     ) -> Result<(Tensor, MoeStats)> {
         let (b, t, c) = x.dims3()?;
         let xs = x.reshape((b * t, c))?; // (N, C)
-        let routing = self.gate.route(&xs, token_ids, capacity)?;
+        let routing = self.gate.route_sequences(&xs, token_ids, capacity, b)?;
         let mut y = routed(self, &xs, &routing)?;
         if let Some(shared) = &self.shared_experts {
             y = (y + shared.forward(&xs)?)?;
@@ -119,6 +121,7 @@ impl Moe {
         let stats = MoeStats {
             aux_loss: routing.aux_loss,
             z_loss: routing.z_loss,
+            seq_loss: routing.seq_loss,
             routing: routing.stats,
         };
         Ok((y.reshape((b, t, c))?, stats))

@@ -20,18 +20,23 @@
 //!   `e_score_correction_bias`, no gradient); with `n_group` > 1 each group scores the sum
 //!   of its top-2 biased scores, only the best `topk_group` groups stay eligible; weights
 //!   = `s[experts]` (normalised when `norm_topk_prob`) times `routed_scaling_factor`. No
-//!   aux loss: after each training step `b_e += gamma * sign(mean_load - load_e)`.
+//!   aux loss: after each training step `b_e += gamma * sign(mean_load - load_e)`
+//!   (`router_bias_update_rule = proportional`: `gamma * (mean_load - load_e) / mean_load`).
 //! - `hash` (DeepSeek-V4's first layers): the k experts of token id `v` in layer `l` are a
 //!   fixed pseudo-random table `table(v, l)` (k distinct experts, splitmix64 of v and l);
 //!   weights = `softmax(l)[experts]`, renormalised when `norm_topk_prob`. No aux loss.
 //!
-//! Every router may add the z-loss `mean_t logsumexp(l_t)^2` (`router_z_loss_coef`).
+//! Every router may add the z-loss `mean_t logsumexp(l_t)^2` (`router_z_loss_coef`) and
+//! DeepSeek-V3's complementary sequence-wise balance loss (`router_seq_aux_loss_coef`):
+//! per sequence of T tokens `sum_e f_e P_e`, `f_e = E / (k T) * (slots chosen for e)`,
+//! `P_e = mean_t s'(t,e)` with `s' = s / sum_e s` (the scores normalised per token),
+//! averaged over the sequences of the batch (1 when every sequence is balanced).
 //! Ties in a selection go to the lower expert index; NaN sorts last.
 
 use super::linear::Linear;
 use super::params::{Init, Vb};
 use super::utilization::RoutingStats;
-use crate::config::{ModelConfig, RouterKind};
+use crate::config::{BiasUpdateRule, ModelConfig, RouterKind};
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor, Var, D};
 
@@ -50,6 +55,8 @@ pub struct Routing {
     pub aux_loss: Option<Tensor>,
     /// Scalar router z-loss (unscaled), when `router_z_loss_coef` > 0.
     pub z_loss: Option<Tensor>,
+    /// Scalar sequence-wise balance loss (unscaled), when `router_seq_aux_loss_coef` > 0.
+    pub seq_loss: Option<Tensor>,
     /// Counts of this call (demand before, load after the capacity limit).
     pub stats: RoutingStats,
 }
@@ -66,12 +73,14 @@ pub struct Router {
     top_k: usize,
     norm_topk_prob: bool,
     z_loss: bool,
+    seq_loss: bool,
     capacity_factor: f64,
     capacity_floor: f64,
     n_group: usize,
     topk_group: usize,
     routed_scaling_factor: f64,
     bias_update_speed: f64,
+    bias_update_rule: BiasUpdateRule,
 }
 
 impl Router {
@@ -92,19 +101,34 @@ impl Router {
             top_k: cfg.num_experts_per_tok,
             norm_topk_prob: cfg.norm_topk_prob,
             z_loss: cfg.router_z_loss_coef > 0.0,
+            seq_loss: cfg.router_seq_aux_loss_coef > 0.0,
             capacity_factor: cfg.capacity_factor,
             capacity_floor: cfg.capacity_floor,
             n_group: cfg.n_group,
             topk_group: cfg.topk_group,
             routed_scaling_factor: cfg.routed_scaling_factor,
             bias_update_speed: cfg.router_bias_update_speed,
+            bias_update_rule: cfg.router_bias_update_rule,
         })
     }
 
-    /// Route x (N, C). `token_ids` (N) feed the `hash` router; `capacity` applies the
-    /// capacity limit of `switch_capacity` / `capacity_aware` (training and validation).
+    /// Route x (N, C), one sequence. `token_ids` (N) feed the `hash` router; `capacity`
+    /// applies the capacity limit of `switch_capacity` / `capacity_aware` (training and
+    /// validation).
     pub fn route(&self, x: &Tensor, token_ids: &[u32], capacity: bool) -> Result<Routing> {
-        self.route_with(x, token_ids, capacity, true)
+        self.route_impl(x, token_ids, capacity, true, 1)
+    }
+
+    /// `route` of x (N, C) holding `sequences` sequences of N / `sequences` tokens each
+    /// (row-major), which the sequence-wise balance loss treats one by one.
+    pub fn route_sequences(
+        &self,
+        x: &Tensor,
+        token_ids: &[u32],
+        capacity: bool,
+        sequences: usize,
+    ) -> Result<Routing> {
+        self.route_impl(x, token_ids, capacity, true, sequences)
     }
 
     /// `route` for inference when `telemetry` is false: no auxiliary or z-loss and no
@@ -116,7 +140,23 @@ impl Router {
         capacity: bool,
         telemetry: bool,
     ) -> Result<Routing> {
+        self.route_impl(x, token_ids, capacity, telemetry, 1)
+    }
+
+    fn route_impl(
+        &self,
+        x: &Tensor,
+        token_ids: &[u32],
+        capacity: bool,
+        telemetry: bool,
+        sequences: usize,
+    ) -> Result<Routing> {
         let (n, _c) = x.dims2()?;
+        if sequences == 0 || !n.is_multiple_of(sequences) {
+            return Err(Error::Invalid(format!(
+                "router got {n} tokens as {sequences} equal sequences"
+            )));
+        }
         let (e, k) = (self.n_experts, self.top_k);
         let logits = if telemetry {
             self.gate.forward(x)?
@@ -196,6 +236,11 @@ impl Router {
         if self.kind == RouterKind::NoauxBias && self.routed_scaling_factor != 1.0 {
             weights = (weights * self.routed_scaling_factor)?;
         }
+        let seq_loss = if self.seq_loss && telemetry {
+            Some(self.sequence_loss(&scores, &chosen, sequences)?)
+        } else {
+            None
+        };
         let aux_loss = match self.kind {
             _ if !telemetry => None,
             RouterKind::TopkSoftmax | RouterKind::SwitchCapacity => {
@@ -209,8 +254,26 @@ impl Router {
             weights,
             aux_loss,
             z_loss,
+            seq_loss,
             stats,
         })
+    }
+
+    /// DeepSeek-V3's sequence-wise balance loss of scores (N, E) and the chosen experts
+    /// (N * k) of `sequences` equal sequences: mean over sequences of `sum_e f_e P_e`.
+    fn sequence_loss(&self, scores: &Tensor, chosen: &[u32], sequences: usize) -> Result<Tensor> {
+        let (e, k) = (self.n_experts, self.top_k);
+        let (n, _) = scores.dims2()?;
+        let t = n / sequences;
+        let mut f = vec![0f64; sequences * e]; // (B, E)
+        let unit = e as f64 / (k * t) as f64;
+        for (slot, &id) in chosen.iter().enumerate() {
+            f[(slot / k) / t * e + id as usize] += unit;
+        }
+        let f = Tensor::from_vec(f, (sequences, e), scores.device())?.to_dtype(scores.dtype())?;
+        let normalised = scores.broadcast_div(&scores.sum_keepdim(D::Minus1)?)?; // (N, E)
+        let p = normalised.reshape((sequences, t, e))?.mean(1)?; // (B, E)
+        Ok(((p * f)?.sum_all()? / sequences as f64)?)
     }
 
     /// Share of the N*k slots chosen for each expert, as a constant (E) tensor.
@@ -245,7 +308,8 @@ impl Router {
     }
 
     /// `noaux_bias`: after a training step whose routed slots per expert were `demand`,
-    /// move each bias by `scale * gamma * sign(mean - demand_e)`. Other routers: nothing.
+    /// move each bias by `scale * gamma * sign(mean - demand_e)` (`proportional`:
+    /// `scale * gamma * (mean - demand_e) / mean`). Other routers: nothing.
     pub fn update_bias(&self, demand: &[u64], scale: f64) -> Result<()> {
         let Some(b) = &self.e_score_correction_bias else {
             return Ok(());
@@ -265,14 +329,14 @@ impl Router {
             .zip(demand)
             .map(|(&bi, &d)| {
                 let diff = mean - d as f64;
-                let sign = if diff > 0.0 {
-                    1.0
-                } else if diff < 0.0 {
-                    -1.0
-                } else {
-                    0.0
+                let step = match self.bias_update_rule {
+                    BiasUpdateRule::Sign if diff > 0.0 => 1.0,
+                    BiasUpdateRule::Sign if diff < 0.0 => -1.0,
+                    BiasUpdateRule::Sign => 0.0,
+                    BiasUpdateRule::Proportional if mean > 0.0 => (diff / mean) as f32,
+                    BiasUpdateRule::Proportional => 0.0,
                 };
-                bi + gamma * sign
+                bi + gamma * step
             })
             .collect();
         let new = Tensor::from_vec(new, self.n_experts, b.device())?.to_dtype(b.dtype())?;

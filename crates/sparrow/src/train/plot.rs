@@ -200,3 +200,125 @@ pub fn plot_val_losses(
         },
     )
 }
+
+/// One curve of [`plot_bands`]: a mean line and a band (lowest to highest) around it.
+pub struct BandSeries {
+    pub label: String,
+    /// `(x, mean, low, high)`, ascending in x.
+    pub points: Vec<(f64, f64, f64, f64)>,
+}
+
+impl BandSeries {
+    /// The mean, lowest and highest value at every x that all `runs` share (runs
+    /// logged at other steps, or cut short, contribute the common steps only).
+    pub fn over_runs(label: &str, runs: &[Vec<(f64, f64)>]) -> Self {
+        let mut points = Vec::new();
+        if let Some(first) = runs.first() {
+            for &(x, _) in first {
+                let ys: Vec<f64> = runs
+                    .iter()
+                    .filter_map(|r| r.iter().find(|p| p.0 == x).map(|p| p.1))
+                    .collect();
+                if ys.len() == runs.len() {
+                    let mean = ys.iter().sum::<f64>() / ys.len() as f64;
+                    let lo = ys.iter().copied().fold(f64::INFINITY, f64::min);
+                    let hi = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    points.push((x, mean, lo, hi));
+                }
+            }
+        }
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Self {
+            label: label.to_string(),
+            points,
+        }
+    }
+}
+
+/// Draw mean lines with shaded bands (one colour per series) into an SVG file.
+pub fn plot_bands(series: &[BandSeries], out: &Path, axes: &Axes) -> Result<()> {
+    let all = || series.iter().flat_map(|s| s.points.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for &(x, _, lo, hi) in all() {
+        if x.is_finite() && lo.is_finite() && hi.is_finite() {
+            (x0, x1) = (x0.min(x), x1.max(x));
+            (y0, y1) = (y0.min(lo), y1.max(hi));
+        }
+    }
+    if !x0.is_finite() {
+        return Err(Error::Invalid(format!("plot {}: no points", out.display())));
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    let ypad = ((y1 - y0) * 0.05).max(1e-3);
+    let draw_err =
+        |e: &dyn std::fmt::Display| Error::Invalid(format!("plot {}: {e}", out.display()));
+    crate::font::register()?;
+    let root = SVGBackend::new(out, (900, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| draw_err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(axes.title, ("sans-serif", 18))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x0..x1, (y0 - ypad)..(y1 + ypad))
+        .map_err(|e| draw_err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(axes.x)
+        .y_desc(axes.y)
+        .draw()
+        .map_err(|e| draw_err(&e))?;
+    let colours = [
+        BLUE,
+        RED,
+        GREEN,
+        MAGENTA,
+        CYAN,
+        BLACK,
+        RGBColor(230, 140, 0),
+        RGBColor(120, 60, 160),
+        RGBColor(140, 90, 40),
+        RGBColor(120, 120, 120),
+    ];
+    for (i, s) in series.iter().enumerate() {
+        let c = colours[i % colours.len()];
+        let mut outline: Vec<(f64, f64)> = s.points.iter().map(|p| (p.0, p.3)).collect();
+        outline.extend(s.points.iter().rev().map(|p| (p.0, p.2)));
+        if outline.len() >= 3 {
+            chart
+                .draw_series(std::iter::once(Polygon::new(outline, c.mix(0.15).filled())))
+                .map_err(|e| draw_err(&e))?;
+        }
+        chart
+            .draw_series(LineSeries::new(
+                s.points.iter().map(|p| (p.0, p.1)),
+                c.stroke_width(2),
+            ))
+            .map_err(|e| draw_err(&e))?
+            .label(s.label.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+        chart
+            .draw_series(
+                s.points
+                    .iter()
+                    .map(|p| Circle::new((p.0, p.1), 3, c.filled())),
+            )
+            .map_err(|e| draw_err(&e))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| draw_err(&e))?;
+    root.present().map_err(|e| draw_err(&e))?;
+    Ok(())
+}

@@ -276,6 +276,9 @@ fn run_loop(
     let dev = model.store.device().clone();
     let aux_coef = model.cfg.balance_loss_coef();
     let z_coef = model.cfg.router_z_loss_coef;
+    let seq_coef = model.cfg.router_seq_aux_loss_coef;
+    let gate_frozen_steps = model.cfg.router_gate_frozen_steps;
+    let router_gates = router_gate_params(&model);
     let kl_coef = model.cfg.indexer_kl_coef;
     let parameters = model.store.num_parameters();
 
@@ -318,6 +321,7 @@ fn run_loop(
         };
         let fwd = model.net.forward_with(&inp, &opts)?;
         let (aux_loss, z_loss) = (fwd.diagnostics.aux_loss()?, fwd.diagnostics.z_loss()?);
+        let seq_loss = fwd.diagnostics.seq_loss()?;
         let indexer_kl = fwd.diagnostics.indexer_kl()?;
         let routing = fwd.diagnostics.routing();
         let v = model.cfg.vocab_size;
@@ -329,12 +333,21 @@ fn run_loop(
         if let Some(z) = &z_loss {
             loss = (loss + (z * z_coef)?)?;
         }
+        if let Some(seq) = &seq_loss {
+            loss = (loss + (seq * seq_coef)?)?;
+        }
         if let Some(kl) = &indexer_kl {
             if kl_coef > 0.0 {
                 loss = (loss + (kl * kl_coef)?)?;
             }
         }
-        let grads = loss.backward()?;
+        let mut grads = loss.backward()?;
+        if state.step < gate_frozen_steps {
+            // The gates keep their initial weights (and moments) during the warm-up.
+            for gate in &router_gates {
+                grads.remove(gate);
+            }
+        }
         let grad_norm = opt.grad_norm(&grads)?;
         let scale = if o.grad_clip > 0.0 && grad_norm > o.grad_clip {
             o.grad_clip / grad_norm
@@ -370,6 +383,9 @@ fn run_loop(
         }
         if let Some(z) = &z_loss {
             rec["z_loss"] = json!(z.to_scalar::<f32>()? as f64);
+        }
+        if let Some(seq) = &seq_loss {
+            rec["seq_aux_loss"] = json!(seq.to_scalar::<f32>()? as f64);
         }
         let step_util = layer_utilization(&routing);
         if let Some(worst) = worst_max_vio(&step_util) {
@@ -443,6 +459,18 @@ fn run_loop(
         tokens_per_s: tokens_done as f64 / started.elapsed().as_secs_f64().max(1e-9),
         parameters,
     })
+}
+
+/// The routers' gate weights (`*.mlp.gate.weight`: module paths mirror checkpoint
+/// keys), which `router_gate_frozen_steps` holds at their initial values.
+fn router_gate_params(model: &Model) -> Vec<Tensor> {
+    model
+        .store
+        .vars()
+        .into_iter()
+        .filter(|(name, _)| name.ends_with(".mlp.gate.weight"))
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect()
 }
 
 /// `noaux_bias`: add this step's routed slots to the window in `state`; every
