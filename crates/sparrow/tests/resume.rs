@@ -87,10 +87,25 @@ fn resumed_runs_are_exact_for_stateful_and_capacity_routers() {
             cfg.router_gate_frozen_steps = 6;
             cfg.router_seq_aux_loss_coef = 1e-2;
             cfg.router_bias_update_rule = sparrow::config::BiasUpdateRule::Proportional;
+        } else {
+            // The CV^2 weight ramps up over 6 steps, across the pause.
+            cfg.router_balance_loss_warmup_steps = 6;
         }
         let straight = tmp.path().join("straight");
         train(request_for(cfg.clone(), &corpus, &straight, None, None)).unwrap();
         let tok = straight.join("tokenizer.json");
+        if kind == RouterKind::CapacityAware {
+            // Without the ramp: the same first step (its CV^2 weight is 0 with the ramp,
+            // but the update comes after the loss), a different second one.
+            let mut full = cfg.clone();
+            full.router_balance_loss_warmup_steps = 0;
+            let dir = tmp.path().join("no-ramp");
+            train(request_for(full, &corpus, &dir, Some(&tok), None)).unwrap();
+            let a = read_metrics(&straight.join("metrics.jsonl")).unwrap();
+            let b = read_metrics(&dir.join("metrics.jsonl")).unwrap();
+            assert_eq!(a[0]["loss"], b[0]["loss"]);
+            assert_ne!(a[1]["loss"], b[1]["loss"]);
+        }
         let paused = tmp.path().join("paused");
         train(request_for(
             cfg.clone(),

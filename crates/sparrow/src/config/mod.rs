@@ -160,6 +160,12 @@ pub struct ModelConfig {
     /// their CV^2 balance losses 0.1).
     #[serde(default = "default_cv2_coef")]
     pub router_cv2_loss_coef: f64,
+    /// Training: the balance loss's weight (`router_aux_loss_coef` or
+    /// `router_cv2_loss_coef`) ramps linearly from 0 at step 0 to its value at this step
+    /// (the router learns its first choices before it is pushed to spread them).
+    /// 0 = the full weight from the first step.
+    #[serde(default)]
+    pub router_balance_loss_warmup_steps: u64,
     /// Weight of the router z-loss `mean_t logsumexp(logits_t)^2` (ST-MoE); 0 = off.
     #[serde(default)]
     pub router_z_loss_coef: f64,

@@ -326,8 +326,12 @@ fn run_loop(
         let routing = fwd.diagnostics.routing();
         let v = model.cfg.vocab_size;
         let lm_loss = cross_entropy(&fwd.logits.reshape((o.batch_size * o.seq_len, v))?, &tgt)?;
+        let balance_ramp = match model.cfg.router_balance_loss_warmup_steps {
+            0 => 1.0,
+            n => (state.step as f64 / n as f64).min(1.0),
+        };
         let mut loss = match &aux_loss {
-            Some(aux) if aux_coef > 0.0 => (&lm_loss + (aux * aux_coef)?)?,
+            Some(aux) if aux_coef > 0.0 => (&lm_loss + (aux * (aux_coef * balance_ramp))?)?,
             _ => lm_loss.clone(),
         };
         if let Some(z) = &z_loss {
