@@ -97,7 +97,9 @@ fn cross_entropy_matches_reference_forward_and_backward() {
             let t = Tensor::from_vec(t, n, &Device::Cpu).unwrap();
             let fused = CrossEntropy::apply(x.as_tensor(), &t).unwrap();
             let plain = reference::cross_entropy(x.as_tensor(), &t).unwrap();
-            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+            // Two f32 computations (each within ~1e-5 of the f64 truth: checked in
+            // kernel_checks::cross_entropy_f32) differ by up to the sum of their errors.
+            let tol = if dtype == DType::F32 { 2e-5 } else { 1e-12 };
             assert!(
                 rel_err(&fused, &plain) < tol,
                 "forward {n}x{v} {dtype:?}: {fused} vs {plain}"
@@ -112,6 +114,11 @@ fn cross_entropy_matches_reference_forward_and_backward() {
             );
         }
     }
+}
+
+#[test]
+fn cross_entropy_f32_matches_its_f64_path_at_the_widest_level() {
+    kernel_checks::cross_entropy_f32();
 }
 
 #[test]

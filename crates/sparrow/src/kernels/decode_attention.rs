@@ -303,28 +303,7 @@ fn scan_lanes_avx512<E: CacheElem>(
     let separate = matches!(rows.values, Values::Separate(_));
     assert_eq!(q_t.len(), dk, "queries and keys differ in width");
 
-    #[inline(always)]
-    fn exp512(x: __m512) -> __m512 {
-        // SAFETY (all intrinsics below): register-only AVX-512F arithmetic; the caller
-        // runs with AVX-512F enabled.
-        unsafe {
-            let x = _mm512_max_ps(
-                _mm512_min_ps(x, _mm512_set1_ps(88.0)),
-                _mm512_set1_ps(-87.0),
-            );
-            let n = _mm512_roundscale_ps(
-                _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-            );
-            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
-            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
-            let mut p = _mm512_set1_ps(1.0 / 720.0);
-            for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-            }
-            _mm512_scalef_ps(p, n)
-        }
-    }
+    use super::simd::exp512;
 
     // SAFETY: every pointer read below is k[j * dk + i] with i < dk or v[j * vs + i]
     // with i < dv, j < n, of the block's rows (n rows of dk keys; values n - 1 strides

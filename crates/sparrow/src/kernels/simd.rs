@@ -103,6 +103,37 @@ pub fn fast_exp(x: f32) -> f32 {
     }
 }
 
+/// `e^x` of 16 lanes: [`fast_exp`]'s range reduction and polynomial in AVX-512 (with
+/// fused multiply-adds, so its bits may differ from the scalar one's in the last place).
+/// Inputs below -87 give e^-87 (~1.6e-38), not 0: callers mask the lanes that must be 0.
+///
+/// # Safety
+/// The CPU must have AVX-512F, and the caller must be compiled with it enabled (the
+/// function is always inlined into its caller).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn exp512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // SAFETY: register-only AVX-512F arithmetic; the caller guarantees AVX-512F.
+    unsafe {
+        let x = _mm512_max_ps(
+            _mm512_min_ps(x, _mm512_set1_ps(88.0)),
+            _mm512_set1_ps(-87.0),
+        );
+        let n = _mm512_roundscale_ps(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::fast_exp;

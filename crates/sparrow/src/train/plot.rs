@@ -75,6 +75,20 @@ pub fn plot_losses(metrics_path: &Path, out: &Path, title: &str) -> Result<(usiz
     Ok((train.len(), val.len()))
 }
 
+/// The colours of successive curves.
+const PALETTE: [RGBColor; 10] = [
+    BLUE,
+    RED,
+    GREEN,
+    MAGENTA,
+    CYAN,
+    BLACK,
+    RGBColor(230, 140, 0),
+    RGBColor(120, 60, 160),
+    RGBColor(140, 90, 40),
+    RGBColor(120, 120, 120),
+];
+
 /// One named curve of [`plot_series`].
 pub struct Series {
     pub label: String,
@@ -115,7 +129,6 @@ pub fn plot_series(series: &[Series], out: &Path, axes: &Axes) -> Result<()> {
     crate::font::register()?;
     let root = SVGBackend::new(out, (900, 540)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| draw_err(&e))?;
-    let colours = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
     macro_rules! draw {
         ($xr:expr, $yr:expr) => {{
             let mut chart = ChartBuilder::on(&root)
@@ -132,7 +145,7 @@ pub fn plot_series(series: &[Series], out: &Path, axes: &Axes) -> Result<()> {
                 .draw()
                 .map_err(|e| draw_err(&e))?;
             for (i, s) in series.iter().enumerate() {
-                let c = colours[i % colours.len()];
+                let c = PALETTE[i % PALETTE.len()];
                 chart
                     .draw_series(LineSeries::new(s.points.iter().copied(), c.stroke_width(2)))
                     .map_err(|e| draw_err(&e))?
@@ -275,20 +288,8 @@ pub fn plot_bands(series: &[BandSeries], out: &Path, axes: &Axes) -> Result<()> 
         .y_desc(axes.y)
         .draw()
         .map_err(|e| draw_err(&e))?;
-    let colours = [
-        BLUE,
-        RED,
-        GREEN,
-        MAGENTA,
-        CYAN,
-        BLACK,
-        RGBColor(230, 140, 0),
-        RGBColor(120, 60, 160),
-        RGBColor(140, 90, 40),
-        RGBColor(120, 120, 120),
-    ];
     for (i, s) in series.iter().enumerate() {
-        let c = colours[i % colours.len()];
+        let c = PALETTE[i % PALETTE.len()];
         let mut outline: Vec<(f64, f64)> = s.points.iter().map(|p| (p.0, p.3)).collect();
         outline.extend(s.points.iter().rev().map(|p| (p.0, p.2)));
         if outline.len() >= 3 {

@@ -44,7 +44,53 @@ pub fn all_at(level: simd::Level) -> bool {
     half_products();
     quantized_products(11);
     extreme_q8_0_weights_and_activations_do_not_saturate();
+    cross_entropy_f32();
     true
+}
+
+/// The fused cross-entropy in f32 (vectorised exp, sums in lanes) against its f64 path
+/// (libm exp, row order) on the same logits: loss and gradient, rows of awkward widths
+/// (tails of every length, one lane, the vocabulary of 8192 + 1) and a wide spread whose
+/// small terms underflow.
+pub fn cross_entropy_f32() {
+    use candle_core::{DType, Device, Tensor, Var};
+    use sparrow::kernels::cross_entropy::CrossEntropy;
+    let grad = |x: &Var, loss: &Tensor| -> Vec<f32> {
+        let g = loss.backward().unwrap();
+        let g = g.get(x.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
+        g.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    for &(n, v, spread) in &[
+        (1usize, 1usize, 6.0f32),
+        (3, 2, 6.0),
+        (7, 13, 6.0),
+        (4, 16, 6.0),
+        (5, 17, 6.0),
+        (33, 1001, 6.0),
+        (3, 8193, 6.0),
+        (6, 300, 90.0),
+    ] {
+        let vals: Vec<f32> = rand_vec(n * v, (n * v) as u64)
+            .iter()
+            .map(|x| x * spread)
+            .collect();
+        let targets: Vec<u32> = (0..n).map(|i| ((i * 7919) % v) as u32).collect();
+        let t = Tensor::from_vec(targets, n, &Device::Cpu).unwrap();
+        let x32 = Var::from_tensor(&Tensor::from_vec(vals.clone(), (n, v), &Device::Cpu).unwrap())
+            .unwrap();
+        let x64 = Var::from_tensor(&x32.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+        let l32 = CrossEntropy::apply(x32.as_tensor(), &t).unwrap();
+        let l64 = CrossEntropy::apply(x64.as_tensor(), &t).unwrap();
+        let (a, b): (f32, f64) = (l32.to_scalar().unwrap(), l64.to_scalar().unwrap());
+        assert!(
+            ((a as f64 - b) / b.abs().max(1e-30)).abs() < 2e-6,
+            "loss {n}x{v} spread {spread}: {a} vs {b}"
+        );
+        let g32 = grad(&x32, &(l32 * 2.5).unwrap());
+        let g64 = grad(&x64, &(l64 * 2.5).unwrap());
+        let err = max_rel(&g32, &g64);
+        assert!(err < 1e-5, "gradient {n}x{v} spread {spread}: {err:e}");
+    }
 }
 
 /// Dense decode and causal prefill (per-head and lane paths, the MLA latent store),
