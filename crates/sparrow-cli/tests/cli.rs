@@ -847,6 +847,22 @@ fn router_experiment_writes_reports_and_eval_routing_reads_any_corpus() {
             assert!((d - want).abs() < 1e-12, "{arm}: {d} vs {want}");
         }
     }
+    // The variant is also paired with the plain arm of its router.
+    for a in summary {
+        let vs = &a["against_router"];
+        if a["arm"] == "noaux_warm" {
+            assert_eq!(vs["against"], "noaux_bias");
+            let d = vs["val_loss"]["delta"]["mean"].as_f64().unwrap();
+            let want = (loss_of("noaux_warm", 3) - loss_of("noaux_bias", 3)
+                + loss_of("noaux_warm", 5)
+                - loss_of("noaux_bias", 5))
+                / 2.0;
+            assert!((d - want).abs() < 1e-12, "{d} vs {want}");
+        } else {
+            assert!(vs.is_null(), "{}", a["arm"]);
+        }
+    }
+    assert!(md.contains("against their router"));
     for svg in ["val-loss.svg", "max-vio.svg"] {
         let text = std::fs::read_to_string(out.join(svg)).unwrap();
         assert!(

@@ -22,7 +22,9 @@ mod results;
 mod setup;
 
 pub use report::markdown;
-pub use results::{ArmSummary, RouterReport, RouterResult, UtilizationSummary, BASELINE_ARM};
+pub use results::{
+    ArmSummary, RouterReport, RouterResult, UtilizationSummary, VariantComparison, BASELINE_ARM,
+};
 pub use setup::{RouterArm, RouterExperiment};
 
 use crate::config::ModelConfig;

@@ -207,6 +207,40 @@ pub fn markdown(exp: &RouterExperiment, report: &RouterReport) -> String {
          tokens/s is the median training step rate (sensitive to other load on the machine). \
          Curves: `val-loss.svg`, `max-vio.svg`."
     );
+    let variants: Vec<_> = report
+        .summary
+        .iter()
+        .filter_map(|a| Some((a, a.against_router.as_ref()?)))
+        .collect();
+    if !variants.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Arms with changed fields against their router\n\nThe same cells, paired with the \
+             plain arm of the same router kind instead of `{BASELINE_ARM}`.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| arm | against | val loss | MaxVio | CV | drop rate (change in points) |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
+        for (a, v) in variants {
+            let points = v
+                .drop_rate
+                .delta
+                .map(|d| format!("{:+.2}", d.mean * 100.0))
+                .unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} |",
+                a.arm,
+                v.against,
+                delta_cell(&v.val_loss, 4),
+                delta_cell(&v.max_vio, 3),
+                delta_cell(&v.cv, 3),
+                points,
+            );
+        }
+    }
     if let Some(ood) = &exp.ood_corpus {
         let _ = writeln!(
             s,

@@ -83,6 +83,20 @@ pub struct ArmSummary {
     pub ood_max_vio: Option<Compared>,
     pub ood_cv: Option<Compared>,
     pub ood_drop_rate: Option<Compared>,
+    /// For an arm with changed fields: its metrics against the plain arm of its router
+    /// on the same seeds, when that ran.
+    pub against_router: Option<VariantComparison>,
+}
+
+/// A variant arm against the plain arm of its router kind, seed by seed.
+#[derive(Debug, Clone, Serialize)]
+pub struct VariantComparison {
+    /// The plain arm's name.
+    pub against: String,
+    pub val_loss: Compared,
+    pub max_vio: Compared,
+    pub cv: Compared,
+    pub drop_rate: Compared,
 }
 
 /// Everything the experiment measured: `routers.json`.
@@ -112,14 +126,26 @@ pub fn summarise(exp: &RouterExperiment, runs: Vec<RouterResult>) -> RouterRepor
         .iter()
         .filter_map(|arm| {
             let mine = of_arm(&arm.name);
-            let compare = |f: &dyn Fn(&RouterResult) -> Option<f64>| -> Option<Compared> {
-                let values: Vec<f64> = mine.iter().map(|r| f(r)).collect::<Option<_>>()?;
-                let base: Option<Vec<f64>> = (baseline_runs.len() == mine.len()
-                    && arm.name != BASELINE_ARM)
-                    .then(|| baseline_runs.iter().map(|r| f(r)).collect::<Option<_>>())
-                    .flatten();
-                Compared::new(&values, base.as_deref())
-            };
+            let base = (arm.name != BASELINE_ARM).then_some(baseline_runs.as_slice());
+            let compare = |f: &dyn Fn(&RouterResult) -> Option<f64>| compare_runs(&mine, base, f);
+            let plain = exp
+                .arms
+                .iter()
+                .find(|a| a.kind == arm.kind && a.overrides.is_empty())
+                .filter(|_| !arm.overrides.is_empty());
+            let against_router = plain.and_then(|p| {
+                let theirs = of_arm(&p.name);
+                let vs = |f: &dyn Fn(&RouterResult) -> Option<f64>| {
+                    compare_runs(&mine, Some(&theirs), f)
+                };
+                Some(VariantComparison {
+                    against: p.name.clone(),
+                    val_loss: vs(&|r| Some(r.val_loss))?,
+                    max_vio: vs(&|r| Some(r.validation.max_vio))?,
+                    cv: vs(&|r| Some(r.validation.cv))?,
+                    drop_rate: vs(&|r| Some(r.validation.drop_rate))?,
+                })
+            });
             Some(ArmSummary {
                 arm: arm.name.clone(),
                 router: arm.kind.name().to_string(),
@@ -133,6 +159,7 @@ pub fn summarise(exp: &RouterExperiment, runs: Vec<RouterResult>) -> RouterRepor
                 ood_max_vio: compare(&|r| r.ood.as_ref().map(|o| o.max_vio)),
                 ood_cv: compare(&|r| r.ood.as_ref().map(|o| o.cv)),
                 ood_drop_rate: compare(&|r| r.ood.as_ref().map(|o| o.drop_rate)),
+                against_router,
             })
         })
         .collect();
@@ -141,4 +168,18 @@ pub fn summarise(exp: &RouterExperiment, runs: Vec<RouterResult>) -> RouterRepor
         summary,
         runs,
     }
+}
+
+/// One metric of `mine` over seeds, paired with `base` (the same seeds in the same order)
+/// when given and complete.
+fn compare_runs(
+    mine: &[&RouterResult],
+    base: Option<&[&RouterResult]>,
+    f: &dyn Fn(&RouterResult) -> Option<f64>,
+) -> Option<Compared> {
+    let values: Vec<f64> = mine.iter().map(|r| f(r)).collect::<Option<_>>()?;
+    let base: Option<Vec<f64>> = base
+        .filter(|b| b.len() == mine.len())
+        .and_then(|b| b.iter().map(|r| f(r)).collect::<Option<_>>());
+    Compared::new(&values, base.as_deref())
 }
