@@ -76,7 +76,7 @@ pub fn plot_losses(metrics_path: &Path, out: &Path, title: &str) -> Result<(usiz
 }
 
 /// The colours of successive curves.
-const PALETTE: [RGBColor; 10] = [
+const PALETTE: [RGBColor; 12] = [
     BLUE,
     RED,
     GREEN,
@@ -87,6 +87,8 @@ const PALETTE: [RGBColor; 10] = [
     RGBColor(120, 60, 160),
     RGBColor(140, 90, 40),
     RGBColor(120, 120, 120),
+    RGBColor(128, 128, 0),
+    RGBColor(240, 100, 160),
 ];
 
 /// One named curve of [`plot_series`].
