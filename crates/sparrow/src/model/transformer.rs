@@ -94,6 +94,18 @@ impl Transformer {
         Ok(())
     }
 
+    /// The MoE routers' gate weights (`mlp.gate.weight`), layer by layer: the tensors
+    /// whose gradients `router_gate_frozen_steps` withholds.
+    pub fn router_gate_weights(&self) -> Result<Vec<Tensor>> {
+        self.layers
+            .iter()
+            .filter_map(|layer| match &layer.mlp {
+                super::block::Ffn::Moe(moe) => Some(moe.gate.gate.weight()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The RoPE the attention layers share.
     pub(crate) fn rope(&self) -> &Rope {
         &self.rope

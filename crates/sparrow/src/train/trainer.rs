@@ -278,7 +278,7 @@ fn run_loop(
     let z_coef = model.cfg.router_z_loss_coef;
     let seq_coef = model.cfg.router_seq_aux_loss_coef;
     let gate_frozen_steps = model.cfg.router_gate_frozen_steps;
-    let router_gates = router_gate_params(&model);
+    let router_gates = model.net.router_gate_weights()?;
     let kl_coef = model.cfg.indexer_kl_coef;
     let parameters = model.store.num_parameters();
 
@@ -463,18 +463,6 @@ fn run_loop(
         tokens_per_s: tokens_done as f64 / started.elapsed().as_secs_f64().max(1e-9),
         parameters,
     })
-}
-
-/// The routers' gate weights (`*.mlp.gate.weight`: module paths mirror checkpoint
-/// keys), which `router_gate_frozen_steps` holds at their initial values.
-fn router_gate_params(model: &Model) -> Vec<Tensor> {
-    model
-        .store
-        .vars()
-        .into_iter()
-        .filter(|(name, _)| name.ends_with(".mlp.gate.weight"))
-        .map(|(_, v)| v.as_tensor().clone())
-        .collect()
 }
 
 /// `noaux_bias`: add this step's routed slots to the window in `state`; every

@@ -20,21 +20,30 @@ pub fn write(exp: &RouterExperiment, report: &RouterReport) -> Result<()> {
         &exp.out.join("routers.md"),
         markdown(exp, report).as_bytes(),
     )?;
-    let curves = |key: &dyn Fn(&serde_json::Value) -> Option<f64>| -> Result<Vec<BandSeries>> {
+    // Each run's log, read once for both plots.
+    let logs = report
+        .runs
+        .iter()
+        .map(|r| read_metrics(&r.run_dir.join("metrics.jsonl")))
+        .collect::<Result<Vec<_>>>()?;
+    let curves = |key: &dyn Fn(&serde_json::Value) -> Option<f64>| -> Vec<BandSeries> {
         exp.arms
             .iter()
             .map(|arm| {
-                let runs = report.runs.iter().filter(|r| r.arm == arm.name);
-                let per_seed = runs
-                    .map(|r| curve(&r.run_dir.join("metrics.jsonl"), key))
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(BandSeries::over_runs(&arm.name, &per_seed))
+                let per_seed: Vec<Vec<(f64, f64)>> = report
+                    .runs
+                    .iter()
+                    .zip(&logs)
+                    .filter(|(r, _)| r.arm == arm.name)
+                    .map(|(_, log)| curve(log, key))
+                    .collect();
+                BandSeries::over_runs(&arm.name, &per_seed)
             })
             .collect()
     };
     let seeds = exp.seeds.len();
     plot_bands(
-        &curves(&|r| r.get("val_loss")?.as_f64())?,
+        &curves(&|r| r.get("val_loss")?.as_f64()),
         &exp.out.join("val-loss.svg"),
         &Axes {
             title: &format!("validation loss by router ({seeds} seeds: mean, min-max band)"),
@@ -45,7 +54,7 @@ pub fn write(exp: &RouterExperiment, report: &RouterReport) -> Result<()> {
         },
     )?;
     plot_bands(
-        &curves(&mean_layer_max_vio)?,
+        &curves(&mean_layer_max_vio),
         &exp.out.join("max-vio.svg"),
         &Axes {
             title: &format!(
@@ -61,14 +70,14 @@ pub fn write(exp: &RouterExperiment, report: &RouterReport) -> Result<()> {
 
 /// `(step, value)` of every record of a run's `metrics.jsonl` that has the value.
 fn curve(
-    metrics: &Path,
+    records: &[serde_json::Value],
     key: &dyn Fn(&serde_json::Value) -> Option<f64>,
-) -> Result<Vec<(f64, f64)>> {
-    Ok(read_metrics(metrics)?
+) -> Vec<(f64, f64)> {
+    records
         .iter()
         .filter_map(|r| Some((r.get("step")?.as_f64()?, key(r)?)))
         .filter(|p| p.1.is_finite())
-        .collect())
+        .collect()
 }
 
 /// The mean over MoE layers of a validation record's MaxVio (`routing[*].max_vio`).
