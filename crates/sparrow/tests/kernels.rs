@@ -146,3 +146,108 @@ fn cross_entropy_rejects_bad_targets() {
 fn inference_matmul_matches_the_reference_and_is_batch_invariant() {
     kernel_checks::f32_products();
 }
+
+#[test]
+fn adamw_update_matches_the_tensor_op_reference_bit_for_bit() {
+    use sparrow::kernels::adamw::{adamw_update, AdamWInPlace, AdamWStep};
+    // Sizes around the parallel chunk (32768) and odd ones; steps early (large bias
+    // corrections) and late, with and without clipping and decay.
+    let cases = [
+        (1, 1, 1.0, 0.1),
+        (7, 2, 0.37, 0.0),
+        (32_767, 3, 1.0, 0.1),
+        (32_769, 10, 0.05, 0.1),
+        (100_003, 500, 1.0, 0.0),
+    ];
+    for (case, &(n, t, grad_scale, weight_decay)) in cases.iter().enumerate() {
+        let seed = 40 + case as u64;
+        let p = randn(&[n], seed, DType::F32);
+        let g = (randn(&[n], seed + 100, DType::F32) * 0.03).unwrap();
+        let m = (randn(&[n], seed + 200, DType::F32) * 0.01).unwrap();
+        let v = (randn(&[n], seed + 300, DType::F32).sqr().unwrap() * 1e-4).unwrap();
+        let step = AdamWStep {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            lr: 3e-3,
+            weight_decay,
+            bias_correction1: 1.0 - 0.9f64.powi(t),
+            bias_correction2: 1.0 - 0.95f64.powi(t),
+            grad_scale,
+        };
+        let (want_p, want_m, want_v) = reference::adamw_update(&p, &g, &m, &v, &step).unwrap();
+
+        // The slice kernel.
+        let mut got_p = p.to_vec1::<f32>().unwrap();
+        let mut got_m = m.to_vec1::<f32>().unwrap();
+        let mut got_v = v.to_vec1::<f32>().unwrap();
+        adamw_update(
+            &mut got_p,
+            &g.to_vec1::<f32>().unwrap(),
+            &mut got_m,
+            &mut got_v,
+            &step,
+        );
+        for (what, got, want) in [
+            ("p", &got_p, &want_p),
+            ("m", &got_m, &want_m),
+            ("v", &got_v, &want_v),
+        ] {
+            let want = want.to_vec1::<f32>().unwrap();
+            let err = rel_err_f64(got, &want.iter().map(|&x| x as f64).collect::<Vec<_>>());
+            assert!(err < 1e-6, "case {case} {what}: relative error {err}");
+            let differ = got
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(
+                differ, 0,
+                "case {case} {what}: {differ} of {n} values differ in bits"
+            );
+        }
+
+        // The in-place op on a parameter tensor, with a non-contiguous gradient.
+        let param = Var::from_tensor(&p.reshape((1, n)).unwrap()).unwrap();
+        let g_t = g.reshape((n, 1)).unwrap().t().unwrap();
+        let mut m2 = m.to_vec1::<f32>().unwrap();
+        let mut v2 = v.to_vec1::<f32>().unwrap();
+        AdamWInPlace::new(&mut m2, &mut v2, step)
+            .apply(param.as_tensor(), &g_t)
+            .unwrap();
+        let updated = param
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(
+            updated, got_p,
+            "case {case}: in-place op differs from the slice kernel"
+        );
+        assert_eq!((m2, v2), (got_m, got_v), "case {case}: moments differ");
+    }
+}
+
+#[test]
+fn adamw_in_place_rejects_mismatched_moments() {
+    use sparrow::kernels::adamw::{AdamWInPlace, AdamWStep};
+    let step = AdamWStep {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        lr: 1e-3,
+        weight_decay: 0.0,
+        bias_correction1: 0.1,
+        bias_correction2: 0.05,
+        grad_scale: 1.0,
+    };
+    let param = Var::from_tensor(&randn(&[5], 1, DType::F32)).unwrap();
+    let grad = randn(&[5], 2, DType::F32);
+    let (mut m, mut v) = (vec![0.0f32; 4], vec![0.0f32; 5]);
+    let err = AdamWInPlace::new(&mut m, &mut v, step)
+        .apply(param.as_tensor(), &grad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("moments 4 and 5"), "{err}");
+}

@@ -4,6 +4,7 @@
 //!
 //! - [`softmax::CausalSoftmax`]: `softmax(scale * scores + causal mask)` in one parallel
 //!   pass per row (attention), and its backward.
+//! - [`adamw`]: AdamW's update in one in-place pass per parameter (training).
 //! - [`cross_entropy::CrossEntropy`]: mean NLL of targets under logits in one pass, and its
 //!   backward `(softmax - onehot) / N`.
 //! - [`indexer`]: DSA indexer scoring fused with a streaming top-k ([`topk`]); the
@@ -23,6 +24,7 @@
 //! - [`pool`]: the parallel loop of the inference kernels (workers that spin between
 //!   calls; rayon stays for training).
 
+pub mod adamw;
 #[cfg(target_arch = "x86_64")]
 mod attention_avx2;
 pub mod cross_entropy;

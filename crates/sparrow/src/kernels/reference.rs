@@ -114,3 +114,25 @@ pub fn moe_combine_reference(
     let wg = w.flatten_all()?.index_select(&slots, 0)?.unsqueeze(1)?; // (M, 1)
     zeros.index_add(&tokens, &ys.broadcast_mul(&wg)?, 0)
 }
+
+/// One AdamW update written as candle tensor ops (the optimizer's code before
+/// `kernels::adamw`): returns the new parameter and moments `(p, m, v)`.
+pub fn adamw_update(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    s: &super::adamw::AdamWStep,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = if s.grad_scale != 1.0 {
+        g.affine(s.grad_scale, 0.0)?
+    } else {
+        g.clone()
+    };
+    let m = ((m * s.beta1)? + (&g * (1.0 - s.beta1))?)?;
+    let v = ((v * s.beta2)? + (g.sqr()? * (1.0 - s.beta2))?)?;
+    let denom = ((&v / s.bias_correction2)?.sqrt()? + s.eps)?;
+    let update = ((&m / s.bias_correction1)? / denom)?;
+    let p = ((p * (1.0 - s.lr * s.weight_decay))? - (update * s.lr)?)?;
+    Ok((p, m, v))
+}

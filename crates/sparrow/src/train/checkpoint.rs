@@ -108,7 +108,7 @@ fn stage(
         (STEP_KEY.to_string(), state.step.to_string()),
         ("adamw_t".to_string(), opt.t.to_string()),
     ]);
-    crate::weights::save(&staging.join(STATE_WEIGHTS), &opt.state_tensors(), meta)?;
+    crate::weights::save(&staging.join(STATE_WEIGHTS), &opt.state_tensors()?, meta)?;
     crate::fsio::write_json_atomic(&staging.join(STATE_JSON), state)?;
     crate::fsio::sync_dir(staging)
 }

@@ -1,10 +1,12 @@
 //! AdamW (Loshchilov & Hutter) with decoupled weight decay on matrices only (norm
 //! weights are not decayed), global-norm gradient clipping, and moments that can be
-//! saved and restored for exact resume.
+//! saved and restored for exact resume. The update itself is one in-place pass per
+//! parameter (`kernels::adamw`).
 
 use crate::error::{Error, Result};
+use crate::kernels::adamw::{AdamWInPlace, AdamWStep};
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -29,19 +31,28 @@ impl Default for AdamWConfig {
 pub struct AdamW {
     pub cfg: AdamWConfig,
     params: Vec<(String, Var)>,
-    /// First and second moments, one pair per parameter.
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    /// First and second moments, one pair per parameter (host f32, as the parameters).
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
     /// Updates applied so far (bias correction uses t + 1 for the next one).
     pub t: u64,
 }
 
 impl AdamW {
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
-        let m = params
+        for (name, p) in &params {
+            if p.dtype() != DType::F32 || !p.device().is_cpu() {
+                return Err(Error::Invalid(format!(
+                    "AdamW trains f32 parameters on the CPU; `{name}` is {:?} on {:?}",
+                    p.dtype(),
+                    p.device()
+                )));
+            }
+        }
+        let m: Vec<Vec<f32>> = params
             .iter()
-            .map(|(_, p)| p.as_tensor().zeros_like())
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|(_, p)| vec![0.0; p.elem_count()])
+            .collect();
         let v = m.clone();
         Ok(Self {
             cfg,
@@ -75,39 +86,35 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
         self.t += 1;
         let c = self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for (i, (_, p)) in self.params.iter().enumerate() {
             let Some(g) = grads.get(p.as_tensor()) else {
                 continue;
             };
-            let g = if grad_scale != 1.0 {
-                g.affine(grad_scale, 0.0)?
-            } else {
-                g.clone()
+            let step = AdamWStep {
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                lr,
+                weight_decay: if p.rank() >= 2 { c.weight_decay } else { 0.0 },
+                bias_correction1: 1.0 - c.beta1.powi(self.t as i32),
+                bias_correction2: 1.0 - c.beta2.powi(self.t as i32),
+                grad_scale,
             };
-            let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = ((&v / bc2)?.sqrt()? + c.eps)?;
-            let update = ((&m / bc1)? / denom)?;
-            let decay = if p.rank() >= 2 { c.weight_decay } else { 0.0 };
-            let x = p.as_tensor();
-            let new = ((x * (1.0 - lr * decay))? - (update * lr)?)?;
-            p.set(&new)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            AdamWInPlace::new(&mut self.m[i], &mut self.v[i], step).apply(p.as_tensor(), g)?;
         }
         Ok(())
     }
 
     /// Moments as named tensors (`{param}.exp_avg`, `{param}.exp_avg_sq`).
-    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::with_capacity(2 * self.params.len());
-        for (i, (name, _)) in self.params.iter().enumerate() {
-            out.push((format!("{name}.exp_avg"), self.m[i].clone()));
-            out.push((format!("{name}.exp_avg_sq"), self.v[i].clone()));
+        for (i, (name, p)) in self.params.iter().enumerate() {
+            for (suffix, moment) in [("exp_avg", &self.m[i]), ("exp_avg_sq", &self.v[i])] {
+                let tensor = Tensor::from_slice(moment, p.dims(), p.device())?;
+                out.push((format!("{name}.{suffix}"), tensor));
+            }
         }
-        out
+        Ok(out)
     }
 
     /// Restore moments saved by `state_tensors`; `source` names the file in errors.
@@ -133,11 +140,14 @@ impl AdamW {
                         ),
                     ));
                 }
-                let tensor = tensor.to_dtype(p.dtype())?;
+                let moment = tensor
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
                 if slot == 0 {
-                    self.m[i] = tensor;
+                    self.m[i] = moment;
                 } else {
-                    self.v[i] = tensor;
+                    self.v[i] = moment;
                 }
             }
         }
