@@ -251,3 +251,75 @@ fn adamw_in_place_rejects_mismatched_moments() {
         .to_string();
     assert!(err.contains("moments 4 and 5"), "{err}");
 }
+
+#[test]
+fn linear_cross_entropy_matches_head_then_reference_loss() {
+    use sparrow::kernels::linear_cross_entropy::{
+        linear_cross_entropy, linear_cross_entropy_chunked,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    // (rows, width, vocabulary, rows per chunk): one row, chunks that do not divide the
+    // rows, a single chunk, and the default chunking.
+    for &(n, c, v, chunk) in &[
+        (1, 1, 2, 1),
+        (7, 5, 13, 3),
+        (37, 19, 1001, 10),
+        (64, 33, 8193, 64),
+        (130, 16, 40_000, 0),
+    ] {
+        for dtype in [DType::F32, DType::F64] {
+            let seed = (n * c + v) as u64;
+            let x = Var::from_tensor(&randn(&[n, c], seed, dtype)).unwrap();
+            let w = Var::from_tensor(&(randn(&[v, c], seed + 1, dtype) * 0.7).unwrap()).unwrap();
+            let t: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+            let t = Tensor::from_vec(t, n, &Device::Cpu).unwrap();
+            let fused = if chunk == 0 {
+                linear_cross_entropy(x.as_tensor(), w.as_tensor(), &t).unwrap()
+            } else {
+                linear_cross_entropy_chunked(x.as_tensor(), w.as_tensor(), &t, chunk).unwrap()
+            };
+            let logits = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+            let plain = reference::cross_entropy(&logits, &t).unwrap();
+            let tol = if dtype == DType::F32 { 2e-5 } else { 1e-12 };
+            let what = format!("{n}x{c} by {v}x{c}, chunks of {chunk}, {dtype:?}");
+            assert!(
+                rel_err(&fused, &plain) < tol,
+                "loss {what}: {fused} vs {plain}"
+            );
+            // Without gradients wanted (detached inputs): the same loss, nothing kept.
+            let detached =
+                linear_cross_entropy(&x.as_tensor().detach(), &w.as_tensor().detach(), &t).unwrap();
+            assert!(rel_err(&detached, &plain) < tol, "detached loss {what}");
+            // Scaled so that the incoming gradient is not 1.
+            let gf = (fused * 2.5).unwrap().backward().unwrap();
+            let gp = (plain * 2.5).unwrap().backward().unwrap();
+            for (name, var) in [("x", &x), ("w", &w)] {
+                let (a, b) = (
+                    gf.get(var.as_tensor()).unwrap(),
+                    gp.get(var.as_tensor()).unwrap(),
+                );
+                let err = rel_err(a, b);
+                assert!(err < tol * 5.0, "d{name} {what}: relative error {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_cross_entropy_finite_differences_and_bad_shapes() {
+    use sparrow::kernels::linear_cross_entropy::linear_cross_entropy_chunked;
+    let x = Var::from_tensor(&randn(&[5, 4], 11, DType::F64)).unwrap();
+    let w = Var::from_tensor(&randn(&[9, 4], 12, DType::F64)).unwrap();
+    let t = Tensor::from_vec(vec![0u32, 8, 3, 3, 5], 5, &Device::Cpu).unwrap();
+    check_gradients(
+        &[("x".into(), x.clone()), ("w".into(), w.clone())],
+        || linear_cross_entropy_chunked(x.as_tensor(), w.as_tensor(), &t, 2).unwrap(),
+        20,
+    );
+    let short = Tensor::from_vec(vec![0u32, 1], 2, &Device::Cpu).unwrap();
+    let err = linear_cross_entropy_chunked(x.as_tensor(), w.as_tensor(), &short, 2).unwrap_err();
+    assert!(err.to_string().contains("N targets"), "{err}");
+    let outside = Tensor::from_vec(vec![0u32, 9, 0, 0, 0], 5, &Device::Cpu).unwrap();
+    let err = linear_cross_entropy_chunked(x.as_tensor(), w.as_tensor(), &outside, 2).unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+}

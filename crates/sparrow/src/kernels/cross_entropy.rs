@@ -40,6 +40,8 @@ trait Element: Float + Send + Sync + std::iter::Sum {
     fn row_lse(row: &[Self]) -> (Self, Self);
     /// `out[i] = exp(row[i] - max - ln_sum) * scale`.
     fn softmax_scaled(row: &[Self], max: Self, ln_sum: Self, scale: Self, out: &mut [Self]);
+    /// `softmax_scaled` with the row as its own output.
+    fn softmax_scaled_in_place(row: &mut [Self], max: Self, ln_sum: Self, scale: Self);
 }
 
 impl Element for f64 {
@@ -52,6 +54,12 @@ impl Element for f64 {
     fn softmax_scaled(row: &[f64], max: f64, ln_sum: f64, scale: f64, out: &mut [f64]) {
         for (o, &a) in out.iter_mut().zip(row) {
             *o = ((a - max) - ln_sum).exp() * scale;
+        }
+    }
+
+    fn softmax_scaled_in_place(row: &mut [f64], max: f64, ln_sum: f64, scale: f64) {
+        for a in row.iter_mut() {
+            *a = ((*a - max) - ln_sum).exp() * scale;
         }
     }
 }
@@ -67,14 +75,37 @@ impl Element for f32 {
     }
 
     fn softmax_scaled(row: &[f32], max: f32, ln_sum: f32, scale: f32, out: &mut [f32]) {
+        assert_eq!(row.len(), out.len());
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
-            // SAFETY: AVX-512F was detected at run time.
-            return unsafe { softmax_scaled_avx512(row, max + ln_sum, scale, out) };
+            // SAFETY: AVX-512F was detected at run time; both pointers cover row.len().
+            return unsafe {
+                softmax_scaled_avx512(
+                    row.as_ptr(),
+                    out.as_mut_ptr(),
+                    row.len(),
+                    max + ln_sum,
+                    scale,
+                )
+            };
         }
         let shift = max + ln_sum;
         for (o, &a) in out.iter_mut().zip(row) {
             *o = fast_exp(a - shift) * scale;
+        }
+    }
+
+    fn softmax_scaled_in_place(row: &mut [f32], max: f32, ln_sum: f32, scale: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            let (p, n) = (row.as_mut_ptr(), row.len());
+            // SAFETY: AVX-512F was detected at run time; each lane is loaded before the
+            // store to the same address, and no reference to the row is alive meanwhile.
+            return unsafe { softmax_scaled_avx512(p, p, n, max + ln_sum, scale) };
+        }
+        let shift = max + ln_sum;
+        for a in row.iter_mut() {
+            *a = fast_exp(*a - shift) * scale;
         }
     }
 }
@@ -137,20 +168,20 @@ unsafe fn row_lse_avx512(row: &[f32]) -> (f32, f32) {
     }
 }
 
-/// `out[i] = exp(row[i] - shift) * scale` in AVX-512 lanes; the tail under a mask.
+/// `o[i] = exp(p[i] - shift) * scale` for `i < len` in AVX-512 lanes, the tail under a
+/// mask; `o` may equal `p` (in place: every lane is loaded before it is stored).
 ///
 /// # Safety
-/// The CPU must have AVX-512F; `out` is as long as `row`.
+/// The CPU must have AVX-512F; `p` is readable and `o` writable for `len` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn softmax_scaled_avx512(row: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+unsafe fn softmax_scaled_avx512(p: *const f32, o: *mut f32, len: usize, shift: f32, scale: f32) {
     use super::simd::exp512;
     use std::arch::x86_64::*;
-    assert_eq!(row.len(), out.len());
-    let full = row.len() / 16 * 16;
-    let mask: __mmask16 = ((1u32 << (row.len() - full)) - 1) as u16;
-    let (p, o) = (row.as_ptr(), out.as_mut_ptr());
-    // SAFETY: as in `row_lse_avx512`, for the row and for `out` of the same length.
+    let full = len / 16 * 16;
+    let mask: __mmask16 = ((1u32 << (len - full)) - 1) as u16;
+    // SAFETY: loads and stores at i < full touch 16 floats inside both buffers; the masked
+    // tail touches only the len - full lanes left.
     unsafe {
         let (vs, vk) = (_mm512_set1_ps(shift), _mm512_set1_ps(scale));
         for i in (0..full).step_by(16) {
@@ -300,5 +331,87 @@ impl CustomOp2 for CrossEntropyBackward {
             ),
         };
         Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Logits (R, V) turned in place into `scale * (softmax - onehot(t))`, row by row, with
+/// the rows' summed loss recorded: the per-chunk pass of the fused LM head
+/// (`kernels::linear_cross_entropy`). With `scale = 0` only the loss is wanted and the
+/// logits are left as they are.
+#[derive(Debug)]
+pub struct CrossEntropyGradInPlace {
+    scale: f64,
+    loss_sum: std::sync::Mutex<f64>,
+}
+
+impl CrossEntropyGradInPlace {
+    pub fn new(scale: f64) -> Self {
+        Self {
+            scale,
+            loss_sum: std::sync::Mutex::new(0.0),
+        }
+    }
+
+    /// Rewrites `logits` (R, V), contiguous and not shared, and returns the summed loss
+    /// of its rows under `targets` (R) u32.
+    pub fn apply(&self, logits: &Tensor, targets: &Tensor) -> candle_core::Result<f64> {
+        logits.inplace_op2(&targets.contiguous()?, self)?;
+        self.loss_sum
+            .lock()
+            .map(|l| *l)
+            .map_err(|_| candle_core::Error::Msg("cross-entropy-grad: poisoned".into()))
+    }
+}
+
+fn grad_in_place<T: Element>(x: &mut [T], t: &[u32], v: usize, scale: f64) -> f64 {
+    let keep_logits = scale == 0.0;
+    let scale = T::from(scale).expect("scale fits");
+    x.par_chunks_mut(v)
+        .with_min_len(rows_per_task(v))
+        .zip(t.par_iter())
+        .map(|(row, &target)| {
+            let target = target as usize;
+            let (max, ln_sum) = T::row_lse(row);
+            let loss = ln_sum - (row[target] - max);
+            if !keep_logits {
+                T::softmax_scaled_in_place(row, max, ln_sum, scale);
+                row[target] = row[target] - scale;
+            }
+            loss.to_f64().expect("loss fits f64")
+        })
+        .collect::<Vec<f64>>()
+        .into_iter()
+        .sum()
+}
+
+impl candle_core::InplaceOp2 for CrossEntropyGradInPlace {
+    fn name(&self) -> &'static str {
+        "cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (v, t) = targets_of(self.name(), l1, s2, l2)?;
+        let Some((start, end)) = l1.contiguous_offsets() else {
+            candle_core::bail!("cross-entropy-grad: logits must be contiguous")
+        };
+        let loss = match s1 {
+            CpuStorage::F32(x) => grad_in_place(&mut x[start..end], t, v, self.scale),
+            CpuStorage::F64(x) => grad_in_place(&mut x[start..end], t, v, self.scale),
+            other => candle_core::bail!(
+                "cross-entropy-grad: unsupported dtype {}",
+                dtype_name(other)
+            ),
+        };
+        *self
+            .loss_sum
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("cross-entropy-grad: poisoned".into()))? = loss;
+        Ok(())
     }
 }

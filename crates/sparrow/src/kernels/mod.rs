@@ -7,6 +7,8 @@
 //! - [`adamw`]: AdamW's update in one in-place pass per parameter (training).
 //! - [`cross_entropy::CrossEntropy`]: mean NLL of targets under logits in one pass, and its
 //!   backward `(softmax - onehot) / N`.
+//! - [`linear_cross_entropy`]: the LM head and the cross-entropy fused for training,
+//!   in row chunks: the (N, V) logits never enter the autograd graph.
 //! - [`indexer`]: DSA indexer scoring fused with a streaming top-k ([`topk`]); the
 //!   [queries x keys] score matrix is never materialised.
 //! - [`sparse_attention::SparseAttention`]: attention over the selected positions, with
@@ -34,6 +36,7 @@ pub mod hmatmul;
 pub mod indexer;
 pub mod kv_rows;
 pub mod lanes_avx2;
+pub mod linear_cross_entropy;
 pub mod matmul;
 pub mod pool;
 pub mod qmatmul;

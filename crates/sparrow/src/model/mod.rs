@@ -27,7 +27,7 @@ use candle_core::{DType, Device, Tensor};
 use params::VarStore;
 use std::collections::HashMap;
 use std::path::Path;
-pub use transformer::{ForwardOutput, StepInput, StepOutput, Transformer};
+pub use transformer::{ForwardOutput, HiddenOutput, StepInput, StepOutput, Transformer};
 
 /// A model with its parameters.
 pub struct Model {

@@ -4,7 +4,7 @@
 use super::block::Block;
 use super::cache::{LayerCache, SeqCache};
 use super::diagnostics::Diagnostics;
-use super::linear::Linear;
+use super::linear::{Linear, LinearWeight};
 use super::norm::RmsNorm;
 pub use super::options::ForwardOptions;
 use super::params::{Init, Vb};
@@ -13,6 +13,8 @@ use super::step::{Lap, Segment, StepOptions, StepProfile};
 use super::utilization::RoutingStats;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::kernels::cross_entropy::CrossEntropy;
+use crate::kernels::linear_cross_entropy::linear_cross_entropy;
 use candle_core::{Device, Tensor};
 
 #[derive(Debug, Clone)]
@@ -29,6 +31,14 @@ pub struct Transformer {
 
 /// Logits plus what the forward collected besides them.
 #[derive(Debug, Clone)]
+/// What [`Transformer::forward_hidden_with`] returns.
+pub struct HiddenOutput {
+    /// (B*T, C): the hidden states after the final norm, before the LM head.
+    pub hidden: Tensor,
+    /// As in [`ForwardOutput`].
+    pub diagnostics: Diagnostics,
+}
+
 pub struct ForwardOutput {
     /// (B, T, V)
     pub logits: Tensor,
@@ -120,6 +130,24 @@ impl Transformer {
     /// `forward` with explicit attention options (indexer training mode, recall).
     pub fn forward_with(&self, ids: &Tensor, opts: &ForwardOptions) -> Result<ForwardOutput> {
         let (b, t) = ids.dims2()?;
+        let HiddenOutput {
+            hidden,
+            diagnostics,
+        } = self.forward_hidden_with(ids, opts)?;
+        let logits = self
+            .lm_head
+            .forward(&hidden)?
+            .reshape((b, t, self.cfg.vocab_size))?;
+        Ok(ForwardOutput {
+            logits,
+            diagnostics,
+        })
+    }
+
+    /// `forward_with` up to the LM head: the final-normed hidden states (B*T, C), for a
+    /// loss that applies the head itself ([`Self::lm_loss`]).
+    pub fn forward_hidden_with(&self, ids: &Tensor, opts: &ForwardOptions) -> Result<HiddenOutput> {
+        let (b, t) = ids.dims2()?;
         let c = self.cfg.hidden_size;
         let flat_ids = ids.flatten_all()?; // (B*T)
         let flat: Vec<u32> = flat_ids.to_vec1()?;
@@ -137,14 +165,21 @@ impl Transformer {
         for (layer, diag) in self.layers.iter().zip(&mut diagnostics.layers) {
             x = layer.forward(&x, &flat, &self.rope, opts, diag)?;
         }
-        let x = self.norm.forward(&x)?;
-        let logits =
-            self.lm_head
-                .forward(&x.reshape((b * t, c))?)?
-                .reshape((b, t, self.cfg.vocab_size))?;
-        Ok(ForwardOutput {
-            logits,
+        let hidden = self.norm.forward(&x)?.reshape((b * t, c))?; // (B*T, C)
+        Ok(HiddenOutput {
+            hidden,
             diagnostics,
+        })
+    }
+
+    /// Mean next-token NLL of `targets` (N) u32 under the LM head applied to `hidden`
+    /// (N, C): the head and the cross-entropy fused (`kernels::linear_cross_entropy`:
+    /// no (N, V) logits in the graph) when the head is a plain tensor, else the head's
+    /// logits through the cross-entropy kernel.
+    pub fn lm_loss(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        Ok(match self.lm_head.packed() {
+            LinearWeight::Dense(w) => linear_cross_entropy(hidden, w, targets)?,
+            _ => CrossEntropy::apply(&self.lm_head.forward(hidden)?, targets)?,
         })
     }
 }

@@ -319,13 +319,12 @@ fn run_loop(
                 ..Collect::default()
             },
         };
-        let fwd = model.net.forward_with(&inp, &opts)?;
+        let fwd = model.net.forward_hidden_with(&inp, &opts)?;
         let (aux_loss, z_loss) = (fwd.diagnostics.aux_loss()?, fwd.diagnostics.z_loss()?);
         let seq_loss = fwd.diagnostics.seq_loss()?;
         let indexer_kl = fwd.diagnostics.indexer_kl()?;
         let routing = fwd.diagnostics.routing();
-        let v = model.cfg.vocab_size;
-        let lm_loss = cross_entropy(&fwd.logits.reshape((o.batch_size * o.seq_len, v))?, &tgt)?;
+        let lm_loss = model.net.lm_loss(&fwd.hidden, &tgt)?;
         let balance_ramp = match model.cfg.router_balance_loss_warmup_steps {
             0 => 1.0,
             n => (state.step as f64 / n as f64).min(1.0),
