@@ -213,3 +213,49 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
         }
     }
 }
+
+/// The trainer's loss (`forward_hidden_with` + `lm_loss`, the head fused with the
+/// cross-entropy) against logits + cross-entropy: the same loss and the same gradient
+/// for every parameter, with the head untied and tied to the embedding (whose gradient
+/// then sums the lookup's and the head's).
+#[test]
+fn fused_head_loss_equals_the_logits_loss_for_every_parameter() {
+    for tie in [false, true] {
+        let mut cfg = wider_init(tiny_config());
+        cfg.tie_word_embeddings = tie;
+        let model = Model::new_random(&cfg, 17, F64, &Device::Cpu).unwrap();
+        let (b, t, v) = (3, 11, cfg.vocab_size);
+        let ids: Vec<u32> = (0..(b * t) as u32)
+            .map(|i| (i * 29 + 7) % v as u32)
+            .collect();
+        let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
+        let targets: Vec<u32> = (0..(b * t) as u32)
+            .map(|i| (i * 11 + 2) % v as u32)
+            .collect();
+        let targets = Tensor::from_vec(targets, b * t, &Device::Cpu).unwrap();
+        let opts = sparrow::model::options::ForwardOptions::default();
+
+        let out = model.net.forward_with(&ids, &opts).unwrap();
+        let plain = cross_entropy(&out.logits.reshape((b * t, v)).unwrap(), &targets).unwrap();
+        let hidden = model.net.forward_hidden_with(&ids, &opts).unwrap().hidden;
+        let fused = model.net.lm_loss(&hidden, &targets).unwrap();
+        let nll = model.net.lm_nll(&hidden, &targets).unwrap();
+        let want: f64 = plain.to_scalar().unwrap();
+        assert!(
+            (fused.to_scalar::<f64>().unwrap() - want).abs() < 1e-12 * want,
+            "tie {tie}"
+        );
+        assert!(
+            (nll - want).abs() < 1e-12 * want,
+            "tie {tie}: lm_nll {nll} vs {want}"
+        );
+
+        let (gp, gf) = (plain.backward().unwrap(), fused.backward().unwrap());
+        for (name, var) in model.store.vars() {
+            let (a, e) = (gf.get(var.as_tensor()), gp.get(var.as_tensor()));
+            let (a, e) = (a.expect("fused gradient"), e.expect("plain gradient"));
+            let err = rel_err(a, e);
+            assert!(err < 1e-10, "tie {tie}: `{name}` gradient differs by {err}");
+        }
+    }
+}

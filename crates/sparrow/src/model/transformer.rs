@@ -182,6 +182,16 @@ impl Transformer {
             _ => CrossEntropy::apply(&self.lm_head.forward(hidden)?, targets)?,
         })
     }
+
+    /// [`Self::lm_loss`] as a number, with no gradient computed or kept (evaluation).
+    pub fn lm_nll(&self, hidden: &Tensor, targets: &Tensor) -> Result<f64> {
+        let hidden = hidden.detach();
+        let loss = match self.lm_head.packed() {
+            LinearWeight::Dense(w) => linear_cross_entropy(&hidden, &w.detach(), targets)?,
+            _ => CrossEntropy::apply(&self.lm_head.forward(&hidden)?.detach(), targets)?,
+        };
+        Ok(loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+    }
 }
 
 /// One sequence's part of a step: its new tokens and its cache (positions

@@ -8,7 +8,6 @@
 //! validation logs per-layer utilization over the validation tokens (`routing`).
 
 use super::checkpoint::{self, DataPosition, RngState, TrainState};
-use super::loss::cross_entropy;
 use super::metrics::MetricsLog;
 use super::optimizer::AdamW;
 pub use super::options::TrainOptions;
@@ -569,10 +568,9 @@ pub fn validate(
         let b = chunk.len();
         let inp = Tensor::from_vec(inp, (b, seq_len), &dev)?;
         let tgt = Tensor::from_vec(tgt, b * seq_len, &dev)?;
-        let out = model.net.forward_with(&inp, &opts)?;
+        let out = model.net.forward_hidden_with(&inp, &opts)?;
         RoutingStats::merge_layers(&mut routing, &out.diagnostics.routing());
-        let logits = out.logits.reshape((b * seq_len, model.cfg.vocab_size))?;
-        total += cross_entropy(&logits.detach(), &tgt)?.to_scalar::<f32>()? as f64 * b as f64;
+        total += model.net.lm_nll(&out.hidden, &tgt)? * b as f64;
         n += b;
     }
     Ok((total / n.max(1) as f64, routing))
