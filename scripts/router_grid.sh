@@ -9,8 +9,9 @@
 # rerunning the script reuses finished runs and resumes interrupted ones, so it can be
 # stopped and continued at will. CELLS picks cells (default: all four, in the order
 # above); SEEDS the seeds (default 1,2,3); SPARROW_BIN the binary.
-# Wall time on a 2-core Intel Xeon: routers-150 ~1.2 h (33 runs), routers-800 ~3 h
-# (21 runs), small-150 ~2.3 h (21 runs), small-800 ~12 h (21 runs).
+# Wall time on the 2-core Intel Xeon of BENCHMARKS.md, alone on the machine: routers-150
+# ~1.1 h (33 runs of ~2 min), small-150 ~2.2 h (21 runs of ~6 min); the 800-step cells
+# scale with the steps: routers-800 ~2.5 h, small-800 ~11 h (21 runs each).
 # Usage: scripts/router_grid.sh [OUT]
 set -euo pipefail
 out=${1:-runs/grid}
