@@ -323,3 +323,36 @@ fn linear_cross_entropy_finite_differences_and_bad_shapes() {
     let err = linear_cross_entropy_chunked(x.as_tensor(), w.as_tensor(), &outside, 2).unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
 }
+
+#[test]
+fn row_nll_matches_log_softmax_and_rejects_bad_targets() {
+    use sparrow::kernels::cross_entropy::row_nll;
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    for &(n, v) in &[(1, 2), (9, 17), (40, 8193)] {
+        for dtype in [DType::F32, DType::F64] {
+            let x = (randn(&[n, v], (n + v) as u64, dtype) * 5.0).unwrap();
+            let t: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+            let t = Tensor::from_vec(t, n, &Device::Cpu).unwrap();
+            let want = candle_nn::ops::log_softmax(&x.to_dtype(DType::F64).unwrap(), 1)
+                .unwrap()
+                .gather(&t.unsqueeze(1).unwrap(), 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let got = row_nll(&x, &t).unwrap();
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let err = (g + w).abs() / w.abs().max(1.0);
+                assert!(err < tol, "{n}x{v} {dtype:?} row {i}: {g} vs {}", -w);
+            }
+        }
+    }
+    let x = randn(&[2, 5], 1, DType::F32);
+    let bad = Tensor::from_vec(vec![0u32, 5], 2, &Device::Cpu).unwrap();
+    assert!(row_nll(&x, &bad)
+        .unwrap_err()
+        .to_string()
+        .contains("outside the vocabulary"));
+}

@@ -415,3 +415,32 @@ impl candle_core::InplaceOp2 for CrossEntropyGradInPlace {
         Ok(())
     }
 }
+
+/// Per-row NLL `logsumexp(x_i) - x_i[t_i]` of logits (R, V) f32/f64 under targets (R)
+/// u32, in f64 (evaluation: perplexity per position).
+pub fn row_nll(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Vec<f64>> {
+    let (logits, targets) = (logits.contiguous()?, targets.contiguous()?);
+    let (s1, l1) = logits.storage_and_layout();
+    let (s2, l2) = targets.storage_and_layout();
+    let (candle_core::Storage::Cpu(s1), candle_core::Storage::Cpu(s2)) = (&*s1, &*s2) else {
+        candle_core::bail!("row-nll: CPU tensors only")
+    };
+    let (v, t) = targets_of("row-nll", l1, s2, l2)?;
+    fn rows<T: Element>(x: &[T], t: &[u32], v: usize) -> Vec<f64> {
+        x.par_chunks(v)
+            .with_min_len(rows_per_task(v))
+            .zip(t.par_iter())
+            .map(|(row, &target)| {
+                let (max, ln_sum) = T::row_lse(row);
+                (ln_sum - (row[target as usize] - max))
+                    .to_f64()
+                    .expect("loss fits f64")
+            })
+            .collect()
+    }
+    Ok(match s1 {
+        CpuStorage::F32(x) => rows(contiguous_slice("row-nll", x, l1)?, t, v),
+        CpuStorage::F64(x) => rows(contiguous_slice("row-nll", x, l1)?, t, v),
+        other => candle_core::bail!("row-nll: unsupported dtype {}", dtype_name(other)),
+    })
+}

@@ -13,9 +13,9 @@ use super::step::{Lap, Segment, StepOptions, StepProfile};
 use super::utilization::RoutingStats;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::kernels::cross_entropy::CrossEntropy;
-use crate::kernels::linear_cross_entropy::linear_cross_entropy;
-use candle_core::{Device, Tensor};
+use crate::kernels::cross_entropy::{row_nll, CrossEntropy};
+use crate::kernels::linear_cross_entropy::{linear_cross_entropy, CHUNK_LOGITS};
+use candle_core::{DType, Device, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct Transformer {
@@ -183,14 +183,34 @@ impl Transformer {
         })
     }
 
-    /// [`Self::lm_loss`] as a number, with no gradient computed or kept (evaluation).
-    pub fn lm_nll(&self, hidden: &Tensor, targets: &Tensor) -> Result<f64> {
+    /// Next-token NLL of each row: `targets` (N) u32 under the LM head applied to
+    /// `hidden` (N, C), in chunks of rows whose logits hold at most
+    /// `kernels::linear_cross_entropy::CHUNK_LOGITS` values, with no gradient computed or
+    /// kept (evaluation; any head: plain, quantized or half).
+    pub fn nll_rows(&self, hidden: &Tensor, targets: &Tensor) -> Result<Vec<f64>> {
+        let (n, _) = hidden.dims2()?;
         let hidden = hidden.detach();
-        let loss = match self.lm_head.packed() {
-            LinearWeight::Dense(w) => linear_cross_entropy(&hidden, &w.detach(), targets)?,
-            _ => CrossEntropy::apply(&self.lm_head.forward(&hidden)?.detach(), targets)?,
-        };
-        Ok(loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+        let chunk = (CHUNK_LOGITS / self.cfg.vocab_size.max(1)).max(1);
+        let mut out = Vec::with_capacity(n);
+        for start in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - start);
+            let logits = self
+                .lm_head
+                .forward(&hidden.narrow(0, start, rows)?)?
+                .detach();
+            let logits = match logits.dtype() {
+                DType::F32 | DType::F64 => logits,
+                _ => logits.to_dtype(DType::F32)?,
+            };
+            out.extend(row_nll(&logits, &targets.narrow(0, start, rows)?)?);
+        }
+        Ok(out)
+    }
+
+    /// Mean of [`Self::nll_rows`]: [`Self::lm_loss`] as a number, for evaluation.
+    pub fn lm_nll(&self, hidden: &Tensor, targets: &Tensor) -> Result<f64> {
+        let rows = self.nll_rows(hidden, targets)?;
+        Ok(rows.iter().sum::<f64>() / rows.len().max(1) as f64)
     }
 }
 
