@@ -219,3 +219,18 @@ pub fn rel_err_f64(got: &[f32], want: &[f64]) -> f64 {
         .fold(0.0, f64::max);
     diff / want.iter().map(|x| x.abs()).fold(1e-30, f64::max)
 }
+
+/// Per-row NLL of `targets` (N) u32 under `logits` (N, V) by candle's log-softmax, in
+/// f64: the plain reference of the evaluation NLL.
+pub fn nll_by_log_softmax(logits: &Tensor, targets: &Tensor) -> Vec<f64> {
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F64).unwrap(), 1).unwrap();
+    let picked = logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap();
+    picked
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+        .iter()
+        .map(|x| -x)
+        .collect()
+}
