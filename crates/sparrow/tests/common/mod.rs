@@ -220,17 +220,18 @@ pub fn rel_err_f64(got: &[f32], want: &[f64]) -> f64 {
     diff / want.iter().map(|x| x.abs()).fold(1e-30, f64::max)
 }
 
-/// Per-row NLL of `targets` (N) u32 under `logits` (N, V) by candle's log-softmax, in
-/// f64: the plain reference of the evaluation NLL.
-pub fn nll_by_log_softmax(logits: &Tensor, targets: &Tensor) -> Vec<f64> {
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F64).unwrap(), 1).unwrap();
-    let picked = logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap();
-    picked
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-        .iter()
-        .map(|x| -x)
+/// Per-row NLL of `targets` (N) u32 under `logits` (N, V), `logsumexp - logit[target]`
+/// in f64 row by row: the plain reference of the evaluation NLL.
+pub fn nll_reference(logits: &Tensor, targets: &Tensor) -> Vec<f64> {
+    let v = logits.dim(1).unwrap();
+    let x = to_f64_vec(logits);
+    let t = targets.to_vec1::<u32>().unwrap();
+    x.chunks(v)
+        .zip(t)
+        .map(|(row, target)| {
+            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + row.iter().map(|a| (a - max).exp()).sum::<f64>().ln();
+            lse - row[target as usize]
+        })
         .collect()
 }
