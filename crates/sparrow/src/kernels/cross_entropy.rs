@@ -12,6 +12,7 @@ use super::{contiguous_slice, dtype_name, rows_per_task};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Mean negative log-likelihood (a scalar tensor).
 #[derive(Debug, Clone, Copy)]
@@ -193,16 +194,20 @@ unsafe fn softmax_scaled_avx512(p: *const f32, o: *mut f32, len: usize, shift: f
     }
 }
 
+/// One row's NLL `ln_sum - (x_t - max)` with the row's (max, ln_sum), for the softmax
+/// that may follow.
+fn row_loss<T: Element>(row: &[T], target: u32) -> (T, T, T) {
+    let (max, ln_sum) = T::row_lse(row);
+    (ln_sum - (row[target as usize] - max), max, ln_sum)
+}
+
 fn forward<T: Element>(x: &[T], t: &[u32], v: usize) -> T {
     let n = t.len();
     let total: T = x
         .par_chunks(v)
         .with_min_len(rows_per_task(v))
         .zip(t.par_iter())
-        .map(|(row, &target)| {
-            let (max, ln_sum) = T::row_lse(row);
-            ln_sum - (row[target as usize] - max)
-        })
+        .map(|(row, &target)| row_loss(row, target).0)
         .collect::<Vec<T>>()
         .into_iter()
         .sum();
@@ -336,19 +341,19 @@ impl CustomOp2 for CrossEntropyBackward {
 
 /// Logits (R, V) turned in place into `scale * (softmax - onehot(t))`, row by row, with
 /// the rows' summed loss recorded: the per-chunk pass of the fused LM head
-/// (`kernels::linear_cross_entropy`). With `scale = 0` only the loss is wanted and the
-/// logits are left as they are.
+/// (`kernels::linear_cross_entropy`).
 #[derive(Debug)]
 pub struct CrossEntropyGradInPlace {
     scale: f64,
-    loss_sum: std::sync::Mutex<f64>,
+    /// The rows' summed loss, as f64 bits (set by the op, read by `apply`).
+    loss_sum: AtomicU64,
 }
 
 impl CrossEntropyGradInPlace {
     pub fn new(scale: f64) -> Self {
         Self {
             scale,
-            loss_sum: std::sync::Mutex::new(0.0),
+            loss_sum: AtomicU64::new(0),
         }
     }
 
@@ -356,27 +361,20 @@ impl CrossEntropyGradInPlace {
     /// of its rows under `targets` (R) u32.
     pub fn apply(&self, logits: &Tensor, targets: &Tensor) -> candle_core::Result<f64> {
         logits.inplace_op2(&targets.contiguous()?, self)?;
-        self.loss_sum
-            .lock()
-            .map(|l| *l)
-            .map_err(|_| candle_core::Error::Msg("cross-entropy-grad: poisoned".into()))
+        Ok(f64::from_bits(self.loss_sum.load(Ordering::Relaxed)))
     }
 }
 
 fn grad_in_place<T: Element>(x: &mut [T], t: &[u32], v: usize, scale: f64) -> f64 {
-    let keep_logits = scale == 0.0;
     let scale = T::from(scale).expect("scale fits");
     x.par_chunks_mut(v)
         .with_min_len(rows_per_task(v))
         .zip(t.par_iter())
         .map(|(row, &target)| {
+            let (loss, max, ln_sum) = row_loss(row, target);
             let target = target as usize;
-            let (max, ln_sum) = T::row_lse(row);
-            let loss = ln_sum - (row[target] - max);
-            if !keep_logits {
-                T::softmax_scaled_in_place(row, max, ln_sum, scale);
-                row[target] = row[target] - scale;
-            }
+            T::softmax_scaled_in_place(row, max, ln_sum, scale);
+            row[target] = row[target] - scale;
             loss.to_f64().expect("loss fits f64")
         })
         .collect::<Vec<f64>>()
@@ -408,10 +406,7 @@ impl candle_core::InplaceOp2 for CrossEntropyGradInPlace {
                 dtype_name(other)
             ),
         };
-        *self
-            .loss_sum
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("cross-entropy-grad: poisoned".into()))? = loss;
+        self.loss_sum.store(loss.to_bits(), Ordering::Relaxed);
         Ok(())
     }
 }
@@ -430,12 +425,7 @@ pub fn row_nll(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Vec<f64
         x.par_chunks(v)
             .with_min_len(rows_per_task(v))
             .zip(t.par_iter())
-            .map(|(row, &target)| {
-                let (max, ln_sum) = T::row_lse(row);
-                (ln_sum - (row[target as usize] - max))
-                    .to_f64()
-                    .expect("loss fits f64")
-            })
+            .map(|(row, &target)| row_loss(row, target).0.to_f64().expect("loss fits f64"))
             .collect()
     }
     Ok(match s1 {

@@ -12,7 +12,7 @@
 //! is the graph's end, so its incoming gradient is a scalar) and the backward scales
 //! them. The reference is `reference::cross_entropy(x.matmul(w.t()), targets)`.
 
-use super::cross_entropy::CrossEntropyGradInPlace;
+use super::cross_entropy::{row_nll, CrossEntropyGradInPlace};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 /// Most logits one chunk holds (16 MB in f32): a vocabulary of 8192 goes 512 rows at a
@@ -26,8 +26,13 @@ pub fn linear_cross_entropy(
     w: &Tensor,
     targets: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let v = w.dim(0)?;
-    linear_cross_entropy_chunked(x, w, targets, (CHUNK_LOGITS / v.max(1)).max(1))
+    linear_cross_entropy_chunked(x, w, targets, chunk_rows(w.dim(0)?))
+}
+
+/// Rows per chunk for a vocabulary of `vocab`: as many as [`CHUNK_LOGITS`] holds, at
+/// least one.
+pub fn chunk_rows(vocab: usize) -> usize {
+    (CHUNK_LOGITS / vocab.max(1)).max(1)
 }
 
 /// [`linear_cross_entropy`] with `chunk_rows` rows per chunk (the tests force several).
@@ -60,7 +65,6 @@ pub fn linear_cross_entropy_chunked(
     let (xd, wd) = (x.detach().contiguous()?, w.detach());
     let wt = wd.t()?; // (C, V)
     let targets = targets.contiguous()?;
-    let scale = if want_grads { 1.0 / n as f64 } else { 0.0 };
     let mut loss_sum = 0.0;
     let mut dx_parts = Vec::new();
     let mut dw: Option<Tensor> = None;
@@ -68,9 +72,11 @@ pub fn linear_cross_entropy_chunked(
         let rows = chunk_rows.min(n - start);
         let xc = xd.narrow(0, start, rows)?; // (R, C)
         let logits = xc.matmul(&wt)?; // (R, V)
-        loss_sum +=
-            CrossEntropyGradInPlace::new(scale).apply(&logits, &targets.narrow(0, start, rows)?)?;
-        if want_grads {
+        let tc = targets.narrow(0, start, rows)?;
+        if !want_grads {
+            loss_sum += row_nll(&logits, &tc)?.iter().sum::<f64>();
+        } else {
+            loss_sum += CrossEntropyGradInPlace::new(1.0 / n as f64).apply(&logits, &tc)?;
             // `logits` now holds d loss / d logits for these rows.
             dx_parts.push(logits.matmul(&wd)?); // (R, C)
             let part = logits.t()?.matmul(&xc)?; // (V, C)

@@ -14,7 +14,7 @@ use super::utilization::RoutingStats;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kernels::cross_entropy::{row_nll, CrossEntropy};
-use crate::kernels::linear_cross_entropy::{linear_cross_entropy, CHUNK_LOGITS};
+use crate::kernels::linear_cross_entropy::{chunk_rows, linear_cross_entropy};
 use candle_core::{DType, Device, Tensor};
 
 #[derive(Debug, Clone)]
@@ -29,9 +29,8 @@ pub struct Transformer {
     cfg: ModelConfig,
 }
 
-/// Logits plus what the forward collected besides them.
-#[derive(Debug, Clone)]
 /// What [`Transformer::forward_hidden_with`] returns.
+#[derive(Debug, Clone)]
 pub struct HiddenOutput {
     /// (B*T, C): the hidden states after the final norm, before the LM head.
     pub hidden: Tensor,
@@ -39,6 +38,8 @@ pub struct HiddenOutput {
     pub diagnostics: Diagnostics,
 }
 
+/// Logits plus what the forward collected besides them.
+#[derive(Debug, Clone)]
 pub struct ForwardOutput {
     /// (B, T, V)
     pub logits: Tensor,
@@ -184,13 +185,12 @@ impl Transformer {
     }
 
     /// Next-token NLL of each row: `targets` (N) u32 under the LM head applied to
-    /// `hidden` (N, C), in chunks of rows whose logits hold at most
-    /// `kernels::linear_cross_entropy::CHUNK_LOGITS` values, with no gradient computed or
-    /// kept (evaluation; any head: plain, quantized or half).
+    /// `hidden` (N, C), in the row chunks of the fused head
+    /// (`kernels::linear_cross_entropy::chunk_rows`), with no gradient computed or kept (evaluation; any head: plain, quantized or half).
     pub fn nll_rows(&self, hidden: &Tensor, targets: &Tensor) -> Result<Vec<f64>> {
         let (n, _) = hidden.dims2()?;
         let hidden = hidden.detach();
-        let chunk = (CHUNK_LOGITS / self.cfg.vocab_size.max(1)).max(1);
+        let chunk = chunk_rows(self.cfg.vocab_size);
         let mut out = Vec::with_capacity(n);
         for start in (0..n).step_by(chunk) {
             let rows = chunk.min(n - start);

@@ -86,6 +86,8 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
         self.t += 1;
         let c = self.cfg;
+        let bias_correction1 = 1.0 - c.beta1.powi(self.t as i32);
+        let bias_correction2 = 1.0 - c.beta2.powi(self.t as i32);
         for (i, (_, p)) in self.params.iter().enumerate() {
             let Some(g) = grads.get(p.as_tensor()) else {
                 continue;
@@ -96,8 +98,8 @@ impl AdamW {
                 eps: c.eps,
                 lr,
                 weight_decay: if p.rank() >= 2 { c.weight_decay } else { 0.0 },
-                bias_correction1: 1.0 - c.beta1.powi(self.t as i32),
-                bias_correction2: 1.0 - c.beta2.powi(self.t as i32),
+                bias_correction1,
+                bias_correction2,
                 grad_scale,
             };
             AdamWInPlace::new(&mut self.m[i], &mut self.v[i], step).apply(p.as_tensor(), g)?;
