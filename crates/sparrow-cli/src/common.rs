@@ -90,7 +90,7 @@ impl HoldArgs {
 pub enum IndexDtype {
     F32,
     Bf16,
-    /// int8 with one absmax scale per token
+    /// int8 with one absmax scale per token, queries rounded to int8 per head
     Int8,
 }
 

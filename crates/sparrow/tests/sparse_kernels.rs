@@ -138,6 +138,52 @@ fn indexer_topk_equals_sort_of_full_scores() {
     }
 }
 
+/// The int8 index cache rounds keys and queries (one absmax scale per key and per
+/// query head) and scores in integers: its scores stay within the rounding of the
+/// float scores, for head counts taking every group width of the VNNI kernel and
+/// widths that are not multiples of four.
+#[test]
+fn int8_index_scores_follow_the_float_scores() {
+    for (heads, dim, act) in [
+        (16, 64, ScoreAct::Relu),
+        (6, 13, ScoreAct::Relu),
+        (5, 7, ScoreAct::Identity),
+        (8, 30, ScoreAct::Identity),
+    ] {
+        let shape = IndexShape { heads, dim, act };
+        let (t, s) = (4usize, 150usize);
+        let case = index_case(t, s, shape, 900 + dim as u64);
+        let rows = TopkQueries {
+            q: &case.q,
+            w: &case.w,
+            offset: s - t,
+        };
+        let scores = |precision| {
+            let mut store = KeyStore::new(dim, precision);
+            store.extend_rows(&case.keys);
+            indexer::scores_reference(&rows, &store, shape, t)
+        };
+        let (exact, int8) = (scores(KeyPrecision::F32), scores(KeyPrecision::Int8));
+        for ti in 0..t {
+            let visible = s - t + ti + 1;
+            let e = &exact[ti * s..ti * s + visible];
+            let q = &int8[ti * s..ti * s + visible];
+            let top = e.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            let worst = e
+                .iter()
+                .zip(q)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                worst <= 0.03 * top,
+                "{shape:?} query {ti}: int8 scores off by {worst} (largest score {top})"
+            );
+            if visible < s {
+                assert_eq!(int8[ti * s + visible], f32::NEG_INFINITY, "causal");
+            }
+        }
+    }
+}
+
 #[test]
 fn indexer_ties_break_to_the_lower_position_in_every_path() {
     // Two ReLU heads with negative weights on half the keys: many scores are exactly 0.

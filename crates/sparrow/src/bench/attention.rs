@@ -26,7 +26,7 @@
 use crate::config::{KvCacheDtype, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels::decode_attention;
-use crate::kernels::indexer::{self, IndexShape, KeyPrecision, ScoreAct};
+use crate::kernels::indexer::{self, IndexShape, KeyPrecision, KeyStore, ScoreAct};
 use crate::kernels::kv_rows::KvRows;
 use crate::kernels::softmax::CausalSoftmax;
 use crate::kernels::sparse_attention;
@@ -96,11 +96,7 @@ impl LayerShape {
     }
     /// Index cache bytes per token.
     pub fn index_bytes_per_token(&self) -> usize {
-        match self.index_precision {
-            KeyPrecision::F32 => 4 * self.index_dim,
-            KeyPrecision::Bf16 => 2 * self.index_dim,
-            KeyPrecision::Int8 => self.index_dim + 4,
-        }
+        KeyStore::bytes_per_token(self.index_dim, self.index_precision)
     }
 
     /// A one-layer model config whose only layer is this shape's DSA attention

@@ -50,7 +50,9 @@ pub enum KvCacheDtype {
 pub enum IndexCacheDtype {
     Float32,
     Bfloat16,
-    /// Symmetric int8 with one f32 absmax scale per token (36 B per token at 32 dims).
+    /// Symmetric int8 with one f32 absmax scale per token (36 B per token at 32 dims);
+    /// the index queries are rounded to int8 too (one scale per head) and the scores
+    /// are integer dot products, as DeepSeek-V3.2's FP8 indexer does.
     Int8,
 }
 

@@ -278,7 +278,8 @@ pub struct ModelConfig {
     #[serde(default = "default_kl_coef")]
     pub indexer_kl_coef: f64,
     /// Precision of the index key cache (and of the keys the selection scans in every
-    /// path, so training, prefill and decode select alike).
+    /// path, so training, prefill and decode select alike; `int8` rounds the index
+    /// queries too and scores in integers).
     #[serde(default = "default_index_cache_dtype")]
     pub index_cache_dtype: IndexCacheDtype,
     /// Precision of the key / value cache the engine decodes from (`float16`: half the

@@ -9,15 +9,18 @@
 //! Keys live in [`BlockedKeys`]: blocks of [`BLOCK`] tokens stored dimension-major
 //! (dim, BLOCK), so scoring one block is `heads * dim` broadcast-multiply-adds over
 //! BLOCK lanes that stay in registers, with no transpose at scan time. The decode index
-//! cache keeps this layout and appends in place. Keys may be stored in f32, bf16 or
-//! int8 with one absmax scale per token ([`KeyStore`]); the scan converts on the fly
-//! (int8: the dot products run on the stored integers and are scaled per key after).
+//! cache keeps this layout and appends in place. Keys may be stored in f32 or bf16 (the
+//! scan widens them on the fly), or in int8 with one absmax scale per token, in which
+//! case the queries are rounded to int8 too and scored by integer dot products
+//! ([`super::index_int8`]); [`KeyStore`] holds any of them.
 //!
 //! [`topk_prefill`] parallelises over (batch, query block) and reuses each key block
 //! across the queries of a block; [`topk_decode`] splits the key range of one query over
 //! the threads and merges the per-thread selections (the tie-break makes that exact).
 //! [`scores_reference`] + [`super::topk::topk_by_sort`] are the plain reference.
 
+use super::index_int8::{Int8Keys, QuantQuery};
+pub use super::index_shape::{IndexShape, ScoreAct, BLOCK};
 use super::simd::{has_avx2_fma, has_avx512};
 use super::topk::{StreamTopK, NONE};
 use half::bf16;
@@ -42,45 +45,13 @@ impl Simd {
     }
 }
 
-/// Tokens per key block.
-pub const BLOCK: usize = 64;
 /// Queries scored together against each key block in prefill.
 const QUERY_BLOCK: usize = 8;
 
-/// The activation between the per-head dot product and the weighted head sum.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ScoreAct {
-    /// `lightning`: ReLU.
-    Relu,
-    /// `mlp_gate`: none (the score is a plain dot product).
-    Identity,
-}
-
-/// Shape of the index scoring: index heads and their dimension.
-#[derive(Debug, Clone, Copy)]
-pub struct IndexShape {
-    pub heads: usize,
-    pub dim: usize,
-    pub act: ScoreAct,
-}
-
-/// Element types the index keys may be stored in.
+/// Floating-point element types the blocked index keys may be stored in.
 pub trait KeyElem: Copy + Send + Sync + Default + 'static {
-    /// Stored values are `key / scale` with one scale per token (int8).
-    const PER_TOKEN_SCALE: bool = false;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
-}
-impl KeyElem for i8 {
-    const PER_TOKEN_SCALE: bool = true;
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self as f32
-    }
-    #[inline(always)]
-    fn from_f32(x: f32) -> Self {
-        x.round().clamp(-127.0, 127.0) as i8
-    }
 }
 impl KeyElem for f32 {
     #[inline(always)]
@@ -110,8 +81,6 @@ pub struct BlockedKeys<E: KeyElem> {
     len: usize,
     /// (n_blocks, dim, BLOCK); positions past `len` are zero.
     data: Vec<E>,
-    /// int8 only: (n_blocks, BLOCK) per-token scales (key = stored * scale).
-    scales: Vec<f32>,
 }
 
 impl<E: KeyElem> BlockedKeys<E> {
@@ -120,7 +89,6 @@ impl<E: KeyElem> BlockedKeys<E> {
             dim,
             len: 0,
             data: Vec::new(),
-            scales: Vec::new(),
         }
     }
 
@@ -145,7 +113,7 @@ impl<E: KeyElem> BlockedKeys<E> {
 
     /// Bytes held (including the unused tail of the last block).
     pub fn bytes(&self) -> usize {
-        self.data.len() * std::mem::size_of::<E>() + self.scales.len() * 4
+        self.data.len() * std::mem::size_of::<E>()
     }
 
     /// Reserve room for `n` more tokens.
@@ -163,17 +131,11 @@ impl<E: KeyElem> BlockedKeys<E> {
         }
         let (d, blocks) = (self.dim, len.div_ceil(BLOCK));
         self.data.truncate(blocks * d * BLOCK);
-        if E::PER_TOKEN_SCALE {
-            self.scales.truncate(blocks * BLOCK);
-        }
         if blocks > 0 {
             let block = &mut self.data[(blocks - 1) * d * BLOCK..];
             for i in len - (blocks - 1) * BLOCK..BLOCK {
                 for j in 0..d {
                     block[j * BLOCK + i] = E::default();
-                }
-                if E::PER_TOKEN_SCALE {
-                    self.scales[(blocks - 1) * BLOCK + i] = 0.0;
                 }
             }
         }
@@ -186,69 +148,23 @@ impl<E: KeyElem> BlockedKeys<E> {
         for row in rows.chunks_exact(d) {
             if self.len.is_multiple_of(BLOCK) {
                 self.data.resize(self.data.len() + d * BLOCK, E::default());
-                if E::PER_TOKEN_SCALE {
-                    self.scales.resize(self.scales.len() + BLOCK, 0.0);
-                }
             }
             let (b, i) = (self.len / BLOCK, self.len % BLOCK);
-            // int8: symmetric absmax scale per token.
-            let scale = if E::PER_TOKEN_SCALE {
-                let m = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-                let sc = if m > 0.0 && m.is_finite() {
-                    m / 127.0
-                } else {
-                    1.0
-                };
-                self.scales[b * BLOCK + i] = sc;
-                sc
-            } else {
-                1.0
-            };
             let block = &mut self.data[b * d * BLOCK..(b + 1) * d * BLOCK];
             for (j, &x) in row.iter().enumerate() {
-                block[j * BLOCK + i] = E::from_f32(if E::PER_TOKEN_SCALE { x / scale } else { x });
+                block[j * BLOCK + i] = E::from_f32(x);
             }
             self.len += 1;
         }
     }
 
-    /// Key `s` as stored (converted to f32) and the factor that scales its scores
-    /// (the int8 scale; 1 otherwise): key = values * factor.
-    pub fn row_raw(&self, s: usize) -> (Vec<f32>, f32) {
+    /// Key `s` as stored, converted to f32.
+    pub fn row(&self, s: usize) -> Vec<f32> {
         let d = self.dim;
         let (b, i) = (s / BLOCK, s % BLOCK);
-        let v = (0..d)
+        (0..d)
             .map(|j| self.data[b * d * BLOCK + j * BLOCK + i].to_f32())
-            .collect();
-        (v, self.scale(s))
-    }
-
-    fn scale(&self, s: usize) -> f32 {
-        if E::PER_TOKEN_SCALE {
-            self.scales[s]
-        } else {
-            1.0
-        }
-    }
-
-    /// Scores of block `b` for one query: the kernel's dot products, times the per-token
-    /// scales for int8 keys.
-    #[inline(always)]
-    fn score(
-        &self,
-        simd: Simd,
-        b: usize,
-        q: &[f32],
-        w: &[f32],
-        shape: IndexShape,
-        out: &mut [f32; BLOCK],
-    ) {
-        score_block(simd, q, w, self.block(b), shape, out);
-        if E::PER_TOKEN_SCALE {
-            for (o, &sc) in out.iter_mut().zip(&self.scales[b * BLOCK..(b + 1) * BLOCK]) {
-                *o *= sc;
-            }
-        }
+            .collect()
     }
 
     fn block(&self, b: usize) -> &[E] {
@@ -262,7 +178,8 @@ impl<E: KeyElem> BlockedKeys<E> {
 pub enum KeyPrecision {
     F32,
     Bf16,
-    /// Symmetric int8 with one f32 absmax scale per token.
+    /// Symmetric int8 with one f32 absmax scale per token; queries rounded to int8
+    /// per head, integer dot products ([`super::index_int8`]).
     Int8,
 }
 
@@ -271,7 +188,7 @@ pub enum KeyPrecision {
 pub enum KeyStore {
     F32(BlockedKeys<f32>),
     Bf16(BlockedKeys<bf16>),
-    Int8(BlockedKeys<i8>),
+    Int8(Int8Keys),
 }
 
 macro_rules! each_store {
@@ -289,7 +206,7 @@ impl KeyStore {
         match precision {
             KeyPrecision::F32 => KeyStore::F32(BlockedKeys::new(dim)),
             KeyPrecision::Bf16 => KeyStore::Bf16(BlockedKeys::new(dim)),
-            KeyPrecision::Int8 => KeyStore::Int8(BlockedKeys::new(dim)),
+            KeyPrecision::Int8 => KeyStore::Int8(Int8Keys::new(dim)),
         }
     }
     pub fn len(&self) -> usize {
@@ -306,15 +223,93 @@ impl KeyStore {
     pub fn bytes(&self) -> usize {
         each_store!(self, k => k.bytes())
     }
+    /// Bytes per token of a store of `precision` with `dim`-wide keys.
+    pub fn bytes_per_token(dim: usize, precision: KeyPrecision) -> usize {
+        match precision {
+            KeyPrecision::F32 => dim * 4,
+            KeyPrecision::Bf16 => dim * 2,
+            KeyPrecision::Int8 => Int8Keys::bytes_per_token(dim),
+        }
+    }
     pub fn reserve(&mut self, n: usize) {
         each_store!(self, k => k.reserve(n))
     }
     pub fn extend_rows(&mut self, rows: &[f32]) {
         each_store!(self, k => k.extend_rows(rows))
     }
-    /// Key `s` as stored and its score factor (see [`BlockedKeys::row_raw`]).
-    pub fn row_raw(&self, s: usize) -> (Vec<f32>, f32) {
-        each_store!(self, k => k.row_raw(s))
+}
+
+/// A key store the scans read: a query is prepared once (borrowed as it is for float
+/// keys, rounded to int8 for int8 keys), then scored block by block.
+trait ScanKeys: Sync {
+    type Query<'q>;
+    fn prepare<'q>(&self, q: &'q [f32], w: &'q [f32], shape: IndexShape) -> Self::Query<'q>;
+    fn score(
+        &self,
+        simd: Simd,
+        b: usize,
+        query: &Self::Query<'_>,
+        shape: IndexShape,
+        out: &mut [f32; BLOCK],
+    );
+    fn len(&self) -> usize;
+    /// Blocks allocated (prefetches stay below).
+    fn n_blocks(&self) -> usize;
+    /// Hint the CPU to start loading block `b`.
+    fn prefetch(&self, b: usize);
+}
+
+impl<E: KeyElem> ScanKeys for BlockedKeys<E> {
+    type Query<'q> = (&'q [f32], &'q [f32]);
+    fn prepare<'q>(&self, q: &'q [f32], w: &'q [f32], _: IndexShape) -> Self::Query<'q> {
+        (q, w)
+    }
+    #[inline(always)]
+    fn score(
+        &self,
+        simd: Simd,
+        b: usize,
+        &(q, w): &Self::Query<'_>,
+        shape: IndexShape,
+        out: &mut [f32; BLOCK],
+    ) {
+        score_block(simd, q, w, self.block(b), shape, out);
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn n_blocks(&self) -> usize {
+        self.data.len() / (self.dim * BLOCK).max(1)
+    }
+    fn prefetch(&self, b: usize) {
+        prefetch(self.block(b));
+    }
+}
+
+impl ScanKeys for Int8Keys {
+    type Query<'q> = QuantQuery;
+    fn prepare<'q>(&self, q: &'q [f32], w: &'q [f32], shape: IndexShape) -> QuantQuery {
+        Int8Keys::prepare(self, q, w, shape)
+    }
+    #[inline(always)]
+    fn score(
+        &self,
+        _: Simd,
+        b: usize,
+        query: &QuantQuery,
+        shape: IndexShape,
+        out: &mut [f32; BLOCK],
+    ) {
+        Int8Keys::score(self, b, query, shape.act, out);
+    }
+    fn len(&self) -> usize {
+        self.len()
+    }
+    fn n_blocks(&self) -> usize {
+        Int8Keys::n_blocks(self)
+    }
+    fn prefetch(&self, b: usize) {
+        prefetch(self.block(b));
     }
 }
 
@@ -504,9 +499,9 @@ pub struct TopkQueries<'a> {
     pub offset: usize,
 }
 
-fn topk_rows<E: KeyElem>(
+fn topk_rows<K: ScanKeys>(
     queries: &TopkQueries,
-    keys: &BlockedKeys<E>,
+    keys: &K,
     shape: IndexShape,
     k: usize,
     t0: usize,
@@ -516,6 +511,12 @@ fn topk_rows<E: KeyElem>(
     let tq = out.len() / k.max(1);
     let simd = Simd::detect();
     let mut tops: Vec<StreamTopK> = (0..tq).map(|_| StreamTopK::new(k)).collect();
+    let prepared: Vec<K::Query<'_>> = (t0..t0 + tq)
+        .map(|t| {
+            let q = &queries.q[t * h * d..(t + 1) * h * d];
+            keys.prepare(q, &queries.w[t * h..(t + 1) * h], shape)
+        })
+        .collect();
     let last_visible = (queries.offset + t0 + tq).min(keys.len());
     let n_blocks = last_visible.div_ceil(BLOCK);
     let mut scores = [0.0f32; BLOCK];
@@ -526,9 +527,7 @@ fn topk_rows<E: KeyElem>(
             if b * BLOCK >= visible {
                 continue;
             }
-            let q = &queries.q[t * h * d..(t + 1) * h * d];
-            let w = &queries.w[t * h..(t + 1) * h];
-            keys.score(simd, b, q, w, shape, &mut scores);
+            keys.score(simd, b, &prepared[i], shape, &mut scores);
             push_block(top, &scores, b, visible);
         }
     }
@@ -580,10 +579,10 @@ pub fn topk_prefill(
     out
 }
 
-fn decode_range<E: KeyElem>(
+fn decode_range<K: ScanKeys>(
     q: &[f32],
     w: &[f32],
-    keys: &BlockedKeys<E>,
+    keys: &K,
     shape: IndexShape,
     blocks: std::ops::Range<usize>,
     visible: usize,
@@ -592,12 +591,13 @@ fn decode_range<E: KeyElem>(
     let simd = Simd::detect();
     let mut top = StreamTopK::new(k);
     let mut scores = [0.0f32; BLOCK];
-    let n_blocks = keys.data.len() / (keys.dim * BLOCK).max(1);
+    let n_blocks = keys.n_blocks();
+    let query = keys.prepare(q, w, shape);
     for b in blocks {
         if b + PREFETCH_BLOCKS < n_blocks {
-            prefetch(keys.block(b + PREFETCH_BLOCKS));
+            keys.prefetch(b + PREFETCH_BLOCKS);
         }
-        keys.score(simd, b, q, w, shape, &mut scores);
+        keys.score(simd, b, &query, shape, &mut scores);
         push_block(&mut top, &scores, b, visible);
     }
     top
@@ -654,15 +654,29 @@ pub fn topk_decode(q: &[f32], w: &[f32], keys: &KeyStore, shape: IndexShape, k: 
     out
 }
 
-/// Reference: the full (T, S) score matrix of one batch row with plain loops
-/// (f64 accumulation), -inf where a key is not visible.
+/// Reference: the full (T, S) score matrix of one batch row with plain loops over
+/// row-major keys, -inf where a key is not visible.
 pub fn scores_reference(q: &TopkQueries, keys: &KeyStore, shape: IndexShape, t: usize) -> Vec<f32> {
+    match keys {
+        KeyStore::F32(k) => float_scores_reference(q, k, shape, t),
+        KeyStore::Bf16(k) => float_scores_reference(q, k, shape, t),
+        KeyStore::Int8(k) => super::index_int8::scores_reference(q.q, q.w, q.offset, k, shape, t),
+    }
+}
+
+/// [`scores_reference`] for float keys.
+fn float_scores_reference<E: KeyElem>(
+    q: &TopkQueries,
+    keys: &BlockedKeys<E>,
+    shape: IndexShape,
+    t: usize,
+) -> Vec<f32> {
     let (h, d) = (shape.heads, shape.dim);
     let s = keys.len();
-    let rows: Vec<(Vec<f32>, f32)> = (0..s).map(|i| keys.row_raw(i)).collect();
+    let rows: Vec<Vec<f32>> = (0..s).map(|i| keys.row(i)).collect();
     let mut out = vec![f32::NEG_INFINITY; t * s];
     for ti in 0..t {
-        for (si, (key, factor)) in rows.iter().enumerate().take(q.offset + ti + 1) {
+        for (si, key) in rows.iter().enumerate().take(q.offset + ti + 1) {
             let mut total = 0.0f32;
             for j in 0..h {
                 let qj = &q.q[(ti * h + j) * d..(ti * h + j + 1) * d];
@@ -673,11 +687,7 @@ pub fn scores_reference(q: &TopkQueries, keys: &KeyStore, shape: IndexShape, t: 
                 };
                 total += q.w[ti * h + j] * a;
             }
-            out[ti * s + si] = if *factor == 1.0 {
-                total
-            } else {
-                total * factor
-            };
+            out[ti * s + si] = total;
         }
     }
     out

@@ -10,7 +10,8 @@
 //! - [`linear_cross_entropy`]: the LM head and the cross-entropy fused for training,
 //!   in row chunks: the (N, V) logits never enter the autograd graph.
 //! - [`indexer`]: DSA indexer scoring fused with a streaming top-k ([`topk`]); the
-//!   [queries x keys] score matrix is never materialised.
+//!   [queries x keys] score matrix is never materialised. [`index_int8`]: the int8
+//!   index cache's keys and integer (VNNI) scoring.
 //! - [`sparse_attention::SparseAttention`]: attention over the selected positions, with
 //!   backward, and the straight-through gate [`sparse_attention::SteGate`].
 //! - [`decode_attention`]: dense flash-decoding of one query over a KV cache, and
@@ -33,6 +34,8 @@ pub mod cross_entropy;
 pub mod decode_attention;
 pub mod experts;
 pub mod hmatmul;
+pub mod index_int8;
+mod index_shape;
 pub mod indexer;
 pub mod kv_rows;
 pub mod lanes_avx2;
