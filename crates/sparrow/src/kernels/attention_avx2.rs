@@ -271,11 +271,7 @@ pub(super) fn scan_groups<E: CacheElem>(
     let (dk, dv) = (rows.dk, rows.dv);
     let g = q.len() / dk;
     let qs: Vec<f32> = q.iter().map(|&x| x * scale).collect();
-    let mut part = Partial {
-        max: vec![f32::NEG_INFINITY; g],
-        sum: vec![0.0; g],
-        out: vec![0.0; g * dv],
-    };
+    let mut part = Partial::empty(g, dv);
     // (g, KEY_BLOCK); slots past a short block's n stay -inf (exp 0).
     let mut logits = vec![f32::NEG_INFINITY; g * KEY_BLOCK];
     let (v, vs) = rows.value_buffer();

@@ -10,7 +10,8 @@
 //! G >= 8 the heads sit in the 16 lanes of a vector: each key element is broadcast
 //! against the transposed queries of 16 heads (fused multiply-add in the AVX-512
 //! build), with no horizontal reductions; smaller groups use per-head dot products
-//! (the AVX2 intrinsics of [`super::attention_avx2`] on every x86 machine that has them).
+//! (the intrinsics of [`super::attention_avx512`] / [`super::attention_avx2`] where the
+//! CPU has them).
 //! [`reference`] is the composed candle version.
 
 use super::kv_rows::{BlockScratch, CacheElem, KvRows, Values};
@@ -73,11 +74,7 @@ fn scan_generic<E: CacheElem>(
 ) -> Partial {
     let (dk, dv) = (rows.dk, rows.dv);
     let g = q.len() / dk;
-    let mut part = Partial {
-        max: vec![f32::NEG_INFINITY; g],
-        sum: vec![0.0; g],
-        out: vec![0.0; g * dv],
-    };
+    let mut part = Partial::empty(g, dv);
     let mut logits = vec![0.0f32; g * KEY_BLOCK];
     let mut scratch = BlockScratch::default();
     let mut s0 = range.start;
@@ -122,16 +119,22 @@ fn scan_generic<E: CacheElem>(
 }
 
 /// Online-softmax scan of one group's queries q (g, dk) over key `range` of `rows`
-/// (one group). AVX-512 machines take the AVX2 intrinsics scan too: with three heads
-/// per group the sixteen-lane registers have nothing to fill that the eight-lane
-/// tree does not, and the auto-vectorised generic loop ran the attention of a
-/// 16-sequence SmolLM2 step 1.6x slower (2.35 against 1.49 ms per layer).
+/// (one group), through the intrinsics scans of [`super::attention_avx512`] and
+/// [`super::attention_avx2`] where the CPU has them (the auto-vectorised generic loop
+/// ran the attention of a 16-sequence SmolLM2 step 1.6x slower than the AVX2 scan on
+/// an AVX-512 machine).
 fn scan<E: CacheElem>(
     q: &[f32],
     rows: &KvRows<E>,
     scale: f32,
     range: std::ops::Range<usize>,
 ) -> Partial {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F (with AVX2, FMA and F16C, which every AVX-512 CPU has) was
+        // checked at run time; the function reads only the given slices.
+        return unsafe { super::attention_avx512::scan_groups(q, rows, scale, range) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: AVX2 and FMA support was checked at run time; the function reads only

@@ -34,6 +34,12 @@ pub trait CacheElem: Copy + Send + Sync + std::fmt::Debug + 'static {
     /// AVX and F16C enabled; `p` points at eight readable values.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// The sixteen values at `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// AVX-512F enabled; `p` points at sixteen readable values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl CacheElem for f32 {
@@ -60,6 +66,12 @@ impl CacheElem for f32 {
     unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller's contract (eight readable values, AVX enabled).
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract (sixteen readable values, AVX-512F enabled).
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
 
@@ -104,6 +116,13 @@ impl CacheElem for f16 {
         use std::arch::x86_64::*;
         // SAFETY: the caller's contract (eight readable values, F16C enabled).
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (sixteen readable values, AVX-512F enabled).
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
     }
 }
 

@@ -19,7 +19,8 @@
 //! - [`matmul`]: `x W^T` for inference rows, batch-invariant (each output one fixed-order
 //!   dot product), each weight row read once per four rows.
 //! - [`lanes_avx2`]: the AVX2 build of the weight kernels' 16-lane tile;
-//!   `attention_avx2` the AVX2 builds of the attention scans.
+//!   `attention_avx2` the AVX2 builds of the attention scans, `attention_avx512` the
+//!   AVX-512 build of the small-group decode scan.
 //! - [`hmatmul`]: `x W^T` with f16 / bf16 weights widened in registers (inference).
 //! - [`experts`]: MoE dispatch: rows grouped by expert, gathered once, and the weighted
 //!   combine back per token, with backward passes.
@@ -30,6 +31,8 @@
 pub mod adamw;
 #[cfg(target_arch = "x86_64")]
 mod attention_avx2;
+#[cfg(target_arch = "x86_64")]
+mod attention_avx512;
 pub mod cross_entropy;
 pub mod decode_attention;
 pub mod experts;

@@ -17,6 +17,17 @@ pub(super) struct Partial {
     pub(super) out: Vec<f32>,
 }
 
+impl Partial {
+    /// The partial of no keys yet for `g` heads of `dv` values: max -inf, sum 0, out 0.
+    pub(super) fn empty(g: usize, dv: usize) -> Self {
+        Self {
+            max: vec![f32::NEG_INFINITY; g],
+            sum: vec![0.0; g],
+            out: vec![0.0; g * dv],
+        }
+    }
+}
+
 /// Partial result over a key range for 16 lanes at once (heads, or query-head pairs).
 pub(super) struct LanePartial {
     pub(super) max: [f32; LANES],
