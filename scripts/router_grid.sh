@@ -11,8 +11,9 @@
 # above); SEEDS the seeds (default 1,2,3); SPARROW_BIN the binary.
 # Each cell runs the five routers over every seed first, then the remedy arms.
 # Wall time on the 2-core Intel Xeon of BENCHMARKS.md, alone on the machine: routers-150
-# ~1.1 h (33 runs of ~2 min), small-150 ~2.2 h (21 runs of ~6 min); the 800-step cells
-# scale with the steps: routers-800 ~2.5 h, small-800 ~11 h (21 runs each).
+# ~1.1 h (33 runs of ~2 min), small-150 ~2.2 h (21 runs of ~6 min), routers-800 1.9 h
+# (21 runs of ~4-5 min: 89 min for the five routers); small-800 ~9 h by the same scaling
+# (not run).
 # Usage: scripts/router_grid.sh [OUT]
 set -euo pipefail
 out=${1:-runs/grid}
