@@ -1,8 +1,8 @@
 //! The AVX2 + FMA + F16C builds of the hand-written kernels, run in this test binary
 //! (its own process: the cap is process-wide) even on machines that have AVX-512,
 //! against the same references; and the sums the kernels promise to keep across
-//! instruction sets compared bit for bit: the f32 product on every level, the f16 /
-//! bf16 product between AVX2 and AVX-512.
+//! instruction sets compared bit for bit: the f32 and the f16 / bf16 products on every
+//! level.
 
 mod common;
 #[path = "kernel_checks/mod.rs"]
@@ -26,7 +26,8 @@ fn avx2_paths_match_the_references_and_the_other_levels_bits() {
         kernel_checks::f32_products() == f32_wide,
         "f32: AVX2 vs {widest:?}"
     );
-    // The f16 / bf16 AVX2 tile is the AVX-512 tile's 16 lanes in two halves.
+    // The f16 / bf16 product: one chain of fused multiply-adds per output on every
+    // level (the AVX-512 panel's 16 lanes are two AVX2 halves; portable `mul_add`).
     assert!(
         kernel_checks::half_products() == half_wide,
         "half: AVX2 vs {widest:?}"
@@ -35,6 +36,10 @@ fn avx2_paths_match_the_references_and_the_other_levels_bits() {
     assert!(
         kernel_checks::f32_products() == f32_wide,
         "f32: portable vs {widest:?}"
+    );
+    assert!(
+        kernel_checks::half_products() == half_wide,
+        "half: portable vs {widest:?}"
     );
     simd::set_max_level(Level::Avx512);
 }

@@ -3,16 +3,17 @@
 //! x, y f32. The weights are widened to f32 in registers, never in memory: candle's CPU
 //! matmul converts a whole bf16/f16 matrix to f32 on every call.
 //!
-//! Kernel: output rows in tiles of four, input rows in groups of four (two on AVX2);
-//! each 16-wide chunk of a weight row is loaded and widened once and multiplied into
-//! every input row of the group (AVX-512F: `vcvtph2ps` for f16, a 16-bit shift for
-//! bf16; one fused multiply-add per lane; on AVX2 + F16C machines the same 16 lanes as
-//! two 8-lane halves, [`super::lanes_avx2`]: the same sums bit for bit), so a decode
-//! step streams each weight byte once and a prefill chunk reuses it from L1. Each
-//! output is its own sum over 16 lanes in a fixed order, then a fixed tree over the
-//! lanes, then the tail: a row's result does not depend on the other rows of the batch.
-//! [`xwt_portable`] is the same order without intrinsics (separate multiply and add,
-//! as a target without FMA has them); [`reference`] is f64.
+//! Layout and kernel: W is packed k-major in panels of 16 output rows ([`HalfMatrix`]),
+//! so sixteen outputs sit in the lanes of one AVX-512 register. A tile walks V panels
+//! (3 on AVX-512) front to back against R input rows (up to 8): per column k it widens
+//! V x 16 weights once (`vcvtph2ps` for f16, a 16-bit shift for bf16) and multiplies
+//! them into the R x V accumulators with x's value broadcast; no sums across lanes. A
+//! decode step streams each weight byte once; a batch of 16 reuses each widened vector
+//! 8 times and each panel from L1 / L2 for its second eight rows. Every output is one
+//! chain of fused multiply-adds over k in order, whatever the tile, the batch or the
+//! vector width (AVX2 + F16C: each panel as two 8-lane halves): a row's result does not
+//! depend on the other rows of the batch, and [`xwt_portable`] (`f32::mul_add`) gives
+//! the same bits. [`reference`] is f64.
 
 use super::pool;
 use super::simd::{has_avx2_fma, has_avx512};
@@ -45,7 +46,14 @@ impl HalfKind {
     }
 }
 
-/// A weight matrix (rows = out, cols = in) of 16-bit floats, row-major.
+/// Output features per panel: one AVX-512 register of f32 (two AVX2 ones).
+pub const PANEL: usize = 16;
+
+/// A weight matrix (rows = out, cols = in) of 16-bit floats, packed k-major in panels
+/// of [`PANEL`] output rows: panel p holds rows 16p..16p + 16, column by column
+/// (`data[(p * cols + k) * 16 + j] = W[16p + j][k]`), the last panel padded with zero
+/// rows. A product walks each panel once, front to back, with the panel's sixteen
+/// outputs in the lanes of one register.
 #[derive(Debug, Clone)]
 pub struct HalfMatrix {
     pub kind: HalfKind,
@@ -57,153 +65,115 @@ pub struct HalfMatrix {
 impl HalfMatrix {
     /// From raw 16-bit values, (rows, cols) row-major.
     pub fn new(kind: HalfKind, rows: usize, cols: usize, data: Vec<u16>) -> Result<Self, String> {
-        if data.len() != rows * cols {
+        if Some(data.len()) != rows.checked_mul(cols) {
             return Err(format!(
                 "{} half values for a {rows}x{cols} matrix",
                 data.len()
             ));
         }
-        Ok(Self {
-            kind,
-            rows,
-            cols,
-            data,
-        })
+        Ok(Self::pack(kind, rows, cols, |r, c| data[r * cols + c]))
     }
 
-    /// f32 values rounded to `kind`.
+    /// f32 values (rows, cols) row-major, rounded to `kind`.
     pub fn from_f32(kind: HalfKind, rows: usize, cols: usize, values: &[f32]) -> Self {
         assert_eq!(values.len(), rows * cols, "values are not rows x cols");
+        Self::pack(kind, rows, cols, |r, c| kind.from_f32(values[r * cols + c]))
+    }
+
+    /// The panel layout of the matrix whose (r, c) value is `at(r, c)`.
+    fn pack(kind: HalfKind, rows: usize, cols: usize, at: impl Fn(usize, usize) -> u16) -> Self {
+        let panels = rows.div_ceil(PANEL);
+        let mut data = vec![0u16; panels * cols * PANEL];
+        for r in 0..rows {
+            let (p, j) = (r / PANEL, r % PANEL);
+            for c in 0..cols {
+                data[(p * cols + c) * PANEL + j] = at(r, c);
+            }
+        }
         Self {
             kind,
             rows,
             cols,
-            data: values.iter().map(|&x| kind.from_f32(x)).collect(),
+            data,
         }
     }
 
-    /// Bytes of the weights.
+    /// Number of panels (row count rounded up to [`PANEL`]).
+    pub fn panels(&self) -> usize {
+        self.rows.div_ceil(PANEL)
+    }
+
+    /// Bytes the packed weights occupy (the last panel's padding included).
     pub fn n_bytes(&self) -> usize {
         self.data.len() * 2
     }
 
-    /// The raw values of row `r`.
-    pub fn row(&self, r: usize) -> &[u16] {
-        &self.data[r * self.cols..(r + 1) * self.cols]
+    /// The raw value of (r, c).
+    pub fn get(&self, r: usize, c: usize) -> u16 {
+        self.data[((r / PANEL) * self.cols + c) * PANEL + r % PANEL]
     }
 
     /// Row `r` widened to f32 into `out` (an embedding lookup).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
-        for (o, &b) in out.iter_mut().zip(self.row(r)) {
-            *o = self.kind.to_f32(b);
+        for (c, o) in out.iter_mut().enumerate().take(self.cols) {
+            *o = self.kind.to_f32(self.get(r, c));
         }
     }
 
-    /// Every value as f32, (rows, cols).
+    /// Every value as f32, (rows, cols) row-major.
     pub fn to_f32(&self) -> Vec<f32> {
-        self.data.iter().map(|&b| self.kind.to_f32(b)).collect()
-    }
-}
-
-/// Fewest weight rows per parallel task (a task should outlast its scheduling).
-const MIN_ROWS_PER_TASK: usize = 64;
-
-/// Sum of 16 lanes by a fixed tree (8 + 8, 4 + 4, 2 + 2, 1 + 1).
-#[inline(always)]
-fn tree16(mut l: [f32; 16]) -> f32 {
-    let mut w = 16;
-    while w > 1 {
-        w /= 2;
-        for i in 0..w {
-            l[i] += l[i + w];
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, row) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            self.row_f32(r, row);
         }
+        out
     }
-    l[0]
+
+    /// The values of panels `p0..p0 + count`.
+    fn panel_slice(&self, p0: usize, count: usize) -> &[u16] {
+        &self.data[p0 * self.cols * PANEL..(p0 + count) * self.cols * PANEL]
+    }
 }
 
-/// The end of one SIMD tile output: the 16 lane sums by the fixed tree, then the tail
-/// `full..k` with fused multiply-adds (the same for every vector width).
-#[cfg(target_arch = "x86_64")]
+/// Fewest panels per parallel task (a task should outlast its scheduling).
+const MIN_PANELS_PER_TASK: usize = 4;
+
+/// The portable tile: V panels (`w`, V x k x 16 values) against R inputs; `out[r][v]`
+/// holds the sixteen outputs of panel v for input r, each `fma(w_k, x_k, s)` over k in
+/// order from 0, the order every build keeps.
 #[inline(always)]
-fn finish_fused(
-    lanes: [f32; 16],
+#[allow(clippy::needless_range_loop)] // r and v also pick x's row and the weight offset
+fn tile_portable<const R: usize, const V: usize>(
     kind: HalfKind,
     w: &[u16],
-    x: &[f32],
-    full: usize,
-    k: usize,
-) -> f32 {
-    let mut s = tree16(lanes);
-    for i in full..k {
-        s = kind.to_f32(w[i]).mul_add(x[i], s);
-    }
-    s
-}
-
-/// The portable tile: `out[c][r] = w_c . x_r` for C weight rows and R inputs.
-#[inline(always)]
-fn tile_portable<const C: usize, const R: usize>(
-    kind: HalfKind,
-    w: [&[u16]; C],
     x: [&[f32]; R],
     k: usize,
-) -> [[f32; R]; C] {
-    let mut acc = [[[0f32; 16]; R]; C];
-    let full = k / 16 * 16;
-    let mut wv = [0f32; 16];
-    for i0 in (0..full).step_by(16) {
-        for c in 0..C {
-            for (l, v) in wv.iter_mut().enumerate() {
-                *v = kind.to_f32(w[c][i0 + l]);
+) -> [[[f32; PANEL]; V]; R] {
+    let mut acc = [[[0f32; PANEL]; V]; R];
+    let mut wv = [[0f32; PANEL]; V];
+    for kk in 0..k {
+        for (v, lanes) in wv.iter_mut().enumerate() {
+            let at = (v * k + kk) * PANEL;
+            for (l, o) in lanes.iter_mut().enumerate() {
+                *o = kind.to_f32(w[at + l]);
             }
-            for r in 0..R {
-                for l in 0..16 {
-                    acc[c][r][l] += wv[l] * x[r][i0 + l];
+        }
+        for r in 0..R {
+            let xb = x[r][kk];
+            for v in 0..V {
+                for l in 0..PANEL {
+                    acc[r][v][l] = wv[v][l].mul_add(xb, acc[r][v][l]);
                 }
             }
         }
     }
-    let mut out = [[0f32; R]; C];
-    for c in 0..C {
-        for r in 0..R {
-            let mut s = tree16(acc[c][r]);
-            for i in full..k {
-                s += kind.to_f32(w[c][i]) * x[r][i];
-            }
-            out[c][r] = s;
-        }
-    }
-    out
+    acc
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::HalfKind;
+    use super::{HalfKind, PANEL};
     use std::arch::x86_64::*;
-
-    /// Weights ahead of the loads that each pass prefetches (512 bytes per weight
-    /// row). A widened f16 chunk costs a load, a conversion and the multiply-adds for
-    /// 32 bytes, twice the instructions per byte of an f32 row, so the out-of-order
-    /// window alone keeps half as many bytes in flight: one row's product 1536x576 ran
-    /// at ~55% of the read bandwidth. Prefetching: ~145 -> ~118 us, median of five
-    /// (`bench weights --formats f16 --batch 1`; 128 and 384 elements ahead no better,
-    /// L2 hints and 1024 worse).
-    const PREFETCH: usize = 256;
-
-    /// [`super::tree16`] of a register's lanes with vector adds of the same pairs in
-    /// the same order (8 + 8, 4 + 4, 2 + 2, 1 + 1): the same sum bit for bit.
-    #[inline(always)]
-    unsafe fn tree16(a: __m512) -> f32 {
-        unsafe {
-            let lo = _mm512_castps512_ps256(a);
-            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
-            let s8 = _mm256_add_ps(lo, hi); // l[i] + l[i + 8]
-            let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
-            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4)); // [0] + [2], [1] + [3]
-            let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2)); // [0] + [1]
-            _mm_cvtss_f32(s1)
-        }
-    }
 
     /// 16 weights at `p` widened to f32.
     ///
@@ -222,51 +192,41 @@ mod avx512 {
         }
     }
 
-    /// The AVX-512 tile: the sums of `tile_portable` in the same order (lane-wise in k
-    /// order, the same lane tree, the same tail), with fused multiply-adds.
+    /// The AVX-512 tile: `tile_portable`'s sums (one fused multiply-add per output
+    /// and k, in k order) with each panel's sixteen outputs in one register.
     ///
     /// # Safety
-    /// AVX-512F must be available; every `w[c]` and `x[r]` holds at least `k` values.
+    /// AVX-512F must be available; `w` holds V x k x 16 values, every `x[r]` k.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile<const C: usize, const R: usize>(
+    pub unsafe fn tile<const R: usize, const V: usize>(
         kind: HalfKind,
-        w: [&[u16]; C],
+        w: &[u16],
         x: [&[f32]; R],
         k: usize,
-    ) -> [[f32; R]; C] {
-        let full = k / 16 * 16;
-        // SAFETY: every load below reads 16 values at offset i0 < full <= k of a slice
-        // holding at least k values (the caller's contract); AVX-512F is enabled.
+    ) -> [[[f32; PANEL]; V]; R] {
+        debug_assert!(w.len() >= V * k * PANEL && x.iter().all(|r| r.len() >= k));
+        // SAFETY: the loads read 16 values at (v * k + kk) * 16 < V * k * 16 <= w.len()
+        // and x[r][kk] with kk < k (the caller's contract); AVX-512F is enabled.
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); R]; C];
-            let mut i0 = 0;
-            while i0 < full {
-                for row in w {
-                    // A prefetch never faults; past the row it reaches the next row
-                    // (or nothing useful), hence the wrapping address arithmetic.
-                    let ahead = row.as_ptr().wrapping_add(i0 + PREFETCH);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+            let wp = w.as_ptr();
+            let xp = x.map(<[f32]>::as_ptr);
+            let mut acc = [[_mm512_setzero_ps(); V]; R];
+            for kk in 0..k {
+                let mut wv = [_mm512_setzero_ps(); V];
+                for (v, lanes) in wv.iter_mut().enumerate() {
+                    *lanes = widen(kind, wp.add((v * k + kk) * PANEL));
                 }
-                let mut xv = [_mm512_setzero_ps(); R];
                 for r in 0..R {
-                    xv[r] = _mm512_loadu_ps(x[r].as_ptr().add(i0));
-                }
-                for c in 0..C {
-                    let wv = widen(kind, w[c].as_ptr().add(i0));
-                    for r in 0..R {
-                        acc[c][r] = _mm512_fmadd_ps(wv, xv[r], acc[c][r]);
+                    let xb = _mm512_set1_ps(*xp[r].add(kk));
+                    for v in 0..V {
+                        acc[r][v] = _mm512_fmadd_ps(wv[v], xb, acc[r][v]);
                     }
                 }
-                i0 += 16;
             }
-            let mut out = [[0f32; R]; C];
-            for c in 0..C {
-                for r in 0..R {
-                    let mut s = tree16(acc[c][r]);
-                    for i in full..k {
-                        s = kind.to_f32(w[c][i]).mul_add(x[r][i], s);
-                    }
-                    out[c][r] = s;
+            let mut out = [[[0f32; PANEL]; V]; R];
+            for r in 0..R {
+                for v in 0..V {
+                    _mm512_storeu_ps(out[r][v].as_mut_ptr(), acc[r][v]);
                 }
             }
             out
@@ -276,41 +236,59 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::super::lanes_avx2::{lanes, Bf16Row, F16Row};
-    use super::{finish_fused, HalfKind};
+    use super::super::lanes_avx2::{Bf16Row, F16Row, Widen8};
+    use super::{HalfKind, PANEL};
+    use std::arch::x86_64::*;
 
-    /// The AVX2 tile: the AVX-512 tile's 16 lanes as two 8-lane halves
-    /// ([`lanes`]), so its sums are the same bit for bit (lane-wise fused
-    /// multiply-adds in k order, the same lane tree, the same tail): results do not
-    /// depend on the CPU's vector width.
+    /// The AVX2 tile: the AVX-512 tile with each panel's sixteen outputs in two
+    /// 8-lane registers (each output's sum is its own chain of fused multiply-adds,
+    /// so the bits do not depend on the vector width).
     ///
     /// # Safety
-    /// AVX2, FMA and F16C must be available; every `w[c]` and `x[r]` holds at least `k`
-    /// values.
+    /// AVX2, FMA and F16C must be available; `w` holds V x k x 16 values, every `x[r]`
+    /// k.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn tile<const C: usize, const R: usize>(
+    #[allow(clippy::needless_range_loop)] // the indices also pick x's row and the halves
+    pub unsafe fn tile<const R: usize, const V: usize>(
         kind: HalfKind,
-        w: [&[u16]; C],
+        w: &[u16],
         x: [&[f32]; R],
         k: usize,
-    ) -> [[f32; R]; C] {
-        let full = k / 16 * 16;
-        let (wp, xp) = (w.map(<[u16]>::as_ptr), x.map(<[f32]>::as_ptr));
-        // SAFETY: every row holds at least k >= full values (the caller's contract);
-        // the features are enabled.
-        let acc = unsafe {
-            match kind {
-                HalfKind::F16 => lanes::<F16Row, true, true, C, R>(wp, xp, full),
-                HalfKind::Bf16 => lanes::<Bf16Row, true, true, C, R>(wp, xp, full),
+    ) -> [[[f32; PANEL]; V]; R] {
+        debug_assert!(w.len() >= V * k * PANEL && x.iter().all(|r| r.len() >= k));
+        // SAFETY: as the AVX-512 tile's (each panel row is two loads of eight).
+        unsafe {
+            let wp = w.as_ptr();
+            let xp = x.map(<[f32]>::as_ptr);
+            let mut acc = [[[_mm256_setzero_ps(); 2]; V]; R];
+            for kk in 0..k {
+                let mut wv = [[_mm256_setzero_ps(); 2]; V];
+                for (v, halves) in wv.iter_mut().enumerate() {
+                    let p = wp.add((v * k + kk) * PANEL);
+                    *halves = match kind {
+                        HalfKind::F16 => [F16Row::widen8(p), F16Row::widen8(p.add(8))],
+                        HalfKind::Bf16 => [Bf16Row::widen8(p), Bf16Row::widen8(p.add(8))],
+                    };
+                }
+                for r in 0..R {
+                    let xb = _mm256_set1_ps(*xp[r].add(kk));
+                    for v in 0..V {
+                        for h in 0..2 {
+                            acc[r][v][h] = _mm256_fmadd_ps(wv[v][h], xb, acc[r][v][h]);
+                        }
+                    }
+                }
             }
-        };
-        let mut out = [[0f32; R]; C];
-        for c in 0..C {
+            let mut out = [[[0f32; PANEL]; V]; R];
             for r in 0..R {
-                out[c][r] = finish_fused(acc[c][r], kind, w[c], x[r], full, k);
+                for v in 0..V {
+                    for h in 0..2 {
+                        _mm256_storeu_ps(out[r][v].as_mut_ptr().add(8 * h), acc[r][v][h]);
+                    }
+                }
             }
+            out
         }
-        out
     }
 }
 
@@ -337,74 +315,117 @@ impl Path {
         }
         Path::Portable
     }
+
+    /// Input rows and panels per tile: the accumulators R x V x (16 / lanes) fill most
+    /// of the registers (AVX-512: 24 of 32; AVX2: 8 of 16) so each widened weight
+    /// vector serves R multiply-adds.
+    fn tile_shape(self) -> (usize, usize) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => (4, 1),
+            _ => (8, 3),
+        }
+    }
 }
 
-/// One tile through the widest kernel `path` allows.
+/// One tile through the widest kernel `path` allows, written into `out` (rows of
+/// `stride` outputs, starting at column `col`).
 #[inline(always)]
-fn tile<const C: usize, const R: usize>(
+#[allow(clippy::too_many_arguments)]
+fn tile_into<const R: usize, const V: usize>(
     path: Path,
     kind: HalfKind,
-    w: [&[u16]; C],
+    w: &[u16],
     x: [&[f32]; R],
     k: usize,
-) -> [[f32; R]; C] {
-    match path {
+    out: &mut [f32],
+    stride: usize,
+    col: usize,
+) {
+    let t = match path {
         // SAFETY: `Path::Avx512` / `Path::Avx2` come from `Path::detect`, the run-time
-        // checks of their features; every row slice holds k values (checked by the
-        // callers' shape asserts).
+        // checks of their features; `w` holds V panels of k columns and every x row k
+        // values (the callers' shape asserts).
         #[cfg(target_arch = "x86_64")]
-        Path::Avx512 => unsafe { avx512::tile::<C, R>(kind, w, x, k) },
+        Path::Avx512 => unsafe { avx512::tile::<R, V>(kind, w, x, k) },
         #[cfg(target_arch = "x86_64")]
-        Path::Avx2 => unsafe { avx2::tile::<C, R>(kind, w, x, k) },
-        Path::Portable => tile_portable::<C, R>(kind, w, x, k),
+        Path::Avx2 => unsafe { avx2::tile::<R, V>(kind, w, x, k) },
+        Path::Portable => tile_portable::<R, V>(kind, w, x, k),
+    };
+    for (r, panels) in t.iter().enumerate() {
+        for (v, lanes) in panels.iter().enumerate() {
+            let at = r * stride + col + v * PANEL;
+            out[at..at + PANEL].copy_from_slice(lanes);
+        }
     }
 }
 
-/// Weight rows `r0..r0 + C` against every input row (R at a time), into out (m, C).
-fn rows_tile<const C: usize, const R: usize>(
+/// Input rows `i0..i0 + rows` (rows <= 8) against V panels.
+#[allow(clippy::too_many_arguments)]
+fn rows_of<const V: usize>(
+    path: Path,
+    kind: HalfKind,
+    w: &[u16],
+    x: &[f32],
+    k: usize,
+    i0: usize,
+    rows: usize,
+    out: &mut [f32],
+    stride: usize,
+    col: usize,
+) {
+    let xr = |j: usize| &x[(i0 + j) * k..(i0 + j + 1) * k];
+    let out = &mut out[i0 * stride..];
+    macro_rules! go {
+        ($r:literal) => {
+            tile_into::<$r, V>(path, kind, w, std::array::from_fn(xr), k, out, stride, col)
+        };
+    }
+    match rows {
+        1 => go!(1),
+        2 => go!(2),
+        3 => go!(3),
+        4 => go!(4),
+        5 => go!(5),
+        6 => go!(6),
+        7 => go!(7),
+        _ => go!(8),
+    }
+}
+
+/// Panels `p0..p0 + count` of `w` against every input row, into `out` (m, count x 16).
+fn panels_block(
     path: Path,
     w: &HalfMatrix,
-    r0: usize,
+    p0: usize,
+    count: usize,
     x: &[f32],
     m: usize,
-    out: &mut [[f32; C]],
+    out: &mut [f32],
 ) {
     let k = w.cols;
-    let wr: [&[u16]; C] = std::array::from_fn(|c| w.row(r0 + c));
-    let xr = |i: usize| &x[i * k..(i + 1) * k];
-    let mut i = 0;
-    while i + R <= m {
-        let t = tile::<C, R>(path, w.kind, wr, std::array::from_fn(|j| xr(i + j)), k);
-        for j in 0..R {
-            out[i + j] = std::array::from_fn(|c| t[c][j]);
+    let (rows_per_tile, v_max) = path.tile_shape();
+    let stride = count * PANEL;
+    let mut p = 0;
+    while p < count {
+        let v = v_max.min(count - p);
+        let wp = w.panel_slice(p0 + p, v);
+        let mut i = 0;
+        while i < m {
+            let rows = rows_per_tile.min(m - i);
+            match v {
+                1 => rows_of::<1>(path, w.kind, wp, x, k, i, rows, out, stride, p * PANEL),
+                2 => rows_of::<2>(path, w.kind, wp, x, k, i, rows, out, stride, p * PANEL),
+                _ => rows_of::<3>(path, w.kind, wp, x, k, i, rows, out, stride, p * PANEL),
+            }
+            i += rows;
         }
-        i += R;
-    }
-    while i < m {
-        let t = tile::<C, 1>(path, w.kind, wr, [xr(i)], k);
-        out[i] = std::array::from_fn(|c| t[c][0]);
-        i += 1;
+        p += v;
     }
 }
 
-/// [`xwt_many`] through `path`'s tiles: 4 weight rows x 4 inputs with AVX-512 (16
-/// accumulators of its 32 registers) and portably, 4 x 2 with AVX2 (8 of its 16, one
-/// half of the lanes at a time; 4 x 4 spilled and ran a batch of 16 at 37 GFLOP/s).
+/// [`xwt_many`] through `path`'s tiles.
 fn xwt_with(path: Path, x: &[f32], m: usize, ws: &[&HalfMatrix]) -> Vec<Vec<f32>> {
-    match path {
-        #[cfg(target_arch = "x86_64")]
-        Path::Avx2 => xwt_tiled::<4, 2>(path, x, m, ws),
-        _ => xwt_tiled::<4, 4>(path, x, m, ws),
-    }
-}
-
-/// [`xwt_with`] with tiles of C weight rows x R inputs.
-fn xwt_tiled<const C: usize, const R: usize>(
-    path: Path,
-    x: &[f32],
-    m: usize,
-    ws: &[&HalfMatrix],
-) -> Vec<Vec<f32>> {
     let Some(k) = ws.first().map(|w| w.cols) else {
         return Vec::new();
     };
@@ -413,49 +434,32 @@ fn xwt_tiled<const C: usize, const R: usize>(
         "half xwt: input widths differ"
     );
     assert_eq!(x.len(), m * k, "x is not (m, {k})");
-    // Tasks own blocks of weight rows of one matrix (about four per thread over all
-    // the matrices: one parallel call for Q, K and V); each writes its columns of its
-    // y afterwards.
-    let total: usize = ws.iter().map(|w| w.rows).sum();
-    let per_task = (total / (4 * pool::threads()).max(1))
-        .max(MIN_ROWS_PER_TASK)
-        .div_ceil(C)
-        * C;
+    // Tasks own runs of panels of one matrix (about four per thread over all the
+    // matrices: one parallel call for Q, K and V); each writes its columns of its y
+    // afterwards.
+    let total: usize = ws.iter().map(|w| w.panels()).sum();
+    let per_task = (total / (4 * pool::threads()).max(1)).max(MIN_PANELS_PER_TASK);
     let tasks: Vec<(usize, usize)> = ws
         .iter()
         .enumerate()
-        .flat_map(|(i, w)| (0..w.rows).step_by(per_task).map(move |b0| (i, b0)))
+        .flat_map(|(i, w)| (0..w.panels()).step_by(per_task).map(move |p0| (i, p0)))
         .collect();
     let blocks: Vec<Vec<f32>> = pool::map(tasks.len(), |t| {
-        let (wi, b0) = tasks[t];
+        let (wi, p0) = tasks[t];
         let w = ws[wi];
-        let nb = per_task.min(w.rows - b0);
-        let mut part = vec![0f32; m * nb]; // (m, nb)
-        let mut t = vec![[0f32; C]; m];
-        let mut r = 0;
-        while r + C <= nb {
-            rows_tile::<C, R>(path, w, b0 + r, x, m, &mut t);
-            for (i, row) in t.iter().enumerate() {
-                part[i * nb + r..i * nb + r + C].copy_from_slice(row);
-            }
-            r += C;
-        }
-        while r < nb {
-            let mut t = vec![[0f32; 1]; m];
-            rows_tile::<1, R>(path, w, b0 + r, x, m, &mut t);
-            for (i, row) in t.iter().enumerate() {
-                part[i * nb + r] = row[0];
-            }
-            r += 1;
-        }
+        let count = per_task.min(w.panels() - p0);
+        let mut part = vec![0f32; m * count * PANEL]; // (m, count x 16)
+        panels_block(path, w, p0, count, x, m, &mut part);
         part
     });
     let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows]).collect();
-    for (&(wi, b0), part) in tasks.iter().zip(blocks) {
+    for (&(wi, p0), part) in tasks.iter().zip(blocks) {
         let n = ws[wi].rows;
-        let nb = part.len() / m.max(1);
+        let width = part.len() / m.max(1);
+        let (c0, valid) = (p0 * PANEL, width.min(n - p0 * PANEL));
         for i in 0..m {
-            ys[wi][i * n + b0..i * n + b0 + nb].copy_from_slice(&part[i * nb..(i + 1) * nb]);
+            ys[wi][i * n + c0..i * n + c0 + valid]
+                .copy_from_slice(&part[i * width..i * width + valid]);
         }
     }
     ys
@@ -486,11 +490,8 @@ pub fn reference(x: &[f32], m: usize, w: &HalfMatrix) -> Vec<f64> {
     let mut y = vec![0f64; m * n];
     for i in 0..m {
         for r in 0..n {
-            y[i * n + r] = w
-                .row(r)
-                .iter()
-                .zip(&x[i * k..(i + 1) * k])
-                .map(|(&b, &v)| w.kind.to_f32(b) as f64 * v as f64)
+            y[i * n + r] = (0..k)
+                .map(|c| w.kind.to_f32(w.get(r, c)) as f64 * x[i * k + c] as f64)
                 .sum();
         }
     }

@@ -318,14 +318,40 @@ pub fn f32_products() -> Vec<Vec<f32>> {
 }
 
 /// The f16 / bf16 product (`kernels::hmatmul`): against the f64 reference, each row
-/// alone the same bits as in the batch. Returns every product for comparisons across
-/// levels.
+/// alone the same bits as in the batch, each matrix of a fused call (`xwt_many`) the
+/// same bits as alone. Sizes cover partial panels, tiles of 1-3 panels, several tasks
+/// and row tiles of 1-8. Returns every product for comparisons across levels.
 pub fn half_products() -> Vec<Vec<f32>> {
     let mut outs = Vec::new();
     for kind in [HalfKind::F16, HalfKind::Bf16] {
-        for &(rows, cols) in &[(1usize, 7usize), (5, 16), (37, 33), (64, 100), (9, 577)] {
+        let sizes = [
+            (1usize, 7usize),
+            (5, 16),
+            (37, 33),
+            (64, 100),
+            (9, 577),
+            (150, 21),
+        ];
+        for &(rows, cols) in &sizes {
             let w = HalfMatrix::from_f32(kind, rows, cols, &rand_vec(rows * cols, 1));
-            for m in [1usize, 2, 3, 4, 5, 9, 16] {
+            let back = w.to_f32();
+            let other = HalfMatrix::from_f32(kind, 19, cols, &rand_vec(19 * cols, 3));
+            for (i, v) in rand_vec(rows * cols, 1).into_iter().enumerate() {
+                assert_eq!(
+                    back[i],
+                    kind.to_f32(kind.from_f32(v)),
+                    "{kind:?} unpacked {i}"
+                );
+            }
+            for m in [1usize, 2, 3, 4, 5, 9, 16, 17] {
+                let x = rand_vec(m * cols, 2 + m as u64);
+                let fused = hmatmul::xwt_many(&x, m, &[&w, &other]);
+                assert_eq!(fused[0], hmatmul::xwt(&x, m, &w), "{kind:?} fused first");
+                assert_eq!(
+                    fused[1],
+                    hmatmul::xwt(&x, m, &other),
+                    "{kind:?} fused second"
+                );
                 let x = rand_vec(m * cols, 2 + m as u64);
                 let want = hmatmul::reference(&x, m, &w);
                 let got = hmatmul::xwt(&x, m, &w);
