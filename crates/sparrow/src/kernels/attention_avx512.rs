@@ -4,7 +4,7 @@
 //! four keys for up to three heads at a time (twelve accumulators, each key chunk
 //! loaded and widened once for the three heads), each head's four sums folded to eight
 //! lanes and finished by one horizontal-add tree; the exp sixteen logits at a time; the
-//! value rows accumulated thirty-two columns of up to three heads at a time. The rows
+//! value rows accumulated sixty-four columns of up to three heads at a time. The rows
 //! are read where the cache stores them (f16 widened in registers).
 //!
 //! Same block size and merge as the other scans; the results agree with them to
@@ -17,8 +17,13 @@ use std::arch::x86_64::*;
 
 /// Heads whose scores share each load of a key chunk.
 const HEADS_PER_PASS: usize = 3;
-/// Value columns per pass, in registers of sixteen.
-const VALUE_REGS: usize = 2;
+/// Value columns per pass, in registers of sixteen: 64 columns, a whole row of a
+/// 64-wide head, so each value row is read once, front to back (3 heads x 4
+/// accumulators + 4 value registers). Two passes of 32 ran the dense decode core
+/// slower at 8192 positions (`bench attention --heads 9 --kv-heads 3 --kv-dtype f16`,
+/// medians of three alternated runs: 0.47 against 0.40 ms on one thread, 0.50 against
+/// 0.28 on two; BENCHMARKS.md).
+const VALUE_REGS: usize = 4;
 
 /// The sixteen lanes of `a` folded to eight (lane i + lane i + 8).
 #[inline(always)]
@@ -151,7 +156,7 @@ unsafe fn block_scores<E: CacheElem, const NH: usize>(
 }
 
 /// `out[h0 + h] += sum_j p[h0 + h][j] v_j` for NH heads over the block's n value rows
-/// (`vs` apart from `vp`), thirty-two (then sixteen, then single) columns at a time.
+/// (`vs` apart from `vp`), sixty-four (then sixteen, then single) columns at a time.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
 unsafe fn block_values<E: CacheElem, const NH: usize>(

@@ -106,6 +106,8 @@ pub fn attention_and_indexer() {
         (7, 1, 200, 40),
         (10, 2, 67, 20),
         (3, 3, 65, 13),
+        // Values of 64 columns a pass, then 16, then single columns.
+        (6, 2, 129, 88),
     ] {
         let (q, k, v) = (
             rand_vec(h * d, 1),
