@@ -3,7 +3,8 @@
 //! top-k, MLA, MLA + DSA) and MoE, the logits of a sequence fed in uneven chunks while
 //! other sequences share its steps at other positions equal the full forward's within
 //! 1e-5; sampled generation is the same alone and batched; incremental text equals the
-//! whole decode; the run lock keeps a second trainer out.
+//! whole decode; the run lock keeps a second trainer out; `bench generate` counts what a
+//! decode step reads.
 
 mod common;
 
@@ -429,4 +430,60 @@ fn a_run_directory_is_locked_against_a_second_trainer() {
     drop(first);
     let again = RunLock::acquire(dir.path()).unwrap();
     assert!(again.path().exists());
+}
+
+/// `bench generate`'s accounting of a decode step: caches counted in their storage
+/// precision, every sequence's own; weights as held, with the routed experts a batch
+/// touches on average under uniform routing; flops of the weights a token multiplies
+/// (its k experts, not the untied embedding's lookup), linear in the batch; and the
+/// machine bound built from them.
+#[test]
+fn bench_generate_counts_what_a_decode_step_reads() {
+    use sparrow::bench::generate::{run, step_bound_ms, GenerateBench};
+    let mut cfg = tiny_config(); // 2 layers, the second MoE: 4 experts, 2 a token
+    cfg.kv_cache_dtype = sparrow::config::KvCacheDtype::Float16;
+    let model = random_model(&cfg, 3);
+    let bench = GenerateBench {
+        contexts: vec![20],
+        batches: vec![1, 3],
+        decode_tokens: 2,
+        prefill_chunk: 8,
+        dense_baseline: false,
+        dense_prefill_max: 64,
+        seed: 1,
+    };
+    let rows = run(&model, &bench, |_| {}).unwrap();
+    let (one, three) = (&rows[0], &rows[1]);
+    // K and V rows of 2 heads x 8 in f16, in 2 layers: 128 bytes a position.
+    let positions = one.decode_cache_bytes / 128.0;
+    assert!(
+        positions.fract() == 0.0 && (20.0..=22.0).contains(&positions),
+        "cache bytes {} are not 128 per position",
+        one.decode_cache_bytes
+    );
+    assert_eq!(three.decode_cache_bytes, 3.0 * one.decode_cache_bytes);
+    let (total, _) = model.parameter_counts();
+    let total = total as f64;
+    let per_expert = 3.0 * 32.0 * 32.0;
+    // One token skips 2 of 4 experts; three skip 4 x (1 - 1/2)^3 = 0.5 on average.
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
+    assert!(close(
+        one.decode_weight_bytes,
+        4.0 * (total - 2.0 * per_expert)
+    ));
+    assert!(close(
+        three.decode_weight_bytes,
+        4.0 * (total - 0.5 * per_expert)
+    ));
+    let lookup = 512.0 * 32.0;
+    assert!(close(
+        one.decode_weight_flops,
+        2.0 * (total - 2.0 * per_expert - lookup)
+    ));
+    assert_eq!(three.decode_weight_flops, 3.0 * one.decode_weight_flops);
+    // Bandwidth-bound weights, then flops-bound ones.
+    let want = 1e3 * (one.decode_weight_bytes / 1e10 + one.decode_cache_bytes / 1e10);
+    assert!(close(step_bound_ms(one, 10.0, 1e6), want));
+    let want = 1e3 * (one.decode_weight_flops / 1e9 + one.decode_cache_bytes / 1e10);
+    assert!(close(step_bound_ms(one, 10.0, 1.0), want));
 }

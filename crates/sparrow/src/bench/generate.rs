@@ -3,10 +3,13 @@
 //! `context` tokens is prefilled together (chunked, as the engine does), then decoded
 //! for `decode_tokens` steps. Reports prefill tokens/s, time to first token, decode
 //! tokens/s per sequence and over the batch, cache bytes per token, the process's peak
-//! RSS during the cell, the decode's estimated memory traffic in GB/s (active weights
-//! once per step plus what each sequence's attention reads) and a per-layer time
-//! breakdown of the decode steps. The dense baseline is the same weights and code with
-//! every selector set to all positions (`EngineOptions::dense`).
+//! RSS during the cell, the decode's estimated memory traffic in GB/s (the weights the
+//! batch touches once per step plus what each sequence's attention reads) and a
+//! per-layer time breakdown of the decode steps. [`step_bound_ms`] turns a row's traffic
+//! and flops into the machine's bound on its step (weights at the read bandwidth or the
+//! GEMM rate, whichever is slower, plus the caches at the bandwidth), so a cell can be
+//! read as a share of what the machine allows. The dense baseline is the same weights
+//! and code with every selector set to all positions (`EngineOptions::dense`).
 
 use crate::config::AttentionKind;
 use crate::engine::sampler::SamplerConfig;
@@ -60,6 +63,16 @@ pub struct GenerateRow {
     pub peak_rss_bytes: u64,
     /// Estimated bytes a decode step reads / its seconds.
     pub decode_gbps: f64,
+    /// Weight bytes one decode step reads, as held: the dense weights and, of a MoE
+    /// layer's routed experts, as many as `batch` tokens touch on average under uniform
+    /// routing (`E (1 - (1 - k/E)^batch)` of E, k per token).
+    pub decode_weight_bytes: f64,
+    /// Cache bytes one decode step reads (every sequence, every layer, in the cache's
+    /// storage precision).
+    pub decode_cache_bytes: f64,
+    /// Multiply-add flops of the weights in one decode step: 2 x batch x the weights a
+    /// token multiplies (its k experts; an untied embedding is a lookup, not counted).
+    pub decode_weight_flops: f64,
     /// Per layer: milliseconds of attention per decode step.
     pub layer_attention_ms: Vec<f64>,
     /// Per layer: milliseconds of the FFN per decode step.
@@ -200,7 +213,8 @@ fn cell(
     let per_step_ms = |x: f64| 1e3 * x / steps;
     let positions = seqs[0].position();
     let kv_bytes_per_token = seqs[0].cache().used_bytes() as f64 / positions.max(1) as f64;
-    let read = decode_step_bytes(model, &seqs, dense);
+    let traffic = decode_step_traffic(model, &seqs, dense);
+    let read = traffic.weight_bytes + traffic.cache_bytes;
     let again = if keep {
         let made = seqs
             .into_iter()
@@ -227,6 +241,9 @@ fn cell(
         kv_bytes_per_token,
         peak_rss_bytes: peak_rss,
         decode_gbps: read * steps / decode_secs.max(1e-12) / 1e9,
+        decode_weight_bytes: traffic.weight_bytes,
+        decode_cache_bytes: traffic.cache_bytes,
+        decode_weight_flops: traffic.weight_flops,
         layer_attention_ms: prof.attention.iter().map(|&x| per_step_ms(x)).collect(),
         layer_ffn_ms: prof.ffn.iter().map(|&x| per_step_ms(x)).collect(),
         head_ms: per_step_ms(prof.head),
@@ -234,14 +251,43 @@ fn cell(
     Ok((row, again))
 }
 
-/// Bytes one decode step must read: the active weights once (as held) plus, per sequence
-/// and layer, its cached keys and values (dense selector) or its index keys and the
-/// selected rows (DSA past `index_topk`).
-fn decode_step_bytes(model: &Model, seqs: &[Sequence], dense: bool) -> f64 {
+/// The machine's bound on one decode step of `row`, milliseconds: its weights streamed
+/// at `read_gbps` or multiplied at `gemm_gflops` (an f32 GEMM's rate), whichever takes
+/// longer, plus its caches streamed at `read_gbps`. Attention flops are left out (the
+/// caches' bytes bound a decode scan), and so is everything else a step does: a step can
+/// reach this, never beat it.
+pub fn step_bound_ms(row: &GenerateRow, read_gbps: f64, gemm_gflops: f64) -> f64 {
+    let weights = (row.decode_weight_bytes / (read_gbps * 1e9))
+        .max(row.decode_weight_flops / (gemm_gflops * 1e9));
+    1e3 * (weights + row.decode_cache_bytes / (read_gbps * 1e9))
+}
+
+/// What one decode step reads and multiplies (see the fields of [`GenerateRow`]).
+struct StepTraffic {
+    weight_bytes: f64,
+    cache_bytes: f64,
+    weight_flops: f64,
+}
+
+/// [`StepTraffic`] of one decode step of `seqs`: weights as held, each sequence's cached
+/// keys and values per layer (dense selector) or its index keys and the selected rows
+/// (DSA past `index_topk`).
+fn decode_step_traffic(model: &Model, seqs: &[Sequence], dense: bool) -> StepTraffic {
     let cfg = &model.cfg;
-    let (total, active) = model.parameter_counts();
-    // Weight bytes as held (f32, f16 / bf16, quantized blocks), the active share of
-    // them (routed experts a token skips are left out in proportion).
+    let batch = seqs.len();
+    let total = model.store.num_parameters();
+    // Routed expert weights a token skips, and those the whole batch skips on average.
+    let (mut skipped_by_token, mut skipped_by_batch) = (0f64, 0f64);
+    for layer in &model.net.layers {
+        if let crate::model::block::Ffn::Moe(moe) = &layer.mlp {
+            let per_expert = moe.experts.first().map_or(0, |e| e.num_parameters()) as f64;
+            let (e, k) = (moe.experts.len() as f64, moe.top_k() as f64);
+            let touched = e * (1.0 - (1.0 - (k / e).min(1.0)).powi(batch as i32));
+            skipped_by_token += per_expert * (e - k.min(e));
+            skipped_by_batch += per_expert * (e - touched);
+        }
+    }
+    // Weight bytes as held (f32, f16 / bf16, quantized blocks), the touched share.
     let held: usize = model
         .store
         .all_tensors()
@@ -249,20 +295,34 @@ fn decode_step_bytes(model: &Model, seqs: &[Sequence], dense: bool) -> f64 {
         .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
         .sum::<usize>()
         + model.store.packed_bytes();
-    let mut bytes = held as f64 * active as f64 / total.max(1) as f64;
+    let weight_bytes = held as f64 * (total as f64 - skipped_by_batch) / total.max(1) as f64;
+    let lookup = if cfg.tie_word_embeddings {
+        0.0
+    } else {
+        (cfg.vocab_size * cfg.hidden_size) as f64
+    };
+    let weight_flops = 2.0 * batch as f64 * (total as f64 - skipped_by_token - lookup).max(0.0);
+    let mut cache_bytes = 0f64;
     for s in seqs {
         let pos = s.position();
         for (l, layer) in s.cache().layers.iter().enumerate() {
-            let kv_row = layer.k.as_ref().map_or(0, |k| k.heads() * k.width() * 4)
-                + layer.v.as_ref().map_or(0, |v| v.heads() * v.width() * 4);
+            let row_bytes = |b: &Option<crate::model::cache::RowBuffer>| {
+                b.as_ref()
+                    .map_or(0, |b| b.heads() * b.width() * b.elem_bytes())
+            };
+            let kv_row = row_bytes(&layer.k) + row_bytes(&layer.v);
             let sparse =
                 !dense && cfg.attention_kind(l) == AttentionKind::Dsa && pos > cfg.index_topk;
-            bytes += if sparse {
+            cache_bytes += if sparse {
                 (layer.index.as_ref().map_or(0, |ix| ix.bytes()) + cfg.index_topk * kv_row) as f64
             } else {
                 (pos * kv_row) as f64
             };
         }
     }
-    bytes
+    StepTraffic {
+        weight_bytes,
+        cache_bytes,
+        weight_flops,
+    }
 }

@@ -67,7 +67,7 @@ pub fn run(a: GenerateBenchArgs) -> Result<()> {
     let (dir, config, hold, json) = (a.model.as_path(), a.config.as_deref(), a.hold, a.json);
     let weights = hold.weights;
     let bench = &bench;
-    use sparrow::bench::generate::GenerateRow;
+    use sparrow::bench::generate::{step_bound_ms, GenerateRow};
     let edit = |c: &mut ModelConfig| {
         if let Some(n) = lift_to {
             c.max_position_embeddings = c.max_position_embeddings.max(n);
@@ -201,5 +201,40 @@ pub fn run(a: GenerateBenchArgs) -> Result<()> {
     let bw = sparrow::bench::read_bandwidth(512);
     report.record(serde_json::json!({"bench": "machine", "read_gbps": bw, "threads": rayon_threads(), "model": dir, "index_cache_dtype": m.cfg.index_cache_dtype}));
     report.note(format!("read bandwidth {bw:.1} GB/s (best of several passes over 512 MiB, measured after the rows)"));
+    // Each decode step against the machine's bound: weights at the bandwidth or the GEMM
+    // rate (whichever is slower), caches at the bandwidth.
+    let gemm = sparrow::bench::gemm_f32(1024)?.gflops;
+    report.note(format!(
+        "candle f32 GEMM 1024^3 {gemm:.1} GFLOP/s (measured after the rows)"
+    ));
+    let bound = |r: &GenerateRow| step_bound_ms(r, bw, gemm);
+    for r in &rows {
+        let step_ms = 1e3 / r.decode_tokens_per_s.max(1e-12);
+        report.record(serde_json::json!({"bench": "generate_bound", "mode": r.mode, "context": r.context, "batch": r.batch, "step_ms": step_ms, "bound_ms": bound(r), "share_of_bound": bound(r) / step_ms, "weight_bytes": r.decode_weight_bytes, "weight_flops": r.decode_weight_flops, "cache_bytes": r.decode_cache_bytes}));
+        report.note(format!(
+            "{} context {} batch {}: decode step {step_ms:.2} ms, machine bound {:.2} ms ({:.0}% of it; weights {:.0} MB and {:.2} GFLOP, caches {:.0} MB)",
+            r.mode,
+            r.context,
+            r.batch,
+            bound(r),
+            100.0 * bound(r) / step_ms,
+            r.decode_weight_bytes / 1e6,
+            r.decode_weight_flops / 1e9,
+            r.decode_cache_bytes / 1e6,
+        ));
+    }
+    for r in rows.iter().filter(|r| r.batch > 1) {
+        if let Some(one) = rows
+            .iter()
+            .find(|o| o.batch == 1 && o.mode == r.mode && o.context == r.context)
+        {
+            let x = r.batch as f64 * bound(one) / bound(r).max(1e-12);
+            report.record(serde_json::json!({"bench": "generate_batch_scaling_bound", "mode": r.mode, "context": r.context, "batch": r.batch, "aggregate_over_batch1_at_bound": x}));
+            report.note(format!(
+                "{} context {} batch {}: aggregate over batch 1 if both steps ran at the machine bound {x:.2}x",
+                r.mode, r.context, r.batch
+            ));
+        }
+    }
     Ok(())
 }
