@@ -254,8 +254,12 @@ fn cell(
 /// The machine's bound on one decode step of `row`, milliseconds: its weights streamed
 /// at `read_gbps` or multiplied at `gemm_gflops` (an f32 GEMM's rate), whichever takes
 /// longer, plus its caches streamed at `read_gbps`. Attention flops are left out (the
-/// caches' bytes bound a decode scan), and so is everything else a step does: a step can
-/// reach this, never beat it.
+/// caches' bytes bound a decode scan), and so is everything else a step does: with f32
+/// or f16 / bf16 weights a step can reach this, never beat it. Quantized weights
+/// multiply int8 activations (`kernels::qmatmul`), whose multiply-adds can run faster
+/// than an f32 GEMM's, so for them the flops term is a yardstick, not a ceiling; nor
+/// is the bandwidth term for a model whose weights and caches fit in the last-level
+/// cache (`models/sparrow-small`'s 12-21 MB here, in 32 MB).
 pub fn step_bound_ms(row: &GenerateRow, read_gbps: f64, gemm_gflops: f64) -> f64 {
     let weights = (row.decode_weight_bytes / (read_gbps * 1e9))
         .max(row.decode_weight_flops / (gemm_gflops * 1e9));
