@@ -314,6 +314,28 @@ mod vnni {
         }
     }
 
+    /// The weights' f16 values at byte 0 (`d`) and byte 2 (`Q4_1`'s `m`) of eight
+    /// consecutive blocks starting at `base`, as f32: one gather of the eight 32-bit
+    /// words, their low (`HIGH = false`) or high halves packed and widened.
+    #[inline(always)]
+    pub(super) unsafe fn block_halves<const HIGH: bool>(dm: __m256i) -> __m256 {
+        unsafe {
+            let pick = if HIGH {
+                _mm256_setr_epi8(
+                    2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1, 2, 3, 6, 7, 10, 11,
+                    14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
+                )
+            } else {
+                _mm256_setr_epi8(
+                    0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12,
+                    13, -1, -1, -1, -1, -1, -1, -1, -1,
+                )
+            };
+            let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_shuffle_epi8(dm, pick));
+            _mm256_cvtph_ps(_mm256_castsi256_si128(packed))
+        }
+    }
+
     /// Activation rows for [`dot_tile`]: per row its int8 values, block scales `d`,
     /// `Q8_1` sums `s` and integer sums.
     pub struct Rows<'a, const R: usize> {
@@ -347,8 +369,12 @@ mod vnni {
 
     /// [`dot_row_portable`] with `vpdpbusd` for a tile of C weight rows x R activation
     /// rows, two blocks per 512-bit step: each weight block is unpacked once for the R
-    /// rows, and the C x R independent sums keep the core busy (decode runs 4 x 1,
-    /// prefill chunks 2 x 4). `T` is the ggml type id (2 = `Q4_0`, 3 = `Q4_1`, 8 =
+    /// rows, and the C x R independent sums keep the core busy (decode runs 2 x 1,
+    /// prefill chunks 2 x 4). The blocks' scales are taken eight blocks at a time: one
+    /// gather of the weights' `d` (and `m`) per row, one product with the activations'
+    /// eight `d`, a permute per pair of blocks (scalar conversions and products per
+    /// block held `Q8_0` at batch 1 to ~2.7x the time, `Q4_1` to ~1.5x; the same
+    /// products either way, so the same bits). `T` is the ggml type id (2 = `Q4_0`, 3 = `Q4_1`, 8 =
     /// `Q8_0`). Same per-block integer sums as the portable loop (the type's correction
     /// enters each block's first lane, so they stay exact); the f32 sum runs in 16
     /// lanes, so results differ from it by rounding only. Every output goes through
@@ -360,6 +386,7 @@ mod vnni {
     /// caller); every `w[c]` holds the same whole number of blocks of type `T`, and
     /// every row of `x` at least as many activation blocks.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw,avx512dq")]
+    #[allow(clippy::needless_range_loop)] // indices also pick blocks and activation rows
     pub unsafe fn dot_tile<const T: u32, const C: usize, const R: usize>(
         w: [&[u8]; C],
         x: &Rows<'_, R>,
@@ -373,6 +400,87 @@ mod vnni {
         let mut acc = [[_mm512_setzero_ps(); R]; C];
         let mut extra = [[0f32; R]; C];
         let mut ib = 0;
+        // Eight blocks at a time: their scales come from one gather per weight row (`d`,
+        // and `Q4_1`'s `m`, widened together) and one product per activation row, and
+        // each pair of blocks takes its two scales by a permute: the same products as
+        // the pair loop below computes one by one, so the same bits.
+        // SAFETY (reads): blocks ib..ib + 8 lie inside every `w[c]` (each gather reads
+        // 4 bytes at the start of one of its blocks, >= 18 bytes long), and activation
+        // blocks ib..ib + 8 inside every row's q, d, s, sum (nb blocks each).
+        let bbi = bb as i32;
+        let offsets =
+            _mm256_setr_epi32(0, bbi, 2 * bbi, 3 * bbi, 4 * bbi, 5 * bbi, 6 * bbi, 7 * bbi);
+        while ib + 8 <= nb {
+            let mut scale8 = [[_mm256_setzero_ps(); R]; C];
+            for c in 0..C {
+                let base = w[c].as_ptr().add(ib * bb);
+                let dm = _mm256_i32gather_epi32::<1>(base as *const i32, offsets);
+                let dw = block_halves::<false>(dm);
+                for r in 0..R {
+                    scale8[c][r] = _mm256_mul_ps(dw, _mm256_loadu_ps(x.d[r].as_ptr().add(ib)));
+                }
+                if T == 3 {
+                    // m * s per block, added in block order as the pair loop does.
+                    let mw = block_halves::<true>(dm);
+                    for r in 0..R {
+                        let sx = _mm256_loadu_ps(x.s[r].as_ptr().add(ib));
+                        let mut ms = [0f32; 8];
+                        _mm256_storeu_ps(ms.as_mut_ptr(), _mm256_mul_ps(mw, sx));
+                        for v in ms {
+                            extra[c][r] += v;
+                        }
+                    }
+                }
+            }
+            for pair in 0..4 {
+                let j = ib + 2 * pair;
+                let pick = _mm512_setr_epi32(
+                    2 * pair as i32,
+                    2 * pair as i32,
+                    2 * pair as i32,
+                    2 * pair as i32,
+                    2 * pair as i32,
+                    2 * pair as i32,
+                    2 * pair as i32,
+                    2 * pair as i32,
+                    2 * pair as i32 + 1,
+                    2 * pair as i32 + 1,
+                    2 * pair as i32 + 1,
+                    2 * pair as i32 + 1,
+                    2 * pair as i32 + 1,
+                    2 * pair as i32 + 1,
+                    2 * pair as i32 + 1,
+                    2 * pair as i32 + 1,
+                );
+                let mut xv = [_mm512_setzero_si512(); R];
+                let mut corr = [_mm512_setzero_si512(); R];
+                for r in 0..R {
+                    xv[r] = _mm512_loadu_si512(x.q[r].as_ptr().add(j * QK) as *const _);
+                    if corr_scale != 0 {
+                        let c0 = corr_scale * *x.sum[r].get_unchecked(j);
+                        let c1 = corr_scale * *x.sum[r].get_unchecked(j + 1);
+                        corr[r] =
+                            _mm512_setr_epi32(c0, 0, 0, 0, 0, 0, 0, 0, c1, 0, 0, 0, 0, 0, 0, 0);
+                    }
+                }
+                for c in 0..C {
+                    let wp = w[c].as_ptr();
+                    let wv = _mm512_inserti64x4(
+                        _mm512_castsi256_si512(block_u8::<T>(wp.add(j * bb))),
+                        block_u8::<T>(wp.add((j + 1) * bb)),
+                        1,
+                    );
+                    for r in 0..R {
+                        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[r]);
+                        let dot = _mm512_add_epi32(dot, corr[r]);
+                        let scale =
+                            _mm512_permutexvar_ps(pick, _mm512_castps256_ps512(scale8[c][r]));
+                        acc[c][r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[c][r]);
+                    }
+                }
+            }
+            ib += 8;
+        }
         // SAFETY (reads): blocks ib and ib + 1 lie inside every `w[c]`, and activation
         // blocks ib and ib + 1 inside every row's q, d, s, sum (nb blocks each).
         while ib + 2 <= nb {
@@ -449,34 +557,12 @@ mod vnni {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::vnni::{block_u8, half_to_f32, hsum, tile_blocks, Rows};
+    use super::vnni::{block_halves, block_u8, half_to_f32, hsum, tile_blocks, Rows};
     use super::QK;
     use std::arch::x86_64::*;
 
     /// Bytes ahead of the block group being read that the AVX2 kernel prefetches.
     const PREFETCH_AHEAD: usize = 4096;
-
-    /// The weights' f16 values at byte 0 (`d`) and byte 2 (`Q4_1`'s `m`) of eight
-    /// consecutive blocks starting at `base`, as f32: one gather of the eight 32-bit
-    /// words, their low (`HIGH = false`) or high halves packed and widened.
-    #[inline(always)]
-    unsafe fn block_halves<const HIGH: bool>(dm: __m256i) -> __m256 {
-        unsafe {
-            let pick = if HIGH {
-                _mm256_setr_epi8(
-                    2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1, 2, 3, 6, 7, 10, 11,
-                    14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
-                )
-            } else {
-                _mm256_setr_epi8(
-                    0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12,
-                    13, -1, -1, -1, -1, -1, -1, -1, -1,
-                )
-            };
-            let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_shuffle_epi8(dm, pick));
-            _mm256_cvtph_ps(_mm256_castsi256_si128(packed))
-        }
-    }
 
     /// The 32 weight bytes of the block at `b` as [`block_dot`] takes them: `Q8_0`'s
     /// signed bytes as stored, `Q4_0` / `Q4_1` nibbles unpacked (low then high).

@@ -405,6 +405,8 @@ pub fn quantized_products(seed: u64) {
             (5, 65, 544),
             (33, 130, 64),
             (2, 200, 1536),
+            // 11 blocks: a group of eight, a pair, a single block.
+            (4, 9, 352),
         ] {
             let w = random_matrix(&mut rng, ty, rows, cols);
             let x: Vec<f32> = (0..m * cols).map(|_| rng.random_range(-3.0..3.0)).collect();
