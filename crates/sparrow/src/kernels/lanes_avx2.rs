@@ -1,9 +1,10 @@
-//! The AVX2 + FMA build of the tile the weight kernels share: C weight rows against R
-//! input rows, each (weight, input) pair summed into the 16 lane-wise partial sums
-//! every kernel of this crate starts from (lane l sums the products at i = l mod 16,
-//! in k order, up to `full`, a multiple of 16). The callers finish the lanes their own
-//! way ([`super::matmul`] in order as [`super::dot`] does, [`super::hmatmul`] by a
-//! tree), so their sums are the bits of their 16-lane (portable, AVX-512) builds.
+//! The AVX2 + FMA build of the f32 weight kernel's tile ([`super::matmul`]): C weight
+//! rows against R input rows, each (weight, input) pair summed into 16 lane-wise
+//! partial sums (lane l sums the products at i = l mod 16, in k order, up to `full`, a
+//! multiple of 16; each a product then a sum, as the portable loop has them). The
+//! caller finishes the lanes in order as [`super::dot`] does, so its sums are the bits
+//! of its 16-lane (portable, AVX-512) builds. [`Widen8`] also serves the f16 / bf16
+//! kernel ([`super::hmatmul`]), which widens eight weights at a time the same way.
 //!
 //! AVX2 has 16 registers of 8 lanes, so the 16 lanes are two halves. Small tiles keep
 //! both halves' accumulators live and walk k once; larger ones (the AVX-512 tile's
@@ -67,25 +68,13 @@ impl Widen8 for Bf16Row {
     }
 }
 
-/// `acc + w * x`, fused or as a product then a sum (the two orders the kernels use).
+/// `acc + w * x` as a product then a sum (the order of the portable loop).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn madd<const FUSED: bool>(w: __m256, x: __m256, acc: __m256) -> __m256 {
-    // SAFETY: register-only arithmetic; the caller enabled AVX and FMA.
-    unsafe {
-        if FUSED {
-            _mm256_fmadd_ps(w, x, acc)
-        } else {
-            _mm256_add_ps(acc, _mm256_mul_ps(w, x))
-        }
-    }
+unsafe fn madd(w: __m256, x: __m256, acc: __m256) -> __m256 {
+    // SAFETY: register-only arithmetic; the caller enabled AVX.
+    unsafe { _mm256_add_ps(acc, _mm256_mul_ps(w, x)) }
 }
-
-/// Values ahead of the position being read that small (decode) tiles prefetch in each
-/// weight row when asked (`PREFETCH`: the f16 / bf16 kernel, whose one-row products
-/// streamed SmolLM2-sized matrices at ~55% of the read bandwidth on the hardware
-/// prefetcher alone; the f32 kernel reads rows long enough for it and lost with it).
-const PREFETCH_AHEAD: usize = 2048;
 
 /// Whether a C x R tile keeps both halves' accumulators in registers (and walks k
 /// once) rather than walking k once per half.
@@ -100,7 +89,7 @@ const fn both_halves_fit(c: usize, r: usize) -> bool {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // r also picks the input's register
-unsafe fn step<W: Widen8, const FUSED: bool, const C: usize, const R: usize>(
+unsafe fn step<W: Widen8, const C: usize, const R: usize>(
     w: [*const W::Elem; C],
     x: [*const f32; R],
     at: usize,
@@ -115,7 +104,7 @@ unsafe fn step<W: Widen8, const FUSED: bool, const C: usize, const R: usize>(
         for c in 0..C {
             let wv = W::widen8(w[c].add(at));
             for r in 0..R {
-                acc[c][r] = madd::<FUSED>(wv, xv[r], acc[c][r]);
+                acc[c][r] = madd(wv, xv[r], acc[c][r]);
             }
         }
     }
@@ -138,8 +127,7 @@ unsafe fn store_half<const C: usize, const R: usize>(
 }
 
 /// `out[c][r][l]` = sum over i < `full`, i = l mod 16, of w_c[i] x_r[i], each lane in
-/// k order (fused multiply-adds when `FUSED`, else products then sums; software
-/// prefetch of the weight rows in small tiles when `PREFETCH`).
+/// k order (products then sums).
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `full` is a multiple of 16 and every `w[c]`
@@ -147,13 +135,7 @@ unsafe fn store_half<const C: usize, const R: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // the indices also pick load offsets and halves
-pub unsafe fn lanes<
-    W: Widen8,
-    const FUSED: bool,
-    const PREFETCH: bool,
-    const C: usize,
-    const R: usize,
->(
+pub unsafe fn lanes<W: Widen8, const C: usize, const R: usize>(
     w: [*const W::Elem; C],
     x: [*const f32; R],
     full: usize,
@@ -167,15 +149,8 @@ pub unsafe fn lanes<
             let mut acc = [[[_mm256_setzero_ps(); R]; C]; 2];
             let mut i0 = 0;
             while i0 < full {
-                if PREFETCH {
-                    for c in 0..C {
-                        // A prefetch never faults: the address may pass the row's end.
-                        let ahead = w[c].wrapping_add(i0).wrapping_add(PREFETCH_AHEAD);
-                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                    }
-                }
-                step::<W, FUSED, C, R>(w, x, i0, &mut acc[0]);
-                step::<W, FUSED, C, R>(w, x, i0 + 8, &mut acc[1]);
+                step::<W, C, R>(w, x, i0, &mut acc[0]);
+                step::<W, C, R>(w, x, i0 + 8, &mut acc[1]);
                 i0 += 16;
             }
             for (h, half) in acc.iter().enumerate() {
@@ -186,7 +161,7 @@ pub unsafe fn lanes<
                 let mut acc = [[_mm256_setzero_ps(); R]; C];
                 let mut at = 8 * h;
                 while at < full {
-                    step::<W, FUSED, C, R>(w, x, at, &mut acc);
+                    step::<W, C, R>(w, x, at, &mut acc);
                     at += 16;
                 }
                 store_half(&mut out, &acc, h);

@@ -184,7 +184,7 @@ mod simd {
             full: usize,
         ) -> [[[f32; 16]; R]; C] {
             // SAFETY: this function's contract.
-            unsafe { lanes_avx2::lanes::<F32Row, false, false, C, R>(w, x, full) }
+            unsafe { lanes_avx2::lanes::<F32Row, C, R>(w, x, full) }
         }
     }
 

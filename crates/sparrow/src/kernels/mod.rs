@@ -18,10 +18,12 @@
 //!   causal prefill over it, for every entry store ([`kv_rows::KvRows`]).
 //! - [`matmul`]: `x W^T` for inference rows, batch-invariant (each output one fixed-order
 //!   dot product), each weight row read once per four rows.
-//! - [`lanes_avx2`]: the AVX2 build of the weight kernels' 16-lane tile;
+//! - [`lanes_avx2`]: the AVX2 build of the f32 weight kernel's 16-lane tile (and the
+//!   8-wide weight widening the f16 / bf16 kernel shares);
 //!   `attention_avx2` the AVX2 builds of the attention scans, `attention_avx512` the
 //!   AVX-512 build of the small-group decode scan.
-//! - [`hmatmul`]: `x W^T` with f16 / bf16 weights widened in registers (inference).
+//! - [`hmatmul`]: `x W^T` with f16 / bf16 weights packed in 16-row panels and widened
+//!   in registers (inference).
 //! - [`experts`]: MoE dispatch: rows grouped by expert, gathered once, and the weighted
 //!   combine back per token, with backward passes.
 //! - [`simd`]: a vectorisable `exp` and AVX-512 detection for the hot loops.
