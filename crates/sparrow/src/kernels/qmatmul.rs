@@ -336,6 +336,46 @@ mod vnni {
         }
     }
 
+    /// Activation blocks `ib` and `ib + 1` of every row as one 512-bit register each,
+    /// with the type's integer correction (`corr_scale * sum(x)`, 0 for `Q4_1`) in
+    /// each block's first lane.
+    ///
+    /// # Safety
+    /// AVX-512F enabled; blocks ib and ib + 1 inside every row of `x`.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // r picks a row of x and its registers
+    unsafe fn pair_acts<const R: usize>(
+        x: &Rows<'_, R>,
+        ib: usize,
+        corr_scale: i32,
+    ) -> ([__m512i; R], [__m512i; R]) {
+        let mut xv = [_mm512_setzero_si512(); R];
+        let mut corr = [_mm512_setzero_si512(); R];
+        for r in 0..R {
+            xv[r] = _mm512_loadu_si512(x.q[r].as_ptr().add(ib * QK) as *const _);
+            if corr_scale != 0 {
+                let c0 = corr_scale * *x.sum[r].get_unchecked(ib);
+                let c1 = corr_scale * *x.sum[r].get_unchecked(ib + 1);
+                corr[r] = _mm512_setr_epi32(c0, 0, 0, 0, 0, 0, 0, 0, c1, 0, 0, 0, 0, 0, 0, 0);
+            }
+        }
+        (xv, corr)
+    }
+
+    /// Weight blocks `ib` and `ib + 1` of the row at `wp` (blocks of `bb` bytes) as
+    /// unsigned bytes, one block per 256-bit half.
+    ///
+    /// # Safety
+    /// AVX-512F enabled; both blocks inside the row.
+    #[inline(always)]
+    unsafe fn pair_weights<const T: u32>(wp: *const u8, ib: usize, bb: usize) -> __m512i {
+        _mm512_inserti64x4(
+            _mm512_castsi256_si512(block_u8::<T>(wp.add(ib * bb))),
+            block_u8::<T>(wp.add((ib + 1) * bb)),
+            1,
+        )
+    }
+
     /// Activation rows for [`dot_tile`]: per row its int8 values, block scales `d`,
     /// `Q8_1` sums `s` and integer sums.
     pub struct Rows<'a, const R: usize> {
@@ -434,42 +474,15 @@ mod vnni {
             }
             for pair in 0..4 {
                 let j = ib + 2 * pair;
-                let pick = _mm512_setr_epi32(
-                    2 * pair as i32,
-                    2 * pair as i32,
-                    2 * pair as i32,
-                    2 * pair as i32,
-                    2 * pair as i32,
-                    2 * pair as i32,
-                    2 * pair as i32,
-                    2 * pair as i32,
-                    2 * pair as i32 + 1,
-                    2 * pair as i32 + 1,
-                    2 * pair as i32 + 1,
-                    2 * pair as i32 + 1,
-                    2 * pair as i32 + 1,
-                    2 * pair as i32 + 1,
-                    2 * pair as i32 + 1,
-                    2 * pair as i32 + 1,
+                // Lanes 0-7 take block j's scale (lane 2 * pair), 8-15 block j + 1's.
+                let pick = _mm512_mask_blend_epi32(
+                    0xff00,
+                    _mm512_set1_epi32(2 * pair as i32),
+                    _mm512_set1_epi32(2 * pair as i32 + 1),
                 );
-                let mut xv = [_mm512_setzero_si512(); R];
-                let mut corr = [_mm512_setzero_si512(); R];
-                for r in 0..R {
-                    xv[r] = _mm512_loadu_si512(x.q[r].as_ptr().add(j * QK) as *const _);
-                    if corr_scale != 0 {
-                        let c0 = corr_scale * *x.sum[r].get_unchecked(j);
-                        let c1 = corr_scale * *x.sum[r].get_unchecked(j + 1);
-                        corr[r] =
-                            _mm512_setr_epi32(c0, 0, 0, 0, 0, 0, 0, 0, c1, 0, 0, 0, 0, 0, 0, 0);
-                    }
-                }
+                let (xv, corr) = pair_acts(x, j, corr_scale);
                 for c in 0..C {
-                    let wp = w[c].as_ptr();
-                    let wv = _mm512_inserti64x4(
-                        _mm512_castsi256_si512(block_u8::<T>(wp.add(j * bb))),
-                        block_u8::<T>(wp.add((j + 1) * bb)),
-                        1,
-                    );
+                    let wv = pair_weights::<T>(w[c].as_ptr(), j, bb);
                     for r in 0..R {
                         let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[r]);
                         let dot = _mm512_add_epi32(dot, corr[r]);
@@ -484,24 +497,11 @@ mod vnni {
         // SAFETY (reads): blocks ib and ib + 1 lie inside every `w[c]`, and activation
         // blocks ib and ib + 1 inside every row's q, d, s, sum (nb blocks each).
         while ib + 2 <= nb {
-            let mut xv = [_mm512_setzero_si512(); R];
-            let mut corr = [_mm512_setzero_si512(); R];
-            for r in 0..R {
-                xv[r] = _mm512_loadu_si512(x.q[r].as_ptr().add(ib * QK) as *const _);
-                if corr_scale != 0 {
-                    let c0 = corr_scale * *x.sum[r].get_unchecked(ib);
-                    let c1 = corr_scale * *x.sum[r].get_unchecked(ib + 1);
-                    corr[r] = _mm512_setr_epi32(c0, 0, 0, 0, 0, 0, 0, 0, c1, 0, 0, 0, 0, 0, 0, 0);
-                }
-            }
+            let (xv, corr) = pair_acts(x, ib, corr_scale);
             for c in 0..C {
                 let wp = w[c].as_ptr();
                 let (b0, b1) = (wp.add(ib * bb), wp.add((ib + 1) * bb));
-                let wv = _mm512_inserti64x4(
-                    _mm512_castsi256_si512(block_u8::<T>(b0)),
-                    block_u8::<T>(b1),
-                    1,
-                );
+                let wv = pair_weights::<T>(wp, ib, bb);
                 let dw0 = half_to_f32(std::ptr::read_unaligned(b0 as *const u16));
                 let dw1 = half_to_f32(std::ptr::read_unaligned(b1 as *const u16));
                 let (m0, m1) = if T == 3 {
