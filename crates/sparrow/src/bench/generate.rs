@@ -279,15 +279,15 @@ struct StepTraffic {
 fn decode_step_traffic(model: &Model, seqs: &[Sequence], dense: bool) -> StepTraffic {
     let cfg = &model.cfg;
     let batch = seqs.len();
-    let total = model.store.num_parameters();
-    // Routed expert weights a token skips, and those the whole batch skips on average.
-    let (mut skipped_by_token, mut skipped_by_batch) = (0f64, 0f64);
+    // Weights a token multiplies (its k experts of each MoE layer) and the routed
+    // expert weights the whole batch skips on average.
+    let (total, per_token) = model.parameter_counts();
+    let mut skipped_by_batch = 0f64;
     for layer in &model.net.layers {
         if let crate::model::block::Ffn::Moe(moe) = &layer.mlp {
             let per_expert = moe.experts.first().map_or(0, |e| e.num_parameters()) as f64;
             let (e, k) = (moe.experts.len() as f64, moe.top_k() as f64);
             let touched = e * (1.0 - (1.0 - (k / e).min(1.0)).powi(batch as i32));
-            skipped_by_token += per_expert * (e - k.min(e));
             skipped_by_batch += per_expert * (e - touched);
         }
     }
@@ -305,7 +305,7 @@ fn decode_step_traffic(model: &Model, seqs: &[Sequence], dense: bool) -> StepTra
     } else {
         (cfg.vocab_size * cfg.hidden_size) as f64
     };
-    let weight_flops = 2.0 * batch as f64 * (total as f64 - skipped_by_token - lookup).max(0.0);
+    let weight_flops = 2.0 * batch as f64 * (per_token as f64 - lookup).max(0.0);
     let mut cache_bytes = 0f64;
     for s in seqs {
         let pos = s.position();
