@@ -59,14 +59,14 @@ pub(crate) fn return_freed_memory() {
 /// prefills ~1.4x (`bench generate --context 1024 --batch 1,16`, alternated runs).
 const INFERENCE_PURGE_DELAY_MS: std::ffi::c_long = 10;
 
-/// Whether the command line runs inference (`generate`, `chat`, `logits`, `bench
-/// generate`), read from the raw arguments before they are parsed.
+/// Whether the command line runs inference (`generate`, `chat`, `logits`, `serve`,
+/// `bench generate`), read from the raw arguments before they are parsed.
 fn runs_inference() -> bool {
     let mut words = std::env::args_os()
         .skip(1)
         .filter(|a| !a.to_string_lossy().starts_with('-'));
     match words.next().as_deref().and_then(|w| w.to_str()) {
-        Some("generate" | "chat" | "logits") => true,
+        Some("generate" | "chat" | "logits" | "serve") => true,
         Some("bench") => words.next().is_some_and(|w| w == "generate"),
         _ => false,
     }
@@ -137,6 +137,9 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Print a config's parameter counts (total and active per token).
     Params(params::ParamsArgs),
+    /// Serve a model over HTTP: the OpenAI API (/v1/chat/completions, /v1/completions,
+    /// /v1/models) and Anthropic's (/v1/messages), with continuous batching.
+    Serve(serve::ServeArgs),
 }
 
 /// candle asks for its thread count on every matmul and, unless `RAYON_NUM_THREADS` is
@@ -192,5 +195,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Model { cmd } => model::run(cmd, progress),
         Command::Chat(a) => chat::run(a, progress),
         Command::Params(a) => params::run(a, progress),
+        Command::Serve(a) => serve::run(a, progress),
     }
 }

@@ -11,5 +11,6 @@ pub mod logits;
 pub mod model;
 pub mod params;
 pub mod plot;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;

@@ -44,6 +44,8 @@ pub struct StepEvent {
     pub text: String,
     /// Set when the sequence ended in this step.
     pub finished: Option<FinishReason>,
+    /// Tokens the sequence has generated so far (stop tokens excluded).
+    pub generated: usize,
 }
 
 /// Runs batched steps of one model. Shares the model read-only (`Model: Sync`), so
@@ -85,7 +87,23 @@ impl<'m> Engine<'m> {
     /// One step over the unfinished sequences of `seqs`; returns one event per sequence
     /// that took part.
     pub fn step(&self, seqs: &mut [&mut Sequence]) -> Result<Vec<StepEvent>> {
+        self.step_within(seqs, usize::MAX)
+    }
+
+    /// [`Engine::step`] feeding at most `prefill_budget` prompt tokens in all (>= 1):
+    /// every decoding sequence takes part; prefilling ones join in order, each with up
+    /// to `prefill_chunk` tokens, while the budget lasts (the last one admitted may get
+    /// a shorter chunk), so a long prompt cannot stall the decodes beside it.
+    pub fn step_within(
+        &self,
+        seqs: &mut [&mut Sequence],
+        prefill_budget: usize,
+    ) -> Result<Vec<StepEvent>> {
+        if prefill_budget == 0 {
+            return Err(Error::Invalid("prefill_budget must be at least 1".into()));
+        }
         let chunk = self.opts.prefill_chunk;
+        let mut budget = prefill_budget;
         let mut inputs: Vec<StepInput<'_>> = Vec::with_capacity(seqs.len());
         let mut members: Vec<(usize, usize)> = Vec::with_capacity(seqs.len()); // (index, tokens)
         for (i, s) in seqs.iter_mut().enumerate() {
@@ -99,7 +117,11 @@ impl<'m> Engine<'m> {
             }
             let seq: &mut Sequence = s;
             let tokens: &[u32] = if seq.fed < seq.prompt.len() {
-                let end = (seq.fed + chunk).min(seq.prompt.len());
+                if budget == 0 {
+                    continue;
+                }
+                let end = (seq.fed + chunk.min(budget)).min(seq.prompt.len());
+                budget -= end - seq.fed;
                 &seq.prompt[seq.fed..end]
             } else {
                 match &seq.pending {
@@ -143,6 +165,7 @@ impl<'m> Engine<'m> {
                         token: None,
                         text: String::new(),
                         finished: None,
+                        generated: 0,
                     });
                     continue;
                 }
@@ -155,6 +178,7 @@ impl<'m> Engine<'m> {
                 token: Some(token),
                 text,
                 finished,
+                generated: seq.generated().len(),
             });
         }
         Ok(events)

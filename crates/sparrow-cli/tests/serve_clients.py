@@ -1,0 +1,202 @@
+"""The official `openai` and `anthropic` Python clients against a running `sparrow serve`.
+
+    python3 serve_clients.py BASE_URL MODEL KEY basic   # every API behaviour below
+    python3 serve_clients.py BASE_URL MODEL KEY queue   # a server with --max-batch 1 --max-queue 1
+
+Run by crates/sparrow-cli/tests/serve.rs, which starts the server. Prints one line per
+check and exits non-zero on the first failure (an AssertionError with what differed).
+"""
+
+import concurrent.futures
+import sys
+
+import anthropic
+import openai
+
+BASE, MODEL, KEY, MODE = sys.argv[1:5]
+
+
+def check(name, cond, detail=""):
+    if not cond:
+        raise AssertionError(f"{name}: {detail}")
+    print(f"ok  {name}")
+
+
+oa = openai.OpenAI(base_url=f"{BASE}/v1", api_key=KEY, max_retries=0, timeout=120)
+an = anthropic.Anthropic(base_url=BASE, api_key=KEY, max_retries=0, timeout=120)
+MSGS = [{"role": "user", "content": "Tell me about the sea."}]
+# This anthropic client no longer takes temperature / top_p / top_k as arguments; the
+# Messages API and this server still read them from the body.
+GREEDY = {"temperature": 0}
+
+
+def chat(**kw):
+    args = dict(model=MODEL, messages=MSGS, max_tokens=12)
+    args.update(kw)
+    return oa.chat.completions.create(**args)
+
+
+def basic():
+    # Models.
+    ids = [m.id for m in oa.models.list().data]
+    check("openai models.list", ids == [MODEL], ids)
+    check("openai models.retrieve", oa.models.retrieve(MODEL).id == MODEL)
+    ams = an.models.list()
+    check("anthropic models.list", [m.id for m in ams.data] == [MODEL], ams)
+
+    # A chat completion, greedy.
+    r = chat(temperature=0)
+    c = r.choices[0]
+    check("chat: text", isinstance(c.message.content, str) and len(c.message.content) > 0, r)
+    check("chat: role", c.message.role == "assistant", r)
+    check("chat: finish_reason length", c.finish_reason == "length", c.finish_reason)
+    u = r.usage
+    check("chat: usage", u.completion_tokens == 12 and u.prompt_tokens > 0
+          and u.total_tokens == u.prompt_tokens + u.completion_tokens, u)
+    greedy = c.message.content
+    check("chat: max_completion_tokens",
+          oa.chat.completions.create(model=MODEL, messages=MSGS, max_completion_tokens=3,
+                                     temperature=0).usage.completion_tokens == 3)
+
+    # Streaming equals the whole answer; include_usage adds a last chunk without choices.
+    chunks = list(chat(temperature=0, stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    check("stream: same text as non-streamed", text == greedy, (text, greedy))
+    check("stream: first delta has the role", chunks[0].choices[0].delta.role == "assistant")
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    check("stream: one finish_reason", finals == ["length"], finals)
+    check("stream: usage chunk last", chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12,
+          chunks[-1])
+    check("stream: usage null before", all(ch.usage is None for ch in chunks[:-1]))
+
+    # Same seed, same text, whatever else is running at the same time.
+    alone = chat(temperature=0.9, seed=1234, max_tokens=16).choices[0].message.content
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        others = [pool.submit(chat, temperature=0.9, seed=100 + i, max_tokens=24) for i in range(5)]
+        again = pool.submit(chat, temperature=0.9, seed=1234, max_tokens=16)
+        again = again.result().choices[0].message.content
+        other_texts = [f.result().choices[0].message.content for f in others]
+    check("seed: same text alone and beside five others", again == alone, (again, alone))
+    check("seed: other seeds differ", any(t[: len(alone)] != alone for t in other_texts))
+
+    # Stop strings end the text before them and are never emitted, also when streamed.
+    words = greedy.split()
+    stop = next((w for w in words[1:] if len(w) >= 2), None)
+    if stop is not None:
+        cut = greedy[: greedy.index(stop)]
+        r = chat(temperature=0, stop=[stop, "zzzz-never"])
+        check("stop: text ends before the stop string", r.choices[0].message.content == cut,
+              (r.choices[0].message.content, cut, stop))
+        check("stop: finish_reason stop", r.choices[0].finish_reason == "stop")
+        s = "".join(ch.choices[0].delta.content or "" for ch in chat(temperature=0, stop=stop, stream=True)
+                    if ch.choices)
+        check("stop: streamed the same", s == cut, (s, cut))
+
+    # n choices.
+    r = chat(temperature=1.0, seed=7, n=3, max_tokens=8)
+    check("n: three choices", [c.index for c in r.choices] == [0, 1, 2], r.choices)
+    check("n: usage sums the choices", r.usage.completion_tokens == 24, r.usage)
+
+    # Legacy completions, echo.
+    r = oa.completions.create(model=MODEL, prompt="The sea was", max_tokens=6, temperature=0, echo=True)
+    check("completions: echo", r.choices[0].text.startswith("The sea was"), r.choices[0].text)
+    check("completions: usage", r.usage.completion_tokens == 6, r.usage)
+    streamed = "".join(ch.choices[0].text for ch in
+                       oa.completions.create(model=MODEL, prompt="The sea was", max_tokens=6,
+                                             temperature=0, stream=True))
+    check("completions: streamed", "The sea was" + streamed == r.choices[0].text, (streamed, r.choices[0].text))
+
+    # Errors come back as the clients' exception types.
+    for name, call, exc in [
+        ("unknown model is 404", lambda: oa.chat.completions.create(model="nope", messages=MSGS),
+         openai.NotFoundError),
+        ("max_tokens past the context is 400", lambda: chat(max_tokens=10_000_000), openai.BadRequestError),
+        ("n beyond the limit is 400", lambda: chat(n=1000), openai.BadRequestError),
+        ("empty messages is 400", lambda: oa.chat.completions.create(model=MODEL, messages=[]),
+         openai.BadRequestError),
+        ("a wrong key is 401", lambda: openai.OpenAI(base_url=f"{BASE}/v1", api_key="wrong", max_retries=0)
+         .models.list(), openai.AuthenticationError),
+    ]:
+        try:
+            call()
+            raise AssertionError(f"{name}: no error")
+        except exc as e:
+            check(f"openai error: {name}", True, e)
+
+    # Anthropic: a message, greedy.
+    m = an.messages.create(model=MODEL, max_tokens=12, messages=MSGS, extra_body=GREEDY)
+    check("messages: shape", m.type == "message" and m.role == "assistant" and m.content[0].type == "text", m)
+    check("messages: same text as OpenAI's chat", m.content[0].text == greedy, (m.content[0].text, greedy))
+    check("messages: stop_reason max_tokens", m.stop_reason == "max_tokens" and m.stop_sequence is None, m)
+    check("messages: usage", m.usage.output_tokens == 12 and m.usage.input_tokens > 0, m.usage)
+    n_in = an.messages.count_tokens(model=MODEL, messages=MSGS).input_tokens
+    check("count_tokens equals input_tokens", n_in == m.usage.input_tokens, (n_in, m.usage))
+    ms = an.messages.create(model=MODEL, max_tokens=12, extra_body=GREEDY, messages=MSGS,
+                            system=[{"type": "text", "text": "Be brief."}])
+    n_sys = an.messages.count_tokens(model=MODEL, messages=MSGS, system="Be brief.").input_tokens
+    check("system as blocks and as a string", ms.usage.input_tokens == n_sys > n_in, (ms.usage, n_sys))
+
+    # Streaming: the documented event order, the same text.
+    with an.messages.stream(model=MODEL, max_tokens=12, messages=MSGS, extra_body=GREEDY) as s:
+        streamed = "".join(s.text_stream)
+        final = s.get_final_message()
+    check("messages stream: same text", streamed == greedy, (streamed, greedy))
+    check("messages stream: final message", final.stop_reason == "max_tokens" and final.usage.output_tokens == 12,
+          final)
+    kinds = [e.type for e in an.messages.create(model=MODEL, max_tokens=4, messages=MSGS, stream=True)]
+    body = [k for k in kinds if k != "ping"]
+    check("messages stream: event order",
+          body[:2] == ["message_start", "content_block_start"]
+          and set(body[2:-3]) <= {"content_block_delta"}
+          and body[-3:] == ["content_block_stop", "message_delta", "message_stop"], kinds)
+
+    if stop is not None:
+        m = an.messages.create(model=MODEL, max_tokens=12, messages=MSGS, extra_body=GREEDY, stop_sequences=[stop])
+        check("messages: stop_sequence", m.stop_reason == "stop_sequence" and m.stop_sequence == stop
+              and m.content[0].text == cut, m)
+
+    for name, call, exc in [
+        ("unknown model is 404", lambda: an.messages.create(model="nope", max_tokens=4, messages=MSGS),
+         anthropic.NotFoundError),
+        ("a system role in messages is 400",
+         lambda: an.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "system", "content": "x"}]),
+         anthropic.BadRequestError),
+        ("a wrong key is 401", lambda: anthropic.Anthropic(base_url=BASE, api_key="wrong", max_retries=0)
+         .messages.create(model=MODEL, max_tokens=4, messages=MSGS), anthropic.AuthenticationError),
+    ]:
+        try:
+            call()
+            raise AssertionError(f"{name}: no error")
+        except exc as e:
+            check(f"anthropic error: {name}", True, e)
+
+    # A client that leaves mid-stream: its sequence is cancelled, the server goes on.
+    stream = chat(temperature=0, max_tokens=400, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()
+    check("after a cancelled stream the server still answers", chat(temperature=0).choices[0].message.content == greedy)
+
+
+def queue():
+    # --max-batch 1 --max-queue 1: one runs, one waits, the third is refused with 429.
+    def long(i):
+        try:
+            chat(temperature=0, max_tokens=200, seed=i)
+            return "ok"
+        except openai.RateLimitError as e:
+            assert e.response.headers.get("retry-after") == "1", e.response.headers
+            return "429"
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = sorted(pool.map(long, range(4)))
+    check("queue: a full queue answers 429", "429" in results and "ok" in results, results)
+    try:
+        an.messages.create(model=MODEL, max_tokens=4, messages=MSGS)
+        check("queue: the server recovers", True)
+    except anthropic.RateLimitError as e:
+        raise AssertionError(f"still refused after the queue drained: {e}")
+
+
+{"basic": basic, "queue": queue}[MODE]()
+print("all checks passed")

@@ -1,0 +1,16 @@
+//! Every size a request states has a limit here, checked before anything is allocated
+//! for it (the body's own size is bounded first, by `ServerOptions::max_body_bytes`).
+//! Larger values get a 400 naming the field and the limit.
+
+/// Choices per request (`n`).
+pub const MAX_CHOICES: usize = 8;
+/// Stop strings per request (`stop`, `stop_sequences`); OpenAI allows 4.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// Bytes of one stop string.
+pub const MAX_STOP_BYTES: usize = 256;
+/// Messages in one chat request.
+pub const MAX_MESSAGES: usize = 4096;
+/// Prompts in one completions request (a list of prompts).
+pub const MAX_PROMPTS: usize = 64;
+/// Default request body limit in bytes (`--max-body-bytes`).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 2 << 20;

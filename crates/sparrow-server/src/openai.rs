@@ -1,0 +1,504 @@
+//! The OpenAI API: `POST /v1/chat/completions`, `POST /v1/completions`, their
+//! server-sent-event streams (`data: {...}` chunks, then `data: [DONE]`; with
+//! `stream_options.include_usage` every chunk carries `usage: null` and a last chunk
+//! with no choices carries the usage), and the model list.
+
+use crate::error::{Api, ApiError};
+use crate::generation::{self, collect, merged, Sampling};
+use crate::limits::{MAX_MESSAGES, MAX_PROMPTS};
+use crate::state::{random_id, unix_now, AppState};
+use crate::worker::Update;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sparrow::chat::Message;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+const API: Api = Api::OpenAi;
+
+/// `stop`: one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopField {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            StopField::One(s) => vec![s],
+            StopField::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// A message's `content`: a string, a list of parts (text only here), or null (an
+/// assistant turn that only called tools).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+/// The options both endpoints share (read from the same body as the endpoint's own
+/// fields, so an error names the field's path).
+#[derive(Debug, Deserialize, Default)]
+pub struct CommonOptions {
+    pub max_tokens: Option<u64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    /// Not in OpenAI's API; vLLM and llama.cpp accept it (0 or -1: off).
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    pub stop: Option<StopField>,
+    pub n: Option<u64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    pub max_completion_tokens: Option<u64>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<u64>,
+    pub response_format: Option<Value>,
+}
+
+/// `prompt`: a string, a list of strings, a list of token ids, or a list of those.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptField {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: PromptField,
+    #[serde(default)]
+    pub echo: bool,
+    pub logprobs: Option<u64>,
+    pub suffix: Option<String>,
+    pub best_of: Option<u64>,
+}
+
+/// A JSON body, with the body-size limit's refusal as a 413.
+pub(crate) fn body_json(body: Result<Bytes, BytesRejection>, api: Api) -> Result<Value, ApiError> {
+    let bytes = body.map_err(|e| ApiError::new(e.status(), e.body_text(), api))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}"), api))
+}
+
+/// `T` from a parsed body; an error names the offending field's path
+/// (`messages[0].content: invalid type ...`).
+pub(crate) fn typed<T: serde::de::DeserializeOwned>(v: &Value, api: Api) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path == "." {
+            String::new()
+        } else {
+            format!("`{path}`: ")
+        };
+        ApiError::bad_request(format!("invalid request body: {at}{}", e.inner()), api)
+    })
+}
+
+/// Parse a JSON body into `T`.
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    api: Api,
+) -> Result<T, ApiError> {
+    typed(&body_json(body, api)?, api)
+}
+
+impl CommonOptions {
+    /// The sampling options, refusing what is not implemented rather than ignoring it.
+    fn sampling(self, max_tokens: Option<u64>) -> Result<(Sampling, bool, bool), ApiError> {
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if v.is_some_and(|x| x != 0.0) {
+                return Err(ApiError::bad_request(
+                    format!("{name} is not supported by this server yet"),
+                    API,
+                ));
+            }
+        }
+        let include_usage = self.stream_options.is_some_and(|o| o.include_usage);
+        Ok((
+            Sampling {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                top_k: self.top_k,
+                seed: self.seed,
+                max_tokens: max_tokens.or(self.max_tokens),
+                stop: self.stop.map(StopField::into_vec).unwrap_or_default(),
+                n: self.n,
+            },
+            self.stream,
+            include_usage,
+        ))
+    }
+}
+
+/// Chat messages as the template takes them (text parts joined; other parts refused).
+pub(crate) fn to_messages(msgs: Vec<ChatMessage>, api: Api) -> Result<Vec<Message>, ApiError> {
+    if msgs.is_empty() {
+        return Err(ApiError::bad_request("messages must not be empty", api));
+    }
+    if msgs.len() > MAX_MESSAGES {
+        return Err(ApiError::bad_request(
+            format!("at most {MAX_MESSAGES} messages, got {}", msgs.len()),
+            api,
+        ));
+    }
+    msgs.into_iter()
+        .map(|m| {
+            let role = if m.role == "developer" {
+                "system".to_string()
+            } else {
+                m.role
+            };
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => {
+                    let mut s = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => s.push_str(&t),
+                            (kind, _) => {
+                                return Err(ApiError::bad_request(
+                                    format!(
+                                    "content parts of type `{kind}` are not supported (text only)"
+                                ),
+                                    api,
+                                ))
+                            }
+                        }
+                    }
+                    s
+                }
+            };
+            Ok(Message::new(role, content))
+        })
+        .collect()
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = body_json(body, API)?;
+    let req: ChatRequest = typed(&v, API)?;
+    let common: CommonOptions = typed(&v, API)?;
+    state.check_model(&req.model, API)?;
+    let ready = state.ready(API)?;
+    if req.logprobs == Some(true) || req.top_logprobs.is_some_and(|k| k > 0) {
+        return Err(ApiError::bad_request(
+            "logprobs are not supported by this server yet",
+            API,
+        ));
+    }
+    if let Some(fmt) = &req.response_format {
+        if fmt.get("type").and_then(Value::as_str) != Some("text") {
+            return Err(ApiError::bad_request(
+                "response_format other than `text` is not supported by this server yet",
+                API,
+            ));
+        }
+    }
+    let messages = to_messages(req.messages, API)?;
+    let prompt = ready
+        .template
+        .render(&messages, true)
+        .map_err(|e| ApiError::bad_request(e.to_string(), API))?;
+    let ids = generation::encode(ready, &prompt, API)?;
+    let (sampling, stream, include_usage) = common.sampling(req.max_completion_tokens)?;
+    let started = generation::start(&state, ready, ids, &sampling, API).await?;
+    let id = random_id("chatcmpl-");
+    let created = unix_now();
+    let model = state.opts.served_model_name.clone();
+    tracing::info!(%id, prompt_tokens = started.prompt_tokens, n = started.choices.len(), stream, "chat completion");
+    if !stream {
+        let mut choices = Vec::new();
+        let mut completion_tokens = 0;
+        for (i, rx) in started.choices.into_iter().enumerate() {
+            let c = collect(rx, API).await?;
+            completion_tokens += c.completion_tokens;
+            choices.push(json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text, "refusal": null},
+                "logprobs": null,
+                "finish_reason": c.reason.as_str(),
+            }));
+        }
+        return Ok(Json(json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": usage(started.prompt_tokens, completion_tokens),
+            "system_fingerprint": null,
+        }))
+        .into_response());
+    }
+    let prompt_tokens = started.prompt_tokens;
+    let n = started.choices.len();
+    let chunk = move |choices: Value, usage_field: Option<Value>| -> Event {
+        let mut c = json!({
+            "id": id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "system_fingerprint": null, "choices": choices,
+        });
+        if include_usage {
+            c["usage"] = usage_field.unwrap_or(Value::Null);
+        }
+        Event::default().data(c.to_string())
+    };
+    let mut updates = merged(started.choices);
+    let events = async_stream::stream! {
+        for i in 0..n {
+            yield Ok::<Event, Infallible>(chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None));
+        }
+        let mut completion_tokens = 0;
+        while let Some((i, u)) = updates.next().await {
+            match u {
+                Update::Token { text, .. } if !text.is_empty() => {
+                    yield Ok(chunk(json!([{"index": i, "delta": {"content": text}, "logprobs": null, "finish_reason": null}]), None));
+                }
+                Update::Finished { reason, text, completion_tokens: c } => {
+                    completion_tokens += c;
+                    if !text.is_empty() {
+                        yield Ok(chunk(json!([{"index": i, "delta": {"content": text}, "logprobs": null, "finish_reason": null}]), None));
+                    }
+                    yield Ok(chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": reason.as_str()}]), None));
+                }
+                Update::Failed(m) => {
+                    yield Ok(Event::default().data(json!({"error": {"message": m, "type": "server_error", "param": null, "code": null}}).to_string()));
+                }
+                _ => {}
+            }
+        }
+        if include_usage {
+            yield Ok(chunk(json!([]), Some(usage(prompt_tokens, completion_tokens))));
+        }
+        yield Ok(Event::default().data("[DONE]"));
+    };
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = body_json(body, API)?;
+    let req: CompletionRequest = typed(&v, API)?;
+    let common: CommonOptions = typed(&v, API)?;
+    state.check_model(&req.model, API)?;
+    let ready = state.ready(API)?;
+    if req.logprobs.is_some_and(|k| k > 0) {
+        return Err(ApiError::bad_request(
+            "logprobs are not supported by this server yet",
+            API,
+        ));
+    }
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::bad_request("suffix is not supported", API));
+    }
+    // Each prompt's ids and, for `echo`, its text as given (ids decoded as they are).
+    let prompts: Vec<(Vec<u32>, Option<String>)> = match req.prompt {
+        PromptField::Text(t) => vec![(generation::encode(ready, &t, API)?, Some(t))],
+        PromptField::Texts(ts) => {
+            check_prompts(ts.len())?;
+            ts.into_iter()
+                .map(|t| Ok((generation::encode(ready, &t, API)?, Some(t))))
+                .collect::<Result<_, ApiError>>()?
+        }
+        PromptField::Ids(ids) => vec![(ids, None)],
+        PromptField::IdLists(lists) => {
+            check_prompts(lists.len())?;
+            lists.into_iter().map(|ids| (ids, None)).collect()
+        }
+    };
+    let (sampling, stream, include_usage) = common.sampling(None)?;
+    if let Some(b) = req.best_of {
+        if b != sampling.n.unwrap_or(1) {
+            return Err(ApiError::bad_request(
+                "best_of other than n is not supported",
+                API,
+            ));
+        }
+    }
+    let echo = req.echo;
+    let mut started = Vec::with_capacity(prompts.len());
+    let mut echoes = Vec::with_capacity(prompts.len());
+    let mut prompt_tokens = 0;
+    for (ids, given) in prompts {
+        if let Some(bad) = ids
+            .iter()
+            .find(|&&t| t as usize >= ready.model.cfg.vocab_size)
+        {
+            return Err(ApiError::bad_request(
+                format!("token id {bad} is outside the vocabulary"),
+                API,
+            ));
+        }
+        let text = match (echo, given) {
+            (false, _) => String::new(),
+            (true, Some(t)) => t,
+            (true, None) => ready
+                .tokenizer
+                .decode(&ids, false)
+                .map_err(|e| ApiError::bad_request(e.to_string(), API))?,
+        };
+        let s = generation::start(&state, ready, ids, &sampling, API).await?;
+        prompt_tokens += s.prompt_tokens;
+        echoes.push(text);
+        started.push(s);
+    }
+    let id = random_id("cmpl-");
+    let created = unix_now();
+    let model = state.opts.served_model_name.clone();
+    tracing::info!(%id, prompt_tokens, prompts = started.len(), stream, "completion");
+    let per_prompt = started.first().map_or(1, |s| s.choices.len());
+    let all: Vec<_> = started.into_iter().flat_map(|s| s.choices).collect();
+    if !stream {
+        let mut choices = Vec::new();
+        let mut completion_tokens = 0;
+        for (i, rx) in all.into_iter().enumerate() {
+            let c = collect(rx, API).await?;
+            completion_tokens += c.completion_tokens;
+            choices.push(json!({
+                "index": i,
+                "text": format!("{}{}", echoes[i / per_prompt], c.text),
+                "logprobs": null,
+                "finish_reason": c.reason.as_str(),
+            }));
+        }
+        return Ok(Json(json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
+            "system_fingerprint": null,
+        }))
+        .into_response());
+    }
+    let chunk = move |choices: Value, usage_field: Option<Value>| -> Event {
+        let mut c = json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "system_fingerprint": null, "choices": choices,
+        });
+        if include_usage {
+            c["usage"] = usage_field.unwrap_or(Value::Null);
+        }
+        Event::default().data(c.to_string())
+    };
+    let n = all.len();
+    let mut updates = merged(all);
+    let events = async_stream::stream! {
+        if echo {
+            for i in 0..n {
+                yield Ok::<Event, Infallible>(chunk(json!([{"index": i, "text": echoes[i / per_prompt], "logprobs": null, "finish_reason": null}]), None));
+            }
+        }
+        let mut completion_tokens = 0;
+        while let Some((i, u)) = updates.next().await {
+            match u {
+                Update::Token { text, .. } if !text.is_empty() => {
+                    yield Ok(chunk(json!([{"index": i, "text": text, "logprobs": null, "finish_reason": null}]), None));
+                }
+                Update::Finished { reason, text, completion_tokens: c } => {
+                    completion_tokens += c;
+                    yield Ok(chunk(json!([{"index": i, "text": text, "logprobs": null, "finish_reason": reason.as_str()}]), None));
+                }
+                Update::Failed(m) => {
+                    yield Ok(Event::default().data(json!({"error": {"message": m, "type": "server_error", "param": null, "code": null}}).to_string()));
+                }
+                _ => {}
+            }
+        }
+        if include_usage {
+            yield Ok(chunk(json!([]), Some(usage(prompt_tokens, completion_tokens))));
+        }
+        yield Ok(Event::default().data("[DONE]"));
+    };
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+fn check_prompts(n: usize) -> Result<(), ApiError> {
+    if n == 0 || n > MAX_PROMPTS {
+        return Err(ApiError::bad_request(
+            format!("between 1 and {MAX_PROMPTS} prompts, got {n}"),
+            API,
+        ));
+    }
+    Ok(())
+}
+
+/// `GET /v1/models` in OpenAI's shape.
+pub fn model_list(state: &AppState, created: u64) -> Value {
+    json!({"object": "list", "data": [model_object(state, created)]})
+}
+
+pub fn model_object(state: &AppState, created: u64) -> Value {
+    json!({"id": state.opts.served_model_name, "object": "model", "created": created, "owned_by": "sparrow"})
+}
+
+/// `GET /v1/models/{id}`.
+pub async fn model(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state.check_model(&id, API)?;
+    let ready = state.ready(API)?;
+    Ok(Json(model_object(&state, ready.created)).into_response())
+}

@@ -1,0 +1,204 @@
+//! The engine thread: the one place the model runs. It owns the engine's
+//! [`Scheduler`], takes sequences from the HTTP handlers over a channel, runs batched
+//! steps while anything is queued or running, and sends each sequence's events back on
+//! that sequence's own channel. A channel whose receiver is gone (the client closed the
+//! connection, or its handler was dropped) cancels the sequence before the next step, so
+//! its slot and cache are freed at once.
+
+use sparrow::engine::{
+    Engine, EngineOptions, FinishReason, Refused, Scheduler, SchedulerOptions, Sequence,
+};
+use sparrow::model::Model;
+use sparrow::tokenizer::Tokenizer;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use tokio::sync::mpsc as tmpsc;
+
+/// What the engine thread tells a request about one of its sequences.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// Accepted into the queue (always the first update unless refused).
+    Queued,
+    /// The queue is full: the request should be retried later (HTTP 429).
+    QueueFull,
+    /// A generated token and the text it released (possibly empty: held back until the
+    /// UTF-8 is whole or a stop string is ruled out).
+    Token { token: u32, text: String },
+    /// The sequence ended; `text` is what its last step released.
+    Finished {
+        reason: FinishReason,
+        text: String,
+        completion_tokens: usize,
+    },
+    /// The step failed; the sequence is gone.
+    Failed(String),
+}
+
+/// A sequence and where its updates go.
+pub struct Job {
+    pub seq: Sequence,
+    pub updates: tmpsc::UnboundedSender<Update>,
+}
+
+/// Counts the handlers read (for `/metrics` and the logs).
+#[derive(Debug, Default)]
+pub struct Load {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    /// Sequences in the last step.
+    pub last_batch: AtomicUsize,
+}
+
+/// The handlers' side of the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    jobs: mpsc::Sender<Job>,
+    pub load: Arc<Load>,
+}
+
+impl EngineHandle {
+    /// Start the engine thread for `model`; it ends when every handle is dropped and
+    /// the last sequence has finished.
+    pub fn spawn(
+        model: Arc<Model>,
+        tokenizer: Arc<Tokenizer>,
+        engine: EngineOptions,
+        sched: SchedulerOptions,
+    ) -> sparrow::Result<Self> {
+        // Fail here, not on the thread, on bad options.
+        Engine::new(&model, Some(&tokenizer), engine)?;
+        sched.validate()?;
+        let (jobs, inbox) = mpsc::channel::<Job>();
+        let load = Arc::new(Load::default());
+        let thread_load = load.clone();
+        std::thread::Builder::new()
+            .name("sparrow-engine".into())
+            .spawn(move || {
+                let engine = Engine::new(&model, Some(&tokenizer), engine)
+                    .expect("engine options were checked before the thread started");
+                let sched = Scheduler::new(engine, sched)
+                    .expect("scheduler options were checked before the thread started");
+                run(sched, inbox, &thread_load);
+            })
+            .map_err(|e| sparrow::Error::Invalid(format!("cannot start the engine thread: {e}")))?;
+        Ok(Self { jobs, load })
+    }
+
+    /// Hand `job` to the engine thread; false if the thread is gone.
+    pub fn submit(&self, job: Job) -> bool {
+        self.jobs.send(job).is_ok()
+    }
+}
+
+fn run(mut sched: Scheduler<'_>, inbox: mpsc::Receiver<Job>, load: &Load) {
+    let mut sinks: HashMap<u64, tmpsc::UnboundedSender<Update>> = HashMap::new();
+    let mut open = true;
+    loop {
+        if sched.is_idle() {
+            if !open {
+                return;
+            }
+            // Nothing to step: sleep until a request comes (or every handle is gone).
+            match inbox.recv() {
+                Ok(job) => take(&mut sched, &mut sinks, job),
+                Err(_) => return,
+            }
+        }
+        loop {
+            match inbox.try_recv() {
+                Ok(job) => take(&mut sched, &mut sinks, job),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        // Clients that went away free their slots before the step.
+        sinks.retain(|&id, tx| {
+            if tx.is_closed() {
+                sched.cancel(id);
+                tracing::info!(seq = id, "cancelled: the client went away");
+                false
+            } else {
+                true
+            }
+        });
+        load.last_batch.store(
+            sched.running().max(usize::from(sched.waiting() > 0)),
+            Ordering::Relaxed,
+        );
+        match sched.step() {
+            Ok(events) => {
+                for e in events {
+                    let Some(tx) = sinks.get(&e.seq) else {
+                        continue;
+                    };
+                    let update = match (e.finished, e.token) {
+                        (Some(reason), _) => {
+                            tracing::info!(
+                                seq = e.seq,
+                                reason = ?reason,
+                                tokens = e.generated,
+                                "finished"
+                            );
+                            Update::Finished {
+                                reason,
+                                text: e.text,
+                                completion_tokens: e.generated,
+                            }
+                        }
+                        (None, Some(token)) => Update::Token {
+                            token,
+                            text: e.text,
+                        },
+                        (None, None) => continue, // a prefill chunk
+                    };
+                    let finished = matches!(update, Update::Finished { .. });
+                    if tx.send(update).is_err() {
+                        // The receiver is gone: stop the sequence now, not at its end.
+                        sched.cancel(e.seq);
+                        sinks.remove(&e.seq);
+                        tracing::info!(seq = e.seq, "cancelled: the client went away");
+                    } else if finished {
+                        sinks.remove(&e.seq);
+                    }
+                }
+            }
+            Err(err) => {
+                let msg = format!("the engine step failed: {err}");
+                tracing::error!("{msg}");
+                for id in sched.cancel_all() {
+                    if let Some(tx) = sinks.remove(&id) {
+                        let _ = tx.send(Update::Failed(msg.clone()));
+                    }
+                }
+            }
+        }
+        load.running.store(sched.running(), Ordering::Relaxed);
+        load.waiting.store(sched.waiting(), Ordering::Relaxed);
+    }
+}
+
+fn take(
+    sched: &mut Scheduler<'_>,
+    sinks: &mut HashMap<u64, tmpsc::UnboundedSender<Update>>,
+    job: Job,
+) {
+    let id = job.seq.id;
+    match sched.submit(job.seq) {
+        Ok(()) => {
+            let _ = job.updates.send(Update::Queued);
+            sinks.insert(id, job.updates);
+        }
+        Err(Refused::QueueFull(_)) => {
+            let _ = job.updates.send(Update::QueueFull);
+        }
+        Err(Refused::DuplicateId(_)) => {
+            let _ = job.updates.send(Update::Failed(format!(
+                "sequence id {id} is already in use"
+            )));
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! The router without a network: `/health` before and after the model is ready, the
+//! key check, and every refusal in the shape of the API that was asked (OpenAI's
+//! `{"error": ...}`, Anthropic's `{"type": "error", ...}`) with its status: malformed
+//! JSON, a missing field, an unknown model, an oversized body, a limit exceeded, an
+//! unknown route. The official clients' checks are in sparrow-cli's `tests/serve.rs`.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use sparrow::engine::SchedulerOptions;
+use sparrow_server::{router, AppState, ServerOptions};
+use std::path::Path;
+use std::sync::Arc;
+use tower::ServiceExt;
+
+const MODEL: &str = "sparrow-small";
+
+fn options(keys: &[&str]) -> ServerOptions {
+    ServerOptions {
+        served_model_name: MODEL.into(),
+        api_keys: keys.iter().map(|k| k.to_string()).collect(),
+        max_body_bytes: 4096,
+        scheduler: SchedulerOptions::default(),
+        prefill_chunk: 64,
+    }
+}
+
+fn ready_state(keys: &[&str]) -> Arc<AppState> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/sparrow-small");
+    let source = sparrow::model_source::resolve(&dir, false).unwrap();
+    let (model, tok) = sparrow::model_source::load_for_inference(
+        &source,
+        sparrow::weights::WeightFormat::Native,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        |_| {},
+    )
+    .unwrap();
+    let state = AppState::new(options(keys));
+    state.set_ready(model, tok).unwrap();
+    state
+}
+
+async fn call(
+    state: &Arc<AppState>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Body>,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(path);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = router(state.clone())
+        .oneshot(req.body(body.into()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
+    (status, v)
+}
+
+fn openai_error(v: &Value) -> &str {
+    v["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an OpenAI error: {v}"))
+}
+
+fn anthropic_error(v: &Value) -> &str {
+    assert_eq!(v["type"], "error", "not an Anthropic error: {v}");
+    v["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an Anthropic error: {v}"))
+}
+
+#[tokio::test]
+async fn health_and_api_routes_answer_503_while_loading() {
+    let state = AppState::new(options(&[]));
+    let (s, v) = call(&state, "GET", "/health", &[], Body::empty()).await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("loading"))
+    );
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    let (s, v) = call(
+        &state,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(openai_error(&v).contains("loading"));
+    let body =
+        json!({"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]});
+    let (s, v) = call(&state, "POST", "/v1/messages", &[], body.to_string()).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(anthropic_error(&v).contains("loading"));
+}
+
+#[tokio::test]
+async fn refusals_come_in_the_shape_of_the_api_asked() {
+    let state = ready_state(&["k1", "k2"]);
+    let (s, _) = call(&state, "GET", "/health", &[], Body::empty()).await;
+    assert_eq!(s, StatusCode::OK);
+    let key = [("authorization", "Bearer k2")];
+    let x_key = [("x-api-key", "k1")];
+    let chat =
+        json!({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
+
+    // Keys: none, wrong, either header.
+    let (s, v) = call(&state, "GET", "/v1/models", &[], Body::empty()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(openai_error(&v).contains("API key is required"));
+    let (s, v) = call(
+        &state,
+        "POST",
+        "/v1/messages",
+        &[("x-api-key", "nope")],
+        chat.to_string(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(v["error"]["type"], "authentication_error");
+    assert!(anthropic_error(&v).contains("invalid API key"));
+    let (s, v) = call(&state, "GET", "/v1/models", &x_key, Body::empty()).await;
+    assert_eq!(
+        (s, v["data"][0]["id"].as_str()),
+        (StatusCode::OK, Some(MODEL))
+    );
+    let (s, v) = call(
+        &state,
+        "GET",
+        "/v1/models",
+        &[("x-api-key", "k1"), ("anthropic-version", "2023-06-01")],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(
+        (s, v["data"][0]["type"].as_str()),
+        (StatusCode::OK, Some("model"))
+    );
+    assert_eq!(v["has_more"], false);
+
+    // A working request, then the refusals.
+    let (s, v) = call(
+        &state,
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        chat.to_string(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 2);
+    let cases: Vec<(&str, String, StatusCode, &str)> = vec![
+        ("/v1/chat/completions", "{not json".into(), StatusCode::BAD_REQUEST, "invalid request body"),
+        ("/v1/chat/completions", json!({"model": MODEL}).to_string(), StatusCode::BAD_REQUEST, "missing field `messages`"),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": [], "temperature": "hot"}).to_string(), StatusCode::BAD_REQUEST, "`temperature`: invalid type: string \"hot\""),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": 5}]}).to_string(), StatusCode::BAD_REQUEST, "`messages[0].content`"),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "some_new_field": {"x": 1}}).to_string(), StatusCode::OK, ""),
+        ("/v1/chat/completions", json!({"model": "other", "messages": []}).to_string(), StatusCode::NOT_FOUND, "not served here"),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 99}).to_string(), StatusCode::BAD_REQUEST, "n must be between 1 and 8"),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": vec!["x"; 17]}).to_string(), StatusCode::BAD_REQUEST, "at most 16 stop strings"),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -1}).to_string(), StatusCode::BAD_REQUEST, "temperature"),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}).to_string(), StatusCode::BAD_REQUEST, "max_tokens must be at least 1"),
+        ("/v1/completions", json!({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 100_000}).to_string(), StatusCode::BAD_REQUEST, "max_tokens is 100000, but the prompt is 3 tokens"),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).to_string(), StatusCode::BAD_REQUEST, "`image_url` are not supported"),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": true}).to_string(), StatusCode::BAD_REQUEST, "logprobs are not supported"),
+        ("/v1/completions", json!({"model": MODEL, "prompt": [4_000_000u32]}).to_string(), StatusCode::BAD_REQUEST, "outside the vocabulary"),
+        ("/v1/completions", json!({"model": MODEL, "prompt": "x".repeat(5000)}).to_string(), StatusCode::PAYLOAD_TOO_LARGE, ""),
+    ];
+    for (path, body, status, says) in cases {
+        let (s, v) = call(&state, "POST", path, &key, body.clone()).await;
+        assert_eq!(s, status, "{path} {body:.80}: {v}");
+        if s != StatusCode::OK {
+            assert!(openai_error(&v).contains(says), "{path} {body:.80}: {v}");
+        }
+    }
+    let acases: Vec<(String, StatusCode, &str)> = vec![
+        (json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).to_string(), StatusCode::BAD_REQUEST, "missing field `max_tokens`"),
+        (json!({"model": MODEL, "max_tokens": -3, "messages": []}).to_string(), StatusCode::BAD_REQUEST, "`max_tokens`: invalid value: integer `-3`"),
+        (json!({"model": MODEL, "max_tokens": 2, "messages": [{"role": "tool", "content": "hi"}]}).to_string(), StatusCode::BAD_REQUEST, "role must be"),
+        (json!({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": [{"type": "image"}]}]}).to_string(), StatusCode::BAD_REQUEST, "`image` are not supported"),
+        (json!({"model": "x", "max_tokens": 2, "messages": []}).to_string(), StatusCode::NOT_FOUND, "not served here"),
+        ("y".repeat(5000), StatusCode::PAYLOAD_TOO_LARGE, ""),
+    ];
+    for (body, status, says) in acases {
+        let (s, v) = call(&state, "POST", "/v1/messages", &x_key, body.clone()).await;
+        assert_eq!(s, status, "{body:.80}: {v}");
+        assert!(anthropic_error(&v).contains(says), "{body:.80}: {v}");
+    }
+    let (s, v) = call(&state, "GET", "/v2/nothing", &key, Body::empty()).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(openai_error(&v).contains("no route"));
+}
