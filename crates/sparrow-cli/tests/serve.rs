@@ -181,3 +181,66 @@ fn bad_serve_options_are_one_line_errors() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+/// SIGTERM: the server stops accepting, the stream already running ends normally
+/// (`[DONE]`), and the process exits 0.
+#[test]
+fn sigterm_lets_running_requests_finish_and_exits_0() {
+    let mut server = Server::start(&[]);
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let body = r#"{"model": "sparrow-small", "prompt": "The sea", "max_tokens": 200, "temperature": 0, "stream": true}"#;
+    let mut conn = TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        conn,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        let _ = conn.read_to_string(&mut all);
+        all
+    });
+    // Wait for the stream to be running, then ask the server to stop.
+    let start = Instant::now();
+    while !server.log.lock().unwrap().contains("completion id=") {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the request never started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let streamed = reader.join().unwrap();
+    assert!(
+        streamed.contains("data: [DONE]") && streamed.contains("\"finish_reason\":\"length\""),
+        "the running stream was cut: {}",
+        &streamed[streamed.len().saturating_sub(300)..]
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the server did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = server.log.lock().unwrap().clone();
+    assert!(status.success(), "exit status {status:?}:\n{log}");
+    assert!(log.contains("sparrow serve: stopped"), "{log}");
+    assert_eq!(
+        health(&addr),
+        None,
+        "still accepting connections after exit"
+    );
+}

@@ -97,6 +97,31 @@ def basic():
     check("n: three choices", [c.index for c in r.choices] == [0, 1, 2], r.choices)
     check("n: usage sums the choices", r.usage.completion_tokens == 24, r.usage)
 
+    # Log-probabilities: one entry per generated token; greedy picks the top one.
+    r = chat(temperature=0, logprobs=True, top_logprobs=3)
+    entries = r.choices[0].logprobs.content
+    check("logprobs: one entry per token", len(entries) == r.usage.completion_tokens, (len(entries), r.usage))
+    check("logprobs: greedy takes the most likely token",
+          all(e.logprob <= 0 and len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+              and abs(e.top_logprobs[0].logprob - e.logprob) < 1e-6
+              and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob
+              for e in entries), entries[:2])
+    streamed = [e for ch in chat(temperature=0, logprobs=True, stream=True) if ch.choices and ch.choices[0].logprobs
+                for e in ch.choices[0].logprobs.content]
+    check("logprobs: streamed the same", [(e.token, round(e.logprob, 5)) for e in streamed]
+          == [(e.token, round(e.logprob, 5)) for e in entries], streamed[:2])
+    r = oa.completions.create(model=MODEL, prompt="The sea was", max_tokens=5, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    check("completions logprobs", len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+          and all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0, lp)
+
+    # Penalties change a greedy text that repeats itself; out of range is 400.
+    long_greedy = chat(temperature=0, max_tokens=48).choices[0].message.content
+    penalised = chat(temperature=0, max_tokens=48, frequency_penalty=2.0, presence_penalty=1.0).choices[0].message.content
+    check("penalties change the text", penalised != long_greedy, penalised)
+    check("penalties: fewer repeated words", len(set(penalised.split())) / max(1, len(penalised.split()))
+          >= len(set(long_greedy.split())) / max(1, len(long_greedy.split())), (penalised, long_greedy))
+
     # Legacy completions, echo.
     r = oa.completions.create(model=MODEL, prompt="The sea was", max_tokens=6, temperature=0, echo=True)
     check("completions: echo", r.choices[0].text.startswith("The sea was"), r.choices[0].text)
@@ -112,6 +137,7 @@ def basic():
          openai.NotFoundError),
         ("max_tokens past the context is 400", lambda: chat(max_tokens=10_000_000), openai.BadRequestError),
         ("n beyond the limit is 400", lambda: chat(n=1000), openai.BadRequestError),
+        ("a penalty out of range is 400", lambda: chat(frequency_penalty=3), openai.BadRequestError),
         ("empty messages is 400", lambda: oa.chat.completions.create(model=MODEL, messages=[]),
          openai.BadRequestError),
         ("a wrong key is 401", lambda: openai.OpenAI(base_url=f"{BASE}/v1", api_key="wrong", max_retries=0)

@@ -169,6 +169,7 @@ pub async fn messages(
         max_tokens: Some(req.max_tokens),
         stop: req.stop_sequences,
         n: Some(1),
+        ..Default::default()
     };
     let mut started = generation::start(&state, ready, ids, &sampling, API).await?;
     let id = random_id("msg_");
@@ -221,7 +222,7 @@ pub async fn messages(
                         "delta": {"type": "text_delta", "text": text},
                     })));
                 }
-                Update::Finished { reason, text, completion_tokens } => {
+                Update::Finished { reason, text, completion_tokens, .. } => {
                     if !text.is_empty() {
                         yield Ok(event("content_block_delta", json!({
                             "type": "content_block_delta", "index": 0,

@@ -8,6 +8,7 @@ use crate::state::{AppState, Ready};
 use crate::worker::{Job, Update};
 use axum::http::StatusCode;
 use futures_util::stream::{self, Stream, StreamExt};
+use sparrow::engine::logprobs::{TokenLogprobs, MAX_TOP_LOGPROBS};
 use sparrow::engine::sampler::SamplerConfig;
 use sparrow::engine::{FinishReason, Sequence, SequenceParams};
 use tokio::sync::mpsc as tmpsc;
@@ -22,6 +23,10 @@ pub struct Sampling {
     pub max_tokens: Option<u64>,
     pub stop: Vec<String>,
     pub n: Option<u64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    /// Log-probabilities per token: None = not asked; Some(k) = with k alternatives.
+    pub logprobs: Option<u64>,
 }
 
 /// The prompt's token ids for `text`: the tokenizer's BOS (when it adds one), then the
@@ -84,6 +89,23 @@ pub async fn start(
             api,
         ));
     }
+    if let Some(k) = s.logprobs.filter(|&k| k as usize > MAX_TOP_LOGPROBS) {
+        return Err(ApiError::bad_request(
+            format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"),
+            api,
+        ));
+    }
+    for (name, v) in [
+        ("presence_penalty", s.presence_penalty),
+        ("frequency_penalty", s.frequency_penalty),
+    ] {
+        if v.is_some_and(|x| !(-2.0..=2.0).contains(&x)) {
+            return Err(ApiError::bad_request(
+                format!("{name} must be between -2 and 2, got {}", v.unwrap_or(0.0)),
+                api,
+            ));
+        }
+    }
     let context = ready.model.cfg.max_position_embeddings;
     let room = context.saturating_sub(ids.len());
     if room == 0 {
@@ -132,6 +154,9 @@ pub async fn start(
             seed: seed.wrapping_add(i),
             stop_tokens: ready.tokenizer.stop_ids.clone(),
             stop_strings: s.stop.clone(),
+            presence_penalty: s.presence_penalty.unwrap_or(0.0) as f32,
+            frequency_penalty: s.frequency_penalty.unwrap_or(0.0) as f32,
+            logprobs: s.logprobs.map(|k| k.min(u64::from(u32::MAX)) as usize),
         };
         let seq = Sequence::new(state.next_id(), ids.clone(), params, &ready.model.cfg)
             .map_err(|e| ApiError::bad_request(e.to_string(), api))?;
@@ -180,6 +205,8 @@ pub struct Completed {
     pub text: String,
     pub reason: FinishReason,
     pub completion_tokens: usize,
+    /// Each emitted token's log-probabilities (when asked).
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 /// Wait for a choice to finish.
@@ -188,19 +215,28 @@ pub async fn collect(
     api: Api,
 ) -> Result<Completed, ApiError> {
     let mut text = String::new();
+    let mut lps = Vec::new();
     loop {
         match rx.recv().await {
-            Some(Update::Token { text: t, .. }) => text.push_str(&t),
+            Some(Update::Token {
+                text: t, logprobs, ..
+            }) => {
+                text.push_str(&t);
+                lps.extend(logprobs);
+            }
             Some(Update::Finished {
                 reason,
                 text: t,
                 completion_tokens,
+                logprobs,
             }) => {
                 text.push_str(&t);
+                lps.extend(logprobs);
                 return Ok(Completed {
                     text,
                     reason,
                     completion_tokens,
+                    logprobs: lps,
                 });
             }
             Some(Update::Failed(m)) => {

@@ -18,6 +18,8 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sparrow::chat::Message;
+use sparrow::engine::logprobs::TokenLogprobs;
+use sparrow::tokenizer::Tokenizer;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -150,19 +152,12 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
 }
 
 impl CommonOptions {
-    /// The sampling options, refusing what is not implemented rather than ignoring it.
-    fn sampling(self, max_tokens: Option<u64>) -> Result<(Sampling, bool, bool), ApiError> {
-        for (name, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if v.is_some_and(|x| x != 0.0) {
-                return Err(ApiError::bad_request(
-                    format!("{name} is not supported by this server yet"),
-                    API,
-                ));
-            }
-        }
+    /// The sampling options (`logprobs`: the per-token log-probabilities asked for).
+    fn sampling(
+        self,
+        max_tokens: Option<u64>,
+        logprobs: Option<u64>,
+    ) -> Result<(Sampling, bool, bool), ApiError> {
         let include_usage = self.stream_options.is_some_and(|o| o.include_usage);
         Ok((
             Sampling {
@@ -173,11 +168,64 @@ impl CommonOptions {
                 max_tokens: max_tokens.or(self.max_tokens),
                 stop: self.stop.map(StopField::into_vec).unwrap_or_default(),
                 n: self.n,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
+                logprobs,
             },
             self.stream,
             include_usage,
         ))
     }
+}
+
+/// A token's text as the APIs show it (decoded alone: a piece of a character shows as
+/// U+FFFD) and its UTF-8 bytes.
+fn token_entry(tok: &Tokenizer, id: u32, logprob: f32) -> Value {
+    let text = tok.decode(&[id], false).unwrap_or_default();
+    json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()})
+}
+
+/// Chat's `logprobs.content` entries for `lps`.
+fn chat_logprobs(tok: &Tokenizer, lps: &[TokenLogprobs]) -> Value {
+    let content: Vec<Value> = lps
+        .iter()
+        .map(|t| {
+            let mut e = token_entry(tok, t.token, t.logprob);
+            e["top_logprobs"] = t
+                .top
+                .iter()
+                .map(|&(id, lp)| token_entry(tok, id, lp))
+                .collect();
+            e
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// The legacy completions' `logprobs` object for `lps` (offsets count from `start`).
+fn completion_logprobs(tok: &Tokenizer, lps: &[TokenLogprobs], start: usize) -> Value {
+    let mut tokens = Vec::new();
+    let mut token_logprobs = Vec::new();
+    let mut top = Vec::new();
+    let mut offsets = Vec::new();
+    let mut at = start;
+    for t in lps {
+        let text = tok.decode(&[t.token], false).unwrap_or_default();
+        offsets.push(at);
+        at += text.len();
+        tokens.push(text);
+        token_logprobs.push(t.logprob);
+        let alts: serde_json::Map<String, Value> = t
+            .top
+            .iter()
+            .map(|&(id, lp)| {
+                let s = tok.decode(&[id], false).unwrap_or_default();
+                (s, json!(lp))
+            })
+            .collect();
+        top.push(Value::Object(alts));
+    }
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
 }
 
 /// Chat messages as the template takes them (text parts joined; other parts refused).
@@ -238,12 +286,16 @@ pub async fn chat_completions(
     let common: CommonOptions = typed(&v, API)?;
     state.check_model(&req.model, API)?;
     let ready = state.ready(API)?;
-    if req.logprobs == Some(true) || req.top_logprobs.is_some_and(|k| k > 0) {
-        return Err(ApiError::bad_request(
-            "logprobs are not supported by this server yet",
-            API,
-        ));
-    }
+    let logprobs = match (req.logprobs, req.top_logprobs) {
+        (Some(true), k) => Some(k.unwrap_or(0)),
+        (_, Some(k)) if k > 0 => {
+            return Err(ApiError::bad_request(
+                "top_logprobs needs logprobs: true",
+                API,
+            ))
+        }
+        _ => None,
+    };
     if let Some(fmt) = &req.response_format {
         if fmt.get("type").and_then(Value::as_str) != Some("text") {
             return Err(ApiError::bad_request(
@@ -258,7 +310,7 @@ pub async fn chat_completions(
         .render(&messages, true)
         .map_err(|e| ApiError::bad_request(e.to_string(), API))?;
     let ids = generation::encode(ready, &prompt, API)?;
-    let (sampling, stream, include_usage) = common.sampling(req.max_completion_tokens)?;
+    let (sampling, stream, include_usage) = common.sampling(req.max_completion_tokens, logprobs)?;
     let started = generation::start(&state, ready, ids, &sampling, API).await?;
     let id = random_id("chatcmpl-");
     let created = unix_now();
@@ -273,7 +325,7 @@ pub async fn chat_completions(
             choices.push(json!({
                 "index": i,
                 "message": {"role": "assistant", "content": c.text, "refusal": null},
-                "logprobs": null,
+                "logprobs": logprobs.map(|_| chat_logprobs(&ready.tokenizer, &c.logprobs)),
                 "finish_reason": c.reason.as_str(),
             }));
         }
@@ -301,6 +353,14 @@ pub async fn chat_completions(
         Event::default().data(c.to_string())
     };
     let mut updates = merged(started.choices);
+    let tok = ready.tokenizer.clone();
+    // A token's chunk: its text (possibly empty while a character is incomplete) and,
+    // when asked, its log-probabilities.
+    let lp = move |l: Option<TokenLogprobs>| -> Value {
+        l.map_or(Value::Null, |l| {
+            chat_logprobs(&tok, std::slice::from_ref(&l))
+        })
+    };
     let events = async_stream::stream! {
         for i in 0..n {
             yield Ok::<Event, Infallible>(chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None));
@@ -308,13 +368,13 @@ pub async fn chat_completions(
         let mut completion_tokens = 0;
         while let Some((i, u)) = updates.next().await {
             match u {
-                Update::Token { text, .. } if !text.is_empty() => {
-                    yield Ok(chunk(json!([{"index": i, "delta": {"content": text}, "logprobs": null, "finish_reason": null}]), None));
+                Update::Token { text, logprobs, .. } if !text.is_empty() || logprobs.is_some() => {
+                    yield Ok(chunk(json!([{"index": i, "delta": {"content": text}, "logprobs": lp(logprobs), "finish_reason": null}]), None));
                 }
-                Update::Finished { reason, text, completion_tokens: c } => {
+                Update::Finished { reason, text, completion_tokens: c, logprobs } => {
                     completion_tokens += c;
-                    if !text.is_empty() {
-                        yield Ok(chunk(json!([{"index": i, "delta": {"content": text}, "logprobs": null, "finish_reason": null}]), None));
+                    if !text.is_empty() || logprobs.is_some() {
+                        yield Ok(chunk(json!([{"index": i, "delta": {"content": text}, "logprobs": lp(logprobs), "finish_reason": null}]), None));
                     }
                     yield Ok(chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": reason.as_str()}]), None));
                 }
@@ -344,12 +404,6 @@ pub async fn completions(
     let common: CommonOptions = typed(&v, API)?;
     state.check_model(&req.model, API)?;
     let ready = state.ready(API)?;
-    if req.logprobs.is_some_and(|k| k > 0) {
-        return Err(ApiError::bad_request(
-            "logprobs are not supported by this server yet",
-            API,
-        ));
-    }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_request("suffix is not supported", API));
     }
@@ -368,7 +422,7 @@ pub async fn completions(
             lists.into_iter().map(|ids| (ids, None)).collect()
         }
     };
-    let (sampling, stream, include_usage) = common.sampling(None)?;
+    let (sampling, stream, include_usage) = common.sampling(None, req.logprobs)?;
     if let Some(b) = req.best_of {
         if b != sampling.n.unwrap_or(1) {
             return Err(ApiError::bad_request(
@@ -419,7 +473,7 @@ pub async fn completions(
             choices.push(json!({
                 "index": i,
                 "text": format!("{}{}", echoes[i / per_prompt], c.text),
-                "logprobs": null,
+                "logprobs": req.logprobs.map(|_| completion_logprobs(&ready.tokenizer, &c.logprobs, echoes[i / per_prompt].len())),
                 "finish_reason": c.reason.as_str(),
             }));
         }
@@ -442,6 +496,16 @@ pub async fn completions(
     };
     let n = all.len();
     let mut updates = merged(all);
+    let tok = ready.tokenizer.clone();
+    // Streamed offsets count each choice's text so far (its echo included).
+    let mut offsets: Vec<usize> = (0..n).map(|i| echoes[i / per_prompt].len()).collect();
+    let mut lp = move |l: Option<TokenLogprobs>, i: usize| -> Value {
+        l.map_or(Value::Null, |l| {
+            let v = completion_logprobs(&tok, std::slice::from_ref(&l), offsets[i]);
+            offsets[i] += v["tokens"][0].as_str().map_or(0, str::len);
+            v
+        })
+    };
     let events = async_stream::stream! {
         if echo {
             for i in 0..n {
@@ -451,12 +515,12 @@ pub async fn completions(
         let mut completion_tokens = 0;
         while let Some((i, u)) = updates.next().await {
             match u {
-                Update::Token { text, .. } if !text.is_empty() => {
-                    yield Ok(chunk(json!([{"index": i, "text": text, "logprobs": null, "finish_reason": null}]), None));
+                Update::Token { text, logprobs, .. } if !text.is_empty() || logprobs.is_some() => {
+                    yield Ok(chunk(json!([{"index": i, "text": text, "logprobs": lp(logprobs, i), "finish_reason": null}]), None));
                 }
-                Update::Finished { reason, text, completion_tokens: c } => {
+                Update::Finished { reason, text, completion_tokens: c, logprobs } => {
                     completion_tokens += c;
-                    yield Ok(chunk(json!([{"index": i, "text": text, "logprobs": null, "finish_reason": reason.as_str()}]), None));
+                    yield Ok(chunk(json!([{"index": i, "text": text, "logprobs": lp(logprobs, i), "finish_reason": reason.as_str()}]), None));
                 }
                 Update::Failed(m) => {
                     yield Ok(Event::default().data(json!({"error": {"message": m, "type": "server_error", "param": null, "code": null}}).to_string()));

@@ -5,6 +5,7 @@
 //! connection, or its handler was dropped) cancels the sequence before the next step, so
 //! its slot and cache are freed at once.
 
+use sparrow::engine::logprobs::TokenLogprobs;
 use sparrow::engine::{
     Engine, EngineOptions, FinishReason, Refused, Scheduler, SchedulerOptions, Sequence,
 };
@@ -24,12 +25,18 @@ pub enum Update {
     QueueFull,
     /// A generated token and the text it released (possibly empty: held back until the
     /// UTF-8 is whole or a stop string is ruled out).
-    Token { token: u32, text: String },
-    /// The sequence ended; `text` is what its last step released.
+    Token {
+        token: u32,
+        text: String,
+        logprobs: Option<TokenLogprobs>,
+    },
+    /// The sequence ended; `text` is what its last step released (and `logprobs` its
+    /// last token's, when it emitted one).
     Finished {
         reason: FinishReason,
         text: String,
         completion_tokens: usize,
+        logprobs: Option<TokenLogprobs>,
     },
     /// The step failed; the sequence is gone.
     Failed(String),
@@ -147,11 +154,13 @@ fn run(mut sched: Scheduler<'_>, inbox: mpsc::Receiver<Job>, load: &Load) {
                                 reason,
                                 text: e.text,
                                 completion_tokens: e.generated,
+                                logprobs: e.logprobs,
                             }
                         }
                         (None, Some(token)) => Update::Token {
                             token,
                             text: e.text,
+                            logprobs: e.logprobs,
                         },
                         (None, None) => continue, // a prefill chunk
                     };

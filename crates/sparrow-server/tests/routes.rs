@@ -171,7 +171,9 @@ async fn refusals_come_in_the_shape_of_the_api_asked() {
         ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}).to_string(), StatusCode::BAD_REQUEST, "max_tokens must be at least 1"),
         ("/v1/completions", json!({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 100_000}).to_string(), StatusCode::BAD_REQUEST, "max_tokens is 100000, but the prompt is 3 tokens"),
         ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).to_string(), StatusCode::BAD_REQUEST, "`image_url` are not supported"),
-        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": true}).to_string(), StatusCode::BAD_REQUEST, "logprobs are not supported"),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}).to_string(), StatusCode::BAD_REQUEST, "top_logprobs needs logprobs: true"),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21}).to_string(), StatusCode::BAD_REQUEST, "top_logprobs must be between 0 and 20"),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2.5}).to_string(), StatusCode::BAD_REQUEST, "presence_penalty must be between -2 and 2"),
         ("/v1/completions", json!({"model": MODEL, "prompt": [4_000_000u32]}).to_string(), StatusCode::BAD_REQUEST, "outside the vocabulary"),
         ("/v1/completions", json!({"model": MODEL, "prompt": "x".repeat(5000)}).to_string(), StatusCode::PAYLOAD_TOO_LARGE, ""),
     ];

@@ -196,6 +196,9 @@ fn params(seed: u64, max_new: usize) -> SequenceParams {
         seed,
         stop_tokens: vec![],
         stop_strings: vec![],
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
+        logprobs: None,
     }
 }
 

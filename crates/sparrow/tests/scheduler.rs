@@ -39,6 +39,9 @@ fn seq(model: &Model, id: u64, len: usize, max_new: usize) -> Sequence {
         seed: 1000 + id,
         stop_tokens: vec![],
         stop_strings: vec![],
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
+        logprobs: None,
     };
     let p = prompt(len, id as u32, model.cfg.vocab_size);
     Sequence::new(id, p, params, &model.cfg).unwrap()

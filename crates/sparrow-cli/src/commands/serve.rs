@@ -147,10 +147,37 @@ pub fn run(a: ServeArgs, _progress: bool) -> Result<()> {
                 }
             }
         })?;
-    runtime.block_on(sparrow_server::serve(listener, state, shutdown_signal()))?;
+    // On Ctrl-C or SIGTERM: stop accepting, let running requests finish for up to
+    // SHUTDOWN_GRACE, then exit (what still runs is cancelled with the process).
+    let (stopping, mut stopped) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        shutdown_signal().await;
+        eprintln!("sparrow serve: stopping (no new connections; running requests may finish)");
+        let _ = stopping.send(true);
+    };
+    runtime.block_on(async {
+        let server = sparrow_server::serve(listener, state, signal);
+        tokio::pin!(server);
+        tokio::select! {
+            r = &mut server => r,
+            _ = async {
+                let _ = stopped.wait_for(|s| *s).await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                eprintln!(
+                    "sparrow serve: requests still running after {} s: cancelled",
+                    SHUTDOWN_GRACE.as_secs()
+                );
+                Ok(())
+            }
+        }
+    })?;
     eprintln!("sparrow serve: stopped");
     Ok(())
 }
+
+/// How long running requests may take to finish once a stop was asked for.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Ctrl-C or SIGTERM.
 async fn shutdown_signal() {

@@ -159,6 +159,9 @@ fn cell(
         seed: 0,
         stop_tokens: Vec::new(),
         stop_strings: Vec::new(),
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
+        logprobs: None,
     };
     let fresh = prefilled.is_none();
     let mut seqs: Vec<Sequence> = match prefilled {

@@ -67,6 +67,9 @@ pub fn generate(
             Vec::new()
         },
         stop_strings: Vec::new(),
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
+        logprobs: None,
     };
     let mut seq = Sequence::new(0, ids, params, &model.cfg)?;
     let engine = Engine::new(model, Some(tokenizer), EngineOptions::default())?;

@@ -6,6 +6,7 @@
 
 pub mod detok;
 pub mod generate;
+pub mod logprobs;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;

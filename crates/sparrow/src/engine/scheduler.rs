@@ -149,6 +149,7 @@ impl<'m> Scheduler<'m> {
                     text: String::new(),
                     finished: Some(reason.clone()),
                     generated: 0,
+                    logprobs: None,
                 });
                 continue;
             }

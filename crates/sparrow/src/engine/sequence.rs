@@ -3,6 +3,7 @@
 //! incremental detokenizer, its stop tokens and strings, and its token budget.
 
 use super::detok::Detokenizer;
+use super::logprobs::{token_logprobs, TokenLogprobs, MAX_TOP_LOGPROBS};
 use super::sampler::{Sampler, SamplerConfig};
 use super::stop::StopMatcher;
 use crate::config::ModelConfig;
@@ -22,6 +23,14 @@ pub struct SequenceParams {
     pub stop_tokens: Vec<u32>,
     /// Strings that end generation, matched across token boundaries (never emitted).
     pub stop_strings: Vec<String>,
+    /// OpenAI's penalties: before sampling, each token's logit is lowered by
+    /// `presence_penalty` once it has been generated and by `frequency_penalty` times the
+    /// number of times it has (0 = off; range [-2, 2]).
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Report each generated token's log-probability and those of the k most likely
+    /// tokens at its position (`Some(k)`, k <= 20), in [`crate::engine::StepEvent`].
+    pub logprobs: Option<usize>,
 }
 
 impl SequenceParams {
@@ -37,8 +46,19 @@ impl SequenceParams {
             seed: 0,
             stop_tokens,
             stop_strings: Vec::new(),
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logprobs: None,
         }
     }
+}
+
+/// What one sampled token did to a sequence.
+pub(crate) struct Accepted {
+    pub token: u32,
+    pub text: String,
+    pub finished: Option<FinishReason>,
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// Why a sequence ended.
@@ -90,6 +110,8 @@ pub struct Sequence {
     detok: Detokenizer,
     stops: StopMatcher,
     generated: Vec<u32>,
+    /// How often each generated token occurs (kept only with a penalty set).
+    counts: std::collections::HashMap<u32, u32>,
     text: String,
     finished: Option<FinishReason>,
     max_positions: usize,
@@ -132,6 +154,21 @@ impl Sequence {
                 cfg.vocab_size
             )));
         }
+        for (name, v) in [
+            ("presence_penalty", params.presence_penalty),
+            ("frequency_penalty", params.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(Error::Invalid(format!(
+                    "{name} must be in [-2, 2], got {v}"
+                )));
+            }
+        }
+        if let Some(k) = params.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+            return Err(Error::Invalid(format!(
+                "at most {MAX_TOP_LOGPROBS} top log-probabilities per token, got {k}"
+            )));
+        }
         let sampler = Sampler::new(params.sampler, params.seed)?;
         let mut cache = SeqCache::new(cfg.num_hidden_layers, cfg.kv_cache_dtype);
         cache.reserve((prompt.len() + params.max_new_tokens).min(max_pos));
@@ -147,6 +184,7 @@ impl Sequence {
             sampler,
             detok: Detokenizer::new(),
             generated: Vec::new(),
+            counts: std::collections::HashMap::new(),
             text: String::new(),
             finished,
             max_positions: max_pos,
@@ -234,20 +272,33 @@ impl Sequence {
         }
     }
 
-    /// Pick the next token from this sequence's logits row and apply the stop rules;
-    /// returns the text released and whether the sequence just finished.
-    pub(crate) fn accept(
-        &mut self,
-        logits: &[f32],
-        tok: Option<&Tokenizer>,
-    ) -> Result<(u32, String, Option<FinishReason>)> {
-        let id = self.sampler.sample(logits);
+    /// Pick the next token from this sequence's logits row (penalised, if asked) and
+    /// apply the stop rules; returns the token, the text released, whether the sequence
+    /// just finished, and the token's log-probabilities when asked (not for a stop
+    /// token, which is never emitted).
+    pub(crate) fn accept(&mut self, logits: &[f32], tok: Option<&Tokenizer>) -> Result<Accepted> {
+        let penalised = self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0;
+        let id = if penalised {
+            let mut row = logits.to_vec();
+            for (&t, &c) in &self.counts {
+                row[t as usize] -=
+                    self.params.presence_penalty + self.params.frequency_penalty * c as f32;
+            }
+            self.sampler.sample(&row)
+        } else {
+            self.sampler.sample(logits)
+        };
         let mut out = String::new();
         let mut reason = None;
+        let mut logprobs = None;
         if self.params.stop_tokens.contains(&id) {
             reason = Some(FinishReason::StopToken(id));
         } else {
             self.generated.push(id);
+            if penalised {
+                *self.counts.entry(id).or_insert(0) += 1;
+            }
+            logprobs = self.params.logprobs.map(|k| token_logprobs(logits, id, k));
             if let Some(tk) = tok {
                 let piece = self.detok.push(tk, id)?;
                 let r = self.stops.push(&piece);
@@ -277,6 +328,11 @@ impl Sequence {
         }
         self.text.push_str(&out);
         self.finished = reason.clone();
-        Ok((id, out, reason))
+        Ok(Accepted {
+            token: id,
+            text: out,
+            finished: reason,
+            logprobs,
+        })
     }
 }

@@ -4,6 +4,7 @@
 //! cache. Then each sequence that has consumed its whole prompt samples its next
 //! token from its own logits row with its own sampler.
 
+use super::logprobs::TokenLogprobs;
 use super::sequence::{FinishReason, Sequence};
 use crate::error::{Error, Result};
 use crate::model::step::{StepOptions, StepProfile};
@@ -46,6 +47,8 @@ pub struct StepEvent {
     pub finished: Option<FinishReason>,
     /// Tokens the sequence has generated so far (stop tokens excluded).
     pub generated: usize,
+    /// The token's log-probabilities, when its sequence asked for them.
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// Runs batched steps of one model. Shares the model read-only (`Model: Sync`), so
@@ -166,19 +169,21 @@ impl<'m> Engine<'m> {
                         text: String::new(),
                         finished: None,
                         generated: 0,
+                        logprobs: None,
                     });
                     continue;
                 }
             } else {
                 seq.pending = None;
             }
-            let (token, text, finished) = seq.accept(&row, self.tokenizer)?;
+            let a = seq.accept(&row, self.tokenizer)?;
             events.push(StepEvent {
                 seq: seq.id,
-                token: Some(token),
-                text,
-                finished,
+                token: Some(a.token),
+                text: a.text,
+                finished: a.finished,
                 generated: seq.generated().len(),
+                logprobs: a.logprobs,
             });
         }
         Ok(events)

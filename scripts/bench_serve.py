@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Concurrent streaming clients against `sparrow serve`: aggregate generated tokens/s and
+time to first token per concurrency level, in one run (the official `openai` client).
+
+    python3 scripts/bench_serve.py [--model smollm2-135m-instruct] [--clients 1,4,16,64]
+        [--max-tokens 64] [--rounds 2] [--max-batch 16] [--bin target/release/sparrow]
+
+Each level starts N clients at once, each streaming one completion of a different prose
+prompt (`/v1/completions`, seeded sampling at temperature 0.8, `max_tokens` new tokens,
+usage from `stream_options.include_usage`); a level runs `--rounds` times and the best
+round is kept (the machine is shared and noisy). Aggregate = all generated tokens / the
+level's wall time; TTFT = from a request's start to its first streamed text. Prints a
+Markdown table; the ratio column is each level's aggregate over one client's.
+"""
+
+import argparse
+import concurrent.futures
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import openai
+
+PROMPTS = [
+    "The old lighthouse keeper climbed the stairs every evening, and",
+    "In the spring of that year the river rose higher than anyone remembered, so",
+    "She opened the letter slowly, knowing that whatever it said",
+    "The market was crowded with merchants from the southern coast who",
+    "When the train finally stopped at the small station, the passengers",
+    "Nobody in the village could explain why the bells had rung at midnight, but",
+    "The garden behind the house had been left wild for years until",
+    "After the storm, the fishermen gathered on the beach to",
+]
+
+
+def start_server(args):
+    cmd = [args.bin, "serve", "--model", args.model, "--port", "0", "--max-batch", str(args.max_batch),
+           "--max-queue", str(max(64, max(args.clients)))]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = None
+    for line in p.stderr:
+        m = re.search(r"listening on (http://\S+)", line)
+        if m:
+            url = m.group(1)
+            break
+    if url is None:
+        sys.exit("the server did not start")
+    threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()  # drain the log
+    for _ in range(600):
+        try:
+            if urllib.request.urlopen(f"{url}/health").status == 200:
+                return p, url
+        except Exception:
+            pass
+        time.sleep(0.2)
+    sys.exit("the server never became ready")
+
+
+def one_request(client, model, i, max_tokens):
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    stream = client.completions.create(model=model, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens,
+                                       temperature=0.8, seed=i, stream=True,
+                                       stream_options={"include_usage": True})
+    for ch in stream:
+        if ch.choices and ch.choices[0].text and first is None:
+            first = time.perf_counter() - t0
+        if ch.usage is not None:
+            tokens = ch.usage.completion_tokens
+    return first if first is not None else float("nan"), tokens
+
+
+def level(client, model, n, max_tokens):
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(lambda i: one_request(client, model, i, max_tokens), range(n)))
+    wall = time.perf_counter() - t0
+    tokens = sum(r[1] for r in results)
+    ttfts = [r[0] for r in results]
+    return {"clients": n, "tokens": tokens, "wall": wall, "agg": tokens / wall,
+            "ttft_p50": statistics.median(ttfts), "ttft_max": max(ttfts)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--clients", default="1,4,16,64")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--bin", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "sparrow"))
+    args = ap.parse_args()
+    args.clients = [int(x) for x in args.clients.split(",")]
+    proc, url = start_server(args)
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+        one_request(client, args.model, 0, 4)  # warm-up
+        rows = []
+        for n in args.clients:
+            best = max((level(client, args.model, n, args.max_tokens) for _ in range(args.rounds)),
+                       key=lambda r: r["agg"])
+            rows.append(best)
+            print(f"# {n} clients: {best['agg']:.1f} tok/s, TTFT p50 {best['ttft_p50'] * 1000:.0f} ms", file=sys.stderr)
+        base = rows[0]["agg"]
+        print(f"model {args.model}, {args.max_tokens} tokens per request, --max-batch {args.max_batch}, "
+              f"best of {args.rounds} rounds\n")
+        print("| clients | generated tokens | wall s | aggregate tok/s | x one client | TTFT p50 ms | TTFT max ms |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['clients']} | {r['tokens']} | {r['wall']:.2f} | {r['agg']:.1f} | {r['agg'] / base:.2f} | "
+                  f"{r['ttft_p50'] * 1000:.0f} | {r['ttft_max'] * 1000:.0f} |")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
