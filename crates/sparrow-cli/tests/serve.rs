@@ -98,18 +98,24 @@ impl Server {
     }
 }
 
-/// The status of `GET /health`, or None when nothing answers.
-fn health(addr: &str) -> Option<u16> {
+/// The status and whole response of `GET path`, or None when nothing answers.
+fn get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         s,
-        "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).ok()?;
-    resp.split_whitespace().nth(1)?.parse().ok()
+    let status = resp.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, resp))
+}
+
+/// The status of `GET /health`, or None when nothing answers.
+fn health(addr: &str) -> Option<u16> {
+    get(addr, "/health").map(|r| r.0)
 }
 
 fn clients_available() -> bool {
@@ -145,6 +151,23 @@ fn the_official_clients_work_against_sparrow_serve() {
         log.contains("cancelled: the client went away"),
         "the stream the client closed was not cancelled:\n{log}"
     );
+    // /metrics: nothing left running or waiting, the cancellation and the traffic counted.
+    let (status, metrics) = get(server.url.trim_start_matches("http://"), "/metrics").unwrap();
+    assert_eq!(status, 200, "{metrics}");
+    for want in [
+        "sparrow_requests_running 0\n",
+        "sparrow_requests_waiting 0\n",
+        "sparrow_requests_finished_total{reason=\"abort\"}",
+        "sparrow_time_to_first_token_seconds_count",
+    ] {
+        assert!(metrics.contains(want), "/metrics lacks {want}:\n{metrics}");
+    }
+    let generated: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sparrow_generation_tokens_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(generated > 200.0, "{metrics}");
 }
 
 #[test]

@@ -6,12 +6,14 @@
 //! The server only translates: a request becomes sequences ([`generation`]), the engine
 //! thread ([`worker`]) runs them in batched steps beside every other request's, and
 //! their events become JSON or server-sent events. It owns the limits ([`limits`]: queue
-//! -> 429, body -> 413, context -> 400), the keys and `/health`.
+//! -> 429, body -> 413, context -> 400), the keys, `/health` and `/metrics`
+//! ([`metrics`]).
 
 pub mod anthropic;
 pub mod error;
 pub mod generation;
 pub mod limits;
+pub mod metrics;
 pub mod openai;
 pub mod routes;
 pub mod state;

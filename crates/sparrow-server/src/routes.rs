@@ -1,5 +1,5 @@
-//! The router: the API routes behind the key check and the body limit, `/health`
-//! open to probes, and the model list in the shape of whichever API asks.
+//! The router: the API routes behind the key check and the body limit, `/health` and
+//! `/metrics` open to probes and scrapers, and the model list in the shape of whichever API asks.
 
 use crate::error::{Api, ApiError};
 use crate::state::AppState;
@@ -26,6 +26,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(state.opts.max_body_bytes));
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .merge(api)
         .fallback(not_found)
         .with_state(state)
@@ -83,6 +84,20 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         )
             .into_response()
     }
+}
+
+/// `GET /metrics` (open, as `/health`: Prometheus scrapes without a key); 503 while
+/// loading.
+async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let ready = state.ready(Api::OpenAi)?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        ready.engine.metrics.render(),
+    )
+        .into_response())
 }
 
 /// `GET /v1/models`.

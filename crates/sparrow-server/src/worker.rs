@@ -5,6 +5,7 @@
 //! connection, or its handler was dropped) cancels the sequence before the next step, so
 //! its slot and cache are freed at once.
 
+use crate::metrics::Metrics;
 use sparrow::engine::logprobs::TokenLogprobs;
 use sparrow::engine::{
     Engine, EngineOptions, FinishReason, Refused, Scheduler, SchedulerOptions, Sequence,
@@ -12,8 +13,8 @@ use sparrow::engine::{
 use sparrow::model::Model;
 use sparrow::tokenizer::Tokenizer;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
+use std::time::Instant;
 use tokio::sync::mpsc as tmpsc;
 
 /// What the engine thread tells a request about one of its sequences.
@@ -48,20 +49,18 @@ pub struct Job {
     pub updates: tmpsc::UnboundedSender<Update>,
 }
 
-/// Counts the handlers read (for `/metrics` and the logs).
-#[derive(Debug, Default)]
-pub struct Load {
-    pub running: AtomicUsize,
-    pub waiting: AtomicUsize,
-    /// Sequences in the last step.
-    pub last_batch: AtomicUsize,
+/// Where a sequence's updates go, and its timing (for the latency histograms).
+struct Sink {
+    tx: tmpsc::UnboundedSender<Update>,
+    arrived: Instant,
+    last_token: Option<Instant>,
 }
 
 /// The handlers' side of the engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
     jobs: mpsc::Sender<Job>,
-    pub load: Arc<Load>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl EngineHandle {
@@ -77,8 +76,8 @@ impl EngineHandle {
         Engine::new(&model, Some(&tokenizer), engine)?;
         sched.validate()?;
         let (jobs, inbox) = mpsc::channel::<Job>();
-        let load = Arc::new(Load::default());
-        let thread_load = load.clone();
+        let metrics = Arc::new(Metrics::default());
+        let thread_metrics = metrics.clone();
         std::thread::Builder::new()
             .name("sparrow-engine".into())
             .spawn(move || {
@@ -86,10 +85,10 @@ impl EngineHandle {
                     .expect("engine options were checked before the thread started");
                 let sched = Scheduler::new(engine, sched)
                     .expect("scheduler options were checked before the thread started");
-                run(sched, inbox, &thread_load);
+                run(sched, inbox, &thread_metrics);
             })
             .map_err(|e| sparrow::Error::Invalid(format!("cannot start the engine thread: {e}")))?;
-        Ok(Self { jobs, load })
+        Ok(Self { jobs, metrics })
     }
 
     /// Hand `job` to the engine thread; false if the thread is gone.
@@ -98,8 +97,8 @@ impl EngineHandle {
     }
 }
 
-fn run(mut sched: Scheduler<'_>, inbox: mpsc::Receiver<Job>, load: &Load) {
-    let mut sinks: HashMap<u64, tmpsc::UnboundedSender<Update>> = HashMap::new();
+fn run(mut sched: Scheduler<'_>, inbox: mpsc::Receiver<Job>, metrics: &Metrics) {
+    let mut sinks: HashMap<u64, Sink> = HashMap::new();
     let mut open = true;
     loop {
         if sched.is_idle() {
@@ -108,13 +107,13 @@ fn run(mut sched: Scheduler<'_>, inbox: mpsc::Receiver<Job>, load: &Load) {
             }
             // Nothing to step: sleep until a request comes (or every handle is gone).
             match inbox.recv() {
-                Ok(job) => take(&mut sched, &mut sinks, job),
+                Ok(job) => take(&mut sched, &mut sinks, job, metrics),
                 Err(_) => return,
             }
         }
         loop {
             match inbox.try_recv() {
-                Ok(job) => take(&mut sched, &mut sinks, job),
+                Ok(job) => take(&mut sched, &mut sinks, job, metrics),
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
                     open = false;
@@ -123,25 +122,44 @@ fn run(mut sched: Scheduler<'_>, inbox: mpsc::Receiver<Job>, load: &Load) {
             }
         }
         // Clients that went away free their slots before the step.
-        sinks.retain(|&id, tx| {
-            if tx.is_closed() {
+        sinks.retain(|&id, sink| {
+            if sink.tx.is_closed() {
                 sched.cancel(id);
+                metrics.finished("abort");
                 tracing::info!(seq = id, "cancelled: the client went away");
                 false
             } else {
                 true
             }
         });
-        load.last_batch.store(
-            sched.running().max(usize::from(sched.waiting() > 0)),
-            Ordering::Relaxed,
-        );
         match sched.step() {
             Ok(events) => {
+                // One event per sequence that took part in the step.
+                if !events.is_empty() {
+                    metrics.batch_size.observe(events.len() as f64);
+                }
+                let now = Instant::now();
                 for e in events {
-                    let Some(tx) = sinks.get(&e.seq) else {
+                    let Some(sink) = sinks.get_mut(&e.seq) else {
                         continue;
                     };
+                    if e.token.is_some() {
+                        let since = sink.last_token.unwrap_or(sink.arrived);
+                        let hist = if sink.last_token.is_none() {
+                            &metrics.time_to_first_token
+                        } else {
+                            &metrics.inter_token_latency
+                        };
+                        hist.observe(now.duration_since(since).as_secs_f64());
+                        sink.last_token = Some(now);
+                        if !matches!(e.finished, Some(FinishReason::StopToken(_))) {
+                            metrics.generated_tokens.inc();
+                        }
+                    }
+                    if let Some(r) = &e.finished {
+                        metrics.finished(r.as_str());
+                    }
+                    let tx = &sink.tx;
                     let update = match (e.finished, e.token) {
                         (Some(reason), _) => {
                             tracing::info!(
@@ -165,13 +183,15 @@ fn run(mut sched: Scheduler<'_>, inbox: mpsc::Receiver<Job>, load: &Load) {
                         (None, None) => continue, // a prefill chunk
                     };
                     let finished = matches!(update, Update::Finished { .. });
-                    if tx.send(update).is_err() {
+                    let delivered = tx.send(update).is_ok();
+                    if !delivered || finished {
+                        sinks.remove(&e.seq);
+                    }
+                    if !delivered && !finished {
                         // The receiver is gone: stop the sequence now, not at its end.
                         sched.cancel(e.seq);
-                        sinks.remove(&e.seq);
+                        metrics.finished("abort");
                         tracing::info!(seq = e.seq, "cancelled: the client went away");
-                    } else if finished {
-                        sinks.remove(&e.seq);
                     }
                 }
             }
@@ -179,27 +199,33 @@ fn run(mut sched: Scheduler<'_>, inbox: mpsc::Receiver<Job>, load: &Load) {
                 let msg = format!("the engine step failed: {err}");
                 tracing::error!("{msg}");
                 for id in sched.cancel_all() {
-                    if let Some(tx) = sinks.remove(&id) {
-                        let _ = tx.send(Update::Failed(msg.clone()));
+                    if let Some(sink) = sinks.remove(&id) {
+                        let _ = sink.tx.send(Update::Failed(msg.clone()));
                     }
                 }
             }
         }
-        load.running.store(sched.running(), Ordering::Relaxed);
-        load.waiting.store(sched.waiting(), Ordering::Relaxed);
+        metrics.running.set(sched.running() as i64);
+        metrics.waiting.set(sched.waiting() as i64);
     }
 }
 
-fn take(
-    sched: &mut Scheduler<'_>,
-    sinks: &mut HashMap<u64, tmpsc::UnboundedSender<Update>>,
-    job: Job,
-) {
+fn take(sched: &mut Scheduler<'_>, sinks: &mut HashMap<u64, Sink>, job: Job, metrics: &Metrics) {
     let id = job.seq.id;
+    let prompt = job.seq.prompt().len();
     match sched.submit(job.seq) {
         Ok(()) => {
             let _ = job.updates.send(Update::Queued);
-            sinks.insert(id, job.updates);
+            metrics.prompt_tokens.inc_by(prompt as u64);
+            metrics.waiting.set(sched.waiting() as i64);
+            sinks.insert(
+                id,
+                Sink {
+                    tx: job.updates,
+                    arrived: Instant::now(),
+                    last_token: None,
+                },
+            );
         }
         Err(Refused::QueueFull(_)) => {
             let _ = job.updates.send(Update::QueueFull);

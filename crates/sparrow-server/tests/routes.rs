@@ -101,6 +101,8 @@ async fn health_and_api_routes_answer_503_while_loading() {
     let (s, v) = call(&state, "POST", "/v1/messages", &[], body.to_string()).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert!(anthropic_error(&v).contains("loading"));
+    let (s, _) = call(&state, "GET", "/metrics", &[], Body::empty()).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
 }
 
 #[tokio::test]
@@ -158,6 +160,23 @@ async fn refusals_come_in_the_shape_of_the_api_asked() {
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 2);
+    // /metrics needs no key and counts that request.
+    let (s, m) = call(&state, "GET", "/metrics", &[], Body::empty()).await;
+    assert_eq!(s, StatusCode::OK);
+    let text = m["raw"].as_str().unwrap().to_string();
+    let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        text.contains(&format!("sparrow_prompt_tokens_total {prompt}\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains("sparrow_generation_tokens_total 2\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sparrow_requests_finished_total{reason=\"length\"} 1\n"),
+        "{text}"
+    );
     let cases: Vec<(&str, String, StatusCode, &str)> = vec![
         ("/v1/chat/completions", "{not json".into(), StatusCode::BAD_REQUEST, "invalid request body"),
         ("/v1/chat/completions", json!({"model": MODEL}).to_string(), StatusCode::BAD_REQUEST, "missing field `messages`"),
