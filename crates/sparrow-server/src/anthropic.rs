@@ -25,20 +25,21 @@ use sparrow::engine::FinishReason;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
+use utoipa::ToSchema;
 
 const API: Api = Api::Anthropic;
 /// Seconds between `ping` events while a stream has nothing else to send.
 const PING_EVERY: Duration = Duration::from_secs(5);
 
 /// `content` or `system`: a string or a list of blocks (text only here).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Blocks {
     Text(String),
     List(Vec<Block>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct Block {
     #[serde(rename = "type")]
     pub kind: String,
@@ -71,13 +72,13 @@ impl Blocks {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct InputMessage {
     pub role: String,
     pub content: Blocks,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct MessagesRequest {
     pub model: String,
     pub max_tokens: u64,
@@ -89,12 +90,13 @@ pub struct MessagesRequest {
     pub top_p: Option<f64>,
     pub top_k: Option<i64>,
     /// Accepted and not used (`user_id` is for the provider's abuse detection).
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
     #[serde(default)]
     pub stream: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct CountTokensRequest {
     pub model: String,
     pub messages: Vec<InputMessage>,
@@ -153,6 +155,17 @@ fn event(name: &str, data: Value) -> Event {
 }
 
 /// `POST /v1/messages`.
+#[utoipa::path(post, path = "/v1/messages", tag = "anthropic",
+    request_body = MessagesRequest,
+    responses(
+        (status = 200, description = "A message object, or with `stream` a text/event-stream of named events (message_start ... message_stop)"),
+        (status = 400, description = "Invalid request (Anthropic error shape)"),
+        (status = 401, description = "Missing or wrong API key"),
+        (status = 404, description = "Unknown model"),
+        (status = 413, description = "Body too large"),
+        (status = 429, description = "Queue full (retry-after)"),
+        (status = 503, description = "Model loading"),
+    ))]
 pub async fn messages(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -253,6 +266,9 @@ pub async fn messages(
 }
 
 /// `POST /v1/messages/count_tokens`: the prompt's tokens as `/v1/messages` would run it.
+#[utoipa::path(post, path = "/v1/messages/count_tokens", tag = "anthropic",
+    request_body = CountTokensRequest,
+    responses((status = 200, description = "`{\"input_tokens\": N}`"), (status = 400, description = "Invalid request")))]
 pub async fn count_tokens(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,

@@ -3,7 +3,7 @@
 //! HTTP status. Every refusal the server makes (bad request, unknown model, missing
 //! key, full queue, body too large, model still loading) is one of these.
 
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -12,6 +12,16 @@ use serde_json::json;
 pub enum Api {
     OpenAi,
     Anthropic,
+}
+
+/// Which API's error shape a request expects: Anthropic's for its routes and for any
+/// request carrying `anthropic-version`, OpenAI's otherwise.
+pub fn api_of(path: &str, headers: &HeaderMap) -> Api {
+    if path.starts_with("/v1/messages") || headers.contains_key("anthropic-version") {
+        Api::Anthropic
+    } else {
+        Api::OpenAi
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -15,6 +15,8 @@ pub mod generation;
 pub mod limits;
 pub mod metrics;
 pub mod openai;
+pub mod openapi;
+pub mod operations;
 pub mod routes;
 pub mod state;
 pub mod worker;

@@ -22,11 +22,12 @@ use sparrow::engine::logprobs::TokenLogprobs;
 use sparrow::tokenizer::Tokenizer;
 use std::convert::Infallible;
 use std::sync::Arc;
+use utoipa::ToSchema;
 
 const API: Api = Api::OpenAi;
 
 /// `stop`: one string or a list.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum StopField {
     One(String),
@@ -42,7 +43,7 @@ impl StopField {
     }
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
@@ -50,14 +51,14 @@ pub struct StreamOptions {
 
 /// A message's `content`: a string, a list of parts (text only here), or null (an
 /// assistant turn that only called tools).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
@@ -65,7 +66,7 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
@@ -74,7 +75,7 @@ pub struct ChatMessage {
 
 /// The options both endpoints share (read from the same body as the endpoint's own
 /// fields, so an error names the field's path).
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, ToSchema)]
 pub struct CommonOptions {
     pub max_tokens: Option<u64>,
     pub temperature: Option<f64>,
@@ -91,18 +92,38 @@ pub struct CommonOptions {
     pub frequency_penalty: Option<f64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
     pub max_completion_tokens: Option<u64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u64>,
+    #[schema(value_type = Option<Object>)]
     pub response_format: Option<Value>,
 }
 
+/// The body of `POST /v1/chat/completions`: the endpoint's own fields and the options
+/// shared with `/v1/completions` (the handler reads the two parts from the same JSON).
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ChatCompletionBody {
+    #[serde(flatten)]
+    pub request: ChatRequest,
+    #[serde(flatten)]
+    pub options: CommonOptions,
+}
+
+/// The body of `POST /v1/completions`: its own fields and the shared options.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CompletionBody {
+    #[serde(flatten)]
+    pub request: CompletionRequest,
+    #[serde(flatten)]
+    pub options: CommonOptions,
+}
+
 /// `prompt`: a string, a list of strings, a list of token ids, or a list of those.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum PromptField {
     Text(String),
@@ -111,7 +132,7 @@ pub enum PromptField {
     IdLists(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: PromptField,
@@ -277,6 +298,17 @@ fn usage(prompt: usize, completion: usize) -> Value {
 }
 
 /// `POST /v1/chat/completions`.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai",
+    request_body = ChatCompletionBody,
+    responses(
+        (status = 200, description = "A chat.completion object, or with `stream` a text/event-stream of chat.completion.chunk objects ending with `data: [DONE]`"),
+        (status = 400, description = "Invalid request (OpenAI error shape)"),
+        (status = 401, description = "Missing or wrong API key"),
+        (status = 404, description = "Unknown model"),
+        (status = 413, description = "Body too large"),
+        (status = 429, description = "Queue full (retry-after)"),
+        (status = 503, description = "Model loading"),
+    ))]
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -395,6 +427,17 @@ pub async fn chat_completions(
 }
 
 /// `POST /v1/completions`.
+#[utoipa::path(post, path = "/v1/completions", tag = "openai",
+    request_body = CompletionBody,
+    responses(
+        (status = 200, description = "A text_completion object, or with `stream` a text/event-stream of them ending with `data: [DONE]`"),
+        (status = 400, description = "Invalid request (OpenAI error shape)"),
+        (status = 401, description = "Missing or wrong API key"),
+        (status = 404, description = "Unknown model"),
+        (status = 413, description = "Body too large"),
+        (status = 429, description = "Queue full (retry-after)"),
+        (status = 503, description = "Model loading"),
+    ))]
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -558,6 +601,9 @@ pub fn model_object(state: &AppState, created: u64) -> Value {
 }
 
 /// `GET /v1/models/{id}`.
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "openai",
+    params(("id" = String, Path, description = "The served model's id")),
+    responses((status = 200, description = "A model object"), (status = 404, description = "Unknown model")))]
 pub async fn model(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,

@@ -1,16 +1,16 @@
-//! The router: the API routes behind the key check and the body limit, `/health` and
-//! `/metrics` open to probes and scrapers, and the model list in the shape of whichever API asks.
+//! The router: the API routes behind the key check and the body limit, `/health`,
+//! `/metrics` and `/openapi.json` open to probes, scrapers and tools, and the model list in the shape of whichever API asks.
 
-use crate::error::{Api, ApiError};
+use crate::error::{api_of, ApiError};
+use crate::operations::{health, metrics, models};
 use crate::state::AppState;
 use crate::{anthropic, openai};
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::json;
 use std::sync::Arc;
 
 /// Every route of the server over `state`.
@@ -27,19 +27,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .merge(api)
         .fallback(not_found)
         .with_state(state)
-}
-
-/// Which API's error shape a request expects: Anthropic's for its routes and for any
-/// request carrying `anthropic-version`, OpenAI's otherwise.
-fn api_of(path: &str, headers: &HeaderMap) -> Api {
-    if path.starts_with("/v1/messages") || headers.contains_key("anthropic-version") {
-        Api::Anthropic
-    } else {
-        Api::OpenAi
-    }
 }
 
 /// `Authorization: Bearer KEY` (OpenAI's clients) or `x-api-key: KEY` (Anthropic's).
@@ -73,45 +64,9 @@ async fn require_key(
     Err(ApiError::new(StatusCode::UNAUTHORIZED, msg, api))
 }
 
-/// `GET /health`: 200 once the model is loaded, 503 before.
-async fn health(State(state): State<Arc<AppState>>) -> Response {
-    if state.is_ready() {
-        (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "loading"})),
-        )
-            .into_response()
-    }
-}
-
-/// `GET /metrics` (open, as `/health`: Prometheus scrapes without a key); 503 while
-/// loading.
-async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let ready = state.ready(Api::OpenAi)?;
-    Ok((
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        ready.engine.metrics.render(),
-    )
-        .into_response())
-}
-
-/// `GET /v1/models`.
-async fn models(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let api = api_of("/v1/models", &headers);
-    let ready = state.ready(api)?;
-    let body = match api {
-        Api::OpenAi => openai::model_list(&state, ready.created),
-        Api::Anthropic => anthropic::model_list(&state, ready.created),
-    };
-    Ok(Json(body).into_response())
+/// `GET /openapi.json` (open: clients and test tools read it without a key).
+async fn openapi() -> Response {
+    Json(crate::openapi::document()).into_response()
 }
 
 async fn not_found(req: Request) -> ApiError {

@@ -220,3 +220,61 @@ async fn refusals_come_in_the_shape_of_the_api_asked() {
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(openai_error(&v).contains("no route"));
 }
+
+/// `/openapi.json` documents every route and the request bodies as the handlers parse
+/// them (the shared options included).
+#[tokio::test]
+async fn the_openapi_document_covers_every_route() {
+    let state = AppState::new(options(&["k"]));
+    let (s, doc) = call(&state, "GET", "/openapi.json", &[], Body::empty()).await;
+    assert_eq!(s, StatusCode::OK, "no key needed");
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let mut paths: Vec<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    paths.sort();
+    assert_eq!(
+        paths,
+        [
+            "/health",
+            "/metrics",
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/messages",
+            "/v1/messages/count_tokens",
+            "/v1/models",
+            "/v1/models/{id}"
+        ]
+    );
+    let schemas = &doc["components"]["schemas"];
+    let props = |name: &str| -> Vec<String> {
+        schemas[name]["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    };
+    for (schema, field) in [
+        ("ChatRequest", "messages"),
+        ("ChatRequest", "max_completion_tokens"),
+        ("CommonOptions", "temperature"),
+        ("CommonOptions", "stream_options"),
+        ("CompletionRequest", "prompt"),
+        ("MessagesRequest", "stop_sequences"),
+        ("MessagesRequest", "max_tokens"),
+    ] {
+        assert!(
+            props(schema).contains(&field.to_string()),
+            "{schema} lacks {field}"
+        );
+    }
+    let body = &doc["paths"]["/v1/chat/completions"]["post"]["requestBody"];
+    assert!(body.to_string().contains("ChatCompletionBody"), "{body}");
+    assert!(schemas["ChatCompletionBody"]
+        .to_string()
+        .contains("CommonOptions"));
+}
