@@ -5,7 +5,7 @@
 //! `message_delta` with the stop reason and output usage, `message_stop`; a `ping`
 //! every few seconds while nothing else is sent), and `POST /v1/messages/count_tokens`.
 
-use crate::error::{Api, ApiError};
+use crate::error::{Api, ApiError, Refusals};
 use crate::generation::{self, collect, merged, Sampling};
 use crate::limits::MAX_MESSAGES;
 use crate::openai::parse_body;
@@ -159,12 +159,7 @@ fn event(name: &str, data: Value) -> Event {
     request_body = MessagesRequest,
     responses(
         (status = 200, description = "A message object, or with `stream` a text/event-stream of named events (message_start ... message_stop)"),
-        (status = 400, description = "Invalid request (Anthropic error shape)"),
-        (status = 401, description = "Missing or wrong API key"),
-        (status = 404, description = "Unknown model"),
-        (status = 413, description = "Body too large"),
-        (status = 429, description = "Queue full (retry-after)"),
-        (status = 503, description = "Model loading"),
+        Refusals,
     ))]
 pub async fn messages(
     State(state): State<Arc<AppState>>,

@@ -85,3 +85,28 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// The refusals every generation route can answer, for `/openapi.json` (each in the
+/// shape of the route's API).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // documentation only: never constructed
+pub enum Refusals {
+    /// Invalid request: the offending field's path and the reason.
+    #[response(status = 400)]
+    BadRequest,
+    /// Missing or wrong API key.
+    #[response(status = 401)]
+    Unauthorized,
+    /// The model named is not the one served.
+    #[response(status = 404)]
+    UnknownModel,
+    /// The body is larger than `--max-body-bytes`.
+    #[response(status = 413)]
+    TooLarge,
+    /// The queue is full (with `retry-after`).
+    #[response(status = 429)]
+    QueueFull,
+    /// The model is still loading (with `retry-after`).
+    #[response(status = 503)]
+    Loading,
+}

@@ -3,10 +3,10 @@
 //! `stream_options.include_usage` every chunk carries `usage: null` and a last chunk
 //! with no choices carries the usage), and the model list.
 
-use crate::error::{Api, ApiError};
+use crate::error::{Api, ApiError, Refusals};
 use crate::generation::{self, collect, merged, Sampling};
 use crate::limits::{MAX_MESSAGES, MAX_PROMPTS};
-use crate::state::{random_id, unix_now, AppState};
+use crate::state::{random_id, unix_now, AppState, Ready};
 use crate::worker::Update;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -297,27 +297,32 @@ fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
+/// A request's own fields and the shared options from one body, once its model is
+/// known to be the one served and loaded.
+fn open<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+    model: impl Fn(&T) -> &str,
+) -> Result<(T, CommonOptions, &Ready), ApiError> {
+    let v = body_json(body, API)?;
+    let req: T = typed(&v, API)?;
+    let common: CommonOptions = typed(&v, API)?;
+    state.check_model(model(&req), API)?;
+    Ok((req, common, state.ready(API)?))
+}
+
 /// `POST /v1/chat/completions`.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai",
     request_body = ChatCompletionBody,
     responses(
         (status = 200, description = "A chat.completion object, or with `stream` a text/event-stream of chat.completion.chunk objects ending with `data: [DONE]`"),
-        (status = 400, description = "Invalid request (OpenAI error shape)"),
-        (status = 401, description = "Missing or wrong API key"),
-        (status = 404, description = "Unknown model"),
-        (status = 413, description = "Body too large"),
-        (status = 429, description = "Queue full (retry-after)"),
-        (status = 503, description = "Model loading"),
+        Refusals,
     ))]
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let v = body_json(body, API)?;
-    let req: ChatRequest = typed(&v, API)?;
-    let common: CommonOptions = typed(&v, API)?;
-    state.check_model(&req.model, API)?;
-    let ready = state.ready(API)?;
+    let (req, common, ready) = open::<ChatRequest>(&state, body, |r| &r.model)?;
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (Some(true), k) => Some(k.unwrap_or(0)),
         (_, Some(k)) if k > 0 => {
@@ -431,22 +436,13 @@ pub async fn chat_completions(
     request_body = CompletionBody,
     responses(
         (status = 200, description = "A text_completion object, or with `stream` a text/event-stream of them ending with `data: [DONE]`"),
-        (status = 400, description = "Invalid request (OpenAI error shape)"),
-        (status = 401, description = "Missing or wrong API key"),
-        (status = 404, description = "Unknown model"),
-        (status = 413, description = "Body too large"),
-        (status = 429, description = "Queue full (retry-after)"),
-        (status = 503, description = "Model loading"),
+        Refusals,
     ))]
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let v = body_json(body, API)?;
-    let req: CompletionRequest = typed(&v, API)?;
-    let common: CommonOptions = typed(&v, API)?;
-    state.check_model(&req.model, API)?;
-    let ready = state.ready(API)?;
+    let (req, common, ready) = open::<CompletionRequest>(&state, body, |r| &r.model)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_request("suffix is not supported", API));
     }
