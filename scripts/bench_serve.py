@@ -3,7 +3,8 @@
 time to first token per concurrency level, in one run (the official `openai` client).
 
     python3 scripts/bench_serve.py [--model smollm2-135m-instruct] [--clients 1,4,16,64]
-        [--max-tokens 64] [--rounds 2] [--max-batch 16] [--bin target/release/sparrow]
+        [--max-tokens 64] [--rounds 2] [--max-batch 16] [--weights native|f16|...]
+        [--bin target/release/sparrow]
 
 Each level starts N clients at once, each streaming one completion of a different prose
 prompt (`/v1/completions`, seeded sampling at temperature 0.8, `max_tokens` new tokens,
@@ -40,7 +41,7 @@ PROMPTS = [
 
 def start_server(args):
     cmd = [args.bin, "serve", "--model", args.model, "--port", "0", "--max-batch", str(args.max_batch),
-           "--max-queue", str(max(64, max(args.clients)))]
+           "--max-queue", str(max(64, max(args.clients))), "--weights", args.weights]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = None
     for line in p.stderr:
@@ -94,6 +95,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--weights", default="native", help="how the server holds the weights (sparrow serve --weights)")
     ap.add_argument("--bin", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "sparrow"))
     args = ap.parse_args()
     args.clients = [int(x) for x in args.clients.split(",")]
@@ -108,7 +110,7 @@ def main():
             rows.append(best)
             print(f"# {n} clients: {best['agg']:.1f} tok/s, TTFT p50 {best['ttft_p50'] * 1000:.0f} ms", file=sys.stderr)
         base = rows[0]["agg"]
-        print(f"model {args.model}, {args.max_tokens} tokens per request, --max-batch {args.max_batch}, "
+        print(f"model {args.model} (--weights {args.weights}), {args.max_tokens} tokens per request, --max-batch {args.max_batch}, "
               f"best of {args.rounds} rounds\n")
         print("| clients | generated tokens | wall s | aggregate tok/s | x one client | TTFT p50 ms | TTFT max ms |")
         print("|---|---|---|---|---|---|---|")
