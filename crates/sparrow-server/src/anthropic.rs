@@ -6,15 +6,16 @@
 //! every few seconds while nothing else is sent), and `POST /v1/messages/count_tokens`.
 
 use crate::error::{Api, ApiError, Refusals};
-use crate::generation::{self, collect, merged, Sampling};
-use crate::limits::MAX_MESSAGES;
+use crate::generation::{
+    self, check_message_count, collect, merged, sse, text_of, Sampling, TextPart,
+};
 use crate::openai::parse_body;
 use crate::state::{random_id, AppState, Ready};
 use crate::worker::Update;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
@@ -36,38 +37,14 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 #[serde(untagged)]
 pub enum Blocks {
     Text(String),
-    List(Vec<Block>),
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct Block {
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default)]
-    pub text: Option<String>,
+    List(Vec<TextPart>),
 }
 
 impl Blocks {
     fn text(self) -> Result<String, ApiError> {
         match self {
             Blocks::Text(t) => Ok(t),
-            Blocks::List(blocks) => {
-                let mut s = String::new();
-                for b in blocks {
-                    match (b.kind.as_str(), b.text) {
-                        ("text", Some(t)) => s.push_str(&t),
-                        (kind, _) => {
-                            return Err(ApiError::bad_request(
-                                format!(
-                                    "content blocks of type `{kind}` are not supported (text only)"
-                                ),
-                                API,
-                            ))
-                        }
-                    }
-                }
-                Ok(s)
-            }
+            Blocks::List(blocks) => text_of(blocks, "content blocks", API),
         }
     }
 }
@@ -109,15 +86,7 @@ fn prompt_ids(
     system: Option<Blocks>,
     messages: Vec<InputMessage>,
 ) -> Result<Vec<u32>, ApiError> {
-    if messages.is_empty() {
-        return Err(ApiError::bad_request("messages must not be empty", API));
-    }
-    if messages.len() > MAX_MESSAGES {
-        return Err(ApiError::bad_request(
-            format!("at most {MAX_MESSAGES} messages, got {}", messages.len()),
-            API,
-        ));
-    }
+    check_message_count(messages.len(), API)?;
     let mut msgs = Vec::with_capacity(messages.len() + 1);
     if let Some(s) = system {
         msgs.push(Message::new("system", s.text()?));
@@ -255,9 +224,7 @@ pub async fn messages(
             }
         }
     };
-    Ok(Sse::new(events)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    Ok(sse(events))
 }
 
 /// `POST /v1/messages/count_tokens`: the prompt's tokens as `/v1/messages` would run it.

@@ -3,10 +3,11 @@
 //! to the engine thread, then collect their text or stream it as it comes.
 
 use crate::error::{Api, ApiError};
-use crate::limits::{MAX_CHOICES, MAX_STOP_BYTES, MAX_STOP_STRINGS};
+use crate::limits::{MAX_CHOICES, MAX_MESSAGES, MAX_STOP_BYTES, MAX_STOP_STRINGS};
 use crate::state::{AppState, Ready};
 use crate::worker::{Job, Update};
 use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::stream::{self, Stream, StreamExt};
 use sparrow::engine::logprobs::{TokenLogprobs, MAX_TOP_LOGPROBS};
 use sparrow::engine::sampler::SamplerConfig;
@@ -27,6 +28,48 @@ pub struct Sampling {
     pub frequency_penalty: Option<f64>,
     /// Log-probabilities per token: None = not asked; Some(k) = with k alternatives.
     pub logprobs: Option<u64>,
+}
+
+/// One part of a message's content as both APIs send it (`{"type": "text", "text":
+/// ...}`; other types are refused).
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+pub struct TextPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// The text of `parts` joined; a part of another type is a 400 naming it (`what`:
+/// how the API calls them, "content parts" or "content blocks").
+pub fn text_of(parts: Vec<TextPart>, what: &str, api: Api) -> Result<String, ApiError> {
+    let mut s = String::new();
+    for p in parts {
+        match (p.kind.as_str(), p.text) {
+            ("text", Some(t)) => s.push_str(&t),
+            (kind, _) => {
+                return Err(ApiError::bad_request(
+                    format!("{what} of type `{kind}` are not supported (text only)"),
+                    api,
+                ))
+            }
+        }
+    }
+    Ok(s)
+}
+
+/// 400 unless there are 1 to [`MAX_MESSAGES`] messages.
+pub fn check_message_count(n: usize, api: Api) -> Result<(), ApiError> {
+    if n == 0 {
+        return Err(ApiError::bad_request("messages must not be empty", api));
+    }
+    if n > MAX_MESSAGES {
+        return Err(ApiError::bad_request(
+            format!("at most {MAX_MESSAGES} messages, got {n}"),
+            api,
+        ));
+    }
+    Ok(())
 }
 
 /// The prompt's token ids for `text`: the tokenizer's BOS (when it adds one), then the
@@ -263,4 +306,14 @@ pub fn merged(
             .map(move |u| (i, u))
             .boxed()
     }))
+}
+
+/// `events` as a server-sent-event response, with keep-alive comments while idle.
+pub fn sse(
+    events: impl Stream<Item = Result<Event, std::convert::Infallible>> + Send + 'static,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }

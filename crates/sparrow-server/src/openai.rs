@@ -4,14 +4,16 @@
 //! with no choices carries the usage), and the model list.
 
 use crate::error::{Api, ApiError, Refusals};
-use crate::generation::{self, collect, merged, Sampling};
-use crate::limits::{MAX_MESSAGES, MAX_PROMPTS};
+use crate::generation::{
+    self, check_message_count, collect, merged, sse, text_of, Sampling, TextPart,
+};
+use crate::limits::MAX_PROMPTS;
 use crate::state::{random_id, unix_now, AppState, Ready};
 use crate::worker::Update;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
@@ -55,15 +57,7 @@ pub struct StreamOptions {
 #[serde(untagged)]
 pub enum Content {
     Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct ContentPart {
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default)]
-    pub text: Option<String>,
+    Parts(Vec<TextPart>),
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -251,15 +245,7 @@ fn completion_logprobs(tok: &Tokenizer, lps: &[TokenLogprobs], start: usize) -> 
 
 /// Chat messages as the template takes them (text parts joined; other parts refused).
 pub(crate) fn to_messages(msgs: Vec<ChatMessage>, api: Api) -> Result<Vec<Message>, ApiError> {
-    if msgs.is_empty() {
-        return Err(ApiError::bad_request("messages must not be empty", api));
-    }
-    if msgs.len() > MAX_MESSAGES {
-        return Err(ApiError::bad_request(
-            format!("at most {MAX_MESSAGES} messages, got {}", msgs.len()),
-            api,
-        ));
-    }
+    check_message_count(msgs.len(), api)?;
     msgs.into_iter()
         .map(|m| {
             let role = if m.role == "developer" {
@@ -270,27 +256,40 @@ pub(crate) fn to_messages(msgs: Vec<ChatMessage>, api: Api) -> Result<Vec<Messag
             let content = match m.content {
                 None => String::new(),
                 Some(Content::Text(t)) => t,
-                Some(Content::Parts(parts)) => {
-                    let mut s = String::new();
-                    for p in parts {
-                        match (p.kind.as_str(), p.text) {
-                            ("text", Some(t)) => s.push_str(&t),
-                            (kind, _) => {
-                                return Err(ApiError::bad_request(
-                                    format!(
-                                    "content parts of type `{kind}` are not supported (text only)"
-                                ),
-                                    api,
-                                ))
-                            }
-                        }
-                    }
-                    s
-                }
+                Some(Content::Parts(parts)) => text_of(parts, "content parts", api)?,
             };
             Ok(Message::new(role, content))
         })
         .collect()
+}
+
+/// The streamed chunks of one request: `object` (`chat.completion.chunk` or
+/// `text_completion`) with the request's id, time and model around `choices`; with
+/// `include_usage` every chunk carries `usage`, null until the last.
+fn chunker(
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: String,
+    include_usage: bool,
+) -> impl Fn(Value, Option<Value>) -> Event + Send + 'static {
+    move |choices, usage_field| {
+        let mut c = json!({
+            "id": id, "object": object, "created": created, "model": model,
+            "system_fingerprint": null, "choices": choices,
+        });
+        if include_usage {
+            c["usage"] = usage_field.unwrap_or(Value::Null);
+        }
+        Event::default().data(c.to_string())
+    }
+}
+
+/// A failed step inside a stream (the 200 has gone out), in OpenAI's error shape.
+fn stream_error(message: String) -> Event {
+    let e =
+        json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
+    Event::default().data(e.to_string())
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {
@@ -379,16 +378,7 @@ pub async fn chat_completions(
     }
     let prompt_tokens = started.prompt_tokens;
     let n = started.choices.len();
-    let chunk = move |choices: Value, usage_field: Option<Value>| -> Event {
-        let mut c = json!({
-            "id": id, "object": "chat.completion.chunk", "created": created,
-            "model": model, "system_fingerprint": null, "choices": choices,
-        });
-        if include_usage {
-            c["usage"] = usage_field.unwrap_or(Value::Null);
-        }
-        Event::default().data(c.to_string())
-    };
+    let chunk = chunker(id, "chat.completion.chunk", created, model, include_usage);
     let mut updates = merged(started.choices);
     let tok = ready.tokenizer.clone();
     // A token's chunk: its text (possibly empty while a character is incomplete) and,
@@ -415,9 +405,7 @@ pub async fn chat_completions(
                     }
                     yield Ok(chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": reason.as_str()}]), None));
                 }
-                Update::Failed(m) => {
-                    yield Ok(Event::default().data(json!({"error": {"message": m, "type": "server_error", "param": null, "code": null}}).to_string()));
-                }
+                Update::Failed(m) => yield Ok(stream_error(m)),
                 _ => {}
             }
         }
@@ -426,9 +414,7 @@ pub async fn chat_completions(
         }
         yield Ok(Event::default().data("[DONE]"));
     };
-    Ok(Sse::new(events)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    Ok(sse(events))
 }
 
 /// `POST /v1/completions`.
@@ -523,16 +509,7 @@ pub async fn completions(
         }))
         .into_response());
     }
-    let chunk = move |choices: Value, usage_field: Option<Value>| -> Event {
-        let mut c = json!({
-            "id": id, "object": "text_completion", "created": created, "model": model,
-            "system_fingerprint": null, "choices": choices,
-        });
-        if include_usage {
-            c["usage"] = usage_field.unwrap_or(Value::Null);
-        }
-        Event::default().data(c.to_string())
-    };
+    let chunk = chunker(id, "text_completion", created, model, include_usage);
     let n = all.len();
     let mut updates = merged(all);
     let tok = ready.tokenizer.clone();
@@ -561,9 +538,7 @@ pub async fn completions(
                     completion_tokens += c;
                     yield Ok(chunk(json!([{"index": i, "text": text, "logprobs": lp(logprobs, i), "finish_reason": reason.as_str()}]), None));
                 }
-                Update::Failed(m) => {
-                    yield Ok(Event::default().data(json!({"error": {"message": m, "type": "server_error", "param": null, "code": null}}).to_string()));
-                }
+                Update::Failed(m) => yield Ok(stream_error(m)),
                 _ => {}
             }
         }
@@ -572,9 +547,7 @@ pub async fn completions(
         }
         yield Ok(Event::default().data("[DONE]"));
     };
-    Ok(Sse::new(events)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    Ok(sse(events))
 }
 
 fn check_prompts(n: usize) -> Result<(), ApiError> {

@@ -123,14 +123,11 @@ fn run(mut sched: Scheduler<'_>, inbox: mpsc::Receiver<Job>, metrics: &Metrics) 
         }
         // Clients that went away free their slots before the step.
         sinks.retain(|&id, sink| {
-            if sink.tx.is_closed() {
-                sched.cancel(id);
-                metrics.finished("abort");
-                tracing::info!(seq = id, "cancelled: the client went away");
-                false
-            } else {
-                true
+            let gone = sink.tx.is_closed();
+            if gone {
+                client_left(&mut sched, id, metrics);
             }
+            !gone
         });
         match sched.step() {
             Ok(events) => {
@@ -189,9 +186,7 @@ fn run(mut sched: Scheduler<'_>, inbox: mpsc::Receiver<Job>, metrics: &Metrics) 
                     }
                     if !delivered && !finished {
                         // The receiver is gone: stop the sequence now, not at its end.
-                        sched.cancel(e.seq);
-                        metrics.finished("abort");
-                        tracing::info!(seq = e.seq, "cancelled: the client went away");
+                        client_left(&mut sched, e.seq, metrics);
                     }
                 }
             }
@@ -208,6 +203,13 @@ fn run(mut sched: Scheduler<'_>, inbox: mpsc::Receiver<Job>, metrics: &Metrics) 
         metrics.running.set(sched.running() as i64);
         metrics.waiting.set(sched.waiting() as i64);
     }
+}
+
+/// Sequence `id`'s client went away: free its slot and count it.
+fn client_left(sched: &mut Scheduler<'_>, id: u64, metrics: &Metrics) {
+    sched.cancel(id);
+    metrics.finished("abort");
+    tracing::info!(seq = id, "cancelled: the client went away");
 }
 
 fn take(sched: &mut Scheduler<'_>, sinks: &mut HashMap<u64, Sink>, job: Job, metrics: &Metrics) {

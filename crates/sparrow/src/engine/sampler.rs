@@ -63,16 +63,28 @@ impl Sampler {
         let n = logits.len();
         let t = self.cfg.temperature;
         let max = logits[argmax(logits) as usize] as f64;
-        let weight = |i: u32| ((logits[i as usize] as f64 - max) / t).exp();
         let k = if self.cfg.top_k > 0 {
             self.cfg.top_k.min(n)
         } else {
             n
         };
+        // Without top-k every id's weight is needed (the draw walks them all, or top-p
+        // measures against their sum): each is computed once. With top-k only the k
+        // candidates' are.
+        let all: Option<Vec<f64>> = (k == n).then(|| {
+            logits
+                .iter()
+                .map(|&x| ((x as f64 - max) / t).exp())
+                .collect()
+        });
+        let weight = |i: u32| match &all {
+            Some(w) => w[i as usize],
+            None => ((logits[i as usize] as f64 - max) / t).exp(),
+        };
         let u: f64 = self.rng.random();
-        if k == n && self.cfg.top_p >= 1.0 {
-            let total: f64 = (0..n as u32).map(weight).sum();
-            return draw(u * total, (0..n as u32).map(|i| (i, weight(i))));
+        if let (Some(w), true) = (&all, self.cfg.top_p >= 1.0) {
+            let total: f64 = w.iter().sum();
+            return draw(u * total, (0..n as u32).zip(w.iter().copied()));
         }
         let better = |a: &u32, b: &u32| {
             logits[*b as usize]
@@ -82,11 +94,7 @@ impl Sampler {
         // The mass top-p is measured against: the top-k set's (the whole row's when
         // top-k is off).
         let mut head = if k < n { k } else { n.min(256) };
-        let mut total = if k < n {
-            None
-        } else {
-            Some((0..n as u32).map(weight).sum::<f64>())
-        };
+        let mut total = all.as_ref().map(|w| w.iter().sum::<f64>());
         loop {
             let mut idx: Vec<u32> = (0..n as u32).collect();
             if head < n {

@@ -74,13 +74,9 @@ impl<'m> Scheduler<'m> {
         })
     }
 
-    pub fn engine(&self) -> &Engine<'m> {
-        &self.engine
-    }
-
     /// Queue `seq`; it runs from the next step that has a free slot.
     pub fn submit(&mut self, seq: Sequence) -> std::result::Result<(), Refused> {
-        if self.contains(seq.id) {
+        if self.get(seq.id).is_some() {
             return Err(Refused::DuplicateId(Box::new(seq)));
         }
         if self.waiting.len() >= self.opts.max_queue {
@@ -88,10 +84,6 @@ impl<'m> Scheduler<'m> {
         }
         self.waiting.push_back(seq);
         Ok(())
-    }
-
-    fn contains(&self, id: u64) -> bool {
-        self.running.iter().chain(&self.waiting).any(|s| s.id == id)
     }
 
     /// End sequence `id` now (its client went away); false if it is not here.
@@ -104,8 +96,12 @@ impl<'m> Scheduler<'m> {
 
     /// Cancel every sequence (after a failed step); returns their ids.
     pub fn cancel_all(&mut self) -> Vec<u64> {
-        let ids = self.running.iter().chain(&self.waiting).map(|s| s.id);
-        let ids = ids.collect();
+        let ids = self
+            .running
+            .iter()
+            .chain(&self.waiting)
+            .map(|s| s.id)
+            .collect();
         self.running.clear();
         self.waiting.clear();
         ids

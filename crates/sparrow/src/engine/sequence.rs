@@ -85,14 +85,6 @@ impl FinishReason {
             FinishReason::Aborted => "abort",
         }
     }
-
-    /// The stop string that ended the sequence, if one did.
-    pub fn stop_string(&self) -> Option<&str> {
-        match self {
-            FinishReason::StopString(s) => Some(s),
-            _ => None,
-        }
-    }
 }
 
 /// One request being generated (cloning copies its whole state, cache included).
