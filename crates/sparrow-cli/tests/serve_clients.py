@@ -1,17 +1,31 @@
 """The official `openai` and `anthropic` Python clients against a running `sparrow serve`.
 
-    python3 serve_clients.py BASE_URL MODEL KEY basic   # every API behaviour below
-    python3 serve_clients.py BASE_URL MODEL KEY queue   # a server with --max-batch 1 --max-queue 1
+    python3 serve_clients.py BASE_URL MODEL KEY basic      # every API behaviour below
+    python3 serve_clients.py BASE_URL MODEL KEY langchain  # langchain-openai's ChatOpenAI
+    python3 serve_clients.py BASE_URL MODEL KEY queue      # a server with --max-batch 1 --max-queue 1
+    python3 serve_clients.py BASE_URL MODEL KEY cancel     # 100 clients killed after 10 ms
+    python3 serve_clients.py BASE_URL MODEL KEY load       # 64 streaming clients for 60 s
 
-Run by crates/sparrow-cli/tests/serve.rs, which starts the server. Prints one line per
-check and exits non-zero on the first failure (an AssertionError with what differed).
+Run by crates/sparrow-cli/tests/serve.rs, which starts the server (and, for `load`, checks
+its peak memory afterwards). Needs the packages of `.ci/run`'s virtual environment
+(openai, anthropic, langchain-openai, jsonschema). Prints one line per check and exits
+non-zero on the first failure (an AssertionError with what differed).
 """
 
 import concurrent.futures
+import json
+import re
+import socket
+import struct
 import sys
+import threading
+import time
+import urllib.request
 
 import anthropic
+import jsonschema
 import openai
+import pydantic
 
 BASE, MODEL, KEY, MODE = sys.argv[1:5]
 
@@ -205,6 +219,183 @@ def basic():
     check("after a cancelled stream the server still answers", chat(temperature=0).choices[0].message.content == greedy)
 
 
+class City(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=16)
+    population: int = pydantic.Field(ge=0, le=10**9)
+    coastal: bool
+
+
+def structured():
+    # response_format: the output keeps to the schema whatever the model would say.
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 16},
+            "year": {"type": "integer", "minimum": 1000, "maximum": 2100},
+            "tags": {"type": "array", "items": {"enum": ["sea", "ship", "storm"]}, "maxItems": 3},
+        },
+        "required": ["name", "year", "tags"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "voyage", "schema": schema, "strict": True}}
+    for temperature, seed in [(0, 0), (1.0, 11), (1.0, 12)]:
+        r = chat(temperature=temperature, seed=seed, max_tokens=80, response_format=fmt)
+        c = r.choices[0]
+        check(f"json_schema (t={temperature}): finish_reason stop", c.finish_reason == "stop", c)
+        jsonschema.validate(json.loads(c.message.content), schema)
+        check(f"json_schema (t={temperature}): the output validates", True, c.message.content)
+    chunks = list(chat(temperature=0, max_tokens=80, response_format=fmt, stream=True))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    jsonschema.validate(json.loads(text), schema)
+    check("json_schema: streamed output validates", True, text)
+    r = chat(temperature=1.0, seed=5, n=2, max_tokens=80, response_format=fmt)
+    for c in r.choices:
+        jsonschema.validate(json.loads(c.message.content), schema)
+    check("json_schema: n=2, each choice validates", len(r.choices) == 2, r.choices)
+
+    # Any JSON object: this 10M-parameter model writes prose into its first key until the
+    # budget ends (the real model's smoke test in serve.rs checks a whole object); the
+    # constraint shows in the opening, which the free text does not have.
+    free = chat(temperature=0, max_tokens=20).choices[0].message.content
+    r = chat(temperature=0, max_tokens=20, response_format={"type": "json_object"})
+    c = r.choices[0].message.content
+    check("json_object: the text opens an object", c.startswith('{"') and not free.startswith("{"), (c, free))
+
+    # The client's own structured-output helper: a pydantic model in, a parsed object out.
+    parsed = oa.chat.completions.parse(model=MODEL, messages=MSGS, max_tokens=80, temperature=0,
+                                       response_format=City).choices[0].message.parsed
+    check("parse(response_format=pydantic model)", isinstance(parsed, City), parsed)
+
+    for name, fmt in [
+        ("an unknown response_format type", {"type": "xml"}),
+        ("a schema that does not compile", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}),
+        ("json_schema without its object", {"type": "json_schema"}),
+    ]:
+        try:
+            chat(response_format=fmt)
+            raise AssertionError(f"{name}: no error")
+        except openai.BadRequestError as e:
+            check(f"structured: {name} is 400 naming response_format",
+                  "response_format" in str(e), e)
+
+
+def langchain():
+    from langchain_core.messages import HumanMessage, SystemMessage
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=f"{BASE}/v1", api_key=KEY, model=MODEL, temperature=0, max_tokens=12,
+                     max_retries=0, timeout=120)
+    msgs = [SystemMessage("You are terse."), HumanMessage("Tell me about the sea.")]
+    m = llm.invoke(msgs)
+    check("langchain: invoke", isinstance(m.content, str) and m.content, m)
+    check("langchain: usage_metadata", m.usage_metadata["output_tokens"] == 12, m.usage_metadata)
+    streamed = "".join(ch.content for ch in llm.stream(msgs))
+    check("langchain: stream equals invoke", streamed == m.content, (streamed, m.content))
+    outs = llm.batch([msgs, msgs, [HumanMessage("Ships.")]])
+    check("langchain: batch", [o.content for o in outs[:2]] == [m.content, m.content] and outs[2].content, outs)
+    roomy = ChatOpenAI(base_url=f"{BASE}/v1", api_key=KEY, model=MODEL, temperature=0, max_tokens=80,
+                       max_retries=0, timeout=120)
+    city = roomy.with_structured_output(City, method="json_schema").invoke(msgs)
+    check("langchain: with_structured_output(City, method=json_schema)", isinstance(city, City), city)
+
+
+def metric(text, name):
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def metrics():
+    with urllib.request.urlopen(f"{BASE}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return metric(text, "sparrow_requests_running"), metric(text, "sparrow_requests_waiting"), \
+        metric(text, 'sparrow_requests_finished_total{reason="abort"}')
+
+
+def wait_idle(what, seconds=60):
+    deadline = time.time() + seconds
+    while True:
+        running, waiting, _ = metrics()
+        if running == 0 and waiting == 0:
+            check(f"{what}: /metrics shows nothing running or waiting", True)
+            return
+        if time.time() > deadline:
+            raise AssertionError(f"{what}: still running {running}, waiting {waiting} after {seconds} s")
+        time.sleep(0.1)
+
+
+def cancel():
+    # 100 long streaming requests whose clients are killed 10 ms after sending: their
+    # sockets are reset (SO_LINGER 0), as when a process dies. Then 100 fresh requests.
+    host, port = BASE.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"model": MODEL, "messages": MSGS, "max_tokens": 2000, "stream": True,
+                       "temperature": 1.0}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    go = threading.Barrier(100, timeout=30)
+    sent = []
+
+    def killed(_):
+        s = socket.create_connection((host, int(port)), timeout=30)
+        go.wait()
+        s.sendall(head + body)
+        sent.append(1)
+        time.sleep(0.01)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+
+    aborted_before = metrics()[2]
+    with concurrent.futures.ThreadPoolExecutor(100) as pool:
+        list(pool.map(killed, range(100)))
+    check("cancel: 100 requests sent and their clients killed", len(sent) == 100)
+    # 2000 tokens each: only cancellation empties the batch within the wait.
+    wait_idle("cancel: after the killed clients")
+    aborted = metrics()[2] - aborted_before
+    check("cancel: the server cancelled the killed clients' sequences", aborted > 0, aborted)
+    print(f"cancel: {aborted:.0f} sequences cancelled (the rest were refused while the queue was full)")
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        done = list(pool.map(lambda i: chat(temperature=0.5, seed=i, max_tokens=8).usage.completion_tokens,
+                             range(100)))
+    check("cancel: 100 fresh requests all succeed", done == [8] * 100, done)
+    wait_idle("cancel: after the fresh requests")
+
+
+def load(seconds=60, clients=64):
+    # Streaming clients that ask again as soon as an answer ends; every request either
+    # completes or is refused with 429.
+    stop_at = time.time() + seconds
+    lock = threading.Lock()
+    tally = {"ok": 0, "429": 0, "tokens": 0}
+
+    def client(i):
+        k = 0
+        while time.time() < stop_at:
+            k += 1
+            n = 8 + (i * 7 + k) % 40
+            try:
+                chunks = list(chat(temperature=0.8, seed=i * 1000 + k, max_tokens=n, stream=True,
+                                   stream_options={"include_usage": True}))
+            except openai.RateLimitError:
+                with lock:
+                    tally["429"] += 1
+                time.sleep(0.2)
+                continue
+            finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            assert finals in (["length"], ["stop"]), finals
+            assert chunks[-1].usage.completion_tokens <= n, chunks[-1].usage
+            with lock:
+                tally["ok"] += 1
+                tally["tokens"] += chunks[-1].usage.completion_tokens
+
+    t0 = time.time()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    check(f"load: {clients} clients for {seconds} s, every request completed or got 429", tally["ok"] > clients,
+          tally)
+    print(f"load: {tally['ok']} completed, {tally['429']} refused, {tally['tokens']} tokens "
+          f"in {time.time() - t0:.0f} s")
+    wait_idle("load: afterwards")
+
+
 def queue():
     # --max-batch 1 --max-queue 1: one runs, one waits, the third is refused with 429.
     def long(i):
@@ -224,5 +415,6 @@ def queue():
         raise AssertionError(f"still refused after the queue drained: {e}")
 
 
-{"basic": basic, "queue": queue}[MODE]()
+{"basic": lambda: (basic(), structured()), "langchain": langchain, "queue": queue, "cancel": cancel,
+ "load": load}[MODE]()
 print("all checks passed")

@@ -58,12 +58,15 @@ pub struct InputMessage {
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct MessagesRequest {
     pub model: String,
+    #[schema(minimum = 1)]
     pub max_tokens: u64,
     pub messages: Vec<InputMessage>,
     pub system: Option<Blocks>,
     #[serde(default)]
     pub stop_sequences: Vec<String>,
+    #[schema(minimum = 0.0)]
     pub temperature: Option<f64>,
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f64>,
     pub top_k: Option<i64>,
     /// Accepted and not used (`user_id` is for the provider's abuse detection).
@@ -115,7 +118,9 @@ fn stop_reason(r: &FinishReason) -> (&'static str, Value) {
     match r {
         FinishReason::StopString(s) => ("stop_sequence", json!(s)),
         FinishReason::Length | FinishReason::ContextFull => ("max_tokens", Value::Null),
-        FinishReason::StopToken(_) | FinishReason::Aborted => ("end_turn", Value::Null),
+        FinishReason::StopToken(_) | FinishReason::FormatComplete | FinishReason::Aborted => {
+            ("end_turn", Value::Null)
+        }
     }
 }
 

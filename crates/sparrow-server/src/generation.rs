@@ -11,7 +11,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::stream::{self, Stream, StreamExt};
 use sparrow::engine::logprobs::{TokenLogprobs, MAX_TOP_LOGPROBS};
 use sparrow::engine::sampler::SamplerConfig;
-use sparrow::engine::{FinishReason, Sequence, SequenceParams};
+use sparrow::engine::{FinishReason, OutputFormat, Sequence, SequenceParams};
 use tokio::sync::mpsc as tmpsc;
 
 /// Sampling and stopping options as a request states them (absent = the API's default).
@@ -28,6 +28,8 @@ pub struct Sampling {
     pub frequency_penalty: Option<f64>,
     /// Log-probabilities per token: None = not asked; Some(k) = with k alternatives.
     pub logprobs: Option<u64>,
+    /// The format the output must keep to (OpenAI's `response_format`).
+    pub format: Option<OutputFormat>,
 }
 
 /// One part of a message's content as both APIs send it (`{"type": "text", "text":
@@ -149,7 +151,7 @@ pub async fn start(
             ));
         }
     }
-    let context = ready.model.cfg.max_position_embeddings;
+    let context = state.context(ready);
     let room = context.saturating_sub(ids.len());
     if room == 0 {
         return Err(ApiError::bad_request(
@@ -188,6 +190,16 @@ pub async fn start(
         .validate()
         .map_err(|e| ApiError::bad_request(e.to_string(), api))?;
     let seed = s.seed.map_or_else(rand::random::<u64>, |x| x as u64);
+    // Compiled once; each choice gets its own copy of the parser.
+    let constraint = match &s.format {
+        Some(f) => Some(ready.grammars.constraint(f).map_err(|e| {
+            ApiError::bad_request(
+                format!("response_format: the schema does not compile: {e}"),
+                api,
+            )
+        })?),
+        None => None,
+    };
     let prompt_tokens = ids.len();
     let mut choices = Vec::with_capacity(n as usize);
     for i in 0..n {
@@ -201,8 +213,12 @@ pub async fn start(
             frequency_penalty: s.frequency_penalty.unwrap_or(0.0) as f32,
             logprobs: s.logprobs.map(|k| k.min(u64::from(u32::MAX)) as usize),
         };
-        let seq = Sequence::new(state.next_id(), ids.clone(), params, &ready.model.cfg)
+        let mut seq = Sequence::new(state.next_id(), ids.clone(), params, &ready.model.cfg)
             .map_err(|e| ApiError::bad_request(e.to_string(), api))?;
+        if let Some(c) = &constraint {
+            seq.constrain(c.clone())
+                .map_err(|e| ApiError::bad_request(e.to_string(), api))?;
+        }
         let (tx, rx) = tmpsc::unbounded_channel();
         if !ready.engine.submit(Job { seq, updates: tx }) {
             return Err(ApiError::new(

@@ -21,6 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sparrow::chat::Message;
 use sparrow::engine::logprobs::TokenLogprobs;
+use sparrow::engine::OutputFormat;
 use sparrow::tokenizer::Tokenizer;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -71,18 +72,26 @@ pub struct ChatMessage {
 /// fields, so an error names the field's path).
 #[derive(Debug, Deserialize, Default, ToSchema)]
 pub struct CommonOptions {
+    /// At most the context left after the prompt.
+    #[schema(minimum = 1)]
     pub max_tokens: Option<u64>,
+    #[schema(minimum = 0.0)]
     pub temperature: Option<f64>,
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f64>,
     /// Not in OpenAI's API; vLLM and llama.cpp accept it (0 or -1: off).
     pub top_k: Option<i64>,
     pub seed: Option<i64>,
     pub stop: Option<StopField>,
+    /// At most `limits::MAX_CHOICES`.
+    #[schema(minimum = 1, maximum = 8)]
     pub n: Option<u64>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub presence_penalty: Option<f64>,
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub frequency_penalty: Option<f64>,
 }
 
@@ -90,11 +99,46 @@ pub struct CommonOptions {
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<u64>,
     pub logprobs: Option<bool>,
+    /// At most `MAX_TOP_LOGPROBS`.
+    #[schema(maximum = 20)]
     pub top_logprobs: Option<u64>,
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// `response_format`: free text, any JSON object, or JSON valid against a schema; the
+/// two JSON formats are enforced by constrained decoding (`sparrow::engine::structured`).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// The JSON schema the output must be valid against (absent: any JSON value).
     #[schema(value_type = Option<Object>)]
-    pub response_format: Option<Value>,
+    pub schema: Option<Value>,
+    /// Accepted; the schema is always enforced.
+    pub strict: Option<bool>,
+}
+
+impl ResponseFormat {
+    fn output_format(self) -> Option<OutputFormat> {
+        match self {
+            ResponseFormat::Text => None,
+            ResponseFormat::JsonObject => Some(OutputFormat::JsonObject),
+            ResponseFormat::JsonSchema { json_schema } => Some(OutputFormat::JsonSchema(
+                json_schema.schema.unwrap_or_else(|| json!({})),
+            )),
+        }
+    }
 }
 
 /// The body of `POST /v1/chat/completions`: the endpoint's own fields and the options
@@ -136,6 +180,10 @@ pub struct CompletionRequest {
     pub suffix: Option<String>,
     pub best_of: Option<u64>,
 }
+
+/// `max_tokens` of `/v1/completions` when the request has none (OpenAI's default; chat
+/// completions default to the rest of the context).
+pub const COMPLETION_DEFAULT_MAX_TOKENS: u64 = 16;
 
 /// A JSON body, with the body-size limit's refusal as a 413.
 pub(crate) fn body_json(body: Result<Bytes, BytesRejection>, api: Api) -> Result<Value, ApiError> {
@@ -186,6 +234,7 @@ impl CommonOptions {
                 presence_penalty: self.presence_penalty,
                 frequency_penalty: self.frequency_penalty,
                 logprobs,
+                format: None,
             },
             self.stream,
             include_usage,
@@ -332,21 +381,15 @@ pub async fn chat_completions(
         }
         _ => None,
     };
-    if let Some(fmt) = &req.response_format {
-        if fmt.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::bad_request(
-                "response_format other than `text` is not supported by this server yet",
-                API,
-            ));
-        }
-    }
     let messages = to_messages(req.messages, API)?;
     let prompt = ready
         .template
         .render(&messages, true)
         .map_err(|e| ApiError::bad_request(e.to_string(), API))?;
     let ids = generation::encode(ready, &prompt, API)?;
-    let (sampling, stream, include_usage) = common.sampling(req.max_completion_tokens, logprobs)?;
+    let (mut sampling, stream, include_usage) =
+        common.sampling(req.max_completion_tokens, logprobs)?;
+    sampling.format = req.response_format.and_then(ResponseFormat::output_format);
     let started = generation::start(&state, ready, ids, &sampling, API).await?;
     let id = random_id("chatcmpl-");
     let created = unix_now();
@@ -447,7 +490,11 @@ pub async fn completions(
             lists.into_iter().map(|ids| (ids, None)).collect()
         }
     };
-    let (sampling, stream, include_usage) = common.sampling(None, req.logprobs)?;
+    let (mut sampling, stream, include_usage) = common.sampling(None, req.logprobs)?;
+    // The legacy API's documented default.
+    sampling
+        .max_tokens
+        .get_or_insert(COMPLETION_DEFAULT_MAX_TOKENS);
     if let Some(b) = req.best_of {
         if b != sampling.n.unwrap_or(1) {
             return Err(ApiError::bad_request(

@@ -65,8 +65,8 @@ async fn require_key(
 }
 
 /// `GET /openapi.json` (open: clients and test tools read it without a key).
-async fn openapi() -> Response {
-    Json(crate::openapi::document()).into_response()
+async fn openapi(State(state): State<Arc<AppState>>) -> Response {
+    Json(crate::openapi::document(&state.opts.served_model_name)).into_response()
 }
 
 async fn not_found(req: Request) -> ApiError {

@@ -6,7 +6,7 @@ use crate::error::{Api, ApiError};
 use crate::worker::EngineHandle;
 use axum::http::StatusCode;
 use sparrow::chat::ChatTemplate;
-use sparrow::engine::{EngineOptions, SchedulerOptions};
+use sparrow::engine::{EngineOptions, Grammars, SchedulerOptions};
 use sparrow::model::Model;
 use sparrow::tokenizer::Tokenizer;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +25,8 @@ pub struct ServerOptions {
     pub scheduler: SchedulerOptions,
     /// Longest prompt piece one sequence feeds in a step.
     pub prefill_chunk: usize,
+    /// Longest sequence served, prompt plus completion (None: the model's context).
+    pub max_model_len: Option<usize>,
 }
 
 /// The loaded model and the engine thread running it.
@@ -32,6 +34,8 @@ pub struct Ready {
     pub model: Arc<Model>,
     pub tokenizer: Arc<Tokenizer>,
     pub template: ChatTemplate,
+    /// Compiles `response_format`s for this tokenizer.
+    pub grammars: Grammars,
     pub engine: EngineHandle,
     /// Unix seconds when the model became ready (`created` of `/v1/models`).
     pub created: u64,
@@ -61,6 +65,7 @@ impl AppState {
     /// Start the engine thread for `model` and open the API routes.
     pub fn set_ready(&self, model: Model, tokenizer: Tokenizer) -> sparrow::Result<()> {
         let template = ChatTemplate::for_tokenizer(&tokenizer)?;
+        let grammars = Grammars::new(&tokenizer, model.cfg.vocab_size)?;
         let model = Arc::new(model);
         let tokenizer = Arc::new(tokenizer);
         let engine = EngineHandle::spawn(
@@ -76,6 +81,7 @@ impl AppState {
             model,
             tokenizer,
             template,
+            grammars,
             engine,
             created: unix_now(),
         };
@@ -105,6 +111,13 @@ impl AppState {
     /// A fresh sequence id.
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The longest sequence served: the model's context, or `--max-model-len` when
+    /// smaller.
+    pub fn context(&self, ready: &Ready) -> usize {
+        let model = ready.model.cfg.max_position_embeddings;
+        self.opts.max_model_len.map_or(model, |n| n.min(model))
     }
 
     /// 404 unless `model` is the served model's name.

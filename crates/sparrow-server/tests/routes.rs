@@ -23,10 +23,15 @@ fn options(keys: &[&str]) -> ServerOptions {
         max_body_bytes: 4096,
         scheduler: SchedulerOptions::default(),
         prefill_chunk: 64,
+        max_model_len: None,
     }
 }
 
 fn ready_state(keys: &[&str]) -> Arc<AppState> {
+    ready_with(options(keys))
+}
+
+fn ready_with(opts: ServerOptions) -> Arc<AppState> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/sparrow-small");
     let source = sparrow::model_source::resolve(&dir, false).unwrap();
     let (model, tok) = sparrow::model_source::load_for_inference(
@@ -37,7 +42,7 @@ fn ready_state(keys: &[&str]) -> Arc<AppState> {
         |_| {},
     )
     .unwrap();
-    let state = AppState::new(options(keys));
+    let state = AppState::new(opts);
     state.set_ready(model, tok).unwrap();
     state
 }
@@ -195,6 +200,9 @@ async fn refusals_come_in_the_shape_of_the_api_asked() {
         ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2.5}).to_string(), StatusCode::BAD_REQUEST, "presence_penalty must be between -2 and 2"),
         ("/v1/completions", json!({"model": MODEL, "prompt": [4_000_000u32]}).to_string(), StatusCode::BAD_REQUEST, "outside the vocabulary"),
         ("/v1/completions", json!({"model": MODEL, "prompt": "x".repeat(5000)}).to_string(), StatusCode::PAYLOAD_TOO_LARGE, ""),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}).to_string(), StatusCode::BAD_REQUEST, "`response_format.type`: unknown variant `xml`"),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}}).to_string(), StatusCode::BAD_REQUEST, "`response_format`: missing field `json_schema`"),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}).to_string(), StatusCode::BAD_REQUEST, "response_format: the schema does not compile"),
     ];
     for (path, body, status, says) in cases {
         let (s, v) = call(&state, "POST", path, &key, body.clone()).await;
@@ -277,4 +285,69 @@ async fn the_openapi_document_covers_every_route() {
     assert!(schemas["ChatCompletionBody"]
         .to_string()
         .contains("CommonOptions"));
+}
+
+/// `response_format` JSON schemas are kept to (constrained decoding), and the default
+/// `max_tokens` of the legacy completions is OpenAI's 16.
+#[tokio::test]
+async fn structured_output_keeps_to_the_schema() {
+    let state = ready_state(&[]);
+    let schema = json!({
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}},
+        "required": ["n", "ok"],
+        "additionalProperties": false
+    });
+    for seed in 0..3 {
+        let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 40, "temperature": 1.0, "seed": seed,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}});
+        let (s, v) = call(
+            &state,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            body.to_string(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let choice = &v["choices"][0];
+        assert_eq!(choice["finish_reason"], "stop", "{v}");
+        let text = choice["message"]["content"].as_str().unwrap();
+        let out: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert!(out["n"].as_u64().is_some_and(|n| n <= 99), "{out}");
+        assert!(out["ok"].is_boolean(), "{out}");
+        assert_eq!(out.as_object().unwrap().len(), 2, "{out}");
+    }
+    let body = json!({"model": MODEL, "prompt": "The sea", "temperature": 0});
+    let (s, v) = call(&state, "POST", "/v1/completions", &[], body.to_string()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 16, "{v}");
+}
+
+/// `--max-model-len` bounds prompt plus completion below the model's context.
+#[tokio::test]
+async fn max_model_len_bounds_each_request() {
+    let state = ready_with(ServerOptions {
+        max_model_len: Some(32),
+        ..options(&[])
+    });
+    let body = json!({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 30});
+    let (s, v) = call(&state, "POST", "/v1/completions", &[], body.to_string()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        openai_error(&v)
+            .contains("max_tokens is 30, but the prompt is 3 tokens and the model's context 32"),
+        "{v}"
+    );
+    let body = json!({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 29});
+    let (s, v) = call(&state, "POST", "/v1/completions", &[], body.to_string()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let body = json!({"model": MODEL, "prompt": vec![5u32; 40]});
+    let (s, v) = call(&state, "POST", "/v1/completions", &[], body.to_string()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        openai_error(&v).contains("the model's context is 32"),
+        "{v}"
+    );
 }

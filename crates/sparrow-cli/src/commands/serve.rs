@@ -41,6 +41,11 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+    /// Longest sequence served, prompt plus completion, in tokens (default: the model's
+    /// context, `max_position_embeddings`); a smaller value bounds each request's time
+    /// and cache (vLLM's `--max-model-len`, llama.cpp's `--ctx-size`).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
+    pub max_model_len: Option<u64>,
     #[command(flatten)]
     pub hold: HoldArgs,
 }
@@ -104,6 +109,7 @@ pub fn run(a: ServeArgs, _progress: bool) -> Result<()> {
             .unwrap_or_else(|| default_name(&a.model)),
         api_keys: read_keys(&a)?,
         max_body_bytes: a.max_body_bytes,
+        max_model_len: a.max_model_len.map(|n| n as usize),
         scheduler,
         prefill_chunk: a.prefill_chunk,
     };

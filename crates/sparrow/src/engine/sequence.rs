@@ -6,6 +6,7 @@ use super::detok::Detokenizer;
 use super::logprobs::{token_logprobs, TokenLogprobs, MAX_TOP_LOGPROBS};
 use super::sampler::{Sampler, SamplerConfig};
 use super::stop::StopMatcher;
+use super::structured::Constraint;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::cache::SeqCache;
@@ -72,6 +73,8 @@ pub enum FinishReason {
     StopToken(u32),
     /// A stop string completed.
     StopString(String),
+    /// The structured output ([`Sequence::constrain`]) is complete: nothing may follow.
+    FormatComplete,
     /// Cancelled by its owner.
     Aborted,
 }
@@ -81,7 +84,9 @@ impl FinishReason {
     pub fn as_str(&self) -> &'static str {
         match self {
             FinishReason::Length | FinishReason::ContextFull => "length",
-            FinishReason::StopToken(_) | FinishReason::StopString(_) => "stop",
+            FinishReason::StopToken(_)
+            | FinishReason::StopString(_)
+            | FinishReason::FormatComplete => "stop",
             FinishReason::Aborted => "abort",
         }
     }
@@ -107,6 +112,8 @@ pub struct Sequence {
     text: String,
     finished: Option<FinishReason>,
     max_positions: usize,
+    /// The format the output must keep to, if any.
+    constraint: Option<Constraint>,
 }
 
 impl std::fmt::Debug for Sequence {
@@ -180,6 +187,7 @@ impl Sequence {
             text: String::new(),
             finished,
             max_positions: max_pos,
+            constraint: None,
         })
     }
 
@@ -214,6 +222,20 @@ impl Sequence {
         seq.fed = cache.len();
         seq.cache = cache;
         Ok(seq)
+    }
+
+    /// Make the output keep to a format (structured output): from the next sampled token
+    /// on, only tokens that continue it can be drawn, and the sequence finishes
+    /// ([`FinishReason::FormatComplete`]) once it is complete. Set it before the first
+    /// token is generated.
+    pub fn constrain(&mut self, constraint: Constraint) -> Result<()> {
+        if !self.generated.is_empty() {
+            return Err(Error::Invalid(
+                "a format must be set before the first token is generated".into(),
+            ));
+        }
+        self.constraint = Some(constraint);
+        Ok(())
     }
 
     /// The sequence's cache, the sequence consumed.
@@ -270,11 +292,14 @@ impl Sequence {
     /// token, which is never emitted).
     pub(crate) fn accept(&mut self, logits: &[f32], tok: Option<&Tokenizer>) -> Result<Accepted> {
         let penalised = self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0;
-        let id = if penalised {
+        let id = if penalised || self.constraint.is_some() {
             let mut row = logits.to_vec();
             for (&t, &c) in &self.counts {
                 row[t as usize] -=
                     self.params.presence_penalty + self.params.frequency_penalty * c as f32;
+            }
+            if let Some(c) = &mut self.constraint {
+                c.mask(&mut row)?;
             }
             self.sampler.sample(&row)
         } else {
@@ -287,6 +312,12 @@ impl Sequence {
             reason = Some(FinishReason::StopToken(id));
         } else {
             self.generated.push(id);
+            if let Some(c) = &mut self.constraint {
+                c.consume(id)?;
+                if c.is_complete() {
+                    reason = Some(FinishReason::FormatComplete);
+                }
+            }
             if penalised {
                 *self.counts.entry(id).or_insert(0) += 1;
             }
