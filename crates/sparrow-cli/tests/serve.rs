@@ -217,6 +217,7 @@ fn the_official_clients_work_against_sparrow_serve() {
         "sparrow_requests_waiting 0\n",
         "sparrow_requests_finished_total{reason=\"abort\"}",
         "sparrow_time_to_first_token_seconds_count",
+        "sparrow_moe_max_vio{layer=",
     ] {
         assert!(metrics.contains(want), "/metrics lacks {want}:\n{metrics}");
     }

@@ -27,6 +27,9 @@ pub struct ServerOptions {
     pub prefill_chunk: usize,
     /// Longest sequence served, prompt plus completion (None: the model's context).
     pub max_model_len: Option<usize>,
+    /// Measure the model's sparse parts as it serves (DSA recall, MoE MaxVio in
+    /// `/metrics`; `EngineOptions::telemetry`).
+    pub model_metrics: bool,
 }
 
 /// The loaded model and the engine thread running it.
@@ -73,6 +76,7 @@ impl AppState {
             tokenizer.clone(),
             EngineOptions {
                 prefill_chunk: self.opts.prefill_chunk,
+                telemetry: self.opts.model_metrics,
                 ..Default::default()
             },
             self.opts.scheduler,

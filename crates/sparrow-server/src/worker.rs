@@ -14,7 +14,7 @@ use sparrow::model::Model;
 use sparrow::tokenizer::Tokenizer;
 use std::collections::HashMap;
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc as tmpsc;
 
 /// What the engine thread tells a request about one of its sequences.
@@ -97,11 +97,18 @@ impl EngineHandle {
     }
 }
 
+/// How often the engine thread publishes the model's telemetry while it steps (it
+/// summarises a window of steps: not worth doing every step).
+const TELEMETRY_EVERY: Duration = Duration::from_millis(500);
+
 fn run(mut sched: Scheduler<'_>, inbox: mpsc::Receiver<Job>, metrics: &Metrics) {
     let mut sinks: HashMap<u64, Sink> = HashMap::new();
     let mut open = true;
+    let mut published = Instant::now();
     loop {
         if sched.is_idle() {
+            // Whatever the last steps measured is visible while the server waits.
+            metrics.model_telemetry(&sched.telemetry());
             if !open {
                 return;
             }
@@ -136,6 +143,10 @@ fn run(mut sched: Scheduler<'_>, inbox: mpsc::Receiver<Job>, metrics: &Metrics) 
                     metrics.batch_size.observe(events.len() as f64);
                 }
                 let now = Instant::now();
+                if now.duration_since(published) >= TELEMETRY_EVERY {
+                    metrics.model_telemetry(&sched.telemetry());
+                    published = now;
+                }
                 for e in events {
                     let Some(sink) = sinks.get_mut(&e.seq) else {
                         continue;

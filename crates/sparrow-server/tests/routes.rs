@@ -24,6 +24,7 @@ fn options(keys: &[&str]) -> ServerOptions {
         scheduler: SchedulerOptions::default(),
         prefill_chunk: 64,
         max_model_len: None,
+        model_metrics: true,
     }
 }
 
@@ -349,5 +350,53 @@ async fn max_model_len_bounds_each_request() {
     assert!(
         openai_error(&v).contains("the model's context is 32"),
         "{v}"
+    );
+}
+
+/// `/metrics` carries the model's own measurements once it has served: each DSA layer's
+/// sampled recall (the bundled model goes sparse past 256 positions) and each MoE
+/// layer's MaxVio.
+#[tokio::test]
+async fn metrics_show_the_models_recall_and_expert_balance() {
+    let state = ready_state(&[]);
+    let cfg = state
+        .ready(sparrow_server::error::Api::OpenAi)
+        .unwrap()
+        .model
+        .cfg
+        .clone();
+    let prompt: Vec<u32> = (0..300u32).map(|i| 10 + (i * 37) % 4000).collect();
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 3, "temperature": 0});
+    let (s, v) = call(&state, "POST", "/v1/completions", &[], body.to_string()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The engine thread publishes when it goes idle, just after the last step.
+    let mut text = String::new();
+    for _ in 0..100 {
+        let (_, m) = call(&state, "GET", "/metrics", &[], Body::empty()).await;
+        text = m["raw"].as_str().unwrap_or_default().to_string();
+        if text.contains("sparrow_dsa_indexer_recall{") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let values = |name: &str| -> Vec<f64> {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{layer=")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect()
+    };
+    let recall = values("sparrow_dsa_indexer_recall");
+    let dsa_layers = (0..cfg.num_hidden_layers)
+        .filter(|&l| cfg.attention_kind(l) == sparrow::config::AttentionKind::Dsa)
+        .count();
+    assert_eq!(recall.len(), dsa_layers, "{text}");
+    assert!(
+        recall.iter().all(|r| (0.0..=1.0 + 1e-6).contains(r)),
+        "{recall:?}"
+    );
+    let max_vio = values("sparrow_moe_max_vio");
+    assert!(
+        !max_vio.is_empty() && max_vio.iter().all(|&v| v >= 0.0),
+        "{text}"
     );
 }

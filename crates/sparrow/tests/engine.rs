@@ -115,6 +115,7 @@ fn stepped_logits(model: &Model, main: &[u32], chunks: &[usize], dense: bool) ->
             all_logits: true,
             dense,
             profile: step == 0,
+            telemetry: false,
         };
         let out = model.step(&mut inputs, &opts).unwrap();
         assert_eq!(out.logits.dims(), &[n + want[0] + want[1], v]);
@@ -489,4 +490,101 @@ fn bench_generate_counts_what_a_decode_step_reads() {
     assert!(close(step_bound_ms(one, 10.0, 1e6), want));
     let want = 1e3 * (one.decode_weight_flops / 1e9 + one.decode_cache_bytes / 1e10);
     assert!(close(step_bound_ms(one, 10.0, 1.0), want));
+}
+
+/// `StepOptions::telemetry`: a DSA layer's sampled recall is the full forward's recall
+/// of the same query (None while the layer still attends densely), and a MoE layer's
+/// counts over the steps are the forward's routing demand.
+#[test]
+fn step_telemetry_matches_the_full_forward() {
+    use sparrow::model::diagnostics::Collect;
+    use sparrow::model::options::ForwardOptions;
+    let chunks = [12, 1, 1, 7, 1, 1, 1];
+    let t: usize = chunks.iter().sum();
+    for (name, cfg) in configs() {
+        let model = random_model(&cfg, 5);
+        let x = ids(t, cfg.vocab_size, 5);
+        let o = ForwardOptions {
+            collect: Collect {
+                recall_from: Some(0),
+                ..Collect::default()
+            },
+            ..Default::default()
+        };
+        let full = model
+            .net
+            .forward_with(&Tensor::from_slice(&x, (1, t), &Device::Cpu).unwrap(), &o)
+            .unwrap();
+        let layers = &full.diagnostics.layers;
+        let mut cache = SeqCache::new(cfg.num_hidden_layers, cfg.kv_cache_dtype);
+        let mut at = 0;
+        let mut demand: Vec<Option<Vec<u64>>> = vec![None; cfg.num_hidden_layers];
+        let mut sampled = 0;
+        for &n in &chunks {
+            let mut inputs = [StepInput {
+                tokens: &x[at..at + n],
+                cache: &mut cache,
+            }];
+            let opts = StepOptions {
+                telemetry: true,
+                ..Default::default()
+            };
+            let out = model.step(&mut inputs, &opts).unwrap();
+            assert_eq!(out.telemetry.len(), cfg.num_hidden_layers, "{name}");
+            let last = at + n - 1;
+            for (l, tel) in out.telemetry.iter().enumerate() {
+                let topk = cfg.index_topk;
+                let sparse = layers[l].recall.is_some() && last + 1 > topk;
+                match (tel.recall, sparse) {
+                    (Some(r), true) => {
+                        let want = layers[l].recall.as_ref().unwrap()[last];
+                        assert!(
+                            (r - want).abs() < 1e-4,
+                            "{name} layer {l} at {last}: {r} vs {want}"
+                        );
+                        sampled += 1;
+                    }
+                    (None, false) => {}
+                    other => panic!("{name} layer {l} at {last}: {other:?}"),
+                }
+                assert_eq!(
+                    tel.routing.is_some(),
+                    layers[l].routing.is_some(),
+                    "{name} {l}"
+                );
+                if let Some(r) = &tel.routing {
+                    assert_eq!(r.tokens, n as u64, "{name}");
+                    let d = demand[l].get_or_insert_with(|| vec![0; r.demand.len()]);
+                    for (a, b) in d.iter_mut().zip(&r.demand) {
+                        *a += b;
+                    }
+                }
+            }
+            at += n;
+        }
+        for (l, d) in demand.iter().enumerate() {
+            if let Some(d) = d {
+                let want = &layers[l].routing.as_ref().unwrap().demand;
+                // Routing is per token; batching may round a near-tie differently.
+                let off: u64 = d.iter().zip(want).map(|(a, b)| a.abs_diff(*b)).sum();
+                assert!(off <= 2, "{name} layer {l}: {d:?} vs {want:?}");
+            }
+        }
+        if name.contains("dsa") {
+            assert!(sampled > 0, "{name}: no step ran sparse");
+        }
+    }
+    // Off: nothing measured.
+    let model = random_model(&tiny_config(), 1);
+    let mut cache = SeqCache::new(model.cfg.num_hidden_layers, model.cfg.kv_cache_dtype);
+    let out = model
+        .step(
+            &mut [StepInput {
+                tokens: &[1, 2, 3],
+                cache: &mut cache,
+            }],
+            &StepOptions::default(),
+        )
+        .unwrap();
+    assert!(out.telemetry.is_empty());
 }

@@ -735,3 +735,73 @@ fn prefill_is_the_same_in_any_chunking() {
         assert_eq!(whole, pieces, "({h},{kv},{d})");
     }
 }
+
+/// The engine's sampled recall over a cache (f32 and f16 rows, GQA groups, a cache with
+/// spare capacity, padded and out-of-range slots) against `selected_mass`, the recall
+/// of the training forward, on the same query.
+#[test]
+fn cached_recall_matches_the_forward_recall() {
+    for (h, groups, d, visible, cap, k, seed) in [
+        (4, 2, 13, 37, 40, 9, 1u64),
+        (8, 1, 24, 65, 65, 17, 2),
+        (3, 3, 7, 5, 9, 8, 3),
+    ] {
+        let q = rand_vec(h * d, seed);
+        let keys = rand_vec(groups * cap * d, seed + 10);
+        let values = rand_vec(groups * cap * d, seed + 20);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut idx: Vec<u32> = (0..visible as u32).collect();
+        idx.shuffle(&mut rng);
+        idx.truncate(k);
+        idx.resize(k, NONE);
+        if k > 2 {
+            idx[k - 1] = (visible + 3) as u32; // past the visible rows: skipped
+        }
+        let scale = 1.0 / (d as f32).sqrt();
+        // The forward's layout: k (B, KV, S, D) with S = visible rows only.
+        let mut k_fwd = Vec::with_capacity(groups * visible * d);
+        for g in 0..groups {
+            k_fwd.extend_from_slice(&keys[g * cap * d..(g * cap + visible) * d]);
+        }
+        let dims = SparseDims {
+            b: 1,
+            t: 1,
+            h,
+            kv: groups,
+            s: visible,
+            d,
+            k,
+        };
+        let want =
+            sparse_attention::selected_mass(dims, scale as f64, &q, &k_fwd, &idx, visible - 1, 0)
+                .unwrap()[0];
+        let rows = KvRows::separate(&keys, &values, groups, d);
+        let got = sparse_attention::selected_mass_cached(&q, &rows, h, visible, &idx, scale);
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+            "h {h} groups {groups}: {got} vs {want}"
+        );
+        // f16 rows: the same recall over the keys rounded to f16.
+        let k16: Vec<half::f16> = keys.iter().map(|&x| half::f16::from_f32(x)).collect();
+        let v16: Vec<half::f16> = values.iter().map(|&x| half::f16::from_f32(x)).collect();
+        let k_fwd16: Vec<f32> = k_fwd
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_f32())
+            .collect();
+        let want16 =
+            sparse_attention::selected_mass(dims, scale as f64, &q, &k_fwd16, &idx, visible - 1, 0)
+                .unwrap()[0];
+        let rows16 = KvRows::separate(&k16, &v16, groups, d);
+        let got16 = sparse_attention::selected_mass_cached(&q, &rows16, h, visible, &idx, scale);
+        assert!(
+            (got16 - want16).abs() <= 1e-5 * want16.abs().max(1.0),
+            "f16: {got16} vs {want16}"
+        );
+        // Fewer slots than rows miss some mass; with every row selected none is missed.
+        if k < visible {
+            assert!(got > 0.0 && got < 1.0, "{got}");
+        } else {
+            assert!((got - 1.0).abs() < 1e-5, "{got}");
+        }
+    }
+}

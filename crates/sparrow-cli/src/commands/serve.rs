@@ -46,6 +46,11 @@ pub struct ServeArgs {
     /// and cache (vLLM's `--max-model-len`, llama.cpp's `--ctx-size`).
     #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
     pub max_model_len: Option<u64>,
+    /// Do not measure the model's sparse parts as it serves (by default each step
+    /// samples one query's DSA recall per sparse layer and counts each MoE layer's
+    /// experts, for `/metrics`).
+    #[arg(long)]
+    pub no_model_metrics: bool,
     #[command(flatten)]
     pub hold: HoldArgs,
 }
@@ -110,6 +115,7 @@ pub fn run(a: ServeArgs, _progress: bool) -> Result<()> {
         api_keys: read_keys(&a)?,
         max_body_bytes: a.max_body_bytes,
         max_model_len: a.max_model_len.map(|n| n as usize),
+        model_metrics: !a.no_model_metrics,
         scheduler,
         prefill_chunk: a.prefill_chunk,
     };

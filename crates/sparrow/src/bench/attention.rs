@@ -164,8 +164,14 @@ impl Layer {
             ..Default::default()
         };
         let layer = &mut cache.layers[0];
-        self.attention()?
-            .step(x, &[seg], &mut [layer], self.model.net.rope(), &opts)
+        self.attention()?.step(
+            x,
+            &[seg],
+            &mut [layer],
+            self.model.net.rope(),
+            &opts,
+            &mut None,
+        )
     }
 }
 

@@ -180,6 +180,7 @@ fn cell(
         prefill_chunk: b.prefill_chunk,
         dense,
         profile: false,
+        telemetry: false,
     };
     let prefill = Engine::new(model, None, opts)?;
     let start = Instant::now();

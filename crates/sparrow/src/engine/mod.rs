@@ -14,6 +14,7 @@ pub mod sequence;
 pub mod step;
 pub mod stop;
 pub mod structured;
+pub mod telemetry;
 
 pub use scheduler::{Refused, Scheduler, SchedulerOptions};
 pub use sequence::{FinishReason, Sequence, SequenceParams};

@@ -117,6 +117,11 @@ impl<'m> Scheduler<'m> {
         self.waiting.len()
     }
 
+    /// The engine's recent telemetry ([`Engine::telemetry`]).
+    pub fn telemetry(&self) -> Vec<crate::engine::telemetry::LayerSummary> {
+        self.engine.telemetry()
+    }
+
     pub fn is_idle(&self) -> bool {
         self.running.is_empty() && self.waiting.is_empty()
     }

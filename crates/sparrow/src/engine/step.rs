@@ -6,6 +6,7 @@
 
 use super::logprobs::TokenLogprobs;
 use super::sequence::{FinishReason, Sequence};
+use super::telemetry::{LayerSummary, TelemetryWindow, DEFAULT_WINDOW};
 use crate::error::{Error, Result};
 use crate::model::step::{StepOptions, StepProfile};
 use crate::model::{Model, StepInput};
@@ -22,6 +23,10 @@ pub struct EngineOptions {
     pub dense: bool,
     /// Accumulate per-layer seconds ([`Engine::profile`]).
     pub profile: bool,
+    /// Measure the model's sparse parts in every step (each DSA layer's recall for one
+    /// sampled query, each MoE layer's expert counts) over a window of recent steps
+    /// ([`Engine::telemetry`]).
+    pub telemetry: bool,
 }
 
 impl Default for EngineOptions {
@@ -30,6 +35,7 @@ impl Default for EngineOptions {
             prefill_chunk: 512,
             dense: false,
             profile: false,
+            telemetry: false,
         }
     }
 }
@@ -58,6 +64,7 @@ pub struct Engine<'m> {
     tokenizer: Option<&'m Tokenizer>,
     opts: EngineOptions,
     profile: std::cell::RefCell<StepProfile>,
+    telemetry: std::cell::RefCell<TelemetryWindow>,
 }
 
 impl<'m> Engine<'m> {
@@ -75,6 +82,10 @@ impl<'m> Engine<'m> {
             tokenizer,
             opts,
             profile: std::cell::RefCell::new(StepProfile::new(model.cfg.num_hidden_layers)),
+            telemetry: std::cell::RefCell::new(TelemetryWindow::new(
+                model.cfg.num_hidden_layers,
+                DEFAULT_WINDOW,
+            )),
         })
     }
 
@@ -85,6 +96,12 @@ impl<'m> Engine<'m> {
     /// Per-layer seconds accumulated over the steps run so far (with `profile`).
     pub fn profile(&self) -> StepProfile {
         self.profile.borrow().clone()
+    }
+
+    /// Each layer's recall and expert balance over the recent steps (with
+    /// `telemetry`; layers without DSA or MoE, or nothing measured yet, have None).
+    pub fn telemetry(&self) -> Vec<LayerSummary> {
+        self.telemetry.borrow().summary()
     }
 
     /// One step over the unfinished sequences of `seqs`; returns one event per sequence
@@ -150,12 +167,14 @@ impl<'m> Engine<'m> {
             all_logits: false,
             dense: self.opts.dense,
             profile: self.opts.profile,
+            telemetry: self.opts.telemetry,
         };
         let out = self.model.step(&mut inputs, &opts)?;
         drop(inputs);
         if let Some(p) = &out.profile {
             self.profile.borrow_mut().add(p);
         }
+        self.telemetry.borrow_mut().push(&out.telemetry);
         let logits: Vec<Vec<f32>> = out.logits.to_dtype(DType::F32)?.to_vec2()?;
         let mut events = Vec::with_capacity(members.len());
         for ((i, n), row) in members.into_iter().zip(logits) {

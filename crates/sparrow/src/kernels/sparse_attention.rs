@@ -743,3 +743,40 @@ pub fn selected_mass(
     });
     Ok(out)
 }
+
+/// [`selected_mass`] of one query over a cache: the engine's sampled recall. q (H, dk)
+/// sits at the last of `visible` positions; `rows` holds the keys (each of its groups
+/// serves H / groups heads); `idx` its selection (`NONE` and slots past `visible` are
+/// skipped). Returns the share of the dense attention mass on the selection, averaged
+/// over heads. O(H * visible * dk).
+pub fn selected_mass_cached<E: CacheElem>(
+    q: &[f32],
+    rows: &KvRows<'_, E>,
+    h: usize,
+    visible: usize,
+    idx: &[u32],
+    scale: f32,
+) -> f32 {
+    let (groups, dk) = (rows.groups.max(1), rows.dk);
+    let gs = (h / groups).max(1);
+    let visible = visible.min(rows.cap);
+    let mut logits = vec![0.0f32; visible];
+    let mut widened = Vec::new();
+    let mut mass = 0.0f64;
+    for hh in 0..h {
+        let g = rows.group(hh / gs);
+        let qh = &q[hh * dk..(hh + 1) * dk];
+        for (j, l) in logits.iter_mut().enumerate() {
+            *l = scale * dot(qh, E::widen(g.key(j), &mut widened));
+        }
+        let m = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        let total: f64 = logits.iter().map(|&x| ((x - m) as f64).exp()).sum();
+        let picked: f64 = idx
+            .iter()
+            .filter(|&&i| slot_valid(i, visible))
+            .map(|&i| ((logits[i as usize] - m) as f64).exp())
+            .sum();
+        mass += picked / total;
+    }
+    (mass / h as f64) as f32
+}

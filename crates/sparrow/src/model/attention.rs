@@ -278,6 +278,7 @@ impl Attention {
         caches: &mut [&mut LayerCache],
         rope: &Rope,
         opts: &StepOptions,
+        recall: &mut Option<f32>,
     ) -> Result<Tensor> {
         let (n, _c) = x.dims2()?;
         let (h, kv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
@@ -300,6 +301,7 @@ impl Attention {
         };
         // Each sequence's selection, cache write and attention; sequences in parallel
         // (each owns its cache).
+        let sampled = SampledRecall::new(opts.telemetry);
         let outs = per_segment(segs, caches, |seg, cache| {
             cache.check_position(seg.pos)?;
             let selection = select_in_step(
@@ -315,11 +317,63 @@ impl Attention {
             vc.append_token_major(&v[rows]);
             let qs = &q[seg.start * h * d..(seg.start + seg.len) * h * d]; // (T, H, D)
             let kvr = CacheRows::separate(kc, vc)?;
+            sampled.measure(seg, qs, &kvr, h, selection.as_deref(), scale);
             Ok(attend_cached(qs, kvr, seg, selection.as_deref(), scale))
         })?;
+        *recall = sampled.take();
         let y: Vec<f32> = outs.concat(); // (N, H*D): segments are consecutive rows
         let y = Tensor::from_vec(y, (n, h * d), x.device())?.to_dtype(x.dtype())?;
         self.o_proj.infer(&y)
+    }
+}
+
+/// The recall a step samples on a DSA layer ([`StepOptions::telemetry`]): the step's
+/// first sequence's last query, when it ran sparse. Filled from inside the per-segment
+/// closures (which may run in parallel), hence the lock.
+pub(crate) struct SampledRecall {
+    on: bool,
+    value: std::sync::Mutex<Option<f32>>,
+}
+
+impl SampledRecall {
+    pub(crate) fn new(on: bool) -> Self {
+        Self {
+            on,
+            value: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Measure segment `seg` (queries qs (T, H, dk) over `rows`, `selection` (T, K))
+    /// if it is the step's first and ran sparse.
+    pub(crate) fn measure(
+        &self,
+        seg: &Segment,
+        qs: &[f32],
+        rows: &CacheRows<'_>,
+        heads: usize,
+        selection: Option<&[u32]>,
+        scale: f32,
+    ) {
+        let (Some(sel), true) = (selection, self.on && seg.start == 0) else {
+            return;
+        };
+        let (t, width) = (seg.len, qs.len() / seg.len.max(1));
+        let k = sel.len() / t.max(1);
+        let last = t - 1;
+        let r = rows.selected_mass(
+            &qs[last * width..(last + 1) * width],
+            heads,
+            seg.visible(),
+            &sel[last * k..(last + 1) * k],
+            scale,
+        );
+        if let Ok(mut v) = self.value.lock() {
+            *v = Some(r);
+        }
+    }
+
+    pub(crate) fn take(self) -> Option<f32> {
+        self.value.into_inner().ok().flatten()
     }
 }
 

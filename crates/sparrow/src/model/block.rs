@@ -11,7 +11,7 @@ use super::norm::RmsNorm;
 use super::options::ForwardOptions;
 use super::params::Vb;
 use super::rope::Rope;
-use super::step::{Lap, Segment, StepOptions};
+use super::step::{Lap, LayerTelemetry, Segment, StepOptions};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use candle_core::Tensor;
@@ -123,19 +123,26 @@ impl Block {
         caches: &mut [&mut LayerCache],
         opts: &StepOptions,
         secs: (&mut f64, &mut f64),
+        tel: &mut LayerTelemetry,
     ) -> Result<Tensor> {
         let mut lap = Lap::start(opts.profile);
         let h = self.input_layernorm.forward(x)?;
         let a = match &self.self_attn {
-            SelfAttn::Standard(attn) => attn.step(&h, segs, caches, rope, opts)?,
-            SelfAttn::Mla(mla) => mla.step(&h, segs, caches, opts)?,
+            SelfAttn::Standard(attn) => attn.step(&h, segs, caches, rope, opts, &mut tel.recall)?,
+            SelfAttn::Mla(mla) => mla.step(&h, segs, caches, opts, &mut tel.recall)?,
         };
         let x = (x + a)?;
         *secs.0 += lap.lap();
         let h = self.post_attention_layernorm.forward(&x)?;
         let f = match &self.mlp {
             Ffn::Dense(mlp) => mlp.infer(&h)?,
-            Ffn::Moe(moe) => moe.infer(&h, token_ids)?,
+            Ffn::Moe(moe) => {
+                let (y, routing) = moe.infer(&h, token_ids)?;
+                if opts.telemetry {
+                    tel.routing = Some(routing);
+                }
+                y
+            }
         };
         let x = (x + f)?;
         *secs.1 += lap.lap();

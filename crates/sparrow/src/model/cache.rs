@@ -219,6 +219,24 @@ impl<'a> CacheRows<'a> {
             RowSlice::F16(k) => Self::F16(KvRows::key_prefix(k, store.width, dv)),
         }
     }
+
+    /// The share of query q's (H, dk) dense attention mass, averaged over heads, that
+    /// falls on `selection` among the first `visible` rows
+    /// ([`crate::kernels::sparse_attention::selected_mass_cached`]).
+    pub fn selected_mass(
+        &self,
+        q: &[f32],
+        heads: usize,
+        visible: usize,
+        selection: &[u32],
+        scale: f32,
+    ) -> f32 {
+        use crate::kernels::sparse_attention::selected_mass_cached as mass;
+        match self {
+            Self::F32(r) => mass(q, r, heads, visible, selection, scale),
+            Self::F16(r) => mass(q, r, heads, visible, selection, scale),
+        }
+    }
 }
 
 /// One layer's cached entries.

@@ -15,7 +15,7 @@
 //! scores `q_lat_h . c + q_rot_h . kr` (MQA over the cached latent), then
 //! `y_h = W_UV_h (sum_s p_s c_s)`, so nothing per head is ever built for the cache.
 
-use super::attention::{attend_cached, dense_kl, full_recall, kl_loss};
+use super::attention::{attend_cached, dense_kl, full_recall, kl_loss, SampledRecall};
 use super::cache::{CacheRows, LayerCache};
 use super::diagnostics::LayerDiagnostics;
 use super::indexer::IndexerOut;
@@ -332,6 +332,7 @@ impl Mla {
         segs: &[Segment],
         caches: &mut [&mut LayerCache],
         opts: &StepOptions,
+        recall: &mut Option<f32>,
     ) -> Result<Tensor> {
         let (n, _c) = x.dims2()?;
         let (h, dn, dr, r, dv) = (self.n_heads, self.nope, self.rot, self.rank, self.v_dim);
@@ -394,6 +395,7 @@ impl Mla {
         let scale = 1.0 / ((dn + dr) as f32).sqrt();
         // Each sequence's selection, latent-store write and attention; sequences in
         // parallel (each owns its cache).
+        let sampled = SampledRecall::new(opts.telemetry);
         let outs = per_segment(segs, caches, |seg, cache| {
             let selection = select_in_step(
                 self.selector.as_ref(),
@@ -406,8 +408,10 @@ impl Mla {
             store.append_token_major(&rows[seg.start * w..(seg.start + seg.len) * w]);
             let kv = CacheRows::key_prefix(store, r);
             let qs = &qa[seg.start * h * w..(seg.start + seg.len) * h * w];
+            sampled.measure(seg, qs, &kv, h, selection.as_deref(), scale);
             Ok(attend_cached(qs, kv, seg, selection.as_deref(), scale)) // (T, H, r)
         })?;
+        *recall = sampled.take();
         let y_lat: Vec<f32> = outs.concat(); // (N, H, r): segments are consecutive rows
         let y = Tensor::from_vec(y_lat, (n, h, r), x.device())?
             .to_dtype(w_uv_t.dtype())?

@@ -82,15 +82,22 @@ impl Moe {
         self.forward_impl(x, token_ids, capacity, Self::routed)
     }
 
-    /// Inference over packed rows x (N, C): routing without capacity, losses or
-    /// statistics, then the same bucketed experts. -> (N, C).
-    pub fn infer(&self, xs: &Tensor, token_ids: &[u32]) -> Result<Tensor> {
+    /// Inference over packed rows x (N, C): routing without capacity or losses, then
+    /// the same bucketed experts. -> ((N, C), the router's counts over the N tokens).
+    pub fn infer(&self, xs: &Tensor, token_ids: &[u32]) -> Result<(Tensor, RoutingStats)> {
         let routing = self.gate.route_with(xs, token_ids, false, false)?;
         let mut y = self.routed_with(xs, &routing, Mlp::infer)?;
         if let Some(shared) = &self.shared_experts {
             y = (y + shared.infer(xs)?)?;
         }
-        Ok(y)
+        // No capacity here: every slot chosen is processed (demand = load).
+        let mut stats = RoutingStats::new(self.gate.n_experts);
+        stats.tokens = token_ids.len() as u64;
+        for &id in routing.expert_ids.iter().filter(|&&id| id != DROPPED) {
+            stats.demand[id as usize] += 1;
+        }
+        stats.load.clone_from(&stats.demand);
+        Ok((y, stats))
     }
 
     /// The plain reference of `forward`: the same routing, then a loop over tokens and

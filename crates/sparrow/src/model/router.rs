@@ -69,7 +69,7 @@ pub struct Router {
     pub e_score_correction_bias: Option<Tensor>,
     kind: RouterKind,
     layer: usize,
-    n_experts: usize,
+    pub(crate) n_experts: usize,
     top_k: usize,
     norm_topk_prob: bool,
     z_loss: bool,

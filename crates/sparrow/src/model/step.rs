@@ -5,6 +5,7 @@
 //! sequence's cache with the fast kernels (flash-decoding, blocked causal prefill,
 //! the fused indexer top-k and sparse attention).
 
+use super::utilization::RoutingStats;
 use crate::error::{Error, Result};
 use crate::kernels::pool;
 use std::time::Instant;
@@ -41,6 +42,20 @@ pub struct StepOptions {
     pub dense: bool,
     /// Time each layer's attention and FFN ([`StepProfile`]).
     pub profile: bool,
+    /// Measure what the model's sparse parts did ([`LayerTelemetry`]): each MoE layer's
+    /// expert counts and, on each DSA layer that ran sparse for the step's first
+    /// sequence, the recall of its last query (one O(H * positions) dense pass).
+    pub telemetry: bool,
+}
+
+/// What one layer's sparse parts did in a step (with [`StepOptions::telemetry`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LayerTelemetry {
+    /// MoE layers: the router's expert counts over the step's tokens.
+    pub routing: Option<RoutingStats>,
+    /// DSA layers that ran sparse for the step's first sequence: the share of its last
+    /// query's dense attention mass (mean over heads) on the indexer's selection.
+    pub recall: Option<f32>,
 }
 
 /// Seconds spent per layer in one or more steps.

@@ -9,7 +9,7 @@ use super::norm::RmsNorm;
 pub use super::options::ForwardOptions;
 use super::params::{Init, Vb};
 use super::rope::Rope;
-use super::step::{Lap, Segment, StepOptions, StepProfile};
+use super::step::{Lap, LayerTelemetry, Segment, StepOptions, StepProfile};
 use super::utilization::RoutingStats;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -229,6 +229,9 @@ pub struct StepOutput {
     pub logits: Tensor,
     /// Per-layer seconds, when asked for.
     pub profile: Option<StepProfile>,
+    /// Per layer: what its sparse parts did (with `StepOptions::telemetry`; empty
+    /// otherwise).
+    pub telemetry: Vec<LayerTelemetry>,
 }
 
 impl Transformer {
@@ -287,6 +290,7 @@ impl Transformer {
             .embed_tokens
             .rows(&Tensor::from_slice(&ids, n, dev)?, &ids)?; // (N, C)
         let mut head = lap.lap();
+        let mut telemetry = vec![LayerTelemetry::default(); n_layers];
         for (l, layer) in self.layers.iter().enumerate() {
             let mut caches: Vec<&mut LayerCache> = inputs
                 .iter_mut()
@@ -301,6 +305,7 @@ impl Transformer {
                 &mut caches,
                 opts,
                 (&mut ta, &mut tf),
+                &mut telemetry[l],
             )?;
             if let Some(p) = &mut prof {
                 p.attention[l] += ta;
@@ -322,9 +327,13 @@ impl Transformer {
         if let Some(p) = &mut prof {
             p.head = head;
         }
+        if !opts.telemetry {
+            telemetry.clear();
+        }
         Ok(StepOutput {
             logits,
             profile: prof,
+            telemetry,
         })
     }
 }
