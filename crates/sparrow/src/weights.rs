@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use safetensors::{Dtype, SafeTensors};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// Write `tensors` (name, tensor) with string `metadata` to `path` atomically.
@@ -27,13 +27,12 @@ pub fn serialize(
 ) -> Result<Vec<u8>> {
     let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut header = serde_json::Map::new(); // BTreeMap-backed: sorted keys
+    // BTreeMaps, not serde_json::Map: its key order is insertion order when a
+    // dependency turns on serde_json's `preserve_order` (llguidance does).
+    let mut header: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     if !metadata.is_empty() {
-        let meta: serde_json::Map<String, serde_json::Value> = metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone().into()))
-            .collect();
-        header.insert("__metadata__".into(), meta.into());
+        let meta: BTreeMap<&String, &String> = metadata.iter().collect();
+        header.insert("__metadata__".into(), serde_json::json!(meta));
     }
     let mut data = Vec::new();
     for (name, t) in sorted {
@@ -44,7 +43,7 @@ pub fn serialize(
             serde_json::json!({ "dtype": dtype, "shape": t.dims(), "data_offsets": [start, data.len()] }),
         );
     }
-    let mut head = serde_json::to_vec(&serde_json::Value::Object(header))
+    let mut head = serde_json::to_vec(&header)
         .map_err(|e| Error::Invalid(format!("safetensors header: {e}")))?;
     while head.len() % 8 != 0 {
         head.push(b' '); // the format pads the header to 8-byte alignment with spaces
