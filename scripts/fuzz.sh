@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every cargo-fuzz target (fuzz/fuzz_targets) for SECONDS each, seeded from the repo's
-# real files (GGUF and safetensors fixtures, configs, chat templates, a tokenizer), with
+# real files (GGUF and safetensors fixtures, configs, chat templates, a tokenizer, request
+# bodies of both APIs), with
 # libFuzzer's 2 GB RSS limit and a 10 s per-input timeout; prints executions and
 # coverage per target and fails on any crash, hang or out-of-memory (the input is left
 # in fuzz/artifacts/TARGET/).
@@ -14,7 +15,7 @@ secs=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(gguf safetensors config_json tokenizer_json chat_template topk expert_dispatch indexer_topk)
+  targets=(gguf safetensors config_json tokenizer_json chat_template topk expert_dispatch indexer_topk requests)
 fi
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
@@ -32,6 +33,7 @@ seed config_json configs/*.json fixtures/hf/*/config.json models/sparrow-small/c
 seed tokenizer_json fuzz/seeds/tokenizer_json/*
 seed chat_template fuzz/seeds/chat_template/*
 seed expert_dispatch fuzz/seeds/expert_dispatch/*
+seed requests fuzz/seeds/requests/*
 
 summary=()
 for t in "${targets[@]}"; do

@@ -162,8 +162,10 @@ pub async fn start(
             api,
         ));
     }
+    // Without max_tokens: the rest of the context, or of the cache budget when smaller.
+    let budget = state.opts.scheduler.max_cache_positions;
     let max_new = match s.max_tokens {
-        None => room,
+        None => room.min(budget.saturating_sub(ids.len())).max(1),
         Some(0) => return Err(ApiError::bad_request("max_tokens must be at least 1", api)),
         Some(m) if m as usize > room => {
             return Err(ApiError::bad_request(
@@ -176,6 +178,17 @@ pub async fn start(
         }
         Some(m) => m as usize,
     };
+    // What the sequence reserves must fit the batch's cache budget on its own.
+    if ids.len() + max_new > budget {
+        return Err(ApiError::bad_request(
+            format!(
+                "the prompt is {} tokens and max_tokens {max_new}: {} cache positions, more than this server's budget of {budget} (--max-cache-tokens)",
+                ids.len(),
+                ids.len() + max_new
+            ),
+            api,
+        ));
+    }
     let top_k = match s.top_k {
         None => 0,
         Some(k) if k <= 0 => 0, // -1 or 0: off, as vLLM and llama.cpp read it

@@ -243,6 +243,13 @@ fn take(sched: &mut Scheduler<'_>, sinks: &mut HashMap<u64, Sink>, job: Job, met
         Err(Refused::QueueFull(_)) => {
             let _ = job.updates.send(Update::QueueFull);
         }
+        Err(Refused::TooLarge(s)) => {
+            // The handlers check this first; reaching here is a bug worth a clear line.
+            let _ = job.updates.send(Update::Failed(format!(
+                "the sequence reserves {} cache positions, more than the server's budget",
+                s.reserved_positions()
+            )));
+        }
         Err(Refused::DuplicateId(_)) => {
             let _ = job.updates.send(Update::Failed(format!(
                 "sequence id {id} is already in use"

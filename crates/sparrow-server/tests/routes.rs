@@ -400,3 +400,36 @@ async fn metrics_show_the_models_recall_and_expert_balance() {
         "{text}"
     );
 }
+
+/// `--max-cache-tokens`: a request that could never fit the batch's cache budget is a
+/// 400 naming the numbers; without max_tokens a chat gets what the budget leaves.
+#[tokio::test]
+async fn the_cache_budget_bounds_each_request() {
+    let state = ready_with(ServerOptions {
+        scheduler: SchedulerOptions {
+            max_cache_positions: 40,
+            ..SchedulerOptions::default()
+        },
+        ..options(&[])
+    });
+    let body = json!({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 38});
+    let (s, v) = call(&state, "POST", "/v1/completions", &[], body.to_string()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        openai_error(&v).contains("41 cache positions, more than this server's budget of 40"),
+        "{v}"
+    );
+    let body =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 0});
+    let (s, v) = call(
+        &state,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let u = &v["usage"];
+    assert!(u["total_tokens"].as_u64().unwrap() <= 40, "{v}");
+}

@@ -78,6 +78,7 @@ fn late_joiners_and_waiting_sequences_generate_what_they_do_alone() {
         max_batch: 3,
         max_queue: 8,
         prefill_budget: 10,
+        ..Default::default()
     };
     let mut sched = Scheduler::new(engine(&model), opts).unwrap();
     let mut got: HashMap<u64, Vec<u32>> = HashMap::new();
@@ -140,6 +141,7 @@ fn the_prefill_budget_bounds_each_step_and_decodes_keep_flowing() {
         max_batch: 4,
         max_queue: 4,
         prefill_budget: budget,
+        ..Default::default()
     };
     let mut sched = Scheduler::new(engine(&model), opts).unwrap();
     sched.submit(seq(&model, 1, 2, 40)).unwrap();
@@ -175,6 +177,7 @@ fn a_full_queue_refuses_and_a_cancel_frees_the_slot() {
         max_batch: 1,
         max_queue: 1,
         prefill_budget: 64,
+        ..Default::default()
     };
     let mut sched = Scheduler::new(engine(&model), opts).unwrap();
     sched.submit(seq(&model, 1, 4, 100)).unwrap();
@@ -213,4 +216,42 @@ fn a_full_queue_refuses_and_a_cancel_frees_the_slot() {
         }
     )
     .is_err());
+}
+
+/// The running sequences' reserved cache positions stay within `max_cache_positions`:
+/// a sequence that fits runs beside the others, one that does not waits (in arrival
+/// order) until enough has finished, and one that could never fit is refused.
+#[test]
+fn the_cache_budget_bounds_what_runs_together() {
+    let model = model();
+    let opts = SchedulerOptions {
+        max_batch: 8,
+        max_queue: 8,
+        prefill_budget: 64,
+        max_cache_positions: 30,
+    };
+    let mut sched = Scheduler::new(engine(&model), opts).unwrap();
+    // 4 + 10 and 4 + 8 positions: together 26 <= 30.
+    sched.submit(seq(&model, 1, 4, 10)).unwrap();
+    sched.submit(seq(&model, 2, 4, 8)).unwrap();
+    // 4 + 6 = 10 more would make 36: waits; the small one behind it waits too (FIFO).
+    sched.submit(seq(&model, 3, 4, 6)).unwrap();
+    sched.submit(seq(&model, 4, 2, 1)).unwrap();
+    match sched.submit(seq(&model, 5, 20, 11)) {
+        Err(Refused::TooLarge(s)) => assert_eq!(s.reserved_positions(), 31),
+        other => panic!("expected too large, got {other:?}"),
+    }
+    sched.step().unwrap();
+    assert_eq!((sched.running(), sched.waiting()), (2, 2));
+    let mut started = std::collections::HashMap::new();
+    let mut step = 0;
+    while !sched.is_idle() {
+        step += 1;
+        for e in sched.step().unwrap() {
+            started.entry(e.seq).or_insert(step);
+        }
+        assert!(sched.running() <= 3, "step {step}");
+    }
+    // 2 generates its 8 tokens in steps 0-7; only then do 3 and 4 fit (14 + 10 + 3).
+    assert_eq!((started[&3], started[&4]), (8, 8), "{started:?}");
 }

@@ -4,6 +4,7 @@
 
 use crate::common::{load_model_as, HoldArgs, DEFAULT_MODEL};
 use anyhow::{bail, Context, Result};
+use sparrow::engine::scheduler::DEFAULT_MAX_CACHE_POSITIONS;
 use sparrow::engine::SchedulerOptions;
 use sparrow_server::limits::DEFAULT_MAX_BODY_BYTES;
 use sparrow_server::{AppState, ServerOptions};
@@ -46,6 +47,11 @@ pub struct ServeArgs {
     /// and cache (vLLM's `--max-model-len`, llama.cpp's `--ctx-size`).
     #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
     pub max_model_len: Option<u64>,
+    /// KV cache budget in token positions over all running requests, each counted at
+    /// its prompt plus its max_tokens (or the rest of the context): a request waits until
+    /// it fits, one that never could gets 400 (llama.cpp's --ctx-size for its slots).
+    #[arg(long, default_value_t = DEFAULT_MAX_CACHE_POSITIONS)]
+    pub max_cache_tokens: usize,
     /// Do not measure the model's sparse parts as it serves (by default each step
     /// samples one query's DSA recall per sparse layer and counts each MoE layer's
     /// experts, for `/metrics`).
@@ -105,6 +111,7 @@ pub fn run(a: ServeArgs, _progress: bool) -> Result<()> {
         max_batch: a.max_batch,
         max_queue: a.max_queue,
         prefill_budget: a.prefill_chunk,
+        max_cache_positions: a.max_cache_tokens,
     };
     scheduler.validate()?;
     let opts = ServerOptions {

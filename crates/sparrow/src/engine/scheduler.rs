@@ -3,7 +3,9 @@
 //! every decoding sequence its last token and the prefilling ones prompt chunks within a
 //! per-step token budget, then drops whatever ended. A new request therefore joins at
 //! the next step, a long prompt is fed in pieces beside the running decodes, and a
-//! finished or cancelled sequence frees its slot (and its cache) at once.
+//! finished or cancelled sequence frees its slot (and its cache) at once. The cache
+//! positions the running sequences reserve together stay within a budget, so no mix of
+//! requests can make the batch's cache outgrow it.
 //!
 //! The scheduler is synchronous and owns no thread: the server runs it on its engine
 //! thread, tests drive it step by step.
@@ -22,7 +24,17 @@ pub struct SchedulerOptions {
     pub max_queue: usize,
     /// Most prompt tokens fed in one step, over all prefilling sequences.
     pub prefill_budget: usize,
+    /// Most cache positions the running sequences may hold together, each counted at
+    /// what it reserves ([`Sequence::reserved_positions`]: its prompt plus its token
+    /// budget, within the context). A waiting sequence starts when it fits; one that
+    /// could never fit is refused. This bounds the cache memory of the whole batch (as
+    /// llama.cpp's `--ctx-size` does for its slots).
+    pub max_cache_positions: usize,
 }
+
+/// [`SchedulerOptions::max_cache_positions`] unless told otherwise: 256K positions
+/// (SmolLM2-135M's f16 cache: 5.6 GiB; the bundled model's f32 cache: 1.5 GiB).
+pub const DEFAULT_MAX_CACHE_POSITIONS: usize = 1 << 18;
 
 impl Default for SchedulerOptions {
     fn default() -> Self {
@@ -30,16 +42,17 @@ impl Default for SchedulerOptions {
             max_batch: 16,
             max_queue: 64,
             prefill_budget: 512,
+            max_cache_positions: DEFAULT_MAX_CACHE_POSITIONS,
         }
     }
 }
 
 impl SchedulerOptions {
     pub fn validate(&self) -> Result<()> {
-        if self.max_batch == 0 || self.prefill_budget == 0 {
+        if self.max_batch == 0 || self.prefill_budget == 0 || self.max_cache_positions == 0 {
             return Err(Error::Invalid(format!(
-                "max_batch ({}) and prefill_budget ({}) must be at least 1",
-                self.max_batch, self.prefill_budget
+                "max_batch ({}), prefill_budget ({}) and max_cache_positions ({}) must be at least 1",
+                self.max_batch, self.prefill_budget, self.max_cache_positions
             )));
         }
         Ok(())
@@ -53,6 +66,9 @@ pub enum Refused {
     QueueFull(Box<Sequence>),
     /// A sequence with this id is already queued or running.
     DuplicateId(Box<Sequence>),
+    /// The sequence reserves more cache positions than `max_cache_positions`: it could
+    /// never run.
+    TooLarge(Box<Sequence>),
 }
 
 /// Runs any number of sequences through one engine, `max_batch` at a time.
@@ -78,6 +94,9 @@ impl<'m> Scheduler<'m> {
     pub fn submit(&mut self, seq: Sequence) -> std::result::Result<(), Refused> {
         if self.get(seq.id).is_some() {
             return Err(Refused::DuplicateId(Box::new(seq)));
+        }
+        if seq.reserved_positions() > self.opts.max_cache_positions {
+            return Err(Refused::TooLarge(Box::new(seq)));
         }
         if self.waiting.len() >= self.opts.max_queue {
             return Err(Refused::QueueFull(Box::new(seq)));
@@ -139,7 +158,16 @@ impl<'m> Scheduler<'m> {
     /// finished, with a budget of 0 tokens, gets its `Length` event here).
     pub fn step(&mut self) -> Result<Vec<StepEvent>> {
         let mut events = Vec::new();
+        let mut reserved: usize = self.running.iter().map(Sequence::reserved_positions).sum();
         while self.running.len() < self.opts.max_batch {
+            // In arrival order: the first waiting sequence starts once its cache fits.
+            let fits = self.waiting.front().is_some_and(|s| {
+                s.is_finished()
+                    || reserved + s.reserved_positions() <= self.opts.max_cache_positions
+            });
+            if !fits {
+                break;
+            }
             let Some(seq) = self.waiting.pop_front() else {
                 break;
             };
@@ -154,6 +182,7 @@ impl<'m> Scheduler<'m> {
                 });
                 continue;
             }
+            reserved += seq.reserved_positions();
             self.running.push(seq);
         }
         if !self.running.is_empty() {

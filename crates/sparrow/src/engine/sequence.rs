@@ -170,7 +170,7 @@ impl Sequence {
         }
         let sampler = Sampler::new(params.sampler, params.seed)?;
         let mut cache = SeqCache::new(cfg.num_hidden_layers, cfg.kv_cache_dtype);
-        cache.reserve((prompt.len() + params.max_new_tokens).min(max_pos));
+        cache.reserve((prompt.len() + params.max_new_tokens).min(max_pos)); // reserved_positions
         let finished = (params.max_new_tokens == 0).then_some(FinishReason::Length);
         Ok(Self {
             id,
@@ -255,6 +255,12 @@ impl Sequence {
     /// Text emitted so far.
     pub fn text(&self) -> &str {
         &self.text
+    }
+
+    /// Cache positions this sequence may come to hold (and reserves up front): its
+    /// prompt plus its token budget, within the model's context.
+    pub fn reserved_positions(&self) -> usize {
+        (self.prompt.len() + self.params.max_new_tokens).min(self.max_positions)
     }
 
     /// Positions in the cache.
