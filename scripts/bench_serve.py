@@ -102,7 +102,9 @@ def start_llamacpp(args):
     threads = str(os.cpu_count() or 1)
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf_path(args.model), "--model_alias", args.model,
            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", threads,
-           "--n_threads_batch", threads]
+           "--n_threads_batch", threads,
+           # By default a new request interrupts the one running; queue them instead.
+           "--interrupt_requests", "False"]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -122,10 +124,13 @@ def one_request(client, model, i, max_tokens):
     first = None
     tokens = None
     chunks = 0
+    finish = None
     stream = client.completions.create(model=model, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens,
                                        temperature=0.8, seed=i, stream=True,
                                        stream_options={"include_usage": True})
     for ch in stream:
+        if ch.choices and ch.choices[0].finish_reason:
+            finish = ch.choices[0].finish_reason
         if ch.choices and ch.choices[0].text:
             chunks += 1
             if first is None:
@@ -133,7 +138,8 @@ def one_request(client, model, i, max_tokens):
         if ch.usage is not None:
             tokens = ch.usage.completion_tokens
     # A server that sends no usage chunk (llama-cpp-python) streams one token per chunk.
-    return first if first is not None else float("nan"), tokens if tokens is not None else chunks
+    n = tokens if tokens is not None else chunks
+    return first if first is not None else float("nan"), n, finish in ("length", "stop")
 
 
 def level(client, model, n, max_tokens):
@@ -144,7 +150,8 @@ def level(client, model, n, max_tokens):
     tokens = sum(r[1] for r in results)
     ttfts = [r[0] for r in results]
     return {"clients": n, "tokens": tokens, "wall": wall, "agg": tokens / wall,
-            "ttft_p50": statistics.median(ttfts), "ttft_max": max(ttfts)}
+            "ttft_p50": statistics.median(ttfts), "ttft_max": max(ttfts),
+            "complete": sum(r[2] for r in results)}
 
 
 def measure(url, args):
@@ -164,11 +171,11 @@ def measure(url, args):
 def table(name, rows):
     base = rows[0]["agg"]
     print(f"\n**{name}**\n")
-    print("| clients | generated tokens | wall s | aggregate tok/s | x one client | TTFT p50 ms | TTFT max ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| clients | requests completed | generated tokens | wall s | aggregate tok/s | x one client | TTFT p50 ms | TTFT max ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['clients']} | {r['tokens']} | {r['wall']:.2f} | {r['agg']:.1f} | {r['agg'] / base:.2f} | "
-              f"{r['ttft_p50'] * 1000:.0f} | {r['ttft_max'] * 1000:.0f} |")
+        print(f"| {r['clients']} | {r['complete']} | {r['tokens']} | {r['wall']:.2f} | {r['agg']:.1f} | "
+              f"{r['agg'] / base:.2f} | {r['ttft_p50'] * 1000:.0f} | {r['ttft_max'] * 1000:.0f} |")
 
 
 def main():
