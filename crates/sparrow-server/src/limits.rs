@@ -1,6 +1,15 @@
 //! Every size a request states has a limit here, checked before anything is allocated
 //! for it (the body's own size is bounded first, by `ServerOptions::max_body_bytes`).
-//! Larger values get a 400 naming the field and the limit.
+//! Larger values get a 400 naming the field and the limit. The others live where they
+//! are enforced:
+//! - `max_tokens` / `max_completion_tokens`: the context left after the prompt
+//!   (`--max-model-len` or the model's), and with the prompt at most the scheduler's
+//!   cache budget (`--max-cache-tokens`, `SchedulerOptions::max_cache_positions`), which
+//!   also bounds the cache of all running requests together;
+//! - `top_logprobs` / `logprobs`: `sparrow::engine::logprobs::MAX_TOP_LOGPROBS` (20);
+//! - waiting requests: `--max-queue` (then 429), running ones `--max-batch`;
+//! - `response_format` schemas: llguidance's `ParserLimits` (grammar size, lexer fuel per
+//!   token), checked when the schema is compiled (a 400) and at every token.
 
 /// Choices per request (`n`).
 pub const MAX_CHOICES: usize = 8;

@@ -685,6 +685,19 @@ impl CustomOp1 for SteGate {
     }
 }
 
+/// The share of softmax(`logits`) on the positions `ids` names (`NONE` and ids past
+/// the logits skipped), in f64.
+fn softmax_mass_on(logits: &[f32], ids: &[u32]) -> f64 {
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    let total: f64 = logits.iter().map(|&x| ((x - m) as f64).exp()).sum();
+    let picked: f64 = ids
+        .iter()
+        .filter(|&&i| slot_valid(i, logits.len()))
+        .map(|&i| ((logits[i as usize] - m) as f64).exp())
+        .sum();
+    picked / total
+}
+
 /// Indexer recall: for each query (B, T), the share of the dense causal attention mass,
 /// averaged over heads, that falls on its selected positions. q (B, T, H, D); k
 /// (B, KV, S, D); query t sits at position `offset + t`. Queries with t < `from` are
@@ -729,14 +742,7 @@ pub fn selected_mass(
                 for (j, l) in logits.iter_mut().enumerate() {
                     *l = scale * dot(qh, &kg[j * d..(j + 1) * d]);
                 }
-                let m = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                let total: f64 = logits.iter().map(|&x| ((x - m) as f64).exp()).sum();
-                let picked: f64 = ids
-                    .iter()
-                    .filter(|&&i| slot_valid(i, visible))
-                    .map(|&i| ((logits[i as usize] - m) as f64).exp())
-                    .sum();
-                mass += picked / total;
+                mass += softmax_mass_on(&logits, ids);
             }
         }
         *o = (mass / h as f64) as f32;
@@ -769,14 +775,7 @@ pub fn selected_mass_cached<E: CacheElem>(
         for (j, l) in logits.iter_mut().enumerate() {
             *l = scale * dot(qh, E::widen(g.key(j), &mut widened));
         }
-        let m = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-        let total: f64 = logits.iter().map(|&x| ((x - m) as f64).exp()).sum();
-        let picked: f64 = idx
-            .iter()
-            .filter(|&&i| slot_valid(i, visible))
-            .map(|&i| ((logits[i as usize] - m) as f64).exp())
-            .sum();
-        mass += picked / total;
+        mass += softmax_mass_on(&logits, idx);
     }
     (mass / h as f64) as f32
 }
