@@ -100,6 +100,12 @@ enum Command {
     },
     /// Train a model from a config on a corpus (or resume a run).
     Train(Box<train::TrainArgs>),
+    /// Sparse attention on a pretrained dense model (DeepSeek-V3.2's recipe): `attach`
+    /// indexers as an adapter, then train them with `train --trainable indexer`.
+    Dsa {
+        #[command(subcommand)]
+        cmd: dsa::DsaCmd,
+    },
     /// Generate text from a model directory, streaming to stdout.
     Generate(generate::GenerateArgs),
     /// Measure kernels against this machine's limits.
@@ -185,6 +191,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Corpus { cmd } => corpus::run(cmd, progress),
         Command::Tokenizer { cmd } => tokenizer::run(cmd, progress),
         Command::Train(a) => train::run(*a, progress),
+        Command::Dsa { cmd } => dsa::run(cmd, progress),
         Command::Generate(a) => generate::run(a, progress),
         Command::Bench { cmd } => bench::run(cmd, progress),
         Command::Eval { cmd } => eval::run(cmd, progress),

@@ -1386,6 +1386,111 @@ fn default_model_generates_from_the_repository_root() {
     );
 }
 
+#[test]
+fn dsa_attach_then_train_the_indexers_and_generate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = common::repo_root().join("fixtures/gguf/tiny-llama-gqa-untied.gguf");
+    let base = base.to_str().unwrap();
+    let adapter = tmp.path().join("adapter");
+    let attach = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "dsa",
+            "attach",
+            "--model",
+            base,
+            "--topk",
+            "4",
+            "--index-heads",
+            "2",
+            "--index-head-dim",
+            "8",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        sparrow(&args)
+    };
+    let out = attach(&adapter, &["--layers", "1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("to 1 of 2 layers"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(adapter.join("adapter.json").is_file());
+    // Bad input: a non-empty output, layers the model lacks, an index head size the
+    // RoPE slice does not fit.
+    let out = attach(&adapter, &[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not empty"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = attach(&tmp.path().join("b"), &["--layers", "1-7"]);
+    assert!(
+        text(&out.stderr).contains("--layers"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = attach(&tmp.path().join("c"), &["--index-rope-dim", "10"]);
+    assert!(
+        text(&out.stderr).contains("index_rope_head_dim"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The indexers train alone (the adapter says which parameters), as an adapter run.
+    let corpus = tmp.path().join("corpus");
+    common::write_synthetic_corpus(&corpus);
+    let run = tmp.path().join("run");
+    let out = sparrow(&[
+        "--quiet",
+        "train",
+        "--init-from",
+        adapter.to_str().unwrap(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--indexer-dense-warmup-steps",
+        "2",
+        "--indexer-kl-queries",
+        "5",
+        "--val-every",
+        "3",
+        "--val-batches",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(run.join("adapter.safetensors").is_file() && !run.join("model.safetensors").exists());
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("train_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["options"]["trainable"], "indexer");
+    let out = sparrow(&[
+        "generate",
+        "--model",
+        run.to_str().unwrap(),
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "the sea",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("the sea"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
 /// `sparrow` with `SPARROW_HOME` (and, when given, `SPARROW_PIP`) set.
 fn sparrow_with_home(home: &Path, pip: Option<&Path>, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sparrow"));

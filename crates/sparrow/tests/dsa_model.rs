@@ -106,6 +106,7 @@ fn opts(mode: IndexerTrainMode, kl: bool) -> ForwardOptions {
             indexer_kl: kl,
             ..Collect::default()
         },
+        kl_query_sample: None,
     }
 }
 
@@ -209,6 +210,37 @@ fn dense_warmup_kl_gradients_match_finite_differences() {
         assert!(
             rel_err(&lm, &plain) > 1e-9,
             "{layout:?}: selection unused past k"
+        );
+    }
+}
+
+#[test]
+fn sampled_warmup_kl_gradients_match_finite_differences() {
+    // The warm-up's KL on a sample of the queries (`kl_query_sample`): smooth in the
+    // indexer weights; a different draw is a different loss; drawing every query is the
+    // full KL.
+    for layout in [Layout::Kv(IndexerKind::Lightning), Layout::Mla] {
+        let model = f64_model_of(layout, 5);
+        let x = batch(2, 11, model.cfg.vocab_size);
+        let sampled = |count: usize, seed: u64| ForwardOptions {
+            kl_query_sample: Some((count, seed)),
+            ..opts(IndexerTrainMode::DenseWarmup, true)
+        };
+        let indexer: Vec<_> = model
+            .store
+            .vars()
+            .into_iter()
+            .filter(|(n, _)| n.contains(".indexer."))
+            .collect();
+        check_gradients(&indexer, || indexer_kl(&model, &x, &sampled(4, 7)), 8);
+        let kl = |o: &ForwardOptions| -> f64 { indexer_kl(&model, &x, o).to_scalar().unwrap() };
+        let full = kl(&opts(IndexerTrainMode::DenseWarmup, true));
+        assert_ne!(kl(&sampled(4, 7)), kl(&sampled(4, 8)), "{layout:?}");
+        assert_eq!(kl(&sampled(11, 7)), full, "{layout:?}");
+        let ten = kl(&sampled(10, 7));
+        assert!(
+            (ten - full).abs() < 0.5 * full,
+            "{layout:?}: {ten} vs {full}"
         );
     }
 }

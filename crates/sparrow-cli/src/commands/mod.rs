@@ -4,6 +4,7 @@ pub mod bench;
 pub mod chat;
 pub mod convert;
 pub mod corpus;
+pub mod dsa;
 pub mod eval;
 pub mod experiment;
 pub mod generate;

@@ -3,6 +3,7 @@
 use crate::common::{require_corpus, stop_on_ctrl_c};
 use anyhow::{bail, Context, Result};
 use sparrow::config::ModelConfig;
+use sparrow::model::params::ParamSet;
 use sparrow::train::{self, ResumeRequest, TrainOptions, TrainRequest};
 use std::path::PathBuf;
 
@@ -11,7 +12,8 @@ pub struct TrainArgs {
     /// Model config (HF-style config.json); with --init-from, defaults to that model's.
     #[arg(long, required_unless_present_any = ["resume", "init_from"])]
     pub config: Option<PathBuf>,
-    /// Start a new stage from this model directory's weights and tokenizer (fresh
+    /// Start a new stage from this model's weights and tokenizer (a model directory,
+    /// an adapter, a GGUF file or a known model's name; fresh
     /// optimizer and schedule; e.g. a longer --seq-len).
     #[arg(long, conflicts_with_all = ["resume", "tokenizer"])]
     pub init_from: Option<PathBuf>,
@@ -26,6 +28,14 @@ pub struct TrainArgs {
     /// stage); the run's config.json records the value used.
     #[arg(long)]
     pub indexer_dense_warmup_steps: Option<u64>,
+    /// The parameters that train: `all`, or `indexer` (the DSA indexers alone, the rest
+    /// frozen as loaded; an adapter made by `sparrow dsa attach` trains its indexers).
+    #[arg(long, value_enum)]
+    pub trainable: Option<TrainableArg>,
+    /// Dense warm-up: compute the indexer KL on this many query positions per window
+    /// (drawn each step) instead of all of them.
+    #[arg(long)]
+    pub indexer_kl_queries: Option<usize>,
     /// Folder of .txt files.
     #[arg(long)]
     pub corpus: Option<PathBuf>,
@@ -72,6 +82,22 @@ pub struct TrainArgs {
     pub time_limit_min: Option<f64>,
 }
 
+/// `--trainable`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum TrainableArg {
+    All,
+    Indexer,
+}
+
+impl From<TrainableArg> for ParamSet {
+    fn from(t: TrainableArg) -> Self {
+        match t {
+            TrainableArg::All => ParamSet::All,
+            TrainableArg::Indexer => ParamSet::Indexer,
+        }
+    }
+}
+
 pub fn run(a: TrainArgs, progress: bool) -> Result<()> {
     let stop = stop_on_ctrl_c("checkpointing after this step (Ctrl-C again to abort)")?;
     let summary = if let Some(dir) = a.resume {
@@ -86,7 +112,9 @@ pub fn run(a: TrainArgs, progress: bool) -> Result<()> {
     } else {
         let mut config = match (&a.config, &a.init_from) {
             (Some(p), _) => ModelConfig::from_file(p)?,
-            (None, Some(dir)) => sparrow::formats::hf::read_config(&dir.join("config.json"))?.0,
+            (None, Some(spec)) => sparrow::model_source::read_config(
+                &sparrow::model_source::resolve(spec, progress)?,
+            )?,
             (None, None) => bail!("--config is required"),
         };
         if let Some(n) = a.indexer_dense_warmup_steps {
@@ -112,8 +140,17 @@ pub fn run(a: TrainArgs, progress: bool) -> Result<()> {
             checkpoint_every,
             val_fraction,
             retrieval_mix,
-            retrieval_passkey_share
+            retrieval_passkey_share,
+            indexer_kl_queries
         );
+        if let Some(t) = a.trainable {
+            o.trainable = t.into();
+        } else if let Some(spec) = &a.init_from {
+            // An adapter trains what it holds.
+            if let Some(adapter) = sparrow::model_dir::AdapterSpec::read(spec)? {
+                o.trainable = adapter.params;
+            }
+        }
         if let Some(wd) = a.weight_decay {
             o.adamw.weight_decay = wd;
         }

@@ -187,8 +187,17 @@ impl Attention {
             // Every visible position fits in k (sparse == dense), the dense warm-up, or
             // the dense selector asked for.
             let (y, indexer_kl) = if want_kl {
-                let (y, att) = self.dense(q, k, v, 0)?;
-                (y, Some(dense_kl(ix, &io, &att, self.n_kv_heads, h, b, t)?))
+                match opts.kl_query_sample {
+                    Some((count, seed)) if count < t => {
+                        let rows = sample_positions(t, count, seed);
+                        let kl = sampled_dense_kl(ix, &io, q, k, &rows, self.n_kv_heads)?;
+                        (self.dense_blocked(q, k, v)?, Some(kl))
+                    }
+                    _ => {
+                        let (y, att) = self.dense(q, k, v, 0)?;
+                        (y, Some(dense_kl(ix, &io, &att, self.n_kv_heads, h, b, t)?))
+                    }
+                }
             } else {
                 (self.dense_blocked(q, k, v)?, None)
             };
@@ -444,6 +453,77 @@ pub(crate) fn dense_kl(
     kl_loss(&scores, &target, &valid)
 }
 
+/// `count` distinct positions of `0..t`, ascending, drawn from `seed`.
+pub(crate) fn sample_positions(t: usize, count: usize, seed: u64) -> Vec<usize> {
+    use rand::seq::index::sample;
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut rows = sample(&mut rng, t, count.min(t)).into_vec();
+    rows.sort_unstable();
+    rows
+}
+
+/// The dense warm-up's indexer loss on the queries at positions `rows` of a whole
+/// window: KL(p || softmax(I)) over each one's visible keys, p its dense attention
+/// probabilities averaged over the heads (detached), computed here for those rows only
+/// from q (B, H, T, D) and k (B, KV, T, D).
+pub(crate) fn sampled_dense_kl(
+    ix: &Indexer,
+    io: &IndexerOut,
+    q: &Tensor,
+    k: &Tensor,
+    rows: &[usize],
+    kv: usize,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let (g, n) = (h / kv, rows.len());
+    let dev = q.device();
+    let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect(), n, dev)?;
+    let qs = q
+        .detach()
+        .contiguous()?
+        .index_select(&idx, 2)? // (B, H, N, D)
+        .reshape((b, kv, g * n, d))?;
+    let scores = (qs.matmul(&k.detach().t()?)? / (d as f64).sqrt())?; // (B, KV, G*N, T)
+    let mask: Vec<f32> = (0..n * t)
+        .map(|i| {
+            if i % t <= rows[i / t] {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (n, t), dev)?.to_dtype(scores.dtype())?;
+    let scores = scores.reshape((b, kv, g, n, t))?.broadcast_add(&mask)?;
+    let p = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
+        .sum(2)?
+        .sum(1)?
+        .affine(1.0 / h as f64, 0.0)?; // (B, N, T)
+    kl_on_rows(ix, io, &host_f32(&p)?, rows)
+}
+
+/// KL(p || softmax(I)) of the queries at positions `rows` of a whole window, over each
+/// one's visible keys, averaged over them: `target` (B, N, T) holds their p rows.
+pub(crate) fn kl_on_rows(
+    ix: &Indexer,
+    io: &IndexerOut,
+    target: &[f32],
+    rows: &[usize],
+) -> Result<Tensor> {
+    let (b, t) = (io.k.dim(0)?, io.k.dim(1)?);
+    let n = rows.len();
+    let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect(), n, io.k.device())?;
+    let valid: Vec<bool> = (0..b * n * t).map(|i| i % t <= rows[(i / t) % n]).collect();
+    let sub = IndexerOut {
+        q: io.q.contiguous()?.index_select(&idx, 1)?, // (B, N, Hi, di)
+        w: io.w.contiguous()?.index_select(&idx, 1)?, // (B, N, Hi)
+        k: io.k.clone(),
+    };
+    let scores = ix.score_all(&sub, &io.k)?; // (B, N, T)
+    kl_loss(&scores, target, &valid)
+}
+
 /// Mean over queries of KL(target || softmax(logits)) over the `valid` entries of each
 /// row; logits (B, T, N), target and valid flattened (B*T*N), each valid row of target
 /// summing to 1.
@@ -467,4 +547,151 @@ pub(crate) fn kl_loss(logits: &Tensor, target: &[f32], valid: &[bool]) -> Result
         .map(|&x| (x as f64) * (x as f64).ln())
         .sum();
     Ok(((cross + entropy)? / rows as f64)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::params::VarStore;
+    use candle_core::{DType, Device};
+    use rand::{Rng, SeedableRng};
+
+    fn randn(shape: &[usize], rng: &mut rand_chacha::ChaCha8Rng) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Plain loops (index loops on purpose: they read as the formula): the mean over `rows` (and batch rows) of KL(p || softmax(I)), p the
+    /// causal attention of q (B, H, T, D) over k (B, KV, T, D) averaged over heads, I the
+    /// lightning scores of `io`.
+    #[allow(clippy::needless_range_loop)]
+    fn reference(io: &IndexerOut, q: &Tensor, k: &Tensor, rows: &[usize]) -> f64 {
+        let (b, h, _t, d) = q.dims4().unwrap();
+        let kv = k.dim(1).unwrap();
+        let q: Vec<Vec<Vec<Vec<f64>>>> = (0..b)
+            .map(|bi| q.get(bi).unwrap().to_vec3::<f64>().unwrap())
+            .collect();
+        let k: Vec<Vec<Vec<Vec<f64>>>> = (0..b)
+            .map(|bi| k.get(bi).unwrap().to_vec3::<f64>().unwrap())
+            .collect();
+        let iq: Vec<Vec<Vec<Vec<f64>>>> = (0..b)
+            .map(|bi| io.q.get(bi).unwrap().to_vec3::<f64>().unwrap())
+            .collect();
+        let iw: Vec<Vec<Vec<f64>>> = (0..b)
+            .map(|bi| io.w.get(bi).unwrap().to_vec2::<f64>().unwrap())
+            .collect();
+        let ik: Vec<Vec<Vec<f64>>> = (0..b)
+            .map(|bi| io.k.get(bi).unwrap().to_vec2::<f64>().unwrap())
+            .collect();
+        let (hi, di) = (iq[0][0].len(), iq[0][0][0].len());
+        let mut total = 0.0;
+        for bi in 0..b {
+            for &r in rows {
+                let mut p = vec![0.0; r + 1];
+                for head in 0..h {
+                    let g = head / (h / kv);
+                    let s: Vec<f64> = (0..=r)
+                        .map(|j| {
+                            (0..d)
+                                .map(|x| q[bi][head][r][x] * k[bi][g][j][x])
+                                .sum::<f64>()
+                                / (d as f64).sqrt()
+                        })
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
+                    for j in 0..=r {
+                        p[j] += (s[j] - m).exp() / z / h as f64;
+                    }
+                }
+                let score: Vec<f64> = (0..=r)
+                    .map(|j| {
+                        (0..hi)
+                            .map(|x| {
+                                let dot: f64 =
+                                    (0..di).map(|y| iq[bi][r][x][y] * ik[bi][j][y]).sum();
+                                iw[bi][r][x] * dot.max(0.0)
+                            })
+                            .sum()
+                    })
+                    .collect();
+                let m = score.iter().cloned().fold(f64::MIN, f64::max);
+                let lse = m + score.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+                total += (0..=r)
+                    .filter(|&j| p[j] > 0.0)
+                    .map(|j| p[j] * (p[j].ln() - (score[j] - lse)))
+                    .sum::<f64>();
+            }
+        }
+        total / (b * rows.len()) as f64
+    }
+
+    #[test]
+    fn sampled_dense_kl_matches_a_plain_reference() {
+        let cfg = crate::config::ModelConfig::from_json(
+            r#"{"vocab_size": 16, "hidden_size": 12, "intermediate_size": 8,
+                "num_hidden_layers": 1, "num_attention_heads": 6, "num_key_value_heads": 2,
+                "max_position_embeddings": 64, "layer_types": ["dsa"], "index_topk": 3,
+                "index_n_heads": 3, "index_head_dim": 5, "index_rope_head_dim": 2,
+                "initializer_range": 0.4}"#,
+        )
+        .unwrap();
+        let store = VarStore::random(5, DType::F64, &Device::Cpu);
+        let ix = Indexer::new(&store.root().pp("indexer"), &cfg).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let (b, t, h, kv, d) = (2, 13, 6, 2, 4);
+        let x = randn(&[b, t, 12], &mut rng);
+        let io = ix.forward(&x, 0).unwrap();
+        let q = randn(&[b, h, t, d], &mut rng);
+        let k = randn(&[b, kv, t, d], &mut rng);
+        for rows in [sample_positions(t, 5, 9), (0..t).collect(), vec![0, 12]] {
+            let got: f64 = sampled_dense_kl(&ix, &io, &q, &k, &rows, kv)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            let want = reference(&io, &q, &k, &rows);
+            // The target rows are held in f32 (as the training path holds them).
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                "rows {rows:?}: {got} vs {want}"
+            );
+        }
+        // Every query: the same loss as the full dense KL.
+        let all: Vec<usize> = (0..t).collect();
+        let p_full = {
+            let g = h / kv;
+            let qg = q.reshape((b, kv, g * t, d)).unwrap();
+            let s = (qg.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+            crate::kernels::softmax::CausalSoftmax {
+                scale: 1.0,
+                queries: t,
+                offset: 0,
+            }
+            .apply(&s)
+            .unwrap()
+        };
+        let full: f64 = dense_kl(&ix, &io, &p_full, kv, h, b, t)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let sampled: f64 = sampled_dense_kl(&ix, &io, &q, &k, &all, kv)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(
+            (full - sampled).abs() < 1e-9 * full.abs(),
+            "{full} vs {sampled}"
+        );
+    }
+
+    #[test]
+    fn sampled_positions_are_distinct_sorted_and_seeded() {
+        let a = sample_positions(100, 10, 1);
+        assert_eq!(a.len(), 10);
+        assert!(a.windows(2).all(|w| w[0] < w[1]) && a[9] < 100);
+        assert_eq!(a, sample_positions(100, 10, 1));
+        assert_ne!(a, sample_positions(100, 10, 2));
+        assert_eq!(sample_positions(5, 9, 1), vec![0, 1, 2, 3, 4]);
+    }
 }

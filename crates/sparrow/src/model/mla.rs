@@ -15,7 +15,9 @@
 //! scores `q_lat_h . c + q_rot_h . kr` (MQA over the cached latent), then
 //! `y_h = W_UV_h (sum_s p_s c_s)`, so nothing per head is ever built for the cache.
 
-use super::attention::{attend_cached, dense_kl, full_recall, kl_loss, SampledRecall};
+use super::attention::{
+    attend_cached, dense_kl, full_recall, kl_loss, kl_on_rows, sample_positions, SampledRecall,
+};
 use super::cache::{CacheRows, LayerCache};
 use super::diagnostics::LayerDiagnostics;
 use super::indexer::IndexerOut;
@@ -292,11 +294,29 @@ impl Mla {
         };
         let kl = match (mode, selection) {
             (None, _) => None,
-            (Some(_), None) => {
-                // p (B, H, T, S) is the dense attention: the warm-up target.
-                let att = p.reshape((b, 1, h * t, s))?;
-                Some(dense_kl(ix, io, &att, 1, h, b, t)?)
-            }
+            (Some(_), None) => match opts.kl_query_sample {
+                // p (B, H, T, S) is the dense attention: the warm-up target, on a
+                // sample of the queries or on all of them.
+                Some((count, seed)) if count < t => {
+                    let rows = sample_positions(t, count, seed);
+                    let idx = Tensor::from_vec(
+                        rows.iter().map(|&r| r as u32).collect(),
+                        rows.len(),
+                        p.device(),
+                    )?;
+                    let target = p
+                        .detach()
+                        .contiguous()?
+                        .index_select(&idx, 2)? // (B, H, N, S)
+                        .sum(1)?
+                        .affine(1.0 / h as f64, 0.0)?;
+                    Some(kl_on_rows(ix, io, &host_f32(&target)?, &rows)?)
+                }
+                _ => {
+                    let att = p.reshape((b, 1, h * t, s))?;
+                    Some(dense_kl(ix, io, &att, 1, h, b, t)?)
+                }
+            },
             (Some(_), Some(idx)) => {
                 let (q, k) = host_qk()?;
                 let target = sparse_attention::selected_probs(dims, scale, &q, &k, idx)?;

@@ -52,6 +52,23 @@ impl Model {
         })
     }
 
+    /// [`new_random`](Self::new_random) training only the parameters in `trainable`.
+    pub fn new_random_training(
+        cfg: &ModelConfig,
+        seed: u64,
+        trainable: params::ParamSet,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let store = VarStore::random(seed, DType::F32, device).with_trainable(trainable);
+        let net = Transformer::new(&store.root(), cfg)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            store,
+            net,
+        })
+    }
+
     /// A freshly initialised model for inference only (frozen parameters: forwards
     /// record no autograd graph), e.g. to benchmark a shape without trained weights.
     pub fn new_random_for_inference(

@@ -17,4 +17,10 @@ pub struct ForwardOptions {
     pub dense: bool,
     /// What the forward's diagnostics collector gathers (`ForwardOutput::diagnostics`).
     pub collect: Collect,
+    /// `dense_warmup`: compute the indexer KL on this many query positions of the
+    /// window, drawn without replacement from this seed (the same in every layer), not
+    /// on all of them: the dense attention then runs without keeping its (T, S)
+    /// probabilities, and the target rows are computed for the drawn queries only.
+    /// None = every query.
+    pub kl_query_sample: Option<(usize, u64)>,
 }

@@ -10,6 +10,11 @@
 //! Buffers (e.g. the `noaux_bias` router's `e_score_correction_bias`) are stored and
 //! checkpointed like parameters but are not trainable: `vars()` leaves them out, so the
 //! optimizer never touches them; their owner updates them.
+//!
+//! A store may train only part of a model ([`ParamSet`], `with_trainable`): the other
+//! parameters are handed out detached (a frozen base, e.g. the dense model an indexer
+//! is attached to), and a loaded store may initialise the parameters of such a set that
+//! its tensors lack (`with_missing_initialised`: new modules on a pretrained model).
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -54,6 +59,27 @@ impl LinearWeight {
     }
 }
 
+/// A set of parameters, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamSet {
+    /// Every parameter.
+    #[default]
+    All,
+    /// The DSA indexers (`model.layers.{i}.self_attn.indexer.*`).
+    Indexer,
+}
+
+impl ParamSet {
+    /// Whether the parameter called `name` is in the set.
+    pub fn contains(self, name: &str) -> bool {
+        match self {
+            ParamSet::All => true,
+            ParamSet::Indexer => name.contains(".self_attn.indexer."),
+        }
+    }
+}
+
 /// How a new parameter is initialised when it is not loaded.
 #[derive(Debug, Clone, Copy)]
 pub enum Init {
@@ -91,6 +117,11 @@ pub struct VarStore {
     /// Hand the layers detached tensors: their forward passes record no autograd graph,
     /// so activations are freed as soon as they are used (inference).
     frozen: bool,
+    /// The parameters that train; the others are handed out detached.
+    trainable: ParamSet,
+    /// Loaded stores: initialise the parameters of this set that the tensors lack, from
+    /// this seed (as a random store would), instead of reporting them missing.
+    init_missing: Option<(u64, ParamSet)>,
 }
 
 /// A mutex's guard; a panic elsewhere while it was held leaves the map intact (inserts
@@ -121,6 +152,8 @@ impl VarStore {
             dtype,
             device: device.clone(),
             frozen: false,
+            trainable: ParamSet::All,
+            init_missing: None,
         }
     }
 
@@ -157,6 +190,8 @@ impl VarStore {
             dtype,
             device: device.clone(),
             frozen: false,
+            trainable: ParamSet::All,
+            init_missing: None,
         }
     }
 
@@ -186,6 +221,28 @@ impl VarStore {
     /// keep no graph. Must be called before the model is built.
     pub fn frozen(mut self) -> Self {
         self.frozen = true;
+        self
+    }
+
+    /// Train only the parameters in `set`: the others are handed out detached (no
+    /// gradient reaches them) and [`trainable_vars`](Self::trainable_vars) leaves them
+    /// out. Must be called before the model is built.
+    pub fn with_trainable(mut self, set: ParamSet) -> Self {
+        self.trainable = set;
+        self
+    }
+
+    /// The parameters that train (see [`with_trainable`](Self::with_trainable)).
+    pub fn trainable(&self) -> ParamSet {
+        self.trainable
+    }
+
+    /// A loaded store: initialise the parameters in `set` that its tensors lack from
+    /// `seed` (each from its own stream, as [`random`](Self::random) does) instead of
+    /// reporting them missing; new modules on a pretrained model. Must be called before
+    /// the model is built.
+    pub fn with_missing_initialised(mut self, seed: u64, set: ParamSet) -> Self {
+        self.init_missing = Some((seed, set));
         self
     }
 
@@ -259,6 +316,16 @@ impl VarStore {
             .iter()
             .filter(|(k, _)| !buffers.contains(*k))
             .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The parameters the optimizer updates: [`vars`](Self::vars) within the trainable
+    /// set.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let set = self.trainable;
+        self.vars()
+            .into_iter()
+            .filter(|(n, _)| set.contains(n))
             .collect()
     }
 
@@ -366,14 +433,14 @@ impl VarStore {
 
     fn get(&self, name: String, shape: &[usize], init: Init) -> Result<Tensor> {
         if let Some(v) = locked(&self.vars).get(&name) {
-            return Ok(self.hand_out(v));
+            return Ok(self.hand_out(&name, v));
         }
         let tensor = self
             .fetch(&name, shape, init)?
             .to_dtype(self.dtype)?
             .to_device(&self.device)?;
         let var = Var::from_tensor(&tensor)?;
-        let out = self.hand_out(&var);
+        let out = self.hand_out(&name, &var);
         locked(&self.vars).insert(name, var);
         Ok(out)
     }
@@ -382,22 +449,14 @@ impl VarStore {
     /// shape-checked, not registered.
     fn fetch(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         Ok(match &self.source {
-            Source::Random { seed } => {
-                let n: usize = shape.iter().product();
-                let data: Vec<f64> = match init {
-                    Init::Ones => vec![1.0; n],
-                    Init::Zeros => vec![0.0; n],
-                    Init::Normal(std) => {
-                        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ name_hash(name));
-                        let normal = Normal::new(0.0, std)
-                            .map_err(|e| Error::Invalid(format!("init std {std}: {e}")))?;
-                        (0..n).map(|_| normal.sample(&mut rng)).collect()
-                    }
-                };
-                Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?
-            }
+            Source::Random { seed } => self.initialised(*seed, name, shape, init)?,
             Source::Loaded { tensors, path, .. } => {
                 let tensors = locked(tensors);
+                if let (None, Some((seed, set))) = (tensors.get(name), self.init_missing) {
+                    if set.contains(name) {
+                        return self.initialised(seed, name, shape, init);
+                    }
+                }
                 let t = tensors.get(name).ok_or_else(|| {
                     Error::checkpoint(
                         path,
@@ -427,8 +486,25 @@ impl VarStore {
         })
     }
 
-    fn hand_out(&self, var: &Var) -> Tensor {
-        if self.frozen {
+    /// A new parameter `name` initialised from `seed` (its own stream: the seed mixed
+    /// with the name's hash), in the store's dtype.
+    fn initialised(&self, seed: u64, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f64> = match init {
+            Init::Ones => vec![1.0; n],
+            Init::Zeros => vec![0.0; n],
+            Init::Normal(std) => {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed ^ name_hash(name));
+                let normal = Normal::new(0.0, std)
+                    .map_err(|e| Error::Invalid(format!("init std {std}: {e}")))?;
+                (0..n).map(|_| normal.sample(&mut rng)).collect()
+            }
+        };
+        Ok(Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    fn hand_out(&self, name: &str, var: &Var) -> Tensor {
+        if self.frozen || !self.trainable.contains(name) {
             var.as_tensor().detach()
         } else {
             var.as_tensor().clone()

@@ -1,7 +1,9 @@
 //! Checkpoints: a training run directory is a model directory (`config.json`,
 //! `model.safetensors`, `tokenizer.json`, `generation_config.json`) plus
 //! `train_state.safetensors` (AdamW moments) and `train_state.json` (step, RNG, data
-//! position, options). Both weight files carry the step in their metadata, so a resume
+//! position, options). A run that trains an adapter (`model_dir::AdapterSpec`: e.g.
+//! indexers on a frozen base) is an adapter directory instead: `adapter.json` and
+//! `adapter.safetensors` (the trained parameters only) in place of `model.safetensors`. Both weight files carry the step in their metadata, so a resume
 //! checks that all three belong to the same step.
 //!
 //! A checkpoint survives a kill at any moment, a full disk included: its files are
@@ -16,8 +18,10 @@ use super::optimizer::AdamW;
 use super::options::TrainOptions;
 use crate::error::{Error, Result};
 use crate::model::{Model, STEP_KEY};
+use crate::model_dir::AdapterSpec;
+use crate::model_source::ModelSource;
 use crate::tokenizer::Tokenizer;
-use candle_core::{DType, Device};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -67,19 +71,20 @@ pub const STAGING: &str = ".checkpoint.tmp";
 /// A complete checkpoint whose files are being moved into the run directory.
 pub const READY: &str = ".checkpoint.ready";
 
-/// Write a full checkpoint of `model` and `opt` at `state.step` into `dir`. On an error
-/// (a full disk, say) the staging directory is removed and the previous checkpoint
-/// stands.
+/// Write a full checkpoint of `model` and `opt` at `state.step` into `dir` (as an
+/// adapter of `adapter`'s base when given). On an error (a full disk, say) the staging
+/// directory is removed and the previous checkpoint stands.
 pub fn save(
     dir: &Path,
     model: &Model,
     opt: &AdamW,
     tokenizer: &Tokenizer,
     state: &TrainState,
+    adapter: Option<&AdapterSpec>,
 ) -> Result<()> {
     let staging = dir.join(STAGING);
     remove_dir(&staging)?;
-    let written = stage(&staging, model, opt, tokenizer, state);
+    let written = stage(&staging, model, opt, tokenizer, state, adapter);
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&staging);
         return Err(e);
@@ -97,13 +102,17 @@ fn stage(
     opt: &AdamW,
     tokenizer: &Tokenizer,
     state: &TrainState,
+    adapter: Option<&AdapterSpec>,
 ) -> Result<()> {
     let opts = crate::model_dir::SaveOptions {
         step: Some(state.step),
         tokenizer: Some(tokenizer),
         ..Default::default()
     };
-    crate::model_dir::save(model, staging, &opts)?;
+    match adapter {
+        Some(spec) => crate::model_dir::save_adapter(model, staging, spec, &opts).map(|_| ())?,
+        None => crate::model_dir::save(model, staging, &opts).map(|_| ())?,
+    }
     let meta = HashMap::from([
         (STEP_KEY.to_string(), state.step.to_string()),
         ("adamw_t".to_string(), opt.t.to_string()),
@@ -164,6 +173,8 @@ pub struct Loaded {
     pub state: TrainState,
     pub optimizer_tensors: HashMap<String, candle_core::Tensor>,
     pub adamw_t: u64,
+    /// The run trains an adapter of this base (its checkpoints are adapters).
+    pub adapter: Option<AdapterSpec>,
 }
 
 /// Read and cross-check a checkpoint from `dir`.
@@ -176,8 +187,15 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
         ));
     }
     let state: TrainState = crate::fsio::read_json(&state_path)?;
-    let (model, model_step) = crate::model_dir::load(dir, DType::F32, device)?;
-    let weights_path = dir.join("model.safetensors");
+    let source = crate::model_source::resolve(dir, false)?;
+    let (model, model_step) =
+        crate::model_source::load_for_training(&source, None, state.options.trainable, device)?;
+    let (weights_path, adapter) = match source {
+        ModelSource::Adapter { spec, .. } => {
+            (dir.join(crate::model_dir::ADAPTER_WEIGHTS), Some(spec))
+        }
+        _ => (dir.join("model.safetensors"), None),
+    };
     if model_step != Some(state.step) {
         return Err(Error::checkpoint(
             &weights_path,
@@ -215,5 +233,6 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
         state,
         optimizer_tensors,
         adamw_t,
+        adapter,
     })
 }

@@ -4,6 +4,7 @@
 use super::optimizer::AdamWConfig;
 use crate::data::retrieval;
 use crate::error::{Error, Result};
+use crate::model::params::ParamSet;
 use serde::{Deserialize, Serialize};
 
 /// Hyper-parameters of a run (saved in `train_state.json`, reused on resume).
@@ -44,6 +45,19 @@ pub struct TrainOptions {
     /// corpus text).
     #[serde(default = "half")]
     pub retrieval_passkey_share: f64,
+    /// The parameters that train; the others stay as loaded (e.g. `indexer`: the DSA
+    /// indexers on a frozen pretrained model, DeepSeek-V3.2's warm-up). With `indexer`
+    /// and the KL-trained indexer modes (`dense_warmup`, `sparse`) nothing trainable
+    /// depends on the LM loss, so training steps skip the LM head and the logged `loss`
+    /// is the indexer KL; validation still reports the model's LM loss (`val_loss`).
+    #[serde(default)]
+    pub trainable: ParamSet,
+    /// `dense_warmup` steps: the indexer KL on this many query positions per window
+    /// (drawn afresh each step), 0 = every query. The target rows are the costly part
+    /// of the warm-up at long windows; a sample of them keeps the signal at a fraction
+    /// of the cost (the dense attention itself still runs for every query).
+    #[serde(default)]
+    pub indexer_kl_queries: usize,
 }
 
 fn half() -> f64 {
@@ -69,6 +83,8 @@ impl Default for TrainOptions {
             time_limit_secs: 0,
             retrieval_mix: 0.0,
             retrieval_passkey_share: 0.5,
+            trainable: ParamSet::All,
+            indexer_kl_queries: 0,
         }
     }
 }

@@ -18,10 +18,13 @@ use crate::data::retrieval::RetrievalMix;
 use crate::data::shards::{eval_windows, sample_batch, TokenData};
 use crate::error::{Error, Result};
 use crate::model::options::{Collect, ForwardOptions};
+use crate::model::params::ParamSet;
 use crate::model::utilization::{RoutingStats, Utilization};
 use crate::model::Model;
+use crate::model_dir::AdapterSpec;
+use crate::model_source::ModelSource;
 use crate::tokenizer::Tokenizer;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,13 +94,17 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     if checkpoint::holds_run(&req.out) {
         return already();
     }
-    let tokenizer = match (&req.init_from, &req.tokenizer) {
+    let init = match &req.init_from {
+        Some(spec) => Some(crate::model_source::resolve(spec, req.show_progress)?),
+        None => None,
+    };
+    let tokenizer = match (&init, &req.tokenizer) {
         (Some(_), Some(_)) => {
             return Err(Error::Invalid(
                 "`init_from` brings its model's tokenizer; give no `tokenizer` with it".into(),
             ))
         }
-        (Some(dir), None) => Tokenizer::from_file(&dir.join("tokenizer.json"))?,
+        (Some(source), None) => crate::model_source::load_tokenizer(source)?,
         (None, Some(p)) => Tokenizer::from_file(p)?,
         (None, None) => {
             let files = corpus::list_text_files(&req.corpus)?;
@@ -114,14 +121,24 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     check_tokenizer(&tokenizer, &req.config)?;
     tokenizer.save(&req.out.join("tokenizer.json"))?;
     let device = Device::Cpu;
-    let model = match &req.init_from {
-        Some(dir) => {
-            let cfg = req.config.clone();
-            crate::model_dir::load_with(dir, DType::F32, &device, |c| *c = cfg, false)?.0
+    let trainable = req.options.trainable;
+    let (model, adapter) = match &init {
+        Some(source) => {
+            let cfg = Some(req.config.clone());
+            let model = crate::model_source::load_for_training(source, cfg, trainable, &device)?.0;
+            let adapter = match source {
+                ModelSource::Adapter { dir, spec, .. } => Some(spec.relocated(dir)),
+                _ => None,
+            };
+            (model, adapter)
         }
-        None => Model::new_random(&req.config, req.options.seed, DType::F32, &device)?,
+        None => (
+            Model::new_random_training(&req.config, req.options.seed, trainable, &device)?,
+            None,
+        ),
     };
-    let opt = AdamW::new(model.store.vars(), req.options.adamw)?;
+    check_trainable(&model, trainable, adapter.as_ref())?;
+    let opt = AdamW::new(model.store.trainable_vars(), req.options.adamw)?;
     let state = TrainState {
         step: 0,
         rng: RngState {
@@ -146,7 +163,30 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         stop: req.stop,
         pause_at: req.pause_at,
     };
-    run_loop(model, opt, tokenizer, state, &req.out, ctl)
+    run_loop(model, opt, tokenizer, state, &req.out, ctl, adapter)
+}
+
+/// A run that trains part of a model must have that part, and an adapter's run can
+/// only train what its checkpoints write (the adapter's parameters).
+fn check_trainable(
+    model: &Model,
+    trainable: ParamSet,
+    adapter: Option<&AdapterSpec>,
+) -> Result<()> {
+    if trainable == ParamSet::Indexer && !model.cfg.has_dsa() {
+        return Err(Error::Invalid(
+            "train option `trainable` = indexer: the model has no `dsa` layer (attach indexers first: `sparrow dsa attach`)".into(),
+        ));
+    }
+    if let Some(spec) = adapter {
+        if trainable != spec.params {
+            return Err(Error::Invalid(format!(
+                "the model is an adapter holding the {:?} parameters of its base {}: train option `trainable` must be the same set, not {trainable:?}",
+                spec.params, spec.base
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Bring the run in `dir` to one whole checkpoint after a crash (under its lock: fails
@@ -185,7 +225,12 @@ pub fn resume(req: ResumeRequest) -> Result<TrainSummary> {
         )));
     }
     check_tokenizer(&loaded.tokenizer, &loaded.model.cfg)?;
-    let mut opt = AdamW::new(loaded.model.store.vars(), state.options.adamw)?;
+    check_trainable(
+        &loaded.model,
+        state.options.trainable,
+        loaded.adapter.as_ref(),
+    )?;
+    let mut opt = AdamW::new(loaded.model.store.trainable_vars(), state.options.adamw)?;
     opt.load_state(
         loaded.optimizer_tensors,
         loaded.adamw_t,
@@ -196,7 +241,15 @@ pub fn resume(req: ResumeRequest) -> Result<TrainSummary> {
         stop: req.stop,
         pause_at: req.pause_at,
     };
-    run_loop(loaded.model, opt, loaded.tokenizer, state, dir, ctl)
+    run_loop(
+        loaded.model,
+        opt,
+        loaded.tokenizer,
+        state,
+        dir,
+        ctl,
+        loaded.adapter,
+    )
 }
 
 /// How the loop is driven from outside.
@@ -246,7 +299,9 @@ fn run_loop(
     mut state: TrainState,
     out: &Path,
     ctl: LoopControl,
+    adapter: Option<AdapterSpec>,
 ) -> Result<TrainSummary> {
+    let adapter = adapter.as_ref();
     let show_progress = ctl.show_progress;
     let o = state.options.clone();
     let data = TokenData::load_or_build(
@@ -317,13 +372,24 @@ fn run_loop(
                 indexer_kl: kl_coef > 0.0,
                 ..Collect::default()
             },
+            kl_query_sample: (o.indexer_kl_queries > 0).then(|| {
+                let seed = o.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ state.step;
+                (o.indexer_kl_queries, seed)
+            }),
         };
         let fwd = model.net.forward_hidden_with(&inp, &opts)?;
         let (aux_loss, z_loss) = (fwd.diagnostics.aux_loss()?, fwd.diagnostics.z_loss()?);
         let seq_loss = fwd.diagnostics.seq_loss()?;
         let indexer_kl = fwd.diagnostics.indexer_kl()?;
         let routing = fwd.diagnostics.routing();
-        let lm_loss = model.net.lm_loss(&fwd.hidden, &tgt)?;
+        // Only the indexers train, by KL alone: the LM head would compute a loss
+        // nothing trainable depends on.
+        let lm_needed = o.trainable == ParamSet::All
+            || indexer_mode == Some(crate::config::IndexerTrainMode::Ste);
+        let lm_loss = match (&indexer_kl, lm_needed) {
+            (Some(kl), false) => kl.clone(),
+            _ => model.net.lm_loss(&fwd.hidden, &tgt)?,
+        };
         let balance_ramp = match model.cfg.router_balance_loss_warmup_steps {
             0 => 1.0,
             n => (state.step as f64 / n as f64).min(1.0),
@@ -338,7 +404,7 @@ fn run_loop(
         if let Some(seq) = &seq_loss {
             loss = (loss + (seq * seq_coef)?)?;
         }
-        if let Some(kl) = &indexer_kl {
+        if let (Some(kl), true) = (&indexer_kl, lm_needed) {
             if kl_coef > 0.0 {
                 loss = (loss + (kl * kl_coef)?)?;
             }
@@ -441,7 +507,7 @@ fn run_loop(
             || stop_now
             || (o.checkpoint_every > 0 && state.step.is_multiple_of(o.checkpoint_every))
         {
-            checkpoint::save(out, &model, &opt, &tokenizer, &state)?;
+            checkpoint::save(out, &model, &opt, &tokenizer, &state, adapter)?;
         }
         if stop_now && !last {
             interrupted = true;
@@ -451,7 +517,7 @@ fn run_loop(
     bar.finish_and_clear();
     // A run asked to continue past its end still leaves a complete checkpoint.
     if !out.join(checkpoint::STATE_JSON).exists() {
-        checkpoint::save(out, &model, &opt, &tokenizer, &state)?;
+        checkpoint::save(out, &model, &opt, &tokenizer, &state, adapter)?;
     }
     Ok(TrainSummary {
         step: state.step,
