@@ -143,6 +143,16 @@ pub fn load_model_and_tokenizer(spec: &Path) -> Result<(Model, Tokenizer)> {
 
 /// [`load_model_and_tokenizer`] with the weights and the cache held as `hold` says.
 pub fn load_model_as(spec: &Path, hold: HoldArgs) -> Result<(Model, Tokenizer)> {
+    load_model_edited(spec, hold, |_| {})
+}
+
+/// [`load_model_as`] with the config adjusted by `edit` (after `hold`'s overrides)
+/// before the layers are built.
+pub fn load_model_edited(
+    spec: &Path,
+    hold: HoldArgs,
+    edit: impl FnOnce(&mut sparrow::config::ModelConfig),
+) -> Result<(Model, Tokenizer)> {
     if spec == Path::new(DEFAULT_MODEL) && !spec.is_dir() {
         bail!(
             "the default model {} is not here (run from the repository root, or pass --model DIR | FILE.gguf | NAME)",
@@ -155,7 +165,10 @@ pub fn load_model_as(spec: &Path, hold: HoldArgs) -> Result<(Model, Tokenizer)> 
         hold.weights.into(),
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
-        |c| hold.edit(c),
+        |c| {
+            hold.edit(c);
+            edit(c);
+        },
     )?;
     crate::return_freed_memory();
     Ok(loaded)

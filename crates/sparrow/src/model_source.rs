@@ -64,6 +64,9 @@ pub fn resolve(spec: &Path, progress: bool) -> Result<ModelSource> {
         };
     }
     let name = spec.to_string_lossy();
+    if let Some((_, dir)) = crate::registry::find_adapter(&name) {
+        return resolve(&dir, progress);
+    }
     match crate::registry::find(&name) {
         Some(m) => {
             let home = crate::registry::home()?;
@@ -75,6 +78,7 @@ pub fn resolve(spec: &Path, progress: bool) -> Result<ModelSource> {
             let known: Vec<&str> = crate::registry::KNOWN_MODELS
                 .iter()
                 .map(|m| m.name)
+                .chain(crate::registry::KNOWN_ADAPTERS.iter().map(|a| a.name))
                 .collect();
             Err(Error::Invalid(format!(
                 "{} does not exist: pass a model directory, a .gguf file or a known model's name ({}; see `sparrow model list`)",

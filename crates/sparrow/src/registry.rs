@@ -52,6 +52,37 @@ pub const KNOWN_MODELS: &[KnownModel] = &[KnownModel {
     file_bytes: 98_362_432,
 }];
 
+/// An adapter shipped with Sparrow (`models/<name>`, see `model_dir::AdapterSpec`): its
+/// base is a known model, fetched on first use.
+#[derive(Debug, Clone, Copy)]
+pub struct KnownAdapter {
+    /// The name `--model` accepts.
+    pub name: &'static str,
+    pub description: &'static str,
+    /// The adapter directory, relative to the repository root.
+    pub dir: &'static str,
+}
+
+/// Every adapter Sparrow ships.
+pub const KNOWN_ADAPTERS: &[KnownAdapter] = &[KnownAdapter {
+    name: "smollm2-135m-instruct-dsa",
+    description: "SmolLM2-135M-Instruct with DeepSeek-V3.2 sparse attention: lightning indexers trained here (dense warm-up, then sparse) over the Q4_1 base",
+    dir: "models/smollm2-135m-instruct-dsa",
+}];
+
+/// The shipped adapter called `name`: its directory under the working directory, else
+/// under the repository this binary was built from.
+pub fn find_adapter(name: &str) -> Option<(&'static KnownAdapter, PathBuf)> {
+    let a = KNOWN_ADAPTERS.iter().find(|a| a.name == name)?;
+    let built_from = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(a.dir);
+    [PathBuf::from(a.dir), built_from]
+        .into_iter()
+        .find(|d| d.join(crate::model_dir::ADAPTER_JSON).is_file())
+        .map(|d| (a, d))
+}
+
 /// The known model called `name`.
 pub fn find(name: &str) -> Option<&'static KnownModel> {
     KNOWN_MODELS.iter().find(|m| m.name == name)

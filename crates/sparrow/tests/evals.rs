@@ -79,6 +79,7 @@ fn passkey_report_counts_cells_and_lengths() {
         trials: 2,
         max_new_tokens: 4,
         seed: 5,
+        chat: false,
     };
     let r = retrieval::passkey(&model, &tok, &opts, false).unwrap();
     assert_eq!(r.task, Task::Passkey);
@@ -115,6 +116,42 @@ fn passkey_report_counts_cells_and_lengths() {
     )
     .unwrap();
     assert_ne!(keys(&other), keys(&r));
+    // In a chat turn (this tokenizer has no template: the plain `role: content` one):
+    // the same keys, longer fixed parts, still within each length.
+    let chat = retrieval::passkey(
+        &model,
+        &tok,
+        &RetrievalOptions {
+            chat: true,
+            ..opts.clone()
+        },
+        false,
+    )
+    .unwrap();
+    assert_eq!(keys(&chat), keys(&r));
+    let unit = Passkey::new(&tok).unwrap().filler_len();
+    for c in &chat.trials {
+        // Whole filler units fill what the turn leaves: less than one unit is unused.
+        assert!(
+            c.prompt_tokens <= c.length,
+            "{} > {}",
+            c.prompt_tokens,
+            c.length
+        );
+        assert!(
+            c.prompt_tokens + unit > c.length,
+            "{} of {}",
+            c.prompt_tokens,
+            c.length
+        );
+    }
+    assert!(
+        chat.trials
+            .iter()
+            .zip(&r.trials)
+            .any(|(c, p)| c.prompt_tokens != p.prompt_tokens || c.output != p.output),
+        "the chat turn changed nothing"
+    );
     for bad in [
         RetrievalOptions {
             depths: vec![1.5],

@@ -805,3 +805,78 @@ fn cached_recall_matches_the_forward_recall() {
         }
     }
 }
+
+/// The oracle recall (`best_mass`: the k largest head-averaged probabilities) against
+/// plain f64 loops, at awkward sizes; it bounds every selection's `selected_mass`.
+#[test]
+fn best_mass_matches_a_plain_reference_and_bounds_any_selection() {
+    for (b, t, h, kv, s, d, k, offset, seed) in [
+        (
+            2usize, 5usize, 6usize, 2usize, 11usize, 7usize, 3usize, 6usize, 1u64,
+        ),
+        (1, 9, 4, 4, 9, 5, 4, 0, 2),
+        (1, 3, 3, 1, 20, 13, 17, 17, 3),
+    ] {
+        let q = rand_vec(b * t * h * d, seed);
+        let keys = rand_vec(b * kv * s * d, seed + 1);
+        let scale = 1.0 / (d as f64).sqrt();
+        let dims = SparseDims {
+            b,
+            t,
+            h,
+            kv,
+            s,
+            d,
+            k,
+        };
+        let got = sparse_attention::best_mass(dims, scale, &q, &keys, offset, 1).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        for bt in 0..b * t {
+            let (bi, ti) = (bt / t, bt % t);
+            if ti < 1 {
+                assert!(got[bt].is_nan());
+                continue;
+            }
+            let visible = (offset + ti + 1).min(s);
+            let mut p = vec![0.0f64; visible];
+            for hh in 0..h {
+                let g = hh / (h / kv);
+                let logits: Vec<f64> = (0..visible)
+                    .map(|j| {
+                        (0..d)
+                            .map(|x| {
+                                q[(bt * h + hh) * d + x] as f64
+                                    * keys[((bi * kv + g) * s + j) * d + x] as f64
+                            })
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let m = logits.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
+                for (pj, l) in p.iter_mut().zip(&logits) {
+                    *pj += (l - m).exp() / z / h as f64;
+                }
+            }
+            let mut sorted = p.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let want: f64 = sorted.iter().take(k).sum();
+            assert!(
+                (got[bt] as f64 - want).abs() < 1e-5,
+                "({b},{t},{h},{kv},{s},{d},{k}) query {bt}: {} vs {want}",
+                got[bt]
+            );
+            // Any k visible positions hold at most that much.
+            let mut idx: Vec<u32> = (0..visible as u32).collect();
+            idx.shuffle(&mut rng);
+            idx.truncate(k);
+            idx.resize(k, NONE);
+            let one = SparseDims { b: 1, t: 1, ..dims };
+            let qo = &q[bt * h * d..(bt + 1) * h * d];
+            let ko = &keys[bi * kv * s * d..(bi + 1) * kv * s * d];
+            let sel = sparse_attention::selected_mass(one, scale, qo, ko, &idx, visible - 1, 0)
+                .unwrap()[0];
+            assert!(sel <= got[bt] + 1e-5, "{sel} > {}", got[bt]);
+        }
+    }
+}

@@ -11,6 +11,9 @@ pub enum ConvertTarget {
     Sparrow,
     /// A GGUF file llama.cpp loads (llama-shaped models; --out is the file).
     Gguf,
+    /// An adapter's own tensors over the same base (e.g. a training run's adapter
+    /// stored in f16 to ship); the base's tokenizer serves it.
+    Adapter,
 }
 
 /// How `convert` stores parameters.
@@ -57,7 +60,8 @@ impl StorageDtype {
 pub struct ConvertArgs {
     #[arg(long, value_enum)]
     pub to: ConvertTarget,
-    /// Model directory (Sparrow's, or HF llama / mixtral).
+    /// The model: a directory (Sparrow's, or HF llama / mixtral / deepseek), an adapter,
+    /// a GGUF file or a known model's name.
     #[arg(long)]
     pub model: PathBuf,
     /// Output directory.
@@ -83,6 +87,28 @@ pub fn run(a: ConvertArgs, progress: bool) -> Result<()> {
         &candle_core::Device::Cpu,
     )?;
     match to {
+        ConvertTarget::Adapter => {
+            let sparrow::model_source::ModelSource::Adapter { dir, spec, .. } = &source else {
+                bail!(
+                    "{} is not an adapter (--to adapter rewrites one; attach indexers with `sparrow dsa attach`)",
+                    model.display()
+                );
+            };
+            let opts = SaveOptions {
+                dtype: dtype.safetensors()?,
+                step,
+                ..Default::default()
+            };
+            let n = sparrow::model_dir::save_adapter(&m, &out, &spec.relocated(dir), &opts)?;
+            let bytes = std::fs::metadata(out.join(sparrow::model_dir::ADAPTER_WEIGHTS))?.len();
+            println!(
+                "{} (adapter of {}: {n} tensors, {:.1} MB) written to {}",
+                model.display(),
+                spec.base,
+                bytes as f64 / 1e6,
+                out.display()
+            );
+        }
         ConvertTarget::Gguf => {
             let tok = sparrow::model_source::load_tokenizer(&source)?;
             let name = model
@@ -100,6 +126,11 @@ pub fn run(a: ConvertArgs, progress: bool) -> Result<()> {
             );
         }
         ConvertTarget::Hf | ConvertTarget::Sparrow => {
+            if matches!(source, sparrow::model_source::ModelSource::Adapter { .. })
+                && matches!(to, ConvertTarget::Sparrow)
+            {
+                eprintln!("writing the whole model (base and adapter); `--to adapter` writes the adapter alone");
+            }
             // The tokenizer goes with the weights (a directory's own, if it has one; a
             // GGUF file's always, with its tokenizer_config.json).
             let tok = match &source {

@@ -2,12 +2,11 @@
 //! retrieval of a model.
 
 use crate::common::{
-    held_out, load_model_and_tokenizer, require_corpus, IndexDtype, DEFAULT_MODEL,
+    held_out, load_model_and_tokenizer, require_corpus, HoldArgs, IndexDtype, DEFAULT_MODEL,
 };
 use crate::report::Report;
 use anyhow::Result;
 use clap::Subcommand;
-use sparrow::tokenizer::Tokenizer;
 use std::path::PathBuf;
 
 /// The grid shared by the retrieval evaluations.
@@ -34,6 +33,10 @@ pub struct RetrievalGrid {
     pub max_new_tokens: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Put each prompt in a user turn of the model's chat template (system: "You are a
+    /// helpful assistant.") and score the assistant's answer: for instruct models.
+    #[arg(long)]
+    pub chat: bool,
     /// Also draw the accuracy heatmap (length x depth) into this PNG file.
     #[arg(long)]
     pub plot: Option<PathBuf>,
@@ -82,6 +85,10 @@ pub enum EvalCmd {
         windows: usize,
         #[arg(long, default_value_t = 0.02)]
         val_fraction: f64,
+        /// Allow contexts past the model's max_position_embeddings (RoPE extrapolation:
+        /// what the model does beyond the length it was trained at).
+        #[arg(long)]
+        lift_context_limit: bool,
         #[arg(long)]
         json: bool,
     },
@@ -99,9 +106,10 @@ pub enum EvalCmd {
         /// Windows to average over.
         #[arg(long, default_value_t = 4)]
         windows: usize,
-        /// Select this many positions instead of the model's index_topk.
-        #[arg(long)]
-        topk: Option<usize>,
+        /// Select this many positions instead of the model's index_topk; a list
+        /// (`64,128,256`) measures each (the recall-vs-k curve).
+        #[arg(long, value_delimiter = ',')]
+        topk: Vec<usize>,
         /// Keep the index keys in this precision instead of the model's index_cache_dtype.
         #[arg(long, value_enum)]
         index_dtype: Option<IndexDtype>,
@@ -146,6 +154,7 @@ impl RetrievalGrid {
             trials: self.trials,
             max_new_tokens: self.max_new_tokens,
             seed: self.seed,
+            chat: self.chat,
         }
     }
 }
@@ -215,10 +224,16 @@ pub fn run(cmd: EvalCmd, progress: bool) -> Result<()> {
             context,
             windows,
             val_fraction,
+            lift_context_limit,
             json,
         } => {
             require_corpus(&corpus)?;
-            let (m, tok) = load_model_and_tokenizer(&model)?;
+            let longest = context.iter().copied().max().unwrap_or(0);
+            let (m, tok) = crate::common::load_model_edited(&model, HoldArgs::default(), |c| {
+                if lift_context_limit {
+                    c.max_position_embeddings = c.max_position_embeddings.max(longest);
+                }
+            })?;
             let tokens = held_out(&corpus, &tok, val_fraction, progress)?;
             let rows =
                 sparrow::eval::perplexity::measure(&m, &tokens, &context, windows, progress)?;
@@ -289,24 +304,35 @@ pub fn run(cmd: EvalCmd, progress: bool) -> Result<()> {
             val_fraction,
             json,
         } => {
-            let (m, _) = sparrow::model_dir::load_for_inference(
-                &model,
-                sparrow::weights::WeightFormat::F32,
-                candle_core::DType::F32,
-                &candle_core::Device::Cpu,
-                |c| {
-                    if let Some(k) = topk {
-                        c.index_topk = k;
-                    }
-                    if let Some(d) = index_dtype {
-                        c.index_cache_dtype = d.into();
-                    }
-                },
-            )?;
-            let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
+            let source = sparrow::model_source::resolve(&model, progress)?;
+            let tok = sparrow::model_source::load_tokenizer(&source)?;
             let tokens =
                 sparrow::eval::recall::held_out_tokens(&corpus, &tok, val_fraction, progress)?;
-            let rows = sparrow::eval::recall::measure(&m, &tokens, context, windows, progress)?;
+            let ks: Vec<Option<usize>> = if topk.is_empty() {
+                vec![None]
+            } else {
+                topk.iter().map(|&k| Some(k)).collect()
+            };
+            let mut rows = Vec::new();
+            for k in ks {
+                let m = sparrow::model_source::load_model_for_inference(
+                    &source,
+                    sparrow::weights::WeightFormat::F32,
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                    |c| {
+                        if let Some(k) = k {
+                            c.index_topk = k;
+                        }
+                        if let Some(d) = index_dtype {
+                            c.index_cache_dtype = d.into();
+                        }
+                    },
+                )?;
+                rows.extend(sparrow::eval::recall::measure(
+                    &m, &tokens, context, windows, progress,
+                )?);
+            }
             let mut report = Report::new(json)
                 .col("layer", 5, |r: &sparrow::eval::recall::LayerRecall| {
                     r.layer.to_string()
@@ -315,7 +341,8 @@ pub fn run(cmd: EvalCmd, progress: bool) -> Result<()> {
                 .col("queries", 8, |r| r.queries.to_string())
                 .col("mean", 7, |r| format!("{:.4}", r.mean))
                 .col("p5", 7, |r| format!("{:.4}", r.p5))
-                .col("min", 7, |r| format!("{:.4}", r.min));
+                .col("min", 7, |r| format!("{:.4}", r.min))
+                .col("best", 7, |r| format!("{:.4}", r.best_mean));
             report.note(format!(
                 "indexer recall of {} at context {context} (queries in the last quarter of {windows} windows)",
                 model.display()

@@ -46,6 +46,17 @@ pub fn run(cmd: ModelCmd, progress: bool) -> Result<()> {
                 );
                 println!("    {}", m.description);
             }
+            for a in registry::KNOWN_ADAPTERS {
+                let place = registry::find_adapter(a.name)
+                    .map_or("not in this checkout".to_string(), |(_, d)| {
+                        d.display().to_string()
+                    });
+                println!(
+                    "{:<24} {:>8}  {:<28} {:<10} {place}",
+                    a.name, "adapter", a.dir, "Apache-2.0"
+                );
+                println!("    {}", a.description);
+            }
         }
     }
     Ok(())

@@ -2,7 +2,9 @@
 //! probability mass (averaged over heads) that falls on the positions its indexer
 //! selected. Measured per DSA layer over windows of held-out text of `context` tokens,
 //! on the queries of the window's last quarter (so each sees between 3/4 and all of the
-//! context); reported as the mean and the 5th percentile over those queries.
+//! context); reported as the mean and the 5th percentile over those queries, beside
+//! the best recall any selection of as many positions could reach (the dense
+//! attention's own top-k).
 
 use crate::data::corpus;
 use crate::data::shards::{eval_windows, TokenData};
@@ -25,6 +27,10 @@ pub struct LayerRecall {
     pub mean: f64,
     pub p5: f64,
     pub min: f64,
+    /// The mean of the best recall any `topk` positions could reach (the oracle top-k
+    /// of the dense attention itself): the bound the indexer's `mean` is measured
+    /// against.
+    pub best_mean: f64,
 }
 
 /// The held-out tail of every document of a corpus (the training runs' validation
@@ -77,6 +83,7 @@ pub fn measure(
     };
     let n_layers = model.cfg.num_hidden_layers;
     let mut per_layer: Vec<Vec<f32>> = vec![Vec::new(); n_layers];
+    let mut best: Vec<Vec<f32>> = vec![Vec::new(); n_layers];
     let bar = crate::progress::bar(wins.len() as u64, "recall", progress);
     for (inp, _) in &wins {
         let ids = Tensor::from_slice(inp, (1, context), model.store.device())?;
@@ -85,15 +92,20 @@ pub fn measure(
             if let Some(r) = &diag.recall {
                 per_layer[l].extend(r.iter().copied().filter(|x| !x.is_nan()));
             }
+            if let Some(r) = &diag.best_recall {
+                best[l].extend(r.iter().copied().filter(|x| !x.is_nan()));
+            }
         }
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
     Ok(per_layer
         .into_iter()
+        .zip(best)
         .enumerate()
-        .filter(|(_, v)| !v.is_empty())
-        .map(|(layer, mut v)| {
+        .filter(|(_, (v, _))| !v.is_empty())
+        .map(|(layer, (mut v, b))| {
             v.sort_by(|a, b| a.total_cmp(b));
             let n = v.len();
             LayerRecall {
@@ -101,9 +113,10 @@ pub fn measure(
                 context,
                 topk: model.cfg.index_topk,
                 queries: n,
-                mean: v.iter().map(|&x| x as f64).sum::<f64>() / n as f64,
+                mean: mean(&v),
                 p5: v[(n as f64 * 0.05) as usize] as f64,
                 min: v[0] as f64,
+                best_mean: mean(&b),
             }
         })
         .collect())

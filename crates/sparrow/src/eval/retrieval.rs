@@ -8,7 +8,8 @@
 //!
 //! Every (length, depth) cell runs `trials` prompts with keys drawn from a seeded stream,
 //! so a run is reproducible. Prompts are built by `data::retrieval`, the same builder the
-//! training mix uses, and start with the BOS token.
+//! training mix uses, and start with the BOS token; with `chat` they are a user turn of
+//! the model's chat template instead, answered in the assistant's turn.
 
 use crate::data::retrieval::{random_value, Needle, Passkey, RetrievalDoc};
 use crate::engine::generate::greedy_continue;
@@ -48,6 +49,43 @@ pub struct RetrievalOptions {
     /// Tokens generated after the question.
     pub max_new_tokens: usize,
     pub seed: u64,
+    /// Put each document and question in a user turn of the model's chat template
+    /// (with [`CHAT_SYSTEM`] as the system turn) and let the assistant answer, for
+    /// instruct models; else the prompt is BOS + document + question.
+    pub chat: bool,
+}
+
+/// The system turn of chat-wrapped retrieval prompts.
+pub const CHAT_SYSTEM: &str = "You are a helpful assistant.";
+
+/// The model's chat template around a retrieval document: the tokens before and after
+/// the user turn's content (the assistant's turn opened). The document's tokens are
+/// spliced in between as they are, so a prompt of a given length holds the same filler
+/// and key with and without the wrap.
+struct ChatWrap {
+    before: Vec<u32>,
+    after: Vec<u32>,
+}
+
+impl ChatWrap {
+    fn new(tok: &Tokenizer) -> Result<Self> {
+        use crate::chat::{ChatTemplate, Message};
+        const MARK: &str = "\u{1}document\u{1}";
+        let text = ChatTemplate::for_tokenizer(tok)?.render(
+            &[
+                Message::new("system", CHAT_SYSTEM),
+                Message::new("user", MARK),
+            ],
+            true,
+        )?;
+        let (before, after) = text.split_once(MARK).ok_or_else(|| {
+            Error::Template("the chat template does not show the user's message".into())
+        })?;
+        Ok(Self {
+            before: tok.encode(before)?,
+            after: tok.encode(after)?,
+        })
+    }
 }
 
 /// One prompt and what the model answered.
@@ -169,10 +207,7 @@ pub fn passkey(
         Task::Passkey,
         opts,
         progress,
-        |len, depth, _trial, rng| {
-            // The BOS token takes one position of the length.
-            pk.build(len - 1, depth, random_value(rng))
-        },
+        |budget, depth, _trial, rng| pk.build(budget, depth, random_value(rng)),
     )
 }
 
@@ -203,12 +238,12 @@ pub fn needle(
         Task::Needle,
         opts,
         progress,
-        |len, depth, trial, rng| {
+        |budget, depth, trial, rng| {
             let value = random_value(rng).to_string();
-            let hay_len = len.saturating_sub(1 + nd.overhead(&value)?);
+            let hay_len = budget.saturating_sub(nd.overhead(&value)?);
             if hay_len == 0 {
                 return Err(Error::Invalid(format!(
-                    "length {len} is too short for the needle"
+                    "{budget} tokens are too few for the needle"
                 )));
             }
             // Trials of a length walk through the text; depths of one trial share a start.
@@ -229,9 +264,16 @@ fn run_grid(
     task: Task,
     opts: &RetrievalOptions,
     progress: bool,
-    // (length, depth, trial, key stream) -> prompt
+    // (tokens the document may take, depth, trial, key stream) -> prompt
     mut build: impl FnMut(usize, f64, usize, &mut ChaCha8Rng) -> Result<RetrievalDoc>,
 ) -> Result<RetrievalReport> {
+    // BOS, or the chat turn, takes part of each length.
+    let wrap = if opts.chat {
+        Some(ChatWrap::new(tok)?)
+    } else {
+        None
+    };
+    let overhead = wrap.as_ref().map_or(1, |w| w.before.len() + w.after.len());
     let total = (opts.lengths.len() * opts.depths.len() * opts.trials) as u64;
     let bar = crate::progress::bar(total, task.name(), progress);
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
@@ -243,10 +285,19 @@ fn run_grid(
         for trial in 0..opts.trials {
             for &depth in &opts.depths {
                 bar.set_message(format!("{length} tokens, depth {depth}"));
-                let doc = build(length, depth, trial, &mut rng)?;
-                let mut ids = Vec::with_capacity(doc.prompt.len() + 1);
-                ids.push(tok.bos_id);
-                ids.extend_from_slice(&doc.prompt);
+                let doc = build(length.saturating_sub(overhead), depth, trial, &mut rng)?;
+                let mut ids = Vec::with_capacity(doc.prompt.len() + overhead);
+                match &wrap {
+                    Some(w) => {
+                        ids.extend_from_slice(&w.before);
+                        ids.extend_from_slice(&doc.prompt);
+                        ids.extend_from_slice(&w.after);
+                    }
+                    None => {
+                        ids.push(tok.bos_id);
+                        ids.extend_from_slice(&doc.prompt);
+                    }
+                }
                 let started = std::time::Instant::now();
                 let out = greedy_continue(model, &ids, opts.max_new_tokens, tok.eos_id)?;
                 let secs = started.elapsed().as_secs_f64();

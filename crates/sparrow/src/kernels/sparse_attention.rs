@@ -750,6 +750,67 @@ pub fn selected_mass(
     Ok(out)
 }
 
+/// The best recall any selection of `dims.k` positions could reach: for each query
+/// (B, T), the dense causal attention averaged over heads, and the sum of its `k`
+/// largest probabilities (the oracle top-k: the bound an indexer's [`selected_mass`]
+/// is compared with). Same layout and skipping as [`selected_mass`]. O(T * S * H * D).
+pub fn best_mass(
+    dims: SparseDims,
+    scale: f64,
+    q: &[f32],
+    k: &[f32],
+    offset: usize,
+    from: usize,
+) -> candle_core::Result<Vec<f32>> {
+    dims.check(q.len(), k.len(), k.len(), dims.b * dims.t * dims.k)?;
+    let SparseDims {
+        t,
+        h,
+        kv,
+        s,
+        d,
+        k: kk,
+        ..
+    } = dims;
+    let gs = h / kv;
+    let scale = scale as f32;
+    let mut out = vec![0.0f32; dims.b * t];
+    out.par_iter_mut().enumerate().for_each(|(bt, o)| {
+        let (bi, ti) = (bt / t.max(1), bt % t.max(1));
+        if ti < from {
+            *o = f32::NAN;
+            return;
+        }
+        let visible = (offset + ti + 1).min(s);
+        if visible <= kk {
+            *o = 1.0;
+            return;
+        }
+        let mut logits = vec![0.0f32; visible];
+        let mut p = vec![0.0f64; visible];
+        for grp in 0..kv {
+            let kg = &k[(bi * kv + grp) * s * d..(bi * kv + grp + 1) * s * d];
+            for hh in 0..gs {
+                let qo = (bt * h + grp * gs + hh) * d;
+                let qh = &q[qo..qo + d];
+                for (j, l) in logits.iter_mut().enumerate() {
+                    *l = scale * dot(qh, &kg[j * d..(j + 1) * d]);
+                }
+                let m = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                let e: Vec<f64> = logits.iter().map(|&x| ((x - m) as f64).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (pj, ej) in p.iter_mut().zip(&e) {
+                    *pj += ej / z;
+                }
+            }
+        }
+        // The k largest: partition around the k-th largest, sum the top side.
+        p.select_nth_unstable_by(kk - 1, |a, b| b.total_cmp(a));
+        *o = (p[..kk].iter().sum::<f64>() / h as f64) as f32;
+    });
+    Ok(out)
+}
+
 /// [`selected_mass`] of one query over a cache: the engine's sampled recall. q (H, dk)
 /// sits at the last of `visible` positions; `rows` holds the keys (each of its groups
 /// serves H / groups heads); `idx` its selection (`NONE` and slots past `visible` are

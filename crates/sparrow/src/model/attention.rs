@@ -203,6 +203,7 @@ impl Attention {
             };
             diag.indexer_kl = indexer_kl;
             diag.recall = opts.collect.recall_from.map(|from| full_recall(b, t, from));
+            diag.best_recall = diag.recall.clone();
             return Ok(y);
         }
 
@@ -257,15 +258,11 @@ impl Attention {
             _ => None,
         };
         if let Some(from) = opts.collect.recall_from {
+            let (qh, kh) = (host_f32(&qs)?, host_f32(&k)?);
             diag.recall = Some(sparse_attention::selected_mass(
-                dims,
-                scale,
-                &host_f32(&qs)?,
-                &host_f32(&k)?,
-                &idx,
-                0,
-                from,
+                dims, scale, &qh, &kh, &idx, 0, from,
             )?);
+            diag.best_recall = Some(sparse_attention::best_mass(dims, scale, &qh, &kh, 0, from)?);
         }
         if opts.collect.selection {
             diag.selection = Some(idx.to_vec());

@@ -38,6 +38,9 @@ pub struct LayerDiagnostics {
     pub indexer_kl: Option<Tensor>,
     /// Recall per query (B*T), when asked for (DSA layers).
     pub recall: Option<Vec<f32>>,
+    /// With `recall`: the best recall any `index_topk` positions could reach per query
+    /// (the oracle top-k of the dense attention itself).
+    pub best_recall: Option<Vec<f32>>,
     /// The top-k selection (B*T*index_topk, `kernels::topk::NONE` = empty slot), when
     /// asked for and the layer ran sparse.
     pub selection: Option<Vec<u32>>,

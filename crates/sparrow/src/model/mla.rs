@@ -36,6 +36,10 @@ use crate::kernels::topk::NONE;
 use candle_core::{Tensor, D};
 use std::sync::OnceLock;
 
+/// A DSA layer's indexer signals from one forward: the KL loss (training), the recall
+/// per query and the best recall any k positions could reach (`eval recall`).
+type IndexerSignals = (Option<Tensor>, Option<Vec<f32>>, Option<Vec<f32>>);
+
 /// How the query is projected.
 #[derive(Debug, Clone)]
 pub enum QueryProj {
@@ -249,7 +253,7 @@ impl Mla {
         let ex = self.expand(&a)?;
         let (y, p) = self.expanded(&ex, mask.as_ref(), scale)?; // (B, T, H * dv)
         if let Some((sel, io, selection)) = index {
-            (diag.indexer_kl, diag.recall) =
+            (diag.indexer_kl, diag.recall, diag.best_recall) =
                 self.indexer_signals(sel, &io, selection.as_deref(), &ex, &p, mode, opts)?;
             if opts.collect.selection {
                 diag.selection = selection;
@@ -261,7 +265,8 @@ impl Mla {
     /// The indexer's training loss and recall from one expanded forward: KL over every
     /// visible position from the dense probabilities `p` (no selection: the warm-up)
     /// or over the selection from the attention restricted to it (the sparse stage);
-    /// recall = the share of dense attention mass on the selection (1 without one).
+    /// recall = the share of dense attention mass on the selection (1 without one), and
+    /// the best share any k positions could hold.
     #[allow(clippy::too_many_arguments)]
     fn indexer_signals(
         &self,
@@ -272,7 +277,7 @@ impl Mla {
         p: &Tensor,
         mode: Option<IndexerTrainMode>,
         opts: &ForwardOptions,
-    ) -> Result<(Option<Tensor>, Option<Vec<f32>>)> {
+    ) -> Result<IndexerSignals> {
         let (b, h, t, dk) = ex.q.dims4()?;
         let s = ex.k.dim(2)?;
         let (ix, kk) = (&sel.indexer, sel.topk);
@@ -325,17 +330,20 @@ impl Mla {
                 Some(kl_loss(&scores, &target, &valid)?)
             }
         };
-        let recall = match (opts.collect.recall_from, selection) {
-            (None, _) => None,
-            (Some(from), None) => Some(full_recall(b, t, from)),
+        let (recall, best) = match (opts.collect.recall_from, selection) {
+            (None, _) => (None, None),
+            (Some(from), None) => (Some(full_recall(b, t, from)), Some(full_recall(b, t, from))),
             (Some(from), Some(idx)) => {
                 let (q, k) = host_qk()?;
-                Some(sparse_attention::selected_mass(
-                    dims, scale, &q, &k, idx, 0, from,
-                )?)
+                (
+                    Some(sparse_attention::selected_mass(
+                        dims, scale, &q, &k, idx, 0, from,
+                    )?),
+                    Some(sparse_attention::best_mass(dims, scale, &q, &k, 0, from)?),
+                )
             }
         };
-        Ok((kl, recall))
+        Ok((kl, recall, best))
     }
 
     /// The engine's step over packed rows x (N, C), absorbed (MQA over the latent

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Every figure of models/smollm2-135m-instruct-dsa/MODEL.md: the DSA adapter against the
+# dense original (SmolLM2-135M-Instruct, Q4_1 GGUF) on the same held-out text and
+# prompts. Results go to $OUT as JSON lines, one file per evaluation; a summary table
+# is printed at the end.
+#
+#   scripts/eval_smollm2_dsa.sh [ADAPTER] [quick|full]
+#
+# ADAPTER defaults to the shipped adapter; `quick` (the default) runs the grids with
+# fewer prompts (2 per cell) for a session's budget, `full` with the issue's 4.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SPARSE=${1:-smollm2-135m-instruct-dsa}
+SIZE=${2:-quick}
+DENSE=smollm2-135m-instruct
+OUT=${OUT:-runs/smollm2-dsa-eval}
+CORPUS=${CORPUS:-data/corpus}
+SP=${SPARROW:-./target/release/sparrow}
+# Retrieval prompts plain (the default: SmolLM2 continues "The pass key is" with the key)
+# or in the chat template's user turn (CHAT=--chat: 0% of 6 passkey prompts at 1024 tokens
+# for the dense model, which answers "The pass key is a magical number that", against 67% plain).
+CHAT=${CHAT:-}
+mkdir -p "$OUT"
+[ -x "$SP" ] || cargo build --release --bin sparrow
+[ -d "$CORPUS" ] || "$SP" corpus fetch --out "$CORPUS"
+case "$SIZE" in
+  quick) TRIALS=2; WINDOWS=2 ;;
+  full) TRIALS=4; WINDOWS=4 ;;
+  *) echo "size must be quick or full" >&2; exit 2 ;;
+esac
+run() { # name, command...
+  local name=$1; shift
+  if [ -s "$OUT/$name.jsonl" ]; then echo "have $OUT/$name.jsonl"; return; fi
+  echo "== $name: $*"
+  local t0=$SECONDS
+  "$@" > "$OUT/$name.tmp"
+  mv "$OUT/$name.tmp" "$OUT/$name.jsonl"
+  echo "   $((SECONDS - t0)) s"
+}
+
+# Indexer recall per layer at 4096 tokens of context, and the recall-vs-k curve.
+run recall "$SP" --quiet eval recall --model "$SPARSE" --corpus "$CORPUS" --context 4096 \
+  --windows "$WINDOWS" --topk 64,128,256,512,1024,2048 --json
+# Perplexity at 1024, 4096, 8192 (the trained length) and beyond it.
+for m in dense:$DENSE sparse:$SPARSE; do
+  run "perplexity-${m%%:*}" "$SP" --quiet eval perplexity --model "${m#*:}" --corpus "$CORPUS" \
+    --context 1024,4096,8192 --windows "$WINDOWS" --json
+done
+# Decode and prefill speed at 8192 tokens of context (and the dense selectors of the same
+# weights in the same run).
+run bench-sparse "$SP" --quiet bench generate --model "$SPARSE" --context 8192 --dense --json
+run bench-dense "$SP" --quiet bench generate --model "$DENSE" --context 8192 --json
+# Passkey and needle grids up to the trained length.
+for m in dense:$DENSE sparse:$SPARSE; do
+  run "passkey-${m%%:*}" "$SP" --quiet eval passkey --model "${m#*:}" \
+    --lengths 1024,2048,4096,8192 --depths 0,0.25,0.5,0.75,1 --trials "$TRIALS" $CHAT --json
+  run "needle-${m%%:*}" "$SP" --quiet eval needle --model "${m#*:}" --corpus "$CORPUS" \
+    --lengths 1024,2048,4096,8192 --depths 0,0.25,0.5,0.75,1 --trials "$TRIALS" $CHAT --json
+done
+# Past the trained 8192 tokens (RoPE extrapolation): perplexity at 16384 and 32768.
+for m in dense:$DENSE sparse:$SPARSE; do
+  run "beyond-${m%%:*}" "$SP" --quiet eval perplexity --model "${m#*:}" --corpus "$CORPUS" \
+    --context 16384,32768 --windows 1 --lift-context-limit --json
+done
+python3 scripts/dsa_tables.py "$OUT"
