@@ -7,7 +7,9 @@
 #   scripts/eval_smollm2_dsa.sh [ADAPTER] [quick|full]
 #
 # ADAPTER defaults to the shipped adapter; `quick` (the default) runs the grids with
-# fewer prompts (2 per cell) for a session's budget, `full` with the issue's 4.
+# fewer prompts (2 per cell, depths 0 / 0.5 / 1, 2 perplexity windows, 16384 tokens past
+# the trained length) for a session's budget, `full` with the issue's 4 per cell, 5
+# depths, 4 windows, and 32768 too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPARSE=${1:-smollm2-135m-instruct-dsa}
@@ -24,8 +26,8 @@ mkdir -p "$OUT"
 [ -x "$SP" ] || cargo build --release --bin sparrow
 [ -d "$CORPUS" ] || "$SP" corpus fetch --out "$CORPUS"
 case "$SIZE" in
-  quick) TRIALS=2; WINDOWS=2 ;;
-  full) TRIALS=4; WINDOWS=4 ;;
+  quick) TRIALS=2; WINDOWS=2; DEPTHS=0,0.5,1; BEYOND=16384 ;;
+  full) TRIALS=4; WINDOWS=4; DEPTHS=0,0.25,0.5,0.75,1; BEYOND=16384,32768 ;;
   *) echo "size must be quick or full" >&2; exit 2 ;;
 esac
 run() { # name, command...
@@ -53,13 +55,13 @@ run bench-dense "$SP" --quiet bench generate --model "$DENSE" --context 8192 --j
 # Passkey and needle grids up to the trained length.
 for m in dense:$DENSE sparse:$SPARSE; do
   run "passkey-${m%%:*}" "$SP" --quiet eval passkey --model "${m#*:}" \
-    --lengths 1024,2048,4096,8192 --depths 0,0.25,0.5,0.75,1 --trials "$TRIALS" $CHAT --json
+    --lengths 1024,2048,4096,8192 --depths "$DEPTHS" --trials "$TRIALS" $CHAT --json
   run "needle-${m%%:*}" "$SP" --quiet eval needle --model "${m#*:}" --corpus "$CORPUS" \
-    --lengths 1024,2048,4096,8192 --depths 0,0.25,0.5,0.75,1 --trials "$TRIALS" $CHAT --json
+    --lengths 1024,2048,4096,8192 --depths "$DEPTHS" --trials "$TRIALS" $CHAT --json
 done
 # Past the trained 8192 tokens (RoPE extrapolation): perplexity at 16384 and 32768.
 for m in dense:$DENSE sparse:$SPARSE; do
   run "beyond-${m%%:*}" "$SP" --quiet eval perplexity --model "${m#*:}" --corpus "$CORPUS" \
-    --context 16384,32768 --windows 1 --lift-context-limit --json
+    --context "$BEYOND" --windows 1 --lift-context-limit --json
 done
 python3 scripts/dsa_tables.py "$OUT"

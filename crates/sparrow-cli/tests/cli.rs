@@ -1489,6 +1489,57 @@ fn dsa_attach_then_train_the_indexers_and_generate() {
         "{}",
         text(&out.stdout)
     );
+    // The trained adapter alone in f16 (what ships), generating the same way; a model
+    // that is not an adapter is refused.
+    let half = tmp.path().join("half");
+    let out = sparrow(&[
+        "convert",
+        "--to",
+        "adapter",
+        "--model",
+        run.to_str().unwrap(),
+        "--dtype",
+        "f16",
+        "--out",
+        half.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let bytes = std::fs::read(half.join("adapter.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8_lossy(&bytes[8..8 + n]);
+    assert!(
+        header.contains("\"F16\"") && !header.contains("\"F32\""),
+        "{header}"
+    );
+    assert!(
+        !half.join("tokenizer.json").exists(),
+        "the base's tokenizer serves it"
+    );
+    let out = sparrow(&[
+        "generate",
+        "--model",
+        half.to_str().unwrap(),
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "the sea",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = sparrow(&[
+        "convert",
+        "--to",
+        "adapter",
+        "--model",
+        base,
+        "--out",
+        tmp.path().join("no").to_str().unwrap(),
+    ]);
+    assert!(
+        text(&out.stderr).contains("not an adapter"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// `sparrow` with `SPARROW_HOME` (and, when given, `SPARROW_PIP`) set.
