@@ -296,3 +296,58 @@ fn training_the_indexers_moves_only_them_and_resumes_exactly() {
     let e = train(bad).unwrap_err().to_string();
     assert!(e.contains("trainable"), "{e}");
 }
+
+/// The shipped adapter (`--model smollm2-135m-instruct-dsa`): indexers only, f16, within
+/// the 15 MB budget, for the pinned base; over the real base (when it is in the model
+/// cache, or fetched when `SPARROW_REQUIRE_REAL_MODEL` is set) a prompt within top-k
+/// gives the base's own logits, and a longer one does not.
+#[test]
+fn the_shipped_adapter_is_small_and_applies_to_its_base() {
+    let (known, dir) = sparrow::registry::find_adapter("smollm2-135m-instruct-dsa")
+        .expect("models/smollm2-135m-instruct-dsa is shipped");
+    assert_eq!(dir.join("adapter.json"), dir.join(ADAPTER_JSON));
+    let spec = AdapterSpec::read(&dir).unwrap().unwrap();
+    let base = sparrow::registry::find(&spec.base).expect("the base is a known model");
+    assert_eq!(spec.base_sha256.as_deref(), Some(base.file_sha256));
+    assert_eq!(spec.params, ParamSet::Indexer);
+    let weights = dir.join(ADAPTER_WEIGHTS);
+    let size = std::fs::metadata(&weights).unwrap().len();
+    assert!(size <= 15 * 1024 * 1024, "{}: {size} bytes", known.name);
+    let (tensors, _) = sparrow::weights::load(&weights, &Device::Cpu).unwrap();
+    assert!(tensors
+        .iter()
+        .all(|(n, t)| n.contains(".self_attn.indexer.") && t.dtype() == DType::F16));
+    let (cfg, _) = sparrow::formats::hf::read_config(&dir.join("config.json")).unwrap();
+    assert_eq!(
+        cfg.layer_types
+            .as_ref()
+            .map(|t| t.iter().filter(|&&k| k == AttentionKind::Dsa).count()),
+        Some(cfg.num_hidden_layers)
+    );
+    let Ok(home) = sparrow::registry::home() else {
+        return;
+    };
+    if sparrow::registry::present(&home, base).is_none() {
+        if std::env::var_os("SPARROW_REQUIRE_REAL_MODEL").is_none() {
+            eprintln!(
+                "{} is not in the model cache: the base half skipped",
+                base.name
+            );
+            return;
+        }
+        sparrow::registry::fetch(&home, base, false).unwrap();
+    }
+    let by_name = Path::new(known.name);
+    let x = ids(cfg.index_topk);
+    let err = rel_err(
+        &logits(by_name, WeightFormat::Native, &x),
+        &logits(Path::new(base.name), WeightFormat::Native, &x),
+    );
+    assert!(err < 1e-5, "within top-k: {err:e}");
+    let x = ids(cfg.index_topk + 64);
+    let err = rel_err(
+        &logits(by_name, WeightFormat::Native, &x),
+        &logits(Path::new(base.name), WeightFormat::Native, &x),
+    );
+    assert!(err > 1e-4, "past top-k the selection is used: {err:e}");
+}

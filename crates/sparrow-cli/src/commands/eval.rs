@@ -89,6 +89,9 @@ pub enum EvalCmd {
         /// what the model does beyond the length it was trained at).
         #[arg(long)]
         lift_context_limit: bool,
+        /// DSA models: select this many positions instead of the model's index_topk.
+        #[arg(long)]
+        topk: Option<usize>,
         #[arg(long)]
         json: bool,
     },
@@ -225,6 +228,7 @@ pub fn run(cmd: EvalCmd, progress: bool) -> Result<()> {
             windows,
             val_fraction,
             lift_context_limit,
+            topk,
             json,
         } => {
             require_corpus(&corpus)?;
@@ -232,6 +236,9 @@ pub fn run(cmd: EvalCmd, progress: bool) -> Result<()> {
             let (m, tok) = crate::common::load_model_edited(&model, HoldArgs::default(), |c| {
                 if lift_context_limit {
                     c.max_position_embeddings = c.max_position_embeddings.max(longest);
+                }
+                if let Some(k) = topk {
+                    c.index_topk = k;
                 }
             })?;
             let tokens = held_out(&corpus, &tok, val_fraction, progress)?;
