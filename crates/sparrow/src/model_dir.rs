@@ -124,7 +124,7 @@ impl Default for SaveOptions<'_> {
 /// Load `dir` for training (trainable parameters; every forward records an autograd
 /// graph). Returns the model and the step its weights record, if any.
 pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Model, Option<u64>)> {
-    load_with(dir, dtype, device, |_| {}, false)
+    load_for_training(dir, dtype, device, |_| {}, ParamSet::All)
 }
 
 /// Load `dir` for inference (generation, evaluation, export): detached parameters
@@ -143,27 +143,10 @@ pub fn load_for_inference(
     })
 }
 
-/// Load `dir` (Sparrow's layout or an HF family's) with the config adjusted by `edit`
-/// before the layers are built (validated again); `frozen` hands out detached
-/// parameters. Returns the model and the step its weights record, if any.
-pub fn load_with(
-    dir: &Path,
-    dtype: DType,
-    device: &Device,
-    edit: impl FnOnce(&mut ModelConfig),
-    frozen: bool,
-) -> Result<(Model, Option<u64>)> {
-    load_store(dir, dtype, device, edit, |s| {
-        if frozen {
-            s.frozen()
-        } else {
-            s
-        }
-    })
-}
-
-/// Load `dir` for training with only the parameters in `trainable` receiving
-/// gradients (the others detached); `edit` adjusts the config first.
+/// Load `dir` (Sparrow's layout or an HF family's) for training with only the
+/// parameters in `trainable` receiving gradients (the others detached); `edit` adjusts
+/// the config before the layers are built (validated again). Returns the model and
+/// the step its weights record, if any.
 pub fn load_for_training(
     dir: &Path,
     dtype: DType,

@@ -93,15 +93,16 @@ pub fn resolve(spec: &Path, progress: bool) -> Result<ModelSource> {
 /// itself an adapter, and the file its `base_sha256` names.
 fn resolve_adapter(dir: &Path, spec: AdapterSpec, progress: bool) -> Result<ModelSource> {
     let json = dir.join(crate::model_dir::ADAPTER_JSON);
-    let base_spec = spec
-        .base_path(dir)
-        .unwrap_or_else(|| PathBuf::from(&spec.base));
-    if !base_spec.exists() && spec.base_path(dir).is_some() {
-        return Err(Error::checkpoint(
-            &json,
-            format!("its base {} does not exist", base_spec.display()),
-        ));
-    }
+    let base_spec = match spec.base_path(dir) {
+        Some(p) if !p.exists() => {
+            return Err(Error::checkpoint(
+                &json,
+                format!("its base {} does not exist", p.display()),
+            ))
+        }
+        Some(p) => p,
+        None => PathBuf::from(&spec.base),
+    };
     let base = match resolve(&base_spec, progress) {
         Ok(ModelSource::Adapter { .. }) => {
             return Err(Error::checkpoint(
@@ -162,22 +163,27 @@ type SourceTensors = (
     PathBuf,
 );
 
-/// Every tensor of a directory or GGUF `source` for a model of `cfg` (GGUF matrices
-/// held as `weights` says; directories' tensors as stored, the store converts them).
+/// Every tensor of a directory or GGUF `source`, whose config must shape its tensors
+/// as `cfg` does (`check_same_base`, errors naming `named`): GGUF matrices held as
+/// `weights` says; directories' tensors as stored (the store converts them). The
+/// base's config is read once, from the file the tensors come from.
 fn base_tensors(
     source: &ModelSource,
     cfg: &ModelConfig,
     weights: WeightFormat,
     device: &Device,
+    named: &Path,
 ) -> Result<SourceTensors> {
     match source {
         ModelSource::Dir(dir) => {
-            let (_, family) = crate::formats::hf::read_config(&dir.join("config.json"))?;
+            let (base, family) = crate::formats::hf::read_config(&dir.join("config.json"))?;
+            check_same_base(cfg, &base, named)?;
             let w = crate::formats::hf::read_weights(dir, family, device)?;
             Ok((w.tensors, HashMap::new(), w.source))
         }
         ModelSource::Gguf(path) => {
             let file = GgufFile::open(path)?;
+            check_same_base(cfg, &crate::formats::gguf_model::read_config(&file)?, named)?;
             let (t, q) = crate::formats::gguf_model::read_tensors(&file, cfg, weights, device)?;
             Ok((t, q, path.clone()))
         }
@@ -246,8 +252,7 @@ fn load_adapter(
     let (mut cfg, _) = crate::formats::hf::read_config(&dir.join("config.json"))?;
     edit(&mut cfg);
     cfg.validate()?;
-    check_same_base(&cfg, &read_config(base)?, &json)?;
-    let (mut tensors, mut quantized, _) = base_tensors(base, &cfg, weights, device)?;
+    let (mut tensors, mut quantized, _) = base_tensors(base, &cfg, weights, device, &json)?;
     let path = dir.join(ADAPTER_WEIGHTS);
     let (own, meta) = crate::weights::load(&path, device)?;
     let step = crate::model_dir::step_of(&meta, &path)?;
@@ -321,8 +326,8 @@ pub fn attach(
         ));
     }
     cfg.validate()?;
-    check_same_base(cfg, &read_config(base)?, Path::new("the new config"))?;
-    let (t, q, path) = base_tensors(base, cfg, WeightFormat::F32, device)?;
+    let named = Path::new("the new config");
+    let (t, q, path) = base_tensors(base, cfg, WeightFormat::F32, device, named)?;
     debug_assert!(q.is_empty());
     let store = VarStore::loaded(t, path, DType::F32, device)
         .with_missing_initialised(seed, new)

@@ -685,6 +685,34 @@ impl CustomOp1 for SteGate {
     }
 }
 
+/// Calls `f` with each head's scaled logits of query `bt` (of q (B, T, H, D)) over
+/// the first `visible` keys of its KV group (k (B, KV, S, D)): the shared inner loop
+/// of [`selected_mass`] and [`best_mass`].
+fn each_head_logits(
+    dims: SparseDims,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    bt: usize,
+    visible: usize,
+    mut f: impl FnMut(&[f32]),
+) {
+    let SparseDims { t, h, kv, s, d, .. } = dims;
+    let (bi, gs) = (bt / t.max(1), h / kv);
+    let mut logits = vec![0.0f32; visible];
+    for grp in 0..kv {
+        let kg = &k[(bi * kv + grp) * s * d..(bi * kv + grp + 1) * s * d];
+        for hh in 0..gs {
+            let qo = (bt * h + grp * gs + hh) * d;
+            let qh = &q[qo..qo + d];
+            for (j, l) in logits.iter_mut().enumerate() {
+                *l = scale * dot(qh, &kg[j * d..(j + 1) * d]);
+            }
+            f(&logits);
+        }
+    }
+}
+
 /// The share of softmax(`logits`) on the positions `ids` names (`NONE` and ids past
 /// the logits skipped), in f64.
 fn softmax_mass_on(logits: &[f32], ids: &[u32]) -> f64 {
@@ -712,39 +740,21 @@ pub fn selected_mass(
     from: usize,
 ) -> candle_core::Result<Vec<f32>> {
     dims.check(q.len(), k.len(), k.len(), idx.len())?;
-    let SparseDims {
-        t,
-        h,
-        kv,
-        s,
-        d,
-        k: kk,
-        ..
-    } = dims;
-    let gs = h / kv;
+    let SparseDims { t, h, s, k: kk, .. } = dims;
     let scale = scale as f32;
     let mut out = vec![0.0f32; dims.b * t];
     out.par_iter_mut().enumerate().for_each(|(bt, o)| {
-        let (bi, ti) = (bt / t.max(1), bt % t.max(1));
+        let ti = bt % t.max(1);
         if ti < from {
             *o = f32::NAN;
             return;
         }
         let visible = (offset + ti + 1).min(s);
         let ids = &idx[bt * kk..(bt + 1) * kk];
-        let mut logits = vec![0.0f32; visible];
         let mut mass = 0.0f64;
-        for grp in 0..kv {
-            let kg = &k[(bi * kv + grp) * s * d..(bi * kv + grp + 1) * s * d];
-            for hh in 0..gs {
-                let qo = (bt * h + grp * gs + hh) * d;
-                let qh = &q[qo..qo + d];
-                for (j, l) in logits.iter_mut().enumerate() {
-                    *l = scale * dot(qh, &kg[j * d..(j + 1) * d]);
-                }
-                mass += softmax_mass_on(&logits, ids);
-            }
-        }
+        each_head_logits(dims, scale, q, k, bt, visible, |logits| {
+            mass += softmax_mass_on(logits, ids)
+        });
         *o = (mass / h as f64) as f32;
     });
     Ok(out)
@@ -763,20 +773,11 @@ pub fn best_mass(
     from: usize,
 ) -> candle_core::Result<Vec<f32>> {
     dims.check(q.len(), k.len(), k.len(), dims.b * dims.t * dims.k)?;
-    let SparseDims {
-        t,
-        h,
-        kv,
-        s,
-        d,
-        k: kk,
-        ..
-    } = dims;
-    let gs = h / kv;
+    let SparseDims { t, h, s, k: kk, .. } = dims;
     let scale = scale as f32;
     let mut out = vec![0.0f32; dims.b * t];
     out.par_iter_mut().enumerate().for_each(|(bt, o)| {
-        let (bi, ti) = (bt / t.max(1), bt % t.max(1));
+        let ti = bt % t.max(1);
         if ti < from {
             *o = f32::NAN;
             return;
@@ -786,24 +787,14 @@ pub fn best_mass(
             *o = 1.0;
             return;
         }
-        let mut logits = vec![0.0f32; visible];
         let mut p = vec![0.0f64; visible];
-        for grp in 0..kv {
-            let kg = &k[(bi * kv + grp) * s * d..(bi * kv + grp + 1) * s * d];
-            for hh in 0..gs {
-                let qo = (bt * h + grp * gs + hh) * d;
-                let qh = &q[qo..qo + d];
-                for (j, l) in logits.iter_mut().enumerate() {
-                    *l = scale * dot(qh, &kg[j * d..(j + 1) * d]);
-                }
-                let m = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                let e: Vec<f64> = logits.iter().map(|&x| ((x - m) as f64).exp()).collect();
-                let z: f64 = e.iter().sum();
-                for (pj, ej) in p.iter_mut().zip(&e) {
-                    *pj += ej / z;
-                }
+        each_head_logits(dims, scale, q, k, bt, visible, |logits| {
+            let m = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+            let z: f64 = logits.iter().map(|&x| ((x - m) as f64).exp()).sum();
+            for (pj, &x) in p.iter_mut().zip(logits) {
+                *pj += ((x - m) as f64).exp() / z;
             }
-        }
+        });
         // The k largest: partition around the k-th largest, sum the top side.
         p.select_nth_unstable_by(kk - 1, |a, b| b.total_cmp(a));
         *o = (p[..kk].iter().sum::<f64>() / h as f64) as f32;

@@ -450,6 +450,12 @@ pub(crate) fn dense_kl(
     kl_loss(&scores, &target, &valid)
 }
 
+/// `rows` as a u32 index tensor (for `index_select`).
+pub(crate) fn positions_index(rows: &[usize], dev: &candle_core::Device) -> Result<Tensor> {
+    let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+    Ok(Tensor::from_vec(ids, rows.len(), dev)?)
+}
+
 /// `count` distinct positions of `0..t`, ascending, drawn from `seed`.
 pub(crate) fn sample_positions(t: usize, count: usize, seed: u64) -> Vec<usize> {
     use rand::seq::index::sample;
@@ -475,7 +481,7 @@ pub(crate) fn sampled_dense_kl(
     let (b, h, t, d) = q.dims4()?;
     let (g, n) = (h / kv, rows.len());
     let dev = q.device();
-    let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect(), n, dev)?;
+    let idx = positions_index(rows, dev)?;
     let qs = q
         .detach()
         .contiguous()?
@@ -510,7 +516,7 @@ pub(crate) fn kl_on_rows(
 ) -> Result<Tensor> {
     let (b, t) = (io.k.dim(0)?, io.k.dim(1)?);
     let n = rows.len();
-    let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect(), n, io.k.device())?;
+    let idx = positions_index(rows, io.k.device())?;
     let valid: Vec<bool> = (0..b * n * t).map(|i| i % t <= rows[(i / t) % n]).collect();
     let sub = IndexerOut {
         q: io.q.contiguous()?.index_select(&idx, 1)?, // (B, N, Hi, di)

@@ -16,7 +16,8 @@
 //! `y_h = W_UV_h (sum_s p_s c_s)`, so nothing per head is ever built for the cache.
 
 use super::attention::{
-    attend_cached, dense_kl, full_recall, kl_loss, kl_on_rows, sample_positions, SampledRecall,
+    attend_cached, dense_kl, full_recall, kl_loss, kl_on_rows, positions_index, sample_positions,
+    SampledRecall,
 };
 use super::cache::{CacheRows, LayerCache};
 use super::diagnostics::LayerDiagnostics;
@@ -304,11 +305,7 @@ impl Mla {
                 // sample of the queries or on all of them.
                 Some((count, seed)) if count < t => {
                     let rows = sample_positions(t, count, seed);
-                    let idx = Tensor::from_vec(
-                        rows.iter().map(|&r| r as u32).collect(),
-                        rows.len(),
-                        p.device(),
-                    )?;
+                    let idx = positions_index(&rows, p.device())?;
                     let target = p
                         .detach()
                         .contiguous()?

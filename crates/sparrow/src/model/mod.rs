@@ -59,14 +59,10 @@ impl Model {
         trainable: params::ParamSet,
         device: &Device,
     ) -> Result<Self> {
-        cfg.validate()?;
-        let store = VarStore::random(seed, DType::F32, device).with_trainable(trainable);
-        let net = Transformer::new(&store.root(), cfg)?;
-        Ok(Self {
-            cfg: cfg.clone(),
-            store,
-            net,
-        })
+        Self::from_store(
+            cfg,
+            VarStore::random(seed, DType::F32, device).with_trainable(trainable),
+        )
     }
 
     /// A freshly initialised model for inference only (frozen parameters: forwards

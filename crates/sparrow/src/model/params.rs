@@ -232,11 +232,6 @@ impl VarStore {
         self
     }
 
-    /// The parameters that train (see [`with_trainable`](Self::with_trainable)).
-    pub fn trainable(&self) -> ParamSet {
-        self.trainable
-    }
-
     /// A loaded store: initialise the parameters in `set` that its tensors lack from
     /// `seed` (each from its own stream, as [`random`](Self::random) does) instead of
     /// reporting them missing; new modules on a pretrained model. Must be called before

@@ -3,8 +3,9 @@
 //! `train_state.safetensors` (AdamW moments) and `train_state.json` (step, RNG, data
 //! position, options). A run that trains an adapter (`model_dir::AdapterSpec`: e.g.
 //! indexers on a frozen base) is an adapter directory instead: `adapter.json` and
-//! `adapter.safetensors` (the trained parameters only) in place of `model.safetensors`. Both weight files carry the step in their metadata, so a resume
-//! checks that all three belong to the same step.
+//! `adapter.safetensors` (the trained parameters only) in place of
+//! `model.safetensors`. Both weight files carry the step in their metadata, so a
+//! resume checks that all three belong to the same step.
 //!
 //! A checkpoint survives a kill at any moment, a full disk included: its files are
 //! first written (each fsynced) into the staging directory `.checkpoint.tmp`, which is
