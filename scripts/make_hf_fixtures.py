@@ -35,6 +35,17 @@ Models (all f32, eager attention):
                  queries that see fewer than 4 positions only the first t+1 are real).
                  The script asserts a margin between the 4th and 5th index scores, so
                  the selection has no ties (DESIGN.md §6).
+  deepseek-v4    DeepSeek-V4 (37 tokens): 4 layers sliding / CSA / HCA / CSA, window 8,
+                 CSA rate 4 (overlapping windows, 16 index heads x 8, top-3 of up to 9
+                 entries), HCA rate 8, YaRN on the compressed layers' RoPE (factor 4 of
+                 16 positions), 2 hyper-connection streams, hash_moe in layers 0 and 3,
+                 sqrtsoftplus routing with a random bias, clamped SwiGLU (limit 1.5, so
+                 the clamp bites), random sinks / position biases / expert tables.
+  deepseek-v4-b  the other rates: HCA rate 6 / CSA rate 2 / sliding, window 5, 3 streams,
+                 plain RoPE, top-5 of up to 18 entries, a quarter of each head rotated,
+                 tied embeddings.
+                 Both assert a margin between the k-th and (k+1)-th visible index score
+                 of every CSA query (no ties at the selection boundary).
 """
 
 import pathlib
@@ -49,6 +60,9 @@ from transformers import (
     DeepseekV3ForCausalLM,
     DeepseekV32Config,
     DeepseekV32ForCausalLM,
+    DeepseekV4Config,
+    DeepseekV4ForCausalLM,
+    DynamicCache,
     LlamaConfig,
     LlamaForCausalLM,
     MixtralConfig,
@@ -155,6 +169,151 @@ def build(name, model, seed, **save_kwargs):
     print(f"{name}: {sorted(p.name for p in out.iterdir())}")
 
 
+T_V4 = 37
+
+
+def v4_margin(model, ids):
+    """The smallest relative gap between the k-th and (k+1)-th visible index score of
+    any CSA query in a full forward."""
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as m
+
+    seen = []
+    original = m.DeepseekV4IndexerScorer.forward
+
+    def record(self, q, kv, hs):
+        out = original(self, q, kv, hs)
+        seen.append(out.detach().clone())
+        return out
+
+    m.DeepseekV4IndexerScorer.forward = record
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        m.DeepseekV4IndexerScorer.forward = original
+    rate = model.config.compress_rates["compressed_sparse_attention"]
+    k = model.config.index_topk
+    gaps = []
+    for scores in seen:
+        for t in range(scores.shape[1]):
+            visible = (t + 1) // rate
+            if visible > k:
+                v = scores[0, t, :visible].sort(descending=True).values
+                gaps.append(((v[k - 1] - v[k]) / v[0].abs().clamp_min(1e-12)).item())
+    return min(gaps)
+
+
+def build_v4(name, config, seed):
+    torch.manual_seed(seed)
+    model = DeepseekV4ForCausalLM(config)
+    init_weights(model, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for bname, b in sorted(model.named_buffers()):
+            if bname.endswith("tid2eid"):
+                b.copy_(torch.randint(0, config.n_routed_experts, b.shape, generator=g))
+    model.eval()
+    out = ROOT / name
+    out.mkdir(parents=True, exist_ok=True)
+    for f in out.glob("*"):
+        f.unlink()
+    model.save_pretrained(out, safe_serialization=True)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (1, T_V4), generator=g)
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(T_V4)]
+    decode = torch.cat(steps, dim=1)
+    err = (full - decode).abs().max().item() / full.abs().max().item()
+    assert err < 1e-5, f"{name}: transformers' own full and cached logits differ: {err}"
+    gap = v4_margin(model, ids)
+    assert gap > 1e-3, f"{name}: index scores tie at the top-k boundary (gap {gap})"
+    print(f"{name}: smallest relative top-k margin {gap:.3g}; full vs cached {err:.1e}")
+    save_file(
+        {
+            "input_ids": ids.contiguous(),
+            "logits_full": full.float().contiguous(),
+            "logits_decode": decode.float().contiguous(),
+        },
+        str(out / "reference.safetensors"),
+    )
+    print(f"{name}: {sorted(p.name for p in out.iterdir())}")
+
+
+def v4_fixtures():
+    v4 = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        moe_intermediate_size=16,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        q_lora_rank=24,
+        num_experts_per_tok=2,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        routed_scaling_factor=1.5,
+        swiglu_limit=1.5,
+        max_position_embeddings=64,
+        o_groups=2,
+        o_lora_rank=8,
+        index_n_heads=16,
+        index_head_dim=8,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
+    )
+    build_v4(
+        "deepseek-v4",
+        DeepseekV4Config(
+            num_hidden_layers=4,
+            layer_types=[
+                "sliding_attention",
+                "compressed_sparse_attention",
+                "heavily_compressed_attention",
+                "compressed_sparse_attention",
+            ],
+            mlp_layer_types=["hash_moe", "moe", "moe", "hash_moe"],
+            compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+            sliding_window=8,
+            hc_mult=2,
+            index_topk=3,
+            partial_rotary_factor=0.5,
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "beta_fast": 32,
+                "beta_slow": 1,
+            },
+            **v4,
+        ),
+        seed=7,
+    )
+    build_v4(
+        "deepseek-v4-b",
+        DeepseekV4Config(
+            num_hidden_layers=3,
+            layer_types=[
+                "heavily_compressed_attention",
+                "compressed_sparse_attention",
+                "sliding_attention",
+            ],
+            mlp_layer_types=["moe", "hash_moe", "moe"],
+            compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 6},
+            sliding_window=5,
+            hc_mult=3,
+            index_topk=5,
+            partial_rotary_factor=0.25,
+            tie_word_embeddings=True,
+            **v4,
+        ),
+        seed=8,
+    )
+
+
 def check_exports():
     """transformers loads `sparrow convert --to hf` output and reproduces the logits."""
     from safetensors.torch import load_file
@@ -181,6 +340,10 @@ def check_exports():
 
 def main():
     if "--check-export" in sys.argv:
+        check_exports()
+        return
+    if "--v4" in sys.argv:
+        v4_fixtures()
         check_exports()
         return
     common = dict(
@@ -277,6 +440,7 @@ def main():
         ),
         seed=6,
     )
+    v4_fixtures()
     check_exports()
 
 

@@ -230,10 +230,10 @@ pub fn save(model: &Model, dir: &Path, opts: &SaveOptions) -> Result<Option<Fami
         .storage_tensors(opts.dtype)?
         .into_iter()
         .map(|(n, t)| match family {
-            Some(f) => (hf::hf_name(f, &n), t),
-            None => (n, t),
+            Some(f) => Ok((hf::hf_name(f, &n), hf::export_tensor(f, &n, t)?)),
+            None => Ok((n, t)),
         })
-        .collect();
+        .collect::<Result<_>>()?;
     crate::weights::save(&dir.join("model.safetensors"), &tensors, meta)?;
     if let Some(tok) = opts.tokenizer {
         tok.save_dir(dir)?;

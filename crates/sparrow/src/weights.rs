@@ -87,6 +87,10 @@ fn append_le_bytes(out: &mut Vec<u8>, t: &Tensor) -> Result<&'static str> {
             out.extend(flat.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()));
             "U32"
         }
+        DType::I64 => {
+            out.extend(flat.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()));
+            "I64"
+        }
         other => {
             return Err(Error::Invalid(format!(
                 "cannot store dtype {other:?} in safetensors"

@@ -136,6 +136,26 @@ fn deepseek_v32_logits_and_selection_match_transformers() {
     }
 }
 
+/// The full-forward half of [`check`] (DeepSeek-V4: the engine's cached step does not
+/// run its layers yet).
+fn check_full(name: &str) {
+    let (model, _) = sparrow::model_dir::load(&fixture(name), DType::F32, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let (ids, full_ref, _) = reference(name);
+    let full = model.forward(&ids).unwrap().logits;
+    let err = rel_err(&full, &full_ref);
+    assert!(err < 1e-4, "{name}: full-forward logits differ by {err:e}");
+}
+
+#[test]
+fn deepseek_v4_logits_match_transformers() {
+    // Sliding / CSA / HCA layers (rates 4 and 8, YaRN), 2 hyper-connection streams,
+    // hash_moe and routed layers, clamped SwiGLU; then rates 2 and 6, 3 streams, plain
+    // RoPE, tied embeddings.
+    check_full("deepseek-v4");
+    check_full("deepseek-v4-b");
+}
+
 #[test]
 fn unsupported_hf_fields_are_named() {
     let dir = tempfile::tempdir().unwrap();
@@ -247,6 +267,8 @@ fn import_export_import_is_bit_exact_with_hf_names() {
         "deepseek-v3",
         "deepseek-v3-noq",
         "deepseek-v32",
+        "deepseek-v4",
+        "deepseek-v4-b",
     ] {
         let (a, _) = sparrow::model_dir::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
         let out = tempfile::tempdir().unwrap();
@@ -260,6 +282,7 @@ fn import_export_import_is_bit_exact_with_hf_names() {
         let expected = match name {
             "mixtral" => "mixtral",
             "deepseek-v32" => "deepseek_v32",
+            n if n.starts_with("deepseek-v4") => "deepseek_v4",
             n if n.starts_with("deepseek") => "deepseek_v3",
             _ => "llama",
         };

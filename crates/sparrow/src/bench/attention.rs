@@ -147,7 +147,9 @@ impl Layer {
     fn attention(&self) -> Result<&Attention> {
         match &self.model.net.layers[0].self_attn {
             SelfAttn::Standard(a) => Ok(a),
-            SelfAttn::Mla(_) => Err(Error::Invalid("bench attention: not an MLA layer".into())),
+            SelfAttn::Mla(_) | SelfAttn::V4(_) => Err(Error::Invalid(
+                "bench attention: a standard (q/k/v) layer expected".into(),
+            )),
         }
     }
 

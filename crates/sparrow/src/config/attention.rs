@@ -15,6 +15,15 @@ pub enum AttentionKind {
     /// DeepSeek sparse attention: an indexer scores every cached position, each query
     /// attends to its `index_topk` best (DESIGN.md §4).
     Dsa,
+    /// DeepSeek-V4: the last `sliding_window` positions only.
+    SlidingAttention,
+    /// DeepSeek-V4 CSA: the window plus the indexer's `index_topk` of the entries a
+    /// compressor pools from overlapping windows of 2 x `compress_rates.
+    /// compressed_sparse_attention` tokens.
+    CompressedSparseAttention,
+    /// DeepSeek-V4 HCA: the window plus every entry pooled from non-overlapping windows
+    /// of `compress_rates.heavily_compressed_attention` tokens.
+    HeavilyCompressedAttention,
 }
 
 /// The indexer of `dsa` layers.

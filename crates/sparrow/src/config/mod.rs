@@ -10,10 +10,12 @@
 mod attention;
 mod moe;
 mod objectives;
+mod v4;
 
 pub use attention::{AttentionKind, IndexCacheDtype, IndexerKind, KvCacheDtype};
 pub use moe::{BiasUpdateRule, RouterKind};
 pub use objectives::IndexerTrainMode;
+pub use v4::{CompressRates, MlpKind, ScoringFunc, Yarn};
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -76,6 +78,15 @@ fn default_one_f64() -> f64 {
 }
 fn default_bias_update_speed() -> f64 {
     1e-3
+}
+fn default_compress_rope_theta() -> f64 {
+    160_000.0
+}
+fn default_hc_sinkhorn_iters() -> usize {
+    20
+}
+fn default_hc_eps() -> f64 {
+    1e-6
 }
 /// Id of the beginning-of-sequence token in tokenizers Sparrow trains (`<|bos|>`).
 pub const BOS_ID: u32 = 0;
@@ -288,6 +299,56 @@ pub struct ModelConfig {
     #[serde(default = "default_kv_cache_dtype")]
     pub kv_cache_dtype: KvCacheDtype,
 
+    /// DeepSeek-V4 (`compressed_sparse_attention` / `heavily_compressed_attention`
+    /// layers): source tokens per compressed entry of each compressed layer type.
+    #[serde(default)]
+    pub compress_rates: Option<CompressRates>,
+    /// DeepSeek-V4: RoPE base of the compressed layers, for the whole layer (its
+    /// queries, window keys, compressed entries and indexer); sliding layers use
+    /// `rope_theta`.
+    #[serde(default = "default_compress_rope_theta")]
+    pub compress_rope_theta: f64,
+    /// DeepSeek-V4: YaRN scaling of the compressed layers' RoPE; absent = plain RoPE.
+    #[serde(default)]
+    pub compress_rope_yarn: Option<Yarn>,
+    /// DeepSeek-V4: positions of the window every V4 layer attends to (the query's own
+    /// and the `sliding_window - 1` before it).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// DeepSeek-V4: head groups of the grouped low-rank output projection (`o_a_proj`
+    /// maps each group's heads to `o_lora_rank`, `o_b_proj` mixes the groups).
+    #[serde(default)]
+    pub o_groups: Option<usize>,
+    /// DeepSeek-V4: per-group rank of the grouped output projection.
+    #[serde(default)]
+    pub o_lora_rank: usize,
+    /// Manifold-constrained hyper-connections (DeepSeek-V4) when set: the residual is
+    /// this many streams, mixed into and out of every attention and FFN half by learned
+    /// pre / post / combination weights (`attn_hc`, `ffn_hc`, `model.hc_head`);
+    /// absent = one plain residual stream.
+    #[serde(default)]
+    pub hc_mult: Option<usize>,
+    /// Hyper-connections: Sinkhorn-Knopp iterations making the combination matrix
+    /// doubly stochastic.
+    #[serde(default = "default_hc_sinkhorn_iters")]
+    pub hc_sinkhorn_iters: usize,
+    /// Hyper-connections: epsilon added to the pre and combination weights and to the
+    /// Sinkhorn normalisers.
+    #[serde(default = "default_hc_eps")]
+    pub hc_eps: f64,
+    /// Per layer: `moe` (the router picks) or `hash_moe` (the `tid2eid` table picks);
+    /// absent = all `moe`.
+    #[serde(default)]
+    pub mlp_layer_types: Option<Vec<MlpKind>>,
+    /// Clamp of the SwiGLU in routed and shared experts (DeepSeek-V4): the gate's
+    /// pre-activation at most this, the up projection within +-this; absent = none.
+    #[serde(default)]
+    pub swiglu_limit: Option<f64>,
+    /// The router's score function (HF `scoring_func`); absent = the router kind's own
+    /// (`noaux_bias`: sigmoid, others softmax). `sqrtsoftplus` is DeepSeek-V4's.
+    #[serde(default)]
+    pub scoring_func: Option<ScoringFunc>,
+
     /// Token id of the beginning-of-sequence special token.
     #[serde(default = "default_bos")]
     pub bos_token_id: u32,
@@ -424,6 +485,7 @@ impl ModelConfig {
             }
         }
         self.validate_attention()?;
+        self.validate_v4()?;
         for (field, id) in [
             ("bos_token_id", self.bos_token_id),
             ("eos_token_id", self.eos_token_id),

@@ -14,11 +14,15 @@
 //! - `deepseek_v3` (`DeepseekV3ForCausalLM`): MLA attention (`model::mla`), the
 //!   `noaux_tc` sigmoid router with `e_score_correction_bias` and groups (`noaux_bias`),
 //!   shared experts, dense first layers; names identical to ours.
+//! - `deepseek_v32`: V3 plus the lightning indexer in every layer.
+//! - `deepseek_v4` (`DeepseekV4ForCausalLM`): `formats::hf_v4` (config, DeepSeek's
+//!   tensor names).
 //!
 //! Anything these families allow that Sparrow does not compute (biases, RoPE scaling,
 //! sliding windows, other activations) is a precise error naming the field, never a
 //! silently different model.
 
+use super::hf_fields::{parse_fields, token_id};
 use crate::config::{ModelConfig, RouterKind};
 use crate::error::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -35,6 +39,7 @@ pub enum Family {
     Mixtral,
     DeepseekV3,
     DeepseekV32,
+    DeepseekV4,
 }
 
 impl Family {
@@ -46,6 +51,7 @@ impl Family {
             Family::Mixtral => "mixtral",
             Family::DeepseekV3 => "deepseek_v3",
             Family::DeepseekV32 => "deepseek_v32",
+            Family::DeepseekV4 => "deepseek_v4",
         }
     }
 }
@@ -105,32 +111,6 @@ struct RopeParameters {
     rope_type: Option<String>,
 }
 
-/// A token id field that HF may write as a number, a list (first one used) or null.
-fn token_id(v: &Option<Value>, field: &str, default: u32) -> Result<u32> {
-    let bad = || Error::config(field, format!("{v:?} is not a token id"));
-    match v {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::Number(n)) => n.as_u64().map(|x| x as u32).ok_or_else(bad),
-        Some(Value::Array(a)) => match a.first() {
-            Some(Value::Number(n)) => n.as_u64().map(|x| x as u32).ok_or_else(bad),
-            _ => Err(bad()),
-        },
-        _ => Err(bad()),
-    }
-}
-
-/// The fields `T` reads from a config's text; a missing or mistyped one is an error
-/// naming its JSON path and the file.
-fn parse_fields<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
-    let de = &mut serde_json::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        Error::config(
-            e.path().to_string(),
-            format!("{} ({})", e.inner(), path.display()),
-        )
-    })
-}
-
 /// A string field Sparrow computes for one value only: absent or `want`, else an error
 /// naming the field and the value (`why` in parentheses).
 fn only(field: &str, got: Option<&str>, want: &str, why: &str) -> Result<()> {
@@ -161,6 +141,9 @@ pub fn parse_config(text: &str, path: &Path) -> Result<(ModelConfig, Family)> {
         "sparrow" => return Ok((ModelConfig::from_json_at(text, path)?, Family::Sparrow)),
         "llama" => Family::Llama,
         "mixtral" => Family::Mixtral,
+        "deepseek_v4" => {
+            return Ok((super::hf_v4::parse_config(text, path)?, Family::DeepseekV4));
+        }
         "deepseek_v3" | "deepseek_v32" => {
             let hf: DeepseekV3Like = parse_fields(text, path)?;
             return if model_type == "deepseek_v32" {
@@ -173,7 +156,7 @@ pub fn parse_config(text: &str, path: &Path) -> Result<(ModelConfig, Family)> {
             return Err(Error::config(
                 "model_type",
                 format!(
-                    "`{other}` is not supported (sparrow, llama, mixtral, deepseek_v3, deepseek_v32) in {}",
+                    "`{other}` is not supported (sparrow, llama, mixtral, deepseek_v3, deepseek_v32, deepseek_v4) in {}",
                     path.display()
                 ),
             ))
@@ -373,22 +356,24 @@ fn from_deepseek_v32(hf: &DeepseekV3Like) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
-/// The Sparrow name of a tensor saved by `family`.
-pub fn sparrow_name(family: Family, name: &str) -> String {
-    match family {
+/// The Sparrow name of a tensor saved by `family`; None for a tensor that is not part
+/// of the model (`deepseek_v4`'s multi-token-prediction layers).
+pub fn sparrow_name(family: Family, name: &str) -> Option<String> {
+    Some(match family {
+        Family::DeepseekV4 => return super::hf_v4::sparrow_name(name),
         Family::Sparrow | Family::Llama | Family::DeepseekV3 | Family::DeepseekV32 => {
             name.to_string()
         }
         Family::Mixtral => {
             let n = name.replace(".block_sparse_moe.", ".mlp.");
             if !n.contains(".mlp.experts.") {
-                return n;
+                return Some(n);
             }
             n.replace(".w1.weight", ".gate_proj.weight")
                 .replace(".w3.weight", ".up_proj.weight")
                 .replace(".w2.weight", ".down_proj.weight")
         }
-    }
+    })
 }
 
 /// The weight files of a model directory: `model.safetensors`, or the shards listed in
@@ -431,6 +416,15 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
 }
 
+/// A Sparrow tensor as `family`'s files hold it (`deepseek_v4`'s expert tables as
+/// int64; everything else unchanged).
+pub fn export_tensor(family: Family, name: &str, t: Tensor) -> Result<Tensor> {
+    match family {
+        Family::DeepseekV4 => super::hf_v4::export_tensor(name, t),
+        _ => Ok(t),
+    }
+}
+
 /// The weights of a model directory.
 pub struct Weights {
     /// Every tensor, under its Sparrow name.
@@ -461,7 +455,14 @@ pub fn read_weights(dir: &Path, family: Family, device: &Device) -> Result<Weigh
             if family != Family::Sparrow && t.elem_count() == 0 {
                 continue;
             }
-            let mapped = sparrow_name(family, &name);
+            let Some(mapped) = sparrow_name(family, &name) else {
+                continue;
+            };
+            let t = if family == Family::DeepseekV4 {
+                super::hf_v4::import_tensor(&mapped, t)?
+            } else {
+                t
+            };
             if all.insert(mapped, t).is_some() {
                 return Err(Error::checkpoint(
                     f,
@@ -484,6 +485,16 @@ pub fn read_weights(dir: &Path, family: Family, device: &Device) -> Result<Weigh
 
 /// The HF family that represents `cfg` exactly, or an error saying why none does (yet).
 pub fn export_family(cfg: &ModelConfig) -> Result<Family> {
+    if cfg.is_v4() {
+        super::hf_v4::check_exportable(cfg)?;
+        return Ok(Family::DeepseekV4);
+    }
+    if cfg.hc_mult.is_some() {
+        return Err(Error::config(
+            "hc_mult",
+            "hyper-connections map to deepseek_v4 only, with its attention layers",
+        ));
+    }
     if cfg.has_dsa() {
         let all_dsa = (0..cfg.num_hidden_layers)
             .all(|i| cfg.attention_kind(i) == crate::config::AttentionKind::Dsa);
@@ -530,6 +541,7 @@ pub fn export_family(cfg: &ModelConfig) -> Result<Family> {
 /// The HF name of a Sparrow tensor in `family`'s layout (inverse of `sparrow_name`).
 pub fn hf_name(family: Family, name: &str) -> String {
     match family {
+        Family::DeepseekV4 => super::hf_v4::hf_name(name),
         Family::Sparrow | Family::Llama | Family::DeepseekV3 | Family::DeepseekV32 => {
             name.to_string()
         }
@@ -620,6 +632,7 @@ pub fn hf_config(cfg: &ModelConfig, family: Family) -> Result<Value> {
             v["topk_method"] = "noaux_tc".into();
             v["num_nextn_predict_layers"] = 0.into();
         }
+        Family::DeepseekV4 => super::hf_v4::hf_config(cfg, &mut v)?,
         Family::Sparrow => {
             return Err(Error::Invalid(
                 "hf_config: `sparrow` is not an HF family".into(),

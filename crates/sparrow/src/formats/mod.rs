@@ -11,3 +11,5 @@ pub mod gguf_model;
 pub mod gguf_tokenizer;
 pub mod gguf_write;
 pub mod hf;
+pub mod hf_fields;
+pub mod hf_v4;

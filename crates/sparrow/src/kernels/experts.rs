@@ -349,3 +349,24 @@ impl CustomOp2 for CombineSlots {
         Ok((Some(dys), Some(dw)))
     }
 }
+
+/// The `hash` router's fixed table: k distinct experts for token id `v` in `layer`,
+/// drawn from a splitmix64 stream seeded by both (same table on every run and machine).
+pub fn hash_experts(v: u32, layer: usize, n_experts: usize, k: usize) -> Vec<u32> {
+    let mut state = ((layer as u64) << 32 | v as u64) ^ 0x5851_f42d_4c95_7f2d;
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut out: Vec<u32> = Vec::with_capacity(k);
+    while out.len() < k {
+        let e = (next() % n_experts as u64) as u32;
+        if !out.contains(&e) {
+            out.push(e);
+        }
+    }
+    out
+}

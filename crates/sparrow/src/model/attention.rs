@@ -61,6 +61,11 @@ impl Attention {
         let selector = match cfg.attention_kind(layer) {
             AttentionKind::Dense => None,
             AttentionKind::Dsa => Some(TopkSelector::new(vb, cfg)?),
+            other => {
+                return Err(crate::error::Error::Invalid(format!(
+                "layer {layer}: `{other:?}` layers are DeepSeek-V4 attention (model::v4_attention)"
+            )))
+            }
         };
         Ok(Self {
             q_proj: Linear::new(&vb.pp("q_proj"), c, h * d, std)?,

@@ -1,9 +1,12 @@
 //! One transformer block: pre-norm attention and pre-norm FFN (dense SwiGLU or MoE),
-//! each added to the residual stream.
+//! each added to the residual stream, or, with hyper-connections (`hc_mult`), each
+//! reading and writing the residual's streams through its own mixes
+//! (`model::hyper_connection`).
 
 use super::attention::Attention;
 use super::cache::LayerCache;
 use super::diagnostics::LayerDiagnostics;
+use super::hyper_connection::HyperConnection;
 use super::mla::Mla;
 use super::mlp::Mlp;
 use super::moe::{Moe, MoeStats};
@@ -12,6 +15,7 @@ use super::options::ForwardOptions;
 use super::params::Vb;
 use super::rope::Rope;
 use super::step::{Lap, LayerTelemetry, Segment, StepOptions};
+use super::v4_attention::V4Attention;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use candle_core::Tensor;
@@ -23,6 +27,8 @@ pub enum SelfAttn {
     Standard(Attention),
     /// Multi-head latent attention (`kv_lora_rank` set).
     Mla(Mla),
+    /// DeepSeek-V4 attention (sliding, CSA, HCA layer types).
+    V4(V4Attention),
 }
 
 /// The feed-forward half of a block (`mlp` in checkpoints).
@@ -38,6 +44,8 @@ pub struct Block {
     pub self_attn: SelfAttn,
     pub post_attention_layernorm: RmsNorm,
     pub mlp: Ffn,
+    /// Hyper-connections (`hc_mult`): the attention half's and the FFN half's mixes.
+    pub hc: Option<(HyperConnection, HyperConnection)>,
 }
 
 impl Block {
@@ -58,7 +66,9 @@ impl Block {
         };
         Ok(Self {
             input_layernorm: RmsNorm::new(&vb.pp("input_layernorm"), c, cfg.rms_norm_eps)?,
-            self_attn: if cfg.kv_lora_rank.is_some() {
+            self_attn: if cfg.attention_kind(layer).is_v4() {
+                SelfAttn::V4(V4Attention::new(&vb.pp("self_attn"), cfg, layer, out_std)?)
+            } else if cfg.kv_lora_rank.is_some() {
                 SelfAttn::Mla(Mla::new(&vb.pp("self_attn"), cfg, layer, out_std)?)
             } else {
                 SelfAttn::Standard(Attention::new(&vb.pp("self_attn"), cfg, layer, out_std)?)
@@ -69,12 +79,20 @@ impl Block {
                 cfg.rms_norm_eps,
             )?,
             mlp,
+            hc: match cfg.hc_mult {
+                Some(n) => Some((
+                    HyperConnection::new(&vb.pp("attn_hc"), cfg, n)?,
+                    HyperConnection::new(&vb.pp("ffn_hc"), cfg, n)?,
+                )),
+                None => None,
+            },
         })
     }
 
-    /// x (B, T, C) -> (B, T, C). MoE layers write their router statistics and losses,
-    /// DSA layers their indexer signals, into `diag` (see `model::diagnostics`).
-    /// `token_ids` (B*T) are the input ids (the `hash` router reads them).
+    /// x (B, T, C) -> (B, T, C), or with hyper-connections the streams (B, T, N, C) ->
+    /// (B, T, N, C). MoE layers write their router statistics and losses, DSA layers
+    /// their indexer signals, into `diag` (see `model::diagnostics`). `token_ids` (B*T)
+    /// are the input ids (the `hash` router and `hash_moe` layers read them).
     pub fn forward(
         &self,
         x: &Tensor,
@@ -83,17 +101,58 @@ impl Block {
         opts: &ForwardOptions,
         diag: &mut LayerDiagnostics,
     ) -> Result<Tensor> {
-        let h = self.input_layernorm.forward(x)?;
-        let a = match &self.self_attn {
-            SelfAttn::Standard(attn) => attn.forward(&h, rope, opts, diag)?,
-            SelfAttn::Mla(mla) => mla.forward(&h, opts, diag)?,
+        let Some((attn_hc, ffn_hc)) = &self.hc else {
+            let a = self.attention(&self.input_layernorm.forward(x)?, rope, opts, diag)?;
+            let x = (x + a)?;
+            let f = self.ffn(
+                &self.post_attention_layernorm.forward(&x)?,
+                token_ids,
+                opts,
+                diag,
+            )?;
+            return Ok((x + f)?);
         };
-        let x = (x + a)?;
-        let h = self.post_attention_layernorm.forward(&x)?;
-        let f = match &self.mlp {
-            Ffn::Dense(mlp) => mlp.forward(&h)?,
+        let mix = attn_hc.mix(x)?;
+        let a = self.attention(
+            &self.input_layernorm.forward(&mix.collapsed)?,
+            rope,
+            opts,
+            diag,
+        )?;
+        let x = attn_hc.merge(x, &mix, &a)?;
+        let mix = ffn_hc.mix(&x)?;
+        let h = self.post_attention_layernorm.forward(&mix.collapsed)?;
+        let f = self.ffn(&h, token_ids, opts, diag)?;
+        ffn_hc.merge(&x, &mix, &f)
+    }
+
+    /// The attention half on normed input h (B, T, C) -> (B, T, C).
+    fn attention(
+        &self,
+        h: &Tensor,
+        rope: &Rope,
+        opts: &ForwardOptions,
+        diag: &mut LayerDiagnostics,
+    ) -> Result<Tensor> {
+        match &self.self_attn {
+            SelfAttn::Standard(attn) => attn.forward(h, rope, opts, diag),
+            SelfAttn::Mla(mla) => mla.forward(h, opts, diag),
+            SelfAttn::V4(attn) => attn.forward(h),
+        }
+    }
+
+    /// The FFN half on normed input h (B, T, C) -> (B, T, C).
+    fn ffn(
+        &self,
+        h: &Tensor,
+        token_ids: &[u32],
+        opts: &ForwardOptions,
+        diag: &mut LayerDiagnostics,
+    ) -> Result<Tensor> {
+        Ok(match &self.mlp {
+            Ffn::Dense(mlp) => mlp.forward(h)?,
             Ffn::Moe(moe) => {
-                let (y, stats) = moe.forward(&h, token_ids, opts.moe_capacity)?;
+                let (y, stats) = moe.forward(h, token_ids, opts.moe_capacity)?;
                 let MoeStats {
                     aux_loss,
                     z_loss,
@@ -104,10 +163,12 @@ impl Block {
                 diag.routing = Some(routing);
                 y
             }
-        };
-        Ok((x + f)?)
+        })
     }
 }
+
+/// Why the engine's step refuses a DeepSeek-V4 model for now.
+pub(crate) const V4_STEP: &str = "the engine's cached step does not run DeepSeek-V4 layers (sliding / compressed attention, hyper-connections) yet; whole-window forwards (training, evaluation, parity) do";
 
 impl Block {
     /// The engine's step over packed rows x (N, C) (see `model::step`): attention per
@@ -130,6 +191,7 @@ impl Block {
         let a = match &self.self_attn {
             SelfAttn::Standard(attn) => attn.step(&h, segs, caches, rope, opts, &mut tel.recall)?,
             SelfAttn::Mla(mla) => mla.step(&h, segs, caches, opts, &mut tel.recall)?,
+            SelfAttn::V4(_) => return Err(crate::error::Error::Invalid(V4_STEP.into())),
         };
         let x = (x + a)?;
         *secs.0 += lap.lap();

@@ -1,5 +1,6 @@
 //! SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Used as the dense FFN, as each
-//! routed expert and as the shared experts.
+//! routed expert and as the shared experts. DeepSeek-V4 clamps it (`swiglu_limit`):
+//! down(silu(min(gate(x), L)) * clamp(up(x), -L, L)).
 
 use super::linear::Linear;
 use super::params::Vb;
@@ -11,6 +12,8 @@ pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// `swiglu_limit`: the clamp L, if any.
+    limit: Option<f64>,
 }
 
 impl Mlp {
@@ -20,6 +23,21 @@ impl Mlp {
             gate_proj: Linear::new(&vb.pp("gate_proj"), hidden, width, std)?,
             up_proj: Linear::new(&vb.pp("up_proj"), hidden, width, std)?,
             down_proj: Linear::new(&vb.pp("down_proj"), width, hidden, out_std)?,
+            limit: None,
+        })
+    }
+
+    /// This SwiGLU clamped at `limit` (none: unclamped).
+    pub fn clamped(mut self, limit: Option<f64>) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// silu(gate) * up, clamped first when the layer has a limit.
+    fn gated(&self, g: &Tensor, u: &Tensor) -> Result<Tensor> {
+        Ok(match self.limit {
+            Some(l) => (candle_nn::ops::silu(&g.minimum(l)?)? * u.clamp(-l, l)?)?,
+            None => (candle_nn::ops::silu(g)? * u)?,
         })
     }
 
@@ -27,7 +45,7 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = self.gate_proj.forward(x)?;
         let u = self.up_proj.forward(x)?;
-        let h = (candle_nn::ops::silu(&g)? * u)?;
+        let h = self.gated(&g, &u)?;
         self.down_proj.forward(&h)
     }
 
@@ -42,7 +60,7 @@ impl Mlp {
     /// Inference over rows x (N, C) with the batch-invariant kernel (`Linear::infer`).
     pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
         let gu = Linear::infer_many(&[&self.gate_proj, &self.up_proj], x)?;
-        let h = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
+        let h = self.gated(&gu[0], &gu[1])?;
         self.down_proj.infer(&h)
     }
 }

@@ -5,7 +5,9 @@
 pub mod attention;
 pub mod block;
 pub mod cache;
+pub mod compressor;
 pub mod diagnostics;
+pub mod hyper_connection;
 pub mod indexer;
 pub mod linear;
 pub mod mla;
@@ -20,6 +22,7 @@ pub mod selector;
 pub mod step;
 pub mod transformer;
 pub mod utilization;
+pub mod v4_attention;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};

@@ -44,17 +44,24 @@ impl Moe {
             cfg.moe_intermediate_size,
             cfg.initializer_range,
         );
-        let experts = (0..cfg.n_routed_experts)
-            .map(|e| Mlp::new(&vb.pp("experts").pp(e), c, w, std, out_std))
-            .collect::<Result<Vec<_>>>()?;
+        let experts =
+            (0..cfg.n_routed_experts)
+                .map(|e| {
+                    Ok(Mlp::new(&vb.pp("experts").pp(e), c, w, std, out_std)?
+                        .clamped(cfg.swiglu_limit))
+                })
+                .collect::<Result<Vec<_>>>()?;
         let shared_experts = if cfg.n_shared_experts > 0 {
-            Some(Mlp::new(
-                &vb.pp("shared_experts"),
-                c,
-                w * cfg.n_shared_experts,
-                std,
-                out_std,
-            )?)
+            Some(
+                Mlp::new(
+                    &vb.pp("shared_experts"),
+                    c,
+                    w * cfg.n_shared_experts,
+                    std,
+                    out_std,
+                )?
+                .clamped(cfg.swiglu_limit),
+            )
         } else {
             None
         };

@@ -25,3 +25,10 @@ impl RmsNorm {
         Ok(x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)?)
     }
 }
+
+/// x / sqrt(mean(x^2) + eps) over the last dimension, no weight (DeepSeek-V4's query
+/// heads and hyper-connection inputs).
+pub fn unweighted_rms(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?)
+}

@@ -87,6 +87,12 @@ pub enum Init {
     Normal(f64),
     Ones,
     Zeros,
+    /// A (V, k) expert table: row v holds the `hash` router's k distinct experts of
+    /// token id v in `layer` (`kernels::experts::hash_experts`), as floats.
+    ExpertTable {
+        layer: usize,
+        n_experts: usize,
+    },
 }
 
 enum Source {
@@ -488,6 +494,25 @@ impl VarStore {
         let data: Vec<f64> = match init {
             Init::Ones => vec![1.0; n],
             Init::Zeros => vec![0.0; n],
+            Init::ExpertTable { layer, n_experts } => {
+                let (rows, k) = match shape {
+                    [rows, k] => (*rows, *k),
+                    _ => {
+                        return Err(Error::Invalid(format!(
+                            "an expert table is (V, k), not {shape:?}"
+                        )))
+                    }
+                };
+                if k > n_experts {
+                    return Err(Error::Invalid(format!(
+                        "an expert table of {k} distinct experts out of {n_experts}"
+                    )));
+                }
+                (0..rows as u32)
+                    .flat_map(|v| crate::kernels::experts::hash_experts(v, layer, n_experts, k))
+                    .map(f64::from)
+                    .collect()
+            }
             Init::Normal(std) => {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed ^ name_hash(name));
                 let normal = Normal::new(0.0, std)

@@ -171,3 +171,134 @@ impl Rope {
         Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
     }
 }
+
+/// DeepSeek-V4's RoPE: interleaved pairs `(x[2i], x[2i+1])` of the *trailing*
+/// `2 * inv_freq.len()` dimensions of each head rotated in place (the leading ones
+/// untouched, the layout kept), plain or YaRN-scaled frequencies, cos and sin scaled by
+/// the YaRN attention factor. Positions are given per row, so compressed entries rotate
+/// at their windows' first positions; `inverse` rotates by the negative angle (V4
+/// de-rotates the attention output at the query position).
+#[derive(Debug, Clone)]
+pub struct TailRope {
+    inv_freq: Vec<f64>,
+    attention_factor: f64,
+    max_pos: usize,
+}
+
+impl TailRope {
+    /// RoPE over `dims` trailing dimensions with base `theta`, YaRN-scaled when `yarn` is
+    /// given (transformers' `_compute_yarn_parameters`).
+    pub fn new(
+        dims: usize,
+        theta: f64,
+        yarn: Option<&crate::config::Yarn>,
+        max_pos: usize,
+    ) -> Self {
+        let half = dims / 2;
+        let base: Vec<f64> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / dims as f64))
+            .collect();
+        let Some(y) = yarn else {
+            return Self {
+                inv_freq: base,
+                attention_factor: 1.0,
+                max_pos,
+            };
+        };
+        // The dimension whose wavelength fits `rotations` turns into the original
+        // context.
+        let correction_dim = |rotations: f64| {
+            dims as f64
+                * (y.original_max_position_embeddings as f64
+                    / (rotations * 2.0 * std::f64::consts::PI))
+                    .ln()
+                / (2.0 * theta.ln())
+        };
+        let (mut low, mut high) = (correction_dim(y.beta_fast), correction_dim(y.beta_slow));
+        if y.truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, high) = (low.max(0.0), high.min(dims as f64 - 1.0));
+        let span = if low == high { 0.001 } else { high - low };
+        let inv_freq = base
+            .iter()
+            .enumerate()
+            .map(|(i, &extrapolated)| {
+                let ramp = ((i as f64 - low) / span).clamp(0.0, 1.0);
+                let keep = 1.0 - ramp; // share of the extrapolated (unscaled) frequency
+                extrapolated / y.factor * (1.0 - keep) + extrapolated * keep
+            })
+            .collect();
+        Self {
+            inv_freq,
+            attention_factor: y.attention_factor,
+            max_pos,
+        }
+    }
+
+    /// Dimensions rotated at the end of each head.
+    pub fn dims(&self) -> usize {
+        2 * self.inv_freq.len()
+    }
+
+    /// (cos, sin), each (T, dims/2) f32, scaled by the attention factor; sin negated
+    /// when `inverse`.
+    fn angles(&self, positions: &[usize], inverse: bool, dev: &Device) -> Result<(Tensor, Tensor)> {
+        if let Some(&p) = positions.iter().find(|&&p| p >= self.max_pos) {
+            return Err(Error::Invalid(format!(
+                "position {} exceeds max_position_embeddings {}",
+                p + 1,
+                self.max_pos
+            )));
+        }
+        let half = self.inv_freq.len();
+        let sign = if inverse { -1.0 } else { 1.0 };
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for f in &self.inv_freq {
+                let (s, c) = (p as f64 * f).sin_cos();
+                cos.push((c * self.attention_factor) as f32);
+                sin.push((sign * s * self.attention_factor) as f32);
+            }
+        }
+        let t = positions.len();
+        Ok((
+            Tensor::from_vec(cos, (t, half), dev)?,
+            Tensor::from_vec(sin, (t, half), dev)?,
+        ))
+    }
+
+    /// Rotate x (..., T, D): row t of the second-to-last axis as position
+    /// `positions[t]`, the trailing `dims()` of the last axis in interleaved pairs.
+    pub fn apply(&self, x: &Tensor, positions: &[usize], inverse: bool) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let rank = dims.len();
+        let (t, d, r) = (dims[rank - 2], dims[rank - 1], self.dims());
+        if t != positions.len() || r > d {
+            return Err(Error::Invalid(format!(
+                "RoPE of {r} trailing dims over {t} positions applied to {dims:?}"
+            )));
+        }
+        let (cos, sin) = self.angles(positions, inverse, x.device())?;
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        let mut pair_shape = dims.clone();
+        pair_shape[rank - 1] = r / 2;
+        pair_shape.push(2);
+        let pairs = x.narrow(D::Minus1, d - r, r)?.reshape(pair_shape)?; // (..., T, r/2, 2)
+        let x1 = pairs.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?; // (..., T, r/2)
+        let x2 = pairs.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?;
+        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        let mut rot_shape = dims.clone();
+        rot_shape[rank - 1] = r;
+        let rotated = Tensor::stack(&[r1, r2], D::Minus1)?.reshape(rot_shape)?;
+        if r == d {
+            return Ok(rotated);
+        }
+        Ok(Tensor::cat(
+            &[x.narrow(D::Minus1, 0, d - r)?, rotated],
+            D::Minus1,
+        )?)
+    }
+}

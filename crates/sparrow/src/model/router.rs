@@ -26,6 +26,14 @@
 //!   fixed pseudo-random table `table(v, l)` (k distinct experts, splitmix64 of v and l);
 //!   weights = `softmax(l)[experts]`, renormalised when `norm_topk_prob`. No aux loss.
 //!
+//! - `hash_moe` layers (`mlp_layer_types`, DeepSeek-V4): the k experts of token id `v`
+//!   are row `v` of the layer's fixed table `tid2eid` (a buffer, loaded with the
+//!   checkpoint); weights = the scores of those experts, normalised when
+//!   `norm_topk_prob`, times `routed_scaling_factor`. No aux loss, no bias.
+//!
+//! The score function is `scoring_func` (default: sigmoid for `noaux_bias`, softmax for
+//! the others); DeepSeek-V4 scores with `sqrtsoftplus(l) = sqrt(log(1 + e^l))`.
+//!
 //! Every router may add the z-loss `mean_t logsumexp(l_t)^2` (`router_z_loss_coef`) and
 //! DeepSeek-V3's complementary sequence-wise balance loss (`router_seq_aux_loss_coef`):
 //! per sequence of T tokens `sum_e f_e P_e`, `f_e = E / (k T) * (slots chosen for e)`,
@@ -36,12 +44,12 @@
 use super::linear::Linear;
 use super::params::{Init, Vb};
 use super::utilization::RoutingStats;
-use crate::config::{BiasUpdateRule, ModelConfig, RouterKind};
+use crate::config::{BiasUpdateRule, MlpKind, ModelConfig, RouterKind, ScoringFunc};
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor, Var, D};
 
 /// `Routing::expert_ids` entry of a slot dropped by the capacity limit.
-pub use crate::kernels::experts::DROPPED;
+pub use crate::kernels::experts::{hash_experts, DROPPED};
 
 /// The router's decision for N tokens.
 #[derive(Debug, Clone)]
@@ -67,7 +75,10 @@ pub struct Routing {
 pub struct Router {
     pub gate: Linear,
     pub e_score_correction_bias: Option<Tensor>,
+    /// `hash_moe` layers: `tid2eid` (V, k) as stored, and its rows on the host.
+    pub tid2eid: Option<(Tensor, Vec<u32>)>,
     kind: RouterKind,
+    scoring: ScoringFunc,
     layer: usize,
     pub(crate) n_experts: usize,
     top_k: usize,
@@ -86,16 +97,35 @@ pub struct Router {
 impl Router {
     pub fn new(vb: &Vb, cfg: &ModelConfig, layer: usize) -> Result<Self> {
         let e = cfg.n_routed_experts;
+        let k = cfg.num_experts_per_tok;
+        let table = cfg.mlp_kind(layer) == MlpKind::HashMoe;
         let e_score_correction_bias = match cfg.router_kind {
-            RouterKind::NoauxBias => {
+            RouterKind::NoauxBias if !table => {
                 Some(vb.buffer(&[e], "e_score_correction_bias", Init::Zeros)?)
             }
             _ => None,
         };
+        let tid2eid = if table {
+            let t = vb.buffer(
+                &[cfg.vocab_size, k],
+                "tid2eid",
+                Init::ExpertTable {
+                    layer,
+                    n_experts: e,
+                },
+            )?;
+            let rows = expert_table_rows(&t, e)
+                .map_err(|m| Error::Invalid(format!("layer {layer} `mlp.gate.tid2eid`: {m}")))?;
+            Some((t, rows))
+        } else {
+            None
+        };
         Ok(Self {
             gate: Linear::new(vb, cfg.hidden_size, e, cfg.initializer_range)?,
             e_score_correction_bias,
+            tid2eid,
             kind: cfg.router_kind,
+            scoring: cfg.router_scoring(),
             layer,
             n_experts: e,
             top_k: cfg.num_experts_per_tok,
@@ -168,40 +198,58 @@ impl Router {
         } else {
             None
         };
-        let scores = match self.kind {
-            RouterKind::NoauxBias => candle_nn::ops::sigmoid(&logits)?,
-            _ => candle_nn::ops::softmax(&logits, D::Minus1)?,
-        }; // (N, E)
+        let scores = score(&logits, self.scoring)?; // (N, E)
         let s_host: Vec<f32> = scores.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let chosen: Vec<u32> = match self.kind {
-            RouterKind::TopkSoftmax | RouterKind::SwitchCapacity | RouterKind::CapacityAware => {
-                s_host
-                    .chunks_exact(e)
-                    .flat_map(|row| top_k_indices(row, k))
-                    .collect()
-            }
-            RouterKind::NoauxBias => {
-                let bias = self.bias_host()?;
-                s_host
-                    .chunks_exact(e)
-                    .flat_map(|row| {
-                        let biased: Vec<f32> = row.iter().zip(&bias).map(|(s, b)| s + b).collect();
-                        group_limited_top_k(&biased, self.n_group, self.topk_group, k)
-                    })
-                    .collect()
-            }
-            RouterKind::Hash => {
+        let chosen: Vec<u32> = match (&self.tid2eid, self.kind) {
+            (Some((_, table)), _) => {
                 if token_ids.len() != n {
                     return Err(Error::Invalid(format!(
-                        "hash router got {} token ids for {n} tokens",
+                        "hash_moe router got {} token ids for {n} tokens",
                         token_ids.len()
                     )));
                 }
-                token_ids
-                    .iter()
-                    .flat_map(|&v| hash_experts(v, self.layer, e, k))
-                    .collect()
+                let mut out = Vec::with_capacity(n * k);
+                for &v in token_ids {
+                    let row = table
+                        .get(v as usize * k..(v as usize + 1) * k)
+                        .ok_or_else(|| {
+                            Error::Invalid(format!("token id {v} is outside the tid2eid table"))
+                        })?;
+                    out.extend_from_slice(row);
+                }
+                out
             }
+            (None, kind) => match kind {
+                RouterKind::TopkSoftmax
+                | RouterKind::SwitchCapacity
+                | RouterKind::CapacityAware => s_host
+                    .chunks_exact(e)
+                    .flat_map(|row| top_k_indices(row, k))
+                    .collect(),
+                RouterKind::NoauxBias => {
+                    let bias = self.bias_host()?;
+                    s_host
+                        .chunks_exact(e)
+                        .flat_map(|row| {
+                            let biased: Vec<f32> =
+                                row.iter().zip(&bias).map(|(s, b)| s + b).collect();
+                            group_limited_top_k(&biased, self.n_group, self.topk_group, k)
+                        })
+                        .collect()
+                }
+                RouterKind::Hash => {
+                    if token_ids.len() != n {
+                        return Err(Error::Invalid(format!(
+                            "hash router got {} token ids for {n} tokens",
+                            token_ids.len()
+                        )));
+                    }
+                    token_ids
+                        .iter()
+                        .flat_map(|&v| hash_experts(v, self.layer, e, k))
+                        .collect()
+                }
+            },
         };
         let mut stats = RoutingStats::new(e);
         if telemetry {
@@ -233,7 +281,8 @@ impl Router {
         if self.norm_topk_prob {
             weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
         }
-        if self.kind == RouterKind::NoauxBias && self.routed_scaling_factor != 1.0 {
+        let scaled = self.kind == RouterKind::NoauxBias || self.tid2eid.is_some();
+        if scaled && self.routed_scaling_factor != 1.0 {
             weights = (weights * self.routed_scaling_factor)?;
         }
         let seq_loss = if self.seq_loss && telemetry {
@@ -242,7 +291,7 @@ impl Router {
             None
         };
         let aux_loss = match self.kind {
-            _ if !telemetry => None,
+            _ if !telemetry || self.tid2eid.is_some() => None,
             RouterKind::TopkSoftmax | RouterKind::SwitchCapacity => {
                 Some(self.switch_loss(&scores, &stats.demand)?)
             }
@@ -345,6 +394,37 @@ impl Router {
     }
 }
 
+/// Router scores of logits l (N, E) under `f`, from differentiable ops.
+fn score(logits: &Tensor, f: ScoringFunc) -> Result<Tensor> {
+    Ok(match f {
+        ScoringFunc::Softmax => candle_nn::ops::softmax(logits, D::Minus1)?,
+        ScoringFunc::Sigmoid => candle_nn::ops::sigmoid(logits)?,
+        // softplus(l) = max(l, 0) + log(1 + e^-|l|), stable for large |l|.
+        ScoringFunc::Sqrtsoftplus => {
+            let tail = ((logits.abs()?.neg()?.exp()? + 1.0)?).log()?;
+            (logits.relu()? + tail)?.sqrt()?
+        }
+    })
+}
+
+/// The rows of an expert table t (V, k) as ids; each must be an integer in 0..E.
+fn expert_table_rows(t: &Tensor, n_experts: usize) -> std::result::Result<Vec<u32>, String> {
+    let values: Vec<f32> = t
+        .to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all()?.to_vec1())
+        .map_err(|e| e.to_string())?;
+    values
+        .iter()
+        .map(|&x| {
+            if x.fract() == 0.0 && x >= 0.0 && (x as usize) < n_experts {
+                Ok(x as u32)
+            } else {
+                Err(format!("{x} is not an expert id in 0..{n_experts}"))
+            }
+        })
+        .collect()
+}
+
 /// `mean_t logsumexp(l_t)^2`, l (N, E).
 fn z_loss(logits: &Tensor) -> Result<Tensor> {
     let m = logits.max_keepdim(D::Minus1)?.detach(); // (N, 1)
@@ -402,27 +482,6 @@ pub fn group_limited_top_k(row: &[f32], n_group: usize, topk_group: usize, k: us
         })
         .collect();
     top_k_indices(&masked, k)
-}
-
-/// The `hash` router's fixed table: k distinct experts for token id `v` in `layer`,
-/// drawn from a splitmix64 stream seeded by both (same table on every run and machine).
-pub fn hash_experts(v: u32, layer: usize, n_experts: usize, k: usize) -> Vec<u32> {
-    let mut state = ((layer as u64) << 32 | v as u64) ^ 0x5851_f42d_4c95_7f2d;
-    let mut next = || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
-    let mut out: Vec<u32> = Vec::with_capacity(k);
-    while out.len() < k {
-        let e = (next() % n_experts as u64) as u32;
-        if !out.contains(&e) {
-            out.push(e);
-        }
-    }
-    out
 }
 
 /// Keep at most `caps[e]` slots per expert from `chosen` (N * k, row-major), placing

@@ -4,6 +4,7 @@
 use super::block::Block;
 use super::cache::{LayerCache, SeqCache};
 use super::diagnostics::Diagnostics;
+use super::hyper_connection::HyperHead;
 use super::linear::{Linear, LinearWeight};
 use super::norm::RmsNorm;
 pub use super::options::ForwardOptions;
@@ -22,6 +23,8 @@ pub struct Transformer {
     /// (V, C) `model.embed_tokens.weight`
     pub embed_tokens: Linear,
     pub layers: Vec<Block>,
+    /// Hyper-connections (`hc_mult`): the streams' final collapse (`model.hc_head`).
+    pub hc_head: Option<HyperHead>,
     pub norm: RmsNorm,
     /// (V, C) `lm_head.weight`, or the embedding when tied.
     pub lm_head: Linear,
@@ -62,6 +65,10 @@ impl Transformer {
             .map(|i| Block::new(&m.pp("layers").pp(i), cfg, i))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(&m.pp("norm"), c, cfg.rms_norm_eps)?;
+        let hc_head = match cfg.hc_mult {
+            Some(n) => Some(HyperHead::new(&m.pp("hc_head"), cfg, n)?),
+            None => None,
+        };
         let lm_head = if cfg.tie_word_embeddings {
             embed_tokens.clone()
         } else {
@@ -81,6 +88,7 @@ impl Transformer {
         Ok(Self {
             embed_tokens,
             layers,
+            hc_head,
             norm,
             lm_head,
             rope,
@@ -162,9 +170,15 @@ impl Transformer {
             .embed_tokens
             .rows(&flat_ids, &flat)?
             .reshape((b, t, c))?; // (B, T, C)
+        if let Some(n) = self.cfg.hc_mult {
+            x = x.unsqueeze(2)?.broadcast_as((b, t, n, c))?.contiguous()?; // (B, T, N, C)
+        }
         let mut diagnostics = Diagnostics::new(self.layers.len());
         for (layer, diag) in self.layers.iter().zip(&mut diagnostics.layers) {
             x = layer.forward(&x, &flat, &self.rope, opts, diag)?;
+        }
+        if let Some(head) = &self.hc_head {
+            x = head.forward(&x)?; // (B, T, C)
         }
         let hidden = self.norm.forward(&x)?.reshape((b * t, c))?; // (B*T, C)
         Ok(HiddenOutput {
@@ -240,6 +254,9 @@ impl Transformer {
     /// written in place. Builds no autograd graph when the weights are frozen
     /// (`model_dir::load_for_inference`) and computes no training telemetry.
     pub fn step(&self, inputs: &mut [StepInput<'_>], opts: &StepOptions) -> Result<StepOutput> {
+        if self.hc_head.is_some() || self.cfg.is_v4() {
+            return Err(Error::Invalid(super::block::V4_STEP.into()));
+        }
         let c = self.cfg.hidden_size;
         let n_layers = self.layers.len();
         let max_pos = self.cfg.max_position_embeddings;
