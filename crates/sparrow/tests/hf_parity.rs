@@ -136,24 +136,15 @@ fn deepseek_v32_logits_and_selection_match_transformers() {
     }
 }
 
-/// The full-forward half of [`check`] (DeepSeek-V4: the engine's cached step does not
-/// run its layers yet).
-fn check_full(name: &str) {
-    let (model, _) = sparrow::model_dir::load(&fixture(name), DType::F32, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-    let (ids, full_ref, _) = reference(name);
-    let full = model.forward(&ids).unwrap().logits;
-    let err = rel_err(&full, &full_ref);
-    assert!(err < 1e-4, "{name}: full-forward logits differ by {err:e}");
-}
-
 #[test]
 fn deepseek_v4_logits_match_transformers() {
     // Sliding / CSA / HCA layers (rates 4 and 8, YaRN), 2 hyper-connection streams,
     // hash_moe and routed layers, clamped SwiGLU; then rates 2 and 6, 3 streams, plain
     // RoPE, tied embeddings.
-    check_full("deepseek-v4");
-    check_full("deepseek-v4-b");
+    // The engine's step runs each row over the window ring and the compressors' decode
+    // state, one token at a time and in uneven chunks.
+    check("deepseek-v4");
+    check("deepseek-v4-b");
 }
 
 #[test]

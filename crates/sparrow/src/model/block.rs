@@ -167,12 +167,10 @@ impl Block {
     }
 }
 
-/// Why the engine's step refuses a DeepSeek-V4 model for now.
-pub(crate) const V4_STEP: &str = "the engine's cached step does not run DeepSeek-V4 layers (sliding / compressed attention, hyper-connections) yet; whole-window forwards (training, evaluation, parity) do";
-
 impl Block {
-    /// The engine's step over packed rows x (N, C) (see `model::step`): attention per
-    /// segment over its cache, the FFN over all rows at once, no training telemetry.
+    /// The engine's step over packed rows x (N, C), or with hyper-connections their
+    /// streams (N, S, C) (see `model::step`): attention per segment over its cache, the
+    /// FFN over all rows at once, no training telemetry.
     /// Adds the seconds of each half to `secs` when profiling. -> (N, C).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn step(
@@ -187,27 +185,64 @@ impl Block {
         tel: &mut LayerTelemetry,
     ) -> Result<Tensor> {
         let mut lap = Lap::start(opts.profile);
-        let h = self.input_layernorm.forward(x)?;
-        let a = match &self.self_attn {
-            SelfAttn::Standard(attn) => attn.step(&h, segs, caches, rope, opts, &mut tel.recall)?,
-            SelfAttn::Mla(mla) => mla.step(&h, segs, caches, opts, &mut tel.recall)?,
-            SelfAttn::V4(_) => return Err(crate::error::Error::Invalid(V4_STEP.into())),
+        let mut attention = |h: &Tensor| -> Result<Tensor> {
+            match &self.self_attn {
+                SelfAttn::Standard(attn) => attn.step(h, segs, caches, rope, opts, &mut tel.recall),
+                SelfAttn::Mla(mla) => mla.step(h, segs, caches, opts, &mut tel.recall),
+                SelfAttn::V4(attn) => attn.step(h, segs, caches),
+            }
         };
-        let x = (x + a)?;
+        let Some((attn_hc, ffn_hc)) = &self.hc else {
+            let a = attention(&self.input_layernorm.forward(x)?)?;
+            let x = (x + a)?;
+            *secs.0 += lap.lap();
+            let f = self.ffn_step(
+                &self.post_attention_layernorm.forward(&x)?,
+                token_ids,
+                opts,
+                tel,
+            )?;
+            *secs.1 += lap.lap();
+            return Ok((x + f)?);
+        };
+        // The streams x (N, S, C) as one batch row of N tokens.
+        let (n, streams, c) = x.dims3()?;
+        let xs = x.reshape((1, n, streams, c))?;
+        let mix = attn_hc.mix(&xs)?;
+        let a = attention(
+            &self
+                .input_layernorm
+                .forward(&mix.collapsed.reshape((n, c))?)?,
+        )?;
+        let xs = attn_hc.merge(&xs, &mix, &a.reshape((1, n, c))?)?;
         *secs.0 += lap.lap();
-        let h = self.post_attention_layernorm.forward(&x)?;
-        let f = match &self.mlp {
-            Ffn::Dense(mlp) => mlp.infer(&h)?,
+        let mix = ffn_hc.mix(&xs)?;
+        let h = self
+            .post_attention_layernorm
+            .forward(&mix.collapsed.reshape((n, c))?)?;
+        let f = self.ffn_step(&h, token_ids, opts, tel)?;
+        let xs = ffn_hc.merge(&xs, &mix, &f.reshape((1, n, c))?)?;
+        *secs.1 += lap.lap();
+        Ok(xs.reshape((n, streams, c))?)
+    }
+
+    /// The FFN half of a step on normed rows h (N, C) -> (N, C).
+    fn ffn_step(
+        &self,
+        h: &Tensor,
+        token_ids: &[u32],
+        opts: &StepOptions,
+        tel: &mut LayerTelemetry,
+    ) -> Result<Tensor> {
+        Ok(match &self.mlp {
+            Ffn::Dense(mlp) => mlp.infer(h)?,
             Ffn::Moe(moe) => {
-                let (y, routing) = moe.infer(&h, token_ids)?;
+                let (y, routing) = moe.infer(h, token_ids)?;
                 if opts.telemetry {
                     tel.routing = Some(routing);
                 }
                 y
             }
-        };
-        let x = (x + f)?;
-        *secs.1 += lap.lap();
-        Ok(x)
+        })
     }
 }

@@ -250,6 +250,9 @@ pub struct LayerCache {
     pub v: Option<RowBuffer>,
     /// `dsa` layers: the index keys, one `index_head_dim` row per position.
     pub index: Option<KeyStore>,
+    /// DeepSeek-V4 layers: their window and compressors (`model::v4_cache`); the row
+    /// buffers above stay empty.
+    pub v4: Option<super::v4_cache::V4LayerCache>,
     /// Positions to allocate when the buffers are created (0 = grow by doubling).
     reserve: usize,
     /// Precision of the key / value (latent) rows.
@@ -263,6 +266,7 @@ impl LayerCache {
             k: None,
             v: None,
             index: None,
+            v4: None,
             reserve: 0,
             dtype,
         }
@@ -270,7 +274,10 @@ impl LayerCache {
 
     /// Positions cached.
     pub fn len(&self) -> usize {
-        self.k.as_ref().map_or(0, RowBuffer::len)
+        match &self.v4 {
+            Some(v4) => v4.len(),
+            None => self.k.as_ref().map_or(0, RowBuffer::len),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -330,6 +337,9 @@ impl LayerCache {
         if let Some(ix) = &mut self.index {
             ix.truncate(len);
         }
+        if let Some(v4) = &mut self.v4 {
+            v4.truncate(len);
+        }
     }
 
     /// Bytes allocated by this layer (keys, values, index keys).
@@ -337,6 +347,10 @@ impl LayerCache {
         self.k.as_ref().map_or(0, RowBuffer::bytes)
             + self.v.as_ref().map_or(0, RowBuffer::bytes)
             + self.index.as_ref().map_or(0, KeyStore::bytes)
+            + self
+                .v4
+                .as_ref()
+                .map_or(0, super::v4_cache::V4LayerCache::bytes)
     }
 
     /// Bytes of the positions written (index keys: as allocated).
@@ -344,6 +358,10 @@ impl LayerCache {
         self.k.as_ref().map_or(0, RowBuffer::used_bytes)
             + self.v.as_ref().map_or(0, RowBuffer::used_bytes)
             + self.index.as_ref().map_or(0, KeyStore::bytes)
+            + self
+                .v4
+                .as_ref()
+                .map_or(0, super::v4_cache::V4LayerCache::bytes)
     }
 }
 

@@ -61,6 +61,16 @@ impl Compressor {
         self.rate
     }
 
+    /// Values per entry.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Whether windows overlap (CSA's two series per token).
+    pub fn overlaps(&self) -> bool {
+        self.overlap
+    }
+
     /// The entries of a whole window x (B, T, C) from position 0: (B, T / m, d), RoPE'd
     /// by `rope`; None when T < m.
     pub fn pool(&self, x: &Tensor, rope: &TailRope) -> Result<Option<Tensor>> {
@@ -148,6 +158,11 @@ impl V4Indexer {
             head_dim: di,
             topk: cfg.index_topk,
         })
+    }
+
+    /// Entries each query keeps.
+    pub fn topk(&self) -> usize {
+        self.topk
     }
 
     /// Index scores of a whole window: x (B, T, C), the query latent q_res (B, T, R)

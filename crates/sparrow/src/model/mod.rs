@@ -23,6 +23,7 @@ pub mod step;
 pub mod transformer;
 pub mod utilization;
 pub mod v4_attention;
+pub mod v4_cache;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};

@@ -302,3 +302,51 @@ impl TailRope {
         )?)
     }
 }
+
+impl TailRope {
+    /// Host twin of [`apply`](Self::apply) for one row: each `width`-wide head of `x`
+    /// rotated in place as position `pos` (same arithmetic: angles in f64, cos / sin
+    /// rounded to f32).
+    pub fn rotate_host(
+        &self,
+        x: &mut [f32],
+        width: usize,
+        pos: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        let r = self.dims();
+        if pos >= self.max_pos {
+            return Err(Error::Invalid(format!(
+                "position {} exceeds max_position_embeddings {}",
+                pos + 1,
+                self.max_pos
+            )));
+        }
+        if r > width || width == 0 || !x.len().is_multiple_of(width) {
+            return Err(Error::Invalid(format!(
+                "RoPE of {r} trailing dims applied to heads of {width}"
+            )));
+        }
+        let sign = if inverse { -1.0 } else { 1.0 };
+        let table: Vec<(f32, f32)> = self
+            .inv_freq
+            .iter()
+            .map(|f| {
+                let (s, c) = (pos as f64 * f).sin_cos();
+                (
+                    (c * self.attention_factor) as f32,
+                    (sign * s * self.attention_factor) as f32,
+                )
+            })
+            .collect();
+        for head in x.chunks_exact_mut(width) {
+            let tail = &mut head[width - r..];
+            for (pair, &(c, s)) in tail.chunks_exact_mut(2).zip(&table) {
+                let (a, b) = (pair[0], pair[1]);
+                pair[0] = a * c - b * s;
+                pair[1] = b * c + a * s;
+            }
+        }
+        Ok(())
+    }
+}

@@ -254,9 +254,6 @@ impl Transformer {
     /// written in place. Builds no autograd graph when the weights are frozen
     /// (`model_dir::load_for_inference`) and computes no training telemetry.
     pub fn step(&self, inputs: &mut [StepInput<'_>], opts: &StepOptions) -> Result<StepOutput> {
-        if self.hc_head.is_some() || self.cfg.is_v4() {
-            return Err(Error::Invalid(super::block::V4_STEP.into()));
-        }
         let c = self.cfg.hidden_size;
         let n_layers = self.layers.len();
         let max_pos = self.cfg.max_position_embeddings;
@@ -306,6 +303,12 @@ impl Transformer {
         let mut x = self
             .embed_tokens
             .rows(&Tensor::from_slice(&ids, n, dev)?, &ids)?; // (N, C)
+        if let Some(streams) = self.cfg.hc_mult {
+            x = x
+                .unsqueeze(1)?
+                .broadcast_as((n, streams, c))?
+                .contiguous()?; // (N, S, C)
+        }
         let mut head = lap.lap();
         let mut telemetry = vec![LayerTelemetry::default(); n_layers];
         for (l, layer) in self.layers.iter().enumerate() {
@@ -336,10 +339,17 @@ impl Transformer {
             let last: Vec<u32> = segs.iter().map(|s| (s.start + s.len - 1) as u32).collect();
             x.index_select(&Tensor::from_vec(last, segs.len(), dev)?, 0)?
         };
+        let x = match &self.hc_head {
+            Some(head) => {
+                let (rows, streams, _) = x.dims3()?;
+                head.forward(&x.reshape((1, rows, streams, c))?)?
+                    .reshape((rows, c))?
+            }
+            None => x,
+        };
         let x = self.norm.forward(&x)?;
         let logits = self.lm_head.infer(&x)?; // (rows, V)
         debug_assert_eq!(logits.dim(1)?, self.cfg.vocab_size);
-        let _ = c;
         head += lap.lap();
         if let Some(p) = &mut prof {
             p.head = head;

@@ -13,14 +13,20 @@
 //! is the weighted K=V rows, de-rotated at the query's position, then the grouped
 //! low-rank projection: `o_a_proj` maps each of `o_groups` head groups to
 //! `o_lora_rank`, `o_b_proj` mixes them to C.
+//!
+//! `forward` runs whole windows as tensors (the reference); `step` runs the engine's
+//! packed rows row by row over each sequence's `model::v4_cache` state.
 
-use super::compressor::{causal_entry_mask, Compressor, V4Indexer, MASKED};
-use super::linear::Linear;
+use super::cache::LayerCache;
+use super::compressor::{causal_entry_mask, select_top, Compressor, V4Indexer, MASKED};
+use super::linear::{host_f32, Linear};
 use super::norm::{unweighted_rms, RmsNorm};
 use super::params::{Init, Vb};
 use super::rope::TailRope;
+use super::step::Segment;
+use super::v4_cache::{PoolSpec, V4LayerCache};
 use crate::config::{AttentionKind, ModelConfig};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use candle_core::{Tensor, D};
 
 /// What a compressed layer adds to the window.
@@ -216,4 +222,176 @@ impl V4Attention {
             }
         }
     }
+}
+
+/// Host copies of what a step's per-row loop reads from one compressor.
+struct PoolHost {
+    kv: Vec<f32>,
+    gate: Vec<f32>,
+    width: usize,
+    position_bias: Vec<f32>,
+    norm: Vec<f32>,
+}
+
+impl PoolHost {
+    fn new(c: &Compressor, x: &Tensor) -> Result<Self> {
+        let kv = c.kv_proj.forward(x)?;
+        let width = kv.dim(1)?;
+        Ok(Self {
+            kv: host_f32(&kv)?,
+            gate: host_f32(&c.gate_proj.forward(x)?)?,
+            width,
+            position_bias: host_f32(&c.position_bias)?,
+            norm: host_f32(&c.kv_norm.weight)?,
+        })
+    }
+
+    fn spec(&self, c: &Compressor, eps: f64) -> PoolSpec<'_> {
+        PoolSpec {
+            rate: c.rate(),
+            dim: c.dim(),
+            overlap: c.overlaps(),
+            position_bias: &self.position_bias,
+            norm: (&self.norm, eps),
+        }
+    }
+
+    fn row(&self, r: usize) -> (&[f32], &[f32]) {
+        let w = self.width;
+        (&self.kv[r * w..(r + 1) * w], &self.gate[r * w..(r + 1) * w])
+    }
+}
+
+impl V4Attention {
+    /// The engine's step: x (N, C) holds the new tokens of every segment (normed); each
+    /// row, in order, writes its K=V row to its sequence's window and its projections to
+    /// the compressors (an entry when a window completes), then attends over the window
+    /// and the entries its layer type selects. Equal to [`Self::forward`] row for row.
+    /// -> (N, C).
+    pub(crate) fn step(
+        &self,
+        x: &Tensor,
+        segs: &[Segment],
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Tensor> {
+        let (n, c) = x.dims2()?;
+        let (h, d) = (self.n_heads, self.head_dim);
+        let q_res = self.q_a_norm.forward(&self.q_a_proj.forward(x)?)?; // (N, R)
+        let q = host_f32(&self.q_b_proj.forward(&q_res)?)?; // (N, H*D)
+        let kv = host_f32(&self.kv_norm.forward(&self.kv_proj.forward(x)?)?)?; // (N, D)
+        let sinks = host_f32(&self.sinks)?;
+        let (compressor, indexer) = match &self.compressed {
+            None => (None, None),
+            Some(Compressed::Heavy(c)) => (Some(c), None),
+            Some(Compressed::Sparse {
+                compressor,
+                indexer,
+            }) => (Some(compressor), Some(indexer)),
+        };
+        let comp = compressor.map(|c| PoolHost::new(c, x)).transpose()?;
+        let index = match indexer {
+            Some(ix) => Some((
+                PoolHost::new(&ix.compressor, x)?,
+                host_f32(&ix.q_b_proj.forward(&q_res)?)?, // (N, HI*dI)
+                host_f32(&ix.weights_proj.forward(x)?)?,  // (N, HI)
+            )),
+            None => None,
+        };
+        if segs.len() != caches.len() {
+            return Err(Error::Invalid(format!(
+                "{} segments for {} caches",
+                segs.len(),
+                caches.len()
+            )));
+        }
+        let mut out = vec![0f32; n * h * d];
+        for (seg, cache) in segs.iter().zip(caches.iter_mut()) {
+            let state = cache.v4.get_or_insert_with(V4LayerCache::default);
+            state.check(seg.pos)?;
+            for (i, r) in seg.rows().enumerate() {
+                let p = seg.pos + i;
+                let mut qr = q[r * h * d..(r + 1) * h * d].to_vec();
+                for head in qr.chunks_exact_mut(d) {
+                    let ms = head.iter().map(|v| (v * v) as f64).sum::<f64>() / d as f64;
+                    let inv = (1.0 / (ms + self.eps).sqrt()) as f32;
+                    head.iter_mut().for_each(|v| *v *= inv);
+                }
+                self.rope.rotate_host(&mut qr, d, p, false)?;
+                let mut kr = kv[r * d..(r + 1) * d].to_vec();
+                self.rope.rotate_host(&mut kr, d, p, false)?;
+                state.push_row(&kr, self.window);
+                if let (Some(cm), Some(host)) = (compressor, &comp) {
+                    let (k, g) = host.row(r);
+                    let spec = host.spec(cm, self.eps);
+                    state.compressor.push(&spec, p, k, g, |e, first| {
+                        self.rope.rotate_host(e, cm.dim(), first, false)
+                    })?;
+                }
+                let selected: Vec<usize> = match (indexer, &index) {
+                    (Some(ix), Some((host, iq, iw))) => {
+                        let (k, g) = host.row(r);
+                        let spec = host.spec(&ix.compressor, self.eps);
+                        let di = ix.compressor.dim();
+                        state.indexer.push(&spec, p, k, g, |e, first| {
+                            self.rope.rotate_host(e, di, first, false)
+                        })?;
+                        let hi = iw.len() / n;
+                        let mut qi = iq[r * hi * di..(r + 1) * hi * di].to_vec();
+                        self.rope.rotate_host(&mut qi, di, p, false)?;
+                        let weights = &iw[r * hi..(r + 1) * hi];
+                        let scores: Vec<f32> = (0..state.indexer.count(di))
+                            .map(|w| {
+                                let key = state.indexer.entry(w, di);
+                                let mut s = 0f32;
+                                for (qh, wh) in qi.chunks_exact(di).zip(weights) {
+                                    let dot: f32 = qh.iter().zip(key).map(|(a, b)| a * b).sum();
+                                    s +=
+                                        wh / (hi as f32).sqrt() * dot.max(0.0) / (di as f32).sqrt();
+                                }
+                                s
+                            })
+                            .collect();
+                        select_top(&scores, ix.topk())
+                    }
+                    _ => (0..state.compressor.count(d)).collect(),
+                };
+                let keys: Vec<&[f32]> = state
+                    .window()
+                    .chain(selected.iter().map(|&w| state.compressor.entry(w, d)))
+                    .collect();
+                let mut o = attend_with_sinks(&qr, &keys, &sinks, d);
+                self.rope.rotate_host(&mut o, d, p, true)?;
+                out[r * h * d..(r + 1) * h * d].copy_from_slice(&o);
+            }
+        }
+        let y = Tensor::from_vec(out, (1, n, h, d), x.device())?.to_dtype(x.dtype())?;
+        Ok(self.output(&y)?.reshape((n, c))?)
+    }
+}
+
+/// One query's attention: q (H*D) over `keys` (each D, keys = values) with one sink
+/// logit per head in the softmax -> (H*D).
+fn attend_with_sinks(q: &[f32], keys: &[&[f32]], sinks: &[f32], d: usize) -> Vec<f32> {
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut out = vec![0f32; q.len()];
+    let mut logits = vec![0f32; keys.len()];
+    for ((qh, oh), &sink) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(sinks) {
+        for (l, k) in logits.iter_mut().zip(keys) {
+            *l = qh.iter().zip(k.iter()).map(|(a, b)| a * b).sum::<f32>() * scale;
+        }
+        let max = logits.iter().copied().fold(sink, f32::max);
+        let mut z = ((sink - max) as f64).exp();
+        let mut acc = vec![0f64; d];
+        for (l, k) in logits.iter().zip(keys) {
+            let p = ((l - max) as f64).exp();
+            z += p;
+            for (a, v) in acc.iter_mut().zip(k.iter()) {
+                *a += p * *v as f64;
+            }
+        }
+        for (o, a) in oh.iter_mut().zip(acc) {
+            *o = (a / z) as f32;
+        }
+    }
+    out
 }

@@ -1,0 +1,303 @@
+//! DeepSeek-V4 layers beyond the transformers fixtures (`hf_parity.rs`): the engine's
+//! step against the whole-window forward on our own random models at awkward sizes,
+//! finite-difference gradients (f64) of each V4 part (the three attention layer types
+//! with their compressors, sinks and grouped output; the hyper-connections and their
+//! head; the clamped SwiGLU) and a gradient reaching every parameter of a whole model,
+//! the config checks, and the decode state's refusal to rewind.
+
+mod common;
+use candle_core::{DType, Device, Tensor, Var};
+use common::*;
+use sparrow::config::{
+    AttentionKind, CompressRates, MlpKind, ModelConfig, RouterKind, ScoringFunc,
+};
+use sparrow::model::hyper_connection::{HyperConnection, HyperHead};
+use sparrow::model::mlp::Mlp;
+use sparrow::model::params::VarStore;
+use sparrow::model::v4_attention::V4Attention;
+use sparrow::model::Model;
+
+/// A small V4 model at awkward sizes: 3 heads of 10 (4 rotated), query latent 14, 3
+/// output groups of rank 5, window 5, CSA rate 3 (5 index heads of 6, top-2), HCA rate
+/// 5, 3 streams, 5 experts top-2 (hash_moe in the first layer), clamp 0.8.
+fn tiny_v4() -> ModelConfig {
+    let mut cfg = tiny_config();
+    cfg.hidden_size = 24;
+    cfg.num_attention_heads = 3;
+    cfg.num_key_value_heads = Some(1);
+    cfg.head_dim = Some(10);
+    cfg.num_hidden_layers = 4;
+    cfg.q_lora_rank = Some(14);
+    cfg.qk_rope_head_dim = 4;
+    cfg.layer_types = Some(vec![
+        AttentionKind::CompressedSparseAttention,
+        AttentionKind::SlidingAttention,
+        AttentionKind::HeavilyCompressedAttention,
+        AttentionKind::CompressedSparseAttention,
+    ]);
+    cfg.compress_rates = Some(CompressRates {
+        compressed_sparse_attention: 3,
+        heavily_compressed_attention: 5,
+    });
+    cfg.sliding_window = Some(5);
+    cfg.o_groups = Some(3);
+    cfg.o_lora_rank = 5;
+    cfg.index_n_heads = 5;
+    cfg.index_head_dim = 6;
+    cfg.index_topk = 2;
+    cfg.hc_mult = Some(3);
+    cfg.n_routed_experts = 5;
+    cfg.num_experts_per_tok = 2;
+    cfg.n_shared_experts = 1;
+    cfg.moe_intermediate_size = 7;
+    cfg.first_k_dense_replace = 0;
+    cfg.router_kind = RouterKind::NoauxBias;
+    cfg.scoring_func = Some(ScoringFunc::Sqrtsoftplus);
+    cfg.routed_scaling_factor = 1.5;
+    cfg.mlp_layer_types = Some(vec![
+        MlpKind::HashMoe,
+        MlpKind::Moe,
+        MlpKind::Moe,
+        MlpKind::Moe,
+    ]);
+    cfg.swiglu_limit = Some(0.8);
+    cfg.validate().expect("valid V4 config");
+    cfg
+}
+
+fn tokens(n: usize, v: usize) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 37 + 11) % v as u32).collect()
+}
+
+#[test]
+fn step_equals_the_whole_window_forward() {
+    for (seed, yarn) in [(3u64, false), (4, true)] {
+        let mut cfg = tiny_v4();
+        cfg.initializer_range = 0.2;
+        if yarn {
+            cfg.compress_rope_yarn = Some(sparrow::config::Yarn {
+                factor: 4.0,
+                original_max_position_embeddings: 16,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                attention_factor: 1.0,
+                truncate: true,
+            });
+            cfg.layer_types = Some(vec![
+                AttentionKind::HeavilyCompressedAttention,
+                AttentionKind::CompressedSparseAttention,
+                AttentionKind::SlidingAttention,
+                AttentionKind::CompressedSparseAttention,
+            ]);
+        }
+        let model = Model::new_random(&cfg, seed, DType::F32, &Device::Cpu).unwrap();
+        let t = 29;
+        let ids = tokens(t, cfg.vocab_size);
+        let full = model
+            .forward(&Tensor::from_vec(ids.clone(), (1, t), &Device::Cpu).unwrap())
+            .unwrap()
+            .logits;
+        for chunks in [
+            vec![1; t],
+            vec![3, 1, 4, 1, 5, 9, 2, 4],
+            prefill_then_decode(17, t),
+        ] {
+            let (stepped, cache) = stepped(&model, &ids, &chunks);
+            let err = rel_err(&stepped, &full);
+            assert!(err < 1e-4, "seed {seed}, chunks {chunks:?}: {err:e}");
+            assert_eq!(cache.len(), t);
+        }
+    }
+}
+
+/// Weighted sum of an output: a scalar whose gradient reaches every element.
+fn probe(y: &Tensor, seed: u64) -> Tensor {
+    (y * randn(y.dims(), seed, DType::F64))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+}
+
+/// Move the parameters that start at zeros / ones (sinks, position biases, the
+/// hyper-connections' biases and scales) off them, so every path carries signal.
+fn perturb_flat_inits(store: &VarStore) {
+    for (name, var) in store.vars() {
+        let flat = [
+            "sinks",
+            "position_bias",
+            ".base",
+            "hc_base",
+            ".scale",
+            "hc_scale",
+        ];
+        if flat.iter().any(|f| name.ends_with(f)) {
+            let shifted = (randn(var.dims(), name.len() as u64, DType::F64) * 0.5).unwrap();
+            var.set(&(var.as_tensor() + shifted).unwrap()).unwrap();
+        }
+    }
+}
+
+#[test]
+fn v4_attention_gradients_match_finite_differences() {
+    let mut cfg = tiny_v4();
+    cfg.initializer_range = 0.3;
+    for layer in [0usize, 1, 2] {
+        let store = VarStore::random(5 + layer as u64, DType::F64, &Device::Cpu);
+        let attn = V4Attention::new(&store.root().pp("self_attn"), &cfg, layer, 0.3).unwrap();
+        perturb_flat_inits(&store);
+        let x = Var::from_tensor(&randn(&[2, 13, cfg.hidden_size], 1, DType::F64)).unwrap();
+        // The CSA indexer's parameters choose entries (a discrete top-k): no gradient
+        // reaches them through the attention output.
+        let mut vars: Vec<(String, Var)> = store
+            .vars()
+            .into_iter()
+            .filter(|(n, _)| !n.contains(".compressor.indexer."))
+            .collect();
+        vars.push(("<input>".into(), x.clone()));
+        let kind = cfg.attention_kind(layer);
+        check_gradients(&vars, || probe(&attn.forward(x.as_tensor()).unwrap(), 2), 4);
+        let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+        let compressed = names.iter().any(|n| n.contains("compressor.position_bias"));
+        assert_eq!(
+            compressed,
+            kind != AttentionKind::SlidingAttention,
+            "{kind:?}"
+        );
+    }
+}
+
+#[test]
+fn hyper_connection_gradients_match_finite_differences() {
+    let mut cfg = tiny_v4();
+    cfg.initializer_range = 0.3;
+    let store = VarStore::random(7, DType::F64, &Device::Cpu);
+    let n = cfg.hc_mult.unwrap();
+    let hc = HyperConnection::new(&store.root().pp("attn_hc"), &cfg, n).unwrap();
+    let head = HyperHead::new(&store.root().pp("hc_head"), &cfg, n).unwrap();
+    perturb_flat_inits(&store);
+    let streams = Var::from_tensor(&randn(&[2, 5, n, cfg.hidden_size], 1, DType::F64)).unwrap();
+    let w = randn(&[cfg.hidden_size, cfg.hidden_size], 3, DType::F64);
+    let mut vars = store.vars();
+    vars.push(("<streams>".into(), streams.clone()));
+    let loss = || {
+        let x = streams.as_tensor();
+        let mix = hc.mix(x).unwrap();
+        // A stand-in for the block's half: a smooth map of the collapsed input.
+        let f = mix.collapsed.broadcast_matmul(&w).unwrap().tanh().unwrap();
+        probe(&head.forward(&hc.merge(x, &mix, &f).unwrap()).unwrap(), 2)
+    };
+    check_gradients(&vars, loss, 6);
+}
+
+#[test]
+fn clamped_swiglu_gradients_match_finite_differences() {
+    let store = VarStore::random(11, DType::F64, &Device::Cpu);
+    let mlp = Mlp::new(&store.root().pp("mlp"), 6, 9, 0.6, 0.6)
+        .unwrap()
+        .clamped(Some(0.5));
+    let x = Var::from_tensor(&randn(&[2, 5, 6], 1, DType::F64)).unwrap();
+    let mut vars = store.vars();
+    vars.push(("<input>".into(), x.clone()));
+    // The clamp bites on a good share of this input: some gradients are cut to zero.
+    check_gradients(&vars, || probe(&mlp.forward(x.as_tensor()).unwrap(), 2), 8);
+}
+
+#[test]
+fn every_v4_parameter_but_the_indexer_gets_a_gradient() {
+    let cfg = tiny_v4();
+    let model = Model::new_random(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+    let (b, t) = (2, 17);
+    let ids = Tensor::from_vec(tokens(b * t, cfg.vocab_size), (b, t), &Device::Cpu).unwrap();
+    let loss = probe(
+        &model
+            .forward(&ids)
+            .unwrap()
+            .logits
+            .to_dtype(DType::F64)
+            .unwrap(),
+        4,
+    );
+    let grads = loss.backward().unwrap();
+    for (name, var) in model.store.vars() {
+        let got = grads.get(var.as_tensor());
+        if name.contains(".compressor.indexer.") {
+            // Trained by its own KL (not yet): the top-k passes no gradient.
+            assert!(got.is_none(), "`{name}` got a gradient through the top-k");
+            continue;
+        }
+        let g = got.unwrap_or_else(|| panic!("`{name}` received no gradient"));
+        let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(norm > 0.0, "`{name}` received an all-zero gradient");
+    }
+}
+
+#[test]
+fn bad_v4_configs_name_the_field() {
+    type Edit = Box<dyn Fn(&mut ModelConfig)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (
+            Box::new(|c| c.num_key_value_heads = Some(3)),
+            "num_key_value_heads",
+        ),
+        (Box::new(|c| c.q_lora_rank = None), "q_lora_rank"),
+        (Box::new(|c| c.o_groups = Some(2)), "o_groups"),
+        (Box::new(|c| c.o_lora_rank = 0), "o_lora_rank"),
+        (Box::new(|c| c.sliding_window = None), "sliding_window"),
+        (Box::new(|c| c.compress_rates = None), "compress_rates"),
+        (Box::new(|c| c.qk_rope_head_dim = 12), "qk_rope_head_dim"),
+        (Box::new(|c| c.index_head_dim = 2), "index_head_dim"),
+        (
+            Box::new(|c| {
+                if let Some(t) = &mut c.layer_types {
+                    t[1] = AttentionKind::Dense;
+                }
+            }),
+            "layer_types",
+        ),
+        (
+            Box::new(|c| c.mlp_layer_types = Some(vec![MlpKind::Moe])),
+            "mlp_layer_types",
+        ),
+        (Box::new(|c| c.hc_mult = Some(0)), "hc_mult"),
+        (Box::new(|c| c.swiglu_limit = Some(-1.0)), "swiglu_limit"),
+        (
+            Box::new(|c| c.router_kind = RouterKind::TopkSoftmax),
+            "scoring_func",
+        ),
+    ];
+    for (edit, field) in cases {
+        let mut cfg = tiny_v4();
+        edit(&mut cfg);
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains(field), "{field}: {err}");
+        // The same through config.json.
+        let err = ModelConfig::from_json(&cfg.to_json())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field), "{field} (json): {err}");
+    }
+}
+
+#[test]
+fn a_rewound_v4_cache_is_refused_by_the_next_step() {
+    let cfg = tiny_v4();
+    let model = Model::new_random(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+    let ids = tokens(9, cfg.vocab_size);
+    let (_, mut cache) = stepped(&model, &ids, &[9]);
+    cache.truncate(4);
+    let opts = sparrow::model::step::StepOptions::default();
+    let mut input = [sparrow::model::StepInput {
+        tokens: &ids[4..5],
+        cache: &mut cache,
+    }];
+    let err = model.step(&mut input, &opts).unwrap_err().to_string();
+    assert!(err.contains("truncated"), "{err}");
+    // Forgetting everything starts over.
+    cache.truncate(0);
+    let mut input = [sparrow::model::StepInput {
+        tokens: &ids[..3],
+        cache: &mut cache,
+    }];
+    model.step(&mut input, &opts).unwrap();
+    assert_eq!(cache.len(), 3);
+}
