@@ -454,6 +454,7 @@ fn bench_generate_counts_what_a_decode_step_reads() {
         prefill_chunk: 8,
         dense_baseline: false,
         dense_prefill_max: 64,
+        synthetic_cache: false,
         seed: 1,
     };
     let rows = run(&model, &bench, |_| {}).unwrap();

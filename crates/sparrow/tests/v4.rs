@@ -9,10 +9,12 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use sparrow::config::{
-    AttentionKind, CompressRates, MlpKind, ModelConfig, RouterKind, ScoringFunc,
+    AttentionKind, CompressRates, IndexerTrainMode, MlpKind, ModelConfig, RouterKind, ScoringFunc,
 };
+use sparrow::model::diagnostics::LayerDiagnostics;
 use sparrow::model::hyper_connection::{HyperConnection, HyperHead};
 use sparrow::model::mlp::Mlp;
+use sparrow::model::options::ForwardOptions;
 use sparrow::model::params::VarStore;
 use sparrow::model::v4_attention::V4Attention;
 use sparrow::model::Model;
@@ -155,7 +157,12 @@ fn v4_attention_gradients_match_finite_differences() {
             .collect();
         vars.push(("<input>".into(), x.clone()));
         let kind = cfg.attention_kind(layer);
-        check_gradients(&vars, || probe(&attn.forward(x.as_tensor()).unwrap(), 2), 4);
+        let opts = ForwardOptions::default();
+        let forward = || {
+            let mut diag = LayerDiagnostics::default();
+            attn.forward(x.as_tensor(), &opts, &mut diag).unwrap()
+        };
+        check_gradients(&vars, || probe(&forward(), 2), 4);
         let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
         let compressed = names.iter().any(|n| n.contains("compressor.position_bias"));
         assert_eq!(
@@ -164,6 +171,57 @@ fn v4_attention_gradients_match_finite_differences() {
             "{kind:?}"
         );
     }
+}
+
+#[test]
+fn csa_indexer_kl_trains_the_indexer_only() {
+    let mut cfg = tiny_v4();
+    cfg.initializer_range = 0.3;
+    let store = VarStore::random(21, DType::F64, &Device::Cpu);
+    let attn = V4Attention::new(&store.root().pp("self_attn"), &cfg, 0, 0.3).unwrap();
+    perturb_flat_inits(&store);
+    let x = Var::from_tensor(&randn(&[2, 16, cfg.hidden_size], 1, DType::F64)).unwrap();
+    let kl = |mode| {
+        let opts = ForwardOptions {
+            indexer_mode: Some(mode),
+            ..Default::default()
+        };
+        let mut diag = LayerDiagnostics::default();
+        attn.forward(x.as_tensor(), &opts, &mut diag).unwrap();
+        diag.indexer_kl
+            .expect("a CSA layer in training reports its indexer KL")
+    };
+    let (indexer, rest): (Vec<_>, Vec<_>) = store
+        .vars()
+        .into_iter()
+        .partition(|(n, _)| n.contains(".compressor.indexer."));
+    assert!(!indexer.is_empty());
+    for mode in [IndexerTrainMode::DenseWarmup, IndexerTrainMode::Sparse] {
+        let loss = kl(mode);
+        let value: f64 = loss.to_scalar().unwrap();
+        assert!(value.is_finite() && value > 0.0, "{mode:?}: KL {value}");
+        let grads = loss.backward().unwrap();
+        for (name, var) in &indexer {
+            assert!(
+                grads.get(var.as_tensor()).is_some(),
+                "{mode:?}: `{name}` untrained"
+            );
+        }
+        // The indexer's input is detached: its loss moves nothing else.
+        for (name, var) in &rest {
+            assert!(
+                grads.get(var.as_tensor()).is_none(),
+                "{mode:?}: KL reached `{name}`"
+            );
+        }
+        assert!(
+            grads.get(x.as_tensor()).is_none(),
+            "{mode:?}: KL reached the input"
+        );
+    }
+    // In the dense warm-up the target does not depend on a selection: the KL is smooth
+    // in the indexer's parameters.
+    check_gradients(&indexer, || kl(IndexerTrainMode::DenseWarmup), 4);
 }
 
 #[test]
@@ -300,4 +358,45 @@ fn a_rewound_v4_cache_is_refused_by_the_next_step() {
     }];
     model.step(&mut input, &opts).unwrap();
     assert_eq!(cache.len(), 3);
+}
+
+#[test]
+fn bench_generate_decodes_from_a_synthesised_v4_cache() {
+    use sparrow::bench::generate::{run, GenerateBench};
+    let cfg = tiny_v4();
+    let model = Model::new_random_for_inference(&cfg, 2, DType::F32, &Device::Cpu).unwrap();
+    let context = 200;
+    let bench = GenerateBench {
+        contexts: vec![context],
+        batches: vec![2],
+        decode_tokens: 3,
+        prefill_chunk: 64,
+        dense_baseline: false,
+        dense_prefill_max: 0,
+        synthetic_cache: true,
+        seed: 1,
+    };
+    let rows = run(&model, &bench, |_| {}).unwrap();
+    let row = &rows[0];
+    assert!(row.prefill_tokens_per_s.is_nan(), "no prefill was timed");
+    assert!(row.decode_tokens_per_s > 0.0);
+    // Per layer and sequence a step reads: the window (5 rows of 10 f32), HCA's 40
+    // entries, or CSA's index keys (67 of 6 f32, scanned in whole blocks of 64) and its
+    // top-2 entries; 202 positions cached when the last step is counted.
+    let (d, w) = (10.0, 5.0 * 10.0 * 4.0);
+    let csa = |pos: f64| w + ((pos / 3.0).floor() / 64.0).ceil() * 64.0 * 6.0 * 4.0 + 2.0 * d * 4.0;
+    let hca = |pos: f64| w + (pos / 5.0).floor() * d * 4.0;
+    let pos = (context + bench.decode_tokens - 1) as f64;
+    let per_seq = 2.0 * csa(pos) + w + hca(pos);
+    assert!(
+        (row.decode_cache_bytes - 2.0 * per_seq).abs() < 1e-6,
+        "{} vs {}",
+        row.decode_cache_bytes,
+        2.0 * per_seq
+    );
+    // Synthesised caches are for V4 layers: a standard model is refused by name.
+    let dense =
+        Model::new_random_for_inference(&tiny_config(), 2, DType::F32, &Device::Cpu).unwrap();
+    let err = run(&dense, &bench, |_| {}).unwrap_err().to_string();
+    assert!(err.contains("DeepSeek-V4"), "{err}");
 }

@@ -10,11 +10,16 @@
 //! GEMM rate, whichever is slower, plus the caches at the bandwidth), so a cell can be
 //! read as a share of what the machine allows. The dense baseline is the same weights
 //! and code with every selector set to all positions (`EngineOptions::dense`).
+//! With `synthetic_cache` (DeepSeek-V4 models) the prompt is not prefilled: every
+//! sequence starts from a decode state of `context - 1` positions filled with random
+//! values (`V4Attention::synthetic_cache`), so decode can be timed at a million tokens;
+//! such rows report no prefill figures.
 
 use crate::config::AttentionKind;
 use crate::engine::sampler::SamplerConfig;
 use crate::engine::{Engine, EngineOptions, Sequence, SequenceParams};
 use crate::error::{Error, Result};
+use crate::model::block::SelfAttn;
 use crate::model::step::StepProfile;
 use crate::model::Model;
 use rand::{Rng, SeedableRng};
@@ -36,6 +41,9 @@ pub struct GenerateBench {
     /// prompt (same shapes, so the same decode cost; no second copy in memory) and no
     /// dense prefill figure is reported.
     pub dense_prefill_max: usize,
+    /// Start every sequence from a synthesised decode state instead of a prefill
+    /// (DeepSeek-V4 layers only).
+    pub synthetic_cache: bool,
     pub seed: u64,
 }
 
@@ -163,9 +171,18 @@ fn cell(
         frequency_penalty: 0.0,
         logprobs: None,
     };
-    let fresh = prefilled.is_none();
+    let fresh = prefilled.is_none() && !b.synthetic_cache;
     let mut seqs: Vec<Sequence> = match prefilled {
         Some(s) => s,
+        None if b.synthetic_cache => (0..batch)
+            .map(|i| {
+                let prompt: Vec<u32> = (0..context)
+                    .map(|_| rng.random_range(low..cfg.vocab_size as u32))
+                    .collect();
+                let cache = synthetic_cache(model, context - 1, &mut rng)?;
+                Sequence::with_cached_prefix(i as u64, prompt, params.clone(), cfg, cache)
+            })
+            .collect::<Result<_>>()?,
         None => (0..batch)
             .map(|i| {
                 let prompt: Vec<u32> = (0..context)
@@ -255,6 +272,29 @@ fn cell(
     Ok((row, again))
 }
 
+/// A sequence's decode state at `positions` for a DeepSeek-V4 model, random values in
+/// every layer's window, entries, index keys and partial windows.
+fn synthetic_cache(
+    model: &Model,
+    positions: usize,
+    rng: &mut ChaCha8Rng,
+) -> Result<crate::model::cache::SeqCache> {
+    let cfg = &model.cfg;
+    let mut cache = crate::model::cache::SeqCache::new(cfg.num_hidden_layers, cfg.kv_cache_dtype);
+    for (layer, lc) in model.net.layers.iter().zip(&mut cache.layers) {
+        match &layer.self_attn {
+            SelfAttn::V4(attn) => lc.v4 = Some(attn.synthetic_cache(positions, rng)),
+            _ => {
+                return Err(Error::Invalid(
+                    "synthesised caches are built for DeepSeek-V4 layers only (prefill the others)"
+                        .into(),
+                ))
+            }
+        }
+    }
+    Ok(cache)
+}
+
 /// The machine's bound on one decode step of `row`, milliseconds: its weights streamed
 /// at `read_gbps` or multiplied at `gemm_gflops` (an f32 GEMM's rate), whichever takes
 /// longer, plus its caches streamed at `read_gbps`. Attention flops are left out (the
@@ -314,6 +354,10 @@ fn decode_step_traffic(model: &Model, seqs: &[Sequence], dense: bool) -> StepTra
     for s in seqs {
         let pos = s.position();
         for (l, layer) in s.cache().layers.iter().enumerate() {
+            if let (Some(state), SelfAttn::V4(attn)) = (&layer.v4, &model.net.layers[l].self_attn) {
+                cache_bytes += attn.decode_read_bytes(state) as f64;
+                continue;
+            }
             let row_bytes = |b: &Option<crate::model::cache::RowBuffer>| {
                 b.as_ref()
                     .map_or(0, |b| b.heads() * b.width() * b.elem_bytes())

@@ -76,6 +76,13 @@ impl ModelConfig {
         (0..self.num_hidden_layers).any(|i| self.attention_kind(i).is_v4())
     }
 
+    /// Whether any layer has an indexer that trains by KL (`dsa`, or V4's CSA).
+    pub fn has_indexer(&self) -> bool {
+        self.has_dsa()
+            || (0..self.num_hidden_layers)
+                .any(|i| self.attention_kind(i) == AttentionKind::CompressedSparseAttention)
+    }
+
     /// The compress rate of layer `i` (0 for layers without a compressor).
     pub fn compress_rate(&self, i: usize) -> usize {
         let rates = self.compress_rates.unwrap_or(CompressRates {
@@ -262,6 +269,12 @@ impl ModelConfig {
                 return Err(Error::config(
                     "index_topk",
                     "compressed_sparse_attention layers need index_topk and index_n_heads >= 1",
+                ));
+            }
+            if self.indexer_train_mode == super::IndexerTrainMode::Ste {
+                return Err(Error::config(
+                    "indexer_train_mode",
+                    "the CSA indexer trains by KL (dense_warmup, then sparse), not `ste`",
                 ));
             }
             if self.index_head_dim < r {

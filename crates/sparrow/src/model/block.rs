@@ -137,7 +137,7 @@ impl Block {
         match &self.self_attn {
             SelfAttn::Standard(attn) => attn.forward(h, rope, opts, diag),
             SelfAttn::Mla(mla) => mla.forward(h, opts, diag),
-            SelfAttn::V4(attn) => attn.forward(h),
+            SelfAttn::V4(attn) => attn.forward(h, opts, diag),
         }
     }
 

@@ -207,7 +207,8 @@ impl V4Indexer {
 }
 
 /// Indices of the k highest scores (all when there are at most k), highest first; equal
-/// scores go to the lower index, NaN counts as lowest.
+/// scores go to the lower index, NaN counts as lowest and -0 as 0 (the tie-break of
+/// `kernels::indexer`, which the decode step selects with).
 pub fn select_top(scores: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..scores.len()).collect();
     if scores.len() > k {
@@ -219,7 +220,12 @@ pub fn select_top(scores: &[f32], k: usize) -> Vec<usize> {
                 s
             }
         };
-        idx.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+        idx.sort_by(|&a, &b| {
+            key(b)
+                .partial_cmp(&key(a))
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.cmp(&b))
+        });
         idx.truncate(k);
     }
     idx

@@ -17,16 +17,22 @@
 //! `forward` runs whole windows as tensors (the reference); `step` runs the engine's
 //! packed rows row by row over each sequence's `model::v4_cache` state.
 
+use super::attention::kl_loss;
 use super::cache::LayerCache;
-use super::compressor::{causal_entry_mask, select_top, Compressor, V4Indexer, MASKED};
+use super::compressor::{causal_entry_mask, Compressor, V4Indexer, MASKED};
+use super::diagnostics::LayerDiagnostics;
 use super::linear::{host_f32, Linear};
 use super::norm::{unweighted_rms, RmsNorm};
+use super::options::ForwardOptions;
 use super::params::{Init, Vb};
 use super::rope::TailRope;
 use super::step::Segment;
-use super::v4_cache::{PoolSpec, V4LayerCache};
-use crate::config::{AttentionKind, ModelConfig};
+use super::v4_cache::{PoolSpec, PoolState, V4LayerCache};
+use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
 use crate::error::{Error, Result};
+use crate::kernels::dot_tree;
+use crate::kernels::indexer::{topk_decode, IndexShape, KeyPrecision, KeyStore, ScoreAct};
+use crate::kernels::topk::NONE;
 use candle_core::{Tensor, D};
 
 /// What a compressed layer adds to the window.
@@ -61,6 +67,8 @@ pub struct V4Attention {
     o_groups: usize,
     o_rank: usize,
     eps: f64,
+    /// Storage of the CSA indexer's keys in the decode state (`index_cache_dtype`).
+    index_precision: KeyPrecision,
 }
 
 impl V4Attention {
@@ -119,11 +127,22 @@ impl V4Attention {
             o_groups: groups,
             o_rank: cfg.o_lora_rank,
             eps: cfg.rms_norm_eps,
+            index_precision: cfg.index_cache_dtype.key_precision(),
         })
     }
 
-    /// x (B, T, C), a whole window from position 0 -> (B, T, C).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// x (B, T, C), a whole window from position 0 -> (B, T, C). CSA layers attend to
+    /// every complete entry instead of the indexer's top-k in the dense warm-up (or
+    /// with `opts.dense`), and in training write their indexer's KL into `diag`: the
+    /// main attention's mass on the entries (summed over heads, renormalised over the
+    /// entries the query attended) against the softmax of the index scores, the
+    /// indexer's input detached (DESIGN.md §4).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        opts: &ForwardOptions,
+        diag: &mut LayerDiagnostics,
+    ) -> Result<Tensor> {
         let (b, t, _c) = x.dims3()?;
         let (h, d) = (self.n_heads, self.head_dim);
         let positions: Vec<usize> = (0..t).collect();
@@ -140,25 +159,50 @@ impl V4Attention {
         let kv = self.kv_norm.forward(&self.kv_proj.forward(x)?)?; // (B, T, D)
         let kv = self.rope.apply(&kv, &positions, false)?;
         let window = self.window_mask(b, t, x)?; // (B, T, T)
-        let (keys, mask) = match self.compressed_entries(x, &q_res)? {
-            Some((entries, entry_mask)) => (
-                Tensor::cat(&[kv, entries], 1)?,
-                Tensor::cat(&[window, entry_mask], 2)?,
-            ),
+        let mode = opts.indexer_mode;
+        let dense = opts.dense || mode == Some(IndexerTrainMode::DenseWarmup);
+        let want_kl = matches!(
+            mode,
+            Some(IndexerTrainMode::DenseWarmup) | Some(IndexerTrainMode::Sparse)
+        );
+        let mut index = None;
+        let (keys, mask) = match self.compressed_entries(x, &q_res, dense, want_kl)? {
+            Some(Entries {
+                entries,
+                mask: entry_mask,
+                index_scores,
+            }) => {
+                index = index_scores.map(|s| (s, entry_mask.clone()));
+                (
+                    Tensor::cat(&[kv, entries], 1)?,
+                    Tensor::cat(&[window, entry_mask], 2)?,
+                )
+            }
             None => (kv, window),
         }; // (B, S, D), (B, T, S)
         let s = keys.dim(1)?;
-        let keys = keys.unsqueeze(1)?; // (B, 1, S, D)
-        let scores = (q.broadcast_matmul(&keys.transpose(2, 3)?)? / (d as f64).sqrt())?
+        // One K=V head: all query heads against it in one (H*T, D) x (D, S) product.
+        let qf = (q.reshape((b, h * t, d))? / (d as f64).sqrt())?; // scaled before the product
+        let scores = qf
+            .matmul(&keys.transpose(1, 2)?)?
+            .reshape((b, h, t, s))?
             .broadcast_add(&mask.unsqueeze(1)?)?; // (B, H, T, S)
-        let sinks = self
-            .sinks
-            .reshape((1, h, 1, 1))?
-            .broadcast_as((b, h, t, 1))?
-            .to_dtype(scores.dtype())?;
-        let probs = candle_nn::ops::softmax(&Tensor::cat(&[scores, sinks], 3)?, D::Minus1)?
-            .narrow(3, 0, s)?; // (B, H, T, S): the sink's share dropped
-        let y = probs.broadcast_matmul(&keys)?; // (B, H, T, D)
+                                                  // softmax over [scores, sink]: the sink takes its share of the normaliser only.
+        let sinks = self.sinks.reshape((1, h, 1, 1))?.to_dtype(scores.dtype())?;
+        let top = scores
+            .max_keepdim(D::Minus1)?
+            .broadcast_maximum(&sinks)?
+            .detach(); // (B, H, T, 1)
+        let e = scores.broadcast_sub(&top)?.exp()?;
+        let z = (e.sum_keepdim(D::Minus1)? + sinks.broadcast_sub(&top)?.exp()?)?;
+        let probs = e.broadcast_div(&z)?; // (B, H, T, S)
+        if let Some((scores, entry_mask)) = index {
+            diag.indexer_kl = Some(entry_kl(&probs, &scores, &entry_mask, t)?);
+        }
+        let y = probs
+            .reshape((b, h * t, s))?
+            .matmul(&keys)?
+            .reshape((b, h, t, d))?; // (B, H, T, D)
         let y = self.rope.apply(&y, &positions, true)?; // de-rotated at the query
         let y = y.transpose(1, 2)?.contiguous()?; // (B, T, H, D)
         self.output(&y)
@@ -192,36 +236,103 @@ impl V4Attention {
         Ok(m.broadcast_as((b, t, t))?.contiguous()?)
     }
 
-    /// The compressed entries (B, n, D) and their additive mask (B, T, n), if this layer
-    /// has a compressor and the window holds a complete entry.
-    fn compressed_entries(&self, x: &Tensor, q_res: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    /// The compressed entries and their mask, if this layer has a compressor and the
+    /// window holds a complete entry. CSA selects with its indexer unless `dense`; with
+    /// `want_scores` it returns the index scores (differentiable in the indexer's
+    /// parameters, its input detached).
+    fn compressed_entries(
+        &self,
+        x: &Tensor,
+        q_res: &Tensor,
+        dense: bool,
+        want_scores: bool,
+    ) -> Result<Option<Entries>> {
         let (b, t, _c) = x.dims3()?;
-        match &self.compressed {
-            None => Ok(None),
-            Some(Compressed::Heavy(c)) => {
-                let Some(entries) = c.pool(x, &self.rope)? else {
-                    return Ok(None);
-                };
-                let n = entries.dim(1)?;
-                Ok(Some((entries, causal_entry_mask(b, t, n, c.rate(), x)?)))
-            }
+        let (compressor, indexer) = match &self.compressed {
+            None => return Ok(None),
+            Some(Compressed::Heavy(c)) => (c, None),
             Some(Compressed::Sparse {
                 compressor,
                 indexer,
-            }) => {
-                let Some(entries) = compressor.pool(x, &self.rope)? else {
-                    return Ok(None);
-                };
-                let scores = indexer
-                    .scores(&x.detach(), &q_res.detach(), &self.rope)?
-                    .ok_or_else(|| {
-                        crate::error::Error::Invalid("the indexer made no entries".into())
-                    })?;
-                let mask = indexer.selection_mask(&scores, x)?;
-                Ok(Some((entries, mask)))
+            }) => (compressor, Some(indexer)),
+        };
+        let Some(entries) = compressor.pool(x, &self.rope)? else {
+            return Ok(None);
+        };
+        let n = entries.dim(1)?;
+        let causal = || causal_entry_mask(b, t, n, compressor.rate(), x);
+        let Some(indexer) = indexer else {
+            return Ok(Some(Entries {
+                entries,
+                mask: causal()?,
+                index_scores: None,
+            }));
+        };
+        if dense && !want_scores {
+            return Ok(Some(Entries {
+                entries,
+                mask: causal()?,
+                index_scores: None,
+            }));
+        }
+        let scores = indexer
+            .scores(&x.detach(), &q_res.detach(), &self.rope)?
+            .ok_or_else(|| Error::Invalid("the indexer made no entries".into()))?;
+        let mask = if dense {
+            causal()?
+        } else {
+            indexer.selection_mask(&scores, x)?
+        };
+        Ok(Some(Entries {
+            entries,
+            mask,
+            index_scores: want_scores.then_some(scores),
+        }))
+    }
+}
+
+/// A compressed layer's entries for a whole window.
+struct Entries {
+    /// (B, n, D)
+    entries: Tensor,
+    /// (B, T, n) additive: 0 where the query attends the entry.
+    mask: Tensor,
+    /// CSA in training: the index scores (B, T, n).
+    index_scores: Option<Tensor>,
+}
+
+/// The CSA indexer's KL: probs (B, H, T, T + n) of the main attention (window keys
+/// first), index scores (B, T, n), the entries' additive mask (B, T, n). The target of
+/// each query is its attention mass on the entries it attended, summed over heads and
+/// renormalised; queries with no such mass count with zero loss.
+fn entry_kl(probs: &Tensor, scores: &Tensor, mask: &Tensor, t: usize) -> Result<Tensor> {
+    let n = scores.dim(2)?;
+    let mass = probs.detach().narrow(3, t, n)?.sum(1)?; // (B, T, n)
+    let mass = host_f32(&mass)?;
+    let valid: Vec<bool> = host_f32(mask)?.iter().map(|&m| m == 0.0).collect();
+    let mut target = vec![0f32; mass.len()];
+    let mut ok = vec![false; mass.len()];
+    for ((row, ok_row), (m, v)) in target
+        .chunks_exact_mut(n)
+        .zip(ok.chunks_exact_mut(n))
+        .zip(mass.chunks_exact(n).zip(valid.chunks_exact(n)))
+    {
+        let total: f64 = m
+            .iter()
+            .zip(v)
+            .filter(|(_, &v)| v)
+            .map(|(&x, _)| x as f64)
+            .sum();
+        if total > 0.0 {
+            for (j, (&x, &vj)) in m.iter().zip(v).enumerate() {
+                if vj {
+                    row[j] = (x as f64 / total) as f32;
+                    ok_row[j] = true;
+                }
             }
         }
     }
+    kl_loss(scores, &target, &ok)
 }
 
 /// Host copies of what a step's per-row loop reads from one compressor.
@@ -323,41 +434,48 @@ impl V4Attention {
                 if let (Some(cm), Some(host)) = (compressor, &comp) {
                     let (k, g) = host.row(r);
                     let spec = host.spec(cm, self.eps);
-                    state.compressor.push(&spec, p, k, g, |e, first| {
+                    let entry = state.compressor.push(&spec, p, k, g, |e, first| {
                         self.rope.rotate_host(e, cm.dim(), first, false)
                     })?;
+                    if let Some(e) = entry {
+                        state.entries.extend_from_slice(&e);
+                    }
                 }
                 let selected: Vec<usize> = match (indexer, &index) {
                     (Some(ix), Some((host, iq, iw))) => {
                         let (k, g) = host.row(r);
                         let spec = host.spec(&ix.compressor, self.eps);
                         let di = ix.compressor.dim();
-                        state.indexer.push(&spec, p, k, g, |e, first| {
+                        let entry = state.indexer.push(&spec, p, k, g, |e, first| {
                             self.rope.rotate_host(e, di, first, false)
                         })?;
+                        let keys = state.index_keys_mut(di, self.index_precision);
+                        if let Some(e) = entry {
+                            keys.extend_rows(&e);
+                        }
                         let hi = iw.len() / n;
                         let mut qi = iq[r * hi * di..(r + 1) * hi * di].to_vec();
                         self.rope.rotate_host(&mut qi, di, p, false)?;
-                        let weights = &iw[r * hi..(r + 1) * hi];
-                        let scores: Vec<f32> = (0..state.indexer.count(di))
-                            .map(|w| {
-                                let key = state.indexer.entry(w, di);
-                                let mut s = 0f32;
-                                for (qh, wh) in qi.chunks_exact(di).zip(weights) {
-                                    let dot: f32 = qh.iter().zip(key).map(|(a, b)| a * b).sum();
-                                    s +=
-                                        wh / (hi as f32).sqrt() * dot.max(0.0) / (di as f32).sqrt();
-                                }
-                                s
-                            })
-                            .collect();
-                        select_top(&scores, ix.topk())
+                        // sum_h w_h ReLU(q_h . k) / sqrt(dI): the scale folded into w.
+                        let scale = 1.0 / ((hi as f32).sqrt() * (di as f32).sqrt());
+                        let w: Vec<f32> =
+                            iw[r * hi..(r + 1) * hi].iter().map(|x| x * scale).collect();
+                        let shape = IndexShape {
+                            heads: hi,
+                            dim: di,
+                            act: ScoreAct::Relu,
+                        };
+                        topk_decode(&qi, &w, keys, shape, ix.topk())
+                            .into_iter()
+                            .filter(|&i| i != NONE)
+                            .map(|i| i as usize)
+                            .collect()
                     }
-                    _ => (0..state.compressor.count(d)).collect(),
+                    _ => (0..state.entries.len() / d).collect(),
                 };
                 let keys: Vec<&[f32]> = state
                     .window()
-                    .chain(selected.iter().map(|&w| state.compressor.entry(w, d)))
+                    .chain(selected.iter().map(|&w| &state.entries[w * d..(w + 1) * d]))
                     .collect();
                 let mut o = attend_with_sinks(&qr, &keys, &sinks, d);
                 self.rope.rotate_host(&mut o, d, p, true)?;
@@ -374,24 +492,101 @@ impl V4Attention {
 fn attend_with_sinks(q: &[f32], keys: &[&[f32]], sinks: &[f32], d: usize) -> Vec<f32> {
     let scale = 1.0 / (d as f32).sqrt();
     let mut out = vec![0f32; q.len()];
-    let mut logits = vec![0f32; keys.len()];
+    let mut weights = vec![0f32; keys.len()];
     for ((qh, oh), &sink) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(sinks) {
-        for (l, k) in logits.iter_mut().zip(keys) {
-            *l = qh.iter().zip(k.iter()).map(|(a, b)| a * b).sum::<f32>() * scale;
+        for (l, k) in weights.iter_mut().zip(keys) {
+            *l = dot_tree(qh, k) * scale;
         }
-        let max = logits.iter().copied().fold(sink, f32::max);
-        let mut z = ((sink - max) as f64).exp();
-        let mut acc = vec![0f64; d];
-        for (l, k) in logits.iter().zip(keys) {
-            let p = ((l - max) as f64).exp();
-            z += p;
-            for (a, v) in acc.iter_mut().zip(k.iter()) {
-                *a += p * *v as f64;
+        let max = weights.iter().copied().fold(sink, f32::max);
+        let mut z = (sink - max).exp();
+        for l in weights.iter_mut() {
+            *l = (*l - max).exp();
+            z += *l;
+        }
+        for (p, k) in weights.iter().zip(keys) {
+            for (o, v) in oh.iter_mut().zip(k.iter()) {
+                *o += p * v;
             }
         }
-        for (o, a) in oh.iter_mut().zip(acc) {
-            *o = (a / z) as f32;
-        }
+        oh.iter_mut().for_each(|o| *o /= z);
     }
     out
+}
+
+impl V4Attention {
+    /// A decode state as if `positions` tokens had been prefilled, filled with random
+    /// values of the right shapes (window rows, entries, index keys, partial windows):
+    /// what `bench generate --synthetic-cache` decodes from at a million tokens, where
+    /// a prefill would take hours. Its outputs mean nothing; its cost per step is the
+    /// real one.
+    pub fn synthetic_cache(&self, positions: usize, rng: &mut impl rand::Rng) -> V4LayerCache {
+        let d = self.head_dim;
+        let mut rows = |n: usize, w: usize| -> Vec<Vec<f32>> {
+            (0..n)
+                .map(|_| (0..w).map(|_| rng.random_range(-1.0f32..1.0)).collect())
+                .collect()
+        };
+        let window = rows(self.window.min(positions), d);
+        let pool = |c: &Compressor, rows: &mut dyn FnMut(usize, usize) -> Vec<Vec<f32>>| {
+            let width = if c.overlaps() { 2 * c.dim() } else { c.dim() };
+            let pending = positions % c.rate();
+            let pair = |rows: &mut dyn FnMut(usize, usize) -> Vec<Vec<f32>>, n: usize, w: usize| {
+                rows(n, w).into_iter().zip(rows(n, w)).collect::<Vec<_>>()
+            };
+            let done = positions / c.rate();
+            let previous = (c.overlaps() && done > 0).then(|| pair(rows, c.rate(), c.dim()));
+            (
+                PoolState::synthetic(pair(rows, pending, width), previous),
+                rows(done, c.dim()).concat(),
+            )
+        };
+        match &self.compressed {
+            None => V4LayerCache::synthetic(
+                positions,
+                window,
+                PoolState::default(),
+                Vec::new(),
+                PoolState::default(),
+                None,
+            ),
+            Some(Compressed::Heavy(c)) => {
+                let (state, entries) = pool(c, &mut rows);
+                V4LayerCache::synthetic(
+                    positions,
+                    window,
+                    state,
+                    entries,
+                    PoolState::default(),
+                    None,
+                )
+            }
+            Some(Compressed::Sparse {
+                compressor,
+                indexer,
+            }) => {
+                let (state, entries) = pool(compressor, &mut rows);
+                let (istate, keys) = pool(&indexer.compressor, &mut rows);
+                let mut store = KeyStore::new(indexer.compressor.dim(), self.index_precision);
+                store.extend_rows(&keys);
+                V4LayerCache::synthetic(positions, window, state, entries, istate, Some(store))
+            }
+        }
+    }
+
+    /// Bytes one decode step reads from `cache` (window rows, HCA's entries, CSA's index
+    /// keys and its `index_topk` selected entries).
+    pub fn decode_read_bytes(&self, cache: &V4LayerCache) -> usize {
+        let d = self.head_dim;
+        let window = self.window.min(cache.len()) * d * 4;
+        window
+            + match &self.compressed {
+                None => 0,
+                Some(Compressed::Heavy(_)) => cache.entries.len() * 4,
+                Some(Compressed::Sparse { indexer, .. }) => {
+                    let n = cache.entries.len() / d;
+                    cache.index_keys.as_ref().map_or(0, KeyStore::bytes)
+                        + indexer.topk().min(n) * d * 4
+                }
+            }
+    }
 }

@@ -4,14 +4,17 @@
 //! - the window: the K=V rows (after RoPE) of the last `sliding_window` positions, a
 //!   ring that never grows past the window;
 //! - per compressor (the layer's, and on CSA layers the indexer's own): the projected
-//!   (kv, gate + position bias) rows of the window not yet complete, for CSA the Ca half
-//!   of the last complete window (the next entry pools it), and the entries so far
-//!   (normed, RoPE'd at their windows' first positions).
+//!   (kv, gate + position bias) rows of the window not yet complete, and for CSA the Ca
+//!   half of the last complete window (the next entry pools it);
+//! - the entries so far (normed, RoPE'd at their windows' first positions): the layer's
+//!   as f32 rows, the indexer's in the index-key layout the fused scan + top-k kernel
+//!   reads (`kernels::indexer::KeyStore`, in `index_cache_dtype`).
 //!
 //! The bytes per sequence are the window plus one entry per `compress_rate` tokens: at
 //! 1M tokens with rate 4 / 128 the compressed entries are what grows.
 
 use crate::error::{Error, Result};
+use crate::kernels::indexer::{KeyPrecision, KeyStore};
 use std::collections::VecDeque;
 
 /// One compressor's state.
@@ -21,8 +24,6 @@ pub struct PoolState {
     pending: Vec<(Vec<f32>, Vec<f32>)>,
     /// CSA: the last complete window's Ca rows (kv, gate), `dim` wide.
     previous: Option<Vec<(Vec<f32>, Vec<f32>)>>,
-    /// Entries so far, `dim` values each.
-    entries: Vec<f32>,
 }
 
 /// What pooling needs besides the rows.
@@ -38,19 +39,9 @@ pub struct PoolSpec<'a> {
 }
 
 impl PoolState {
-    /// Entries made so far.
-    pub fn count(&self, dim: usize) -> usize {
-        self.entries.len() / dim.max(1)
-    }
-
-    /// Entry `w` (dim values).
-    pub fn entry(&self, w: usize, dim: usize) -> &[f32] {
-        &self.entries[w * dim..(w + 1) * dim]
-    }
-
     /// Add the projected row (kv, gate) of the token at `pos`; when it completes a
-    /// window, pool it into a new entry, handed to `finish` (RoPE at the window's first
-    /// position) before it is stored.
+    /// window, pool it into a new entry, hand it to `finish` (RoPE at the window's first
+    /// position) and return it.
     pub fn push(
         &mut self,
         spec: &PoolSpec,
@@ -58,7 +49,7 @@ impl PoolState {
         kv: &[f32],
         gate: &[f32],
         finish: impl FnOnce(&mut [f32], usize) -> Result<()>,
-    ) -> Result<()> {
+    ) -> Result<Option<Vec<f32>>> {
         let width = if spec.overlap { 2 * spec.dim } else { spec.dim };
         let slot = pos % spec.rate;
         if slot != self.pending.len() || kv.len() != width || gate.len() != width {
@@ -71,7 +62,7 @@ impl PoolState {
         let biased: Vec<f32> = gate.iter().zip(bias).map(|(g, b)| g + b).collect();
         self.pending.push((kv.to_vec(), biased));
         if self.pending.len() < spec.rate {
-            return Ok(());
+            return Ok(None);
         }
         let rows = std::mem::take(&mut self.pending);
         let d = spec.dim;
@@ -107,7 +98,6 @@ impl PoolState {
         }
         let first = pos + 1 - spec.rate;
         finish(&mut entry, first)?;
-        self.entries.extend_from_slice(&entry);
         if spec.overlap {
             self.previous = Some(
                 rows.into_iter()
@@ -115,14 +105,23 @@ impl PoolState {
                     .collect(),
             );
         }
-        Ok(())
+        Ok(Some(entry))
+    }
+
+    /// A state as if `pending` rows of an incomplete window (and, for CSA, a previous
+    /// window's Ca rows) had been seen: the benchmarks' synthesised long contexts.
+    pub fn synthetic(
+        pending: Vec<(Vec<f32>, Vec<f32>)>,
+        previous: Option<Vec<(Vec<f32>, Vec<f32>)>>,
+    ) -> Self {
+        Self { pending, previous }
     }
 
     fn bytes(&self) -> usize {
         let rows = |v: &[(Vec<f32>, Vec<f32>)]| -> usize {
             v.iter().map(|(k, g)| (k.len() + g.len()) * 4).sum()
         };
-        self.entries.len() * 4 + rows(&self.pending) + self.previous.as_deref().map_or(0, rows)
+        rows(&self.pending) + self.previous.as_deref().map_or(0, rows)
     }
 }
 
@@ -135,8 +134,12 @@ pub struct V4LayerCache {
     window: VecDeque<Vec<f32>>,
     /// The layer's compressor (CSA, HCA).
     pub compressor: PoolState,
+    /// Its entries, `head_dim` values each.
+    pub entries: Vec<f32>,
     /// The CSA indexer's compressor.
     pub indexer: PoolState,
+    /// Its entries (the index keys).
+    pub index_keys: Option<KeyStore>,
     /// Set by a truncation to an earlier length, which this state cannot undo.
     broken: bool,
 }
@@ -180,6 +183,35 @@ impl V4LayerCache {
         self.window.iter().map(|r| &r[..])
     }
 
+    /// The index key store, created for `dim`-wide keys in `precision` on first use.
+    pub fn index_keys_mut(&mut self, dim: usize, precision: KeyPrecision) -> &mut KeyStore {
+        self.index_keys
+            .get_or_insert_with(|| KeyStore::new(dim, precision))
+    }
+
+    /// A state at `positions` holding `window` (its last rows, oldest first), the
+    /// layer's `entries`, the indexer's keys and both compressors' partial windows: the
+    /// benchmarks' synthesised long contexts (a prefill of a million tokens would take
+    /// hours here).
+    pub fn synthetic(
+        positions: usize,
+        window: Vec<Vec<f32>>,
+        compressor: PoolState,
+        entries: Vec<f32>,
+        indexer: PoolState,
+        index_keys: Option<KeyStore>,
+    ) -> Self {
+        Self {
+            positions,
+            window: window.into(),
+            compressor,
+            entries,
+            indexer,
+            index_keys,
+            broken: false,
+        }
+    }
+
     /// Keep the first `len` positions: only 0 (forget all) or the current length can be
     /// honoured; anything else leaves the state unusable (reported at the next step).
     pub fn truncate(&mut self, len: usize) {
@@ -194,6 +226,8 @@ impl V4LayerCache {
     pub fn bytes(&self) -> usize {
         self.window.iter().map(|r| r.len() * 4).sum::<usize>()
             + self.compressor.bytes()
+            + self.entries.len() * 4
             + self.indexer.bytes()
+            + self.index_keys.as_ref().map_or(0, KeyStore::bytes)
     }
 }

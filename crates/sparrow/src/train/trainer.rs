@@ -362,7 +362,7 @@ fn run_loop(
         let tgt = Tensor::from_vec(tgt, o.batch_size * o.seq_len, &dev)?;
         let indexer_mode = model
             .cfg
-            .has_dsa()
+            .has_indexer()
             .then(|| model.cfg.indexer_mode_at(state.step));
         let opts = ForwardOptions {
             indexer_mode,

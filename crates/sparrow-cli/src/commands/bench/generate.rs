@@ -43,6 +43,10 @@ pub struct GenerateBenchArgs {
     /// `index_cache_dtype`).
     #[arg(long, value_enum)]
     pub index_dtype: Option<IndexDtype>,
+    /// Decode from a synthesised cache of `context - 1` positions instead of a prefill
+    /// (DeepSeek-V4 models: times decode at a million tokens; no prefill figures).
+    #[arg(long)]
+    pub synthetic_cache: bool,
     #[command(flatten)]
     pub hold: HoldArgs,
     #[arg(long, default_value_t = 0)]
@@ -60,6 +64,7 @@ pub fn run(a: GenerateBenchArgs) -> Result<()> {
         prefill_chunk: a.prefill_chunk,
         dense_baseline: a.dense,
         dense_prefill_max: a.dense_prefill_max,
+        synthetic_cache: a.synthetic_cache,
         seed: a.seed,
     };
     let lift_to = a.lift_context_limit.then_some(longest);
