@@ -8,9 +8,7 @@
 mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
-use sparrow::config::{
-    AttentionKind, CompressRates, IndexerTrainMode, MlpKind, ModelConfig, RouterKind, ScoringFunc,
-};
+use sparrow::config::{AttentionKind, IndexerTrainMode, MlpKind, ModelConfig, RouterKind};
 use sparrow::model::diagnostics::LayerDiagnostics;
 use sparrow::model::hyper_connection::{HyperConnection, HyperHead};
 use sparrow::model::mlp::Mlp;
@@ -19,52 +17,8 @@ use sparrow::model::params::VarStore;
 use sparrow::model::v4_attention::V4Attention;
 use sparrow::model::Model;
 
-/// A small V4 model at awkward sizes: 3 heads of 10 (4 rotated), query latent 14, 3
-/// output groups of rank 5, window 5, CSA rate 3 (5 index heads of 6, top-2), HCA rate
-/// 5, 3 streams, 5 experts top-2 (hash_moe in the first layer), clamp 0.8.
 fn tiny_v4() -> ModelConfig {
-    let mut cfg = tiny_config();
-    cfg.hidden_size = 24;
-    cfg.num_attention_heads = 3;
-    cfg.num_key_value_heads = Some(1);
-    cfg.head_dim = Some(10);
-    cfg.num_hidden_layers = 4;
-    cfg.q_lora_rank = Some(14);
-    cfg.qk_rope_head_dim = 4;
-    cfg.layer_types = Some(vec![
-        AttentionKind::CompressedSparseAttention,
-        AttentionKind::SlidingAttention,
-        AttentionKind::HeavilyCompressedAttention,
-        AttentionKind::CompressedSparseAttention,
-    ]);
-    cfg.compress_rates = Some(CompressRates {
-        compressed_sparse_attention: 3,
-        heavily_compressed_attention: 5,
-    });
-    cfg.sliding_window = Some(5);
-    cfg.o_groups = Some(3);
-    cfg.o_lora_rank = 5;
-    cfg.index_n_heads = 5;
-    cfg.index_head_dim = 6;
-    cfg.index_topk = 2;
-    cfg.hc_mult = Some(3);
-    cfg.n_routed_experts = 5;
-    cfg.num_experts_per_tok = 2;
-    cfg.n_shared_experts = 1;
-    cfg.moe_intermediate_size = 7;
-    cfg.first_k_dense_replace = 0;
-    cfg.router_kind = RouterKind::NoauxBias;
-    cfg.scoring_func = Some(ScoringFunc::Sqrtsoftplus);
-    cfg.routed_scaling_factor = 1.5;
-    cfg.mlp_layer_types = Some(vec![
-        MlpKind::HashMoe,
-        MlpKind::Moe,
-        MlpKind::Moe,
-        MlpKind::Moe,
-    ]);
-    cfg.swiglu_limit = Some(0.8);
-    cfg.validate().expect("valid V4 config");
-    cfg
+    tiny_v4_config()
 }
 
 fn tokens(n: usize, v: usize) -> Vec<u32> {
