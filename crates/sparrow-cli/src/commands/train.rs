@@ -118,8 +118,8 @@ pub fn run(a: TrainArgs, progress: bool) -> Result<()> {
             (None, None) => bail!("--config is required"),
         };
         if let Some(n) = a.indexer_dense_warmup_steps {
-            if !config.has_dsa() {
-                bail!("--indexer-dense-warmup-steps: the model has no `dsa` layer");
+            if !config.has_indexer() {
+                bail!("--indexer-dense-warmup-steps: the model has no indexer (`dsa` or `compressed_sparse_attention` layer)");
             }
             config.indexer_dense_warmup_steps = n;
         }
