@@ -354,3 +354,58 @@ fn bench_generate_decodes_from_a_synthesised_v4_cache() {
     let err = run(&dense, &bench, |_| {}).unwrap_err().to_string();
     assert!(err.contains("DeepSeek-V4"), "{err}");
 }
+
+#[test]
+fn sink_softmax_matches_its_reference_and_finite_differences() {
+    use sparrow::kernels::sink_softmax::{reference, SinkSoftmax};
+    let dims = [2usize, 3, 7, 11];
+    let [b, h, t, s] = dims;
+    let x = randn(&dims, 1, DType::F64);
+    // A causal-and-window style mask with one fully masked key per row group.
+    let mask: Vec<f64> = (0..b * t * s)
+        .map(|i| {
+            let (q, k) = ((i / s) % t, i % s);
+            if k > q + 3 || k == 2 {
+                -1e9
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (b, t, s), &Device::Cpu).unwrap();
+    let sinks = randn(&[h], 2, DType::F64);
+    let op = SinkSoftmax { scale: 0.37 };
+    let got = op.apply(&x, &mask, &sinks).unwrap();
+    let want = reference(
+        &to_f64_vec(&x),
+        &to_f64_vec(&mask),
+        &to_f64_vec(&sinks),
+        dims,
+        0.37,
+    );
+    let want = Tensor::from_vec(want, dims.as_slice(), &Device::Cpu).unwrap();
+    assert!(rel_err(&got, &want) < 1e-12, "{:e}", rel_err(&got, &want));
+    // f32 against the f64 reference.
+    let got32 = op
+        .apply(
+            &x.to_dtype(DType::F32).unwrap(),
+            &mask.to_dtype(DType::F32).unwrap(),
+            &sinks.to_dtype(DType::F32).unwrap(),
+        )
+        .unwrap();
+    assert!(rel_err(&got32, &want) < 1e-5);
+    // The rows do not sum to 1: the sinks keep the rest.
+    let row: f64 = to_f64_vec(&got)[..s].iter().sum();
+    assert!(row < 1.0 && row > 0.0);
+    let xv = Var::from_tensor(&x).unwrap();
+    let sv = Var::from_tensor(&sinks).unwrap();
+    let vars = vec![
+        ("scores".to_string(), xv.clone()),
+        ("sinks".to_string(), sv.clone()),
+    ];
+    check_gradients(
+        &vars,
+        || probe(&op.apply(xv.as_tensor(), &mask, sv.as_tensor()).unwrap(), 3),
+        12,
+    );
+}

@@ -51,6 +51,7 @@ pub mod qmatmul;
 pub mod reference;
 mod scan_parts;
 pub mod simd;
+pub mod sink_softmax;
 pub mod softmax;
 pub mod sparse_attention;
 pub mod topk;

@@ -32,8 +32,9 @@ use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels::dot_tree;
 use crate::kernels::indexer::{topk_decode, IndexShape, KeyPrecision, KeyStore, ScoreAct};
+use crate::kernels::sink_softmax::SinkSoftmax;
 use crate::kernels::topk::NONE;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 /// What a compressed layer adds to the window.
 #[derive(Debug, Clone)]
@@ -182,20 +183,16 @@ impl V4Attention {
         }; // (B, S, D), (B, T, S)
         let s = keys.dim(1)?;
         // One K=V head: all query heads against it in one (H*T, D) x (D, S) product.
-        let qf = (q.reshape((b, h * t, d))? / (d as f64).sqrt())?; // scaled before the product
-        let scores = qf
+        let scores = q
+            .reshape((b, h * t, d))?
             .matmul(&keys.transpose(1, 2)?)?
-            .reshape((b, h, t, s))?
-            .broadcast_add(&mask.unsqueeze(1)?)?; // (B, H, T, S)
-                                                  // softmax over [scores, sink]: the sink takes its share of the normaliser only.
-        let sinks = self.sinks.reshape((1, h, 1, 1))?.to_dtype(scores.dtype())?;
-        let top = scores
-            .max_keepdim(D::Minus1)?
-            .broadcast_maximum(&sinks)?
-            .detach(); // (B, H, T, 1)
-        let e = scores.broadcast_sub(&top)?.exp()?;
-        let z = (e.sum_keepdim(D::Minus1)? + sinks.broadcast_sub(&top)?.exp()?)?;
-        let probs = e.broadcast_div(&z)?; // (B, H, T, S)
+            .reshape((b, h, t, s))?; // (B, H, T, S)
+                                     // softmax over [scores + mask, sink]: the sink takes its share of the normaliser
+                                     // only (one fused pass; `kernels::sink_softmax`).
+        let probs = SinkSoftmax {
+            scale: 1.0 / (d as f64).sqrt(),
+        }
+        .apply(&scores, &mask, &self.sinks.to_dtype(scores.dtype())?)?; // (B, H, T, S)
         if let Some((scores, entry_mask)) = index {
             diag.indexer_kl = Some(entry_kl(&probs, &scores, &entry_mask, t)?);
         }
