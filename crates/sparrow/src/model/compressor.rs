@@ -14,7 +14,7 @@
 //! (`q_b_proj`, RoPE'd at the query's position), keys from its own compressor, score
 //! `I(t, w) = sum_h w_h(t) ReLU(q_h(t) . k(w)) / sqrt(index_head_dim)` with
 //! `w_h(t) = weights_proj(x_t)_h / sqrt(index_n_heads)`; each query keeps its
-//! `index_topk` best visible entries (ties: lower entry first).
+//! `index_topk` best visible entries (ties: lower entry first, as `kernels::topk`).
 
 use super::linear::{host_f32, Linear};
 use super::norm::RmsNorm;
@@ -22,6 +22,7 @@ use super::params::{Init, Vb};
 use super::rope::TailRope;
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::kernels::topk::{StreamTopK, NONE};
 use candle_core::Tensor;
 
 /// Log-domain value of a masked slot or entry (finite: no inf - inf in gradients).
@@ -198,35 +199,17 @@ impl V4Indexer {
         let rate = self.compressor.rate();
         for (row, (s, out)) in host.chunks_exact(n).zip(m.chunks_exact_mut(n)).enumerate() {
             let visible = visible_entries(row % t, rate).min(n);
-            for w in select_top(&s[..visible], self.topk) {
-                out[w] = 0.0;
+            // The decode step's selection (`kernels::topk`: its tie-break too).
+            let mut top = StreamTopK::new(self.topk);
+            for (w, &score) in s[..visible].iter().enumerate() {
+                top.push(score, w as u32);
+            }
+            let mut picked = vec![NONE; self.topk];
+            top.finish_into(&mut picked);
+            for w in picked.into_iter().filter(|&w| w != NONE) {
+                out[w as usize] = 0.0;
             }
         }
         Ok(Tensor::from_vec(m, (b, t, n), x.device())?.to_dtype(x.dtype())?)
     }
-}
-
-/// Indices of the k highest scores (all when there are at most k), highest first; equal
-/// scores go to the lower index, NaN counts as lowest and -0 as 0 (the tie-break of
-/// `kernels::indexer`, which the decode step selects with).
-pub fn select_top(scores: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    if scores.len() > k {
-        let key = |i: usize| {
-            let s = scores[i];
-            if s.is_nan() {
-                f32::NEG_INFINITY
-            } else {
-                s
-            }
-        };
-        idx.sort_by(|&a, &b| {
-            key(b)
-                .partial_cmp(&key(a))
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then(a.cmp(&b))
-        });
-        idx.truncate(k);
-    }
-    idx
 }

@@ -187,8 +187,9 @@ impl V4Attention {
             .reshape((b, h * t, d))?
             .matmul(&keys.transpose(1, 2)?)?
             .reshape((b, h, t, s))?; // (B, H, T, S)
-                                     // softmax over [scores + mask, sink]: the sink takes its share of the normaliser
-                                     // only (one fused pass; `kernels::sink_softmax`).
+
+        // softmax over [scores + mask, sink]: the sink takes its share of the normaliser
+        // only (one fused pass; `kernels::sink_softmax`).
         let probs = SinkSoftmax {
             scale: 1.0 / (d as f64).sqrt(),
         }
@@ -258,20 +259,17 @@ impl V4Attention {
         };
         let n = entries.dim(1)?;
         let causal = || causal_entry_mask(b, t, n, compressor.rate(), x);
-        let Some(indexer) = indexer else {
-            return Ok(Some(Entries {
-                entries,
-                mask: causal()?,
-                index_scores: None,
-            }));
+        let indexer = match indexer {
+            Some(ix) if !dense || want_scores => ix,
+            // HCA, or CSA attending every entry with no KL to compute.
+            _ => {
+                return Ok(Some(Entries {
+                    entries,
+                    mask: causal()?,
+                    index_scores: None,
+                }))
+            }
         };
-        if dense && !want_scores {
-            return Ok(Some(Entries {
-                entries,
-                mask: causal()?,
-                index_scores: None,
-            }));
-        }
         let scores = indexer
             .scores(&x.detach(), &q_res.detach(), &self.rope)?
             .ok_or_else(|| Error::Invalid("the indexer made no entries".into()))?;
