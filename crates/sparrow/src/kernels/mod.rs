@@ -26,6 +26,12 @@
 //!   in registers (inference).
 //! - [`experts`]: MoE dispatch: rows grouped by expert, gathered once, and the weighted
 //!   combine back per token, with backward passes.
+//! - [`hyper`]: the hyper-connections' row norm, Sinkhorn normalisation, stream
+//!   collapse and merge (V4), each one op with its backward.
+//! - [`rotary::PairRotation`]: RoPE of the trailing dims in interleaved pairs (V4) in
+//!   one pass, its backward the inverse rotation.
+//! - [`swiglu::SwiGlu`]: the feed-forward's activation `silu(gate) * up` (with V4's
+//!   clamp) in one pass, and both gradients in one more.
 //! - [`simd`]: a vectorisable `exp` and AVX-512 detection for the hot loops.
 //! - [`pool`]: the parallel loop of the inference kernels (workers that spin between
 //!   calls; rayon stays for training).
@@ -39,6 +45,7 @@ pub mod cross_entropy;
 pub mod decode_attention;
 pub mod experts;
 pub mod hmatmul;
+pub mod hyper;
 pub mod index_int8;
 mod index_shape;
 pub mod indexer;
@@ -49,11 +56,13 @@ pub mod matmul;
 pub mod pool;
 pub mod qmatmul;
 pub mod reference;
+pub mod rotary;
 mod scan_parts;
 pub mod simd;
 pub mod sink_softmax;
 pub mod softmax;
 pub mod sparse_attention;
+pub mod swiglu;
 pub mod topk;
 
 use candle_core::{CpuStorage, Layout};

@@ -136,7 +136,7 @@ impl CustomOp3 for SinkSoftmax {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let p = res.contiguous()?;
+        let p = res.detach().contiguous()?;
         let g = grad_res.contiguous()?;
         let dx = p.apply_op2_no_bwd(&g, &SoftmaxBackward { scale: self.scale })?;
         let r = (&p * &g)?.sum_keepdim(D::Minus1)?; // (B, H, T, 1)

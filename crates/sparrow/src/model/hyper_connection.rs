@@ -19,7 +19,8 @@ use super::norm::unweighted_rms;
 use super::params::{Init, Vb};
 use crate::config::ModelConfig;
 use crate::error::Result;
-use candle_core::{Tensor, D};
+use crate::kernels::hyper::{RowRms, Sinkhorn, StreamCollapse, StreamMerge};
+use candle_core::Tensor;
 
 /// The mixes of one half (`attn_hc` or `ffn_hc`).
 #[derive(Debug, Clone)]
@@ -38,10 +39,9 @@ pub struct HyperConnection {
 
 /// What a hyper-connection hands its half, and what it needs back.
 pub struct HcMix {
-    /// (B, T, N)
-    pub post: Tensor,
-    /// (B, T, N, N): comb[j, n] weighs input stream j in output stream n.
-    pub comb: Tensor,
+    /// (B*T, N + N^2): post (N), then comb (N, N) row-major, comb[j, n] weighing
+    /// input stream j in output stream n.
+    pub weights: Tensor,
     /// (B, T, C): the half's input.
     pub collapsed: Tensor,
 }
@@ -64,11 +64,15 @@ impl HyperConnection {
         })
     }
 
-    /// streams (B, T, N, C) -> the mixes and the collapsed input.
+    /// streams (B, T, N, C) -> the mixes and the collapsed input. The mixes are
+    /// `(x fn^T) / rms(x)` of the flattened streams x (the norm has no weight, so it
+    /// commutes with the map); the Sinkhorn iterations, the collapse and the merge are
+    /// fused ops (`kernels::hyper`).
     pub fn mix(&self, streams: &Tensor) -> Result<HcMix> {
         let (b, t, n, c) = streams.dims4()?;
-        let flat = unweighted_rms(&streams.reshape((b * t, n * c))?, self.norm_eps)?;
-        let mixes = flat.matmul(&self.fn_.t()?)?; // (B*T, (2+N)*N)
+        let flat = streams.reshape((b * t, n * c))?;
+        let rms = RowRms { eps: self.norm_eps }.apply(&flat)?; // (B*T, 1)
+        let mixes = flat.matmul(&self.fn_.t()?)?.broadcast_div(&rms)?; // (B*T, (2+N)*N)
         let part = |start: usize, len: usize, which: usize| -> Result<Tensor> {
             let a = mixes.narrow(1, start, len)?;
             let s = self.scale.narrow(0, which, 1)?;
@@ -77,27 +81,28 @@ impl HyperConnection {
         };
         let pre = (candle_nn::ops::sigmoid(&part(0, n, 0)?)? + self.eps)?; // (B*T, N)
         let post = (candle_nn::ops::sigmoid(&part(n, n, 1)?)? * 2.0)?;
-        let comb = part(2 * n, n * n, 2)?.reshape((b * t, n, n))?;
-        let mut comb = (candle_nn::ops::softmax(&comb, D::Minus1)? + self.eps)?;
-        comb = comb.broadcast_div(&(comb.sum_keepdim(1)? + self.eps)?)?; // columns
-        for _ in 1..self.iters {
-            comb = comb.broadcast_div(&(comb.sum_keepdim(2)? + self.eps)?)?; // rows
-            comb = comb.broadcast_div(&(comb.sum_keepdim(1)? + self.eps)?)?; // columns
+        let comb = Sinkhorn {
+            iters: self.iters,
+            eps: self.eps,
         }
-        let collapsed = pre.reshape((b, t, n, 1))?.broadcast_mul(streams)?.sum(2)?; // (B, T, C)
+        .apply(&part(2 * n, n * n, 2)?.reshape((b * t, n, n))?)?;
+        let collapsed = StreamCollapse::apply(&streams.reshape((b * t, n, c))?, &pre)?;
         Ok(HcMix {
-            post: post.reshape((b, t, n))?,
-            comb: comb.reshape((b, t, n, n))?,
-            collapsed,
+            weights: Tensor::cat(&[post, comb.reshape((b * t, n * n))?], 1)?,
+            collapsed: collapsed.reshape((b, t, c))?,
         })
     }
 
     /// The streams after the half: `post_n * out + sum_j comb[j, n] streams_j`,
     /// streams (B, T, N, C), out (B, T, C) -> (B, T, N, C).
     pub fn merge(&self, streams: &Tensor, mix: &HcMix, out: &Tensor) -> Result<Tensor> {
-        let spread = mix.post.unsqueeze(3)?.broadcast_mul(&out.unsqueeze(2)?)?;
-        let mixed = mix.comb.transpose(2, 3)?.contiguous()?.matmul(streams)?;
-        Ok((spread + mixed)?)
+        let (b, t, n, c) = streams.dims4()?;
+        Ok(StreamMerge::apply(
+            &streams.reshape((b * t, n, c))?,
+            &mix.weights,
+            &out.reshape((b * t, c))?,
+        )?
+        .reshape((b, t, n, c))?)
     }
 
     /// Streams of the residual (N).

@@ -5,7 +5,8 @@
 use super::linear::Linear;
 use super::params::Vb;
 use crate::error::Result;
-use candle_core::Tensor;
+use crate::kernels::swiglu::SwiGlu;
+use candle_core::{DType, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
@@ -33,8 +34,12 @@ impl Mlp {
         self
     }
 
-    /// silu(gate) * up, clamped first when the layer has a limit.
+    /// silu(gate) * up, clamped first when the layer has a limit: one fused op
+    /// (`kernels::swiglu`) in f32 / f64, candle's ops for the half types.
     fn gated(&self, g: &Tensor, u: &Tensor) -> Result<Tensor> {
+        if matches!(g.dtype(), DType::F32 | DType::F64) {
+            return Ok(SwiGlu { limit: self.limit }.apply(g, u)?);
+        }
         Ok(match self.limit {
             Some(l) => (candle_nn::ops::silu(&g.minimum(l)?)? * u.clamp(-l, l)?)?,
             None => (candle_nn::ops::silu(g)? * u)?,

@@ -5,6 +5,7 @@
 //! `max_position_embeddings`.
 
 use crate::error::{Error, Result};
+use crate::kernels::rotary::PairRotation;
 use candle_core::{DType, Device, Tensor, D};
 
 #[derive(Debug, Clone)]
@@ -241,9 +242,10 @@ impl TailRope {
         2 * self.inv_freq.len()
     }
 
-    /// (cos, sin), each (T, dims/2) f32, scaled by the attention factor; sin negated
+    /// (cos, sin) per position and pair, (T * dims/2) row major, scaled by the
+    /// attention factor and rounded to f32 (the host twin's arithmetic); sin negated
     /// when `inverse`.
-    fn angles(&self, positions: &[usize], inverse: bool, dev: &Device) -> Result<(Tensor, Tensor)> {
+    fn angles(&self, positions: &[usize], inverse: bool) -> Result<Vec<(f64, f64)>> {
         if let Some(&p) = positions.iter().find(|&&p| p >= self.max_pos) {
             return Err(Error::Invalid(format!(
                 "position {} exceeds max_position_embeddings {}",
@@ -251,55 +253,38 @@ impl TailRope {
                 self.max_pos
             )));
         }
-        let half = self.inv_freq.len();
         let sign = if inverse { -1.0 } else { 1.0 };
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
+        let mut table = Vec::with_capacity(positions.len() * self.inv_freq.len());
         for &p in positions {
             for f in &self.inv_freq {
                 let (s, c) = (p as f64 * f).sin_cos();
-                cos.push((c * self.attention_factor) as f32);
-                sin.push((sign * s * self.attention_factor) as f32);
+                table.push((
+                    (c * self.attention_factor) as f32 as f64,
+                    (sign * s * self.attention_factor) as f32 as f64,
+                ));
             }
         }
-        let t = positions.len();
-        Ok((
-            Tensor::from_vec(cos, (t, half), dev)?,
-            Tensor::from_vec(sin, (t, half), dev)?,
-        ))
+        Ok(table)
     }
 
     /// Rotate x (..., T, D): row t of the second-to-last axis as position
-    /// `positions[t]`, the trailing `dims()` of the last axis in interleaved pairs.
+    /// `positions[t]`, the trailing `dims()` of the last axis in interleaved pairs
+    /// (`kernels::rotary`, one op with its backward).
     pub fn apply(&self, x: &Tensor, positions: &[usize], inverse: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let rank = dims.len();
-        let (t, d, r) = (dims[rank - 2], dims[rank - 1], self.dims());
-        if t != positions.len() || r > d {
+        let (t, d, r) = match dims[..] {
+            [.., t, d] => (t, d, self.dims()),
+            _ => (0, 0, 1),
+        };
+        if t != positions.len() || r > d || t == 0 {
             return Err(Error::Invalid(format!(
-                "RoPE of {r} trailing dims over {t} positions applied to {dims:?}"
+                "RoPE of {} trailing dims over {} positions applied to {dims:?}",
+                self.dims(),
+                positions.len()
             )));
         }
-        let (cos, sin) = self.angles(positions, inverse, x.device())?;
-        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-        let mut pair_shape = dims.clone();
-        pair_shape[rank - 1] = r / 2;
-        pair_shape.push(2);
-        let pairs = x.narrow(D::Minus1, d - r, r)?.reshape(pair_shape)?; // (..., T, r/2, 2)
-        let x1 = pairs.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?; // (..., T, r/2)
-        let x2 = pairs.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?;
-        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-        let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-        let mut rot_shape = dims.clone();
-        rot_shape[rank - 1] = r;
-        let rotated = Tensor::stack(&[r1, r2], D::Minus1)?.reshape(rot_shape)?;
-        if r == d {
-            return Ok(rotated);
-        }
-        Ok(Tensor::cat(
-            &[x.narrow(D::Minus1, 0, d - r)?, rotated],
-            D::Minus1,
-        )?)
+        let rotation = PairRotation::new(self.angles(positions, inverse)?, t)?;
+        Ok(rotation.apply(x)?)
     }
 }
 
