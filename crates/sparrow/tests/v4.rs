@@ -409,3 +409,43 @@ fn sink_softmax_matches_its_reference_and_finite_differences() {
         12,
     );
 }
+
+#[test]
+fn attention_bench_times_each_v4_layer_type_against_a_dense_layer() {
+    use sparrow::bench::v4_layers::decode_rows;
+    let cfg = tiny_v4();
+    let context = 200;
+    let rows = decode_rows(&cfg, context, 10.0).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r.layer).collect();
+    assert_eq!(
+        names,
+        ["CSA", "sliding", "HCA"],
+        "one row per layer type, in order"
+    );
+    let (d, w) = (10.0, 5.0 * 10.0 * 4.0);
+    for r in &rows {
+        assert_eq!(r.context, context);
+        assert!(r.v4_ms > 0.0 && r.dense_ms > 0.0 && r.v4_gbps > 0.0);
+        assert!((r.speedup - r.dense_ms / r.v4_ms).abs() < 1e-9);
+        // The dense layer: K and V of one 10-dim head in f32, nothing else.
+        assert_eq!(r.dense_cache_bytes_per_token, 2 * 10 * 4);
+        // What a step reads before it runs (200 cached): the window, plus HCA's 40
+        // entries or CSA's 66 index keys (whole blocks of 64) and its top-2 entries.
+        let want = match r.layer {
+            "sliding" => w,
+            "HCA" => w + 40.0 * d * 4.0,
+            _ => w + 128.0 * 6.0 * 4.0 + 2.0 * d * 4.0,
+        };
+        assert!(
+            (r.v4_read_bytes as f64 - want).abs() < 1e-9,
+            "{}: {}",
+            r.layer,
+            r.v4_read_bytes
+        );
+    }
+    // A config without V4 layers is refused by name.
+    let err = decode_rows(&tiny_config(), context, 10.0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("DeepSeek-V4"), "{err}");
+}

@@ -53,6 +53,9 @@ pub struct LayerShape {
     pub index_precision: KeyPrecision,
     /// Precision of the key / value cache.
     pub kv_dtype: KvCacheDtype,
+    /// Whether the layer has the indexer (a `dsa` layer, stepped with the dense or the
+    /// sparse selector) or is a plain `dense` layer (no index keys written or held).
+    pub indexed: bool,
 }
 
 impl Default for LayerShape {
@@ -67,6 +70,7 @@ impl Default for LayerShape {
             topk: 512,
             index_precision: KeyPrecision::F32,
             kv_dtype: KvCacheDtype::Float32,
+            indexed: true,
         }
     }
 }
@@ -107,7 +111,7 @@ impl LayerShape {
             KeyPrecision::Bf16 => "bfloat16",
             KeyPrecision::Int8 => "int8",
         };
-        let json = serde_json::json!({
+        let mut json = serde_json::json!({
             "vocab_size": 16,
             "hidden_size": self.heads * self.head_dim,
             "intermediate_size": 16,
@@ -124,6 +128,9 @@ impl LayerShape {
             "index_cache_dtype": dtype,
             "kv_cache_dtype": self.kv_dtype,
         });
+        if !self.indexed {
+            json["layer_types"] = serde_json::json!(["dense"]);
+        }
         ModelConfig::from_json(&json.to_string())
     }
 }
@@ -212,8 +219,10 @@ impl DecodeState {
             let (k, v) = lc.kv_mut(kv, d);
             k.append_token_major(&random_vec(n * kv * d, &mut rng));
             v.append_token_major(&random_vec(n * kv * d, &mut rng));
-            lc.index_mut(shape.index_dim, shape.index_precision)
-                .extend_rows(&random_vec(n * shape.index_dim, &mut rng));
+            if shape.indexed {
+                lc.index_mut(shape.index_dim, shape.index_precision)
+                    .extend_rows(&random_vec(n * shape.index_dim, &mut rng));
+            }
             done += n;
         }
         let x = Tensor::from_vec(
@@ -328,7 +337,7 @@ const EVICT_BYTES: usize = 96 << 20;
 
 /// Median seconds of `f` over `reps` calls after one warm-up call; before each call a
 /// buffer larger than the last-level cache is read (untimed), so every call starts cold.
-fn median_secs_cold(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(crate) fn median_secs_cold(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     thread_local! {
         static EVICT: Vec<f32> = vec![1.0; EVICT_BYTES / 4];
     }

@@ -14,6 +14,7 @@ pub mod attention;
 pub mod generate;
 pub mod moe;
 pub mod pool;
+pub mod v4_layers;
 pub mod weights;
 
 use crate::error::Result;

@@ -47,6 +47,11 @@ pub struct AttentionBenchArgs {
     /// Precision of the key / value cache.
     #[arg(long, value_enum, default_value = "f32")]
     pub kv_dtype: KvDtype,
+    /// DeepSeek-V4 instead: one layer of each V4 type of this config (sliding window,
+    /// CSA, HCA) decoding against a synthesised cache of each --context length, next to
+    /// a dense layer of the same heads.
+    #[arg(long, value_name = "CONFIG")]
+    pub v4: Option<PathBuf>,
     /// Also draw decode latency by context, dense vs sparse (SVG).
     #[arg(long)]
     pub plot: Option<PathBuf>,
@@ -55,6 +60,9 @@ pub struct AttentionBenchArgs {
 }
 
 pub fn run(a: AttentionBenchArgs) -> Result<()> {
+    if let Some(config) = &a.v4 {
+        return run_v4(config, &a);
+    }
     use sparrow::bench::attention::{
         decode_row, growth_exponent, prefill_row, DecodeRow, LayerShape, PrefillRow,
     };
@@ -67,6 +75,7 @@ pub fn run(a: AttentionBenchArgs) -> Result<()> {
         topk: a.topk,
         index_precision: sparrow::config::IndexCacheDtype::from(a.index_dtype).key_precision(),
         kv_dtype: a.kv_dtype.into(),
+        indexed: true,
     };
     for (flag, v) in [
         ("--heads", shape.heads),
@@ -197,5 +206,102 @@ pub fn run(a: AttentionBenchArgs) -> Result<()> {
         fixed(ed, 2),
         fixed(es, 2)
     ));
+    Ok(())
+}
+
+/// `--v4 CONFIG`: the V4 layer types against a dense layer of the same heads.
+fn run_v4(config: &std::path::Path, a: &AttentionBenchArgs) -> Result<()> {
+    use sparrow::bench::v4_layers::{decode_rows, dense_shape, V4DecodeRow};
+    use sparrow::config::ModelConfig;
+    let cfg = ModelConfig::from_file(config)?;
+    if a.context.contains(&0) {
+        bail!("--context lengths must be > 0");
+    }
+    let bw = sparrow::bench::read_bandwidth(512);
+    let mut report = Report::new(a.json)
+        .col("context", 8, |r: &V4DecodeRow| r.context.to_string())
+        .col("layer", 8, |r| r.layer.to_string())
+        .col("V4 ms", 8, |r| format!("{:.3}", r.v4_ms))
+        .col("dense ms", 9, |r| format!("{:.3}", r.dense_ms))
+        .col("dense/V4", 8, |r| format!("{:.1}x", r.speedup))
+        .col("read MB", 8, |r| {
+            format!("{:.2}", r.v4_read_bytes as f64 / 1e6)
+        })
+        .col("GB/s", 6, |r| format!("{:.1}", r.v4_gbps))
+        .col("of BW", 6, |r| format!("{:.0}%", r.v4_bw_share * 100.0))
+        .col("V4 B/tok", 9, |r| {
+            format!("{:.1}", r.v4_cache_bytes_per_token)
+        })
+        .col("dense B/tok", 11, |r| {
+            r.dense_cache_bytes_per_token.to_string()
+        });
+    let shape = dense_shape(&cfg);
+    report.record(
+        serde_json::json!({"bench": "machine", "read_gbps": bw, "threads": rayon_threads()}),
+    );
+    report.note(format!(
+        "machine: read bandwidth {bw:.1} GB/s, {} threads",
+        rayon_threads()
+    ));
+    report.note(format!(
+        "{}: {} query heads x {} over one K=V head, window {}, compress rates {} (CSA) / {} (HCA), top-k {}; dense: {} query heads x {} over one K/V head",
+        config.display(),
+        cfg.num_attention_heads,
+        cfg.head_dim(),
+        cfg.sliding_window.unwrap_or(0),
+        cfg.compress_rates.as_ref().map_or(0, |r| r.compressed_sparse_attention),
+        cfg.compress_rates.as_ref().map_or(0, |r| r.heavily_compressed_attention),
+        cfg.index_topk,
+        shape.heads,
+        shape.head_dim,
+    ));
+    report.note(
+        "\ndecode (one new token against a synthesised cache), median ms per layer step; read MB: cache bytes the V4 step reads",
+    );
+    let mut rows = Vec::new();
+    for &c in &a.context {
+        for r in decode_rows(&cfg, c, bw)? {
+            report.row(&r)?;
+            rows.push(r);
+        }
+    }
+    if let Some(path) = &a.plot {
+        use sparrow::train::plot::{plot_series, Axes, Series};
+        let mut series: Vec<Series> = Vec::new();
+        for name in ["sliding", "CSA", "HCA"] {
+            let points: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| r.layer == name)
+                .map(|r| (r.context as f64, r.v4_ms))
+                .collect();
+            if !points.is_empty() {
+                series.push(Series {
+                    label: format!("V4 {name} layer"),
+                    points,
+                });
+            }
+        }
+        let mut dense: Vec<(f64, f64)> = rows
+            .iter()
+            .map(|r| (r.context as f64, r.dense_ms))
+            .collect();
+        dense.dedup();
+        series.push(Series {
+            label: "dense MQA layer, same heads".to_string(),
+            points: dense,
+        });
+        plot_series(
+            &series,
+            path,
+            &Axes {
+                title: "decode latency per token, one attention layer: DeepSeek-V4 types vs dense",
+                x: "cached tokens",
+                y: "ms",
+                log_x: true,
+                log_y: true,
+            },
+        )?;
+        report.note(format!("plot: {}", path.display()));
+    }
     Ok(())
 }
