@@ -449,3 +449,75 @@ fn attention_bench_times_each_v4_layer_type_against_a_dense_layer() {
         .to_string();
     assert!(err.contains("DeepSeek-V4"), "{err}");
 }
+
+#[test]
+fn deepseek_v4_config_errors_name_the_field() {
+    use sparrow::formats::hf::parse_config;
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/hf/deepseek-v4");
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let good: serde_json::Value = serde_json::from_str(&text).unwrap();
+    parse_config(&text, &path).expect("the fixture's config parses");
+    let with = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = good.clone();
+        edit(&mut v);
+        parse_config(&v.to_string(), &path)
+            .expect_err("a bad config is an error")
+            .to_string()
+    };
+    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        (
+            "attention_bias",
+            Box::new(|v| v["attention_bias"] = true.into()),
+        ),
+        ("hidden_act", Box::new(|v| v["hidden_act"] = "gelu".into())),
+        (
+            "sliding_window",
+            Box::new(|v| {
+                v.as_object_mut().unwrap().remove("sliding_window");
+            }),
+        ),
+        (
+            "scoring_func",
+            Box::new(|v| v["scoring_func"] = "tanh".into()),
+        ),
+        (
+            "rope_parameters.compress.factor",
+            Box::new(|v| {
+                v["rope_parameters"]["compress"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("factor");
+            }),
+        ),
+        (
+            "rope_parameters.compress.rope_type",
+            Box::new(|v| v["rope_parameters"]["compress"]["rope_type"] = "linear".into()),
+        ),
+        (
+            "rope_parameters.main.rope_type",
+            Box::new(|v| v["rope_parameters"]["main"]["rope_type"] = "dynamic".into()),
+        ),
+        (
+            "compress_ratios",
+            Box::new(|v| {
+                let o = v.as_object_mut().unwrap();
+                o.remove("layer_types");
+                o.remove("compress_rates");
+                o.insert("compress_ratios".into(), serde_json::json!([0, 4, 5, 4]));
+            }),
+        ),
+        (
+            "hidden_size",
+            Box::new(|v| v["hidden_size"] = "wide".into()),
+        ),
+    ];
+    for (field, edit) in cases {
+        let err = with(&*edit);
+        assert!(err.contains(field), "{field}: {err}");
+        assert!(err.contains("config.json"), "the file is named: {err}");
+    }
+    // Not JSON at all: an error, not a panic.
+    assert!(parse_config("{\"model_type\": \"deepseek_v4\",", &path).is_err());
+}

@@ -129,8 +129,21 @@ pub fn read_config(path: &Path) -> Result<(ModelConfig, Family)> {
     parse_config(&text, path)
 }
 
-/// [`read_config`] of a `config.json` text; `path` only names the source in errors.
+/// [`read_config`] of a `config.json` text; `path` only names the source in errors
+/// (every config error names it).
 pub fn parse_config(text: &str, path: &Path) -> Result<(ModelConfig, Family)> {
+    parse_config_of(text, path).map_err(|e| match e {
+        Error::Config { field, message } if !message.contains(&*path.to_string_lossy()) => {
+            Error::Config {
+                field,
+                message: format!("{message} (in {})", path.display()),
+            }
+        }
+        other => other,
+    })
+}
+
+fn parse_config_of(text: &str, path: &Path) -> Result<(ModelConfig, Family)> {
     let v: Value = serde_json::from_str(text)
         .map_err(|e| Error::config("config.json", format!("{}: {e}", path.display())))?;
     let model_type = v
