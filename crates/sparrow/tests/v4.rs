@@ -466,7 +466,8 @@ fn deepseek_v4_config_errors_name_the_field() {
             .expect_err("a bad config is an error")
             .to_string()
     };
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
         (
             "attention_bias",
             Box::new(|v| v["attention_bias"] = true.into()),
