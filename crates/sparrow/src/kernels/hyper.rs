@@ -129,8 +129,8 @@ pub struct Sinkhorn {
     pub eps: f64,
 }
 
-/// One normalisation: divide by the sums over `j` (columns: `axis_rows == false`,
-/// sum over the first index) or over `n` (rows).
+/// One normalisation: divide by the sums over the first index `j` (columns) or over
+/// the second `n` (rows).
 #[derive(Clone, Copy)]
 enum Axis {
     Columns,

@@ -15,7 +15,6 @@
 //! Checkpoint names: `layers.{i}.attn_hc.{fn, base, scale}`, `ffn_hc.*`,
 //! `model.hc_head.{hc_fn, hc_base, hc_scale}`.
 
-use super::norm::unweighted_rms;
 use super::params::{Init, Vb};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -142,12 +141,14 @@ impl HyperHead {
     /// streams (B, T, N, C) -> (B, T, C).
     pub fn forward(&self, streams: &Tensor) -> Result<Tensor> {
         let (b, t, n, c) = streams.dims4()?;
-        let flat = unweighted_rms(&streams.reshape((b * t, n * c))?, self.norm_eps)?;
+        let flat = streams.reshape((b * t, n * c))?;
+        let rms = RowRms { eps: self.norm_eps }.apply(&flat)?; // (B*T, 1)
         let mixes = flat
             .matmul(&self.hc_fn.t()?)?
+            .broadcast_div(&rms)?
             .broadcast_mul(&self.hc_scale)?
             .broadcast_add(&self.hc_base)?;
         let pre = (candle_nn::ops::sigmoid(&mixes)? + self.eps)?; // (B*T, N)
-        Ok(pre.reshape((b, t, n, 1))?.broadcast_mul(streams)?.sum(2)?)
+        Ok(StreamCollapse::apply(&streams.reshape((b * t, n, c))?, &pre)?.reshape((b, t, c))?)
     }
 }

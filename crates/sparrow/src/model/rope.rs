@@ -272,18 +272,16 @@ impl TailRope {
     /// (`kernels::rotary`, one op with its backward).
     pub fn apply(&self, x: &Tensor, positions: &[usize], inverse: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let (t, d, r) = match dims[..] {
-            [.., t, d] => (t, d, self.dims()),
-            _ => (0, 0, 1),
-        };
-        if t != positions.len() || r > d || t == 0 {
+        let fits =
+            matches!(dims[..], [.., t, d] if t == positions.len() && t > 0 && self.dims() <= d);
+        if !fits {
             return Err(Error::Invalid(format!(
                 "RoPE of {} trailing dims over {} positions applied to {dims:?}",
                 self.dims(),
                 positions.len()
             )));
         }
-        let rotation = PairRotation::new(self.angles(positions, inverse)?, t)?;
+        let rotation = PairRotation::new(self.angles(positions, inverse)?, positions.len())?;
         Ok(rotation.apply(x)?)
     }
 }
