@@ -297,6 +297,123 @@ fn training_the_indexers_moves_only_them_and_resumes_exactly() {
     assert!(e.contains("trainable"), "{e}");
 }
 
+/// The sparse stage with the base adapting (`trainable: indexer_norms`): the LM loss
+/// trains the norms (the indexers still learn by their KL), the run's checkpoints are
+/// adapters holding both, every other base weight stays as loaded, and an adapter
+/// holding more than a run trains is refused.
+#[test]
+fn adapting_the_norms_trains_them_by_the_lm_loss_into_the_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("adapter");
+    write_adapter(&adapter, 4);
+    let corpus = tmp.path().join("corpus");
+    write_synthetic_corpus(&corpus);
+    let out = tmp.path().join("norms");
+    let mut req = request(&adapter, &corpus, &out, None);
+    req.config.indexer_dense_warmup_steps = 1;
+    req.options.steps = 3;
+    req.options.trainable = ParamSet::IndexerNorms;
+    train(req).unwrap();
+
+    let spec = AdapterSpec::read(&out).unwrap().unwrap();
+    assert_eq!(spec.params, ParamSet::IndexerNorms);
+    let trained = tensor_map(&out.join(ADAPTER_WEIGHTS));
+    let attached = tensor_map(&adapter.join(ADAPTER_WEIGHTS));
+    let base = model_source::load_model_for_inference(
+        &model_source::resolve(&base_file(), false).unwrap(),
+        WeightFormat::F32,
+        DType::F32,
+        &Device::Cpu,
+        |_| {},
+    )
+    .unwrap();
+    let base: std::collections::HashMap<String, Tensor> =
+        base.store.all_tensors().into_iter().collect();
+    let norms: Vec<&String> = trained.keys().filter(|n| n.contains("norm.")).collect();
+    // Every layer's two norms and the final one (the indexers' own norms aside).
+    let base_norms = base.keys().filter(|n| n.contains("norm.")).count();
+    assert_eq!(
+        norms.iter().filter(|n| !n.contains(".indexer.")).count(),
+        base_norms
+    );
+    for n in &norms {
+        let before = attached.get(*n).or(base.get(*n)).unwrap();
+        assert!(rel_err(&trained[*n], before) > 1e-7, "{n} did not move");
+    }
+    assert!(trained
+        .keys()
+        .all(|n| n.contains(".indexer.") || n.contains("norm.")));
+    // The logged loss is the LM loss (the KL beside it), and it is sparse from step 2.
+    let recs = read_metrics(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(recs[2]["indexer_mode"], "sparse");
+    for r in &recs {
+        let (loss, kl) = (
+            r["loss"].as_f64().unwrap(),
+            r["indexer_kl"].as_f64().unwrap(),
+        );
+        assert!(loss.is_finite() && (loss - kl).abs() > 1e-6, "{r}");
+    }
+    // The adapter loads over its base with the trained norms in place.
+    let source = model_source::resolve(&out, false).unwrap();
+    let (model, _) = model_source::load_model_with_step(&source, DType::F32, &Device::Cpu).unwrap();
+    let loaded: std::collections::HashMap<String, Tensor> =
+        model.store.all_tensors().into_iter().collect();
+    for (n, t) in &trained {
+        assert!(
+            rel_err(&loaded[n], &t.to_dtype(DType::F32).unwrap()) < 1e-6,
+            "{n}"
+        );
+    }
+    for (n, t) in &base {
+        if !n.contains("norm.") {
+            assert_eq!(rel_err(&loaded[n], t), 0.0, "{n} moved");
+        }
+    }
+    // A run from this adapter must train at least what it holds.
+    let mut narrower = request(&out, &corpus, &tmp.path().join("narrower"), None);
+    narrower.options.trainable = ParamSet::Indexer;
+    let e = train(narrower).unwrap_err().to_string();
+    assert!(e.contains("must include them"), "{e}");
+}
+
+#[test]
+fn parameter_sets_name_their_parameters() {
+    let names = [
+        (
+            "model.layers.3.self_attn.indexer.wq_b.weight",
+            [true, true, true],
+        ),
+        (
+            "model.layers.3.self_attn.indexer.k_norm.weight",
+            [true, true, true],
+        ),
+        ("model.layers.3.input_layernorm.weight", [false, true, true]),
+        ("model.norm.weight", [false, true, true]),
+        (
+            "model.layers.3.self_attn.q_proj.weight",
+            [false, false, true],
+        ),
+        ("model.layers.3.mlp.down_proj.weight", [false, false, false]),
+        ("model.embed_tokens.weight", [false, false, false]),
+    ];
+    let sets = [
+        ParamSet::Indexer,
+        ParamSet::IndexerNorms,
+        ParamSet::IndexerAttention,
+    ];
+    for (name, want) in names {
+        for (set, w) in sets.iter().zip(want) {
+            assert_eq!(set.contains(name), w, "{set:?} {name}");
+        }
+        assert!(ParamSet::All.contains(name));
+    }
+    assert!(ParamSet::IndexerNorms.covers(ParamSet::Indexer));
+    assert!(!ParamSet::Indexer.covers(ParamSet::IndexerNorms));
+    assert!(ParamSet::IndexerAttention.covers(ParamSet::IndexerNorms));
+    assert!(!ParamSet::IndexerAttention.covers(ParamSet::All));
+    assert!(!ParamSet::Indexer.trains_base() && ParamSet::IndexerNorms.trains_base());
+}
+
 /// The shipped adapter (`--model smollm2-135m-instruct-dsa`): indexers only, f16, within
 /// the 15 MB budget, for the pinned base; over the real base (when it is in the model
 /// cache, or fetched when `SPARROW_REQUIRE_REAL_MODEL` is set) a prompt within top-k

@@ -1,16 +1,23 @@
 //! The fused ops of the V4 blocks (`kernels::swiglu`, `kernels::rotary`,
-//! `kernels::hyper`) against their plain references on random inputs of awkward sizes,
-//! and their backward passes against central finite differences.
+//! `kernels::hyper`) and the indexer's selected scores (`kernels::selected_scores`)
+//! against their plain references on random inputs of awkward sizes, and their backward
+//! passes against central finite differences.
 
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
+use sparrow::kernels::const_matmul::ConstWeightMatmul;
 use sparrow::kernels::hyper::{
     merge_reference, sinkhorn_reference, RowRms, Sinkhorn, StreamCollapse, StreamMerge,
 };
+use sparrow::kernels::indexer::ScoreAct;
+use sparrow::kernels::rms_norm::WeightedRmsNorm;
 use sparrow::kernels::rotary::{self, PairRotation};
+use sparrow::kernels::selected_scores::SelectedScores;
 use sparrow::kernels::swiglu::{self, SwiGlu};
+use sparrow::kernels::topk::NONE;
+use std::sync::Arc;
 
 /// `sum(y * r)` for a fixed random r: a scalar whose gradient reaches every output.
 fn probe(y: &Tensor, seed: u64) -> Tensor {
@@ -244,4 +251,151 @@ fn row_rms_collapse_and_merge_match_references_and_finite_differences() {
     // Shapes that do not fit are errors.
     assert!(StreamMerge::apply(x.as_tensor(), w.as_tensor(), f.as_tensor()).is_err());
     assert!(StreamCollapse::apply(x.as_tensor(), f.as_tensor()).is_err());
+}
+
+/// A causal selection (B, T, K) over S = T keys: query t picks up to K distinct
+/// positions of 0..=t (drawn), the rest `NONE`.
+fn causal_selection(b: usize, t: usize, k: usize, seed: u64) -> Vec<u32> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut idx = Vec::with_capacity(b * t * k);
+    for _ in 0..b {
+        for q in 0..t {
+            let mut visible: Vec<u32> = (0..=q as u32).collect();
+            visible.shuffle(&mut rng);
+            visible.resize(k.max(visible.len()), NONE);
+            idx.extend_from_slice(&visible[..k]);
+        }
+    }
+    idx
+}
+
+#[test]
+fn selected_scores_match_the_reference_and_finite_differences() {
+    let (b, t, h, di, k) = (2usize, 9usize, 3usize, 5usize, 4usize);
+    let idx = causal_selection(b, t, k, 21);
+    assert!(
+        idx.contains(&NONE),
+        "the first queries see fewer than K positions"
+    );
+    let q = var(&[b, t, h, di], 22, 1.0);
+    let w = var(&[b, t, h], 23, 1.0);
+    let keys = var(&[b, t, di], 24, 1.0);
+    for act in [ScoreAct::Relu, ScoreAct::Identity] {
+        let relu = matches!(act, ScoreAct::Relu);
+        let op = SelectedScores {
+            act,
+            idx: Arc::new(idx.clone()),
+            k,
+        };
+        let (qt, wt, kt) = (q.as_tensor(), w.as_tensor(), keys.as_tensor());
+        let want = sparrow::kernels::reference::selected_scores(relu, qt, wt, kt, &idx, k).unwrap();
+        let got = op.apply(qt, wt, kt).unwrap();
+        assert_eq!(got.dims(), &[b, t, k]);
+        assert!(rel_err(&got, &want) < 1e-12, "{act:?}");
+        // f32 as the trainer runs it.
+        let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+        let got32 = op.apply(&f(qt), &f(wt), &f(kt)).unwrap();
+        assert!(rel_err(&got32, &want) < 1e-5, "{act:?} f32");
+        // Gradients: the reference's autograd, then finite differences.
+        let g_ref = probe(&want, 25).backward().unwrap();
+        let g_op = probe(&got, 25).backward().unwrap();
+        for (name, v) in [("q", &q), ("w", &w), ("keys", &keys)] {
+            let (a, e) = (
+                g_op.get(v.as_tensor()).unwrap(),
+                g_ref.get(v.as_tensor()).unwrap(),
+            );
+            assert!(rel_err(a, e) < 1e-12, "{act:?} d{name}");
+        }
+        let vars = vec![
+            ("q".to_string(), q.clone()),
+            ("w".to_string(), w.clone()),
+            ("keys".to_string(), keys.clone()),
+        ];
+        check_gradients(
+            &vars,
+            || {
+                probe(
+                    &op.apply(q.as_tensor(), w.as_tensor(), keys.as_tensor())
+                        .unwrap(),
+                    26,
+                )
+            },
+            25,
+        );
+    }
+    // A position past the keys is an error, not a read out of bounds.
+    let mut bad = idx.clone();
+    bad[5] = t as u32;
+    let op = SelectedScores {
+        act: ScoreAct::Relu,
+        idx: Arc::new(bad),
+        k,
+    };
+    let e = op
+        .apply(q.as_tensor(), w.as_tensor(), keys.as_tensor())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("past the"), "{e}");
+}
+
+#[test]
+fn rms_norm_matches_its_reference_and_finite_differences() {
+    let x = var(&[3, 5, 11], 31, 2.0);
+    let w = var(&[11], 32, 1.0);
+    let op = WeightedRmsNorm { eps: 1e-5 };
+    let want = sparrow::kernels::reference::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+    let got = op.apply(x.as_tensor(), w.as_tensor()).unwrap();
+    assert_eq!(got.dims(), &[3, 5, 11]);
+    assert!(rel_err(&got, &want) < 1e-12);
+    let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    assert!(
+        rel_err(
+            &op.apply(&f(x.as_tensor()), &f(w.as_tensor())).unwrap(),
+            &want
+        ) < 1e-5
+    );
+    let (g_ref, g_op) = (
+        probe(&want, 33).backward().unwrap(),
+        probe(&got, 33).backward().unwrap(),
+    );
+    for v in [&x, &w] {
+        let (a, e) = (
+            g_op.get(v.as_tensor()).unwrap(),
+            g_ref.get(v.as_tensor()).unwrap(),
+        );
+        assert!(rel_err(a, e) < 1e-10);
+    }
+    let vars = vec![("x".to_string(), x.clone()), ("w".to_string(), w.clone())];
+    check_gradients(
+        &vars,
+        || probe(&op.apply(x.as_tensor(), w.as_tensor()).unwrap(), 34),
+        25,
+    );
+    assert!(op
+        .apply(x.as_tensor(), &randn(&[10], 1, DType::F64))
+        .is_err());
+}
+
+#[test]
+fn const_weight_matmul_matches_matmul_and_leaves_the_weight_without_gradient() {
+    let x = var(&[13, 7], 41, 1.0);
+    let w = randn(&[5, 7], 42, DType::F64);
+    let op = ConstWeightMatmul::new(&w).unwrap();
+    let got = op.apply(x.as_tensor()).unwrap();
+    let want = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+    assert!(rel_err(&got, &want) < 1e-12);
+    let grads = probe(&got, 43).backward().unwrap();
+    let want_dx = probe(&want, 43).backward().unwrap();
+    assert!(
+        rel_err(
+            grads.get(x.as_tensor()).unwrap(),
+            want_dx.get(x.as_tensor()).unwrap()
+        ) < 1e-12
+    );
+    assert!(grads.get(&w).is_none());
+    let vars = vec![("x".to_string(), x.clone())];
+    check_gradients(&vars, || probe(&op.apply(x.as_tensor()).unwrap(), 44), 20);
+    assert!(op.apply(&randn(&[3, 6], 45, DType::F64)).is_err());
 }

@@ -28,8 +28,11 @@ pub struct TrainArgs {
     /// stage); the run's config.json records the value used.
     #[arg(long)]
     pub indexer_dense_warmup_steps: Option<u64>,
-    /// The parameters that train: `all`, or `indexer` (the DSA indexers alone, the rest
-    /// frozen as loaded; an adapter made by `sparrow dsa attach` trains its indexers).
+    /// The parameters that train: `all`; `indexer` (the DSA indexers alone, the rest
+    /// frozen as loaded; an adapter made by `sparrow dsa attach` trains its indexers);
+    /// `indexer-norms` (and every norm's weights) or `indexer-attention` (and every
+    /// attention projection and norm), which adapt the base to its sparse attention by
+    /// the LM loss. From an adapter, the run's checkpoints hold the set trained.
     #[arg(long, value_enum)]
     pub trainable: Option<TrainableArg>,
     /// Dense warm-up: compute the indexer KL on this many query positions per window
@@ -87,6 +90,8 @@ pub struct TrainArgs {
 pub enum TrainableArg {
     All,
     Indexer,
+    IndexerNorms,
+    IndexerAttention,
 }
 
 impl From<TrainableArg> for ParamSet {
@@ -94,6 +99,8 @@ impl From<TrainableArg> for ParamSet {
         match t {
             TrainableArg::All => ParamSet::All,
             TrainableArg::Indexer => ParamSet::Indexer,
+            TrainableArg::IndexerNorms => ParamSet::IndexerNorms,
+            TrainableArg::IndexerAttention => ParamSet::IndexerAttention,
         }
     }
 }

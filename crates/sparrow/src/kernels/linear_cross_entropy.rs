@@ -61,7 +61,10 @@ pub fn linear_cross_entropy_chunked(
             w.dtype()
         );
     }
-    let want_grads = x.track_op() || w.track_op();
+    // Only the gradients something trainable depends on: a frozen head (an adapter's
+    // run) needs no (V, C) dW, a constant input no dx.
+    let (want_dx, want_dw) = (x.track_op(), w.track_op());
+    let want_grads = want_dx || want_dw;
     let (xd, wd) = (x.detach().contiguous()?, w.detach());
     let wt = wd.t()?; // (C, V)
     let targets = targets.contiguous()?;
@@ -78,35 +81,37 @@ pub fn linear_cross_entropy_chunked(
         } else {
             loss_sum += CrossEntropyGradInPlace::new(1.0 / n as f64).apply(&logits, &tc)?;
             // `logits` now holds d loss / d logits for these rows.
-            dx_parts.push(logits.matmul(&wd)?); // (R, C)
-            let part = logits.t()?.matmul(&xc)?; // (V, C)
-            dw = Some(match dw {
-                None => part,
-                Some(acc) => (acc + part)?,
-            });
+            if want_dx {
+                dx_parts.push(logits.matmul(&wd)?); // (R, C)
+            }
+            if want_dw {
+                let part = logits.t()?.matmul(&xc)?; // (V, C)
+                dw = Some(match dw {
+                    None => part,
+                    Some(acc) => (acc + part)?,
+                });
+            }
         }
     }
     let loss = loss_sum / n as f64;
-    match dw {
-        Some(dw) => x.apply_op2(
-            w,
-            PrecomputedGrads {
-                loss,
-                dx: Tensor::cat(&dx_parts, 0)?,
-                dw,
-            },
-        ),
-        None => Tensor::new(loss, x.device())?.to_dtype(x.dtype()),
+    if !want_grads {
+        return Tensor::new(loss, x.device())?.to_dtype(x.dtype());
     }
+    let dx = if want_dx {
+        Some(Tensor::cat(&dx_parts, 0)?)
+    } else {
+        None
+    };
+    x.apply_op2(w, PrecomputedGrads { loss, dx, dw })
 }
 
 /// The loss with its gradients already computed: forward returns the loss, backward
 /// scales the gradients by the incoming one.
 struct PrecomputedGrads {
     loss: f64,
-    /// (N, C) and (V, C) for an incoming gradient of 1.
-    dx: Tensor,
-    dw: Tensor,
+    /// (N, C) and (V, C) for an incoming gradient of 1 (None: not needed).
+    dx: Option<Tensor>,
+    dw: Option<Tensor>,
 }
 
 impl CustomOp2 for PrecomputedGrads {
@@ -137,13 +142,12 @@ impl CustomOp2 for PrecomputedGrads {
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad_res.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let scaled = |t: &Tensor| {
-            if g == 1.0 {
-                Ok(t.clone())
-            } else {
-                t.affine(g, 0.0)
+        let scaled = |t: &Option<Tensor>| -> candle_core::Result<Option<Tensor>> {
+            match t {
+                Some(t) if g != 1.0 => Ok(Some(t.affine(g, 0.0)?)),
+                t => Ok(t.clone()),
             }
         };
-        Ok((Some(scaled(&self.dx)?), Some(scaled(&self.dw)?)))
+        Ok((scaled(&self.dx)?, scaled(&self.dw)?))
     }
 }

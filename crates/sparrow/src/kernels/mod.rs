@@ -12,10 +12,15 @@
 //! - [`indexer`]: DSA indexer scoring fused with a streaming top-k ([`topk`]); the
 //!   [queries x keys] score matrix is never materialised. [`index_int8`]: the int8
 //!   index cache's keys and integer (VNNI) scoring.
+//! - [`selected_scores::SelectedScores`]: the indexer's differentiable scores of each
+//!   query's selected positions (the sparse stage's KL), with backward; the gathered
+//!   (B * T, K, di) keys never enter the autograd graph.
 //! - [`sparse_attention::SparseAttention`]: attention over the selected positions, with
 //!   backward, and the straight-through gate [`sparse_attention::SteGate`].
 //! - [`decode_attention`]: dense flash-decoding of one query over a KV cache, and
 //!   causal prefill over it, for every entry store ([`kv_rows::KvRows`]).
+//! - [`const_matmul::ConstWeightMatmul`]: `x W^T` for a frozen weight in training, its
+//!   backward `dx` alone (candle's would compute and keep a weight-sized dW too).
 //! - [`matmul`]: `x W^T` for inference rows, batch-invariant (each output one fixed-order
 //!   dot product), each weight row read once per four rows.
 //! - [`lanes_avx2`]: the AVX2 build of the f32 weight kernel's 16-lane tile (and the
@@ -28,6 +33,8 @@
 //!   combine back per token, with backward passes.
 //! - [`hyper`]: the hyper-connections' row norm, Sinkhorn normalisation, stream
 //!   collapse and merge (V4), each one op with its backward.
+//! - [`rms_norm::WeightedRmsNorm`]: RMSNorm with its weight in one pass, and both
+//!   gradients in one more (one activation per norm kept for the backward, not three).
 //! - [`rotary::PairRotation`]: RoPE of the trailing dims in interleaved pairs (V4) in
 //!   one pass, its backward the inverse rotation.
 //! - [`swiglu::SwiGlu`]: the feed-forward's activation `silu(gate) * up` (with V4's
@@ -41,6 +48,7 @@ pub mod adamw;
 mod attention_avx2;
 #[cfg(target_arch = "x86_64")]
 mod attention_avx512;
+pub mod const_matmul;
 pub mod cross_entropy;
 pub mod decode_attention;
 pub mod experts;
@@ -56,8 +64,10 @@ pub mod matmul;
 pub mod pool;
 pub mod qmatmul;
 pub mod reference;
+pub mod rms_norm;
 pub mod rotary;
 mod scan_parts;
+pub mod selected_scores;
 pub mod simd;
 pub mod sink_softmax;
 pub mod softmax;

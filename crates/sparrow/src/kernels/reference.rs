@@ -136,3 +136,48 @@ pub fn adamw_update(
     let p = ((p * (1.0 - s.lr * s.weight_decay))? - (update * s.lr)?)?;
     Ok((p, m, v))
 }
+
+/// `kernels::selected_scores::SelectedScores` composed from candle's ops: the selected
+/// keys gathered (B * T, K, di), `act(q k^T)` per index head, weighted by w. q (B, T,
+/// Hi, di), w (B, T, Hi), keys (B, S, di), idx (B, T, K) with `NONE` slots scoring 0.
+pub fn selected_scores(
+    relu: bool,
+    q: &Tensor,
+    w: &Tensor,
+    keys: &Tensor,
+    idx: &[u32],
+    k: usize,
+) -> Result<Tensor> {
+    let (b, t, h, di) = q.dims4()?;
+    let s = keys.dim(1)?;
+    let none = super::topk::NONE;
+    let flat: Vec<u32> = idx
+        .iter()
+        .enumerate()
+        .map(|(n, &i)| (n / (t * k)) as u32 * s as u32 + if i == none { 0 } else { i })
+        .collect();
+    let valid: Vec<f64> = idx
+        .iter()
+        .map(|&i| f64::from(u8::from(i != none)))
+        .collect();
+    let flat = Tensor::from_vec(flat, b * t * k, keys.device())?;
+    let ksel = keys
+        .reshape((b * s, di))?
+        .index_select(&flat, 0)?
+        .reshape((b * t, k, di))?; // (B*T, K, di)
+    let dots = q.reshape((b * t, h, di))?.matmul(&ksel.t()?)?; // (B*T, Hi, K)
+    let dots = if relu { dots.relu()? } else { dots };
+    let scores = w
+        .reshape((b * t, 1, h))?
+        .matmul(&dots)?
+        .reshape((b, t, k))?;
+    let valid = Tensor::from_vec(valid, (b, t, k), q.device())?.to_dtype(q.dtype())?;
+    scores * valid
+}
+
+/// `kernels::rms_norm::WeightedRmsNorm` composed from candle's ops: x (..., C), w (C).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (ms + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv)?.broadcast_mul(w)
+}

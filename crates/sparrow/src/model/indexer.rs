@@ -13,7 +13,7 @@ use super::rope::Rope;
 use crate::config::{IndexerKind, ModelConfig};
 use crate::error::Result;
 use crate::kernels::indexer::{IndexShape, ScoreAct};
-use crate::kernels::topk::NONE;
+use crate::kernels::selected_scores::SelectedScores;
 use candle_core::{Tensor, D};
 
 /// LayerNorm with weight and bias, from plain ops (candle's fused one drops gradients).
@@ -268,8 +268,9 @@ impl Indexer {
     }
 
     /// Differentiable scores of the selected positions: (B, T, K), with `keys` (B, S, di)
-    /// every visible index key and `idx` (B, T, K) the selection ([`NONE`] slots score 0;
-    /// callers mask them).
+    /// every visible index key and `idx` (B, T, K) the selection ([`NONE`](crate::kernels::topk::NONE) slots score 0;
+    /// callers mask them). One fused op (`kernels::selected_scores`): the gathered keys
+    /// never enter the autograd graph.
     pub fn score_selected(
         &self,
         out: &IndexerOut,
@@ -277,25 +278,12 @@ impl Indexer {
         idx: &[u32],
         k: usize,
     ) -> Result<Tensor> {
-        let (b, t, h, di) = out.q.dims4()?;
-        let s = keys.dim(1)?;
-        let flat: Vec<u32> = idx
-            .iter()
-            .enumerate()
-            .map(|(n, &i)| {
-                let row = (n / (t * k).max(1)) as u32;
-                row * s as u32 + if i == NONE { 0 } else { i }
-            })
-            .collect();
-        let flat = Tensor::from_vec(flat, b * t * k, keys.device())?;
-        let ksel = keys
-            .reshape((b * s, di))?
-            .index_select(&flat, 0)?
-            .reshape((b * t, k, di))?; // (B*T, K, di)
-        let q = out.q.reshape((b * t, h, di))?;
-        let dots = self.activate(&q.matmul(&ksel.t()?)?)?; // (B*T, Hi, K)
-        let w = out.w.reshape((b * t, 1, h))?;
-        Ok(w.matmul(&dots)?.reshape((b, t, k))?)
+        let op = SelectedScores {
+            act: self.shape().act,
+            idx: std::sync::Arc::new(idx.to_vec()),
+            k,
+        };
+        Ok(op.apply(&out.q, &out.w, keys)?)
     }
 
     /// Differentiable scores of every key: (B, T, S) (training lengths only; the top-k

@@ -6,6 +6,7 @@
 pub use super::params::LinearWeight;
 use super::params::{Init, Vb};
 use crate::error::{Error, Result};
+use crate::kernels::const_matmul::ConstWeightMatmul;
 use crate::kernels::hmatmul::HalfMatrix;
 use crate::kernels::qmatmul::{qxwt, QMatrix};
 use candle_core::{Device, Tensor};
@@ -122,6 +123,10 @@ impl Linear {
         let n: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((n, in_dim))?;
         let (y, out_dim) = match &self.weight {
+            // A frozen weight under a tracked input (training an adapter): only dx.
+            LinearWeight::Dense(w) if !w.is_variable() && x2.track_op() && w.device().is_cpu() => {
+                (ConstWeightMatmul::new(w)?.apply(&x2)?, w.dim(0)?)
+            }
             LinearWeight::Dense(w) => (x2.matmul(&w.t()?)?, w.dim(0)?), // (N, out)
             LinearWeight::Quantized(q) => (quantized_xwt(&x2, q)?, q.rows),
             LinearWeight::Half(h) => (half_xwt(&x2, h)?, h.rows),

@@ -68,6 +68,14 @@ pub enum ParamSet {
     All,
     /// The DSA indexers (`model.layers.{i}.self_attn.indexer.*`).
     Indexer,
+    /// The DSA indexers and every norm's weights (`input_layernorm`,
+    /// `post_attention_layernorm`, the final `norm`, ...): the smallest adaptation of a
+    /// pretrained base to its sparse attention (a few KB per layer).
+    IndexerNorms,
+    /// The DSA indexers, every attention layer's parameters (`self_attn.*`: the
+    /// projections) and every norm: the base's attention adapts to the selection while
+    /// its feed-forward layers and embeddings stay as loaded.
+    IndexerAttention,
 }
 
 impl ParamSet {
@@ -75,9 +83,41 @@ impl ParamSet {
     pub fn contains(self, name: &str) -> bool {
         match self {
             ParamSet::All => true,
-            ParamSet::Indexer => name.contains(".self_attn.indexer."),
+            ParamSet::Indexer => is_indexer(name),
+            ParamSet::IndexerNorms => is_indexer(name) || is_norm(name),
+            ParamSet::IndexerAttention => name.contains(".self_attn.") || is_norm(name),
         }
     }
+
+    /// Whether every parameter of `other` is in this set.
+    pub fn covers(self, other: ParamSet) -> bool {
+        use ParamSet::*;
+        match self {
+            All => true,
+            Indexer => other == Indexer,
+            IndexerNorms => matches!(other, Indexer | IndexerNorms),
+            IndexerAttention => other != All,
+        }
+    }
+
+    /// Whether the set trains parameters of the base model (anything but the indexers):
+    /// those learn from the LM loss, so a training step must compute it.
+    pub fn trains_base(self) -> bool {
+        self != ParamSet::Indexer
+    }
+}
+
+/// A DSA indexer's parameter.
+fn is_indexer(name: &str) -> bool {
+    name.contains(".self_attn.indexer.")
+}
+
+/// A normalisation layer's parameter: its module's name ends in `norm`
+/// (`model.layers.3.input_layernorm.weight`, `model.norm.weight`).
+fn is_norm(name: &str) -> bool {
+    let mut parts = name.rsplit('.');
+    parts.next();
+    parts.next().is_some_and(|module| module.ends_with("norm"))
 }
 
 /// How a new parameter is initialised when it is not loaded.

@@ -138,6 +138,12 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         ),
     };
     check_trainable(&model, trainable, adapter.as_ref())?;
+    // The run's checkpoints hold what it trains (e.g. the indexers and, from this run
+    // on, the norms).
+    let adapter = adapter.map(|spec| AdapterSpec {
+        params: trainable,
+        ..spec
+    });
     let opt = AdamW::new(model.store.trainable_vars(), req.options.adamw)?;
     let state = TrainState {
         step: 0,
@@ -173,15 +179,21 @@ fn check_trainable(
     trainable: ParamSet,
     adapter: Option<&AdapterSpec>,
 ) -> Result<()> {
-    if trainable == ParamSet::Indexer && !model.cfg.has_dsa() {
-        return Err(Error::Invalid(
-            "train option `trainable` = indexer: the model has no `dsa` layer (attach indexers first: `sparrow dsa attach`)".into(),
-        ));
+    if trainable != ParamSet::All && !model.cfg.has_dsa() {
+        return Err(Error::Invalid(format!(
+            "train option `trainable` = {trainable:?}: the model has no `dsa` layer (attach indexers first: `sparrow dsa attach`)"
+        )));
     }
     if let Some(spec) = adapter {
-        if trainable != spec.params {
+        if trainable == ParamSet::All {
             return Err(Error::Invalid(format!(
-                "the model is an adapter holding the {:?} parameters of its base {}: train option `trainable` must be the same set, not {trainable:?}",
+                "the model is an adapter of {}: train option `trainable` = All would write the whole model as an adapter; convert it to a model directory first (`sparrow convert`) or train a named set (indexer, indexer_norms, indexer_attention)",
+                spec.base
+            )));
+        }
+        if !trainable.covers(spec.params) {
+            return Err(Error::Invalid(format!(
+                "the model is an adapter holding the {:?} parameters of its base {}: train option `trainable` must include them, not {trainable:?}",
                 spec.params, spec.base
             )));
         }
@@ -384,8 +396,8 @@ fn run_loop(
         let routing = fwd.diagnostics.routing();
         // Only the indexers train, by KL alone: the LM head would compute a loss
         // nothing trainable depends on.
-        let lm_needed = o.trainable == ParamSet::All
-            || indexer_mode == Some(crate::config::IndexerTrainMode::Ste);
+        let lm_needed =
+            o.trainable.trains_base() || indexer_mode == Some(crate::config::IndexerTrainMode::Ste);
         let lm_loss = match (&indexer_kl, lm_needed) {
             (Some(kl), false) => kl.clone(),
             _ => model.net.lm_loss(&fwd.hidden, &tgt)?,
