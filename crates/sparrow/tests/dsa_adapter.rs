@@ -203,6 +203,23 @@ fn tensor_map(path: &Path) -> std::collections::HashMap<String, Tensor> {
     sparrow::weights::load(path, &Device::Cpu).unwrap().0
 }
 
+fn all_tensors(m: &sparrow::model::Model) -> std::collections::HashMap<String, Tensor> {
+    m.store.all_tensors().into_iter().collect()
+}
+
+/// Every tensor of the base model, f32.
+fn base_tensors() -> std::collections::HashMap<String, Tensor> {
+    let base = model_source::load_model_for_inference(
+        &model_source::resolve(&base_file(), false).unwrap(),
+        WeightFormat::F32,
+        DType::F32,
+        &Device::Cpu,
+        |_| {},
+    )
+    .unwrap();
+    all_tensors(&base)
+}
+
 #[test]
 fn training_the_indexers_moves_only_them_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -236,18 +253,7 @@ fn training_the_indexers_moves_only_them_and_resumes_exactly() {
     let (model, step) =
         model_source::load_model_with_step(&source, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(step, Some(6));
-    let base = model_source::load_model_for_inference(
-        &model_source::resolve(&base_file(), false).unwrap(),
-        WeightFormat::F32,
-        DType::F32,
-        &Device::Cpu,
-        |_| {},
-    )
-    .unwrap();
-    let all = |m: &sparrow::model::Model| -> std::collections::HashMap<String, Tensor> {
-        m.store.all_tensors().into_iter().collect()
-    };
-    let (a, b) = (all(&model), all(&base));
+    let (a, b) = (all_tensors(&model), base_tensors());
     for (name, t) in &b {
         assert_eq!(rel_err(&a[name], t), 0.0, "{name} moved");
     }
@@ -319,16 +325,7 @@ fn adapting_the_norms_trains_them_by_the_lm_loss_into_the_adapter() {
     assert_eq!(spec.params, ParamSet::IndexerNorms);
     let trained = tensor_map(&out.join(ADAPTER_WEIGHTS));
     let attached = tensor_map(&adapter.join(ADAPTER_WEIGHTS));
-    let base = model_source::load_model_for_inference(
-        &model_source::resolve(&base_file(), false).unwrap(),
-        WeightFormat::F32,
-        DType::F32,
-        &Device::Cpu,
-        |_| {},
-    )
-    .unwrap();
-    let base: std::collections::HashMap<String, Tensor> =
-        base.store.all_tensors().into_iter().collect();
+    let base = base_tensors();
     let norms: Vec<&String> = trained.keys().filter(|n| n.contains("norm.")).collect();
     // Every layer's two norms and the final one (the indexers' own norms aside).
     let base_norms = base.keys().filter(|n| n.contains("norm.")).count();
@@ -356,8 +353,7 @@ fn adapting_the_norms_trains_them_by_the_lm_loss_into_the_adapter() {
     // The adapter loads over its base with the trained norms in place.
     let source = model_source::resolve(&out, false).unwrap();
     let (model, _) = model_source::load_model_with_step(&source, DType::F32, &Device::Cpu).unwrap();
-    let loaded: std::collections::HashMap<String, Tensor> =
-        model.store.all_tensors().into_iter().collect();
+    let loaded = all_tensors(&model);
     for (n, t) in &trained {
         assert!(
             rel_err(&loaded[n], &t.to_dtype(DType::F32).unwrap()) < 1e-6,

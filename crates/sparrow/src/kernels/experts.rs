@@ -14,6 +14,7 @@
 //! by the `expert_dispatch` fuzz target on arbitrary routings.
 
 use super::contiguous_slice;
+use super::host;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -199,11 +200,6 @@ fn combine_bwd<T: WithDType + Float>(
         }
     });
     (dys, dw)
-}
-
-/// The CPU slice of a contiguous tensor (the backward passes get tensors, not storage).
-fn host<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
-    t.contiguous()?.flatten_all()?.to_vec1::<T>()
 }
 
 impl CustomOp1 for GatherRows {

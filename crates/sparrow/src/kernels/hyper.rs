@@ -16,6 +16,7 @@
 //! Each keeps its output in the graph; composed from candle's ops the four kept about
 //! twelve (R, N * C)-sized tensors per layer.
 
+use super::host;
 use candle_core::backend::BackendStorage;
 use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
@@ -23,11 +24,6 @@ use rayon::prelude::*;
 
 /// Rows per rayon task.
 const ROWS_PER_TASK: usize = 64;
-
-/// A contiguous host copy of `t`.
-fn host<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
-    t.detach().contiguous()?.flatten_all()?.to_vec1::<T>()
-}
 
 /// Runs `f` on host copies in the tensors' dtype (f32 or f64) and wraps its outputs
 /// (data, shape) as tensors of that dtype.

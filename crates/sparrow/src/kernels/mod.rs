@@ -90,6 +90,14 @@ pub(crate) fn contiguous_slice<'a, T: candle_core::WithDType>(
 }
 
 /// Dtype name of a storage, for errors.
+/// A contiguous host copy of `t` in its own dtype, detached (the backward passes get
+/// tensors, not storage).
+pub(crate) fn host<T: candle_core::WithDType>(
+    t: &candle_core::Tensor,
+) -> candle_core::Result<Vec<T>> {
+    t.detach().contiguous()?.flatten_all()?.to_vec1::<T>()
+}
+
 pub(crate) fn dtype_name(s: &CpuStorage) -> String {
     use candle_core::backend::BackendStorage;
     format!("{:?}", s.dtype())

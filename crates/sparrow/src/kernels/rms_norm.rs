@@ -7,6 +7,7 @@
 //! backward recomputes each row's rms from x:
 //! `dx = (w g - n mean(w g n)) / rms`, `dw = sum over rows of g n`, with n = x / rms.
 
+use super::host;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
@@ -90,11 +91,6 @@ impl WeightedRmsNorm {
             );
         (dx, dw)
     }
-}
-
-/// A contiguous host copy of `t` in its dtype.
-fn host<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
-    t.detach().contiguous()?.flatten_all()?.to_vec1::<T>()
 }
 
 impl CustomOp2 for WeightedRmsNorm {

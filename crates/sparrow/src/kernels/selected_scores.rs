@@ -13,6 +13,7 @@
 
 use super::index_shape::ScoreAct;
 use super::topk::NONE;
+use super::{dot, host};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
@@ -187,15 +188,6 @@ impl SelectedScores {
             );
         (dq, dw, dk)
     }
-}
-
-fn dot<T: Float>(a: &[T], b: &[T]) -> T {
-    a.iter().zip(b).fold(T::zero(), |acc, (&x, &y)| acc + x * y)
-}
-
-/// A contiguous host copy of `t` in its dtype.
-fn host<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
-    t.detach().contiguous()?.flatten_all()?.to_vec1::<T>()
 }
 
 impl CustomOp3 for SelectedScores {
