@@ -89,7 +89,6 @@ pub(crate) fn contiguous_slice<'a, T: candle_core::WithDType>(
     }
 }
 
-/// Dtype name of a storage, for errors.
 /// A contiguous host copy of `t` in its own dtype, detached (the backward passes get
 /// tensors, not storage).
 pub(crate) fn host<T: candle_core::WithDType>(
@@ -98,6 +97,15 @@ pub(crate) fn host<T: candle_core::WithDType>(
     t.detach().contiguous()?.flatten_all()?.to_vec1::<T>()
 }
 
+/// `a + b` elementwise, into `a`: the reduction of per-task gradient accumulators.
+pub(crate) fn add_parts<T: num_traits::Float>(mut a: Vec<T>, b: Vec<T>) -> Vec<T> {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x = *x + y;
+    }
+    a
+}
+
+/// Dtype name of a storage, for errors.
 pub(crate) fn dtype_name(s: &CpuStorage) -> String {
     use candle_core::backend::BackendStorage;
     format!("{:?}", s.dtype())

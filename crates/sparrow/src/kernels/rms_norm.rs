@@ -7,7 +7,7 @@
 //! backward recomputes each row's rms from x:
 //! `dx = (w g - n mean(w g n)) / rms`, `dw = sum over rows of g n`, with n = x / rms.
 
-use super::host;
+use super::{add_parts, host};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
@@ -80,15 +80,7 @@ impl WeightedRmsNorm {
                 }
                 acc
             })
-            .reduce(
-                || vec![T::zero(); c],
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(b) {
-                        *x = *x + y;
-                    }
-                    a
-                },
-            );
+            .reduce(|| vec![T::zero(); c], add_parts);
         (dx, dw)
     }
 }
@@ -106,15 +98,14 @@ impl CustomOp2 for WeightedRmsNorm {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let c = match (l1.dims().last(), l2.dims()) {
-            (Some(&c), &[cw]) if c == cw && c > 0 => c,
-            _ => candle_core::bail!(
+        let fits = matches!((l1.dims().last(), l2.dims()), (Some(&c), &[cw]) if c == cw && c > 0);
+        if !fits {
+            candle_core::bail!(
                 "{name}: x {:?} and weight {:?} (need x (..., C), w (C))",
                 l1.dims(),
                 l2.dims()
-            ),
-        };
-        debug_assert!(c > 0);
+            );
+        }
         macro_rules! run {
             ($t:ty) => {{
                 let x = super::contiguous_slice(name, s1.as_slice::<$t>()?, l1)?;

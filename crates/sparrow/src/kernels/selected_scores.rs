@@ -13,7 +13,7 @@
 
 use super::index_shape::ScoreAct;
 use super::topk::NONE;
-use super::{dot, host};
+use super::{add_parts, dot, host};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
@@ -119,14 +119,18 @@ impl SelectedScores {
         keys: &[T],
         g: &[T],
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
-        let (hd, rows) = (d.h * d.di, d.b * d.t);
+        let (hd, rows, kh) = (d.h * d.di, d.b * d.t, d.k * d.h);
         let mut dq = vec![T::zero(); rows * hd];
         let mut dw = vec![T::zero(); rows * d.h];
-        // Per query row: dw_h = sum_j g_j act(q_h . k_j), dq_h = sum_j g_j w_h act' k_j.
+        // c(t, j, h) = g_j w_h act'(q_h . k_j): the one dot product per (t, j, h), kept
+        // for the key gradient below ((B, T, K, Hi): a few MB).
+        let mut coef = vec![T::zero(); rows * kh];
+        // Per query row: dw_h = sum_j g_j act(q_h . k_j), dq_h = sum_j c(t, j, h) k_j.
         dq.par_chunks_mut(hd)
             .zip(dw.par_chunks_mut(d.h))
+            .zip(coef.par_chunks_mut(kh))
             .enumerate()
-            .for_each(|(row, (dqr, dwr))| {
+            .for_each(|(row, ((dqr, dwr), cr))| {
                 let kb = &keys[(row / d.t) * d.s * d.di..];
                 let (qr, wr) = (&q[row * hd..(row + 1) * hd], &w[row * d.h..]);
                 for j in 0..d.k {
@@ -139,6 +143,7 @@ impl SelectedScores {
                         let (a, da) = self.act(dot(&qr[hh * d.di..(hh + 1) * d.di], kr));
                         dwr[hh] = dwr[hh] + gj * a;
                         let c = gj * wr[hh] * da;
+                        cr[j * d.h + hh] = c;
                         if c != T::zero() {
                             for (o, &kv) in dqr[hh * d.di..(hh + 1) * d.di].iter_mut().zip(kr) {
                                 *o = *o + c * kv;
@@ -147,8 +152,8 @@ impl SelectedScores {
                     }
                 }
             });
-        // dk_i = sum over the (t, j, h) that selected i of g_j w_h act' q_h: scattered,
-        // so each task accumulates its rows into its own buffer, summed at the end.
+        // dk_i = sum over the (t, j, h) that selected i of c(t, j, h) q_h: scattered, so
+        // each task accumulates its rows into its own buffer, summed at the end.
         let dk = (0..rows.div_ceil(ROWS_PER_TASK))
             .into_par_iter()
             .map(|task| {
@@ -156,18 +161,17 @@ impl SelectedScores {
                 let end = ((task + 1) * ROWS_PER_TASK).min(rows);
                 for row in task * ROWS_PER_TASK..end {
                     let base = (row / d.t) * d.s * d.di;
-                    let (qr, wr) = (&q[row * hd..(row + 1) * hd], &w[row * d.h..]);
+                    let qr = &q[row * hd..(row + 1) * hd];
                     for j in 0..d.k {
-                        let (i, gj) = (self.idx[row * d.k + j], g[row * d.k + j]);
+                        let i = self.idx[row * d.k + j];
                         if i == NONE {
                             continue;
                         }
                         let at = base + i as usize * d.di;
-                        let kr = &keys[at..at + d.di];
                         for hh in 0..d.h {
-                            let qh = &qr[hh * d.di..(hh + 1) * d.di];
-                            let c = gj * wr[hh] * self.act(dot(qh, kr)).1;
+                            let c = coef[row * kh + j * d.h + hh];
                             if c != T::zero() {
+                                let qh = &qr[hh * d.di..(hh + 1) * d.di];
                                 for (o, &qv) in acc[at..at + d.di].iter_mut().zip(qh) {
                                     *o = *o + c * qv;
                                 }
@@ -177,15 +181,7 @@ impl SelectedScores {
                 }
                 acc
             })
-            .reduce(
-                || vec![T::zero(); d.b * d.s * d.di],
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(b) {
-                        *x = *x + y;
-                    }
-                    a
-                },
-            );
+            .reduce(|| vec![T::zero(); d.b * d.s * d.di], add_parts);
         (dq, dw, dk)
     }
 }

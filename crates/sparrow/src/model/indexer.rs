@@ -268,9 +268,9 @@ impl Indexer {
     }
 
     /// Differentiable scores of the selected positions: (B, T, K), with `keys` (B, S, di)
-    /// every visible index key and `idx` (B, T, K) the selection ([`NONE`](crate::kernels::topk::NONE) slots score 0;
-    /// callers mask them). One fused op (`kernels::selected_scores`): the gathered keys
-    /// never enter the autograd graph.
+    /// every visible index key and `idx` (B, T, K) the selection
+    /// ([`NONE`](crate::kernels::topk::NONE) slots score 0; callers mask them). One fused
+    /// op (`kernels::selected_scores`): the gathered keys never enter the autograd graph.
     pub fn score_selected(
         &self,
         out: &IndexerOut,
