@@ -399,3 +399,24 @@ fn const_weight_matmul_matches_matmul_and_leaves_the_weight_without_gradient() {
     check_gradients(&vars, || probe(&op.apply(x.as_tensor()).unwrap(), 44), 20);
     assert!(op.apply(&randn(&[3, 6], 45, DType::F64)).is_err());
 }
+
+#[test]
+fn kernels_refuse_other_dtypes_with_an_error_naming_the_op() {
+    let dev = Device::Cpu;
+    let x = Tensor::ones((3, 5), DType::F32, &dev).unwrap();
+    let norm = WeightedRmsNorm { eps: 1e-5 };
+    // Mixed dtypes: the second operand is not the first's.
+    let w64 = Tensor::ones(5, DType::F64, &dev).unwrap();
+    let err = norm.apply(&x, &w64).unwrap_err().to_string();
+    assert!(err.contains("rms-norm") && err.contains("expected F32, got F64"), "{err}");
+    // A dtype no kernel runs in.
+    let (x16, w16) = (x.to_dtype(DType::F16).unwrap(), w64.to_dtype(DType::F16).unwrap());
+    let err = norm.apply(&x16, &w16).unwrap_err().to_string();
+    assert!(err.contains("rms-norm") && err.contains("unsupported dtype F16"), "{err}");
+    let err = SwiGlu { limit: None }.apply(&x, &x.to_dtype(DType::F64).unwrap());
+    let err = err.unwrap_err().to_string();
+    assert!(err.contains("swiglu") && err.contains("expected F32, got F64"), "{err}");
+    // And the same dtypes still run.
+    let y = norm.apply(&x, &w64.to_dtype(DType::F32).unwrap()).unwrap();
+    assert_eq!(y.dims(), &[3, 5]);
+}

@@ -8,8 +8,9 @@
 //! (the gradient checks) take libm's exp in row order, the plain reference of the two.
 
 use super::simd::{fast_exp, has_avx512};
-use super::{contiguous_slice, dtype_name, rows_per_task};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use super::{by_dtype, contiguous_slice, dtype_name, rows_per_task, storage_slice};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -263,15 +264,10 @@ impl CustomOp2 for CrossEntropy {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (v, t) = targets_of(self.name(), l1, s2, l2)?;
-        let out = match s1 {
-            CpuStorage::F32(x) => {
-                CpuStorage::F32(vec![forward(contiguous_slice(self.name(), x, l1)?, t, v)])
-            }
-            CpuStorage::F64(x) => {
-                CpuStorage::F64(vec![forward(contiguous_slice(self.name(), x, l1)?, t, v)])
-            }
-            other => candle_core::bail!("cross-entropy: unsupported dtype {}", dtype_name(other)),
-        };
+        let name = self.name();
+        let out = by_dtype!(name, s1.dtype(), |T| {
+            T::to_cpu_storage_owned(vec![forward(storage_slice::<T>(name, s1, l1)?, t, v)])
+        });
         Ok((out, Shape::from(())))
     }
 
@@ -317,24 +313,11 @@ impl CustomOp2 for CrossEntropyBackward {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (v, t) = targets_of(self.name(), l1, s2, l2)?;
-        let out = match s1 {
-            CpuStorage::F32(x) => CpuStorage::F32(backward(
-                contiguous_slice(self.name(), x, l1)?,
-                t,
-                v,
-                self.scale,
-            )),
-            CpuStorage::F64(x) => CpuStorage::F64(backward(
-                contiguous_slice(self.name(), x, l1)?,
-                t,
-                v,
-                self.scale,
-            )),
-            other => candle_core::bail!(
-                "cross-entropy-backward: unsupported dtype {}",
-                dtype_name(other)
-            ),
-        };
+        let name = self.name();
+        let out = by_dtype!(name, s1.dtype(), |T| {
+            let x = storage_slice::<T>(name, s1, l1)?;
+            T::to_cpu_storage_owned(backward(x, t, v, self.scale))
+        });
         Ok((out, l1.shape().clone()))
     }
 }
@@ -428,9 +411,7 @@ pub fn row_nll(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Vec<f64
             .map(|(row, &target)| row_loss(row, target).0.to_f64().expect("loss fits f64"))
             .collect()
     }
-    Ok(match s1 {
-        CpuStorage::F32(x) => rows(contiguous_slice("row-nll", x, l1)?, t, v),
-        CpuStorage::F64(x) => rows(contiguous_slice("row-nll", x, l1)?, t, v),
-        other => candle_core::bail!("row-nll: unsupported dtype {}", dtype_name(other)),
-    })
+    Ok(by_dtype!("row-nll", s1.dtype(), |T| {
+        rows(storage_slice::<T>("row-nll", s1, l1)?, t, v)
+    }))
 }

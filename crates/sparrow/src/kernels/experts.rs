@@ -13,8 +13,8 @@
 //! `index_select`, `broadcast_mul` and `index_add`), compared in `tests/routers.rs` and
 //! by the `expert_dispatch` fuzz target on arbitrary routings.
 
-use super::contiguous_slice;
-use super::host;
+use super::{by_dtype, host, storage_slice};
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -212,22 +212,10 @@ impl CustomOp1 for GatherRows {
         if n != self.0.n_tokens {
             candle_core::bail!("moe-gather-rows: {n} rows for {} tokens", self.0.n_tokens);
         }
-        let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(gather_fwd(
-                &self.0,
-                contiguous_slice("moe-gather-rows", x, l)?,
-                c,
-            )),
-            CpuStorage::F64(x) => CpuStorage::F64(gather_fwd(
-                &self.0,
-                contiguous_slice("moe-gather-rows", x, l)?,
-                c,
-            )),
-            other => candle_core::bail!(
-                "moe-gather-rows: unsupported dtype {}",
-                super::dtype_name(other)
-            ),
-        };
+        let op = self.name();
+        let out = by_dtype!(op, s.dtype(), |T| {
+            T::to_cpu_storage_owned(gather_fwd(&self.0, storage_slice::<T>(op, s, l)?, c))
+        });
         Ok((out, Shape::from((self.0.rows(), c))))
     }
 
@@ -287,25 +275,11 @@ impl CustomOp2 for CombineSlots {
             );
         }
         let op = "moe-combine-slots";
-        let out = match (s1, s2) {
-            (CpuStorage::F32(ys), CpuStorage::F32(w)) => CpuStorage::F32(sum_slots(
-                plan,
-                contiguous_slice(op, ys, l1)?,
-                Some(contiguous_slice(op, w, l2)?),
-                c,
-            )),
-            (CpuStorage::F64(ys), CpuStorage::F64(w)) => CpuStorage::F64(sum_slots(
-                plan,
-                contiguous_slice(op, ys, l1)?,
-                Some(contiguous_slice(op, w, l2)?),
-                c,
-            )),
-            (a, b) => candle_core::bail!(
-                "{op}: unsupported dtypes {} / {}",
-                super::dtype_name(a),
-                super::dtype_name(b)
-            ),
-        };
+        let out = by_dtype!(op, s1.dtype(), |T| {
+            let ys = storage_slice::<T>(op, s1, l1)?;
+            let w = storage_slice::<T>(op, s2, l2)?;
+            T::to_cpu_storage_owned(sum_slots(plan, ys, Some(w), c))
+        });
         Ok((out, Shape::from((n, c))))
     }
 

@@ -16,40 +16,14 @@
 //! Each keeps its output in the graph; composed from candle's ops the four kept about
 //! twelve (R, N * C)-sized tensors per layer.
 
-use super::host;
+use super::{by_dtype, host, storage_slice};
 use candle_core::backend::BackendStorage;
-use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
 /// Rows per rayon task.
 const ROWS_PER_TASK: usize = 64;
-
-/// Runs `f` on host copies in the tensors' dtype (f32 or f64) and wraps its outputs
-/// (data, shape) as tensors of that dtype.
-macro_rules! by_dtype {
-    ($name:expr, $dtype:expr, |$t:ident| $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            other => candle_core::bail!("{}: unsupported dtype {other:?}", $name),
-        }
-    };
-}
-
-fn cpu_slice<'a, T: WithDType>(
-    name: &str,
-    s: &'a candle_core::CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<&'a [T]> {
-    super::contiguous_slice(name, s.as_slice::<T>()?, l)
-}
 
 fn dims2(name: &str, l: &Layout) -> candle_core::Result<(usize, usize)> {
     match l.dims() {
@@ -103,7 +77,7 @@ impl CustomOp1 for RowRms {
     ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
         let (r, k) = dims2(self.name(), l)?;
         let out = by_dtype!(self.name(), s.dtype(), |T| {
-            T::to_cpu_storage_owned(self.run::<T>(cpu_slice(self.name(), s, l)?, k))
+            T::to_cpu_storage_owned(self.run::<T>(storage_slice(self.name(), s, l)?, k))
         });
         Ok((out, Shape::from((r, 1))))
     }
@@ -277,7 +251,7 @@ impl CustomOp1 for Sinkhorn {
             candle_core::bail!("sinkhorn: matrices {n} x {n2} are not square");
         }
         let out = by_dtype!(self.name(), s.dtype(), |T| {
-            T::to_cpu_storage_owned(self.run::<T>(cpu_slice(self.name(), s, l)?, n))
+            T::to_cpu_storage_owned(self.run::<T>(storage_slice(self.name(), s, l)?, n))
         });
         Ok((out, l.shape().clone()))
     }
@@ -348,8 +322,8 @@ impl CustomOp2 for StreamCollapse {
         }
         let out = by_dtype!(self.name(), s1.dtype(), |T| {
             T::to_cpu_storage_owned(collapse::<T>(
-                cpu_slice(self.name(), s1, l1)?,
-                cpu_slice(self.name(), s2, l2)?,
+                storage_slice(self.name(), s1, l1)?,
+                storage_slice(self.name(), s2, l2)?,
                 n,
                 c,
             ))
@@ -465,9 +439,9 @@ impl CustomOp3 for StreamMerge {
         }
         let out = by_dtype!(self.name(), s1.dtype(), |T| {
             T::to_cpu_storage_owned(merge::<T>(
-                cpu_slice(self.name(), s1, l1)?,
-                cpu_slice(self.name(), s2, l2)?,
-                cpu_slice(self.name(), s3, l3)?,
+                storage_slice(self.name(), s1, l1)?,
+                storage_slice(self.name(), s2, l2)?,
+                storage_slice(self.name(), s3, l3)?,
                 n,
                 c,
             ))

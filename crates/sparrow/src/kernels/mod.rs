@@ -89,6 +89,40 @@ pub(crate) fn contiguous_slice<'a, T: candle_core::WithDType>(
     }
 }
 
+/// The contiguous `T` slice behind a CPU storage, or an error naming `op` (a storage of
+/// another dtype, a strided layout).
+pub(crate) fn storage_slice<'a, T: candle_core::WithDType>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [T]> {
+    use candle_core::backend::BackendStorage;
+    if storage.dtype() != T::DTYPE {
+        candle_core::bail!("{op}: expected {:?}, got {:?}", T::DTYPE, storage.dtype());
+    }
+    contiguous_slice(op, storage.as_slice::<T>()?, layout)
+}
+
+/// Evaluates `$body` with the type alias `$t` set to the float type of `$dtype`: our
+/// kernels run in f32, and in f64 for the tests' finite differences; any other dtype is
+/// an error naming `$op`. One dispatch for every kernel instead of a match arm per dtype.
+macro_rules! by_dtype {
+    ($op:expr, $dtype:expr, |$t:ident| $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            candle_core::DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            other => candle_core::bail!("{}: unsupported dtype {other:?}", $op),
+        }
+    };
+}
+pub(crate) use by_dtype;
+
 /// A contiguous host copy of `t` in its own dtype, detached (the backward passes get
 /// tensors, not storage).
 pub(crate) fn host<T: candle_core::WithDType>(

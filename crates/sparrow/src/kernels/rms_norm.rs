@@ -7,9 +7,9 @@
 //! backward recomputes each row's rms from x:
 //! `dx = (w g - n mean(w g n)) / rms`, `dw = sum over rows of g n`, with n = x / rms.
 
-use super::{add_parts, host};
+use super::{add_parts, by_dtype, host, storage_slice};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -106,18 +106,10 @@ impl CustomOp2 for WeightedRmsNorm {
                 l2.dims()
             );
         }
-        macro_rules! run {
-            ($t:ty) => {{
-                let x = super::contiguous_slice(name, s1.as_slice::<$t>()?, l1)?;
-                let w = super::contiguous_slice(name, s2.as_slice::<$t>()?, l2)?;
-                <$t>::to_cpu_storage_owned(self.forward(x, w))
-            }};
-        }
-        let out = match (s1.dtype(), s2.dtype()) {
-            (DType::F32, DType::F32) => run!(f32),
-            (DType::F64, DType::F64) => run!(f64),
-            (a, b) => candle_core::bail!("{name}: unsupported dtypes {a:?} / {b:?}"),
-        };
+        let out = by_dtype!(name, s1.dtype(), |T| {
+            let x = storage_slice::<T>(name, s1, l1)?;
+            T::to_cpu_storage_owned(self.forward(x, storage_slice::<T>(name, s2, l2)?))
+        });
         Ok((out, l1.shape().clone()))
     }
 
@@ -129,20 +121,13 @@ impl CustomOp2 for WeightedRmsNorm {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dev = x.device();
-        macro_rules! run {
-            ($t:ty) => {{
-                let (dx, dw) = self.backward::<$t>(&host(x)?, &host(w)?, &host(g)?);
-                (
-                    Tensor::from_vec(dx, x.shape(), dev)?,
-                    Tensor::from_vec(dw, w.shape(), dev)?,
-                )
-            }};
-        }
-        let (dx, dw) = match x.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            other => candle_core::bail!("{}: unsupported dtype {other:?}", self.name()),
-        };
+        let (dx, dw) = by_dtype!(self.name(), x.dtype(), |T| {
+            let (dx, dw) = self.backward::<T>(&host(x)?, &host(w)?, &host(g)?);
+            (
+                Tensor::from_vec(dx, x.shape(), dev)?,
+                Tensor::from_vec(dw, w.shape(), dev)?,
+            )
+        });
         Ok((Some(dx), Some(dw)))
     }
 }

@@ -8,8 +8,9 @@
 //! from candle's ops the rotation kept nine tensors in the autograd graph, the cos / sin
 //! tables among them with gradients of their own; as one op it keeps its output.
 
-use super::{contiguous_slice, dtype_name};
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use super::{by_dtype, storage_slice};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -110,15 +111,10 @@ impl CustomOp1 for PairRotation {
                 self.half
             );
         }
-        let out = match storage {
-            CpuStorage::F32(x) => {
-                CpuStorage::F32(self.run(contiguous_slice(self.name(), x, layout)?, d))
-            }
-            CpuStorage::F64(x) => {
-                CpuStorage::F64(self.run(contiguous_slice(self.name(), x, layout)?, d))
-            }
-            other => candle_core::bail!("pair-rotation: unsupported dtype {}", dtype_name(other)),
-        };
+        let name = self.name();
+        let out = by_dtype!(name, storage.dtype(), |T| {
+            T::to_cpu_storage_owned(self.run(storage_slice::<T>(name, storage, layout)?, d))
+        });
         Ok((out, layout.shape().clone()))
     }
 

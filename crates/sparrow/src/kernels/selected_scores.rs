@@ -13,9 +13,9 @@
 
 use super::index_shape::ScoreAct;
 use super::topk::NONE;
-use super::{add_parts, dot, host};
+use super::{add_parts, by_dtype, dot, host, storage_slice};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -202,19 +202,12 @@ impl CustomOp3 for SelectedScores {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
         let d = self.dims(l1.dims(), l2.dims(), l3.dims())?;
-        macro_rules! run {
-            ($t:ty) => {{
-                let q = super::contiguous_slice(name, s1.as_slice::<$t>()?, l1)?;
-                let w = super::contiguous_slice(name, s2.as_slice::<$t>()?, l2)?;
-                let k = super::contiguous_slice(name, s3.as_slice::<$t>()?, l3)?;
-                <$t>::to_cpu_storage_owned(self.forward(d, q, w, k))
-            }};
-        }
-        let out = match (s1.dtype(), s2.dtype(), s3.dtype()) {
-            (DType::F32, DType::F32, DType::F32) => run!(f32),
-            (DType::F64, DType::F64, DType::F64) => run!(f64),
-            (a, b, c) => candle_core::bail!("{name}: unsupported dtypes {a:?} / {b:?} / {c:?}"),
-        };
+        let out = by_dtype!(name, s1.dtype(), |T| {
+            let q = storage_slice::<T>(name, s1, l1)?;
+            let w = storage_slice::<T>(name, s2, l2)?;
+            let k = storage_slice::<T>(name, s3, l3)?;
+            T::to_cpu_storage_owned(self.forward(d, q, w, k))
+        });
         Ok((out, Shape::from((d.b, d.t, d.k))))
     }
 
@@ -228,22 +221,14 @@ impl CustomOp3 for SelectedScores {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = self.dims(q.dims(), w.dims(), keys.dims())?;
         let dev = q.device();
-        macro_rules! run {
-            ($t:ty) => {{
-                let (dq, dw, dk) =
-                    self.backward::<$t>(d, &host(q)?, &host(w)?, &host(keys)?, &host(g)?);
-                (
-                    Tensor::from_vec(dq, q.shape(), dev)?,
-                    Tensor::from_vec(dw, w.shape(), dev)?,
-                    Tensor::from_vec(dk, keys.shape(), dev)?,
-                )
-            }};
-        }
-        let (dq, dw, dk) = match q.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            other => candle_core::bail!("{}: unsupported dtype {other:?}", self.name()),
-        };
+        let (dq, dw, dk) = by_dtype!(self.name(), q.dtype(), |T| {
+            let (dq, dw, dk) = self.backward::<T>(d, &host(q)?, &host(w)?, &host(keys)?, &host(g)?);
+            (
+                Tensor::from_vec(dq, q.shape(), dev)?,
+                Tensor::from_vec(dw, w.shape(), dev)?,
+                Tensor::from_vec(dk, keys.shape(), dev)?,
+            )
+        });
         Ok((Some(dq), Some(dw), Some(dk)))
     }
 }

@@ -14,8 +14,9 @@
 //! [`reference`] is the plain version the tests compare against.
 
 use super::softmax::SoftmaxBackward;
-use super::{contiguous_slice, dtype_name, rows_per_task};
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
+use super::{by_dtype, rows_per_task, storage_slice};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType, D};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -101,30 +102,12 @@ impl CustomOp3 for SinkSoftmax {
             other => candle_core::bail!("sink-softmax: scores {other:?} are not 4-d"),
         };
         let name = self.name();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(m), CpuStorage::F32(k)) => {
-                CpuStorage::F32(self.forward(
-                    contiguous_slice(name, x, l1)?,
-                    contiguous_slice(name, m, l2)?,
-                    contiguous_slice(name, k, l3)?,
-                    dims,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(m), CpuStorage::F64(k)) => {
-                CpuStorage::F64(self.forward(
-                    contiguous_slice(name, x, l1)?,
-                    contiguous_slice(name, m, l2)?,
-                    contiguous_slice(name, k, l3)?,
-                    dims,
-                ))
-            }
-            (a, b, c) => candle_core::bail!(
-                "sink-softmax: unsupported dtypes {} / {} / {}",
-                dtype_name(a),
-                dtype_name(b),
-                dtype_name(c)
-            ),
-        };
+        let out = by_dtype!(name, s1.dtype(), |T| {
+            let x = storage_slice::<T>(name, s1, l1)?;
+            let m = storage_slice::<T>(name, s2, l2)?;
+            let k = storage_slice::<T>(name, s3, l3)?;
+            T::to_cpu_storage_owned(self.forward(x, m, k, dims))
+        });
         Ok((out, l1.shape().clone()))
     }
 

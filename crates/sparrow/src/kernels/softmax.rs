@@ -8,8 +8,9 @@
 //! One pass per row (max, exp-sum, normalise in cache), rows in parallel with rayon,
 //! instead of the seven full-tensor passes of mul, mask-add, max, sub, exp, sum and div.
 
-use super::{contiguous_slice, dtype_name, rows_per_task};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use super::{by_dtype, rows_per_task, storage_slice};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -73,15 +74,10 @@ impl CustomOp1 for CausalSoftmax {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let s = *layout.dims().last().unwrap_or(&1);
-        let out = match storage {
-            CpuStorage::F32(d) => {
-                CpuStorage::F32(self.forward(contiguous_slice(self.name(), d, layout)?, s))
-            }
-            CpuStorage::F64(d) => {
-                CpuStorage::F64(self.forward(contiguous_slice(self.name(), d, layout)?, s))
-            }
-            other => candle_core::bail!("causal-softmax: unsupported dtype {}", dtype_name(other)),
-        };
+        let name = self.name();
+        let out = by_dtype!(name, storage.dtype(), |T| {
+            T::to_cpu_storage_owned(self.forward(storage_slice::<T>(name, storage, layout)?, s))
+        });
         Ok((out, layout.shape().clone()))
     }
 
@@ -147,23 +143,11 @@ impl CustomOp2 for SoftmaxBackward {
             );
         }
         let s = *l1.dims().last().unwrap_or(&1);
-        let out = match (s1, s2) {
-            (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(self.run(
-                contiguous_slice(self.name(), y, l1)?,
-                contiguous_slice(self.name(), g, l2)?,
-                s,
-            )),
-            (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(self.run(
-                contiguous_slice(self.name(), y, l1)?,
-                contiguous_slice(self.name(), g, l2)?,
-                s,
-            )),
-            (a, b) => candle_core::bail!(
-                "softmax-backward: unsupported dtypes {} / {}",
-                dtype_name(a),
-                dtype_name(b)
-            ),
-        };
+        let name = self.name();
+        let out = by_dtype!(name, s1.dtype(), |T| {
+            let y = storage_slice::<T>(name, s1, l1)?;
+            T::to_cpu_storage_owned(self.run(y, storage_slice::<T>(name, s2, l2)?, s))
+        });
         Ok((out, l1.shape().clone()))
     }
 }

@@ -19,8 +19,10 @@
 use super::dot;
 use super::kv_rows::{CacheElem, KvRows, Values};
 use super::simd::{fast_exp, has_avx512};
+use super::storage_slice;
 use super::topk::NONE;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -553,30 +555,23 @@ impl SparseAttention {
         let shape_q = (dims.b, dims.t, dims.h, dims.d);
         let shape_kv = (dims.b, dims.kv, dims.s, dims.d);
         let shape_i = (dims.b, dims.t, dims.k);
-        macro_rules! run {
-            ($ty:ty) => {{
-                let r = backward::<$ty>(
-                    dims,
-                    self.scale,
-                    &q.to_vec1::<$ty>()?,
-                    &k.to_vec1::<$ty>()?,
-                    &v.to_vec1::<$ty>()?,
-                    &self.idx,
-                    &g.to_vec1::<$ty>()?,
-                )?;
-                [
-                    Tensor::from_vec(r.dq, shape_q, dev)?,
-                    Tensor::from_vec(r.dk, shape_kv, dev)?,
-                    Tensor::from_vec(r.dv, shape_kv, dev)?,
-                    Tensor::from_vec(r.dgate, shape_i, dev)?,
-                ]
-            }};
-        }
-        Ok(match q.dtype() {
-            candle_core::DType::F32 => run!(f32),
-            candle_core::DType::F64 => run!(f64),
-            other => candle_core::bail!("sparse-attention: unsupported dtype {other:?}"),
-        })
+        Ok(super::by_dtype!("sparse-attention", q.dtype(), |T| {
+            let r = backward::<T>(
+                dims,
+                self.scale,
+                &q.to_vec1::<T>()?,
+                &k.to_vec1::<T>()?,
+                &v.to_vec1::<T>()?,
+                &self.idx,
+                &g.to_vec1::<T>()?,
+            )?;
+            [
+                Tensor::from_vec(r.dq, shape_q, dev)?,
+                Tensor::from_vec(r.dk, shape_kv, dev)?,
+                Tensor::from_vec(r.dv, shape_kv, dev)?,
+                Tensor::from_vec(r.dgate, shape_i, dev)?,
+            ]
+        }))
     }
 }
 
@@ -596,25 +591,26 @@ impl CustomOp3 for SparseAttention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = self.dims;
         let name = self.name();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                let q = super::contiguous_slice(name, q, l1)?;
-                let k = super::contiguous_slice(name, k, l2)?;
-                let v = super::contiguous_slice(name, v, l3)?;
-                CpuStorage::F32(forward_f32(dims, self.scale, q, k, v, &self.idx)?)
+        let (idx, scale) = (&self.idx, self.scale);
+        // f32 takes the vectorised forward, f64 (the tests' finite differences) the plain one.
+        let out = match s1.dtype() {
+            DType::F32 => {
+                let (q, k, v) = (
+                    storage_slice(name, s1, l1)?,
+                    storage_slice(name, s2, l2)?,
+                    storage_slice(name, s3, l3)?,
+                );
+                CpuStorage::F32(forward_f32(dims, scale, q, k, v, idx)?)
             }
-            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                let q = super::contiguous_slice(name, q, l1)?;
-                let k = super::contiguous_slice(name, k, l2)?;
-                let v = super::contiguous_slice(name, v, l3)?;
-                CpuStorage::F64(forward(dims, self.scale, q, k, v, &self.idx)?)
+            DType::F64 => {
+                let (q, k, v) = (
+                    storage_slice(name, s1, l1)?,
+                    storage_slice(name, s2, l2)?,
+                    storage_slice(name, s3, l3)?,
+                );
+                CpuStorage::F64(forward(dims, scale, q, k, v, idx)?)
             }
-            (a, b, c) => candle_core::bail!(
-                "{name}: unsupported dtypes {} / {} / {}",
-                super::dtype_name(a),
-                super::dtype_name(b),
-                super::dtype_name(c)
-            ),
+            other => candle_core::bail!("{name}: unsupported dtype {other:?}"),
         };
         Ok((out, l1.shape().clone()))
     }
@@ -666,11 +662,9 @@ impl CustomOp1 for SteGate {
             );
         }
         let n = d.b * d.t * d.h * d.d;
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(vec![0.0; n]),
-            CpuStorage::F64(_) => CpuStorage::F64(vec![0.0; n]),
-            other => candle_core::bail!("ste-gate: unsupported dtype {}", super::dtype_name(other)),
-        };
+        let out = super::by_dtype!(self.name(), s.dtype(), |T| {
+            T::to_cpu_storage_owned(vec![T::default(); n])
+        });
         Ok((out, Shape::from((d.b, d.t, d.h, d.d))))
     }
 

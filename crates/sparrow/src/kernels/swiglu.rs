@@ -9,8 +9,9 @@
 //! activation kept five (N, F) tensors per expert in the autograd graph (the clamp's
 //! bounds among them, each with a gradient of its own); fused, it keeps its output.
 
-use super::{contiguous_slice, dtype_name};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use super::{by_dtype, storage_slice};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -88,21 +89,11 @@ impl CustomOp2 for SwiGlu {
                 l2.shape()
             );
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(g), CpuStorage::F32(u)) => CpuStorage::F32(self.forward(
-                contiguous_slice(self.name(), g, l1)?,
-                contiguous_slice(self.name(), u, l2)?,
-            )),
-            (CpuStorage::F64(g), CpuStorage::F64(u)) => CpuStorage::F64(self.forward(
-                contiguous_slice(self.name(), g, l1)?,
-                contiguous_slice(self.name(), u, l2)?,
-            )),
-            (a, b) => candle_core::bail!(
-                "swiglu: unsupported dtypes {} / {}",
-                dtype_name(a),
-                dtype_name(b)
-            ),
-        };
+        let name = self.name();
+        let out = by_dtype!(name, s1.dtype(), |T| {
+            let g = storage_slice::<T>(name, s1, l1)?;
+            T::to_cpu_storage_owned(self.forward(g, storage_slice::<T>(name, s2, l2)?))
+        });
         Ok((out, l1.shape().clone()))
     }
 
@@ -169,23 +160,11 @@ impl CustomOp3 for SwiGluBackward {
             );
         }
         let name = self.name();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(g), CpuStorage::F32(u), CpuStorage::F32(d)) => {
-                CpuStorage::F32(self.run(
-                    contiguous_slice(name, g, l1)?,
-                    contiguous_slice(name, u, l2)?,
-                    contiguous_slice(name, d, l3)?,
-                ))
-            }
-            (CpuStorage::F64(g), CpuStorage::F64(u), CpuStorage::F64(d)) => {
-                CpuStorage::F64(self.run(
-                    contiguous_slice(name, g, l1)?,
-                    contiguous_slice(name, u, l2)?,
-                    contiguous_slice(name, d, l3)?,
-                ))
-            }
-            (a, _, _) => candle_core::bail!("swiglu-backward: unsupported dtype {}", dtype_name(a)),
-        };
+        let out = by_dtype!(name, s1.dtype(), |T| {
+            let g = storage_slice::<T>(name, s1, l1)?;
+            let u = storage_slice::<T>(name, s2, l2)?;
+            T::to_cpu_storage_owned(self.run(g, u, storage_slice::<T>(name, s3, l3)?))
+        });
         let mut dims = vec![2];
         dims.extend_from_slice(l1.dims());
         Ok((out, Shape::from(dims)))
