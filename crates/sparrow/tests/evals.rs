@@ -8,6 +8,7 @@ use common::*;
 use sparrow::data::retrieval::{Passkey, RetrievalMix};
 use sparrow::engine::generate::{generate, greedy_continue, GenerateOptions};
 use sparrow::engine::sampler::SamplerConfig;
+use sparrow::eval::perplexity::{measure, Scoring};
 use sparrow::eval::retrieval::{self, RetrievalOptions, Task};
 use sparrow::model::Model;
 use sparrow::tokenizer::Tokenizer;
@@ -55,7 +56,7 @@ fn perplexity_equals_the_training_loss_on_the_same_window() {
         .encode(&std::fs::read_to_string(&files[0]).unwrap())
         .unwrap();
     let n = 77;
-    let rows = sparrow::eval::perplexity::measure(&model, &tokens, &[n], 1, false).unwrap();
+    let rows = measure(&model, &tokens, &[n], 1, Scoring::Window, false).unwrap();
     let inp = Tensor::from_slice(&tokens[..n], (1, n), &Device::Cpu).unwrap();
     let tgt = Tensor::from_slice(&tokens[1..n + 1], n, &Device::Cpu).unwrap();
     let logits = model.forward(&inp).unwrap().logits.squeeze(0).unwrap();
@@ -67,7 +68,44 @@ fn perplexity_equals_the_training_loss_on_the_same_window() {
     assert!((got - want).abs() / want < 1e-5, "{got} vs {want}");
     assert!((rows[0].perplexity - want.exp()).abs() / want.exp() < 1e-5);
     assert!(rows[0].loss_second_half.is_finite());
-    assert!(sparrow::eval::perplexity::measure(&model, &tokens, &[100_000], 1, false).is_err());
+    assert!(measure(&model, &tokens, &[100_000], 1, Scoring::Window, false).is_err());
+}
+
+#[test]
+fn perplexity_through_the_chunked_prefill_equals_the_whole_window() {
+    // A dense model and a DSA one whose 77-token windows are past its top-16 (the
+    // chunked prefill selects per chunk over the cache, the window forward over the
+    // window): the same positions scored, so the same losses up to f32 rounding.
+    let (dense, tok, dir) = setup();
+    let mut cfg = tiny_dsa_config(sparrow::config::IndexerKind::Lightning, 16);
+    cfg.initializer_range = 0.3;
+    cfg.max_position_embeddings = 512;
+    let dsa = Model::new_random(&cfg, 5, DType::F32, &Device::Cpu).unwrap();
+    let files = sparrow::data::corpus::list_text_files(dir.path()).unwrap();
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    let tokens = tok.encode(&text).unwrap();
+    for model in [&dense, &dsa] {
+        let whole = measure(model, &tokens, &[77, 130], 2, Scoring::Window, false).unwrap();
+        for chunk in [1, 19, 77, 500] {
+            let stepped = measure(
+                model,
+                &tokens,
+                &[77, 130],
+                2,
+                Scoring::Prefill(chunk),
+                false,
+            )
+            .unwrap();
+            for (a, b) in whole.iter().zip(&stepped) {
+                assert_eq!((a.context, a.windows), (b.context, b.windows));
+                for (x, y) in [(a.loss, b.loss), (a.loss_second_half, b.loss_second_half)] {
+                    assert!((x - y).abs() / x < 1e-4, "chunk {chunk}: {x} vs {y}");
+                }
+            }
+        }
+    }
+    let zero = measure(&dense, &tokens, &[77], 1, Scoring::Prefill(0), false);
+    assert!(zero.unwrap_err().to_string().contains("chunk"));
 }
 
 #[test]

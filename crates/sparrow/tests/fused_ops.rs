@@ -408,14 +408,26 @@ fn kernels_refuse_other_dtypes_with_an_error_naming_the_op() {
     // Mixed dtypes: the second operand is not the first's.
     let w64 = Tensor::ones(5, DType::F64, &dev).unwrap();
     let err = norm.apply(&x, &w64).unwrap_err().to_string();
-    assert!(err.contains("rms-norm") && err.contains("expected F32, got F64"), "{err}");
+    assert!(
+        err.contains("rms-norm") && err.contains("expected F32, got F64"),
+        "{err}"
+    );
     // A dtype no kernel runs in.
-    let (x16, w16) = (x.to_dtype(DType::F16).unwrap(), w64.to_dtype(DType::F16).unwrap());
+    let (x16, w16) = (
+        x.to_dtype(DType::F16).unwrap(),
+        w64.to_dtype(DType::F16).unwrap(),
+    );
     let err = norm.apply(&x16, &w16).unwrap_err().to_string();
-    assert!(err.contains("rms-norm") && err.contains("unsupported dtype F16"), "{err}");
+    assert!(
+        err.contains("rms-norm") && err.contains("unsupported dtype F16"),
+        "{err}"
+    );
     let err = SwiGlu { limit: None }.apply(&x, &x.to_dtype(DType::F64).unwrap());
     let err = err.unwrap_err().to_string();
-    assert!(err.contains("swiglu") && err.contains("expected F32, got F64"), "{err}");
+    assert!(
+        err.contains("swiglu") && err.contains("expected F32, got F64"),
+        "{err}"
+    );
     // And the same dtypes still run.
     let y = norm.apply(&x, &w64.to_dtype(DType::F32).unwrap()).unwrap();
     assert_eq!(y.dims(), &[3, 5]);

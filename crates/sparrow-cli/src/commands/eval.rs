@@ -92,6 +92,11 @@ pub enum EvalCmd {
         /// DSA models: select this many positions instead of the model's index_topk.
         #[arg(long)]
         topk: Option<usize>,
+        /// Score each window through the engine's chunked prefill, this many tokens per
+        /// step (the KV cache as in generation: memory of a chunk plus the cache, for
+        /// long windows), instead of one whole-window forward.
+        #[arg(long)]
+        prefill_chunk: Option<usize>,
         #[arg(long)]
         json: bool,
     },
@@ -229,6 +234,7 @@ pub fn run(cmd: EvalCmd, progress: bool) -> Result<()> {
             val_fraction,
             lift_context_limit,
             topk,
+            prefill_chunk,
             json,
         } => {
             require_corpus(&corpus)?;
@@ -242,8 +248,13 @@ pub fn run(cmd: EvalCmd, progress: bool) -> Result<()> {
                 }
             })?;
             let tokens = held_out(&corpus, &tok, val_fraction, progress)?;
-            let rows =
-                sparrow::eval::perplexity::measure(&m, &tokens, &context, windows, progress)?;
+            let scoring = match prefill_chunk {
+                Some(n) => sparrow::eval::perplexity::Scoring::Prefill(n),
+                None => sparrow::eval::perplexity::Scoring::Window,
+            };
+            let rows = sparrow::eval::perplexity::measure(
+                &m, &tokens, &context, windows, scoring, progress,
+            )?;
             let mut report = Report::new(json)
                 .col(
                     "context",

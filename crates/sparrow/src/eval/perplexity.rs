@@ -3,13 +3,31 @@
 //! position), and the mean is reported for all positions and for the second half of each
 //! window (positions that have at least N/2 tokens of context, where long context can
 //! help). Inference forward: no capacity limits, DSA selection as in generation.
+//!
+//! A window is scored either in one forward ([`Scoring::Window`]: exact f32 attention,
+//! memory that grows with the window: 10.7 GB for SmolLM2-135M at 32768 tokens) or
+//! through the engine's step in chunks ([`Scoring::Prefill`]: the KV cache in the
+//! model's `kv_cache_dtype` as in generation, memory of one chunk plus the cache).
 
 use crate::data::shards::eval_windows;
 use crate::error::{Error, Result};
+use crate::kernels::cross_entropy::row_nll;
+use crate::model::cache::SeqCache;
+use crate::model::step::StepOptions;
 use crate::model::transformer::ForwardOptions;
-use crate::model::Model;
-use candle_core::Tensor;
+use crate::model::{Model, StepInput};
+use candle_core::{DType, Tensor};
 use serde::Serialize;
+
+/// How each window is run through the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    /// The whole window in one forward (the training forward, no graph kept).
+    Window,
+    /// The engine's step over chunks of this many tokens, every token's logits kept:
+    /// the window's cache grows as in a chunked prefill (long windows, 32K and beyond).
+    Prefill(usize),
+}
 
 /// Perplexity at one context length.
 #[derive(Debug, Clone, Serialize)]
@@ -30,11 +48,17 @@ pub fn measure(
     tokens: &[u32],
     contexts: &[usize],
     windows: usize,
+    scoring: Scoring,
     progress: bool,
 ) -> Result<Vec<ContextPerplexity>> {
     if contexts.is_empty() || windows == 0 {
         return Err(Error::Invalid(
             "context lengths need a value and `windows` must be >= 1".into(),
+        ));
+    }
+    if scoring == Scoring::Prefill(0) {
+        return Err(Error::Invalid(
+            "the prefill chunk must be >= 1 token".into(),
         ));
     }
     let max = model.cfg.max_position_embeddings;
@@ -51,7 +75,10 @@ pub fn measure(
         let (mut sum, mut sum_half, mut count_half) = (0.0f64, 0.0f64, 0usize);
         for (inp, tgt) in &wins {
             bar.set_message(format!("context {n}"));
-            let nll = window_nll(model, inp, tgt)?;
+            let nll = match scoring {
+                Scoring::Window => window_nll(model, inp, tgt)?,
+                Scoring::Prefill(chunk) => prefill_nll(model, inp, tgt, chunk)?,
+            };
             sum += nll.iter().sum::<f64>();
             sum_half += nll[n / 2..].iter().sum::<f64>();
             count_half += n - n / 2;
@@ -83,4 +110,30 @@ fn window_nll(model: &Model, inp: &[u32], tgt: &[u32]) -> Result<Vec<f64>> {
     // whole window's logits would take 1.6 GB.
     let tgt = Tensor::from_slice(tgt, tgt.len(), dev)?;
     model.net.nll_rows(&out.hidden, &tgt)
+}
+
+/// [`window_nll`] through the engine's step: the window in chunks of `chunk` tokens into
+/// one sequence's cache, each chunk's logits scored as they come.
+fn prefill_nll(model: &Model, inp: &[u32], tgt: &[u32], chunk: usize) -> Result<Vec<f64>> {
+    let cfg = &model.cfg;
+    let mut cache = SeqCache::new(cfg.num_hidden_layers, cfg.kv_cache_dtype);
+    let opts = StepOptions {
+        all_logits: true,
+        ..Default::default()
+    };
+    let mut out = Vec::with_capacity(inp.len());
+    for (tokens, targets) in inp.chunks(chunk).zip(tgt.chunks(chunk)) {
+        let mut input = [StepInput {
+            tokens,
+            cache: &mut cache,
+        }];
+        let logits = model.step(&mut input, &opts)?.logits; // (chunk, V)
+        let logits = match logits.dtype() {
+            DType::F32 | DType::F64 => logits,
+            _ => logits.to_dtype(DType::F32)?,
+        };
+        let targets = Tensor::from_slice(targets, targets.len(), logits.device())?;
+        out.extend(row_nll(&logits, &targets)?);
+    }
+    Ok(out)
 }
