@@ -118,6 +118,7 @@ fn passkey_report_counts_cells_and_lengths() {
         max_new_tokens: 4,
         seed: 5,
         chat: false,
+        key_selection: false,
     };
     let r = retrieval::passkey(&model, &tok, &opts, false).unwrap();
     assert_eq!(r.task, Task::Passkey);
@@ -222,4 +223,82 @@ fn passkey_prompt_carries_its_key_where_it_says() {
     }
     assert!(RetrievalMix::new(&tok, 0.9).is_ok());
     assert!(RetrievalMix::new(&tok, 1.5).is_err());
+}
+
+/// `key_selection`: each sparse layer's share of the key line among the positions the
+/// question's last query attends, against the whole-window forward's own selection.
+#[test]
+fn key_selection_reports_the_key_line_share_each_sparse_layer_selects() {
+    use sparrow::kernels::topk::NONE;
+    use sparrow::model::options::{Collect, ForwardOptions};
+    let (_, tok, _dir) = setup();
+    let mut cfg = tiny_dsa_config(sparrow::config::IndexerKind::Lightning, 40);
+    cfg.initializer_range = 0.3;
+    cfg.max_position_embeddings = 512;
+    let model = Model::new_random(&cfg, 5, DType::F32, &Device::Cpu).unwrap();
+    let opts = RetrievalOptions {
+        lengths: vec![200, 300],
+        depths: vec![0.0, 0.5, 1.0],
+        trials: 2,
+        max_new_tokens: 2,
+        seed: 3,
+        chat: false,
+        key_selection: true,
+    };
+    let r = retrieval::passkey(&model, &tok, &opts, false).unwrap();
+    let pk = Passkey::new(&tok).unwrap();
+    let mut shares = Vec::new();
+    for t in &r.trials {
+        let got = t.key_selected.as_ref().expect("asked for");
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0], None, "the dense layer attends everything");
+        // The same prompt again (BOS + the document for this key), and the window
+        // forward's top-k of its last query.
+        let doc = pk
+            .build(t.length - 1, t.depth, t.expected.parse().unwrap())
+            .unwrap();
+        let mut ids = vec![tok.bos_id];
+        ids.extend(&doc.prompt);
+        assert_eq!(ids.len(), t.prompt_tokens);
+        let o = ForwardOptions {
+            collect: Collect {
+                selection: true,
+                ..Collect::default()
+            },
+            ..Default::default()
+        };
+        let x = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
+        let out = model.net.forward_with(&x, &o).unwrap();
+        let sel = out.diagnostics.layers[1].selection.as_ref().unwrap();
+        let k = sel.len() / ids.len();
+        let span = 1 + doc.key_at..1 + doc.key_at + doc.key_len;
+        let kept = sel[(ids.len() - 1) * k..]
+            .iter()
+            .filter(|&&p| p != NONE && span.contains(&(p as usize)))
+            .count();
+        let want = kept as f64 / doc.key_len as f64;
+        let share = got[1].expect("past the top-k: the layer ran sparse");
+        assert!((share - want).abs() < 1e-12, "{share} vs {want}");
+        shares.push(share);
+    }
+    assert!(
+        shares.iter().any(|&s| s > 0.0) && shares.iter().any(|&s| s < 1.0),
+        "{shares:?}"
+    );
+    let by_layer = retrieval::key_selected_by_layer(&r.trials);
+    assert_eq!(by_layer[0], None);
+    let mean = shares.iter().sum::<f64>() / shares.len() as f64;
+    assert!((by_layer[1].unwrap() - mean).abs() < 1e-12);
+    // Without the option nothing is recorded.
+    let plain = retrieval::passkey(
+        &model,
+        &tok,
+        &RetrievalOptions {
+            key_selection: false,
+            ..opts
+        },
+        false,
+    )
+    .unwrap();
+    assert!(plain.trials.iter().all(|t| t.key_selected.is_none()));
 }

@@ -37,6 +37,10 @@ pub struct RetrievalGrid {
     /// helpful assistant.") and score the assistant's answer: for instruct models.
     #[arg(long)]
     pub chat: bool,
+    /// DSA models: also report, per layer, the share of the key line that the
+    /// question's last query selects (one more prefill per prompt).
+    #[arg(long)]
+    pub key_selection: bool,
     /// Also draw the accuracy heatmap (length x depth) into this PNG file.
     #[arg(long)]
     pub plot: Option<PathBuf>,
@@ -163,6 +167,7 @@ impl RetrievalGrid {
             max_new_tokens: self.max_new_tokens,
             seed: self.seed,
             chat: self.chat,
+            key_selection: self.key_selection,
         }
     }
 }
@@ -191,6 +196,21 @@ fn print_retrieval(
             grid.max_new_tokens
         );
         print!("{}", sparrow::eval::retrieval::format_table(report));
+        if grid.key_selection {
+            let by_layer = sparrow::eval::retrieval::key_selected_by_layer(&report.trials);
+            let cells: Vec<String> = by_layer
+                .iter()
+                .enumerate()
+                .map(|(l, share)| match share {
+                    Some(v) => format!("{l}:{:.0}%", v * 100.0),
+                    None => format!("{l}:all"),
+                })
+                .collect();
+            println!(
+                "key line selected by the question's last query, per layer (mean; all = attended every position): {}",
+                cells.join(" ")
+            );
+        }
         if let Some(p) = &grid.plot {
             println!("heatmap written to {}", p.display());
         }

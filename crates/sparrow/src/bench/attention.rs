@@ -179,7 +179,7 @@ impl Layer {
             &mut [layer],
             self.model.net.rope(),
             &opts,
-            &mut None,
+            &mut Default::default(),
         )
     }
 }

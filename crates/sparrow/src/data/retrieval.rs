@@ -31,12 +31,14 @@ pub const DEFAULT_NEEDLE_QUESTION: &str =
 const MIX_SALT: u64 = 0x005e_ed0f_4e7e_d1e5;
 
 /// One generated document: `prompt` ends with the question; `answer` is what should
-/// follow it. `key_at` is the token index in `prompt` where the key / needle starts.
+/// follow it. `key_at` is the token index in `prompt` where the key line / needle
+/// starts, `key_len` its length in tokens.
 #[derive(Debug, Clone)]
 pub struct RetrievalDoc {
     pub prompt: Vec<u32>,
     pub answer: Vec<u32>,
     pub key_at: usize,
+    pub key_len: usize,
     /// The value the question asks for, as text.
     pub value: String,
 }
@@ -107,6 +109,7 @@ impl Passkey {
             prompt,
             answer: self.tok.encode(&format!(" {key}."))?,
             key_at,
+            key_len: line.len(),
             value: key.to_string(),
         })
     }
@@ -163,6 +166,7 @@ impl Needle {
             prompt,
             answer: self.tok.encode(&format!(" {value}."))?,
             key_at: at,
+            key_len: needle.len(),
             value: value.to_string(),
         })
     }

@@ -102,10 +102,12 @@ mod tests {
                 LayerTelemetry {
                     routing: None,
                     recall: r,
+                    selected: None,
                 },
                 LayerTelemetry {
                     routing: Some(routed(load)),
                     recall: None,
+                    selected: None,
                 },
             ]
         };

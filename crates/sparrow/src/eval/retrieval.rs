@@ -14,11 +14,14 @@
 use crate::data::retrieval::{random_value, Needle, Passkey, RetrievalDoc};
 use crate::engine::generate::greedy_continue;
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::cache::SeqCache;
+use crate::model::step::StepOptions;
+use crate::model::{Model, StepInput};
 use crate::tokenizer::Tokenizer;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
+use std::ops::Range;
 
 /// Which retrieval task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -53,6 +56,10 @@ pub struct RetrievalOptions {
     /// (with [`CHAT_SYSTEM`] as the system turn) and let the assistant answer, for
     /// instruct models; else the prompt is BOS + document + question.
     pub chat: bool,
+    /// Also record, per layer, how much of the key line the question's last query
+    /// selects ([`Trial::key_selected`]: one more prefill of each prompt, with the
+    /// engine's telemetry).
+    pub key_selection: bool,
 }
 
 /// The system turn of chat-wrapped retrieval prompts.
@@ -101,6 +108,12 @@ pub struct Trial {
     pub correct: bool,
     /// Wall time of prefill + decoding (a measurement, not part of the result).
     pub secs: f64,
+    /// With [`RetrievalOptions::key_selection`], per layer: the share of the key line's
+    /// (or needle's) tokens among the positions the prompt's last query attends to (the
+    /// query that produces the answer's first token); None where that query attended
+    /// every position (a dense layer, or a prompt within the layer's top-k).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_selected: Option<Vec<Option<f64>>>,
 }
 
 /// Accuracy of one (length, depth) cell.
@@ -301,6 +314,13 @@ fn run_grid(
                 let started = std::time::Instant::now();
                 let out = greedy_continue(model, &ids, opts.max_new_tokens, tok.eos_id)?;
                 let secs = started.elapsed().as_secs_f64();
+                let key_selected = if opts.key_selection {
+                    // The document follows BOS or the chat turn's opening.
+                    let at = wrap.as_ref().map_or(1, |w| w.before.len()) + doc.key_at;
+                    Some(key_selection(model, &ids, at..at + doc.key_len)?)
+                } else {
+                    None
+                };
                 let output = tok.decode(&out, true)?;
                 let correct = is_correct(task, &output, &doc.value);
                 right_at_length += correct as usize;
@@ -313,6 +333,7 @@ fn run_grid(
                     output,
                     correct,
                     secs,
+                    key_selected,
                 });
                 bar.inc(1);
             }
@@ -351,6 +372,55 @@ fn run_grid(
         by_length,
         accuracy,
     })
+}
+
+/// Per layer, the share of the prompt positions `span` that the prompt's last query
+/// selects (None: it attended every position): one prefill of `ids` through the
+/// engine's step with telemetry on.
+fn key_selection(model: &Model, ids: &[u32], span: Range<usize>) -> Result<Vec<Option<f64>>> {
+    let cfg = &model.cfg;
+    let mut cache = SeqCache::new(cfg.num_hidden_layers, cfg.kv_cache_dtype);
+    let opts = StepOptions {
+        telemetry: true,
+        ..Default::default()
+    };
+    let mut input = [StepInput {
+        tokens: ids,
+        cache: &mut cache,
+    }];
+    let out = model.step(&mut input, &opts)?;
+    Ok(out
+        .telemetry
+        .iter()
+        .map(|layer| {
+            layer.selected.as_ref().map(|sel| {
+                let kept = sel
+                    .iter()
+                    .filter(|&&p| span.contains(&(p as usize)))
+                    .count();
+                kept as f64 / span.len().max(1) as f64
+            })
+        })
+        .collect())
+}
+
+/// Per layer, the mean over trials of [`Trial::key_selected`] (None where no trial
+/// ran that layer sparse, or without key selection).
+pub fn key_selected_by_layer(trials: &[Trial]) -> Vec<Option<f64>> {
+    let layers = trials
+        .iter()
+        .filter_map(|t| t.key_selected.as_ref().map(Vec::len))
+        .max()
+        .unwrap_or(0);
+    (0..layers)
+        .map(|l| {
+            let shares: Vec<f64> = trials
+                .iter()
+                .filter_map(|t| t.key_selected.as_ref()?.get(l).copied().flatten())
+                .collect();
+            (!shares.is_empty()).then(|| shares.iter().sum::<f64>() / shares.len() as f64)
+        })
+        .collect()
 }
 
 /// A text table: one row per length, one column per depth, plus the row's accuracy.

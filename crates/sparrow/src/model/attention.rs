@@ -18,7 +18,7 @@ use super::options::ForwardOptions;
 use super::params::Vb;
 use super::rope::Rope;
 use super::selector::{select_in_step, TopkSelector};
-use super::step::{per_segment, Segment, StepOptions};
+use super::step::{per_segment, LayerTelemetry, Segment, StepOptions};
 use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
 use crate::error::Result;
 use crate::kernels::decode_attention;
@@ -289,7 +289,7 @@ impl Attention {
         caches: &mut [&mut LayerCache],
         rope: &Rope,
         opts: &StepOptions,
-        recall: &mut Option<f32>,
+        tel: &mut LayerTelemetry,
     ) -> Result<Tensor> {
         let (n, _c) = x.dims2()?;
         let (h, kv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
@@ -331,7 +331,7 @@ impl Attention {
             sampled.measure(seg, qs, &kvr, h, selection.as_deref(), scale);
             Ok(attend_cached(qs, kvr, seg, selection.as_deref(), scale))
         })?;
-        *recall = sampled.take();
+        sampled.store(tel);
         let y: Vec<f32> = outs.concat(); // (N, H*D): segments are consecutive rows
         let y = Tensor::from_vec(y, (n, h * d), x.device())?.to_dtype(x.dtype())?;
         self.o_proj.infer(&y)
@@ -339,11 +339,11 @@ impl Attention {
 }
 
 /// The recall a step samples on a DSA layer ([`StepOptions::telemetry`]): the step's
-/// first sequence's last query, when it ran sparse. Filled from inside the per-segment
-/// closures (which may run in parallel), hence the lock.
+/// first sequence's last query, when it ran sparse, and that query's selection. Filled
+/// from inside the per-segment closures (which may run in parallel), hence the lock.
 pub(crate) struct SampledRecall {
     on: bool,
-    value: std::sync::Mutex<Option<f32>>,
+    value: std::sync::Mutex<Option<(f32, Vec<u32>)>>,
 }
 
 impl SampledRecall {
@@ -371,20 +371,26 @@ impl SampledRecall {
         let (t, width) = (seg.len, qs.len() / seg.len.max(1));
         let k = sel.len() / t.max(1);
         let last = t - 1;
+        let chosen = &sel[last * k..(last + 1) * k];
         let r = rows.selected_mass(
             &qs[last * width..(last + 1) * width],
             heads,
             seg.visible(),
-            &sel[last * k..(last + 1) * k],
+            chosen,
             scale,
         );
+        let mut positions: Vec<u32> = chosen.iter().copied().filter(|&p| p != NONE).collect();
+        positions.sort_unstable();
         if let Ok(mut v) = self.value.lock() {
-            *v = Some(r);
+            *v = Some((r, positions));
         }
     }
 
-    pub(crate) fn take(self) -> Option<f32> {
-        self.value.into_inner().ok().flatten()
+    /// The sample into the layer's telemetry (recall and selection; None when no query
+    /// ran sparse).
+    pub(crate) fn store(self, tel: &mut LayerTelemetry) {
+        let sample = self.value.into_inner().ok().flatten();
+        (tel.recall, tel.selected) = sample.map_or((None, None), |(r, s)| (Some(r), Some(s)));
     }
 }
 

@@ -187,8 +187,8 @@ impl Block {
         let mut lap = Lap::start(opts.profile);
         let mut attention = |h: &Tensor| -> Result<Tensor> {
             match &self.self_attn {
-                SelfAttn::Standard(attn) => attn.step(h, segs, caches, rope, opts, &mut tel.recall),
-                SelfAttn::Mla(mla) => mla.step(h, segs, caches, opts, &mut tel.recall),
+                SelfAttn::Standard(attn) => attn.step(h, segs, caches, rope, opts, tel),
+                SelfAttn::Mla(mla) => mla.step(h, segs, caches, opts, tel),
                 SelfAttn::V4(attn) => attn.step(h, segs, caches),
             }
         };

@@ -28,7 +28,7 @@ use super::options::ForwardOptions;
 use super::params::Vb;
 use super::rope::Rope;
 use super::selector::{select_in_step, TopkSelector};
-use super::step::{per_segment, Segment, StepOptions};
+use super::step::{per_segment, LayerTelemetry, Segment, StepOptions};
 use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels::softmax::CausalSoftmax;
@@ -357,7 +357,7 @@ impl Mla {
         segs: &[Segment],
         caches: &mut [&mut LayerCache],
         opts: &StepOptions,
-        recall: &mut Option<f32>,
+        tel: &mut LayerTelemetry,
     ) -> Result<Tensor> {
         let (n, _c) = x.dims2()?;
         let (h, dn, dr, r, dv) = (self.n_heads, self.nope, self.rot, self.rank, self.v_dim);
@@ -436,7 +436,7 @@ impl Mla {
             sampled.measure(seg, qs, &kv, h, selection.as_deref(), scale);
             Ok(attend_cached(qs, kv, seg, selection.as_deref(), scale)) // (T, H, r)
         })?;
-        *recall = sampled.take();
+        sampled.store(tel);
         let y_lat: Vec<f32> = outs.concat(); // (N, H, r): segments are consecutive rows
         let y = Tensor::from_vec(y_lat, (n, h, r), x.device())?
             .to_dtype(w_uv_t.dtype())?

@@ -56,6 +56,10 @@ pub struct LayerTelemetry {
     /// DSA layers that ran sparse for the step's first sequence: the share of its last
     /// query's dense attention mass (mean over heads) on the indexer's selection.
     pub recall: Option<f32>,
+    /// The same query's selection: the cache positions it attended, ascending (which
+    /// prompt positions a sparse layer kept, e.g. a passkey's line: `eval passkey
+    /// --key-selection`).
+    pub selected: Option<Vec<u32>>,
 }
 
 /// Seconds spent per layer in one or more steps.
