@@ -1234,12 +1234,27 @@ fn staged_training_with_retrieval_mix_then_long_context_evals() {
         "2",
         "--plot",
         png.to_str().unwrap(),
+        "--topk",
+        "16",
+        "--key-selection",
         "--json",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["task"], "passkey");
     assert_eq!(report["trials"].as_array().unwrap().len(), 8);
+    // --key-selection at --topk 16: each trial's per-layer share of the key line, a
+    // number on the sparse layers (every prompt is past 16 positions).
+    for t in report["trials"].as_array().unwrap() {
+        let shares = t["key_selected"]
+            .as_array()
+            .expect("key_selected per trial");
+        assert!(!shares.is_empty());
+        assert!(shares
+            .iter()
+            .all(|v| v.is_null() || (0.0..=1.0).contains(&v.as_f64().unwrap())));
+        assert!(shares.iter().any(|v| v.is_number()), "{shares:?}");
+    }
     assert_eq!(report["cells"].as_array().unwrap().len(), 4);
     assert_eq!(report["by_length"][1]["length"], 240);
     let acc = report["accuracy"].as_f64().unwrap();
@@ -1293,6 +1308,30 @@ fn staged_training_with_retrieval_mix_then_long_context_evals() {
             r["perplexity"].as_f64().unwrap(),
         );
         assert!(l > 0.0 && (p - l.exp()).abs() < 1e-6 * p);
+    }
+    // The same windows through the engine's chunked prefill: the same losses.
+    let out = sparrow(&[
+        "--quiet",
+        "eval",
+        "perplexity",
+        "--model",
+        s2.to_str().unwrap(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--val-fraction",
+        "0.2",
+        "--context",
+        "32,128",
+        "--windows",
+        "2",
+        "--prefill-chunk",
+        "7",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for (a, b) in rows.iter().zip(&json_lines(&out)) {
+        let (x, y) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!((x - y).abs() < 1e-4 * x, "{x} vs {y}");
     }
     // Bad evaluation input: clear errors.
     for (args, msg) in [

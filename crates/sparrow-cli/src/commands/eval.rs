@@ -41,6 +41,9 @@ pub struct RetrievalGrid {
     /// question's last query selects (one more prefill per prompt).
     #[arg(long)]
     pub key_selection: bool,
+    /// DSA models: select this many positions instead of the model's index_topk.
+    #[arg(long)]
+    pub topk: Option<usize>,
     /// Also draw the accuracy heatmap (length x depth) into this PNG file.
     #[arg(long)]
     pub plot: Option<PathBuf>,
@@ -159,6 +162,15 @@ pub enum EvalCmd {
 }
 
 impl RetrievalGrid {
+    /// The model and tokenizer, with `--topk` applied.
+    fn load(&self) -> Result<(sparrow::model::Model, sparrow::tokenizer::Tokenizer)> {
+        crate::common::load_model_edited(&self.model, HoldArgs::default(), |c| {
+            if let Some(k) = self.topk {
+                c.index_topk = k;
+            }
+        })
+    }
+
     fn options(&self) -> sparrow::eval::retrieval::RetrievalOptions {
         sparrow::eval::retrieval::RetrievalOptions {
             lengths: self.lengths.clone(),
@@ -221,7 +233,7 @@ fn print_retrieval(
 pub fn run(cmd: EvalCmd, progress: bool) -> Result<()> {
     match cmd {
         EvalCmd::Passkey { grid } => {
-            let (m, tok) = load_model_and_tokenizer(&grid.model)?;
+            let (m, tok) = grid.load()?;
             let report = sparrow::eval::retrieval::passkey(&m, &tok, &grid.options(), progress)?;
             print_retrieval(&grid, &report)?;
         }
@@ -233,7 +245,7 @@ pub fn run(cmd: EvalCmd, progress: bool) -> Result<()> {
             question,
         } => {
             require_corpus(&corpus)?;
-            let (m, tok) = load_model_and_tokenizer(&grid.model)?;
+            let (m, tok) = grid.load()?;
             let hay = held_out(&corpus, &tok, val_fraction, progress)?;
             let report = sparrow::eval::retrieval::needle(
                 &m,
