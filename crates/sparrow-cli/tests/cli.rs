@@ -1282,25 +1282,31 @@ fn staged_training_with_retrieval_mix_then_long_context_evals() {
         "{}",
         text(&out.stdout)
     );
-    // Perplexity by context.
-    let out = sparrow(&[
-        "--quiet",
-        "eval",
-        "perplexity",
-        "--model",
-        s2.to_str().unwrap(),
-        "--corpus",
-        corpus.to_str().unwrap(),
-        "--val-fraction",
-        "0.2",
-        "--context",
-        "32,128",
-        "--windows",
-        "2",
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let rows = json_lines(&out);
+    // Perplexity by context, over whole windows and through the engine's chunked
+    // prefill.
+    let perplexity = |extra: &[&str]| {
+        let mut args = vec![
+            "--quiet",
+            "eval",
+            "perplexity",
+            "--model",
+            s2.to_str().unwrap(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--val-fraction",
+            "0.2",
+            "--context",
+            "32,128",
+            "--windows",
+            "2",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = sparrow(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        json_lines(&out)
+    };
+    let rows = perplexity(&[]);
     assert_eq!(rows.len(), 2);
     for r in &rows {
         let (l, p) = (
@@ -1309,27 +1315,9 @@ fn staged_training_with_retrieval_mix_then_long_context_evals() {
         );
         assert!(l > 0.0 && (p - l.exp()).abs() < 1e-6 * p);
     }
-    // The same windows through the engine's chunked prefill: the same losses.
-    let out = sparrow(&[
-        "--quiet",
-        "eval",
-        "perplexity",
-        "--model",
-        s2.to_str().unwrap(),
-        "--corpus",
-        corpus.to_str().unwrap(),
-        "--val-fraction",
-        "0.2",
-        "--context",
-        "32,128",
-        "--windows",
-        "2",
-        "--prefill-chunk",
-        "7",
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    for (a, b) in rows.iter().zip(&json_lines(&out)) {
+    // The same windows, 7 tokens per step: the same losses.
+    let chunked = perplexity(&["--prefill-chunk", "7"]);
+    for (a, b) in rows.iter().zip(&chunked) {
         let (x, y) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
         assert!((x - y).abs() < 1e-4 * x, "{x} vs {y}");
     }

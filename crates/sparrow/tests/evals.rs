@@ -14,6 +14,15 @@ use sparrow::model::Model;
 use sparrow::tokenizer::Tokenizer;
 use sparrow::train::loss::cross_entropy;
 
+/// A tiny model with a dense first layer and a lightning-DSA second layer of top-`topk`,
+/// sized for [`setup`]'s tokenizer and windows.
+fn dsa_model(topk: usize) -> Model {
+    let mut cfg = tiny_dsa_config(sparrow::config::IndexerKind::Lightning, topk);
+    cfg.initializer_range = 0.3;
+    cfg.max_position_embeddings = 512;
+    Model::new_random(&cfg, 5, DType::F32, &Device::Cpu).unwrap()
+}
+
 fn setup() -> (Model, Tokenizer, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     write_synthetic_corpus(dir.path());
@@ -77,10 +86,7 @@ fn perplexity_through_the_chunked_prefill_equals_the_whole_window() {
     // chunked prefill selects per chunk over the cache, the window forward over the
     // window): the same positions scored, so the same losses up to f32 rounding.
     let (dense, tok, dir) = setup();
-    let mut cfg = tiny_dsa_config(sparrow::config::IndexerKind::Lightning, 16);
-    cfg.initializer_range = 0.3;
-    cfg.max_position_embeddings = 512;
-    let dsa = Model::new_random(&cfg, 5, DType::F32, &Device::Cpu).unwrap();
+    let dsa = dsa_model(16);
     let files = sparrow::data::corpus::list_text_files(dir.path()).unwrap();
     let text = std::fs::read_to_string(&files[0]).unwrap();
     let tokens = tok.encode(&text).unwrap();
@@ -232,10 +238,7 @@ fn key_selection_reports_the_key_line_share_each_sparse_layer_selects() {
     use sparrow::kernels::topk::NONE;
     use sparrow::model::options::{Collect, ForwardOptions};
     let (_, tok, _dir) = setup();
-    let mut cfg = tiny_dsa_config(sparrow::config::IndexerKind::Lightning, 40);
-    cfg.initializer_range = 0.3;
-    cfg.max_position_embeddings = 512;
-    let model = Model::new_random(&cfg, 5, DType::F32, &Device::Cpu).unwrap();
+    let model = dsa_model(40);
     let opts = RetrievalOptions {
         lengths: vec![200, 300],
         depths: vec![0.0, 0.5, 1.0],
