@@ -15,13 +15,8 @@ SP=${SPARROW:-./target/release/sparrow}
 mkdir -p "$OUT"
 [ -x "$SP" ] || cargo build --release --bin sparrow
 GRID=(--lengths 1024,2048,4096 --depths 0,0.5,1 --trials 2 --json)
-run() { # name, command...
-  local name=$1; shift
-  if [ -s "$OUT/$name.jsonl" ]; then echo "have $OUT/$name.jsonl"; return; fi
-  echo "== $name: $*"
-  "$@" > "$OUT/$name.tmp"
-  mv "$OUT/$name.tmp" "$OUT/$name.jsonl"
-}
+source scripts/run_once.sh
+run() { run_once "$OUT/$1.jsonl" "${@:2}"; } # name, command...
 # The shipped selection, and how much of the key line each layer's selection keeps.
 run keysel "$SP" --quiet eval passkey --model "$ADAPTER" "${GRID[@]}" --key-selection
 # Some layers dense (their indexers dropped), the others sparse as trained.

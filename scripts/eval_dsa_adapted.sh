@@ -18,23 +18,15 @@ WINDOWS=${WINDOWS:-2}
 mkdir -p "$OUT"
 [ -x "$SP" ] || cargo build --release --bin sparrow
 [ -d "$CORPUS" ] || "$SP" corpus fetch --out "$CORPUS"
-run() { # file, command...
-  local f=$1; shift
-  if [ -s "$f" ]; then echo "have $f"; return; fi
-  echo "== $f: $*"
-  local t0=$SECONDS
-  "$@" > "$f.tmp"
-  mv "$f.tmp" "$f"
-  echo "   $((SECONDS - t0)) s"
-}
+source scripts/run_once.sh
 ppl() { "$SP" --quiet eval perplexity --corpus "$CORPUS" --context "$CONTEXTS" --windows "$WINDOWS" --json "$@"; }
-run "$OUT/dense.jsonl" ppl --model "$DENSE"
+run_once "$OUT/dense.jsonl" ppl --model "$DENSE"
 for m in "$@"; do
   name=$(basename "$m")
-  run "$OUT/$name-k256.jsonl" ppl --model "$m"
-  run "$OUT/$name-k512.jsonl" ppl --model "$m" --topk 512
-  run "$OUT/$name-all.jsonl" ppl --model "$m" --topk 1000000
-  run "$OUT/$name-recall.jsonl" "$SP" --quiet eval recall --model "$m" --corpus "$CORPUS" \
+  run_once "$OUT/$name-k256.jsonl" ppl --model "$m"
+  run_once "$OUT/$name-k512.jsonl" ppl --model "$m" --topk 512
+  run_once "$OUT/$name-all.jsonl" ppl --model "$m" --topk 1000000
+  run_once "$OUT/$name-recall.jsonl" "$SP" --quiet eval recall --model "$m" --corpus "$CORPUS" \
     --context 4096 --windows 2 --topk 256 --json
 done
 python3 - "$OUT" "$@" <<'PY'

@@ -39,15 +39,8 @@ case "$SIZE" in
   *) echo "size must be quick or full" >&2; exit 2 ;;
 esac
 TRIALS=${TRIALS:-$T}; WINDOWS=${WINDOWS:-$W}; DEPTHS=${DEPTHS:-$D}; BEYOND=${BEYOND:-$B}
-run() { # name, command...
-  local name=$1; shift
-  if [ -s "$OUT/$name.jsonl" ]; then echo "have $OUT/$name.jsonl"; return; fi
-  echo "== $name: $*"
-  local t0=$SECONDS
-  "$@" > "$OUT/$name.tmp"
-  mv "$OUT/$name.tmp" "$OUT/$name.jsonl"
-  echo "   $((SECONDS - t0)) s"
-}
+source scripts/run_once.sh
+run() { run_once "$OUT/$1.jsonl" "${@:2}"; } # name, command...
 
 # Indexer recall per layer at 4096 tokens of context, and the recall-vs-k curve.
 wants recall && run recall "$SP" --quiet eval recall --model "$SPARSE" --corpus "$CORPUS" --context 4096 \

@@ -41,16 +41,12 @@ pub fn run(a: LogitsArgs, progress: bool) -> Result<()> {
     if decode {
         // One token per engine step over the sequence's own cache: the decode
         // path every generation takes.
-        let mut cache =
-            sparrow::model::cache::SeqCache::new(m.cfg.num_hidden_layers, m.cfg.kv_cache_dtype);
+        let mut cache = sparrow::model::cache::SeqCache::for_config(&m.cfg);
+        let opts = sparrow::model::step::StepOptions::default();
         let mut steps = Vec::with_capacity(t);
         for i in 0..t {
-            let mut input = [sparrow::model::StepInput {
-                tokens: &ids[i..i + 1],
-                cache: &mut cache,
-            }];
-            let opts = sparrow::model::step::StepOptions::default();
-            steps.push(m.step(&mut input, &opts)?.logits.unsqueeze(0)?);
+            let logits = m.step_one(&ids[i..i + 1], &mut cache, &opts)?.logits;
+            steps.push(logits.unsqueeze(0)?);
         }
         tensors.push((
             "logits_decode".to_string(),

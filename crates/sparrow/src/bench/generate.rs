@@ -280,7 +280,7 @@ fn synthetic_cache(
     rng: &mut ChaCha8Rng,
 ) -> Result<crate::model::cache::SeqCache> {
     let cfg = &model.cfg;
-    let mut cache = crate::model::cache::SeqCache::new(cfg.num_hidden_layers, cfg.kv_cache_dtype);
+    let mut cache = crate::model::cache::SeqCache::for_config(cfg);
     for (layer, lc) in model.net.layers.iter().zip(&mut cache.layers) {
         match &layer.self_attn {
             SelfAttn::V4(attn) => lc.v4 = Some(attn.synthetic_cache(positions, rng)),

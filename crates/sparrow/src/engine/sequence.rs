@@ -169,7 +169,7 @@ impl Sequence {
             )));
         }
         let sampler = Sampler::new(params.sampler, params.seed)?;
-        let mut cache = SeqCache::new(cfg.num_hidden_layers, cfg.kv_cache_dtype);
+        let mut cache = SeqCache::for_config(cfg);
         cache.reserve((prompt.len() + params.max_new_tokens).min(max_pos)); // reserved_positions
         let finished = (params.max_new_tokens == 0).then_some(FinishReason::Length);
         Ok(Self {

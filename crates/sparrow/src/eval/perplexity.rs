@@ -15,8 +15,8 @@ use crate::kernels::cross_entropy::row_nll;
 use crate::model::cache::SeqCache;
 use crate::model::step::StepOptions;
 use crate::model::transformer::ForwardOptions;
-use crate::model::{Model, StepInput};
-use candle_core::{DType, Tensor};
+use crate::model::Model;
+use candle_core::Tensor;
 use serde::Serialize;
 
 /// How each window is run through the model.
@@ -115,23 +115,14 @@ fn window_nll(model: &Model, inp: &[u32], tgt: &[u32]) -> Result<Vec<f64>> {
 /// [`window_nll`] through the engine's step: the window in chunks of `chunk` tokens into
 /// one sequence's cache, each chunk's logits scored as they come.
 fn prefill_nll(model: &Model, inp: &[u32], tgt: &[u32], chunk: usize) -> Result<Vec<f64>> {
-    let cfg = &model.cfg;
-    let mut cache = SeqCache::new(cfg.num_hidden_layers, cfg.kv_cache_dtype);
+    let mut cache = SeqCache::for_config(&model.cfg);
     let opts = StepOptions {
         all_logits: true,
         ..Default::default()
     };
     let mut out = Vec::with_capacity(inp.len());
     for (tokens, targets) in inp.chunks(chunk).zip(tgt.chunks(chunk)) {
-        let mut input = [StepInput {
-            tokens,
-            cache: &mut cache,
-        }];
-        let logits = model.step(&mut input, &opts)?.logits; // (chunk, V)
-        let logits = match logits.dtype() {
-            DType::F32 | DType::F64 => logits,
-            _ => logits.to_dtype(DType::F32)?,
-        };
+        let logits = model.step_one(tokens, &mut cache, &opts)?.logits; // (chunk, V)
         let targets = Tensor::from_slice(targets, targets.len(), logits.device())?;
         out.extend(row_nll(&logits, &targets)?);
     }

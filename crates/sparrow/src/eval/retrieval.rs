@@ -16,7 +16,7 @@ use crate::engine::generate::greedy_continue;
 use crate::error::{Error, Result};
 use crate::model::cache::SeqCache;
 use crate::model::step::StepOptions;
-use crate::model::{Model, StepInput};
+use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -378,17 +378,11 @@ fn run_grid(
 /// selects (None: it attended every position): one prefill of `ids` through the
 /// engine's step with telemetry on.
 fn key_selection(model: &Model, ids: &[u32], span: Range<usize>) -> Result<Vec<Option<f64>>> {
-    let cfg = &model.cfg;
-    let mut cache = SeqCache::new(cfg.num_hidden_layers, cfg.kv_cache_dtype);
     let opts = StepOptions {
         telemetry: true,
         ..Default::default()
     };
-    let mut input = [StepInput {
-        tokens: ids,
-        cache: &mut cache,
-    }];
-    let out = model.step(&mut input, &opts)?;
+    let out = model.step_one(ids, &mut SeqCache::for_config(&model.cfg), &opts)?;
     Ok(out
         .telemetry
         .iter()

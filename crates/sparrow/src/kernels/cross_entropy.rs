@@ -394,10 +394,15 @@ impl candle_core::InplaceOp2 for CrossEntropyGradInPlace {
     }
 }
 
-/// Per-row NLL `logsumexp(x_i) - x_i[t_i]` of logits (R, V) f32/f64 under targets (R)
-/// u32, in f64 (evaluation: perplexity per position).
+/// Per-row NLL `logsumexp(x_i) - x_i[t_i]` of logits (R, V) under targets (R) u32, in
+/// f64 (evaluation: perplexity per position); f32 and f64 logits as they are, half
+/// precision widened to f32.
 pub fn row_nll(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Vec<f64>> {
-    let (logits, targets) = (logits.contiguous()?, targets.contiguous()?);
+    let logits = match logits.dtype() {
+        DType::F32 | DType::F64 => logits.contiguous()?,
+        _ => logits.to_dtype(DType::F32)?,
+    };
+    let targets = targets.contiguous()?;
     let (s1, l1) = logits.storage_and_layout();
     let (s2, l2) = targets.storage_and_layout();
     let (candle_core::Storage::Cpu(s1), candle_core::Storage::Cpu(s2)) = (&*s1, &*s2) else {

@@ -13,7 +13,7 @@
 //!   the value) and its DSA index keys.
 //! - [`SeqCache`]: one per sequence; its length is the position of the next token.
 
-use crate::config::KvCacheDtype;
+use crate::config::{KvCacheDtype, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels::indexer::{KeyPrecision, KeyStore};
 use crate::kernels::kv_rows::{CacheElem, KvRows};
@@ -377,6 +377,12 @@ impl SeqCache {
         Self {
             layers: vec![LayerCache::new(dtype); num_layers],
         }
+    }
+
+    /// An empty cache for one sequence of a model of `cfg`: its layers, its
+    /// `kv_cache_dtype`.
+    pub fn for_config(cfg: &ModelConfig) -> Self {
+        Self::new(cfg.num_hidden_layers, cfg.kv_cache_dtype)
     }
 
     /// Positions cached: the position of the next token.

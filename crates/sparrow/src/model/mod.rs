@@ -230,6 +230,17 @@ impl Model {
         self.net.step(inputs, opts)
     }
 
+    /// One sequence's step: `tokens` at `cache`'s next positions, the cache written in
+    /// place (evaluations and tools that feed a single sequence).
+    pub fn step_one(
+        &self,
+        tokens: &[u32],
+        cache: &mut cache::SeqCache,
+        opts: &step::StepOptions,
+    ) -> Result<StepOutput> {
+        self.step(&mut [StepInput { tokens, cache }], opts)
+    }
+
     /// Forward pass; see `Transformer::forward`.
     pub fn forward(&self, ids: &Tensor) -> Result<ForwardOutput> {
         self.net.forward(ids)

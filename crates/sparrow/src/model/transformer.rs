@@ -16,7 +16,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kernels::cross_entropy::{row_nll, CrossEntropy};
 use crate::kernels::linear_cross_entropy::{chunk_rows, linear_cross_entropy};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct Transformer {
@@ -212,10 +212,6 @@ impl Transformer {
                 .lm_head
                 .forward(&hidden.narrow(0, start, rows)?)?
                 .detach();
-            let logits = match logits.dtype() {
-                DType::F32 | DType::F64 => logits,
-                _ => logits.to_dtype(DType::F32)?,
-            };
             out.extend(row_nll(&logits, &targets.narrow(0, start, rows)?)?);
         }
         Ok(out)

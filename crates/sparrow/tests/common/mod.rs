@@ -182,8 +182,7 @@ pub fn stepped(
     chunks: &[usize],
 ) -> (Tensor, sparrow::model::cache::SeqCache) {
     use sparrow::model::step::StepOptions;
-    let mut cache =
-        sparrow::model::cache::SeqCache::new(model.cfg.num_hidden_layers, model.cfg.kv_cache_dtype);
+    let mut cache = sparrow::model::cache::SeqCache::for_config(&model.cfg);
     let opts = StepOptions {
         all_logits: true,
         ..Default::default()
@@ -191,11 +190,8 @@ pub fn stepped(
     let mut rows = Vec::new();
     let mut at = 0;
     for &n in chunks {
-        let mut input = [sparrow::model::StepInput {
-            tokens: &tokens[at..at + n],
-            cache: &mut cache,
-        }];
-        rows.push(model.step(&mut input, &opts).unwrap().logits);
+        let step = model.step_one(&tokens[at..at + n], &mut cache, &opts);
+        rows.push(step.unwrap().logits);
         at += n;
     }
     assert_eq!(at, tokens.len(), "chunks do not cover the tokens");
