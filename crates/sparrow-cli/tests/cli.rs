@@ -1487,6 +1487,8 @@ fn dsa_attach_then_train_the_indexers_and_generate() {
         "16",
         "--indexer-dense-warmup-steps",
         "2",
+        "--indexer-kl-target",
+        "head-max",
         "--indexer-kl-queries",
         "5",
         "--val-every",
@@ -1500,6 +1502,9 @@ fn dsa_attach_then_train_the_indexers_and_generate() {
         serde_json::from_str(&std::fs::read_to_string(run.join("train_state.json")).unwrap())
             .unwrap();
     assert_eq!(state["options"]["trainable"], "indexer");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["indexer_kl_target"], "head_max", "{config}");
     let out = sparrow(&[
         "generate",
         "--model",

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sparrow::kernels::indexer::{self, IndexShape, KeyPrecision, KeyStore, ScoreAct, TopkQueries};
 use sparrow::kernels::kv_rows::{KvRows, Values};
-use sparrow::kernels::sparse_attention::{self, SparseAttention, SparseDims, SteGate};
+use sparrow::kernels::sparse_attention::{self, HeadCombine, SparseAttention, SparseDims, SteGate};
 use sparrow::kernels::topk::{topk_by_sort, NONE};
 use sparrow::kernels::{decode_attention, reference};
 use std::sync::Arc;
@@ -499,13 +499,17 @@ fn selected_probs_sum_to_one_and_match_the_reference() {
         d,
         k,
     };
-    let p = sparse_attention::selected_probs(dims, 0.3, &q, &kt, &idx).unwrap();
-    for (r, row) in p.chunks(k).enumerate() {
-        let sum: f32 = row.iter().sum();
-        assert!((sum - 1.0).abs() < 1e-5, "row {r} sums to {sum}");
+    let mean = sparse_attention::selected_probs(dims, 0.3, &q, &kt, &idx, HeadCombine::Mean);
+    let max = sparse_attention::selected_probs(dims, 0.3, &q, &kt, &idx, HeadCombine::Max);
+    let (mean, max) = (mean.unwrap(), max.unwrap());
+    for p in [&mean, &max] {
+        for (r, row) in p.chunks(k).enumerate() {
+            let sum: f32 = row.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-5, "row {r} sums to {sum}");
+        }
     }
-    // The reference: head-averaged attention probabilities of the masked dense version,
-    // read at the selected positions.
+    // The reference: the masked dense version's attention probabilities per head, read
+    // at the selected positions, averaged over the heads or their largest renormalised.
     let qt = Tensor::from_vec(q, (b, t, h, d), &Device::Cpu).unwrap();
     let kt = Tensor::from_vec(kt, (b, kv, s, d), &Device::Cpu).unwrap();
     // Probabilities = attention of one-hot values: v = identity rows over positions.
@@ -517,16 +521,27 @@ fn selected_probs_sum_to_one_and_match_the_reference() {
     // Padding queries and keys with zeros to width S leaves the dot products unchanged.
     let pad = |x: &Tensor| x.pad_with_zeros(3, 0, s - d).unwrap();
     let full = reference::sparse_attention(&pad(&qt), &pad(&kt), &eye, &idx, None, 0.3);
-    let full = full.unwrap().mean(2).unwrap(); // (B, T, S)
-    let full = to_f64_vec(&full);
+    let full = full.unwrap(); // (B, T, H, S)
+    let full_mean = to_f64_vec(&full.mean(2).unwrap()); // (B, T, S)
+    let full_max = to_f64_vec(&full.max(2).unwrap());
+    let mut differ = false;
     for (r, row) in idx.chunks(k).enumerate() {
+        let selected = || row.iter().filter(|&&i| i != NONE).map(|&i| i as usize);
+        let max_total: f64 = selected().map(|i| full_max[r * s + i]).sum();
         for (slot, &i) in row.iter().enumerate() {
             if i != NONE {
-                let want = full[r * s + i as usize];
-                assert!((p[r * k + slot] as f64 - want).abs() < 1e-5);
+                let want = full_mean[r * s + i as usize];
+                assert!((mean[r * k + slot] as f64 - want).abs() < 1e-5);
+                let want = full_max[r * s + i as usize] / max_total;
+                assert!((max[r * k + slot] as f64 - want).abs() < 1e-5);
+                differ |= (mean[r * k + slot] - max[r * k + slot]).abs() > 1e-3;
             }
         }
     }
+    assert!(
+        differ,
+        "the mean and max targets agree everywhere: one input is unused"
+    );
 }
 
 #[test]

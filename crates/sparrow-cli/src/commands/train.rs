@@ -2,7 +2,7 @@
 
 use crate::common::{require_corpus, stop_on_ctrl_c};
 use anyhow::{bail, Context, Result};
-use sparrow::config::ModelConfig;
+use sparrow::config::{IndexerKlTarget, ModelConfig};
 use sparrow::model::params::ParamSet;
 use sparrow::train::{self, ResumeRequest, TrainOptions, TrainRequest};
 use std::path::PathBuf;
@@ -28,6 +28,11 @@ pub struct TrainArgs {
     /// stage); the run's config.json records the value used.
     #[arg(long)]
     pub indexer_dense_warmup_steps: Option<u64>,
+    /// Set the config's `indexer_kl_target`: what the indexer's KL pulls it towards,
+    /// the main attention's heads averaged (`head-mean`, DeepSeek-V3.2) or each key's
+    /// largest probability over the heads (`head-max`).
+    #[arg(long, value_enum)]
+    pub indexer_kl_target: Option<KlTargetArg>,
     /// The parameters that train: `all`; `indexer` (the DSA indexers alone, the rest
     /// frozen as loaded; an adapter made by `sparrow dsa attach` trains its indexers);
     /// `indexer-norms` (and every norm's weights) or `indexer-attention` (and every
@@ -94,6 +99,22 @@ pub enum TrainableArg {
     IndexerAttention,
 }
 
+/// `--indexer-kl-target`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum KlTargetArg {
+    HeadMean,
+    HeadMax,
+}
+
+impl From<KlTargetArg> for IndexerKlTarget {
+    fn from(t: KlTargetArg) -> Self {
+        match t {
+            KlTargetArg::HeadMean => IndexerKlTarget::HeadMean,
+            KlTargetArg::HeadMax => IndexerKlTarget::HeadMax,
+        }
+    }
+}
+
 impl From<TrainableArg> for ParamSet {
     fn from(t: TrainableArg) -> Self {
         match t {
@@ -129,6 +150,12 @@ pub fn run(a: TrainArgs, progress: bool) -> Result<()> {
                 bail!("--indexer-dense-warmup-steps: the model has no indexer (`dsa` or `compressed_sparse_attention` layer)");
             }
             config.indexer_dense_warmup_steps = n;
+        }
+        if let Some(target) = a.indexer_kl_target {
+            if !config.has_indexer() {
+                bail!("--indexer-kl-target: the model has no indexer (`dsa` or `compressed_sparse_attention` layer)");
+            }
+            config.indexer_kl_target = target.into();
         }
         let mut o = TrainOptions::default();
         macro_rules! set {

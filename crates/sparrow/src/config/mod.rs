@@ -14,7 +14,7 @@ mod v4;
 
 pub use attention::{AttentionKind, IndexCacheDtype, IndexerKind, KvCacheDtype};
 pub use moe::{BiasUpdateRule, RouterKind};
-pub use objectives::IndexerTrainMode;
+pub use objectives::{IndexerKlTarget, IndexerTrainMode};
 pub use v4::{CompressRates, MlpKind, ScoringFunc, Yarn};
 
 use crate::error::{Error, Result};
@@ -288,6 +288,9 @@ pub struct ModelConfig {
     /// Weight of the indexer KL loss (mean over DSA layers) added to the LM loss.
     #[serde(default = "default_kl_coef")]
     pub indexer_kl_coef: f64,
+    /// How the KL target combines the main attention's heads (see `IndexerKlTarget`).
+    #[serde(default)]
+    pub indexer_kl_target: IndexerKlTarget,
     /// Precision of the index key cache (and of the keys the selection scans in every
     /// path, so training, prefill and decode select alike; `int8` rounds the index
     /// queries too and scores in integers).

@@ -470,14 +470,25 @@ pub fn backward<T: AttnFloat>(
     Ok(SparseGrads { dq, dk, dv, dgate })
 }
 
-/// Head-averaged attention probabilities over the selected slots, (B, T, K), no grad:
-/// the distillation target of the indexer in sparse training (DeepSeek-V3.2).
+/// How per-head attention probabilities become one distribution per query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadCombine {
+    /// The heads' mean.
+    Mean,
+    /// Each position's largest probability over the heads, renormalised to sum to 1.
+    Max,
+}
+
+/// The main attention's probabilities over the selected slots with the heads combined
+/// by `combine`, (B, T, K), no grad: the distillation target of the indexer in sparse
+/// training (DeepSeek-V3.2 takes the heads' mean).
 pub fn selected_probs<T: AttnFloat>(
     dims: SparseDims,
     scale: f64,
     q: &[T],
     k: &[T],
     idx: &[u32],
+    combine: HeadCombine,
 ) -> candle_core::Result<Vec<T>> {
     dims.check(q.len(), k.len(), k.len(), idx.len())?;
     let SparseDims {
@@ -512,8 +523,17 @@ pub fn selected_probs<T: AttnFloat>(
                     }
                     softmax_in_place(&mut p, &valid);
                     for (a, &x) in o.iter_mut().zip(&p) {
-                        *a = *a + x * inv_h;
+                        *a = match combine {
+                            HeadCombine::Mean => *a + x * inv_h,
+                            HeadCombine::Max => a.max(x),
+                        };
                     }
+                }
+            }
+            if combine == HeadCombine::Max {
+                let total = o.iter().fold(T::zero(), |acc, &x| acc + x);
+                if total > T::zero() {
+                    o.iter_mut().for_each(|x| *x = *x / total);
                 }
             }
         });

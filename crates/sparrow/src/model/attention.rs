@@ -19,7 +19,7 @@ use super::params::Vb;
 use super::rope::Rope;
 use super::selector::{select_in_step, TopkSelector};
 use super::step::{per_segment, LayerTelemetry, Segment, StepOptions};
-use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
+use crate::config::{AttentionKind, IndexerKlTarget, IndexerTrainMode, ModelConfig};
 use crate::error::Result;
 use crate::kernels::decode_attention;
 use crate::kernels::kv_rows::{CacheElem, KvRows};
@@ -195,12 +195,15 @@ impl Attention {
                 match opts.kl_query_sample {
                     Some((count, seed)) if count < t => {
                         let rows = sample_positions(t, count, seed);
-                        let kl = sampled_dense_kl(ix, &io, q, k, &rows, self.n_kv_heads)?;
+                        let kl =
+                            sampled_dense_kl(ix, &io, q, k, &rows, self.n_kv_heads, sel.kl_target)?;
                         (self.dense_blocked(q, k, v)?, Some(kl))
                     }
                     _ => {
                         let (y, att) = self.dense(q, k, v, 0)?;
-                        (y, Some(dense_kl(ix, &io, &att, self.n_kv_heads, h, b, t)?))
+                        let att = att.reshape((b, h, t, s))?;
+                        let kl = dense_kl(ix, &io, &att, sel.kl_target)?;
+                        (y, Some(kl))
                     }
                 }
             } else {
@@ -249,16 +252,17 @@ impl Attention {
             y = (y + gate.apply(&sigma)?)?;
         }
         diag.indexer_kl = match (&selected, want_kl) {
-            (Some(sel), true) => {
+            (Some(scores), true) => {
                 let target = sparse_attention::selected_probs(
                     dims,
                     scale,
                     &host_f32(&qs)?,
                     &host_f32(&k)?,
                     &idx,
+                    sel.kl_target.head_combine(),
                 )?;
                 let valid: Vec<bool> = idx.iter().map(|&i| i != NONE).collect();
-                Some(kl_loss(sel, &target, &valid)?)
+                Some(kl_loss(scores, &target, &valid)?)
             }
             _ => None,
         };
@@ -435,27 +439,32 @@ pub(crate) fn full_recall(b: usize, t: usize, from: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The dense warm-up's indexer loss over a whole window of `t` tokens: KL(p ||
-/// softmax(I)) over all visible keys, p the dense attention probabilities `att`
-/// (B, KV, G*T, T) of `h` heads in `kv` groups, averaged over heads (detached).
+/// One target distribution per query from per-head attention probabilities `p`
+/// (B, H, N, S), detached: the heads' mean, or each key's largest probability over the
+/// heads renormalised. -> (B, N, S).
+pub(crate) fn head_target(p: &Tensor, how: IndexerKlTarget) -> Result<Tensor> {
+    let p = p.detach();
+    Ok(match how {
+        IndexerKlTarget::HeadMean => p.mean(1)?,
+        IndexerKlTarget::HeadMax => {
+            let m = p.max(1)?; // (B, N, S)
+            let total = m.sum_keepdim(D::Minus1)?;
+            m.broadcast_div(&total)?
+        }
+    })
+}
+
+/// The dense warm-up's indexer loss over a whole window: KL(p || softmax(I)) over all
+/// visible keys, p the dense attention probabilities `att` (B, H, T, T) with the heads
+/// combined by `how` (detached).
 pub(crate) fn dense_kl(
     ix: &Indexer,
     io: &IndexerOut,
     att: &Tensor,
-    kv: usize,
-    h: usize,
-    b: usize,
-    t: usize,
+    how: IndexerKlTarget,
 ) -> Result<Tensor> {
-    let g = h / kv;
-    let s = t;
-    let p = att
-        .detach()
-        .reshape((b, kv, g, t, s))?
-        .sum(2)?
-        .sum(1)?
-        .affine(1.0 / h as f64, 0.0)?; // (B, T, S)
-    let target = host_f32(&p)?;
+    let (b, _h, t, s) = att.dims4()?;
+    let target = host_f32(&head_target(att, how)?)?; // (B, T, S)
     let valid: Vec<bool> = (0..b * t * s).map(|n| n % s <= (n / s) % t).collect();
     let scores = ix.score_all(io, &io.k)?; // (B, T, S)
     kl_loss(&scores, &target, &valid)
@@ -479,8 +488,8 @@ pub(crate) fn sample_positions(t: usize, count: usize, seed: u64) -> Vec<usize> 
 
 /// The dense warm-up's indexer loss on the queries at positions `rows` of a whole
 /// window: KL(p || softmax(I)) over each one's visible keys, p its dense attention
-/// probabilities averaged over the heads (detached), computed here for those rows only
-/// from q (B, H, T, D) and k (B, KV, T, D).
+/// probabilities with the heads combined by `how` (detached), computed here for those
+/// rows only from q (B, H, T, D) and k (B, KV, T, D).
 pub(crate) fn sampled_dense_kl(
     ix: &Indexer,
     io: &IndexerOut,
@@ -488,6 +497,7 @@ pub(crate) fn sampled_dense_kl(
     k: &Tensor,
     rows: &[usize],
     kv: usize,
+    how: IndexerKlTarget,
 ) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let (g, n) = (h / kv, rows.len());
@@ -510,10 +520,8 @@ pub(crate) fn sampled_dense_kl(
         .collect();
     let mask = Tensor::from_vec(mask, (n, t), dev)?.to_dtype(scores.dtype())?;
     let scores = scores.reshape((b, kv, g, n, t))?.broadcast_add(&mask)?;
-    let p = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
-        .sum(2)?
-        .sum(1)?
-        .affine(1.0 / h as f64, 0.0)?; // (B, N, T)
+    let p = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?.reshape((b, h, n, t))?;
+    let p = head_target(&p, how)?; // (B, N, T)
     kl_on_rows(ix, io, &host_f32(&p)?, rows)
 }
 
@@ -576,11 +584,18 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    /// Plain loops (index loops on purpose: they read as the formula): the mean over `rows` (and batch rows) of KL(p || softmax(I)), p the
-    /// causal attention of q (B, H, T, D) over k (B, KV, T, D) averaged over heads, I the
-    /// lightning scores of `io`.
+    /// Plain loops (index loops on purpose: they read as the formula): the mean over
+    /// `rows` (and batch rows) of KL(p || softmax(I)), p the causal attention of q
+    /// (B, H, T, D) over k (B, KV, T, D) averaged over heads (or, `head_max`, each key's
+    /// largest probability over them, renormalised), I the lightning scores of `io`.
     #[allow(clippy::needless_range_loop)]
-    fn reference(io: &IndexerOut, q: &Tensor, k: &Tensor, rows: &[usize]) -> f64 {
+    fn reference(
+        io: &IndexerOut,
+        q: &Tensor,
+        k: &Tensor,
+        rows: &[usize],
+        how: IndexerKlTarget,
+    ) -> f64 {
         let (b, h, _t, d) = q.dims4().unwrap();
         let kv = k.dim(1).unwrap();
         let q: Vec<Vec<Vec<Vec<f64>>>> = (0..b)
@@ -616,9 +631,15 @@ mod tests {
                     let m = s.iter().cloned().fold(f64::MIN, f64::max);
                     let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
                     for j in 0..=r {
-                        p[j] += (s[j] - m).exp() / z / h as f64;
+                        let pj = (s[j] - m).exp() / z;
+                        p[j] = match how {
+                            IndexerKlTarget::HeadMean => p[j] + pj / h as f64,
+                            IndexerKlTarget::HeadMax => p[j].max(pj),
+                        };
                     }
                 }
+                let norm: f64 = p.iter().sum();
+                p.iter_mut().for_each(|x| *x /= norm);
                 let score: Vec<f64> = (0..=r)
                     .map(|j| {
                         (0..hi)
@@ -659,18 +680,28 @@ mod tests {
         let io = ix.forward(&x, 0).unwrap();
         let q = randn(&[b, h, t, d], &mut rng);
         let k = randn(&[b, kv, t, d], &mut rng);
-        for rows in [sample_positions(t, 5, 9), (0..t).collect(), vec![0, 12]] {
-            let got: f64 = sampled_dense_kl(&ix, &io, &q, &k, &rows, kv)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            let want = reference(&io, &q, &k, &rows);
-            // The target rows are held in f32 (as the training path holds them).
-            assert!(
-                (got - want).abs() <= 1e-6 * want.abs().max(1e-3),
-                "rows {rows:?}: {got} vs {want}"
-            );
+        let targets = [IndexerKlTarget::HeadMean, IndexerKlTarget::HeadMax];
+        for how in targets {
+            for rows in [sample_positions(t, 5, 9), (0..t).collect(), vec![0, 12]] {
+                let got: f64 = sampled_dense_kl(&ix, &io, &q, &k, &rows, kv, how)
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                let want = reference(&io, &q, &k, &rows, how);
+                // The target rows are held in f32 (as the training path holds them).
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                    "{how:?}, rows {rows:?}: {got} vs {want}"
+                );
+            }
         }
+        // The two targets differ (the test could not pass with one ignored).
+        let rows: Vec<usize> = (0..t).collect();
+        let (mean, max) = (
+            reference(&io, &q, &k, &rows, IndexerKlTarget::HeadMean),
+            reference(&io, &q, &k, &rows, IndexerKlTarget::HeadMax),
+        );
+        assert!((mean - max).abs() > 1e-3 * mean.abs(), "{mean} vs {max}");
         // Every query: the same loss as the full dense KL.
         let all: Vec<usize> = (0..t).collect();
         let p_full = {
@@ -684,19 +715,23 @@ mod tests {
             }
             .apply(&s)
             .unwrap()
+            .reshape((b, h, t, t))
+            .unwrap()
         };
-        let full: f64 = dense_kl(&ix, &io, &p_full, kv, h, b, t)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        let sampled: f64 = sampled_dense_kl(&ix, &io, &q, &k, &all, kv)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(
-            (full - sampled).abs() < 1e-9 * full.abs(),
-            "{full} vs {sampled}"
-        );
+        for how in targets {
+            let full: f64 = dense_kl(&ix, &io, &p_full, how)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            let sampled: f64 = sampled_dense_kl(&ix, &io, &q, &k, &all, kv, how)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(
+                (full - sampled).abs() < 1e-9 * full.abs(),
+                "{how:?}: {full} vs {sampled}"
+            );
+        }
     }
 
     #[test]

@@ -16,8 +16,8 @@
 //! `y_h = W_UV_h (sum_s p_s c_s)`, so nothing per head is ever built for the cache.
 
 use super::attention::{
-    attend_cached, dense_kl, full_recall, kl_loss, kl_on_rows, positions_index, sample_positions,
-    SampledRecall,
+    attend_cached, dense_kl, full_recall, head_target, kl_loss, kl_on_rows, positions_index,
+    sample_positions, SampledRecall,
 };
 use super::cache::{CacheRows, LayerCache};
 use super::diagnostics::LayerDiagnostics;
@@ -306,22 +306,16 @@ impl Mla {
                 Some((count, seed)) if count < t => {
                     let rows = sample_positions(t, count, seed);
                     let idx = positions_index(&rows, p.device())?;
-                    let target = p
-                        .detach()
-                        .contiguous()?
-                        .index_select(&idx, 2)? // (B, H, N, S)
-                        .sum(1)?
-                        .affine(1.0 / h as f64, 0.0)?;
+                    let p = p.detach().contiguous()?.index_select(&idx, 2)?; // (B, H, N, S)
+                    let target = head_target(&p, sel.kl_target)?;
                     Some(kl_on_rows(ix, io, &host_f32(&target)?, &rows)?)
                 }
-                _ => {
-                    let att = p.reshape((b, 1, h * t, s))?;
-                    Some(dense_kl(ix, io, &att, 1, h, b, t)?)
-                }
+                _ => Some(dense_kl(ix, io, p, sel.kl_target)?),
             },
             (Some(_), Some(idx)) => {
                 let (q, k) = host_qk()?;
-                let target = sparse_attention::selected_probs(dims, scale, &q, &k, idx)?;
+                let combine = sel.kl_target.head_combine();
+                let target = sparse_attention::selected_probs(dims, scale, &q, &k, idx, combine)?;
                 let valid: Vec<bool> = idx.iter().map(|&i| i != NONE).collect();
                 let scores = ix.score_selected(io, &io.k, idx, kk)?; // (B, T, K)
                 Some(kl_loss(&scores, &target, &valid)?)

@@ -12,7 +12,7 @@ use super::indexer::{HostIndex, Indexer, IndexerOut};
 use super::linear::host_f32;
 use super::params::Vb;
 use super::step::Segment;
-use crate::config::ModelConfig;
+use crate::config::{IndexerKlTarget, ModelConfig};
 use crate::error::Result;
 use crate::kernels::indexer::{self as ix_kernel, KeyPrecision, KeyStore, TopkQueries};
 use candle_core::Tensor;
@@ -24,6 +24,9 @@ pub struct TopkSelector {
     pub topk: usize,
     /// Precision of the cached index keys (`index_cache_dtype`).
     pub precision: KeyPrecision,
+    /// How the indexer's training target combines the main attention's heads
+    /// (`indexer_kl_target`).
+    pub kl_target: IndexerKlTarget,
 }
 
 impl TopkSelector {
@@ -33,6 +36,7 @@ impl TopkSelector {
             indexer: Indexer::new(&vb.pp("indexer"), cfg)?,
             topk: cfg.index_topk,
             precision: cfg.index_cache_dtype.key_precision(),
+            kl_target: cfg.indexer_kl_target,
         })
     }
 

@@ -28,7 +28,7 @@ use super::params::{Init, Vb};
 use super::rope::TailRope;
 use super::step::Segment;
 use super::v4_cache::{PoolSpec, PoolState, V4LayerCache};
-use crate::config::{AttentionKind, IndexerTrainMode, ModelConfig};
+use crate::config::{AttentionKind, IndexerKlTarget, IndexerTrainMode, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels::dot_tree;
 use crate::kernels::indexer::{topk_decode, IndexShape, KeyPrecision, KeyStore, ScoreAct};
@@ -70,6 +70,8 @@ pub struct V4Attention {
     eps: f64,
     /// Storage of the CSA indexer's keys in the decode state (`index_cache_dtype`).
     index_precision: KeyPrecision,
+    /// How the CSA indexer's KL target combines the heads (`indexer_kl_target`).
+    kl_target: IndexerKlTarget,
 }
 
 impl V4Attention {
@@ -129,6 +131,7 @@ impl V4Attention {
             o_rank: cfg.o_lora_rank,
             eps: cfg.rms_norm_eps,
             index_precision: cfg.index_cache_dtype.key_precision(),
+            kl_target: cfg.indexer_kl_target,
         })
     }
 
@@ -195,7 +198,7 @@ impl V4Attention {
         }
         .apply(&scores, &mask, &self.sinks.to_dtype(scores.dtype())?)?; // (B, H, T, S)
         if let Some((scores, entry_mask)) = index {
-            diag.indexer_kl = Some(entry_kl(&probs, &scores, &entry_mask, t)?);
+            diag.indexer_kl = Some(entry_kl(&probs, &scores, &entry_mask, t, self.kl_target)?);
         }
         let y = probs
             .reshape((b, h * t, s))?
@@ -298,11 +301,22 @@ struct Entries {
 
 /// The CSA indexer's KL: probs (B, H, T, T + n) of the main attention (window keys
 /// first), index scores (B, T, n), the entries' additive mask (B, T, n). The target of
-/// each query is its attention mass on the entries it attended, summed over heads and
-/// renormalised; queries with no such mass count with zero loss.
-fn entry_kl(probs: &Tensor, scores: &Tensor, mask: &Tensor, t: usize) -> Result<Tensor> {
+/// each query is its attention mass on the entries it attended, summed (or, with
+/// `head_max`, maximised) over heads and renormalised; queries with no such mass count
+/// with zero loss.
+fn entry_kl(
+    probs: &Tensor,
+    scores: &Tensor,
+    mask: &Tensor,
+    t: usize,
+    how: IndexerKlTarget,
+) -> Result<Tensor> {
     let n = scores.dim(2)?;
-    let mass = probs.detach().narrow(3, t, n)?.sum(1)?; // (B, T, n)
+    let mass = probs.detach().narrow(3, t, n)?; // (B, H, T, n)
+    let mass = match how {
+        IndexerKlTarget::HeadMean => mass.sum(1)?,
+        IndexerKlTarget::HeadMax => mass.max(1)?,
+    }; // (B, T, n)
     let mass = host_f32(&mass)?;
     let valid: Vec<bool> = host_f32(mask)?.iter().map(|&m| m == 0.0).collect();
     let mut target = vec![0f32; mass.len()];
@@ -583,5 +597,100 @@ impl V4Attention {
                         + indexer.topk().min(n) * d * 4
                 }
             }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use rand::{Rng, SeedableRng};
+
+    /// Plain loops: the mean over (B, T) rows of KL(target || softmax(scores over the
+    /// attended entries)), the target each entry's probability summed (or maximised)
+    /// over heads and renormalised over the attended entries; rows attending none count 0.
+    #[allow(clippy::needless_range_loop)]
+    fn reference(
+        probs: &[f64],
+        scores: &[f64],
+        valid: &[bool],
+        (b, h, t, n): (usize, usize, usize, usize),
+        how: IndexerKlTarget,
+    ) -> f64 {
+        let s = t + n;
+        let mut total = 0.0;
+        for bi in 0..b {
+            for ti in 0..t {
+                let row = (bi * t + ti) * n;
+                let live: Vec<usize> = (0..n).filter(|&j| valid[row + j]).collect();
+                let mass: Vec<f64> = (0..n)
+                    .map(|j| {
+                        let per_head = (0..h).map(|hh| probs[((bi * h + hh) * t + ti) * s + t + j]);
+                        match how {
+                            IndexerKlTarget::HeadMean => per_head.sum(),
+                            IndexerKlTarget::HeadMax => per_head.fold(0.0, f64::max),
+                        }
+                    })
+                    .collect();
+                let z: f64 = live.iter().map(|&j| mass[j]).sum();
+                if z <= 0.0 {
+                    continue;
+                }
+                let m = live
+                    .iter()
+                    .map(|&j| scores[row + j])
+                    .fold(f64::MIN, f64::max);
+                let lse = m + live
+                    .iter()
+                    .map(|&j| (scores[row + j] - m).exp())
+                    .sum::<f64>()
+                    .ln();
+                for &j in &live {
+                    let p = mass[j] / z;
+                    if p > 0.0 {
+                        total += p * (p.ln() - (scores[row + j] - lse));
+                    }
+                }
+            }
+        }
+        total / (b * t) as f64
+    }
+
+    #[test]
+    fn entry_kl_matches_a_plain_reference_for_both_targets() {
+        let (b, h, t, n) = (2usize, 3usize, 5usize, 4usize);
+        let s = t + n;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let probs: Vec<f64> = (0..b * h * t * s)
+            .map(|_| rng.random_range(0.0..1.0))
+            .collect();
+        let scores: Vec<f64> = (0..b * t * n)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
+        // Entry j visible to query i when j < i / 2 (row 0 and 1 attend none).
+        let valid: Vec<bool> = (0..b * t * n).map(|x| (x % n) < (x / n % t) / 2).collect();
+        let mask: Vec<f64> = valid
+            .iter()
+            .map(|&v| if v { 0.0 } else { MASKED })
+            .collect();
+        let dev = Device::Cpu;
+        let p = Tensor::from_vec(probs.clone(), (b, h, t, s), &dev).unwrap();
+        let sc = Tensor::from_vec(scores.clone(), (b, t, n), &dev).unwrap();
+        let m = Tensor::from_vec(mask, (b, t, n), &dev).unwrap();
+        let mut got = vec![];
+        for how in [IndexerKlTarget::HeadMean, IndexerKlTarget::HeadMax] {
+            let kl: f64 = entry_kl(&p, &sc, &m, t, how).unwrap().to_scalar().unwrap();
+            let want = reference(&probs, &scores, &valid, (b, h, t, n), how);
+            // The target is held in f32 (as the training path holds it).
+            assert!(
+                (kl - want).abs() <= 1e-6 * want.abs(),
+                "{how:?}: {kl} vs {want}"
+            );
+            got.push(kl);
+        }
+        assert!(
+            (got[0] - got[1]).abs() > 1e-3 * got[0],
+            "the targets agree: {got:?}"
+        );
     }
 }
