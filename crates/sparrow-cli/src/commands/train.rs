@@ -115,6 +115,14 @@ impl From<KlTargetArg> for IndexerKlTarget {
     }
 }
 
+/// An indexer flag on a model without one is an error naming the flag.
+fn require_indexer(config: &ModelConfig, flag: &str) -> Result<()> {
+    if !config.has_indexer() {
+        bail!("{flag}: the model has no indexer (`dsa` or `compressed_sparse_attention` layer)");
+    }
+    Ok(())
+}
+
 impl From<TrainableArg> for ParamSet {
     fn from(t: TrainableArg) -> Self {
         match t {
@@ -146,15 +154,11 @@ pub fn run(a: TrainArgs, progress: bool) -> Result<()> {
             (None, None) => bail!("--config is required"),
         };
         if let Some(n) = a.indexer_dense_warmup_steps {
-            if !config.has_indexer() {
-                bail!("--indexer-dense-warmup-steps: the model has no indexer (`dsa` or `compressed_sparse_attention` layer)");
-            }
+            require_indexer(&config, "--indexer-dense-warmup-steps")?;
             config.indexer_dense_warmup_steps = n;
         }
         if let Some(target) = a.indexer_kl_target {
-            if !config.has_indexer() {
-                bail!("--indexer-kl-target: the model has no indexer (`dsa` or `compressed_sparse_attention` layer)");
-            }
+            require_indexer(&config, "--indexer-kl-target")?;
             config.indexer_kl_target = target.into();
         }
         let mut o = TrainOptions::default();
